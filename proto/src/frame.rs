@@ -1,0 +1,617 @@
+//! Frames: the one unit of the wire protocol, and its codec.
+//!
+//! One SOCK_SEQPACKET packet carries exactly one frame:
+//!
+//! ```text
+//! +-------+-----+------+----------+----------------------+------------------+
+//! | magic | ver | kind | body_len | body (postcard)      | payload (opaque) |
+//! | u16le | u8  | u8   | u32le    | body_len bytes       | rest of packet   |
+//! +-------+-----+------+----------+----------------------+------------------+
+//! ```
+//!
+//! The kind byte picks the body type, so an unknown kind is recognised before
+//! any decoding. Only `Publish` and `Deliver` may carry payload bytes; for
+//! every other kind the body must end exactly at the end of the packet. A body
+//! must decode to its type using every one of its bytes. Fds, when a later
+//! revision allows them, ride beside the packet in SCM_RIGHTS and are
+//! declared in the body; this module never sees them.
+//!
+//! Compatibility rule (postcard is not self-describing): enum variants and
+//! frame kinds are only ever appended; a changed body shape needs a new kind
+//! or a new protocol version. The version is checked in every header and in
+//! `Hello`.
+//!
+//! The codec does no I/O and never panics on input: every slice index is
+//! checked, and postcard's own errors come back as [`DecodeError`]. The
+//! property tests at the bottom feed it arbitrary bytes.
+
+use serde::{Deserialize, Serialize};
+
+use crate::limits::MAX_PACKET;
+
+/// First two bytes of every frame (little-endian "SB" as in shmbus).
+pub const MAGIC: u16 = 0x4253;
+/// Wire protocol version, in every header and in `Hello`.
+pub const PROTOCOL_VERSION: u8 = 1;
+/// Size of the fixed header.
+pub const HEADER_LEN: usize = 8;
+
+/// What a frame is. Client-to-broker kinds are below 64, broker-to-client
+/// kinds from 64 up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    Hello = 1,
+    Subscribe = 2,
+    Unsubscribe = 3,
+    Publish = 4,
+    Ping = 5,
+    Query = 6,
+    Welcome = 64,
+    Goodbye = 65,
+    Deliver = 66,
+    Gap = 67,
+    Subscribed = 68,
+    Pong = 69,
+    QueryItem = 70,
+    QueryEnd = 71,
+    OpError = 72,
+}
+
+impl Kind {
+    fn from_u8(b: u8) -> Option<Kind> {
+        use Kind::*;
+        Some(match b {
+            1 => Hello,
+            2 => Subscribe,
+            3 => Unsubscribe,
+            4 => Publish,
+            5 => Ping,
+            6 => Query,
+            64 => Welcome,
+            65 => Goodbye,
+            66 => Deliver,
+            67 => Gap,
+            68 => Subscribed,
+            69 => Pong,
+            70 => QueryItem,
+            71 => QueryEnd,
+            72 => OpError,
+            _ => return None,
+        })
+    }
+
+    fn carries_payload(self) -> bool {
+        matches!(self, Kind::Publish | Kind::Deliver)
+    }
+}
+
+/// A frame body, tied to its kind.
+pub trait Body: Serialize {
+    const KIND: Kind;
+}
+
+macro_rules! body {
+    ($($t:ident $(<$l:lifetime>)? => $k:ident),* $(,)?) => {
+        $(impl $(<$l>)? Body for $t $(<$l>)? { const KIND: Kind = Kind::$k; })*
+    };
+}
+
+// ---------------------------------------------------------------- bodies --
+
+/// First frame from a client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello<'a> {
+    pub version: u16,
+    pub name: &'a str,
+}
+
+/// The broker's limits for this connection, announced in `Welcome`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    pub max_packet: u32,
+    pub max_inline_payload: u32,
+    pub queue_bytes: u64,
+    pub queue_frames: u32,
+    pub max_subscriptions: u32,
+}
+
+/// Handshake accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub client_id: u64,
+    pub limits: Limits,
+}
+
+/// Why the broker is closing the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GoodbyeCode {
+    /// Policy refused this peer's credentials.
+    Denied,
+    /// The peer sent something that is not valid protocol.
+    ProtocolViolation,
+    /// The peer speaks another protocol version.
+    VersionMismatch,
+    /// A subscription with the `Disconnect` overflow policy fell behind.
+    SlowConsumer,
+    /// The broker is shutting down.
+    Shutdown,
+    /// A resource limit of the connection was exceeded.
+    LimitExceeded,
+}
+
+/// Last frame before the broker closes a connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Goodbye<'a> {
+    pub code: GoodbyeCode,
+    pub reason: &'a str,
+}
+
+/// What happens when a subscriber's outgoing queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Overflow {
+    /// Drop the message, count it, and send a `Gap` with the count once the
+    /// queue has room again, in the place the messages were lost.
+    #[default]
+    Gap,
+    /// Flush what is queued, then disconnect with `SlowConsumer`.
+    Disconnect,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subscribe<'a> {
+    pub sub_id: u32,
+    pub pattern: &'a str,
+    pub overflow: Overflow,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unsubscribe {
+    pub sub_id: u32,
+}
+
+/// Acknowledges a `Subscribe`: from here on, every publish the broker
+/// routes that matches reaches this subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subscribed {
+    pub sub_id: u32,
+}
+
+/// Where a publish's payload is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PayloadRef {
+    /// The payload is the rest of the packet.
+    Inline,
+    /// The payload is a sealed memfd of `len` bytes in SCM_RIGHTS (fd 0).
+    Memfd { len: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Publish<'a> {
+    pub topic: &'a str,
+    pub payload: PayloadRef,
+}
+
+/// Who sent a message, as the broker saw it from `SO_PEERCRED`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Sender {
+    pub client_id: u64,
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+}
+
+/// A message routed to one subscription. `seq` is the sender's publish
+/// count on its connection (1 for its first publish), stamped by the broker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deliver<'a> {
+    pub sub_id: u32,
+    pub topic: &'a str,
+    pub sender: Sender,
+    pub seq: u64,
+    pub payload: PayloadRef,
+}
+
+/// `missed` messages for `sub_id` were dropped at this point in the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gap {
+    pub sub_id: u32,
+    pub missed: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ping {
+    pub token: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pong {
+    pub token: u64,
+}
+
+/// Introspection request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum QueryKind {
+    Clients,
+    Topics,
+    Stats,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Query {
+    pub req_id: u32,
+    pub what: QueryKind,
+}
+
+/// One connected client, as introspection shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientInfo {
+    pub id: u64,
+    pub name: String,
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub command: String,
+    /// Patterns, possibly cut short to fit a frame; see `subscription_count`.
+    pub subscriptions: Vec<String>,
+    pub subscription_count: u32,
+    pub queued_bytes: u64,
+    pub queued_frames: u32,
+    pub msgs_in: u64,
+    pub msgs_out: u64,
+    pub dropped: u64,
+    pub connected_ms: u64,
+}
+
+/// One subscribed pattern and how many subscriptions hold it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicInfo {
+    pub pattern: String,
+    pub subscribers: u32,
+}
+
+/// Broker-wide counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    pub version: String,
+    pub address: String,
+    pub uptime_ms: u64,
+    pub clients: u32,
+    pub subscriptions: u32,
+    pub patterns: u32,
+    pub msgs_in: u64,
+    pub msgs_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Deliveries dropped because a queue was full (all reported as gaps).
+    pub dropped: u64,
+    pub gap_notices: u64,
+    pub connections_accepted: u64,
+    pub connections_refused: u64,
+    pub protocol_errors: u64,
+    pub slow_disconnects: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum QueryItemBody {
+    Client(ClientInfo),
+    Topic(TopicInfo),
+    Stats(Stats),
+}
+
+/// One item of an introspection answer; a `QueryEnd` follows the last.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueryItem {
+    pub req_id: u32,
+    pub item: QueryItemBody,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueryEnd {
+    pub req_id: u32,
+}
+
+/// Which operation an `OpError` answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    Subscribe { sub_id: u32 },
+    Unsubscribe { sub_id: u32 },
+    /// `seq` is the publish count on the connection, as in `Deliver`.
+    Publish { seq: u64 },
+    Query { req_id: u32 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    InvalidSubject,
+    Denied,
+    LimitExceeded,
+    /// An fd was attached that the broker does not accept.
+    FdRefused,
+    PayloadTooLarge,
+    UnknownSubscription,
+    DuplicateSubscription,
+    Unsupported,
+}
+
+/// A refused operation. The connection stays usable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpError<'a> {
+    pub op: Op,
+    pub code: ErrorCode,
+    pub message: &'a str,
+}
+
+body! {
+    Hello<'a> => Hello, Subscribe<'a> => Subscribe, Unsubscribe => Unsubscribe,
+    Publish<'a> => Publish, Ping => Ping, Query => Query,
+    Welcome => Welcome, Goodbye<'a> => Goodbye, Deliver<'a> => Deliver, Gap => Gap,
+    Subscribed => Subscribed, Pong => Pong, QueryItem => QueryItem, QueryEnd => QueryEnd,
+    OpError<'a> => OpError,
+}
+
+// ----------------------------------------------------------------- codec --
+
+/// Why a packet is not a valid frame. Every variant ends the connection.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("packet of {0} bytes is shorter than the {HEADER_LEN}-byte header")]
+    TooShort(usize),
+    #[error("packet of {0} bytes is larger than the {MAX_PACKET}-byte limit")]
+    TooLong(usize),
+    #[error("bad magic {0:#06x}")]
+    BadMagic(u16),
+    #[error("protocol version {0} is not supported (this side speaks {PROTOCOL_VERSION})")]
+    Version(u8),
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("frame kind {0:?} is not valid in this direction")]
+    WrongDirection(Kind),
+    #[error("body length {body_len} runs past the end of a {packet_len}-byte packet")]
+    BodyLength { body_len: u32, packet_len: usize },
+    #[error("frame kind {0:?} carries unexpected payload bytes")]
+    UnexpectedPayload(Kind),
+    #[error("malformed {kind:?} body: {detail}")]
+    Body { kind: Kind, detail: String },
+}
+
+/// Why a frame could not be encoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    #[error("frame of {0} bytes is larger than the {MAX_PACKET}-byte limit")]
+    TooLong(usize),
+    #[error("cannot encode body: {0}")]
+    Body(String),
+}
+
+/// Encodes header and body into `out` (cleared first). A payload, if any,
+/// goes right after, either appended by the caller or as a second iovec.
+pub fn encode_head_into<B: Body>(out: &mut Vec<u8>, body: &B) -> Result<(), EncodeError> {
+    out.clear();
+    out.extend_from_slice(&MAGIC.to_le_bytes());
+    out.push(PROTOCOL_VERSION);
+    out.push(B::KIND as u8);
+    out.extend_from_slice(&[0; 4]);
+    let taken = std::mem::take(out);
+    let mut buf = postcard::to_extend(body, taken).map_err(|e| EncodeError::Body(e.to_string()))?;
+    let body_len = buf.len() - HEADER_LEN;
+    if buf.len() > MAX_PACKET {
+        return Err(EncodeError::TooLong(buf.len()));
+    }
+    buf[4..8].copy_from_slice(&(body_len as u32).to_le_bytes());
+    *out = buf;
+    Ok(())
+}
+
+/// Encodes header and body into a new buffer.
+pub fn encode_head<B: Body>(body: &B) -> Result<Vec<u8>, EncodeError> {
+    let mut out = Vec::with_capacity(64);
+    encode_head_into(&mut out, body)?;
+    Ok(out)
+}
+
+/// Encodes a whole frame, payload included, into one buffer.
+pub fn encode_frame<B: Body>(body: &B, payload: &[u8]) -> Result<Vec<u8>, EncodeError> {
+    let mut out = Vec::with_capacity(64 + payload.len());
+    encode_head_into(&mut out, body)?;
+    if out.len() + payload.len() > MAX_PACKET {
+        return Err(EncodeError::TooLong(out.len() + payload.len()));
+    }
+    out.extend_from_slice(payload);
+    Ok(out)
+}
+
+/// A packet split into its parts, checked but not yet decoded.
+struct Raw<'a> {
+    kind: Kind,
+    body: &'a [u8],
+    payload: &'a [u8],
+}
+
+fn split(packet: &[u8]) -> Result<Raw<'_>, DecodeError> {
+    if packet.len() > MAX_PACKET {
+        return Err(DecodeError::TooLong(packet.len()));
+    }
+    let Some((header, rest)) = packet.split_first_chunk::<HEADER_LEN>() else {
+        return Err(DecodeError::TooShort(packet.len()));
+    };
+    let magic = u16::from_le_bytes([header[0], header[1]]);
+    if magic != MAGIC {
+        return Err(DecodeError::BadMagic(magic));
+    }
+    if header[2] != PROTOCOL_VERSION {
+        return Err(DecodeError::Version(header[2]));
+    }
+    let kind = Kind::from_u8(header[3]).ok_or(DecodeError::UnknownKind(header[3]))?;
+    let body_len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    let (body, payload) = rest
+        .split_at_checked(body_len as usize)
+        .ok_or(DecodeError::BodyLength { body_len, packet_len: packet.len() })?;
+    if !payload.is_empty() && !kind.carries_payload() {
+        return Err(DecodeError::UnexpectedPayload(kind));
+    }
+    Ok(Raw { kind, body, payload })
+}
+
+fn body<'a, T: Deserialize<'a>>(kind: Kind, bytes: &'a [u8]) -> Result<T, DecodeError> {
+    match postcard::take_from_bytes::<T>(bytes) {
+        Ok((value, [])) => Ok(value),
+        Ok((_, rest)) => Err(DecodeError::Body {
+            kind,
+            detail: format!("{} trailing bytes", rest.len()),
+        }),
+        Err(e) => Err(DecodeError::Body { kind, detail: e.to_string() }),
+    }
+}
+
+/// A decoded client-to-broker frame. Borrowed from the packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientFrame<'a> {
+    Hello(Hello<'a>),
+    Subscribe(Subscribe<'a>),
+    Unsubscribe(Unsubscribe),
+    Publish(Publish<'a>, &'a [u8]),
+    Ping(Ping),
+    Query(Query),
+}
+
+/// Decodes a packet a client sent. Never panics.
+pub fn decode_client(packet: &[u8]) -> Result<ClientFrame<'_>, DecodeError> {
+    let Raw { kind, body: b, payload } = split(packet)?;
+    Ok(match kind {
+        Kind::Hello => ClientFrame::Hello(body(kind, b)?),
+        Kind::Subscribe => ClientFrame::Subscribe(body(kind, b)?),
+        Kind::Unsubscribe => ClientFrame::Unsubscribe(body(kind, b)?),
+        Kind::Publish => ClientFrame::Publish(body(kind, b)?, payload),
+        Kind::Ping => ClientFrame::Ping(body(kind, b)?),
+        Kind::Query => ClientFrame::Query(body(kind, b)?),
+        other => return Err(DecodeError::WrongDirection(other)),
+    })
+}
+
+/// A decoded broker-to-client frame. Borrowed from the packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerFrame<'a> {
+    Welcome(Welcome),
+    Goodbye(Goodbye<'a>),
+    Deliver(Deliver<'a>, &'a [u8]),
+    Gap(Gap),
+    Subscribed(Subscribed),
+    Pong(Pong),
+    QueryItem(QueryItem),
+    QueryEnd(QueryEnd),
+    OpError(OpError<'a>),
+}
+
+/// Decodes a packet the broker sent. Never panics.
+pub fn decode_broker(packet: &[u8]) -> Result<BrokerFrame<'_>, DecodeError> {
+    let Raw { kind, body: b, payload } = split(packet)?;
+    Ok(match kind {
+        Kind::Welcome => BrokerFrame::Welcome(body(kind, b)?),
+        Kind::Goodbye => BrokerFrame::Goodbye(body(kind, b)?),
+        Kind::Deliver => BrokerFrame::Deliver(body(kind, b)?, payload),
+        Kind::Gap => BrokerFrame::Gap(body(kind, b)?),
+        Kind::Subscribed => BrokerFrame::Subscribed(body(kind, b)?),
+        Kind::Pong => BrokerFrame::Pong(body(kind, b)?),
+        Kind::QueryItem => BrokerFrame::QueryItem(body(kind, b)?),
+        Kind::QueryEnd => BrokerFrame::QueryEnd(body(kind, b)?),
+        Kind::OpError => BrokerFrame::OpError(body(kind, b)?),
+        other => return Err(DecodeError::WrongDirection(other)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn publish_roundtrip() {
+        let p = Publish { topic: "a.b", payload: PayloadRef::Inline };
+        let bytes = encode_frame(&p, b"hello").unwrap();
+        assert_eq!(decode_client(&bytes).unwrap(), ClientFrame::Publish(p, b"hello"));
+    }
+
+    #[test]
+    fn deliver_roundtrip() {
+        let d = Deliver {
+            sub_id: 7,
+            topic: "x.y",
+            sender: Sender { client_id: 1, uid: 2, gid: 3, pid: 4 },
+            seq: 99,
+            payload: PayloadRef::Inline,
+        };
+        let bytes = encode_frame(&d, &[1, 2, 3]).unwrap();
+        assert_eq!(decode_broker(&bytes).unwrap(), BrokerFrame::Deliver(d, &[1, 2, 3][..]));
+    }
+
+    #[test]
+    fn rejects_each_kind_of_damage() {
+        let good = encode_head(&Ping { token: 5 }).unwrap();
+        assert_eq!(decode_client(&good).unwrap(), ClientFrame::Ping(Ping { token: 5 }));
+        assert_eq!(decode_client(&good[..3]), Err(DecodeError::TooShort(3)));
+        let mut bad = good.clone();
+        bad[0] ^= 0xff;
+        assert!(matches!(decode_client(&bad), Err(DecodeError::BadMagic(_))));
+        let mut bad = good.clone();
+        bad[2] = 9;
+        assert_eq!(decode_client(&bad), Err(DecodeError::Version(9)));
+        let mut bad = good.clone();
+        bad[3] = 200;
+        assert_eq!(decode_client(&bad), Err(DecodeError::UnknownKind(200)));
+        let mut bad = good.clone();
+        bad[4] = 200;
+        assert!(matches!(decode_client(&bad), Err(DecodeError::BodyLength { .. })));
+        let mut bad = good.clone();
+        bad.push(0);
+        assert_eq!(decode_client(&bad), Err(DecodeError::UnexpectedPayload(Kind::Ping)));
+        let pong = encode_head(&Pong { token: 1 }).unwrap();
+        assert_eq!(decode_client(&pong), Err(DecodeError::WrongDirection(Kind::Pong)));
+        // A body with a trailing byte inside body_len is refused too.
+        let mut bad = good.clone();
+        bad.push(0);
+        bad[4] += 1;
+        assert!(matches!(decode_client(&bad), Err(DecodeError::Body { .. })));
+        let huge = vec![0u8; MAX_PACKET + 1];
+        assert_eq!(decode_client(&huge), Err(DecodeError::TooLong(MAX_PACKET + 1)));
+    }
+
+    #[test]
+    fn oversize_encode_is_refused() {
+        let p = Publish { topic: "a", payload: PayloadRef::Inline };
+        assert!(matches!(encode_frame(&p, &vec![0; MAX_PACKET]), Err(EncodeError::TooLong(_))));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+
+        #[test]
+        fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_client(&bytes);
+            let _ = decode_broker(&bytes);
+        }
+
+        #[test]
+        fn decoders_never_panic_behind_a_valid_header(
+            kind in any::<u8>(),
+            body in proptest::collection::vec(any::<u8>(), 0..256),
+            extra in 0u32..8,
+        ) {
+            let mut p = Vec::new();
+            p.extend_from_slice(&MAGIC.to_le_bytes());
+            p.push(PROTOCOL_VERSION);
+            p.push(kind);
+            p.extend_from_slice(&(body.len() as u32).saturating_sub(extra).to_le_bytes());
+            p.extend_from_slice(&body);
+            let _ = decode_client(&p);
+            let _ = decode_broker(&p);
+        }
+
+        #[test]
+        fn subscribe_roundtrips(sub_id in any::<u32>(), pattern in "[a-z*>.]{1,40}") {
+            let s = Subscribe { sub_id, pattern: &pattern, overflow: Overflow::Disconnect };
+            let bytes = encode_head(&s).unwrap();
+            prop_assert_eq!(decode_client(&bytes).unwrap(), ClientFrame::Subscribe(s));
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! Fixed protocol limits, shared by both ends.
+//!
+//! These bound every buffer a peer can make the other side allocate. The
+//! broker may announce tighter per-connection limits in `Welcome`; it never
+//! announces looser ones than these constants, because receive buffers on
+//! both sides are sized from them.
+
+/// Largest packet (header, body and inline payload) either side sends.
+/// A larger one is a protocol violation (`MSG_TRUNC` on receive).
+pub const MAX_PACKET: usize = 72 * 1024;
+
+/// Largest inline payload. Bigger payloads need a memfd (a later protocol
+/// revision); 64 KiB keeps one packet well inside the default AF_UNIX send
+/// buffer (`net.core.wmem_default`, 208 KiB) so a single send never stalls.
+pub const MAX_INLINE_PAYLOAD: usize = 64 * 1024;
+
+/// Longest subject or pattern, in bytes.
+pub const MAX_SUBJECT_LEN: usize = 1024;
+
+/// Longest client name sent in `Hello`, in bytes.
+pub const MAX_CLIENT_NAME: usize = 256;
+
+/// Most fds that may ride on one packet. The receive side sizes its
+/// control buffer for exactly this many; more is `MSG_CTRUNC`.
+pub const MAX_FDS_PER_PACKET: usize = 4;
+
+/// Default bound of one connection's outgoing queue, in bytes.
+pub const DEFAULT_QUEUE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Default bound of one connection's outgoing queue, in frames.
+pub const DEFAULT_QUEUE_FRAMES: u32 = 8192;
+
+/// Default number of subscriptions one connection may hold.
+pub const DEFAULT_MAX_SUBSCRIPTIONS: u32 = 4096;
