@@ -1,1 +1,262 @@
-fn main(){}
+//! shmbusctl: talk to a shmbus broker from the shell.
+
+#![forbid(unsafe_code)]
+
+use std::io::{Read, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use shmbus::{Address, Client, ClientInfo, Event, Message, Stats, TopicInfo};
+
+/// Command-line tool for the shmbus message bus.
+#[derive(Parser, Debug)]
+#[command(name = "shmbusctl", version)]
+struct Args {
+    /// Bus address: `@name` (abstract socket) or a path. Default:
+    /// $SHMBUS_ADDRESS, else the user bus `@shmbus.<uid>`.
+    #[arg(long, global = true, value_name = "ADDR")]
+    address: Option<Address>,
+    /// Use the system bus, `@shmbus`.
+    #[arg(long, global = true, conflicts_with = "address")]
+    system: bool,
+    /// Machine-readable output: one JSON object per line.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Round trip to the broker.
+    Ping {
+        #[arg(long, short = 'c', default_value_t = 1)]
+        count: u32,
+    },
+    /// Broker counters.
+    Status,
+    /// Connected clients.
+    Clients,
+    /// Subscribed patterns and their subscriber counts.
+    Topics,
+    /// Publish DATA (or --file, or standard input) to TOPIC.
+    Pub {
+        topic: String,
+        data: Option<String>,
+        #[arg(long, short = 'f', conflicts_with = "data")]
+        file: Option<std::path::PathBuf>,
+        /// Publish it this many times.
+        #[arg(long, short = 'c', default_value_t = 1)]
+        count: u64,
+    },
+    /// Print messages matching PATTERN(s): `TOPIC PAYLOAD` per line.
+    Sub {
+        #[arg(required = true)]
+        patterns: Vec<String>,
+        /// Exit after this many messages.
+        #[arg(long, short = 'c')]
+        count: Option<u64>,
+        /// Write payload bytes only, exactly as received.
+        #[arg(long, conflicts_with = "json")]
+        raw: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("shmbusctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Fallible<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn connect(args: &Args) -> Fallible<Client> {
+    let mut opts = Client::options().name("shmbusctl");
+    if let Some(a) = &args.address {
+        opts = opts.address(a.clone());
+    } else if args.system {
+        opts = opts.system();
+    }
+    Ok(opts.connect()?)
+}
+
+fn run(args: Args) -> Fallible<ExitCode> {
+    let client = connect(&args)?;
+    match &args.cmd {
+        Cmd::Ping { count } => {
+            for _ in 0..*count {
+                let rtt = client.ping()?;
+                let b = client.broker_cred();
+                if args.json {
+                    println!("{}", json!({"rtt_ns": rtt.as_nanos() as u64, "broker_pid": b.pid, "broker_uid": b.uid}));
+                } else {
+                    println!("pong in {rtt:?} (broker pid {}, uid {})", b.pid, b.uid);
+                }
+            }
+        }
+        Cmd::Status => print_stats(&client.stats()?, args.json),
+        Cmd::Clients => print_clients(&client.clients()?, args.json),
+        Cmd::Topics => print_topics(&client.topics()?, args.json),
+        Cmd::Pub { topic, data, file, count } => {
+            let payload = match (data, file) {
+                (Some(d), _) => d.clone().into_bytes(),
+                (None, Some(f)) => std::fs::read(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?,
+                (None, None) => {
+                    let mut v = Vec::new();
+                    std::io::stdin().read_to_end(&mut v)?;
+                    v
+                }
+            };
+            for _ in 0..*count {
+                client.publish(topic, &payload)?;
+            }
+            client.flush()?;
+        }
+        Cmd::Sub { patterns, count, raw } => return subscribe(&client, patterns, *count, *raw, args.json),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn subscribe(client: &Client, patterns: &[String], count: Option<u64>, raw: bool, json: bool) -> Fallible<ExitCode> {
+    let (tx, rx) = std::sync::mpsc::channel::<(String, Result<Event, shmbus::RecvError>)>();
+    let mut subs = Vec::new();
+    for p in patterns {
+        subs.push(client.subscribe(p)?);
+    }
+    std::thread::scope(|scope| -> Fallible<ExitCode> {
+        for sub in &subs {
+            let tx = tx.clone();
+            scope.spawn(move || {
+                for ev in sub {
+                    let stop = ev.is_err();
+                    if tx.send((sub.pattern().to_owned(), ev)).is_err() || stop {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let mut out = std::io::stdout().lock();
+        let mut seen = 0u64;
+        let result = loop {
+            if count.is_some_and(|c| seen >= c) {
+                break Ok(ExitCode::SUCCESS);
+            }
+            let Ok((pattern, ev)) = rx.recv() else { break Ok(ExitCode::SUCCESS) };
+            match ev {
+                Ok(Event::Message(m)) => {
+                    seen += 1;
+                    write_message(&mut out, &m, raw, json)?;
+                    out.flush()?;
+                }
+                Ok(Event::Gap { missed }) => {
+                    if json {
+                        writeln!(out, "{}", serde_json::json!({"gap": missed, "pattern": pattern}))?;
+                    }
+                    eprintln!("shmbusctl: fell behind on {pattern}: {missed} messages missed");
+                }
+                Err(e) => break Err(e.into()),
+            }
+        };
+        // Unsubscribing (drop) while the reader threads block would leave
+        // them waiting; exiting the process ends them instead.
+        if result.is_ok() {
+            let _ = out.flush();
+            std::process::exit(0);
+        }
+        result
+    })
+}
+
+fn write_message(out: &mut impl Write, m: &Message, raw: bool, json: bool) -> std::io::Result<()> {
+    if raw {
+        return out.write_all(m.payload());
+    }
+    if json {
+        let s = m.sender();
+        let text = std::str::from_utf8(m.payload()).ok();
+        let hex: Option<String> = text.is_none().then(|| m.payload().iter().map(|b| format!("{b:02x}")).collect());
+        return writeln!(
+            out,
+            "{}",
+            json!({
+                "topic": m.topic(), "seq": m.seq(), "size": m.payload().len(),
+                "sender": {"client_id": s.client_id, "uid": s.uid, "gid": s.gid, "pid": s.pid},
+                "payload": text, "payload_hex": hex,
+            })
+        );
+    }
+    writeln!(out, "{} {}", m.topic(), printable(m.payload()))
+}
+
+/// UTF-8 text as is (control characters escaped); anything else escaped.
+fn printable(p: &[u8]) -> String {
+    match std::str::from_utf8(p) {
+        Ok(s) => s.chars().flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect(),
+        Err(_) => p.escape_ascii().to_string(),
+    }
+}
+
+fn print_stats(s: &Stats, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(s).unwrap_or_default());
+        return;
+    }
+    println!("shmbusd {} on {}, up {:.1?}", s.version, s.address, Duration::from_millis(s.uptime_ms));
+    println!("  clients        {:>12}", s.clients);
+    println!("  subscriptions  {:>12}   ({} patterns)", s.subscriptions, s.patterns);
+    println!("  messages in    {:>12}   ({} bytes)", s.msgs_in, s.bytes_in);
+    println!("  messages out   {:>12}   ({} bytes)", s.msgs_out, s.bytes_out);
+    println!("  dropped        {:>12}   (reported in {} gap notices)", s.dropped, s.gap_notices);
+    println!("  connections    {:>12}   accepted, {} refused", s.connections_accepted, s.connections_refused);
+    println!("  disconnects    {:>12}   protocol errors, {} slow consumers", s.protocol_errors, s.slow_disconnects);
+}
+
+fn print_clients(cs: &[ClientInfo], json: bool) {
+    if json {
+        for c in cs {
+            println!("{}", serde_json::to_string(c).unwrap_or_default());
+        }
+        return;
+    }
+    println!(
+        "{:>5} {:<16} {:>7} {:>6} {:<16} {:>5} {:>10} {:>10} {:>8} {:>10}  SUBSCRIPTIONS",
+        "ID", "NAME", "PID", "UID", "COMMAND", "SUBS", "MSGS_IN", "MSGS_OUT", "DROPPED", "QUEUED_B"
+    );
+    for c in cs {
+        println!(
+            "{:>5} {:<16} {:>7} {:>6} {:<16} {:>5} {:>10} {:>10} {:>8} {:>10}  {}",
+            c.id,
+            c.name,
+            c.pid,
+            c.uid,
+            c.command,
+            c.subscription_count,
+            c.msgs_in,
+            c.msgs_out,
+            c.dropped,
+            c.queued_bytes,
+            c.subscriptions.join(" ")
+        );
+    }
+}
+
+fn print_topics(ts: &[TopicInfo], json: bool) {
+    if json {
+        for t in ts {
+            println!("{}", serde_json::to_string(t).unwrap_or_default());
+        }
+        return;
+    }
+    println!("{:>11}  PATTERN", "SUBSCRIBERS");
+    for t in ts {
+        println!("{:>11}  {}", t.subscribers, t.pattern);
+    }
+}

@@ -1,1 +1,86 @@
-fn main(){}
+//! shmbusd: the shmbus broker.
+
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use shmbus_proto::Address;
+use shmbus_broker::daemon::{self, Config};
+
+/// The shmbus broker: a local message bus over an abstract AF_UNIX
+/// SOCK_SEQPACKET socket.
+#[derive(Parser, Debug)]
+#[command(name = "shmbusd", version)]
+struct Args {
+    /// Address to listen on: `@name` for an abstract socket, else a path.
+    /// Default: $SHMBUS_ADDRESS, else the user bus `@shmbus.<uid>`.
+    #[arg(long, value_name = "ADDR")]
+    address: Option<Address>,
+    /// Serve the system bus, `@shmbus`.
+    #[arg(long, conflicts_with = "address")]
+    system: bool,
+    /// Also admit this uid (root and the broker's own uid always are).
+    #[arg(long = "allow-uid", value_name = "UID")]
+    allow_uid: Vec<u32>,
+    /// Admit every uid that can reach the socket.
+    #[arg(long)]
+    allow_all_uids: bool,
+    /// Bound of each connection's outgoing queue, in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = shmbus_proto::limits::DEFAULT_QUEUE_BYTES)]
+    queue_bytes: u64,
+    /// Bound of each connection's outgoing queue, in frames.
+    #[arg(long, value_name = "N", default_value_t = shmbus_proto::limits::DEFAULT_QUEUE_FRAMES)]
+    queue_frames: u32,
+    /// Most subscriptions one connection may hold.
+    #[arg(long, value_name = "N", default_value_t = shmbus_proto::limits::DEFAULT_MAX_SUBSCRIPTIONS)]
+    max_subscriptions: u32,
+    /// Log level: error, warn (default), info, debug or trace. $SHMBUS_LOG
+    /// sets it too.
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<tracing::Level>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let level = args
+        .log_level
+        .or_else(|| std::env::var("SHMBUS_LOG").ok().and_then(|s| s.parse().ok()))
+        .unwrap_or(tracing::Level::WARN);
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+
+    let address = match (args.address, args.system) {
+        (Some(a), _) => a,
+        (None, true) => Address::system(),
+        (None, false) => match Address::default_user() {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("shmbusd: bad $SHMBUS_ADDRESS: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let mut cfg = Config::new(address.clone());
+    for uid in args.allow_uid {
+        cfg.policy.allow_uid(uid);
+    }
+    if args.allow_all_uids {
+        cfg.policy.allow_all();
+    }
+    cfg.queue.bytes = args.queue_bytes.max(1);
+    cfg.queue.frames = args.queue_frames.max(1);
+    cfg.max_subscriptions = args.max_subscriptions;
+    cfg.close_grace = Duration::from_secs(2);
+    match daemon::run(cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shmbusd: cannot serve {address}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! A connection's outgoing queue, and what happens when it is full.
+//!
+//! Model: the broker never blocks on a client. Every frame for a connection
+//! is appended here and flushed when the socket is writable. The queue has
+//! two bounds:
+//! - the *soft* bound (`queue_bytes`, `queue_frames`) limits data frames
+//!   (deliveries). A delivery that does not fit is not queued; the
+//!   subscription's [`Overflow`] policy decides what the subscriber learns:
+//!   a `Gap` frame with the exact count, placed where the messages went
+//!   missing, or a disconnect once what is queued has been flushed;
+//! - the *hard* bound (twice the soft one) also limits control frames
+//!   (replies, gap notices, errors). A client that keeps asking without ever
+//!   reading its answers reaches it and is disconnected, so no peer can grow
+//!   the broker's memory without bound.
+//!
+//! Invariant, per subscription: the frames it is sent are the messages
+//! routed to it, in routing order, with every run of dropped messages
+//! replaced by exactly one `Gap { missed: n }` — never a silent hole. Gaps
+//! are owed in `missed` until the queue has data room again; then the gap
+//! goes first, ahead of the next delivery.
+//!
+//! No I/O here: the event loop hands this module frames and takes batches.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use shmbus_proto::frame::{encode_head, Gap, Overflow};
+
+/// One frame waiting to be sent: an encoded head, and a payload shared by
+/// every subscriber it fans out to.
+#[derive(Debug, Clone)]
+pub struct OutFrame {
+    pub head: Vec<u8>,
+    pub payload: Option<Arc<[u8]>>,
+}
+
+impl OutFrame {
+    pub fn control(head: Vec<u8>) -> OutFrame {
+        OutFrame { head, payload: None }
+    }
+
+    pub fn len(&self) -> usize {
+        self.head.len() + self.payload.as_ref().map_or(0, |p| p.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Bounds of one queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimits {
+    pub bytes: u64,
+    pub frames: u32,
+}
+
+/// The hard bound is this many times the soft one.
+const HARD_FACTOR: u64 = 2;
+
+/// The hard bound was hit: the connection must go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Overfull;
+
+#[derive(Debug)]
+pub struct OutQueue {
+    frames: VecDeque<OutFrame>,
+    bytes: u64,
+    limits: QueueLimits,
+}
+
+impl OutQueue {
+    pub fn new(limits: QueueLimits) -> OutQueue {
+        OutQueue { frames: VecDeque::new(), bytes: 0, limits }
+    }
+
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Whether a data frame of `len` bytes fits under the soft bound.
+    pub fn data_room(&self, len: usize) -> bool {
+        self.bytes + len as u64 <= self.limits.bytes && (self.frames.len() as u64) < u64::from(self.limits.frames)
+    }
+
+    fn push(&mut self, f: OutFrame) {
+        self.bytes += f.len() as u64;
+        self.frames.push_back(f);
+    }
+
+    /// Queues a control frame, up to the hard bound.
+    pub fn push_control(&mut self, f: OutFrame) -> Result<(), Overfull> {
+        let hard_bytes = self.limits.bytes.saturating_mul(HARD_FACTOR);
+        let hard_frames = u64::from(self.limits.frames).saturating_mul(HARD_FACTOR);
+        if self.bytes + f.len() as u64 > hard_bytes || self.frames.len() as u64 >= hard_frames {
+            return Err(Overfull);
+        }
+        self.push(f);
+        Ok(())
+    }
+
+    /// Queues a final frame (a goodbye) whatever the bounds: it is the
+    /// last frame this queue will ever take.
+    pub fn push_final(&mut self, f: OutFrame) {
+        self.push(f);
+    }
+
+    /// The frames at the front, oldest first, for one send batch.
+    pub fn front(&self, max: usize) -> impl Iterator<Item = &OutFrame> {
+        self.frames.iter().take(max)
+    }
+
+    /// Forgets the first `n` frames, which were sent.
+    pub fn consume(&mut self, n: usize) {
+        for f in self.frames.drain(..n.min(self.frames.len())) {
+            self.bytes -= f.len() as u64;
+        }
+    }
+}
+
+/// A subscription's delivery state.
+#[derive(Debug, Clone)]
+pub struct SubState {
+    pub pattern: Box<str>,
+    pub overflow: Overflow,
+    /// Messages dropped and not yet reported in a `Gap`.
+    pub missed: u64,
+}
+
+/// What became of one offered delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offer {
+    /// Queued. `gap_sent` says whether a gap notice went just before it.
+    Queued { gap_sent: bool },
+    /// Dropped and counted in the subscription's `missed`.
+    Dropped,
+    /// Did not fit, and the subscription's policy is to disconnect.
+    Disconnect,
+}
+
+fn gap_frame(sub_id: u32, missed: u64) -> OutFrame {
+    // A Gap body is a few varints; encoding cannot fail.
+    OutFrame::control(encode_head(&Gap { sub_id, missed }).unwrap_or_default())
+}
+
+/// Offers a delivery for subscription `sub_id`.
+pub fn offer(queue: &mut OutQueue, sub_id: u32, sub: &mut SubState, frame: OutFrame) -> Offer {
+    if !queue.data_room(frame.len()) {
+        return match sub.overflow {
+            Overflow::Gap => {
+                sub.missed += 1;
+                Offer::Dropped
+            }
+            Overflow::Disconnect => Offer::Disconnect,
+        };
+    }
+    let gap_sent = sub.missed > 0;
+    if gap_sent {
+        queue.push(gap_frame(sub_id, sub.missed));
+        sub.missed = 0;
+    }
+    queue.push(frame);
+    Offer::Queued { gap_sent }
+}
+
+/// Queues the gap notice owed to `sub_id`, if any and if there is data room
+/// for it. Returns whether one was queued.
+pub fn settle_gap(queue: &mut OutQueue, sub_id: u32, sub: &mut SubState) -> bool {
+    if sub.missed == 0 {
+        return false;
+    }
+    let f = gap_frame(sub_id, sub.missed);
+    if !queue.data_room(f.len()) {
+        return false;
+    }
+    queue.push(f);
+    sub.missed = 0;
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shmbus_proto::frame::{decode_broker, BrokerFrame};
+
+    fn data(n: u8) -> OutFrame {
+        OutFrame { head: vec![n; 10], payload: None }
+    }
+
+    fn sub(overflow: Overflow) -> SubState {
+        SubState { pattern: "a".into(), overflow, missed: 0 }
+    }
+
+    #[test]
+    fn gap_counts_exactly_and_sits_where_the_loss_was() {
+        let mut q = OutQueue::new(QueueLimits { bytes: 1 << 20, frames: 3 });
+        let mut s = sub(Overflow::Gap);
+        for i in 0..3 {
+            assert_eq!(offer(&mut q, 9, &mut s, data(i)), Offer::Queued { gap_sent: false });
+        }
+        for i in 3..10 {
+            assert_eq!(offer(&mut q, 9, &mut s, data(i)), Offer::Dropped);
+        }
+        assert_eq!(s.missed, 7);
+        q.consume(3);
+        assert_eq!(offer(&mut q, 9, &mut s, data(10)), Offer::Queued { gap_sent: true });
+        let frames: Vec<_> = q.front(10).cloned().collect();
+        assert_eq!(frames.len(), 2);
+        match decode_broker(&frames[0].head).unwrap() {
+            BrokerFrame::Gap(g) => assert_eq!((g.sub_id, g.missed), (9, 7)),
+            other => panic!("expected a gap, got {other:?}"),
+        }
+        assert_eq!(frames[1].head[0], 10);
+        assert_eq!(s.missed, 0);
+    }
+
+    #[test]
+    fn settle_gap_waits_for_room() {
+        let mut q = OutQueue::new(QueueLimits { bytes: 1 << 20, frames: 1 });
+        let mut s = sub(Overflow::Gap);
+        offer(&mut q, 1, &mut s, data(0));
+        offer(&mut q, 1, &mut s, data(1));
+        assert!(!settle_gap(&mut q, 1, &mut s));
+        q.consume(1);
+        assert!(settle_gap(&mut q, 1, &mut s));
+        assert!(!settle_gap(&mut q, 1, &mut s));
+    }
+
+    #[test]
+    fn disconnect_policy() {
+        let mut q = OutQueue::new(QueueLimits { bytes: 15, frames: 100 });
+        let mut s = sub(Overflow::Disconnect);
+        assert_eq!(offer(&mut q, 1, &mut s, data(0)), Offer::Queued { gap_sent: false });
+        assert_eq!(offer(&mut q, 1, &mut s, data(1)), Offer::Disconnect);
+    }
+
+    #[test]
+    fn control_frames_stop_at_the_hard_bound() {
+        let mut q = OutQueue::new(QueueLimits { bytes: 100, frames: 100 });
+        let mut pushed = 0;
+        while q.push_control(data(0)).is_ok() {
+            pushed += 1;
+        }
+        assert_eq!(pushed, 20);
+        assert_eq!(q.bytes(), 200);
+        q.consume(5);
+        assert_eq!(q.bytes(), 150);
+    }
+}

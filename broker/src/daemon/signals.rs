@@ -1,0 +1,38 @@
+//! Signals as events in the poll loop: a handler writes a byte into a
+//! socketpair (the self-pipe trick, via signal-hook) whose read end is
+//! registered with mio. TERM and INT share one pipe (shut down), HUP has
+//! its own (there is nothing to reload yet; it is logged and ignored rather
+//! than killing the broker).
+
+use std::io::{self, Read};
+use std::os::unix::net::UnixStream;
+
+pub struct SignalPipe {
+    pub read: UnixStream,
+}
+
+impl SignalPipe {
+    pub fn new(signals: &[i32]) -> io::Result<SignalPipe> {
+        let (r, w) = UnixStream::pair()?;
+        r.set_nonblocking(true)?;
+        w.set_nonblocking(true)?;
+        for &sig in signals {
+            signal_hook::low_level::pipe::register(sig, w.try_clone()?)?;
+        }
+        Ok(SignalPipe { read: r })
+    }
+
+    /// Empties the pipe; returns whether any signal had arrived.
+    pub fn drain(&mut self) -> bool {
+        let mut buf = [0u8; 64];
+        let mut any = false;
+        loop {
+            match self.read.read(&mut buf) {
+                Ok(0) => return any,
+                Ok(_) => any = true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return any,
+            }
+        }
+    }
+}

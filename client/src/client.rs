@@ -1,0 +1,443 @@
+//! `Client`: connecting, publishing, subscribing, introspecting.
+
+use std::collections::BTreeSet;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use serde::Serialize;
+
+use shmbus_proto::frame::{
+    decode_broker, encode_head, BrokerFrame, ClientInfo, Hello, Limits, Overflow, PayloadRef, Ping, Publish,
+    Query, QueryItemBody, QueryKind, Stats, Subscribe, TopicInfo, PROTOCOL_VERSION,
+};
+use shmbus_proto::subject::{validate_pattern, validate_subject};
+use shmbus_proto::sys::socket::{self, OutPacket, PeerCred, RecvBatch};
+use shmbus_proto::Address;
+
+use crate::connection::{Inner, QuerySlot, SendState, State, SubQueue};
+use crate::error::{ConnectError, Disconnect, FlushError, PublishError, RecvError, RequestError, SubscribeError};
+use crate::subscription::Subscription;
+
+/// How long to wait for the broker's answer to a handshake, subscribe or
+/// query unless told otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Default bound of each subscription's in-process queue, in messages.
+pub const DEFAULT_LOCAL_QUEUE: usize = 65_536;
+
+/// Which broker uids this client trusts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Trust {
+    /// Root and our own uid (the default).
+    RootOrSelf,
+    /// Root, our own uid, and these.
+    Also(BTreeSet<u32>),
+    /// Anyone: only for tests and tools that know what they are doing.
+    Anyone,
+}
+
+/// How to connect. `Client::connect*` cover the usual cases.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    address: Option<Address>,
+    system: bool,
+    name: Option<String>,
+    trust: Trust,
+    timeout: Duration,
+    local_queue: usize,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions {
+            address: None,
+            system: false,
+            name: None,
+            trust: Trust::RootOrSelf,
+            timeout: DEFAULT_TIMEOUT,
+            local_queue: DEFAULT_LOCAL_QUEUE,
+        }
+    }
+}
+
+impl ConnectOptions {
+    pub fn new() -> ConnectOptions {
+        ConnectOptions::default()
+    }
+
+    /// Connect here instead of `$SHMBUS_ADDRESS` or the user bus.
+    pub fn address(mut self, address: Address) -> Self {
+        self.address = Some(address);
+        self
+    }
+
+    /// Connect to the system bus, `@shmbus`.
+    pub fn system(mut self) -> Self {
+        self.system = true;
+        self
+    }
+
+    /// The name shown in introspection (default: the program's name).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Also trust a broker running as `uid`.
+    pub fn trust_broker_uid(mut self, uid: u32) -> Self {
+        match &mut self.trust {
+            Trust::Also(set) => {
+                set.insert(uid);
+            }
+            Trust::RootOrSelf => self.trust = Trust::Also([uid].into()),
+            Trust::Anyone => {}
+        }
+        self
+    }
+
+    /// Trust whatever process listens at the address. A squatter on an
+    /// abstract name could then read everything this client sends.
+    pub fn trust_any_broker(mut self) -> Self {
+        self.trust = Trust::Anyone;
+        self
+    }
+
+    /// Deadline for the handshake and for acknowledged requests.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Bound of each subscription's in-process queue (messages). Beyond it
+    /// messages are counted and reported as a gap.
+    pub fn local_queue(mut self, messages: usize) -> Self {
+        self.local_queue = messages.max(1);
+        self
+    }
+
+    fn resolve(&self) -> Result<Address, ConnectError> {
+        if let Some(a) = &self.address {
+            return Ok(a.clone());
+        }
+        if self.system {
+            return Ok(Address::system());
+        }
+        Ok(Address::default_user()?)
+    }
+
+    pub fn connect(self) -> Result<Client, ConnectError> {
+        let address = self.resolve()?;
+        let shown = address.to_string();
+        let fd = socket::connect(&address)
+            .map_err(|source| ConnectError::Unreachable { address: shown.clone(), source })?;
+        let broker = socket::peer_cred(fd.as_fd())?;
+        let me = rustix::process::getuid().as_raw();
+        let trusted = match &self.trust {
+            Trust::Anyone => true,
+            Trust::RootOrSelf => broker.uid == 0 || broker.uid == me,
+            Trust::Also(set) => broker.uid == 0 || broker.uid == me || set.contains(&broker.uid),
+        };
+        if !trusted {
+            return Err(ConnectError::UntrustedBroker { address: shown, uid: broker.uid, pid: broker.pid });
+        }
+        let name = self.name.clone().unwrap_or_else(program_name);
+        let hello = Hello { version: u16::from(PROTOCOL_VERSION), name: &name };
+        let head = encode_head(&hello).map_err(|e| ConnectError::Protocol(e.to_string()))?;
+        // The broker may refuse before reading our hello and close; its
+        // goodbye is still waiting for us, so a failed send is not the end.
+        let _ = socket::send_packet(fd.as_fd(), OutPacket { head: &head, payload: &[], fds: &[] }, false);
+        let (client_id, limits) = handshake(&fd, self.timeout)?;
+        let inner = Inner {
+            fd,
+            client_id,
+            limits,
+            broker,
+            address: shown,
+            send: Mutex::new(SendState { head: Vec::with_capacity(256), published: 0 }),
+            state: Mutex::new(State { next_id: 1, local_limit: self.local_queue, ..State::default() }),
+            reader: Mutex::new(None),
+            cond: Condvar::new(),
+        };
+        Ok(Client { inner: Arc::new(inner), timeout: self.timeout })
+    }
+}
+
+fn handshake(fd: &std::os::fd::OwnedFd, timeout: Duration) -> Result<(u64, Limits), ConnectError> {
+    let deadline = Instant::now() + timeout;
+    let mut batch = RecvBatch::new(1);
+    let mut resets = 0;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || !socket::wait_readable(fd.as_fd(), Some(left))? {
+            return Err(ConnectError::Timeout(timeout));
+        }
+        match batch.recv(fd.as_fd(), true) {
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && resets < 2 => resets += 1,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let (data, _, fds) = batch.packet(0);
+    if !fds.is_empty() {
+        return Err(ConnectError::Protocol("the broker sent an fd in its handshake".into()));
+    }
+    if data.is_empty() {
+        return Err(ConnectError::Protocol("the broker closed the connection without a word".into()));
+    }
+    match decode_broker(data) {
+        Ok(BrokerFrame::Welcome(w)) => Ok((w.client_id, w.limits)),
+        Ok(BrokerFrame::Goodbye(g)) => {
+            Err(ConnectError::Refused(Disconnect { code: Some(g.code), reason: g.reason.to_owned() }))
+        }
+        Ok(other) => Err(ConnectError::Protocol(format!("unexpected first frame {other:?}"))),
+        Err(e) => Err(ConnectError::Protocol(e.to_string())),
+    }
+}
+
+fn program_name() -> String {
+    std::env::args()
+        .next()
+        .and_then(|a| std::path::Path::new(&a).file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "shmbus-client".to_owned())
+}
+
+/// A connection to a shmbus broker. Cheap to clone; clones share the
+/// connection. Every method may be called from any thread.
+#[derive(Clone)]
+pub struct Client {
+    pub(crate) inner: Arc<Inner>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("address", &self.inner.address)
+            .field("client_id", &self.inner.client_id)
+            .finish()
+    }
+}
+
+impl Client {
+    /// Connects to `$SHMBUS_ADDRESS`, else to the user bus `@shmbus.<uid>`.
+    pub fn connect() -> Result<Client, ConnectError> {
+        ConnectOptions::new().connect()
+    }
+
+    /// Connects to `address` (`@name` or a path).
+    pub fn connect_to(address: &str) -> Result<Client, ConnectError> {
+        ConnectOptions::new().address(Address::parse(address)?).connect()
+    }
+
+    /// Connects to the system bus, `@shmbus`.
+    pub fn system() -> Result<Client, ConnectError> {
+        ConnectOptions::new().system().connect()
+    }
+
+    /// Options for anything else.
+    pub fn options() -> ConnectOptions {
+        ConnectOptions::new()
+    }
+
+    /// Our id on the bus, as stamped on what we send.
+    pub fn id(&self) -> u64 {
+        self.inner.client_id
+    }
+
+    /// The limits the broker announced.
+    pub fn limits(&self) -> Limits {
+        self.inner.limits
+    }
+
+    /// The broker's credentials, as the kernel reports them.
+    pub fn broker_cred(&self) -> PeerCred {
+        self.inner.broker
+    }
+
+    /// Publishes `payload` to `topic`. Returns once the frame is handed to
+    /// the kernel; a refusal by the broker comes back from [`Client::flush`].
+    pub fn publish(&self, topic: &str, payload: &[u8]) -> Result<(), PublishError> {
+        validate_subject(topic)?;
+        let max = self.inner.limits.max_inline_payload as usize;
+        if payload.len() > max {
+            return Err(PublishError::PayloadTooLarge { len: payload.len(), max });
+        }
+        let mut s = self.inner.send.lock();
+        let body = Publish { topic, payload: PayloadRef::Inline };
+        match self.inner.send_locked(&mut s, &body, payload) {
+            Ok(()) => {
+                s.published += 1;
+                Ok(())
+            }
+            Err(RecvError::Disconnected(d)) => Err(PublishError::Disconnected(d)),
+            Err(RecvError::Io(e)) => Err(PublishError::Io(e)),
+        }
+    }
+
+    /// Publishes `value` encoded with postcard; read it back with
+    /// [`crate::Message::decode`].
+    pub fn publish_value<T: Serialize + ?Sized>(&self, topic: &str, value: &T) -> Result<(), PublishError> {
+        let bytes = postcard::to_allocvec(value).map_err(|e| PublishError::Encode(e.to_string()))?;
+        self.publish(topic, &bytes)
+    }
+
+    /// Subscribes to `pattern` (`*` one token, `>` the rest), with gap
+    /// notices when the subscriber falls behind. Returns once the broker
+    /// has the subscription: every later publish that matches reaches it.
+    pub fn subscribe(&self, pattern: &str) -> Result<Subscription, SubscribeError> {
+        self.subscribe_with(pattern, Overflow::Gap)
+    }
+
+    /// Subscribes with an explicit overflow policy.
+    pub fn subscribe_with(&self, pattern: &str, overflow: Overflow) -> Result<Subscription, SubscribeError> {
+        validate_pattern(pattern)?;
+        let sub_id = {
+            let mut st = self.inner.state.lock();
+            if let Some(d) = &st.closed {
+                return Err(SubscribeError::Disconnected(d.clone()));
+            }
+            let id = st.next_id;
+            st.next_id = st.next_id.wrapping_add(1).max(1);
+            st.subs.insert(id, SubQueue::default());
+            st.awaiting_ack.insert(id);
+            id
+        };
+        let cleanup = |inner: &Inner| {
+            let mut st = inner.state.lock();
+            st.subs.remove(&sub_id);
+            st.awaiting_ack.remove(&sub_id);
+            st.acks.remove(&sub_id);
+        };
+        if let Err(e) = self.inner.send(&Subscribe { sub_id, pattern, overflow }, &[]) {
+            cleanup(&self.inner);
+            return Err(e.into());
+        }
+        let deadline = Instant::now() + self.timeout;
+        match self.inner.wait_for(Some(deadline), |st| st.acks.remove(&sub_id)) {
+            Ok(Some(Ok(()))) => Ok(Subscription::new(self.inner.clone(), sub_id, pattern.to_owned())),
+            Ok(Some(Err((code, message)))) => {
+                cleanup(&self.inner);
+                Err(SubscribeError::Refused { code, message })
+            }
+            Ok(None) => {
+                cleanup(&self.inner);
+                Err(SubscribeError::Timeout(self.timeout))
+            }
+            Err(e) => {
+                cleanup(&self.inner);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Round trip to the broker; returns how long it took.
+    pub fn ping(&self) -> Result<Duration, RequestError> {
+        let token = {
+            let mut st = self.inner.state.lock();
+            st.next_id = st.next_id.wrapping_add(1).max(1);
+            u64::from(st.next_id) | (1 << 40)
+        };
+        let start = Instant::now();
+        self.inner.send(&Ping { token }, &[])?;
+        let deadline = start + self.timeout;
+        match self.inner.wait_for(Some(deadline), |st| st.pongs.remove(&token).then_some(()))? {
+            Some(()) => Ok(start.elapsed()),
+            None => Err(RequestError::Timeout(self.timeout)),
+        }
+    }
+
+    /// Waits until the broker has handled everything sent so far, and
+    /// returns the publishes it refused since the last flush, if any.
+    pub fn flush(&self) -> Result<(), FlushError> {
+        self.ping()?;
+        let refused = std::mem::take(&mut self.inner.state.lock().refused_publishes);
+        if refused.is_empty() {
+            Ok(())
+        } else {
+            Err(FlushError::Refused(refused))
+        }
+    }
+
+    fn query(&self, what: QueryKind) -> Result<Vec<QueryItemBody>, RequestError> {
+        let req_id = {
+            let mut st = self.inner.state.lock();
+            let id = st.next_id;
+            st.next_id = st.next_id.wrapping_add(1).max(1);
+            st.queries.insert(id, QuerySlot::default());
+            id
+        };
+        let result = (|| {
+            self.inner.send(&Query { req_id, what }, &[])?;
+            let deadline = Instant::now() + self.timeout;
+            let done = self.inner.wait_for(Some(deadline), |st| {
+                if st.queries.get(&req_id).is_some_and(|q| q.done) {
+                    st.queries.remove(&req_id)
+                } else {
+                    None
+                }
+            })?;
+            match done {
+                None => Err(RequestError::Timeout(self.timeout)),
+                Some(QuerySlot { error: Some((code, message)), .. }) => Err(RequestError::Refused { code, message }),
+                Some(slot) => Ok(slot.items),
+            }
+        })();
+        self.inner.state.lock().queries.remove(&req_id);
+        result
+    }
+
+    /// Every client connected to the broker.
+    pub fn clients(&self) -> Result<Vec<ClientInfo>, RequestError> {
+        Ok(self
+            .query(QueryKind::Clients)?
+            .into_iter()
+            .filter_map(|i| match i {
+                QueryItemBody::Client(c) => Some(c),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Every subscribed pattern, with its subscriber count.
+    pub fn topics(&self) -> Result<Vec<TopicInfo>, RequestError> {
+        Ok(self
+            .query(QueryKind::Topics)?
+            .into_iter()
+            .filter_map(|i| match i {
+                QueryItemBody::Topic(t) => Some(t),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// The broker's counters.
+    pub fn stats(&self) -> Result<Stats, RequestError> {
+        self.query(QueryKind::Stats)?
+            .into_iter()
+            .find_map(|i| match i {
+                QueryItemBody::Stats(s) => Some(s),
+                _ => None,
+            })
+            .ok_or_else(|| RequestError::Refused {
+                code: shmbus_proto::frame::ErrorCode::Unsupported,
+                message: "the broker answered without stats".into(),
+            })
+    }
+}
+
+impl AsFd for Client {
+    /// The connection's socket: readable when frames are waiting. Poll it
+    /// in your own loop, then drain subscriptions with `try_recv`.
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.inner.fd.as_fd()
+    }
+}
+
+impl AsRawFd for Client {
+    fn as_raw_fd(&self) -> RawFd {
+        self.inner.fd.as_raw_fd()
+    }
+}

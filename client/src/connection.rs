@@ -1,0 +1,331 @@
+//! The shared connection behind `Client` and its `Subscription`s.
+//!
+//! Model: one socket, many consumers. Frames from the broker arrive in one
+//! stream and are dispatched to per-subscription queues and per-request
+//! slots in [`State`]. There is no background thread: whichever caller
+//! needs something that is not yet there becomes the *reader* (it holds
+//! the `reader` lock), receives a batch, dispatches it, and wakes the
+//! others; callers that find the reader busy wait on the condvar. So a
+//! single-threaded app pays no thread hop, and a multi-threaded one still
+//! has every frame delivered.
+//!
+//! Lock order: `reader` before `state`; the reader releases `reader`
+//! before it notifies, and waiters check-then-wait under `state`, so no
+//! wake-up is lost. Sending takes only `send`, so publishing never waits
+//! for a reader.
+//!
+//! Nothing is lost silently: each subscription's queue is bounded by
+//! `local_limit`; past it, messages are counted and surface as a
+//! `Gap` event where they went missing, exactly as broker-side gaps do.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use shmbus_proto::frame::{
+    decode_broker, encode_head_into, BrokerFrame, ErrorCode, GoodbyeCode, Limits, Op, QueryItemBody, Body,
+};
+use shmbus_proto::sys::socket::{self, OutPacket, PeerCred, RecvBatch};
+
+use crate::error::{Disconnect, PublishRefused, RecvError};
+use crate::message::{Event, Message};
+
+/// Packets per receive batch in a client.
+const RECV_SLOTS: usize = 16;
+
+#[derive(Debug, Default)]
+pub(crate) struct SubQueue {
+    pub events: VecDeque<Event>,
+    /// Dropped locally (queue full) and not yet reported.
+    pub local_missed: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct QuerySlot {
+    pub items: Vec<QueryItemBody>,
+    pub done: bool,
+    pub error: Option<(ErrorCode, String)>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct State {
+    pub subs: HashMap<u32, SubQueue>,
+    /// Subscribe/unsubscribe acknowledgements awaited, by sub id.
+    pub awaiting_ack: HashSet<u32>,
+    pub acks: HashMap<u32, Result<(), (ErrorCode, String)>>,
+    pub pongs: HashSet<u64>,
+    pub queries: HashMap<u32, QuerySlot>,
+    pub refused_publishes: Vec<PublishRefused>,
+    pub closed: Option<Disconnect>,
+    pub next_id: u32,
+    pub local_limit: usize,
+}
+
+pub(crate) struct SendState {
+    pub head: Vec<u8>,
+    /// Publishes sent so far; the broker numbers them the same way.
+    pub published: u64,
+}
+
+pub(crate) struct Inner {
+    pub fd: OwnedFd,
+    pub client_id: u64,
+    pub limits: Limits,
+    pub broker: PeerCred,
+    pub address: String,
+    pub send: Mutex<SendState>,
+    pub state: Mutex<State>,
+    pub reader: Mutex<Option<RecvBatch>>,
+    pub cond: Condvar,
+}
+
+impl Inner {
+    /// Sends one frame (blocking while the socket buffer is full).
+    pub fn send<B: Body>(&self, body: &B, payload: &[u8]) -> Result<(), RecvError> {
+        let mut s = self.send.lock();
+        self.send_locked(&mut s, body, payload)
+    }
+
+    pub fn send_locked<B: Body>(&self, s: &mut SendState, body: &B, payload: &[u8]) -> Result<(), RecvError> {
+        encode_head_into(&mut s.head, body)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let packet = OutPacket { head: &s.head, payload, fds: &[] };
+        loop {
+            match socket::send_packet(self.fd.as_fd(), packet, false) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::NotConnected
+                    ) =>
+                {
+                    return Err(RecvError::Disconnected(self.disconnect_reason()));
+                }
+                Err(e) => return Err(RecvError::Io(e)),
+            }
+        }
+    }
+
+    /// The recorded reason the connection ended, after reading whatever the
+    /// broker left in the socket (its goodbye, usually).
+    pub fn disconnect_reason(&self) -> Disconnect {
+        if let Some(d) = self.state.lock().closed.clone() {
+            return d;
+        }
+        let _ = self.wait_for(Some(Instant::now()), |st| st.closed.clone());
+        self.state.lock().closed.clone().unwrap_or(Disconnect {
+            code: None,
+            reason: "the broker closed the connection".into(),
+        })
+    }
+
+    /// Waits until `check` yields a value, reading from the socket as
+    /// needed, until `deadline` (`None`: forever). `Ok(None)` on timeout.
+    /// Fails once the connection is closed and `check` has nothing left.
+    pub fn wait_for<T>(
+        &self,
+        deadline: Option<Instant>,
+        mut check: impl FnMut(&mut State) -> Option<T>,
+    ) -> Result<Option<T>, RecvError> {
+        loop {
+            let mut st = self.state.lock();
+            if let Some(v) = check(&mut st) {
+                return Ok(Some(v));
+            }
+            if let Some(d) = &st.closed {
+                return Err(RecvError::Disconnected(d.clone()));
+            }
+            let now = Instant::now();
+            let remaining = deadline.map(|d| d.saturating_duration_since(now));
+            match self.reader.try_lock() {
+                Some(mut reader) => {
+                    drop(st);
+                    let batch = reader.get_or_insert_with(|| RecvBatch::new(RECV_SLOTS));
+                    let got = self.read_once(batch, remaining);
+                    drop(reader);
+                    let _st = self.state.lock();
+                    self.cond.notify_all();
+                    drop(_st);
+                    match got {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            // Nothing arrived in time; one last look.
+                            let mut st = self.state.lock();
+                            return match check(&mut st) {
+                                Some(v) => Ok(Some(v)),
+                                None => match &st.closed {
+                                    Some(d) => Err(RecvError::Disconnected(d.clone())),
+                                    None => Ok(None),
+                                },
+                            };
+                        }
+                        Err(e) => return Err(RecvError::Io(e)),
+                    }
+                }
+                None => {
+                    if remaining == Some(Duration::ZERO) {
+                        return Ok(None);
+                    }
+                    match deadline {
+                        Some(d) => {
+                            let _ = self.cond.wait_until(&mut st, d);
+                        }
+                        None => self.cond.wait(&mut st),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Receives one batch, waiting up to `timeout` for it (`None`: forever).
+    /// Returns whether anything was received (or the connection closed).
+    fn read_once(&self, batch: &mut RecvBatch, timeout: Option<Duration>) -> io::Result<bool> {
+        let mut resets = 0;
+        loop {
+            let r = match timeout {
+                None => batch.recv(self.fd.as_fd(), false),
+                Some(t) => {
+                    if t.is_zero() || socket::wait_readable(self.fd.as_fd(), Some(t))? {
+                        batch.recv(self.fd.as_fd(), true)
+                    } else {
+                        return Ok(false);
+                    }
+                }
+            };
+            match r {
+                Ok(n) => {
+                    self.dispatch(batch, n);
+                    return Ok(true);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if timeout.is_some_and(|t| t.is_zero()) {
+                        return Ok(false);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // The broker closed while our data was unread; the error is
+                // reported once, and what it sent before is still readable.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset && resets < 2 => resets += 1,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                    self.close(None, "connection reset by the broker".into());
+                    return Ok(true);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn close(&self, code: Option<GoodbyeCode>, reason: String) {
+        let mut st = self.state.lock();
+        if st.closed.is_none() {
+            st.closed = Some(Disconnect { code, reason });
+        }
+    }
+
+    fn dispatch(&self, batch: &mut RecvBatch, n: usize) {
+        let mut st = self.state.lock();
+        for i in 0..n {
+            if st.closed.is_some() {
+                return;
+            }
+            let (data, status, fds) = batch.packet(i);
+            if data.is_empty() {
+                st.closed = Some(Disconnect { code: None, reason: "the broker closed the connection".into() });
+                return;
+            }
+            if status.truncated || status.fds_truncated || !fds.is_empty() {
+                // `fds` is dropped, closing them.
+                st.closed = Some(Disconnect {
+                    code: Some(GoodbyeCode::ProtocolViolation),
+                    reason: "the broker sent a truncated packet or an unexpected fd".into(),
+                });
+                return;
+            }
+            match decode_broker(data) {
+                Ok(frame) => apply(&mut st, frame),
+                Err(e) => {
+                    st.closed = Some(Disconnect {
+                        code: Some(GoodbyeCode::ProtocolViolation),
+                        reason: format!("the broker sent an invalid frame: {e}"),
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn apply(st: &mut State, frame: BrokerFrame<'_>) {
+    match frame {
+        BrokerFrame::Deliver(d, payload) => {
+            let limit = st.local_limit;
+            let Some(q) = st.subs.get_mut(&d.sub_id) else { return };
+            if q.events.len() >= limit {
+                q.local_missed += 1;
+                return;
+            }
+            if q.local_missed > 0 {
+                q.events.push_back(Event::Gap { missed: std::mem::take(&mut q.local_missed) });
+            }
+            q.events.push_back(Event::Message(Message {
+                topic: d.topic.to_owned(),
+                sender: d.sender,
+                seq: d.seq,
+                payload: payload.to_vec(),
+            }));
+        }
+        BrokerFrame::Gap(g) => {
+            if let Some(q) = st.subs.get_mut(&g.sub_id) {
+                let missed = g.missed + std::mem::take(&mut q.local_missed);
+                // A gap notice is never dropped: it is what reports drops.
+                q.events.push_back(Event::Gap { missed });
+            }
+        }
+        BrokerFrame::Subscribed(s) => {
+            if st.awaiting_ack.remove(&s.sub_id) {
+                st.acks.insert(s.sub_id, Ok(()));
+            }
+        }
+        BrokerFrame::OpError(e) => match e.op {
+            Op::Subscribe { sub_id } | Op::Unsubscribe { sub_id } => {
+                if st.awaiting_ack.remove(&sub_id) {
+                    st.acks.insert(sub_id, Err((e.code, e.message.to_owned())));
+                }
+            }
+            Op::Query { req_id } => {
+                if let Some(q) = st.queries.get_mut(&req_id) {
+                    q.error = Some((e.code, e.message.to_owned()));
+                    q.done = true;
+                }
+            }
+            Op::Publish { seq } => {
+                st.refused_publishes.push(PublishRefused { seq, code: e.code, message: e.message.to_owned() });
+            }
+        },
+        BrokerFrame::Pong(p) => {
+            st.pongs.insert(p.token);
+        }
+        BrokerFrame::QueryItem(q) => {
+            if let Some(slot) = st.queries.get_mut(&q.req_id) {
+                slot.items.push(q.item);
+            }
+        }
+        BrokerFrame::QueryEnd(q) => {
+            if let Some(slot) = st.queries.get_mut(&q.req_id) {
+                slot.done = true;
+            }
+        }
+        BrokerFrame::Goodbye(g) => {
+            st.closed = Some(Disconnect { code: Some(g.code), reason: g.reason.to_owned() });
+        }
+        BrokerFrame::Welcome(_) => {
+            st.closed = Some(Disconnect {
+                code: Some(GoodbyeCode::ProtocolViolation),
+                reason: "the broker sent a second Welcome".into(),
+            });
+        }
+    }
+}

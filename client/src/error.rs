@@ -1,0 +1,235 @@
+//! Errors, one enum per operation, each with a [`ErrorKind`] so callers
+//! can branch on the class without matching every variant.
+
+use std::fmt;
+use std::io;
+
+use shmbus_proto::address::AddressError;
+use shmbus_proto::frame::{ErrorCode, GoodbyeCode};
+use shmbus_proto::subject::SubjectError;
+
+/// The class of an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The caller passed something invalid (a subject, a size).
+    InvalidInput,
+    /// The broker's policy, or ours about the broker, said no.
+    Denied,
+    /// A limit was reached.
+    LimitExceeded,
+    /// The connection is gone.
+    Disconnected,
+    /// A deadline passed.
+    Timeout,
+    /// The peer broke the protocol.
+    Protocol,
+    /// An operating-system error.
+    Io,
+}
+
+/// Why the connection ended, as far as we know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disconnect {
+    /// The broker's reason code, when it sent a goodbye.
+    pub code: Option<GoodbyeCode>,
+    pub reason: String,
+}
+
+impl fmt::Display for Disconnect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.code {
+            Some(code) => write!(f, "disconnected by the broker ({code:?}): {}", self.reason),
+            None => write!(f, "disconnected: {}", self.reason),
+        }
+    }
+}
+
+impl Disconnect {
+    fn kind(&self) -> ErrorKind {
+        match self.code {
+            Some(GoodbyeCode::Denied) => ErrorKind::Denied,
+            Some(GoodbyeCode::ProtocolViolation | GoodbyeCode::VersionMismatch) => ErrorKind::Protocol,
+            Some(GoodbyeCode::LimitExceeded | GoodbyeCode::SlowConsumer) => ErrorKind::LimitExceeded,
+            _ => ErrorKind::Disconnected,
+        }
+    }
+}
+
+fn code_kind(code: ErrorCode) -> ErrorKind {
+    match code {
+        ErrorCode::InvalidSubject | ErrorCode::PayloadTooLarge => ErrorKind::InvalidInput,
+        ErrorCode::Denied | ErrorCode::FdRefused => ErrorKind::Denied,
+        ErrorCode::LimitExceeded => ErrorKind::LimitExceeded,
+        _ => ErrorKind::InvalidInput,
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("bad bus address: {0}")]
+    Address(#[from] AddressError),
+    #[error("cannot reach the bus at {address}: {source}")]
+    Unreachable { address: String, source: io::Error },
+    #[error("refusing to trust the broker at {address}: it runs as uid {uid} (pid {pid}), not root or our own uid")]
+    UntrustedBroker { address: String, uid: u32, pid: u32 },
+    #[error("the broker refused the connection: {0}")]
+    Refused(Disconnect),
+    #[error("no answer to the handshake within {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("protocol error during the handshake: {0}")]
+    Protocol(String),
+    #[error("i/o error during the handshake: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl ConnectError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ConnectError::Address(_) => ErrorKind::InvalidInput,
+            ConnectError::Unreachable { .. } => ErrorKind::Disconnected,
+            ConnectError::UntrustedBroker { .. } => ErrorKind::Denied,
+            ConnectError::Refused(d) => d.kind(),
+            ConnectError::Timeout(_) => ErrorKind::Timeout,
+            ConnectError::Protocol(_) => ErrorKind::Protocol,
+            ConnectError::Io(_) => ErrorKind::Io,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("invalid subject: {0}")]
+    InvalidSubject(#[from] SubjectError),
+    #[error("payload of {len} bytes is over the {max}-byte inline limit")]
+    PayloadTooLarge { len: usize, max: usize },
+    #[error("cannot encode the value: {0}")]
+    Encode(String),
+    #[error("{0}")]
+    Disconnected(Disconnect),
+    #[error("send failed: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl PublishError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            PublishError::InvalidSubject(_) | PublishError::PayloadTooLarge { .. } | PublishError::Encode(_) => {
+                ErrorKind::InvalidInput
+            }
+            PublishError::Disconnected(d) => d.kind(),
+            PublishError::Io(_) => ErrorKind::Io,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubscribeError {
+    #[error("invalid pattern: {0}")]
+    InvalidPattern(#[from] SubjectError),
+    #[error("the broker refused the subscription ({code:?}): {message}")]
+    Refused { code: ErrorCode, message: String },
+    #[error("no acknowledgement within {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("{0}")]
+    Disconnected(Disconnect),
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl SubscribeError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            SubscribeError::InvalidPattern(_) => ErrorKind::InvalidInput,
+            SubscribeError::Refused { code, .. } => code_kind(*code),
+            SubscribeError::Timeout(_) => ErrorKind::Timeout,
+            SubscribeError::Disconnected(d) => d.kind(),
+            SubscribeError::Io(_) => ErrorKind::Io,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecvError {
+    #[error("{0}")]
+    Disconnected(Disconnect),
+    #[error("receive failed: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl RecvError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            RecvError::Disconnected(d) => d.kind(),
+            RecvError::Io(_) => ErrorKind::Io,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("the broker refused ({code:?}): {message}")]
+    Refused { code: ErrorCode, message: String },
+    #[error("no answer within {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("{0}")]
+    Disconnected(Disconnect),
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl RequestError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            RequestError::Refused { code, .. } => code_kind(*code),
+            RequestError::Timeout(_) => ErrorKind::Timeout,
+            RequestError::Disconnected(d) => d.kind(),
+            RequestError::Io(_) => ErrorKind::Io,
+        }
+    }
+}
+
+/// A publish the broker refused after it was sent (publishing does not
+/// wait for the broker; [`crate::Client::flush`] collects these).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("publish #{seq} refused ({code:?}): {message}")]
+pub struct PublishRefused {
+    /// The publish's number on this connection (1 for the first).
+    pub seq: u64,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FlushError {
+    #[error("{} publish(es) refused; first: {}", .0.len(), .0[0])]
+    Refused(Vec<PublishRefused>),
+    #[error(transparent)]
+    Request(#[from] RequestError),
+}
+
+impl FlushError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            FlushError::Refused(r) => code_kind(r[0].code),
+            FlushError::Request(e) => e.kind(),
+        }
+    }
+}
+
+impl From<RecvError> for RequestError {
+    fn from(e: RecvError) -> Self {
+        match e {
+            RecvError::Disconnected(d) => RequestError::Disconnected(d),
+            RecvError::Io(e) => RequestError::Io(e),
+        }
+    }
+}
+
+impl From<RecvError> for SubscribeError {
+    fn from(e: RecvError) -> Self {
+        match e {
+            RecvError::Disconnected(d) => SubscribeError::Disconnected(d),
+            RecvError::Io(e) => SubscribeError::Io(e),
+        }
+    }
+}

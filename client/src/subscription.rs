@@ -1,0 +1,99 @@
+//! `Subscription`: one pattern's stream of events.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shmbus_proto::frame::Unsubscribe;
+
+use crate::connection::Inner;
+use crate::error::RecvError;
+use crate::message::Event;
+
+/// A live subscription. Dropping it unsubscribes.
+pub struct Subscription {
+    inner: Arc<Inner>,
+    id: u32,
+    pattern: String,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription").field("id", &self.id).field("pattern", &self.pattern).finish()
+    }
+}
+
+impl Subscription {
+    pub(crate) fn new(inner: Arc<Inner>, id: u32, pattern: String) -> Subscription {
+        Subscription { inner, id, pattern }
+    }
+
+    pub fn pattern(&self) -> &str {
+        &self.pattern
+    }
+
+    fn take(&self) -> impl FnMut(&mut crate::connection::State) -> Option<Event> + '_ {
+        move |st| {
+            let q = st.subs.get_mut(&self.id)?;
+            if let Some(ev) = q.events.pop_front() {
+                return Some(ev);
+            }
+            // Drops recorded locally with nothing after them yet.
+            (q.local_missed > 0).then(|| Event::Gap { missed: std::mem::take(&mut q.local_missed) })
+        }
+    }
+
+    /// Waits for the next event.
+    pub fn recv(&self) -> Result<Event, RecvError> {
+        Ok(self.inner.wait_for(None, self.take())?.expect("no deadline"))
+    }
+
+    /// Waits up to `timeout` for the next event; `Ok(None)` if none came.
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Option<Event>, RecvError> {
+        self.inner.wait_for(Some(Instant::now() + timeout), self.take())
+    }
+
+    /// The next event if one is ready, reading what the socket holds
+    /// without waiting.
+    pub fn try_recv(&self) -> Result<Option<Event>, RecvError> {
+        self.inner.wait_for(Some(Instant::now()), self.take())
+    }
+
+    /// Events until the connection ends. The iterator yields the error
+    /// that ended it, then stops.
+    pub fn iter(&self) -> Iter<'_> {
+        Iter { sub: self, done: false }
+    }
+}
+
+pub struct Iter<'a> {
+    sub: &'a Subscription,
+    done: bool,
+}
+
+impl Iterator for Iter<'_> {
+    type Item = Result<Event, RecvError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let r = self.sub.recv();
+        self.done = r.is_err();
+        Some(r)
+    }
+}
+
+impl<'a> IntoIterator for &'a Subscription {
+    type Item = Result<Event, RecvError>;
+    type IntoIter = Iter<'a>;
+    fn into_iter(self) -> Iter<'a> {
+        self.iter()
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.inner.state.lock().subs.remove(&self.id);
+        // Best effort: if the connection is gone, so is the subscription.
+        let _ = self.inner.send(&Unsubscribe { sub_id: self.id }, &[]);
+    }
+}
