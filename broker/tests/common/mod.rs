@@ -1,0 +1,226 @@
+//! Test harness: a real `shmbusd` on a unique abstract address per test,
+//! killed on drop; bounded waits everywhere so a bug fails instead of
+//! hanging.
+
+#![allow(dead_code)]
+
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use shmbus::Client;
+
+pub const SHMBUSD: &str = env!("CARGO_BIN_EXE_shmbusd");
+pub const SHMBUSCTL: &str = env!("CARGO_BIN_EXE_shmbusctl");
+
+/// Generous bound for anything that should take milliseconds.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+pub fn unique_address(tag: &str) -> String {
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("@shmbus-test-{tag}-{}-{n}-{nanos}", std::process::id())
+}
+
+pub struct Broker {
+    pub child: Option<Child>,
+    pub address: String,
+}
+
+impl Broker {
+    pub fn start(tag: &str) -> Broker {
+        Broker::start_with(tag, &[])
+    }
+
+    pub fn start_with(tag: &str, extra: &[&str]) -> Broker {
+        Broker::spawn(tag, extra, None)
+    }
+
+    /// Spawns the broker as `uid` (for trust tests).
+    pub fn spawn(tag: &str, extra: &[&str], uid: Option<u32>) -> Broker {
+        let address = unique_address(tag);
+        let mut cmd = Command::new(SHMBUSD);
+        cmd.arg("--address").arg(&address).args(extra).stdin(Stdio::null());
+        if let Some(uid) = uid {
+            cmd.uid(uid).gid(uid);
+        }
+        let child = cmd.spawn().expect("spawn shmbusd");
+        let b = Broker { child: Some(child), address };
+        b.wait_ready();
+        b
+    }
+
+    fn wait_ready(&self) {
+        let start = Instant::now();
+        loop {
+            let addr = shmbus::Address::parse(&self.address).unwrap();
+            if shmbus_proto::sys::socket::connect(&addr).is_ok() {
+                return;
+            }
+            assert!(start.elapsed() < PATIENCE, "shmbusd did not start listening at {}", self.address);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn client(&self) -> Client {
+        self.client_named("test")
+    }
+
+    pub fn client_named(&self, name: &str) -> Client {
+        Client::options()
+            .address(shmbus::Address::parse(&self.address).unwrap())
+            .name(name)
+            .connect()
+            .expect("connect to the test broker")
+    }
+
+    /// Number of open fds in the broker process.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).unwrap().count()
+    }
+
+    /// Waits until the broker's fd count is `want` (fds close a moment
+    /// after the peer goes), failing after PATIENCE.
+    pub fn wait_fd_count(&self, want: usize) {
+        let start = Instant::now();
+        loop {
+            let now = self.fd_count();
+            if now == want {
+                return;
+            }
+            assert!(start.elapsed() < PATIENCE, "broker holds {now} fds, expected {want}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the broker reports `n` clients.
+    pub fn wait_clients(&self, probe: &Client, n: u32) {
+        let start = Instant::now();
+        loop {
+            // The probe itself is one of the clients.
+            let now = probe.stats().unwrap().clients;
+            if now == n {
+                return;
+            }
+            assert!(start.elapsed() < PATIENCE, "broker has {now} clients, expected {n}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+        wait_timeout(&mut child, PATIENCE).expect("shmbusd did not exit after SIGTERM")
+    }
+
+    /// `shmbusctl --address <this broker> args...`, bounded.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        self.ctl_as(args, None)
+    }
+
+    pub fn ctl_as(&self, args: &[&str], uid: Option<u32>) -> Output {
+        let mut cmd = Command::new(SHMBUSCTL);
+        cmd.arg("--address").arg(&self.address).args(args);
+        if let Some(uid) = uid {
+            cmd.uid(uid).gid(uid);
+        }
+        run_bounded(cmd)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Kills a child on drop.
+pub struct ChildGuard(pub Option<Child>);
+
+impl ChildGuard {
+    pub fn wait_output(mut self) -> Output {
+        let mut child = self.0.take().unwrap();
+        let start = Instant::now();
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                return child.wait_with_output().unwrap();
+            }
+            if start.elapsed() > PATIENCE {
+                let _ = child.kill();
+                let out = child.wait_with_output().unwrap();
+                panic!(
+                    "child did not finish in {PATIENCE:?}; stdout {:?} stderr {:?}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn spawn_guarded(mut cmd: Command) -> ChildGuard {
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    ChildGuard(Some(cmd.spawn().expect("spawn")))
+}
+
+pub fn run_bounded(cmd: Command) -> Output {
+    spawn_guarded(cmd).wait_output()
+}
+
+pub fn wait_timeout(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Runs `f` on a thread and fails the test if it takes longer than
+/// PATIENCE (the thread is abandoned; the test process exits soon after).
+pub fn bounded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(PATIENCE).unwrap_or_else(|_| panic!("{what} did not finish within {PATIENCE:?}"))
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}

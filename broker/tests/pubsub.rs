@@ -1,0 +1,293 @@
+//! Publish/subscribe through a real broker: across processes, wildcards,
+//! ordering, sender stamping, slow subscribers and their gap notices.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use shmbus::{ErrorKind, Event, GoodbyeCode, Overflow, RecvError};
+
+fn next_message(sub: &shmbus::Subscription) -> shmbus::Message {
+    match sub.recv_timeout(PATIENCE).expect("recv").expect("a message within PATIENCE") {
+        Event::Message(m) => m,
+        Event::Gap { missed } => panic!("unexpected gap of {missed}"),
+    }
+}
+
+#[test]
+fn pubsub_across_processes_both_ways() {
+    let b = Broker::start("xproc");
+    // Another process subscribes (shmbusctl), this one publishes.
+    let mut cmd = Command::new(SHMBUSCTL);
+    cmd.args(["--address", &b.address, "sub", "greet.>", "--count", "2"]);
+    let sub = spawn_guarded(cmd);
+    let c = b.client();
+    // Wait until the subscription is registered, then publish.
+    let start = std::time::Instant::now();
+    while c.topics().unwrap().iter().all(|t| t.pattern != "greet.>") {
+        assert!(start.elapsed() < PATIENCE, "shmbusctl never subscribed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    c.publish("greet.world", b"hello").unwrap();
+    c.publish("greet.you.too", b"hi there").unwrap();
+    let out = sub.wait_output();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "greet.world hello\ngreet.you.too hi there\n");
+
+    // And the other way: another process publishes, this one subscribes.
+    let s = c.subscribe("news.*").unwrap();
+    let out = b.ctl(&["pub", "news.today", "extra"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let m = next_message(&s);
+    assert_eq!((m.topic(), m.payload()), ("news.today", &b"extra"[..]));
+}
+
+#[test]
+fn wildcards_route_exactly() {
+    let b = Broker::start("wild");
+    let c = b.client();
+    let exact = c.subscribe("a.b.c").unwrap();
+    let star = c.subscribe("a.*.c").unwrap();
+    let tail = c.subscribe("a.>").unwrap();
+    let all = c.subscribe(">").unwrap();
+    let p = b.client();
+    for t in ["a.b.c", "a.x.c", "a.b", "a.b.c.d", "z", "a"] {
+        p.publish(t, t.as_bytes()).unwrap();
+    }
+    p.flush().unwrap();
+    let drain = |s: &shmbus::Subscription| {
+        let mut v = Vec::new();
+        while let Some(ev) = s.recv_timeout(Duration::from_millis(200)).unwrap() {
+            v.push(ev.message().unwrap().topic().to_owned());
+        }
+        v
+    };
+    assert_eq!(drain(&exact), ["a.b.c"]);
+    assert_eq!(drain(&star), ["a.b.c", "a.x.c"]);
+    assert_eq!(drain(&tail), ["a.b.c", "a.x.c", "a.b", "a.b.c.d"]);
+    assert_eq!(drain(&all), ["a.b.c", "a.x.c", "a.b", "a.b.c.d", "z", "a"]);
+}
+
+#[test]
+fn invalid_subjects_are_refused_locally_and_by_the_broker() {
+    let b = Broker::start("invalid");
+    let c = b.client();
+    assert_eq!(c.publish("a.*", b"x").unwrap_err().kind(), ErrorKind::InvalidInput);
+    assert_eq!(c.subscribe("a.>.b").unwrap_err().kind(), ErrorKind::InvalidInput);
+    assert_eq!(c.publish("a..b", b"x").unwrap_err().kind(), ErrorKind::InvalidInput);
+}
+
+#[test]
+fn per_publisher_order_and_broker_stamped_sender() {
+    // Room for every message: this test is about order, not flow control.
+    let b = Broker::start_with("order", &["--queue-frames", "100000", "--queue-bytes", "100000000"]);
+    let c = b.client();
+    let s = c.subscribe("seq.>").unwrap();
+    const N: u64 = 5000;
+    // Two publishers in other processes and one here, interleaved.
+    let mut kids = Vec::new();
+    for i in 0..2 {
+        let mut cmd = Command::new(SHMBUSCTL);
+        cmd.args(["--address", &b.address, "pub", &format!("seq.p{i}"), "x", "--count", &N.to_string()]);
+        kids.push(spawn_guarded(cmd));
+    }
+    let p = b.client();
+    let p2 = p.clone();
+    let local_pub = std::thread::spawn(move || {
+        for i in 1..=N {
+            p2.publish("seq.local", &i.to_le_bytes()).unwrap();
+        }
+    });
+    let mut pids: std::collections::HashMap<u32, u64> =
+        kids.iter().map(|k| (k.0.as_ref().unwrap().id(), 0)).collect();
+    let mut local = 0u64;
+    let mut last_seq = std::collections::HashMap::new();
+    for _ in 0..3 * N {
+        let m = next_message(&s);
+        let sender = m.sender();
+        assert_eq!(sender.uid, 0);
+        let prev = last_seq.insert(sender.client_id, m.seq()).unwrap_or(0);
+        assert_eq!(m.seq(), prev + 1, "per-publisher order broken for {sender:?}");
+        if m.topic() == "seq.local" {
+            local += 1;
+            assert_eq!(sender.client_id, p.id());
+            assert_eq!(sender.pid, std::process::id());
+            assert_eq!(m.payload(), &local.to_le_bytes());
+        } else {
+            *pids.get_mut(&sender.pid).expect("sender pid is one of the shmbusctl children") += 1;
+        }
+    }
+    assert_eq!(local, N);
+    assert!(pids.values().all(|&n| n == N), "{pids:?}");
+    local_pub.join().unwrap();
+    for k in kids {
+        let out = k.wait_output();
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+}
+
+#[test]
+fn typed_values_roundtrip() {
+    #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+    struct Reading {
+        room: String,
+        celsius: f32,
+    }
+    let b = Broker::start("typed");
+    let c = b.client();
+    let s = c.subscribe("temp").unwrap();
+    let r = Reading { room: "kitchen".into(), celsius: 21.5 };
+    c.publish_value("temp", &r).unwrap();
+    assert_eq!(next_message(&s).decode::<Reading>().unwrap(), r);
+}
+
+/// A subscriber that never reads: the publisher is not blocked, and the
+/// subscriber later learns exactly how many it missed, where it missed them.
+#[test]
+fn slow_subscriber_gets_exact_gap_notice_and_publisher_is_not_blocked() {
+    let b = Broker::start_with("gap", &["--queue-frames", "64"]);
+    let slow = b.client_named("slow");
+    let sub = slow.subscribe("flood").unwrap();
+    const N: u64 = 20_000;
+    let p = b.client_named("fast");
+    let p2 = p.clone();
+    bounded("publishing past a stalled subscriber", move || {
+        for i in 1..=N {
+            p2.publish("flood", &i.to_le_bytes()).unwrap();
+        }
+        p2.flush().unwrap();
+    });
+    let stats = p.stats().unwrap();
+    assert!(stats.dropped > 0, "the test must overflow the queue: {stats:?}");
+
+    let mut expect_next = 1u64;
+    let mut received = 0u64;
+    let mut missed_total = 0u64;
+    let mut pending_gap = 0u64;
+    while received + missed_total < N {
+        let ev = sub.recv_timeout(PATIENCE).unwrap();
+        let Some(ev) = ev else {
+            panic!("stream ended early: expect_next {expect_next} received {received} missed {missed_total} pending {pending_gap}; stats {:?}; clients {:?}", p.stats().unwrap(), p.clients().unwrap());
+        };
+        match ev {
+            Event::Gap { missed } => {
+                pending_gap += missed;
+                missed_total += missed;
+            }
+            Event::Message(m) => {
+                let v = u64::from_le_bytes(m.payload().try_into().unwrap());
+                assert_eq!(v, m.seq());
+                assert_eq!(v, expect_next + pending_gap, "a gap notice must stand exactly where the loss was");
+                pending_gap = 0;
+                expect_next = v + 1;
+                received += 1;
+            }
+        }
+    }
+    assert_eq!(received + missed_total, N);
+    // A loss at the very end is reported by a trailing gap.
+    assert_eq!(expect_next - 1 + pending_gap, N);
+    let stats = p.stats().unwrap();
+    assert_eq!(stats.dropped, missed_total, "every drop was reported");
+    // The slow client's counters show it too.
+    let info = p.clients().unwrap().into_iter().find(|c| c.name == "slow").unwrap();
+    assert_eq!(info.dropped, missed_total);
+}
+
+#[test]
+fn gap_owed_at_the_end_of_a_burst_is_still_delivered() {
+    // The loss happens at the very end: no later message carries the gap
+    // out, so the broker must send it on its own once there is room.
+    let b = Broker::start_with("gaptail", &["--queue-frames", "16"]);
+    let slow = b.client();
+    let sub = slow.subscribe("t").unwrap();
+    let p = b.client();
+    for i in 0..5000u32 {
+        p.publish("t", &i.to_le_bytes()).unwrap();
+    }
+    p.flush().unwrap();
+    let mut got = 0u64;
+    let mut missed = 0u64;
+    while got + missed < 5000 {
+        match sub.recv_timeout(PATIENCE).unwrap().expect("the owed gap never came") {
+            Event::Message(_) => got += 1,
+            Event::Gap { missed: m } => missed += m,
+        }
+    }
+    assert!(missed > 0);
+    assert_eq!(got + missed, 5000);
+}
+
+#[test]
+fn disconnect_policy_flushes_then_disconnects_with_reason() {
+    let b = Broker::start_with("slowdc", &["--queue-frames", "32"]);
+    let slow = b.client();
+    let sub = slow.subscribe_with("flood", Overflow::Disconnect).unwrap();
+    let p = b.client();
+    let p2 = p.clone();
+    bounded("publishing", move || {
+        for i in 0..5000u32 {
+            p2.publish("flood", &i.to_le_bytes()).unwrap();
+        }
+        p2.flush().unwrap();
+    });
+    let mut got = 0u32;
+    let err = loop {
+        match sub.recv_timeout(PATIENCE) {
+            Ok(Some(Event::Message(m))) => {
+                assert_eq!(m.payload(), &got.to_le_bytes(), "what was queued arrives in order, without holes");
+                got += 1;
+            }
+            Ok(Some(Event::Gap { .. })) => panic!("a Disconnect subscription never gets gaps"),
+            Ok(None) => panic!("no disconnect within PATIENCE"),
+            Err(e) => break e,
+        }
+    };
+    assert!(got > 0 && got < 5000, "got {got}");
+    match err {
+        RecvError::Disconnected(d) => {
+            assert_eq!(d.code, Some(GoodbyeCode::SlowConsumer), "{d}");
+            assert!(d.reason.contains("slow consumer"), "{d}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(p.stats().unwrap().slow_disconnects, 1);
+}
+
+#[test]
+fn unsubscribe_stops_delivery() {
+    let b = Broker::start("unsub");
+    let c = b.client();
+    let s1 = c.subscribe("u").unwrap();
+    let s2 = c.subscribe("u").unwrap();
+    drop(s1);
+    c.publish("u", b"1").unwrap();
+    assert_eq!(next_message(&s2).payload(), b"1");
+    let topics = c.topics().unwrap();
+    assert_eq!(topics.len(), 1);
+    assert_eq!((topics[0].pattern.as_str(), topics[0].subscribers), ("u", 1));
+}
+
+#[test]
+fn sigterm_flushes_and_exits_zero() {
+    let mut b = Broker::start("term");
+    let c = b.client();
+    let s = c.subscribe("bye").unwrap();
+    let p = b.client();
+    for i in 0..100u32 {
+        p.publish("bye", &i.to_le_bytes()).unwrap();
+    }
+    p.flush().unwrap();
+    let status = b.terminate();
+    assert!(status.success(), "{status:?}");
+    // Everything queued before the signal still arrives, then the goodbye.
+    for i in 0..100u32 {
+        assert_eq!(next_message(&s).payload(), &i.to_le_bytes());
+    }
+    match s.recv_timeout(PATIENCE) {
+        Err(RecvError::Disconnected(d)) => assert_eq!(d.code, Some(GoodbyeCode::Shutdown), "{d}"),
+        other => panic!("{other:?}"),
+    }
+}
