@@ -291,3 +291,38 @@ fn sigterm_flushes_and_exits_zero() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn recv_any_keeps_broker_order_across_subscriptions() {
+    let b = Broker::start("any");
+    let c = b.client();
+    let s1 = c.subscribe("one").unwrap();
+    let s2 = c.subscribe("two").unwrap();
+    let p = b.client();
+    for i in 0..200u32 {
+        p.publish(if i % 3 == 0 { "one" } else { "two" }, &i.to_le_bytes()).unwrap();
+    }
+    p.flush().unwrap();
+    for i in 0..200u32 {
+        let (which, ev) = shmbus::Subscription::recv_any(&[&s1, &s2], Some(PATIENCE)).unwrap().unwrap();
+        assert_eq!(which, usize::from(i % 3 != 0));
+        assert_eq!(ev.message().unwrap().payload(), &i.to_le_bytes());
+    }
+}
+
+#[test]
+fn client_fd_joins_an_external_event_loop() {
+    use std::os::fd::AsFd;
+    let b = Broker::start("evloop");
+    let c = b.client();
+    let s = c.subscribe("ev").unwrap();
+    assert!(s.try_recv().unwrap().is_none());
+    let p = b.client();
+    p.publish("ev", b"ring").unwrap();
+    // Wait the way an outside poll loop would, on the client's fd.
+    let mut fds = [rustix::event::PollFd::new(&c.as_fd(), rustix::event::PollFlags::IN)];
+    let ts = rustix::event::Timespec { tv_sec: PATIENCE.as_secs() as i64, tv_nsec: 0 };
+    assert_eq!(rustix::event::poll(&mut fds, Some(&ts)).unwrap(), 1);
+    let m = s.try_recv().unwrap().expect("readable means a frame is there").message().unwrap();
+    assert_eq!(m.payload(), b"ring");
+}

@@ -38,7 +38,9 @@ const RECV_SLOTS: usize = 16;
 
 #[derive(Debug, Default)]
 pub(crate) struct SubQueue {
-    pub events: VecDeque<Event>,
+    /// Events with their arrival number on the connection, so events of
+    /// several subscriptions can be taken in the order the broker sent them.
+    pub events: VecDeque<(u64, Event)>,
     /// Dropped locally (queue full) and not yet reported.
     pub local_missed: u64,
 }
@@ -62,6 +64,8 @@ pub(crate) struct State {
     pub closed: Option<Disconnect>,
     pub next_id: u32,
     pub local_limit: usize,
+    /// Frames dispatched so far: the arrival number of the next event.
+    pub arrivals: u64,
 }
 
 pub(crate) struct SendState {
@@ -259,6 +263,8 @@ impl Inner {
 }
 
 fn apply(st: &mut State, frame: BrokerFrame<'_>) {
+    st.arrivals += 1;
+    let arrival = st.arrivals;
     match frame {
         BrokerFrame::Deliver(d, payload) => {
             let limit = st.local_limit;
@@ -268,20 +274,20 @@ fn apply(st: &mut State, frame: BrokerFrame<'_>) {
                 return;
             }
             if q.local_missed > 0 {
-                q.events.push_back(Event::Gap { missed: std::mem::take(&mut q.local_missed) });
+                q.events.push_back((arrival, Event::Gap { missed: std::mem::take(&mut q.local_missed) }));
             }
-            q.events.push_back(Event::Message(Message {
+            q.events.push_back((arrival, Event::Message(Message {
                 topic: d.topic.to_owned(),
                 sender: d.sender,
                 seq: d.seq,
                 payload: payload.to_vec(),
-            }));
+            })));
         }
         BrokerFrame::Gap(g) => {
             if let Some(q) = st.subs.get_mut(&g.sub_id) {
                 let missed = g.missed + std::mem::take(&mut q.local_missed);
                 // A gap notice is never dropped: it is what reports drops.
-                q.events.push_back(Event::Gap { missed });
+                q.events.push_back((arrival, Event::Gap { missed }));
             }
         }
         BrokerFrame::Subscribed(s) => {

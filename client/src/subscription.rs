@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use shmbus_proto::frame::Unsubscribe;
 
-use crate::connection::Inner;
+use crate::connection::{Inner, State};
 use crate::error::RecvError;
 use crate::message::Event;
 
@@ -31,15 +31,30 @@ impl Subscription {
         &self.pattern
     }
 
-    fn take(&self) -> impl FnMut(&mut crate::connection::State) -> Option<Event> + '_ {
-        move |st| {
-            let q = st.subs.get_mut(&self.id)?;
-            if let Some(ev) = q.events.pop_front() {
-                return Some(ev);
-            }
-            // Drops recorded locally with nothing after them yet.
-            (q.local_missed > 0).then(|| Event::Gap { missed: std::mem::take(&mut q.local_missed) })
+    fn take(&self) -> impl FnMut(&mut State) -> Option<Event> + '_ {
+        move |st| take_from(st, self.id).map(|(_, ev)| ev)
+    }
+
+    /// Waits up to `timeout` (`None`: forever) for the next event on any of
+    /// `subs`, which must share one `Client`. Events come in the order the
+    /// broker sent them. Returns the index of the subscription and the event.
+    pub fn recv_any(subs: &[&Subscription], timeout: Option<Duration>) -> Result<Option<(usize, Event)>, RecvError> {
+        let Some(first) = subs.first() else { return Ok(None) };
+        if subs.iter().any(|s| !Arc::ptr_eq(&s.inner, &first.inner)) {
+            return Err(RecvError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "recv_any needs subscriptions of one client",
+            )));
         }
+        let deadline = timeout.map(|t| Instant::now() + t);
+        first.inner.wait_for(deadline, |st| {
+            let next = subs
+                .iter()
+                .enumerate()
+                .filter_map(|(i, s)| peek_arrival(st, s.id).map(|a| (a, i)))
+                .min()?;
+            take_from(st, subs[next.1].id).map(|(_, ev)| (next.1, ev))
+        })
     }
 
     /// Waits for the next event.
@@ -63,6 +78,25 @@ impl Subscription {
     pub fn iter(&self) -> Iter<'_> {
         Iter { sub: self, done: false }
     }
+}
+
+/// Arrival number of the next event of `id`; a trailing local gap (drops
+/// with nothing after them yet) sorts last.
+fn peek_arrival(st: &State, id: u32) -> Option<u64> {
+    let q = st.subs.get(&id)?;
+    match q.events.front() {
+        Some((a, _)) => Some(*a),
+        None => (q.local_missed > 0).then_some(u64::MAX),
+    }
+}
+
+fn take_from(st: &mut State, id: u32) -> Option<(u64, Event)> {
+    let q = st.subs.get_mut(&id)?;
+    if let Some(ev) = q.events.pop_front() {
+        return Some(ev);
+    }
+    // Drops recorded locally with nothing after them yet.
+    (q.local_missed > 0).then(|| (u64::MAX, Event::Gap { missed: std::mem::take(&mut q.local_missed) }))
 }
 
 pub struct Iter<'a> {

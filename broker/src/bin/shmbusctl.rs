@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use serde_json::json;
-use shmbus::{Address, Client, ClientInfo, Event, Message, Stats, TopicInfo};
+use shmbus::{Address, Client, ClientInfo, Event, Message, Stats, Subscription, TopicInfo};
 
 /// Command-line tool for the shmbus message bus.
 #[derive(Parser, Debug)]
@@ -125,54 +125,31 @@ fn run(args: Args) -> Fallible<ExitCode> {
 }
 
 fn subscribe(client: &Client, patterns: &[String], count: Option<u64>, raw: bool, json: bool) -> Fallible<ExitCode> {
-    let (tx, rx) = std::sync::mpsc::channel::<(String, Result<Event, shmbus::RecvError>)>();
     let mut subs = Vec::new();
     for p in patterns {
         subs.push(client.subscribe(p)?);
     }
-    std::thread::scope(|scope| -> Fallible<ExitCode> {
-        for sub in &subs {
-            let tx = tx.clone();
-            scope.spawn(move || {
-                for ev in sub {
-                    let stop = ev.is_err();
-                    if tx.send((sub.pattern().to_owned(), ev)).is_err() || stop {
-                        return;
-                    }
-                }
-            });
-        }
-        drop(tx);
-        let mut out = std::io::stdout().lock();
-        let mut seen = 0u64;
-        let result = loop {
-            if count.is_some_and(|c| seen >= c) {
-                break Ok(ExitCode::SUCCESS);
+    let refs: Vec<&Subscription> = subs.iter().collect();
+    let mut out = std::io::stdout().lock();
+    let mut seen = 0u64;
+    while count.is_none_or(|c| seen < c) {
+        let Some((i, ev)) = Subscription::recv_any(&refs, None)? else { continue };
+        match ev {
+            Event::Message(m) => {
+                seen += 1;
+                write_message(&mut out, &m, raw, json)?;
+                out.flush()?;
             }
-            let Ok((pattern, ev)) = rx.recv() else { break Ok(ExitCode::SUCCESS) };
-            match ev {
-                Ok(Event::Message(m)) => {
-                    seen += 1;
-                    write_message(&mut out, &m, raw, json)?;
-                    out.flush()?;
+            Event::Gap { missed } => {
+                let pattern = refs[i].pattern();
+                if json {
+                    writeln!(out, "{}", json!({"gap": missed, "pattern": pattern}))?;
                 }
-                Ok(Event::Gap { missed }) => {
-                    if json {
-                        writeln!(out, "{}", serde_json::json!({"gap": missed, "pattern": pattern}))?;
-                    }
-                    eprintln!("shmbusctl: fell behind on {pattern}: {missed} messages missed");
-                }
-                Err(e) => break Err(e.into()),
+                eprintln!("shmbusctl: fell behind on {pattern}: {missed} messages missed");
             }
-        };
-        // Unsubscribing (drop) while the reader threads block would leave
-        // them waiting; exiting the process ends them instead.
-        if result.is_ok() {
-            let _ = out.flush();
-            std::process::exit(0);
         }
-        result
-    })
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn write_message(out: &mut impl Write, m: &Message, raw: bool, json: bool) -> std::io::Result<()> {

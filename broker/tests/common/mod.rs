@@ -153,24 +153,33 @@ impl Drop for Broker {
 pub struct ChildGuard(pub Option<Child>);
 
 impl ChildGuard {
+    /// Waits (bounded) for the child, reading its output as it goes so a
+    /// full pipe cannot stall it.
     pub fn wait_output(mut self) -> Output {
+        use std::io::Read;
         let mut child = self.0.take().unwrap();
-        let start = Instant::now();
-        loop {
-            if child.try_wait().unwrap().is_some() {
-                return child.wait_with_output().unwrap();
-            }
-            if start.elapsed() > PATIENCE {
-                let _ = child.kill();
-                let out = child.wait_with_output().unwrap();
-                panic!(
-                    "child did not finish in {PATIENCE:?}; stdout {:?} stderr {:?}",
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let drain = |r: Option<Box<dyn Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut v = Vec::new();
+                if let Some(mut r) = r {
+                    let _ = r.read_to_end(&mut v);
+                }
+                v
+            })
+        };
+        let out = drain(child.stdout.take().map(|r| Box::new(r) as Box<dyn Read + Send>));
+        let err = drain(child.stderr.take().map(|r| Box::new(r) as Box<dyn Read + Send>));
+        let status = wait_timeout(&mut child, PATIENCE);
+        let stdout = out.join().unwrap();
+        let stderr = err.join().unwrap();
+        let Some(status) = status else {
+            panic!(
+                "child did not finish in {PATIENCE:?}; {} bytes of stdout, stderr {:?}",
+                stdout.len(),
+                String::from_utf8_lossy(&stderr)
+            );
+        };
+        Output { status, stdout, stderr }
     }
 }
 
