@@ -320,7 +320,8 @@ fn client_fd_joins_an_external_event_loop() {
     let p = b.client();
     p.publish("ev", b"ring").unwrap();
     // Wait the way an outside poll loop would, on the client's fd.
-    let mut fds = [rustix::event::PollFd::new(&c.as_fd(), rustix::event::PollFlags::IN)];
+    let fd = c.as_fd();
+    let mut fds = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
     let ts = rustix::event::Timespec { tv_sec: PATIENCE.as_secs() as i64, tv_nsec: 0 };
     assert_eq!(rustix::event::poll(&mut fds, Some(&ts)).unwrap(), 1);
     let m = s.try_recv().unwrap().expect("readable means a frame is there").message().unwrap();
