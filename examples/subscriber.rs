@@ -1,1 +1,28 @@
-fn main(){}
+//! A small subscriber: prints every reading on `sensors.*.temp`, with who
+//! sent it, and says so when it fell behind.
+
+use serde::Deserialize;
+use shmbus::{Client, Event};
+
+#[derive(Deserialize, Debug)]
+struct Reading {
+    room: String,
+    celsius: f32,
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let client = Client::connect()?;
+    let sub = client.subscribe("sensors.*.temp")?;
+    println!("listening on sensors.*.temp");
+    for event in &sub {
+        match event? {
+            Event::Message(m) => {
+                let r: Reading = m.decode()?;
+                let s = m.sender();
+                println!("{}: {:.1} °C (from pid {} uid {}, #{})", r.room, r.celsius, s.pid, s.uid, m.seq());
+            }
+            Event::Gap { missed } => println!("fell behind: {missed} readings missed"),
+        }
+    }
+    Ok(())
+}

@@ -39,6 +39,9 @@ pub struct Conn {
     pub owes_gaps: bool,
     /// In the broker's flush list.
     pub dirty: bool,
+    /// Registered for writable events: its socket was full at the last
+    /// flush. Cleared once the queue drains.
+    pub wants_write: bool,
     /// Publishes received; also the `seq` of the latest.
     pub published: u64,
     pub msgs_out: u64,

@@ -269,7 +269,7 @@ impl Broker {
         if let Err(e) = self.poll.registry().register(
             &mut SourceFd(&fd.as_raw_fd()),
             Token(slot),
-            Interest::READABLE | Interest::WRITABLE,
+            Interest::READABLE,
         ) {
             warn!("cannot watch a new connection: {e}");
             self.free.push(slot);
@@ -290,6 +290,7 @@ impl Broker {
             queue: OutQueue::new(self.cfg.queue),
             owes_gaps: false,
             dirty: false,
+            wants_write: false,
             published: 0,
             msgs_out: 0,
             dropped: 0,
@@ -747,6 +748,15 @@ impl Broker {
             if conn.queue.is_empty() {
                 if conn.is_closing() {
                     self.close(slot);
+                } else if conn.wants_write {
+                    // Drained: stop asking for writability, or every read by
+                    // the peer would wake the loop for nothing.
+                    conn.wants_write = false;
+                    let _ = self.poll.registry().reregister(
+                        &mut SourceFd(&conn.fd.as_raw_fd()),
+                        Token(slot),
+                        Interest::READABLE,
+                    );
                 }
                 return;
             }
@@ -776,7 +786,18 @@ impl Broker {
                     self.counters.bytes_out += bytes;
                     conn.queue.consume(n);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Socket full: resume on the writable edge.
+                    if !conn.wants_write {
+                        conn.wants_write = true;
+                        let _ = self.poll.registry().reregister(
+                            &mut SourceFd(&conn.fd.as_raw_fd()),
+                            Token(slot),
+                            Interest::READABLE | Interest::WRITABLE,
+                        );
+                    }
+                    return;
+                }
                 Err(e) => {
                     drop(packets);
                     drop(frames);
