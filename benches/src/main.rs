@@ -1,1 +1,425 @@
-fn main(){}
+//! shmbus benchmarks: each path beside its physical floor, in one run.
+//!
+//! ```text
+//! cargo run --release -p shmbus-benches -- latency [--json]
+//! cargo run --release -p shmbus-benches -- throughput [--json]
+//! cargo run --release -p shmbus-benches -- all [--json]
+//! ```
+//!
+//! Every peer is a separate process: this binary re-executes itself in a
+//! helper role (`__broker`, `__echo-*`, `__pub-*`), so the broker under
+//! test is the real broker code in its own process, and the floors are
+//! measured between two processes as well. The machines are small and
+//! noisy: read the ratios of one run, not absolute times across runs.
+
+#![forbid(unsafe_code)]
+
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use shmbus::{Client, Event};
+use shmbus_proto::sys::socket::{self, OutPacket, RecvBatch};
+use shmbus_proto::Address;
+
+const LAT_WARMUP: usize = 2_000;
+const LAT_ITERS: usize = 20_000;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let json = args.iter().any(|a| a == "--json");
+    let what = args.iter().find(|a| !a.starts_with("--")).map(String::as_str).unwrap_or("all");
+    match what {
+        "__broker" => return helper_broker(&args[1]),
+        "__echo-seqpacket" => return helper_echo_seqpacket(&args[1]),
+        "__echo-pipe" => return helper_echo_pipe(),
+        "__echo-bus" => return helper_echo_bus(&args[1]),
+        "__pub-seqpacket" => return helper_pub_seqpacket(&args[1], args[2].parse().unwrap(), args[3].parse().unwrap()),
+        "__pub-bus" => return helper_pub_bus(&args[1], args[2].parse().unwrap(), args[3].parse().unwrap()),
+        _ => {}
+    }
+    let mut report = Report { json, rows: Vec::new() };
+    match what {
+        "latency" => latency(&mut report),
+        "throughput" => throughput(&mut report),
+        "all" => {
+            latency(&mut report);
+            throughput(&mut report);
+        }
+        other => {
+            eprintln!("unknown scenario {other:?}; try latency, throughput or all");
+            std::process::exit(2);
+        }
+    }
+    report.finish();
+}
+
+// ------------------------------------------------------------- report --
+
+struct Row {
+    scenario: &'static str,
+    path: String,
+    size: usize,
+    p50_ns: Option<u64>,
+    p99_ns: Option<u64>,
+    msgs_per_s: Option<f64>,
+    floor: String,
+    ratio_to_floor: f64,
+    note: String,
+}
+
+struct Report {
+    json: bool,
+    rows: Vec<Row>,
+}
+
+impl Report {
+    fn push(&mut self, row: Row) {
+        if self.json {
+            let mut v = json!({
+                "scenario": row.scenario, "path": row.path, "size": row.size,
+                "floor": row.floor, "ratio_to_floor": (row.ratio_to_floor * 1000.0).round() / 1000.0,
+            });
+            if let Some(p) = row.p50_ns {
+                v["p50_ns"] = json!(p);
+            }
+            if let Some(p) = row.p99_ns {
+                v["p99_ns"] = json!(p);
+            }
+            if let Some(m) = row.msgs_per_s {
+                v["msgs_per_s"] = json!(m.round());
+            }
+            if !row.note.is_empty() {
+                v["note"] = json!(row.note);
+            }
+            println!("{v}");
+        }
+        self.rows.push(row);
+    }
+
+    fn finish(&self) {
+        if self.json {
+            return;
+        }
+        println!(
+            "{:<11} {:<24} {:>7} {:>10} {:>10} {:>13} {:<18} {:>7}  {}",
+            "scenario", "path", "size", "p50", "p99", "msgs/s", "floor", "ratio", "note"
+        );
+        for r in &self.rows {
+            let us = |n: Option<u64>| n.map_or("-".into(), |n| format!("{:.2}µs", n as f64 / 1000.0));
+            println!(
+                "{:<11} {:<24} {:>7} {:>10} {:>10} {:>13} {:<18} {:>6.2}×  {}",
+                r.scenario,
+                r.path,
+                size_label(r.size),
+                us(r.p50_ns),
+                us(r.p99_ns),
+                r.msgs_per_s.map_or("-".into(), |m| format!("{m:.0}")),
+                r.floor,
+                r.ratio_to_floor,
+                r.note
+            );
+        }
+    }
+}
+
+fn size_label(n: usize) -> String {
+    if n >= 1024 && n % 1024 == 0 {
+        format!("{}KiB", n / 1024)
+    } else {
+        format!("{n}B")
+    }
+}
+
+fn percentiles(mut v: Vec<u64>) -> (u64, u64) {
+    v.sort_unstable();
+    let at = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
+    (at(0.50), at(0.99))
+}
+
+// ----------------------------------------------------------- helpers --
+
+/// A helper process, killed on drop.
+struct Helper(Child);
+
+impl Helper {
+    fn spawn(args: &[&str]) -> Helper {
+        Helper::spawn_with(args, Stdio::null(), Stdio::null())
+    }
+
+    fn spawn_with(args: &[&str], stdin: Stdio, stdout: Stdio) -> Helper {
+        let exe = std::env::current_exe().expect("own path");
+        let child = Command::new(exe).args(args).stdin(stdin).stdout(stdout).spawn().expect("spawn helper");
+        Helper(child)
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn unique(tag: &str) -> String {
+    format!("@shmbus-bench-{tag}-{}", std::process::id())
+}
+
+fn connect_retry(addr: &str) -> Client {
+    let start = Instant::now();
+    loop {
+        match Client::connect_to(addr) {
+            Ok(c) => return c,
+            Err(e) if start.elapsed() > Duration::from_secs(10) => panic!("cannot connect to {addr}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+/// A broker process with queues big enough that the throughput runs
+/// measure speed, not overflow (drops are still counted and shown).
+fn start_broker(tag: &str) -> (Helper, String) {
+    let addr = unique(tag);
+    let h = Helper::spawn(&["__broker", &addr]);
+    drop(connect_retry(&addr));
+    (h, addr)
+}
+
+fn helper_broker(addr: &str) {
+    let mut cfg = shmbus_broker::daemon::Config::new(Address::parse(addr).unwrap());
+    cfg.queue.frames = 1 << 20;
+    cfg.queue.bytes = 1 << 30;
+    shmbus_broker::daemon::run(cfg).unwrap();
+}
+
+fn helper_echo_seqpacket(addr: &str) {
+    let fd = socket::connect(&Address::parse(addr).unwrap()).unwrap();
+    let mut batch = RecvBatch::new(1);
+    loop {
+        match batch.recv(fd.as_fd(), false) {
+            Ok(1) => {}
+            _ => return,
+        }
+        let (data, _, _) = batch.packet(0);
+        if data.is_empty() {
+            return;
+        }
+        let data = data.to_vec();
+        if socket::send_packet(fd.as_fd(), OutPacket { head: &data, payload: &[], fds: &[] }, false).is_err() {
+            return;
+        }
+    }
+}
+
+fn helper_echo_pipe() {
+    let mut stdin = std::io::stdin().lock();
+    let mut stdout = std::io::stdout().lock();
+    let mut len = [0u8; 4];
+    let mut buf = Vec::new();
+    while stdin.read_exact(&mut len).is_ok() {
+        buf.resize(u32::from_le_bytes(len) as usize, 0);
+        if stdin.read_exact(&mut buf).is_err() {
+            return;
+        }
+        let _ = stdout.write_all(&len);
+        let _ = stdout.write_all(&buf);
+        let _ = stdout.flush();
+    }
+}
+
+fn helper_echo_bus(addr: &str) {
+    let c = connect_retry(addr);
+    let sub = c.subscribe("bench.ping").unwrap();
+    c.publish("bench.ready", b"").unwrap();
+    while let Ok(Event::Message(m)) = sub.recv() {
+        if c.publish("bench.pong", m.payload()).is_err() {
+            return;
+        }
+    }
+}
+
+fn helper_pub_seqpacket(addr: &str, size: usize, count: u64) {
+    let fd = socket::connect(&Address::parse(addr).unwrap()).unwrap();
+    let payload = vec![0xa5u8; size];
+    for _ in 0..count {
+        socket::send_packet(fd.as_fd(), OutPacket { head: &payload, payload: &[], fds: &[] }, false).unwrap();
+    }
+}
+
+fn helper_pub_bus(addr: &str, size: usize, count: u64) {
+    let c = connect_retry(addr);
+    let payload = vec![0xa5u8; size];
+    for _ in 0..count {
+        c.publish("bench.tp", &payload).unwrap();
+    }
+    c.flush().unwrap();
+}
+
+// ----------------------------------------------------------- latency --
+
+fn time_rtts(mut once: impl FnMut()) -> (u64, u64) {
+    for _ in 0..LAT_WARMUP {
+        once();
+    }
+    let mut v = Vec::with_capacity(LAT_ITERS);
+    for _ in 0..LAT_ITERS {
+        let t = Instant::now();
+        once();
+        v.push(t.elapsed().as_nanos() as u64);
+    }
+    percentiles(v)
+}
+
+fn rtt_seqpacket(size: usize) -> (u64, u64) {
+    let addr = unique("floor");
+    let listener = socket::listen(&Address::parse(&addr).unwrap(), 4).unwrap();
+    let _echo = Helper::spawn(&["__echo-seqpacket", &addr]);
+    socket::set_nonblocking(listener.as_fd(), false).unwrap();
+    let fd = rustix::net::accept(&listener).unwrap();
+    let msg = vec![1u8; size];
+    let mut batch = RecvBatch::new(1);
+    time_rtts(|| {
+        socket::send_packet(fd.as_fd(), OutPacket { head: &msg, payload: &[], fds: &[] }, false).unwrap();
+        assert_eq!(batch.recv(fd.as_fd(), false).unwrap(), 1);
+    })
+}
+
+fn rtt_pipe(size: usize) -> (u64, u64) {
+    let mut echo = Helper::spawn_with(&["__echo-pipe"], Stdio::piped(), Stdio::piped());
+    let mut to = echo.0.stdin.take().unwrap();
+    let mut from = echo.0.stdout.take().unwrap();
+    let mut msg = (size as u32).to_le_bytes().to_vec();
+    msg.extend(std::iter::repeat_n(1u8, size));
+    let mut back = vec![0u8; msg.len()];
+    time_rtts(|| {
+        to.write_all(&msg).unwrap();
+        from.read_exact(&mut back).unwrap();
+    })
+}
+
+fn rtt_broker(size: usize) -> (u64, u64) {
+    let (_broker, addr) = start_broker("lat");
+    let c = connect_retry(&addr);
+    let ready = c.subscribe("bench.ready").unwrap();
+    let pong = c.subscribe("bench.pong").unwrap();
+    let _echo = Helper::spawn(&["__echo-bus", &addr]);
+    ready.recv_timeout(Duration::from_secs(10)).unwrap().expect("echo client ready");
+    let msg = vec![1u8; size];
+    time_rtts(|| {
+        c.publish("bench.ping", &msg).unwrap();
+        let _ = pong.recv().unwrap();
+    })
+}
+
+fn rtt_self(size: usize) -> (u64, u64) {
+    let (_broker, addr) = start_broker("self");
+    let c = connect_retry(&addr);
+    let s = c.subscribe("bench.self").unwrap();
+    let msg = vec![1u8; size];
+    time_rtts(|| {
+        c.publish("bench.self", &msg).unwrap();
+        let _ = s.recv().unwrap();
+    })
+}
+
+fn latency(report: &mut Report) {
+    for size in [16usize, 1024] {
+        let floor = rtt_seqpacket(size);
+        let rows = [
+            ("seqpacket_floor", floor),
+            ("pipe", rtt_pipe(size)),
+            ("broker_a_b_a", rtt_broker(size)),
+            ("broker_self_forward", rtt_self(size)),
+        ];
+        for (path, (p50, p99)) in rows {
+            report.push(Row {
+                scenario: "latency",
+                path: path.into(),
+                size,
+                p50_ns: Some(p50),
+                p99_ns: Some(p99),
+                msgs_per_s: None,
+                floor: "seqpacket_floor".into(),
+                ratio_to_floor: p50 as f64 / floor.0 as f64,
+                note: String::new(),
+            });
+        }
+    }
+}
+
+// -------------------------------------------------------- throughput --
+
+fn count_for(size: usize) -> u64 {
+    match size {
+        0..=64 => 400_000,
+        65..=2048 => 200_000,
+        _ => 50_000,
+    }
+}
+
+/// Raw seqpacket, one direction, pipelined: msgs/s.
+fn tp_seqpacket(size: usize) -> f64 {
+    let n = count_for(size);
+    let addr = unique("tpfloor");
+    let listener = socket::listen(&Address::parse(&addr).unwrap(), 4).unwrap();
+    socket::set_nonblocking(listener.as_fd(), false).unwrap();
+    let _p = Helper::spawn(&["__pub-seqpacket", &addr, &size.to_string(), &n.to_string()]);
+    let fd = rustix::net::accept(&listener).unwrap();
+    let mut batch = RecvBatch::new(64);
+    let mut got = 0u64;
+    let mut start = None;
+    while got < n {
+        let k = batch.recv(fd.as_fd(), false).unwrap();
+        start.get_or_insert_with(Instant::now);
+        got += k as u64;
+    }
+    (n - 1) as f64 / start.unwrap().elapsed().as_secs_f64()
+}
+
+/// Through the broker: publisher process → broker → this subscriber.
+/// Returns (delivered msgs/s, dropped).
+fn tp_broker(size: usize) -> (f64, u64) {
+    let n = count_for(size);
+    let (_broker, addr) = start_broker("tp");
+    let c = connect_retry(&addr);
+    let s = c.subscribe("bench.tp").unwrap();
+    let _p = Helper::spawn(&["__pub-bus", &addr, &size.to_string(), &n.to_string()]);
+    let mut got = 0u64;
+    let mut missed = 0u64;
+    let mut start = None;
+    while got + missed < n {
+        match s.recv_timeout(Duration::from_secs(30)).unwrap().expect("stream stalled") {
+            Event::Message(_) => got += 1,
+            Event::Gap { missed: m } => missed += m,
+        }
+        start.get_or_insert_with(Instant::now);
+    }
+    ((got.saturating_sub(1)) as f64 / start.unwrap().elapsed().as_secs_f64(), missed)
+}
+
+fn throughput(report: &mut Report) {
+    for size in [16usize, 1024, 16 * 1024] {
+        let floor = tp_seqpacket(size);
+        let (bus, dropped) = tp_broker(size);
+        for (path, rate, note) in [
+            ("seqpacket_floor", floor, String::new()),
+            ("broker_pub_sub", bus, if dropped > 0 { format!("{dropped} dropped (gap-reported)") } else { String::new() }),
+        ] {
+            report.push(Row {
+                scenario: "throughput",
+                path: path.into(),
+                size,
+                p50_ns: None,
+                p99_ns: None,
+                msgs_per_s: Some(rate),
+                floor: "seqpacket_floor".into(),
+                // For rates, the ratio is floor/path so that, as for
+                // latency, 1.0 is the floor and bigger is slower.
+                ratio_to_floor: floor / rate,
+                note,
+            });
+        }
+    }
+}

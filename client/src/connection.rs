@@ -34,7 +34,7 @@ use crate::error::{Disconnect, PublishRefused, RecvError};
 use crate::message::{Event, Message};
 
 /// Packets per receive batch in a client.
-const RECV_SLOTS: usize = 16;
+const RECV_SLOTS: usize = 64;
 
 #[derive(Debug, Default)]
 pub(crate) struct SubQueue {

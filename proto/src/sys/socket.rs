@@ -168,24 +168,26 @@ pub fn send_packets(
     if n == 0 {
         return Ok(0);
     }
-    let mut iovs = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_BATCH * 2];
-    let mut ctrl = [[0u64; CMSG_WORDS]; MAX_BATCH];
-    // SAFETY: mmsghdr is a plain C struct for which all-zero is a valid
-    // (empty) value.
-    let mut hdrs: [libc::mmsghdr; MAX_BATCH] = unsafe { std::mem::zeroed() };
+    // Only the first n entries are set up: zeroing all MAX_BATCH headers
+    // for a single packet would cost more than the packet.
+    let mut iovs = [MaybeUninit::<libc::iovec>::uninit(); MAX_BATCH * 2];
+    let mut ctrl = [MaybeUninit::<[u64; CMSG_WORDS]>::uninit(); MAX_BATCH];
+    let mut hdrs = [MaybeUninit::<libc::mmsghdr>::uninit(); MAX_BATCH];
     for (i, p) in packets[..n].iter().enumerate() {
         if p.fds.len() > MAX_FDS_PER_PACKET {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many fds for one packet"));
         }
-        iovs[2 * i] = libc::iovec { iov_base: p.head.as_ptr() as *mut _, iov_len: p.head.len() };
-        iovs[2 * i + 1] =
-            libc::iovec { iov_base: p.payload.as_ptr() as *mut _, iov_len: p.payload.len() };
-        let h = &mut hdrs[i].msg_hdr;
-        h.msg_iov = iovs[2 * i..].as_mut_ptr();
+        iovs[2 * i].write(libc::iovec { iov_base: p.head.as_ptr() as *mut _, iov_len: p.head.len() });
+        iovs[2 * i + 1].write(libc::iovec { iov_base: p.payload.as_ptr() as *mut _, iov_len: p.payload.len() });
+        // SAFETY: all-zero is a valid (empty) mmsghdr.
+        let hdr = hdrs[i].write(unsafe { std::mem::zeroed() });
+        let h = &mut hdr.msg_hdr;
+        h.msg_iov = iovs[2 * i].as_mut_ptr();
         h.msg_iovlen = if p.payload.is_empty() { 1 } else { 2 };
         if !p.fds.is_empty() {
             let space = cmsg_space(p.fds.len());
-            h.msg_control = ctrl[i].as_mut_ptr().cast();
+            let buf = ctrl[i].write([0; CMSG_WORDS]);
+            h.msg_control = buf.as_mut_ptr().cast();
             h.msg_controllen = space as _;
             // SAFETY: msg_control points at `space` bytes of aligned,
             // zeroed storage in `ctrl[i]` (space <= CMSG_WORDS * 8), so
@@ -208,11 +210,11 @@ pub fn send_packets(
         flags |= libc::MSG_DONTWAIT;
     }
     loop {
-        // SAFETY: hdrs[..n] point at iovecs and control buffers that live
-        // on this stack frame until the call returns, and the iovecs point
-        // into the caller's slices, which outlive the call. The kernel only
-        // reads them.
-        let r = unsafe { libc::sendmmsg(fd.as_raw_fd(), hdrs.as_mut_ptr(), n as u32, flags) };
+        // SAFETY: hdrs[..n] were initialised above and point at iovecs and
+        // control buffers that live on this stack frame until the call
+        // returns; the iovecs point into the caller's slices, which outlive
+        // the call. The kernel only reads them.
+        let r = unsafe { libc::sendmmsg(fd.as_raw_fd(), hdrs.as_mut_ptr().cast(), n as u32, flags) };
         if r >= 0 {
             return Ok(r as usize);
         }
@@ -281,15 +283,16 @@ impl RecvBatch {
         self.filled = 0;
         let n = self.slots;
         let mut iovs = [MaybeUninit::<libc::iovec>::uninit(); MAX_BATCH];
-        // SAFETY: all-zero is a valid mmsghdr.
-        let mut hdrs: [libc::mmsghdr; MAX_BATCH] = unsafe { std::mem::zeroed() };
+        let mut hdrs = [MaybeUninit::<libc::mmsghdr>::uninit(); MAX_BATCH];
         let base = self.data.as_mut_ptr();
         for i in 0..n {
             // SAFETY: i < slots, and data holds slots * MAX_PACKET bytes, so
             // the slot [i*MAX_PACKET, (i+1)*MAX_PACKET) is in bounds.
             let slot = unsafe { base.add(i * MAX_PACKET) };
             iovs[i].write(libc::iovec { iov_base: slot.cast(), iov_len: MAX_PACKET });
-            let h = &mut hdrs[i].msg_hdr;
+            // SAFETY: all-zero is a valid (empty) mmsghdr.
+            let hdr = hdrs[i].write(unsafe { std::mem::zeroed() });
+            let h = &mut hdr.msg_hdr;
             h.msg_iov = iovs[i].as_mut_ptr();
             h.msg_iovlen = 1;
             h.msg_control = self.ctrl[i].as_mut_ptr().cast();
@@ -298,11 +301,12 @@ impl RecvBatch {
         let mut flags = libc::MSG_CMSG_CLOEXEC;
         flags |= if nonblocking { libc::MSG_DONTWAIT } else { libc::MSG_WAITFORONE };
         let r = loop {
-            // SAFETY: hdrs[..n] point at iovecs on this frame and at data and
-            // control buffers owned by self, all of the sizes given, and all
-            // alive and not otherwise borrowed until the call returns.
+            // SAFETY: hdrs[..n] were initialised above and point at iovecs on
+            // this frame and at data and control buffers owned by self, all
+            // of the sizes given, alive and not otherwise borrowed until the
+            // call returns.
             let r = unsafe {
-                libc::recvmmsg(fd.as_raw_fd(), hdrs.as_mut_ptr(), n as u32, flags, std::ptr::null_mut())
+                libc::recvmmsg(fd.as_raw_fd(), hdrs.as_mut_ptr().cast(), n as u32, flags, std::ptr::null_mut())
             };
             if r >= 0 {
                 break r as usize;
@@ -313,6 +317,9 @@ impl RecvBatch {
             }
         };
         for (i, h) in hdrs[..r].iter().enumerate() {
+            // SAFETY: the first r <= n headers were initialised above and
+            // filled in by the kernel.
+            let h = unsafe { h.assume_init_ref() };
             let m = &h.msg_hdr;
             self.lens[i] = (h.msg_len as usize).min(MAX_PACKET);
             self.status[i] = RecvStatus {
