@@ -36,7 +36,9 @@ fn main() {
         "__echo-seqpacket" => return helper_echo_seqpacket(&args[1]),
         "__echo-pipe" => return helper_echo_pipe(),
         "__echo-bus" => return helper_echo_bus(&args[1]),
-        "__pub-seqpacket" => return helper_pub_seqpacket(&args[1], args[2].parse().unwrap(), args[3].parse().unwrap()),
+        "__pub-seqpacket" => {
+            return helper_pub_seqpacket(&args[1], args[2].parse().unwrap(), args[3].parse().unwrap())
+        }
         "__pub-bus" => return helper_pub_bus(&args[1], args[2].parse().unwrap(), args[3].parse().unwrap()),
         _ => {}
     }
@@ -104,8 +106,8 @@ impl Report {
             return;
         }
         println!(
-            "{:<11} {:<24} {:>7} {:>10} {:>10} {:>13} {:<18} {:>7}  {}",
-            "scenario", "path", "size", "p50", "p99", "msgs/s", "floor", "ratio", "note"
+            "{:<11} {:<24} {:>7} {:>10} {:>10} {:>13} {:<18} {:>7}  note",
+            "scenario", "path", "size", "p50", "p99", "msgs/s", "floor", "ratio"
         );
         for r in &self.rows {
             let us = |n: Option<u64>| n.map_or("-".into(), |n| format!("{:.2}µs", n as f64 / 1000.0));
@@ -126,7 +128,7 @@ impl Report {
 }
 
 fn size_label(n: usize) -> String {
-    if n >= 1024 && n % 1024 == 0 {
+    if n >= 1024 && n.is_multiple_of(1024) {
         format!("{}KiB", n / 1024)
     } else {
         format!("{n}B")
@@ -207,7 +209,8 @@ fn helper_echo_seqpacket(addr: &str) {
             return;
         }
         let data = data.to_vec();
-        if socket::send_packet(fd.as_fd(), OutPacket { head: &data, payload: &[], fds: &[] }, false).is_err() {
+        if socket::send_packet(fd.as_fd(), OutPacket { head: &data, payload: &[], fds: &[] }, false).is_err()
+        {
             return;
         }
     }
@@ -405,7 +408,11 @@ fn throughput(report: &mut Report) {
         let (bus, dropped) = tp_broker(size);
         for (path, rate, note) in [
             ("seqpacket_floor", floor, String::new()),
-            ("broker_pub_sub", bus, if dropped > 0 { format!("{dropped} dropped (gap-reported)") } else { String::new() }),
+            (
+                "broker_pub_sub",
+                bus,
+                if dropped > 0 { format!("{dropped} dropped (gap-reported)") } else { String::new() },
+            ),
         ] {
             report.push(Row {
                 scenario: "throughput",

@@ -179,7 +179,11 @@ fn slow_subscriber_gets_exact_gap_notice_and_publisher_is_not_blocked() {
             Event::Message(m) => {
                 let v = u64::from_le_bytes(m.payload().try_into().unwrap());
                 assert_eq!(v, m.seq());
-                assert_eq!(v, expect_next + pending_gap, "a gap notice must stand exactly where the loss was");
+                assert_eq!(
+                    v,
+                    expect_next + pending_gap,
+                    "a gap notice must stand exactly where the loss was"
+                );
                 pending_gap = 0;
                 expect_next = v + 1;
                 received += 1;
@@ -237,7 +241,11 @@ fn disconnect_policy_flushes_then_disconnects_with_reason() {
     let err = loop {
         match sub.recv_timeout(PATIENCE) {
             Ok(Some(Event::Message(m))) => {
-                assert_eq!(m.payload(), &got.to_le_bytes(), "what was queued arrives in order, without holes");
+                assert_eq!(
+                    m.payload(),
+                    &got.to_le_bytes(),
+                    "what was queued arrives in order, without holes"
+                );
                 got += 1;
             }
             Ok(Some(Event::Gap { .. })) => panic!("a Disconnect subscription never gets gaps"),

@@ -17,7 +17,9 @@ use shmbus_proto::sys::socket::{self, OutPacket, PeerCred, RecvBatch};
 use shmbus_proto::Address;
 
 use crate::connection::{Inner, QuerySlot, SendState, State, SubQueue};
-use crate::error::{ConnectError, Disconnect, FlushError, PublishError, RecvError, RequestError, SubscribeError};
+use crate::error::{
+    ConnectError, Disconnect, FlushError, PublishError, RecvError, RequestError, SubscribeError,
+};
 use crate::subscription::Subscription;
 
 /// How long to wait for the broker's answer to a handshake, subscribe or
@@ -381,7 +383,9 @@ impl Client {
             })?;
             match done {
                 None => Err(RequestError::Timeout(self.timeout)),
-                Some(QuerySlot { error: Some((code, message)), .. }) => Err(RequestError::Refused { code, message }),
+                Some(QuerySlot { error: Some((code, message)), .. }) => {
+                    Err(RequestError::Refused { code, message })
+                }
                 Some(slot) => Ok(slot.items),
             }
         })();

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use shmbus_proto::frame::{
-    decode_broker, encode_head_into, BrokerFrame, ErrorCode, GoodbyeCode, Limits, Op, QueryItemBody, Body,
+    decode_broker, encode_head_into, Body, BrokerFrame, ErrorCode, GoodbyeCode, Limits, Op, QueryItemBody,
 };
 use shmbus_proto::sys::socket::{self, OutPacket, PeerCred, RecvBatch};
 
@@ -104,7 +104,9 @@ impl Inner {
                 Err(e)
                     if matches!(
                         e.kind(),
-                        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::NotConnected
+                        io::ErrorKind::BrokenPipe
+                            | io::ErrorKind::ConnectionReset
+                            | io::ErrorKind::NotConnected
                     ) =>
                 {
                     return Err(RecvError::Disconnected(self.disconnect_reason()));
@@ -121,10 +123,11 @@ impl Inner {
             return d;
         }
         let _ = self.wait_for(Some(Instant::now()), |st| st.closed.clone());
-        self.state.lock().closed.clone().unwrap_or(Disconnect {
-            code: None,
-            reason: "the broker closed the connection".into(),
-        })
+        self.state
+            .lock()
+            .closed
+            .clone()
+            .unwrap_or(Disconnect { code: None, reason: "the broker closed the connection".into() })
     }
 
     /// Waits until `check` yields a value, reading from the socket as
@@ -238,7 +241,8 @@ impl Inner {
             }
             let (data, status, fds) = batch.packet(i);
             if data.is_empty() {
-                st.closed = Some(Disconnect { code: None, reason: "the broker closed the connection".into() });
+                st.closed =
+                    Some(Disconnect { code: None, reason: "the broker closed the connection".into() });
                 return;
             }
             if status.truncated || status.fds_truncated || !fds.is_empty() {
@@ -276,12 +280,15 @@ fn apply(st: &mut State, frame: BrokerFrame<'_>) {
             if q.local_missed > 0 {
                 q.events.push_back((arrival, Event::Gap { missed: std::mem::take(&mut q.local_missed) }));
             }
-            q.events.push_back((arrival, Event::Message(Message {
-                topic: d.topic.to_owned(),
-                sender: d.sender,
-                seq: d.seq,
-                payload: payload.to_vec(),
-            })));
+            q.events.push_back((
+                arrival,
+                Event::Message(Message {
+                    topic: d.topic.to_owned(),
+                    sender: d.sender,
+                    seq: d.seq,
+                    payload: payload.to_vec(),
+                }),
+            ));
         }
         BrokerFrame::Gap(g) => {
             if let Some(q) = st.subs.get_mut(&g.sub_id) {
@@ -308,7 +315,11 @@ fn apply(st: &mut State, frame: BrokerFrame<'_>) {
                 }
             }
             Op::Publish { seq } => {
-                st.refused_publishes.push(PublishRefused { seq, code: e.code, message: e.message.to_owned() });
+                st.refused_publishes.push(PublishRefused {
+                    seq,
+                    code: e.code,
+                    message: e.message.to_owned(),
+                });
             }
         },
         BrokerFrame::Pong(p) => {

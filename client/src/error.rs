@@ -113,9 +113,9 @@ pub enum PublishError {
 impl PublishError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            PublishError::InvalidSubject(_) | PublishError::PayloadTooLarge { .. } | PublishError::Encode(_) => {
-                ErrorKind::InvalidInput
-            }
+            PublishError::InvalidSubject(_)
+            | PublishError::PayloadTooLarge { .. }
+            | PublishError::Encode(_) => ErrorKind::InvalidInput,
             PublishError::Disconnected(d) => d.kind(),
             PublishError::Io(_) => ErrorKind::Io,
         }

@@ -36,5 +36,5 @@ pub use subscription::{Iter, Subscription};
 
 /// Wire-level types a client may need to name.
 pub use shmbus_proto::frame::{ClientInfo, ErrorCode, GoodbyeCode, Limits, Overflow, Stats, TopicInfo};
-pub use shmbus_proto::Address;
 pub use shmbus_proto::sys::socket::PeerCred;
+pub use shmbus_proto::Address;

@@ -38,7 +38,10 @@ impl Subscription {
     /// Waits up to `timeout` (`None`: forever) for the next event on any of
     /// `subs`, which must share one `Client`. Events come in the order the
     /// broker sent them. Returns the index of the subscription and the event.
-    pub fn recv_any(subs: &[&Subscription], timeout: Option<Duration>) -> Result<Option<(usize, Event)>, RecvError> {
+    pub fn recv_any(
+        subs: &[&Subscription],
+        timeout: Option<Duration>,
+    ) -> Result<Option<(usize, Event)>, RecvError> {
         let Some(first) = subs.first() else { return Ok(None) };
         if subs.iter().any(|s| !Arc::ptr_eq(&s.inner, &first.inner)) {
             return Err(RecvError::Io(std::io::Error::new(
@@ -48,11 +51,8 @@ impl Subscription {
         }
         let deadline = timeout.map(|t| Instant::now() + t);
         first.inner.wait_for(deadline, |st| {
-            let next = subs
-                .iter()
-                .enumerate()
-                .filter_map(|(i, s)| peek_arrival(st, s.id).map(|a| (a, i)))
-                .min()?;
+            let next =
+                subs.iter().enumerate().filter_map(|(i, s)| peek_arrival(st, s.id).map(|a| (a, i))).min()?;
             take_from(st, subs[next.1].id).map(|(_, ev)| (next.1, ev))
         })
     }

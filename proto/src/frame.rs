@@ -314,11 +314,19 @@ pub struct QueryEnd {
 /// Which operation an `OpError` answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
-    Subscribe { sub_id: u32 },
-    Unsubscribe { sub_id: u32 },
+    Subscribe {
+        sub_id: u32,
+    },
+    Unsubscribe {
+        sub_id: u32,
+    },
     /// `seq` is the publish count on the connection, as in `Deliver`.
-    Publish { seq: u64 },
-    Query { req_id: u32 },
+    Publish {
+        seq: u64,
+    },
+    Query {
+        req_id: u32,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -456,10 +464,7 @@ fn split(packet: &[u8]) -> Result<Raw<'_>, DecodeError> {
 fn body<'a, T: Deserialize<'a>>(kind: Kind, bytes: &'a [u8]) -> Result<T, DecodeError> {
     match postcard::take_from_bytes::<T>(bytes) {
         Ok((value, [])) => Ok(value),
-        Ok((_, rest)) => Err(DecodeError::Body {
-            kind,
-            detail: format!("{} trailing bytes", rest.len()),
-        }),
+        Ok((_, rest)) => Err(DecodeError::Body { kind, detail: format!("{} trailing bytes", rest.len()) }),
         Err(e) => Err(DecodeError::Body { kind, detail: e.to_string() }),
     }
 }

@@ -95,7 +95,10 @@ fn run(args: Args) -> Fallible<ExitCode> {
                 let rtt = client.ping()?;
                 let b = client.broker_cred();
                 if args.json {
-                    println!("{}", json!({"rtt_ns": rtt.as_nanos() as u64, "broker_pid": b.pid, "broker_uid": b.uid}));
+                    println!(
+                        "{}",
+                        json!({"rtt_ns": rtt.as_nanos() as u64, "broker_pid": b.pid, "broker_uid": b.uid})
+                    );
                 } else {
                     println!("pong in {rtt:?} (broker pid {}, uid {})", b.pid, b.uid);
                 }
@@ -107,7 +110,9 @@ fn run(args: Args) -> Fallible<ExitCode> {
         Cmd::Pub { topic, data, file, count } => {
             let payload = match (data, file) {
                 (Some(d), _) => d.clone().into_bytes(),
-                (None, Some(f)) => std::fs::read(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?,
+                (None, Some(f)) => {
+                    std::fs::read(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?
+                }
                 (None, None) => {
                     let mut v = Vec::new();
                     std::io::stdin().read_to_end(&mut v)?;
@@ -124,7 +129,13 @@ fn run(args: Args) -> Fallible<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn subscribe(client: &Client, patterns: &[String], count: Option<u64>, raw: bool, json: bool) -> Fallible<ExitCode> {
+fn subscribe(
+    client: &Client,
+    patterns: &[String],
+    count: Option<u64>,
+    raw: bool,
+    json: bool,
+) -> Fallible<ExitCode> {
     let mut subs = Vec::new();
     for p in patterns {
         subs.push(client.subscribe(p)?);
@@ -159,7 +170,8 @@ fn write_message(out: &mut impl Write, m: &Message, raw: bool, json: bool) -> st
     if json {
         let s = m.sender();
         let text = std::str::from_utf8(m.payload()).ok();
-        let hex: Option<String> = text.is_none().then(|| m.payload().iter().map(|b| format!("{b:02x}")).collect());
+        let hex: Option<String> =
+            text.is_none().then(|| m.payload().iter().map(|b| format!("{b:02x}")).collect());
         return writeln!(
             out,
             "{}",
@@ -176,7 +188,10 @@ fn write_message(out: &mut impl Write, m: &Message, raw: bool, json: bool) -> st
 /// UTF-8 text as is (control characters escaped); anything else escaped.
 fn printable(p: &[u8]) -> String {
     match std::str::from_utf8(p) {
-        Ok(s) => s.chars().flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect(),
+        Ok(s) => s
+            .chars()
+            .flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] })
+            .collect(),
         Err(_) => p.escape_ascii().to_string(),
     }
 }
@@ -193,7 +208,10 @@ fn print_stats(s: &Stats, json: bool) {
     println!("  messages out   {:>12}   ({} bytes)", s.msgs_out, s.bytes_out);
     println!("  dropped        {:>12}   (reported in {} gap notices)", s.dropped, s.gap_notices);
     println!("  connections    {:>12}   accepted, {} refused", s.connections_accepted, s.connections_refused);
-    println!("  disconnects    {:>12}   protocol errors, {} slow consumers", s.protocol_errors, s.slow_disconnects);
+    println!(
+        "  disconnects    {:>12}   protocol errors, {} slow consumers",
+        s.protocol_errors, s.slow_disconnects
+    );
 }
 
 fn print_clients(cs: &[ClientInfo], json: bool) {

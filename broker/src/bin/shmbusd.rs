@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use shmbus_proto::Address;
 use shmbus_broker::daemon::{self, Config};
+use shmbus_proto::Address;
 
 /// The shmbus broker: a local message bus over an abstract AF_UNIX
 /// SOCK_SEQPACKET socket.
@@ -48,11 +48,7 @@ fn main() -> ExitCode {
         .log_level
         .or_else(|| std::env::var("SHMBUS_LOG").ok().and_then(|s| s.parse().ok()))
         .unwrap_or(tracing::Level::WARN);
-    tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    tracing_subscriber::fmt().with_max_level(level).with_writer(std::io::stderr).with_target(false).init();
 
     let address = match (args.address, args.system) {
         (Some(a), _) => a,

@@ -88,7 +88,8 @@ impl OutQueue {
 
     /// Whether a data frame of `len` bytes fits under the soft bound.
     pub fn data_room(&self, len: usize) -> bool {
-        self.bytes + len as u64 <= self.limits.bytes && (self.frames.len() as u64) < u64::from(self.limits.frames)
+        self.bytes + len as u64 <= self.limits.bytes
+            && (self.frames.len() as u64) < u64::from(self.limits.frames)
     }
 
     fn push(&mut self, f: OutFrame) {

@@ -52,10 +52,7 @@ pub struct Conn {
 impl Conn {
     /// "client 4 (uid 1000, pid 77, comm foo)": how log lines name a peer.
     pub fn who(&self) -> String {
-        format!(
-            "client {} (uid {}, pid {}, comm {})",
-            self.id, self.cred.uid, self.cred.pid, self.command
-        )
+        format!("client {} (uid {}, pid {}, comm {})", self.id, self.cred.uid, self.cred.pid, self.command)
     }
 
     pub fn is_closing(&self) -> bool {

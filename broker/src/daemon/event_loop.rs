@@ -34,9 +34,9 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tracing::{debug, info, warn};
 
 use shmbus_proto::frame::{
-    decode_client, encode_head, ClientFrame, ClientInfo, Deliver, Goodbye, GoodbyeCode, Kind,
-    Limits, Op, OpError, ErrorCode, PayloadRef, Pong, QueryEnd, QueryItem, QueryItemBody,
-    QueryKind, Sender, Stats, Subscribed, TopicInfo, Welcome, PROTOCOL_VERSION, Body,
+    decode_client, encode_head, Body, ClientFrame, ClientInfo, Deliver, ErrorCode, Goodbye, GoodbyeCode,
+    Kind, Limits, Op, OpError, PayloadRef, Pong, QueryEnd, QueryItem, QueryItemBody, QueryKind, Sender,
+    Stats, Subscribed, TopicInfo, Welcome, PROTOCOL_VERSION,
 };
 use shmbus_proto::limits::{MAX_CLIENT_NAME, MAX_INLINE_PAYLOAD, MAX_PACKET};
 use shmbus_proto::subject::{validate_pattern, validate_subject};
@@ -112,11 +112,7 @@ impl Broker {
             None => socket::listen(&cfg.address, 1024)?,
         };
         let poll = Poll::new()?;
-        poll.registry().register(
-            &mut SourceFd(&listener.as_raw_fd()),
-            LISTENER,
-            Interest::READABLE,
-        )?;
+        poll.registry().register(&mut SourceFd(&listener.as_raw_fd()), LISTENER, Interest::READABLE)?;
         let stop = SignalPipe::new(&[SIGTERM, SIGINT])?;
         let hup = SignalPipe::new(&[SIGHUP])?;
         poll.registry().register(&mut SourceFd(&stop.read.as_raw_fd()), SIG_STOP, Interest::READABLE)?;
@@ -252,10 +248,7 @@ impl Broker {
         let command = command_of(cred.pid);
         if let Err(reason) = self.cfg.policy.admit(&cred) {
             self.counters.refused += 1;
-            warn!(
-                "refused connection from uid {} (pid {}, comm {}): {reason}",
-                cred.uid, cred.pid, command
-            );
+            warn!("refused connection from uid {} (pid {}, comm {}): {reason}", cred.uid, cred.pid, command);
             refuse(fd, &reason);
             return;
         }
@@ -266,11 +259,9 @@ impl Broker {
                 self.conns.len() - 1
             }
         };
-        if let Err(e) = self.poll.registry().register(
-            &mut SourceFd(&fd.as_raw_fd()),
-            Token(slot),
-            Interest::READABLE,
-        ) {
+        if let Err(e) =
+            self.poll.registry().register(&mut SourceFd(&fd.as_raw_fd()), Token(slot), Interest::READABLE)
+        {
             warn!("cannot watch a new connection: {e}");
             self.free.push(slot);
             return;
@@ -375,7 +366,8 @@ impl Broker {
         let state = conn.state;
         if !fds.is_empty() {
             // Fds are closed when `fds` drops, whatever happens below.
-            let declared = matches!(&frame, ClientFrame::Publish(p, _) if matches!(p.payload, PayloadRef::Memfd { .. }));
+            let declared =
+                matches!(&frame, ClientFrame::Publish(p, _) if matches!(p.payload, PayloadRef::Memfd { .. }));
             if !declared {
                 let what = frame_name(&frame);
                 return self.violation(slot, &format!("unexpected fd attached to a {what} frame"));
@@ -425,7 +417,13 @@ impl Broker {
 
     // ------------------------------------------------------------ frames --
 
-    fn subscribe(&mut self, slot: usize, sub_id: u32, pattern: &str, overflow: shmbus_proto::frame::Overflow) {
+    fn subscribe(
+        &mut self,
+        slot: usize,
+        sub_id: u32,
+        pattern: &str,
+        overflow: shmbus_proto::frame::Overflow,
+    ) {
         let max = self.cfg.max_subscriptions as usize;
         let Some(conn) = self.conn(slot) else { return };
         let op = Op::Subscribe { sub_id };
@@ -474,12 +472,8 @@ impl Broker {
         let Some(conn) = self.conn(slot) else { return };
         conn.published += 1;
         let seq = conn.published;
-        let sender = Sender {
-            client_id: conn.id,
-            uid: conn.cred.uid,
-            gid: conn.cred.gid,
-            pid: conn.cred.pid,
-        };
+        let sender =
+            Sender { client_id: conn.id, uid: conn.cred.uid, gid: conn.cred.gid, pid: conn.cred.pid };
         self.counters.msgs_in += 1;
         self.counters.bytes_in += payload.len() as u64;
         let op = Op::Publish { seq };
@@ -492,7 +486,12 @@ impl Broker {
             );
         }
         if let Err(e) = validate_subject(topic) {
-            return self.op_error(slot, op, ErrorCode::InvalidSubject, &format!("invalid subject {topic:?}: {e}"));
+            return self.op_error(
+                slot,
+                op,
+                ErrorCode::InvalidSubject,
+                &format!("invalid subject {topic:?}: {e}"),
+            );
         }
         if payload.len() > MAX_INLINE_PAYLOAD {
             return self.op_error(slot, op, ErrorCode::PayloadTooLarge, "inline payload too large");
@@ -682,15 +681,15 @@ impl Broker {
         let now = Instant::now();
         let mut keep = Vec::new();
         for slot in std::mem::take(&mut self.closing) {
-            match self.conns.get(slot).and_then(Option::as_ref).map(|c| c.state) {
-                Some(ConnState::Closing { deadline }) => {
-                    if self.conns[slot].as_ref().is_some_and(|c| c.queue.is_empty()) || now >= deadline {
-                        self.close(slot);
-                    } else {
-                        keep.push(slot);
-                    }
+            // A slot whose connection is gone (or was reused by a live one)
+            // simply leaves the list.
+            let Some(conn) = self.conns.get(slot).and_then(Option::as_ref) else { continue };
+            if let ConnState::Closing { deadline } = conn.state {
+                if conn.queue.is_empty() || now >= deadline {
+                    self.close(slot);
+                } else {
+                    keep.push(slot);
                 }
-                _ => {}
             }
         }
         self.closing = keep;
@@ -763,11 +762,7 @@ impl Broker {
             let frames: Vec<&OutFrame> = conn.queue.front(MAX_BATCH).collect();
             let packets: Vec<OutPacket<'_>> = frames
                 .iter()
-                .map(|f| OutPacket {
-                    head: &f.head,
-                    payload: f.payload.as_deref().unwrap_or(&[]),
-                    fds: &[],
-                })
+                .map(|f| OutPacket { head: &f.head, payload: f.payload.as_deref().unwrap_or(&[]), fds: &[] })
                 .collect();
             match socket::send_packets(conn.fd.as_fd(), &packets, true) {
                 Ok(n) => {
@@ -868,4 +863,3 @@ fn frame_name(f: &ClientFrame<'_>) -> &'static str {
         ClientFrame::Query(_) => "Query",
     }
 }
-

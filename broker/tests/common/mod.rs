@@ -21,10 +21,7 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 
 pub fn unique_address(tag: &str) -> String {
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
     format!("@shmbus-test-{tag}-{}-{n}-{nanos}", std::process::id())
 }
 
@@ -87,6 +84,23 @@ impl Broker {
     /// Number of open fds in the broker process.
     pub fn fd_count(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid())).unwrap().count()
+    }
+
+    /// The broker's fd count once it is idle: earlier probe connections
+    /// closed and nothing in flight.
+    pub fn baseline_fds(&self) -> usize {
+        self.client().ping().unwrap();
+        let mut last = self.fd_count();
+        let start = Instant::now();
+        loop {
+            std::thread::sleep(Duration::from_millis(50));
+            let now = self.fd_count();
+            if now == last {
+                return now;
+            }
+            assert!(start.elapsed() < PATIENCE, "broker fd count never settled");
+            last = now;
+        }
     }
 
     /// Waits until the broker's fd count is `want` (fds close a moment

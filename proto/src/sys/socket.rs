@@ -24,9 +24,7 @@ use std::io;
 use std::mem::{size_of, MaybeUninit};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
-use rustix::net::{
-    AddressFamily, SocketAddrUnix, SocketFlags, SocketType,
-};
+use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 
 use crate::address::Address;
 use crate::limits::{MAX_FDS_PER_PACKET, MAX_PACKET};
@@ -100,12 +98,7 @@ pub fn accept(listener: BorrowedFd<'_>) -> io::Result<Option<OwnedFd>> {
 
 /// A connected pair of SOCK_SEQPACKET sockets (blocking, CLOEXEC).
 pub fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
-    Ok(rustix::net::socketpair(
-        AddressFamily::UNIX,
-        SocketType::SEQPACKET,
-        SocketFlags::CLOEXEC,
-        None,
-    )?)
+    Ok(rustix::net::socketpair(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)?)
 }
 
 /// Credentials of the peer, as the kernel recorded them at connect (for a
@@ -145,7 +138,7 @@ pub struct OutPacket<'a> {
 
 /// Control-buffer room for the most fds one packet may carry, in u64 units
 /// so the buffer is aligned for `cmsghdr`.
-const CMSG_WORDS: usize = (cmsg_space(MAX_FDS_PER_PACKET) + 7) / 8;
+const CMSG_WORDS: usize = cmsg_space(MAX_FDS_PER_PACKET).div_ceil(8);
 
 const fn cmsg_space(nfds: usize) -> usize {
     // CMSG_SPACE(n) = CMSG_ALIGN(sizeof(cmsghdr)) + CMSG_ALIGN(n * 4) on
@@ -159,11 +152,7 @@ const fn cmsg_space(nfds: usize) -> usize {
 /// Sends up to [`MAX_BATCH`] packets with one `sendmmsg`. Returns how many
 /// were sent; each packet is sent whole or not at all (SOCK_SEQPACKET).
 /// With `nonblocking`, a full socket gives `WouldBlock` if none was sent.
-pub fn send_packets(
-    fd: BorrowedFd<'_>,
-    packets: &[OutPacket<'_>],
-    nonblocking: bool,
-) -> io::Result<usize> {
+pub fn send_packets(fd: BorrowedFd<'_>, packets: &[OutPacket<'_>], nonblocking: bool) -> io::Result<usize> {
     let n = packets.len().min(MAX_BATCH);
     if n == 0 {
         return Ok(0);
@@ -178,7 +167,8 @@ pub fn send_packets(
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many fds for one packet"));
         }
         iovs[2 * i].write(libc::iovec { iov_base: p.head.as_ptr() as *mut _, iov_len: p.head.len() });
-        iovs[2 * i + 1].write(libc::iovec { iov_base: p.payload.as_ptr() as *mut _, iov_len: p.payload.len() });
+        iovs[2 * i + 1]
+            .write(libc::iovec { iov_base: p.payload.as_ptr() as *mut _, iov_len: p.payload.len() });
         // SAFETY: all-zero is a valid (empty) mmsghdr.
         let hdr = hdrs[i].write(unsafe { std::mem::zeroed() });
         let h = &mut hdr.msg_hdr;
@@ -306,7 +296,13 @@ impl RecvBatch {
             // of the sizes given, alive and not otherwise borrowed until the
             // call returns.
             let r = unsafe {
-                libc::recvmmsg(fd.as_raw_fd(), hdrs.as_mut_ptr().cast(), n as u32, flags, std::ptr::null_mut())
+                libc::recvmmsg(
+                    fd.as_raw_fd(),
+                    hdrs.as_mut_ptr().cast(),
+                    n as u32,
+                    flags,
+                    std::ptr::null_mut(),
+                )
             };
             if r >= 0 {
                 break r as usize;
@@ -359,6 +355,7 @@ unsafe fn take_fds(m: &libc::msghdr, out: &mut Vec<OwnedFd>) {
     // filled, bounded by msg_controllen; each header's data is checked to
     // lie before `end` before it is read.
     unsafe {
+        #[allow(clippy::unnecessary_cast)] // msg_controllen is not usize on every libc
         let end = (m.msg_control as usize).saturating_add(m.msg_controllen as usize);
         let mut c = libc::CMSG_FIRSTHDR(m);
         while !c.is_null() {
