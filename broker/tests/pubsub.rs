@@ -335,3 +335,25 @@ fn client_fd_joins_an_external_event_loop() {
     let m = s.try_recv().unwrap().expect("readable means a frame is there").message().unwrap();
     assert_eq!(m.payload(), b"ring");
 }
+
+#[test]
+fn publish_many_sends_in_order_and_stops_at_a_bad_subject() {
+    let b = Broker::start("many");
+    let c = b.client();
+    let s = c.subscribe("m.>").unwrap();
+    let payloads: Vec<[u8; 4]> = (0..300u32).map(|i| i.to_le_bytes()).collect();
+    let topics: Vec<String> = (0..300).map(|i| format!("m.{}", i % 7)).collect();
+    c.publish_many(topics.iter().map(String::as_str).zip(payloads.iter().map(|p| &p[..]))).unwrap();
+    for i in 0..300u32 {
+        let m = next_message(&s);
+        assert_eq!((m.payload(), m.seq()), (&i.to_le_bytes()[..], u64::from(i) + 1));
+        assert_eq!(m.topic(), format!("m.{}", i % 7));
+    }
+    let err = c.publish_many([("m.ok", &b"1"[..]), ("m.*", &b"2"[..]), ("m.never", &b"3"[..])]).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput);
+    c.publish("m.after", b"4").unwrap();
+    // The one before the bad subject went out; nothing after it did.
+    assert_eq!(next_message(&s).payload(), b"1");
+    let m = next_message(&s);
+    assert_eq!((m.payload(), m.seq()), (&b"4"[..], 302));
+}

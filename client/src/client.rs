@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 
+use shmbus_proto::frame::encode_head_into;
 use shmbus_proto::frame::{
     decode_broker, encode_head, BrokerFrame, ClientInfo, Hello, Limits, Overflow, PayloadRef, Ping, Publish,
     Query, QueryItemBody, QueryKind, Stats, Subscribe, TopicInfo, PROTOCOL_VERSION,
 };
 use shmbus_proto::subject::{validate_pattern, validate_subject};
-use shmbus_proto::sys::socket::{self, OutPacket, PeerCred, RecvBatch};
+use shmbus_proto::sys::socket::{self, OutPacket, PeerCred, RecvBatch, MAX_BATCH};
 use shmbus_proto::Address;
 
 use crate::connection::{Inner, QuerySlot, SendState, State, SubQueue};
@@ -157,7 +158,7 @@ impl ConnectOptions {
             limits,
             broker,
             address: shown,
-            send: Mutex::new(SendState { head: Vec::with_capacity(256), published: 0 }),
+            send: Mutex::new(SendState { head: Vec::with_capacity(256), heads: Vec::new(), published: 0 }),
             state: Mutex::new(State { next_id: 1, local_limit: self.local_queue, ..State::default() }),
             reader: Mutex::new(None),
             cond: Condvar::new(),
@@ -277,6 +278,71 @@ impl Client {
             Err(RecvError::Disconnected(d)) => Err(PublishError::Disconnected(d)),
             Err(RecvError::Io(e)) => Err(PublishError::Io(e)),
         }
+    }
+
+    /// Publishes several messages with as few system calls as possible
+    /// (`sendmmsg`, up to 64 frames per call). Same semantics as calling
+    /// [`Client::publish`] for each, in order; on an error, the messages
+    /// before the failing one have been sent.
+    pub fn publish_many<'a>(
+        &self,
+        messages: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    ) -> Result<(), PublishError> {
+        let max = self.inner.limits.max_inline_payload as usize;
+        let mut s = self.inner.send.lock();
+        let mut heads = std::mem::take(&mut s.heads);
+        let mut payloads: Vec<&[u8]> = Vec::with_capacity(MAX_BATCH);
+        let mut result = Ok(());
+        let mut iter = messages.into_iter().peekable();
+        while iter.peek().is_some() && result.is_ok() {
+            payloads.clear();
+            for (topic, payload) in iter.by_ref() {
+                if let Err(e) = validate_subject(topic) {
+                    result = Err(e.into());
+                    break;
+                }
+                if payload.len() > max {
+                    result = Err(PublishError::PayloadTooLarge { len: payload.len(), max });
+                    break;
+                }
+                if heads.len() <= payloads.len() {
+                    heads.push(Vec::with_capacity(64));
+                }
+                let body = Publish { topic, payload: PayloadRef::Inline };
+                if let Err(e) = encode_head_into(&mut heads[payloads.len()], &body) {
+                    result = Err(PublishError::Encode(e.to_string()));
+                    break;
+                }
+                payloads.push(payload);
+                if payloads.len() == MAX_BATCH {
+                    break;
+                }
+            }
+            let packets: Vec<OutPacket<'_>> = heads
+                .iter()
+                .zip(&payloads)
+                .map(|(h, p)| OutPacket { head: h, payload: p, fds: &[] })
+                .collect();
+            let mut sent = 0;
+            while sent < packets.len() {
+                match socket::send_packets(self.inner.fd.as_fd(), &packets[sent..], false) {
+                    Ok(n) => {
+                        sent += n;
+                        s.published += n as u64;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        result = Err(match self.inner.send_error(e) {
+                            RecvError::Disconnected(d) => PublishError::Disconnected(d),
+                            RecvError::Io(e) => PublishError::Io(e),
+                        });
+                        break;
+                    }
+                }
+            }
+        }
+        s.heads = heads;
+        result
     }
 
     /// Publishes `value` encoded with postcard; read it back with

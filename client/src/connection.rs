@@ -70,6 +70,8 @@ pub(crate) struct State {
 
 pub(crate) struct SendState {
     pub head: Vec<u8>,
+    /// Encoded heads of a `publish_many` batch, reused between calls.
+    pub heads: Vec<Vec<u8>>,
     /// Publishes sent so far; the broker numbers them the same way.
     pub published: u64,
 }
@@ -113,6 +115,16 @@ impl Inner {
                 }
                 Err(e) => return Err(RecvError::Io(e)),
             }
+        }
+    }
+
+    /// Maps a send failure to what the caller is told.
+    pub fn send_error(&self, e: io::Error) -> RecvError {
+        match e.kind() {
+            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::NotConnected => {
+                RecvError::Disconnected(self.disconnect_reason())
+            }
+            _ => RecvError::Io(e),
         }
     }
 
@@ -195,13 +207,18 @@ impl Inner {
         loop {
             let r = match timeout {
                 None => batch.recv(self.fd.as_fd(), false),
-                Some(t) => {
-                    if t.is_zero() || socket::wait_readable(self.fd.as_fd(), Some(t))? {
-                        batch.recv(self.fd.as_fd(), true)
-                    } else {
-                        return Ok(false);
+                Some(t) => match batch.recv(self.fd.as_fd(), true) {
+                    // While frames keep coming, one syscall per batch; poll
+                    // only when the socket is empty.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && !t.is_zero() => {
+                        if socket::wait_readable(self.fd.as_fd(), Some(t))? {
+                            batch.recv(self.fd.as_fd(), true)
+                        } else {
+                            return Ok(false);
+                        }
                     }
-                }
+                    r => r,
+                },
             };
             match r {
                 Ok(n) => {
