@@ -35,6 +35,7 @@ fn main() {
         "__broker" => return helper_broker(&args[1]),
         "__echo-seqpacket" => return helper_echo_seqpacket(&args[1]),
         "__echo-pipe" => return helper_echo_pipe(),
+        "__relay" => return helper_relay(&args[1], &args[2]),
         "__echo-bus" => return helper_echo_bus(&args[1]),
         "__pub-seqpacket" => {
             return helper_pub_seqpacket(&args[1], args[2].parse().unwrap(), args[3].parse().unwrap())
@@ -248,8 +249,53 @@ fn helper_echo_bus(addr: &str) {
     }
 }
 
+fn connect_raw_retry(addr: &str) -> std::os::fd::OwnedFd {
+    let start = Instant::now();
+    loop {
+        match socket::connect(&Address::parse(addr).unwrap()) {
+            Ok(fd) => return fd,
+            Err(e) if start.elapsed() > Duration::from_secs(10) => panic!("cannot connect to {addr}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+/// A minimal broker stand-in: everything from one peer to another, batched
+/// both ways, with no decoding, routing or queueing. The floor for one
+/// brokered hop.
+fn helper_relay(listen_addr: &str, out_addr: &str) {
+    let out = connect_raw_retry(out_addr);
+    let listener = socket::listen(&Address::parse(listen_addr).unwrap(), 4).unwrap();
+    socket::set_nonblocking(listener.as_fd(), false).unwrap();
+    let input = rustix::net::accept(&listener).unwrap();
+    let mut batch = RecvBatch::new(32);
+    loop {
+        let n = match batch.recv(input.as_fd(), false) {
+            Ok(n) => n,
+            Err(_) => return,
+        };
+        let mut packets = Vec::with_capacity(n);
+        for i in 0..n {
+            let (data, _, _) = batch.packet(i);
+            if data.is_empty() {
+                return;
+            }
+            packets.push(data.to_vec());
+        }
+        let out_packets: Vec<OutPacket<'_>> =
+            packets.iter().map(|p| OutPacket { head: p, payload: &[], fds: &[] }).collect();
+        let mut sent = 0;
+        while sent < out_packets.len() {
+            match socket::send_packets(out.as_fd(), &out_packets[sent..], false) {
+                Ok(k) => sent += k,
+                Err(_) => return,
+            }
+        }
+    }
+}
+
 fn helper_pub_seqpacket(addr: &str, size: usize, count: u64) {
-    let fd = socket::connect(&Address::parse(addr).unwrap()).unwrap();
+    let fd = connect_raw_retry(addr);
     let payload = vec![0xa5u8; size];
     for _ in 0..count {
         socket::send_packet(fd.as_fd(), OutPacket { head: &payload, payload: &[], fds: &[] }, false).unwrap();
@@ -395,6 +441,28 @@ fn tp_seqpacket(size: usize) -> f64 {
     (n - 1) as f64 / start.unwrap().elapsed().as_secs_f64()
 }
 
+/// Raw seqpacket through a relay process that forwards in batches: the
+/// floor for a brokered hop (three processes, two hops, no bus logic).
+fn tp_relay(size: usize) -> f64 {
+    let n = count_for(size);
+    let out_addr = unique("relay-out");
+    let in_addr = unique("relay-in");
+    let listener = socket::listen(&Address::parse(&out_addr).unwrap(), 4).unwrap();
+    socket::set_nonblocking(listener.as_fd(), false).unwrap();
+    let _relay = Helper::spawn(&["__relay", &in_addr, &out_addr]);
+    let fd = rustix::net::accept(&listener).unwrap();
+    let _p = Helper::spawn(&["__pub-seqpacket", &in_addr, &size.to_string(), &n.to_string()]);
+    let mut batch = RecvBatch::new(64);
+    let mut got = 0u64;
+    let mut start = None;
+    while got < n {
+        let k = batch.recv(fd.as_fd(), false).unwrap();
+        start.get_or_insert_with(Instant::now);
+        got += k as u64;
+    }
+    (n - 1) as f64 / start.unwrap().elapsed().as_secs_f64()
+}
+
 /// Through the broker: publisher process → broker → this subscriber.
 /// Returns (delivered msgs/s, dropped).
 fn tp_broker(size: usize, batched: bool) -> (f64, u64) {
@@ -450,6 +518,7 @@ fn median3<T: Copy>(mut f: impl FnMut() -> (f64, T)) -> (f64, T) {
 fn throughput(report: &mut Report) {
     for size in [16usize, 1024, 16 * 1024] {
         let (floor, ()) = median3(|| (tp_seqpacket(size), ()));
+        let (relay, ()) = median3(|| (tp_relay(size), ()));
         let (bus, dropped) = median3(|| tp_broker(size, false));
         let (batched, batched_dropped) = median3(|| tp_broker(size, true));
         let note = |dropped: u64| {
@@ -461,6 +530,7 @@ fn throughput(report: &mut Report) {
         };
         for (path, rate, note) in [
             ("seqpacket_floor", floor, "median of 3".to_string()),
+            ("seqpacket_relay_floor", relay, "median of 3; pub → relay process → sub".to_string()),
             ("broker_pub_sub", bus, note(dropped)),
             ("broker_pub_many_sub", batched, note(batched_dropped)),
         ] {

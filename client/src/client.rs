@@ -160,7 +160,7 @@ impl ConnectOptions {
             address: shown,
             send: Mutex::new(SendState { head: Vec::with_capacity(256), heads: Vec::new(), published: 0 }),
             state: Mutex::new(State { next_id: 1, local_limit: self.local_queue, ..State::default() }),
-            reader: Mutex::new(None),
+            reader: Mutex::new(Default::default()),
             cond: Condvar::new(),
         };
         Ok(Client { inner: Arc::new(inner), timeout: self.timeout })

@@ -68,6 +68,15 @@ pub(crate) struct State {
     pub arrivals: u64,
 }
 
+/// What the reader keeps between batches.
+#[derive(Default)]
+pub(crate) struct ReaderState {
+    pub batch: Option<RecvBatch>,
+    /// The last batch filled every slot, so more is probably waiting: try
+    /// a non-blocking receive before paying for a poll.
+    pub backlog: bool,
+}
+
 pub(crate) struct SendState {
     pub head: Vec<u8>,
     /// Encoded heads of a `publish_many` batch, reused between calls.
@@ -84,7 +93,7 @@ pub(crate) struct Inner {
     pub address: String,
     pub send: Mutex<SendState>,
     pub state: Mutex<State>,
-    pub reader: Mutex<Option<RecvBatch>>,
+    pub reader: Mutex<ReaderState>,
     pub cond: Condvar,
 }
 
@@ -163,8 +172,7 @@ impl Inner {
             match self.reader.try_lock() {
                 Some(mut reader) => {
                     drop(st);
-                    let batch = reader.get_or_insert_with(|| RecvBatch::new(RECV_SLOTS));
-                    let got = self.read_once(batch, remaining);
+                    let got = self.read_once(&mut reader, remaining);
                     drop(reader);
                     let _st = self.state.lock();
                     self.cond.notify_all();
@@ -202,14 +210,14 @@ impl Inner {
 
     /// Receives one batch, waiting up to `timeout` for it (`None`: forever).
     /// Returns whether anything was received (or the connection closed).
-    fn read_once(&self, batch: &mut RecvBatch, timeout: Option<Duration>) -> io::Result<bool> {
+    fn read_once(&self, reader: &mut ReaderState, timeout: Option<Duration>) -> io::Result<bool> {
+        let backlog = reader.backlog;
+        let batch = reader.batch.get_or_insert_with(|| RecvBatch::new(RECV_SLOTS));
         let mut resets = 0;
         loop {
             let r = match timeout {
                 None => batch.recv(self.fd.as_fd(), false),
-                Some(t) => match batch.recv(self.fd.as_fd(), true) {
-                    // While frames keep coming, one syscall per batch; poll
-                    // only when the socket is empty.
+                Some(t) if t.is_zero() || backlog => match batch.recv(self.fd.as_fd(), true) {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock && !t.is_zero() => {
                         if socket::wait_readable(self.fd.as_fd(), Some(t))? {
                             batch.recv(self.fd.as_fd(), true)
@@ -219,10 +227,19 @@ impl Inner {
                     }
                     r => r,
                 },
+                // The socket was drained last time: poll first.
+                Some(t) => {
+                    if socket::wait_readable(self.fd.as_fd(), Some(t))? {
+                        batch.recv(self.fd.as_fd(), true)
+                    } else {
+                        return Ok(false);
+                    }
+                }
             };
             match r {
                 Ok(n) => {
                     self.dispatch(batch, n);
+                    reader.backlog = n == RECV_SLOTS;
                     return Ok(true);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
