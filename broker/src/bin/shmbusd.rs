@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use shmbus_broker::daemon::{self, Config};
+use shmbus_broker::daemon::{self, systemd, Config};
 use shmbus_proto::Address;
 
 /// The shmbus broker: a local message bus over an abstract AF_UNIX
@@ -61,7 +61,15 @@ fn main() -> ExitCode {
             }
         },
     };
+    raise_nofile_limit();
     let mut cfg = Config::new(address.clone());
+    match systemd::listener_from_env() {
+        Ok(fd) => cfg.listen_fd = fd,
+        Err(e) => {
+            eprintln!("shmbusd: socket activation: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     for uid in args.allow_uid {
         cfg.policy.allow_uid(uid);
     }
@@ -77,6 +85,19 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("shmbusd: cannot serve {address}: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// A broker holds one fd per client: raise the soft fd limit to the hard
+/// one, as systemd's `LimitNOFILE=` intends.
+fn raise_nofile_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut lim = getrlimit(Resource::Nofile);
+    if lim.current != lim.maximum {
+        lim.current = lim.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, lim) {
+            tracing::warn!("cannot raise the fd limit: {e}");
         }
     }
 }

@@ -45,6 +45,7 @@ use shmbus_proto::sys::socket::{self, OutPacket, RecvBatch, MAX_BATCH};
 use super::config::Config;
 use super::conn::{command_of, Conn, ConnState};
 use super::signals::SignalPipe;
+use super::systemd::Notifier;
 use crate::bus::queue::{offer, settle_gap, Offer, OutFrame, OutQueue, SubState};
 use crate::bus::router::{Router, SubKey};
 
@@ -103,12 +104,19 @@ struct Broker {
     stop: SignalPipe,
     hup: SignalPipe,
     shutdown_deadline: Option<Instant>,
+    notifier: Notifier,
 }
 
 impl Broker {
     fn new(mut cfg: Config) -> io::Result<Broker> {
         let listener = match cfg.listen_fd.take() {
-            Some(fd) => fd,
+            Some(fd) => {
+                // Passed in by a service manager: name it by what it is.
+                if let Ok(Some(a)) = socket::local_address(fd.as_fd()) {
+                    cfg.address = a;
+                }
+                fd
+            }
             None => socket::listen(&cfg.address, 1024)?,
         };
         let poll = Poll::new()?;
@@ -139,11 +147,25 @@ impl Broker {
             stop,
             hup,
             shutdown_deadline: None,
+            notifier: Notifier::from_env(),
         })
+    }
+
+    fn status_line(&self) -> String {
+        format!(
+            "{} clients, {} subscriptions on {} patterns; {} messages in, {} dropped",
+            self.live,
+            self.router.len(),
+            self.router.patterns().count(),
+            self.counters.msgs_in,
+            self.counters.dropped
+        )
     }
 
     fn serve(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(256);
+        let status = self.status_line();
+        self.notifier.ready(status);
         loop {
             let timeout = self.next_timeout();
             match self.poll.poll(&mut events, timeout) {
@@ -183,6 +205,11 @@ impl Broker {
             }
             self.flush_dirty();
             self.reap_closing();
+            if self.shutdown_deadline.is_none() {
+                let status = self.status_line();
+                self.notifier.set_status(status);
+            }
+            self.notifier.tick(Instant::now());
             if let Some(deadline) = self.shutdown_deadline {
                 if self.live == 0 || Instant::now() >= deadline {
                     let left = self.live;
@@ -202,6 +229,9 @@ impl Broker {
         }
         let now = Instant::now();
         let mut next: Option<Instant> = self.shutdown_deadline;
+        if let Some(t) = self.notifier.next_deadline() {
+            next = Some(next.map_or(t, |n| n.min(t)));
+        }
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
         if let Some(t) = self.accept_retry_at {
             consider(t);
@@ -700,6 +730,7 @@ impl Broker {
             return;
         }
         info!("shutting down: flushing {} connections", self.live);
+        self.notifier.stopping();
         if let Some(l) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut SourceFd(&l.as_raw_fd()));
         }

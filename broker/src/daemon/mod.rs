@@ -8,6 +8,7 @@ pub mod config;
 pub mod conn;
 pub mod event_loop;
 pub mod signals;
+pub mod systemd;
 
 pub use config::Config;
 pub use event_loop::run;

@@ -3,4 +3,5 @@
 //! with close-on-exec (and non-blocking where the caller asks) in the same
 //! call that makes it. This is one of the few places `unsafe` may live.
 
+pub mod activation;
 pub mod socket;

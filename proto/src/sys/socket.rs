@@ -112,6 +112,19 @@ pub fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<PeerCred> {
     })
 }
 
+/// The address a socket is bound to, if it is an AF_UNIX one with a name.
+pub fn local_address(fd: BorrowedFd<'_>) -> io::Result<Option<Address>> {
+    let any = rustix::net::getsockname(fd)?;
+    let Ok(unix) = SocketAddrUnix::try_from(any) else { return Ok(None) };
+    if let Some(name) = unix.abstract_name() {
+        return Ok(Some(Address::Abstract(name.to_vec())));
+    }
+    Ok(unix.path().map(|p| {
+        use std::os::unix::ffi::OsStrExt;
+        Address::Path(std::ffi::OsStr::from_bytes(p.to_bytes()).into())
+    }))
+}
+
 /// Whether `fd` is a listening SOCK_SEQPACKET socket.
 pub fn is_listening_seqpacket(fd: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(rustix::net::sockopt::socket_type(fd)? == SocketType::SEQPACKET

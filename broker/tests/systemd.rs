@@ -1,0 +1,275 @@
+//! systemd integration, without systemd as PID 1: the units are checked
+//! with `systemd-analyze`, and activation is driven by
+//! `systemd-socket-activate`, with a test-owned `NOTIFY_SOCKET`.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn units_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd")
+}
+
+fn tempdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "shmbus-{tag}-{}-{}",
+        std::process::id(),
+        unique_address("d").len()
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Copies units into `dir`, pointing ExecStart at the freshly built
+/// binary (verify checks that the command exists).
+fn stage_units(from: &Path, dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for name in ["shmbus.socket", "shmbus.service"] {
+        let text = std::fs::read_to_string(from.join(name)).unwrap();
+        let text = text.replace("/usr/local/bin/shmbusd", SHMBUSD);
+        let dst = dir.join(name);
+        std::fs::write(&dst, text).unwrap();
+        out.push(dst);
+    }
+    out
+}
+
+fn tool(name: &str) -> Command {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).exists()))
+        .unwrap_or(false);
+    assert!(found, "{name} is missing: install Debian's systemd package (.ci/run does)");
+    Command::new(name)
+}
+
+/// `systemd-analyze verify` exits 0 even on unknown keys, so the verdict is
+/// read from stderr: any line about our units is a failure.
+fn verify(user: bool, units: &[PathBuf], dir: &Path) -> Vec<String> {
+    let mut cmd = tool("systemd-analyze");
+    if user {
+        let rt = dir.join("xdg");
+        std::fs::create_dir_all(&rt).unwrap();
+        std::fs::set_permissions(&rt, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+        cmd.env("XDG_RUNTIME_DIR", rt).arg("--user");
+    }
+    cmd.arg("verify").args(units);
+    let out = run_bounded(cmd);
+    assert!(out.status.success(), "verify failed: {}", stderr(&out));
+    stderr(&out)
+        .lines()
+        .filter(|l| l.contains("shmbus") || l.contains(&*dir.to_string_lossy()))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn units_verify_without_complaints() {
+    let dir = tempdir("verify");
+    let sys = stage_units(&units_dir(), &dir);
+    assert_eq!(verify(false, &sys, &dir), Vec::<String>::new());
+    let udir = dir.join("user");
+    std::fs::create_dir_all(&udir).unwrap();
+    let user = stage_units(&units_dir().join("user"), &udir);
+    assert_eq!(verify(true, &user, &udir), Vec::<String>::new());
+
+    // The check itself works: a bad key is caught.
+    let mut text = std::fs::read_to_string(&sys[1]).unwrap();
+    text.push_str("\n[Service]\nListenSequentialPackets=@typo\n");
+    std::fs::write(&sys[1], text).unwrap();
+    let complaints = verify(false, &sys, &dir);
+    assert!(complaints.iter().any(|l| l.contains("ListenSequentialPackets")), "{complaints:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn units_are_what_the_issue_asks() {
+    let socket = std::fs::read_to_string(units_dir().join("shmbus.socket")).unwrap();
+    assert!(socket.contains("ListenSequentialPacket=@shmbus\n") && socket.contains("FileDescriptorName=bus"));
+    let user = std::fs::read_to_string(units_dir().join("user/shmbus.socket")).unwrap();
+    assert!(user.contains("ListenSequentialPacket=@shmbus.%U"));
+    let service = std::fs::read_to_string(units_dir().join("shmbus.service")).unwrap();
+    for key in [
+        "Type=notify",
+        "Sockets=shmbus.socket",
+        "LimitNOFILE=",
+        "Restart=on-failure",
+        "WatchdogSec=",
+        "RestrictAddressFamilies=AF_UNIX",
+        "MemoryDenyWriteExecute=yes",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "SystemCallFilter=",
+    ] {
+        assert!(service.contains(key), "shmbus.service lacks {key}");
+    }
+}
+
+#[test]
+fn system_service_exposure_is_ok() {
+    let dir = tempdir("security");
+    let units = stage_units(&units_dir(), &dir);
+    let mut cmd = tool("systemd-analyze");
+    cmd.args(["security", "--offline=true", "--no-pager"]).arg(&units[1]);
+    let out = run_bounded(cmd);
+    let text = stdout(&out) + &stderr(&out);
+    let line =
+        text.lines().find(|l| l.contains("Overall exposure level")).unwrap_or_else(|| panic!("{text}"));
+    let score: f64 = line
+        .split(':')
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("cannot read a score from {line:?}"));
+    assert!(score <= 2.0, "exposure {score} > 2.0: {line}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A test-owned NOTIFY_SOCKET.
+struct Notify {
+    sock: UnixDatagram,
+    path: PathBuf,
+}
+
+impl Notify {
+    fn new(dir: &Path) -> Notify {
+        let path = dir.join("notify.sock");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        Notify { sock, path }
+    }
+
+    /// Waits (bounded) for a datagram containing `needle`; returns it.
+    fn expect(&self, needle: &str) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        let mut buf = [0u8; 4096];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no {needle:?} from the broker");
+            self.sock.set_read_timeout(Some(left)).unwrap();
+            if let Ok(n) = self.sock.recv(&mut buf) {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if msg.lines().any(|l| l == needle || l.starts_with(needle)) {
+                    return msg;
+                }
+            }
+        }
+    }
+}
+
+fn activate(addr: &str, notify: &Notify, extra_env: &[&str], seqpacket: bool) -> ChildGuard {
+    let mut cmd = tool("systemd-socket-activate");
+    if seqpacket {
+        cmd.arg("--seqpacket");
+    }
+    cmd.args(["-l", addr, "--fdname=bus", "-E", "NOTIFY_SOCKET"]).env("NOTIFY_SOCKET", &notify.path);
+    for e in extra_env {
+        cmd.args(["-E", e]);
+    }
+    cmd.arg(SHMBUSD);
+    spawn_guarded(cmd)
+}
+
+fn connect_with_retry(addr: &str) -> shmbus::Client {
+    let start = Instant::now();
+    loop {
+        match shmbus::Client::connect_to(addr) {
+            Ok(c) => return c,
+            Err(e) if start.elapsed() > PATIENCE => panic!("cannot connect to {addr}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+#[test]
+fn socket_activation_serves_the_first_client_and_notifies() {
+    let dir = tempdir("activate");
+    let notify = Notify::new(&dir);
+    let addr = unique_address("act");
+    let mut guard = activate(&addr, &notify, &[], true);
+    // This connection is what starts the broker.
+    let c = connect_with_retry(&addr);
+    c.ping().unwrap();
+    let ready = notify.expect("READY=1");
+    assert!(ready.contains("STATUS="), "{ready}");
+    let st = c.stats().unwrap();
+    assert_eq!(st.address, addr, "the broker names the socket it was given");
+    assert_eq!(st.connections_accepted, 1);
+    // Status follows the client count.
+    let _s = c.subscribe("x.>").unwrap();
+    notify.expect("STATUS=1 clients, 1 subscriptions");
+    // Stopping is announced, and the exit is clean.
+    let pid = guard.0.as_ref().unwrap().id();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    notify.expect("STOPPING=1");
+    let status = wait_timeout(guard.0.as_mut().unwrap(), PATIENCE).expect("broker exits");
+    assert!(status.success(), "{status:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn watchdog_pings_arrive_from_the_loop() {
+    let dir = tempdir("watchdog");
+    let notify = Notify::new(&dir);
+    let addr = unique_address("wd");
+    let _guard = activate(&addr, &notify, &["WATCHDOG_USEC=200000"], true);
+    let c = connect_with_retry(&addr);
+    c.ping().unwrap();
+    notify.expect("READY=1");
+    let start = Instant::now();
+    for _ in 0..4 {
+        notify.expect("WATCHDOG=1");
+    }
+    // Four pings at 100 ms: not a flood, not a trickle.
+    assert!(start.elapsed() >= Duration::from_millis(250), "{:?}", start.elapsed());
+}
+
+#[test]
+fn a_passed_socket_of_the_wrong_type_is_refused() {
+    let dir = tempdir("wrongtype");
+    let notify = Notify::new(&dir);
+    let addr = unique_address("stream");
+    let guard = activate(&addr, &notify, &[], false);
+    // A stream connection starts the broker, which must refuse the socket.
+    use std::os::linux::net::SocketAddrExt;
+    let sa = std::os::unix::net::SocketAddr::from_abstract_name(&addr.as_bytes()[1..]).unwrap();
+    let start = Instant::now();
+    let _conn = loop {
+        match std::os::unix::net::UnixStream::connect_addr(&sa) {
+            Ok(c) => break c,
+            Err(e) if start.elapsed() > PATIENCE => panic!("{e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    let out = guard.wait_output();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("not a listening SOCK_SEQPACKET socket"), "{}", stderr(&out));
+}
+
+#[test]
+fn soft_fd_limit_is_raised_to_the_hard_one() {
+    let mut cmd = tool("prlimit");
+    let addr = unique_address("nofile");
+    cmd.args(["--nofile=256:4096", SHMBUSD, "--address", &addr]);
+    let guard = spawn_guarded(cmd);
+    let pid = guard.0.as_ref().unwrap().id();
+    let start = Instant::now();
+    loop {
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_default();
+        let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap_or("").to_owned();
+        let nums: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+        if nums == ["4096", "4096"] {
+            break;
+        }
+        assert!(start.elapsed() < PATIENCE, "limit not raised: {line:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
