@@ -19,9 +19,11 @@ use shmbus_proto::Address;
 
 use crate::connection::{Inner, QuerySlot, SendState, State, SubQueue};
 use crate::error::{
-    ConnectError, Disconnect, FlushError, PublishError, RecvError, RequestError, SubscribeError,
+    ConnectError, Disconnect, FlushError, LoanError, PublishError, RecvError, RequestError, SubscribeError,
 };
+use crate::loan::Loan;
 use crate::subscription::Subscription;
+use shmbus_proto::sys::memfd;
 
 /// How long to wait for the broker's answer to a handshake, subscribe or
 /// query unless told otherwise.
@@ -29,6 +31,12 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Default bound of each subscription's in-process queue, in messages.
 pub const DEFAULT_LOCAL_QUEUE: usize = 65_536;
+
+/// Payloads larger than this go by sealed memfd instead of inline, unless
+/// set otherwise with [`ConnectOptions::memfd_threshold`]. Chosen from the
+/// `payload` benchmark (see the README): below it, one copy through the
+/// socket is cheaper than creating, sealing and mapping a memfd.
+pub const DEFAULT_MEMFD_THRESHOLD: usize = 16 * 1024;
 
 /// Which broker uids this client trusts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +58,7 @@ pub struct ConnectOptions {
     trust: Trust,
     timeout: Duration,
     local_queue: usize,
+    memfd_threshold: usize,
 }
 
 impl Default for ConnectOptions {
@@ -61,6 +70,7 @@ impl Default for ConnectOptions {
             trust: Trust::RootOrSelf,
             timeout: DEFAULT_TIMEOUT,
             local_queue: DEFAULT_LOCAL_QUEUE,
+            memfd_threshold: DEFAULT_MEMFD_THRESHOLD,
         }
     }
 }
@@ -110,6 +120,13 @@ impl ConnectOptions {
     /// Deadline for the handshake and for acknowledged requests.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// `publish` sends payloads larger than this many bytes as a sealed
+    /// memfd (never more than the broker's inline limit, 64 KiB).
+    pub fn memfd_threshold(mut self, bytes: usize) -> Self {
+        self.memfd_threshold = bytes;
         self
     }
 
@@ -163,7 +180,8 @@ impl ConnectOptions {
             reader: Mutex::new(Default::default()),
             cond: Condvar::new(),
         };
-        Ok(Client { inner: Arc::new(inner), timeout: self.timeout })
+        let memfd_threshold = self.memfd_threshold.min(limits.max_inline_payload as usize);
+        Ok(Client { inner: Arc::new(inner), timeout: self.timeout, memfd_threshold })
     }
 }
 
@@ -213,6 +231,7 @@ fn program_name() -> String {
 pub struct Client {
     pub(crate) inner: Arc<Inner>,
     timeout: Duration,
+    memfd_threshold: usize,
 }
 
 impl std::fmt::Debug for Client {
@@ -260,10 +279,16 @@ impl Client {
         self.inner.broker
     }
 
-    /// Publishes `payload` to `topic`. Returns once the frame is handed to
+    /// Publishes `payload` to `topic`. Up to the memfd threshold it goes
+    /// inline; above, it is copied once into a sealed memfd that every
+    /// subscriber then maps (any size). Returns once the frame is handed to
     /// the kernel; a refusal by the broker comes back from [`Client::flush`].
     pub fn publish(&self, topic: &str, payload: &[u8]) -> Result<(), PublishError> {
         validate_subject(topic)?;
+        if payload.len() > self.memfd_threshold {
+            let fd = memfd::from_bytes("shmbus-payload", payload).map_err(PublishError::Memfd)?;
+            return self.send_memfd(topic, fd.as_fd(), payload.len() as u64);
+        }
         let max = self.inner.limits.max_inline_payload as usize;
         if payload.len() > max {
             return Err(PublishError::PayloadTooLarge { len: payload.len(), max });
@@ -271,6 +296,43 @@ impl Client {
         let mut s = self.inner.send.lock();
         let body = Publish { topic, payload: PayloadRef::Inline };
         match self.inner.send_locked(&mut s, &body, payload) {
+            Ok(()) => {
+                s.published += 1;
+                Ok(())
+            }
+            Err(RecvError::Disconnected(d)) => Err(PublishError::Disconnected(d)),
+            Err(RecvError::Io(e)) => Err(PublishError::Io(e)),
+        }
+    }
+
+    /// A writable shared-memory buffer of `len` bytes to fill in place and
+    /// send with [`Client::publish_loan`], without a copy.
+    pub fn loan(&self, len: usize) -> Result<Loan, LoanError> {
+        Loan::new(len)
+    }
+
+    /// Seals the loan and publishes it: subscribers map these very pages.
+    pub fn publish_loan(&self, topic: &str, loan: Loan) -> Result<(), PublishError> {
+        validate_subject(topic)?;
+        let (fd, len) = loan.seal().map_err(PublishError::Memfd)?;
+        self.send_memfd(topic, fd.as_fd(), len)
+    }
+
+    /// Publishes a memfd the caller already holds, which must carry the
+    /// shrink, grow, write and seal seals (e.g. from [`Message::into_fd`]).
+    /// The caller keeps its fd.
+    ///
+    /// [`Message::into_fd`]: crate::Message::into_fd
+    pub fn publish_fd(&self, topic: &str, fd: impl AsFd) -> Result<(), PublishError> {
+        validate_subject(topic)?;
+        let len = memfd::sealed_len(fd.as_fd())?;
+        self.send_memfd(topic, fd.as_fd(), len)
+    }
+
+    fn send_memfd(&self, topic: &str, fd: BorrowedFd<'_>, len: u64) -> Result<(), PublishError> {
+        let mut s = self.inner.send.lock();
+        let body = Publish { topic, payload: PayloadRef::Memfd { len } };
+        match self.inner.send_locked_with_fds(&mut s, &body, &[], &[fd]) {
             Ok(()) => {
                 s.published += 1;
                 Ok(())

@@ -20,18 +20,21 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
+use shmbus_proto::frame::PayloadRef;
 use shmbus_proto::frame::{
     decode_broker, encode_head_into, Body, BrokerFrame, ErrorCode, GoodbyeCode, Limits, Op, QueryItemBody,
 };
+use shmbus_proto::sys::memfd;
 use shmbus_proto::sys::socket::{self, OutPacket, PeerCred, RecvBatch};
+use std::sync::Arc;
 
 use crate::error::{Disconnect, PublishRefused, RecvError};
-use crate::message::{Event, Message};
+use crate::message::{Body as Payload, Event, MemfdPayload, Message};
 
 /// Packets per receive batch in a client.
 const RECV_SLOTS: usize = 64;
@@ -105,9 +108,19 @@ impl Inner {
     }
 
     pub fn send_locked<B: Body>(&self, s: &mut SendState, body: &B, payload: &[u8]) -> Result<(), RecvError> {
+        self.send_locked_with_fds(s, body, payload, &[])
+    }
+
+    pub fn send_locked_with_fds<B: Body>(
+        &self,
+        s: &mut SendState,
+        body: &B,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), RecvError> {
         encode_head_into(&mut s.head, body)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-        let packet = OutPacket { head: &s.head, payload, fds: &[] };
+        let packet = OutPacket { head: &s.head, payload, fds };
         loop {
             match socket::send_packet(self.fd.as_fd(), packet, false) {
                 Ok(()) => return Ok(()),
@@ -273,40 +286,77 @@ impl Inner {
             if st.closed.is_some() {
                 return;
             }
-            let (data, status, fds) = batch.packet(i);
+            let (data, status, mut fds) = batch.packet(i);
             if data.is_empty() {
                 st.closed =
                     Some(Disconnect { code: None, reason: "the broker closed the connection".into() });
                 return;
             }
-            if status.truncated || status.fds_truncated || !fds.is_empty() {
-                // `fds` is dropped, closing them.
+            if status.truncated || status.fds_truncated {
                 st.closed = Some(Disconnect {
                     code: Some(GoodbyeCode::ProtocolViolation),
-                    reason: "the broker sent a truncated packet or an unexpected fd".into(),
+                    reason: "the broker sent a truncated packet".into(),
                 });
                 return;
             }
-            match decode_broker(data) {
-                Ok(frame) => apply(&mut st, frame),
+            let frame = match decode_broker(data) {
+                Ok(f) => f,
                 Err(e) => {
                     st.closed = Some(Disconnect {
                         code: Some(GoodbyeCode::ProtocolViolation),
                         reason: format!("the broker sent an invalid frame: {e}"),
                     });
+                    return;
                 }
-            }
+            };
+            let memfd = match &frame {
+                BrokerFrame::Deliver(d, inline) => match d.payload {
+                    PayloadRef::Memfd { len } if fds.len() == 1 && inline.is_empty() => {
+                        let fd = fds.pop().expect("one fd");
+                        // Trust nothing, not even the broker: an fd that is not
+                        // a sealed memfd of the declared size never reaches
+                        // the app. Its loss is reported as a gap.
+                        match memfd::check_sealed(fd.as_fd(), len) {
+                            Ok(()) => Some(Ok(Arc::new(MemfdPayload::new(fd, len)))),
+                            Err(_) => Some(Err(())),
+                        }
+                    }
+                    PayloadRef::Memfd { .. } => Some(Err(())),
+                    PayloadRef::Inline if fds.is_empty() => None,
+                    PayloadRef::Inline => Some(Err(())),
+                },
+                _ if fds.is_empty() => None,
+                _ => {
+                    // `fds` drops here, closing them.
+                    st.closed = Some(Disconnect {
+                        code: Some(GoodbyeCode::ProtocolViolation),
+                        reason: "the broker sent an unexpected fd".into(),
+                    });
+                    return;
+                }
+            };
+            apply(&mut st, frame, memfd);
         }
     }
 }
 
-fn apply(st: &mut State, frame: BrokerFrame<'_>) {
+/// `memfd`: for a delivery by memfd, the checked payload, or `Err` if its
+/// fd failed the check (then the message is counted as missed).
+fn apply(st: &mut State, frame: BrokerFrame<'_>, memfd: Option<Result<Arc<MemfdPayload>, ()>>) {
     st.arrivals += 1;
     let arrival = st.arrivals;
     match frame {
         BrokerFrame::Deliver(d, payload) => {
             let limit = st.local_limit;
             let Some(q) = st.subs.get_mut(&d.sub_id) else { return };
+            let body = match memfd {
+                None => Payload::Inline(payload.to_vec()),
+                Some(Ok(m)) => Payload::Memfd(m),
+                Some(Err(())) => {
+                    q.local_missed += 1;
+                    return;
+                }
+            };
             if q.events.len() >= limit {
                 q.local_missed += 1;
                 return;
@@ -316,12 +366,7 @@ fn apply(st: &mut State, frame: BrokerFrame<'_>) {
             }
             q.events.push_back((
                 arrival,
-                Event::Message(Message {
-                    topic: d.topic.to_owned(),
-                    sender: d.sender,
-                    seq: d.seq,
-                    payload: payload.to_vec(),
-                }),
+                Event::Message(Message { topic: d.topic.to_owned(), sender: d.sender, seq: d.seq, body }),
             ));
         }
         BrokerFrame::Gap(g) => {

@@ -7,6 +7,7 @@ use std::io;
 use shmbus_proto::address::AddressError;
 use shmbus_proto::frame::{ErrorCode, GoodbyeCode};
 use shmbus_proto::subject::SubjectError;
+use shmbus_proto::sys::memfd::MemfdError;
 
 /// The class of an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,7 +59,12 @@ impl Disconnect {
 fn code_kind(code: ErrorCode) -> ErrorKind {
     match code {
         ErrorCode::InvalidSubject | ErrorCode::PayloadTooLarge => ErrorKind::InvalidInput,
-        ErrorCode::Denied | ErrorCode::FdRefused => ErrorKind::Denied,
+        ErrorCode::Denied
+        | ErrorCode::FdRefused
+        | ErrorCode::NotMemfd
+        | ErrorCode::NotSealed
+        | ErrorCode::SizeMismatch
+        | ErrorCode::WrongFdCount => ErrorKind::Denied,
         ErrorCode::LimitExceeded => ErrorKind::LimitExceeded,
         _ => ErrorKind::InvalidInput,
     }
@@ -100,6 +106,10 @@ impl ConnectError {
 pub enum PublishError {
     #[error("invalid subject: {0}")]
     InvalidSubject(#[from] SubjectError),
+    #[error("the payload fd is refused: {0}")]
+    Fd(#[from] MemfdError),
+    #[error("cannot put the payload in a memfd: {0}")]
+    Memfd(io::Error),
     #[error("payload of {len} bytes is over the {max}-byte inline limit")]
     PayloadTooLarge { len: usize, max: usize },
     #[error("cannot encode the value: {0}")]
@@ -115,7 +125,9 @@ impl PublishError {
         match self {
             PublishError::InvalidSubject(_)
             | PublishError::PayloadTooLarge { .. }
-            | PublishError::Encode(_) => ErrorKind::InvalidInput,
+            | PublishError::Encode(_)
+            | PublishError::Fd(_) => ErrorKind::InvalidInput,
+            PublishError::Memfd(_) => ErrorKind::Io,
             PublishError::Disconnected(d) => d.kind(),
             PublishError::Io(_) => ErrorKind::Io,
         }
@@ -231,5 +243,19 @@ impl From<RecvError> for SubscribeError {
             RecvError::Disconnected(d) => SubscribeError::Disconnected(d),
             RecvError::Io(e) => SubscribeError::Io(e),
         }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoanError {
+    #[error("cannot create a memfd: {0}")]
+    Create(io::Error),
+    #[error("cannot map the memfd: {0}")]
+    Map(io::Error),
+}
+
+impl LoanError {
+    pub fn kind(&self) -> ErrorKind {
+        ErrorKind::Io
     }
 }

@@ -23,15 +23,18 @@
 mod client;
 mod connection;
 mod error;
+mod loan;
 mod message;
 mod subscription;
 
-pub use client::{Client, ConnectOptions, DEFAULT_LOCAL_QUEUE, DEFAULT_TIMEOUT};
+pub use client::{Client, ConnectOptions, DEFAULT_LOCAL_QUEUE, DEFAULT_MEMFD_THRESHOLD, DEFAULT_TIMEOUT};
 pub use error::{
-    ConnectError, Disconnect, ErrorKind, FlushError, PublishError, PublishRefused, RecvError, RequestError,
-    SubscribeError,
+    ConnectError, Disconnect, ErrorKind, FlushError, LoanError, PublishError, PublishRefused, RecvError,
+    RequestError, SubscribeError,
 };
+pub use loan::Loan;
 pub use message::{Event, Message, Sender};
+pub use shmbus_proto::sys::memfd::MemfdError;
 pub use subscription::{Iter, Subscription};
 
 /// Wire-level types a client may need to name.

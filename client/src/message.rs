@@ -1,16 +1,55 @@
 //! What a subscription receives.
+//!
+//! A message's payload came either inline (copied out of the packet) or as
+//! a sealed memfd. Both read the same way, through [`Message::payload`]; a
+//! memfd is mapped read-only on first use and unmapped when the message
+//! drops, or handed on unmapped with [`Message::into_fd`].
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, OnceLock};
 
 use serde::de::DeserializeOwned;
+use shmbus_proto::sys::memfd::{self, MemfdError};
+use shmbus_proto::sys::mmap::MappedRo;
 
 pub use shmbus_proto::frame::Sender;
 
+/// A sealed memfd payload: checked on arrival, mapped on first read.
+#[derive(Debug)]
+pub(crate) struct MemfdPayload {
+    pub fd: OwnedFd,
+    pub len: u64,
+    map: OnceLock<Result<MappedRo, MemfdError>>,
+}
+
+impl MemfdPayload {
+    pub fn new(fd: OwnedFd, len: u64) -> MemfdPayload {
+        MemfdPayload { fd, len, map: OnceLock::new() }
+    }
+
+    fn bytes(&self) -> Result<&[u8], MemfdError> {
+        self.map
+            .get_or_init(|| MappedRo::map_sealed(self.fd.as_fd(), self.len, true))
+            .as_ref()
+            .map(MappedRo::as_slice)
+            .map_err(Clone::clone)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum Body {
+    Inline(Vec<u8>),
+    Memfd(Arc<MemfdPayload>),
+}
+
 /// One message, as routed by the broker.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Message {
     pub(crate) topic: String,
     pub(crate) sender: Sender,
     pub(crate) seq: u64,
-    pub(crate) payload: Vec<u8>,
+    pub(crate) body: Body,
 }
 
 impl Message {
@@ -31,28 +70,79 @@ impl Message {
         self.seq
     }
 
+    /// The payload bytes, however they travelled. A memfd payload is mapped
+    /// read-only (`PROT_READ`, `MAP_SHARED`) on the first call.
+    ///
+    /// # Panics
+    /// If mapping the memfd fails, which only happens when the process is
+    /// out of address space (like an allocation failure); use
+    /// [`Message::try_payload`] to handle that.
     pub fn payload(&self) -> &[u8] {
-        &self.payload
+        self.try_payload().unwrap_or_else(|e| panic!("cannot map a memfd payload: {e}"))
     }
 
+    /// [`Message::payload`], reporting a failed mapping instead of panicking.
+    pub fn try_payload(&self) -> Result<&[u8], MemfdError> {
+        match &self.body {
+            Body::Inline(v) => Ok(v),
+            Body::Memfd(m) => m.bytes(),
+        }
+    }
+
+    /// Payload length in bytes, without mapping anything.
+    pub fn len(&self) -> usize {
+        match &self.body {
+            Body::Inline(v) => v.len(),
+            Body::Memfd(m) => m.len as usize,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether the payload arrived as a sealed memfd.
+    pub fn is_memfd(&self) -> bool {
+        matches!(self.body, Body::Memfd(_))
+    }
+
+    /// The payload as a sealed memfd, without mapping it: the one that
+    /// arrived (duplicated if a clone of this message still holds it), or,
+    /// for an inline payload, a new sealed memfd holding its bytes. Pass it
+    /// on with [`crate::Client::publish_fd`].
+    pub fn into_fd(self) -> io::Result<OwnedFd> {
+        match self.body {
+            Body::Inline(v) => memfd::from_bytes("shmbus-payload", &v),
+            Body::Memfd(m) => match Arc::try_unwrap(m) {
+                Ok(m) => Ok(m.fd),
+                Err(shared) => shared.fd.try_clone(),
+            },
+        }
+    }
+
+    /// The payload as owned bytes (copied out of a memfd).
     pub fn into_payload(self) -> Vec<u8> {
-        self.payload
+        match self.body {
+            Body::Inline(v) => v,
+            Body::Memfd(_) => self.payload().to_vec(),
+        }
     }
 
     /// Decodes a payload written by [`crate::Client::publish_value`].
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, postcard::Error> {
-        postcard::from_bytes(&self.payload)
+        postcard::from_bytes(self.try_payload().map_err(|_| postcard::Error::DeserializeUnexpectedEnd)?)
     }
 }
 
 /// What a subscription yields.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Event {
     /// A message.
     Message(Message),
     /// `missed` messages for this subscription were dropped at this point of
     /// the stream because it fell behind (in the broker's queue, or in this
-    /// process's per-subscription buffer).
+    /// process's per-subscription buffer), or, for a memfd payload, because
+    /// it failed this client's own seal and size check.
     Gap { missed: u64 },
 }
 

@@ -340,6 +340,14 @@ pub enum ErrorCode {
     UnknownSubscription,
     DuplicateSubscription,
     Unsupported,
+    /// The attached fd is not a memfd.
+    NotMemfd,
+    /// The memfd lacks one of the required seals.
+    NotSealed,
+    /// The memfd's size is not the declared length.
+    SizeMismatch,
+    /// More (or fewer) fds were attached than the frame declares.
+    WrongFdCount,
 }
 
 /// A refused operation. The connection stays usable.

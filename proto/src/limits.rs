@@ -30,5 +30,15 @@ pub const DEFAULT_QUEUE_BYTES: u64 = 4 * 1024 * 1024;
 /// Default bound of one connection's outgoing queue, in frames.
 pub const DEFAULT_QUEUE_FRAMES: u32 = 8192;
 
+/// Default bound of one connection's outgoing queue, in memfd payloads.
+pub const DEFAULT_QUEUE_FDS: u32 = 256;
+
 /// Default number of subscriptions one connection may hold.
 pub const DEFAULT_MAX_SUBSCRIPTIONS: u32 = 4096;
+
+/// Default bytes of memfd payloads one uid may have held by the broker
+/// (queued for subscribers that have not yet received them).
+pub const DEFAULT_MEMFD_QUOTA_BYTES: u64 = 4 * 1024 * 1024 * 1024;
+
+/// Default number of memfd payloads one uid may have held by the broker.
+pub const DEFAULT_MEMFD_QUOTA_FDS: u32 = 4096;

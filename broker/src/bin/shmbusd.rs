@@ -33,9 +33,18 @@ struct Args {
     /// Bound of each connection's outgoing queue, in frames.
     #[arg(long, value_name = "N", default_value_t = shmbus_proto::limits::DEFAULT_QUEUE_FRAMES)]
     queue_frames: u32,
+    /// Bound of each connection's outgoing queue, in memfd payloads.
+    #[arg(long, value_name = "N", default_value_t = shmbus_proto::limits::DEFAULT_QUEUE_FDS)]
+    queue_fds: u32,
     /// Most subscriptions one connection may hold.
     #[arg(long, value_name = "N", default_value_t = shmbus_proto::limits::DEFAULT_MAX_SUBSCRIPTIONS)]
     max_subscriptions: u32,
+    /// Bytes of memfd payloads one uid may have queued in the broker.
+    #[arg(long, value_name = "BYTES", default_value_t = shmbus_proto::limits::DEFAULT_MEMFD_QUOTA_BYTES)]
+    memfd_quota_bytes: u64,
+    /// Memfd payloads one uid may have queued in the broker.
+    #[arg(long, value_name = "N", default_value_t = shmbus_proto::limits::DEFAULT_MEMFD_QUOTA_FDS)]
+    memfd_quota_fds: u32,
     /// Log level: error, warn (default), info, debug or trace. $SHMBUS_LOG
     /// sets it too.
     #[arg(long, value_name = "LEVEL")]
@@ -78,7 +87,10 @@ fn main() -> ExitCode {
     }
     cfg.queue.bytes = args.queue_bytes.max(1);
     cfg.queue.frames = args.queue_frames.max(1);
+    cfg.queue.fds = args.queue_fds.max(1);
     cfg.max_subscriptions = args.max_subscriptions;
+    cfg.quota.memfd_bytes = args.memfd_quota_bytes;
+    cfg.quota.memfd_fds = args.memfd_quota_fds;
     cfg.close_grace = Duration::from_secs(2);
     match daemon::run(cfg) {
         Ok(()) => ExitCode::SUCCESS,

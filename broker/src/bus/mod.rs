@@ -4,4 +4,5 @@
 
 pub mod policy;
 pub mod queue;
+pub mod quota;
 pub mod router;

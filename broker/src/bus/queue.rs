@@ -22,23 +22,40 @@
 //! No I/O here: the event loop hands this module frames and takes batches.
 
 use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
+use std::rc::Rc;
 use std::sync::Arc;
+
+use crate::bus::quota::Charge;
 
 use shmbus_proto::frame::{encode_head, Gap, Overflow};
 
+/// A sealed memfd payload held by the broker: the very fd the publisher
+/// sent, forwarded to every subscriber. It is closed, and its quota
+/// charge released, when the last queue holding it lets go.
+#[derive(Debug)]
+pub struct SharedFd {
+    pub fd: OwnedFd,
+    pub len: u64,
+    pub charge: Charge,
+}
+
 /// One frame waiting to be sent: an encoded head, and a payload shared by
-/// every subscriber it fans out to.
+/// every subscriber it fans out to (inline bytes, or a memfd).
 #[derive(Debug, Clone)]
 pub struct OutFrame {
     pub head: Vec<u8>,
     pub payload: Option<Arc<[u8]>>,
+    pub shared_fd: Option<Rc<SharedFd>>,
 }
 
 impl OutFrame {
     pub fn control(head: Vec<u8>) -> OutFrame {
-        OutFrame { head, payload: None }
+        OutFrame { head, payload: None, shared_fd: None }
     }
 
+    /// Bytes this frame costs the queue. A memfd payload's bytes are not
+    /// the queue's: they are counted against the publisher's uid quota.
     pub fn len(&self) -> usize {
         self.head.len() + self.payload.as_ref().map_or(0, |p| p.len())
     }
@@ -53,6 +70,10 @@ impl OutFrame {
 pub struct QueueLimits {
     pub bytes: u64,
     pub frames: u32,
+    /// Memfd payloads queued at once: a subscriber that does not read may
+    /// pin this many of them, and no more (beyond, its overflow policy
+    /// applies as for any other message).
+    pub fds: u32,
 }
 
 /// The hard bound is this many times the soft one.
@@ -66,12 +87,13 @@ pub struct Overfull;
 pub struct OutQueue {
     frames: VecDeque<OutFrame>,
     bytes: u64,
+    fds: u32,
     limits: QueueLimits,
 }
 
 impl OutQueue {
     pub fn new(limits: QueueLimits) -> OutQueue {
-        OutQueue { frames: VecDeque::new(), bytes: 0, limits }
+        OutQueue { frames: VecDeque::new(), bytes: 0, fds: 0, limits }
     }
 
     pub fn len(&self) -> usize {
@@ -92,8 +114,13 @@ impl OutQueue {
             && (self.frames.len() as u64) < u64::from(self.limits.frames)
     }
 
+    fn frame_room(&self, f: &OutFrame) -> bool {
+        self.data_room(f.len()) && (f.shared_fd.is_none() || self.fds < self.limits.fds)
+    }
+
     fn push(&mut self, f: OutFrame) {
         self.bytes += f.len() as u64;
+        self.fds += u32::from(f.shared_fd.is_some());
         self.frames.push_back(f);
     }
 
@@ -123,6 +150,7 @@ impl OutQueue {
     pub fn consume(&mut self, n: usize) {
         for f in self.frames.drain(..n.min(self.frames.len())) {
             self.bytes -= f.len() as u64;
+            self.fds -= u32::from(f.shared_fd.is_some());
         }
     }
 }
@@ -154,7 +182,7 @@ fn gap_frame(sub_id: u32, missed: u64) -> OutFrame {
 
 /// Offers a delivery for subscription `sub_id`.
 pub fn offer(queue: &mut OutQueue, sub_id: u32, sub: &mut SubState, frame: OutFrame) -> Offer {
-    if !queue.data_room(frame.len()) {
+    if !queue.frame_room(&frame) {
         return match sub.overflow {
             Overflow::Gap => {
                 sub.missed += 1;
@@ -193,7 +221,7 @@ mod tests {
     use shmbus_proto::frame::{decode_broker, BrokerFrame};
 
     fn data(n: u8) -> OutFrame {
-        OutFrame { head: vec![n; 10], payload: None }
+        OutFrame { head: vec![n; 10], payload: None, shared_fd: None }
     }
 
     fn sub(overflow: Overflow) -> SubState {
@@ -202,7 +230,7 @@ mod tests {
 
     #[test]
     fn gap_counts_exactly_and_sits_where_the_loss_was() {
-        let mut q = OutQueue::new(QueueLimits { bytes: 1 << 20, frames: 3 });
+        let mut q = OutQueue::new(QueueLimits { bytes: 1 << 20, frames: 3, fds: 1 });
         let mut s = sub(Overflow::Gap);
         for i in 0..3 {
             assert_eq!(offer(&mut q, 9, &mut s, data(i)), Offer::Queued { gap_sent: false });
@@ -225,7 +253,7 @@ mod tests {
 
     #[test]
     fn settle_gap_waits_for_room() {
-        let mut q = OutQueue::new(QueueLimits { bytes: 1 << 20, frames: 1 });
+        let mut q = OutQueue::new(QueueLimits { bytes: 1 << 20, frames: 1, fds: 1 });
         let mut s = sub(Overflow::Gap);
         offer(&mut q, 1, &mut s, data(0));
         offer(&mut q, 1, &mut s, data(1));
@@ -237,15 +265,40 @@ mod tests {
 
     #[test]
     fn disconnect_policy() {
-        let mut q = OutQueue::new(QueueLimits { bytes: 15, frames: 100 });
+        let mut q = OutQueue::new(QueueLimits { bytes: 15, frames: 100, fds: 1 });
         let mut s = sub(Overflow::Disconnect);
         assert_eq!(offer(&mut q, 1, &mut s, data(0)), Offer::Queued { gap_sent: false });
         assert_eq!(offer(&mut q, 1, &mut s, data(1)), Offer::Disconnect);
     }
 
     #[test]
+    fn memfd_frames_have_their_own_bound() {
+        use crate::bus::quota::{QuotaLimits, Quotas};
+        let mut quotas = Quotas::new(QuotaLimits { memfd_bytes: 1 << 30, memfd_fds: 100 });
+        let mut q = OutQueue::new(QueueLimits { bytes: 1 << 20, frames: 100, fds: 2 });
+        let mut s = sub(Overflow::Gap);
+        let fd_frame = |quotas: &mut Quotas| {
+            let shared = Rc::new(SharedFd {
+                fd: shmbus_proto::sys::memfd::from_bytes("t", b"x").unwrap(),
+                len: 1,
+                charge: quotas.charge(0, 1).unwrap(),
+            });
+            OutFrame { head: vec![0; 10], payload: None, shared_fd: Some(shared) }
+        };
+        assert_eq!(offer(&mut q, 1, &mut s, fd_frame(&mut quotas)), Offer::Queued { gap_sent: false });
+        assert_eq!(offer(&mut q, 1, &mut s, fd_frame(&mut quotas)), Offer::Queued { gap_sent: false });
+        assert_eq!(offer(&mut q, 1, &mut s, fd_frame(&mut quotas)), Offer::Dropped);
+        // Inline frames still fit.
+        assert_eq!(offer(&mut q, 1, &mut s, data(1)), Offer::Queued { gap_sent: true });
+        // The dropped frame's charge was released already; sent ones on consume.
+        assert_eq!(quotas.usage(0), (2, 2));
+        q.consume(4);
+        assert_eq!(quotas.usage(0), (0, 0));
+    }
+
+    #[test]
     fn control_frames_stop_at_the_hard_bound() {
-        let mut q = OutQueue::new(QueueLimits { bytes: 100, frames: 100 });
+        let mut q = OutQueue::new(QueueLimits { bytes: 100, frames: 100, fds: 1 });
         let mut pushed = 0;
         while q.push_control(data(0)).is_ok() {
             pushed += 1;

@@ -7,6 +7,7 @@ use shmbus_proto::Address;
 
 use crate::bus::policy::Policy;
 use crate::bus::queue::QueueLimits;
+use crate::bus::quota::QuotaLimits;
 
 #[derive(Debug)]
 pub struct Config {
@@ -17,6 +18,8 @@ pub struct Config {
     pub policy: Policy,
     pub queue: QueueLimits,
     pub max_subscriptions: u32,
+    /// Per-uid bounds on memfd payloads the broker holds.
+    pub quota: QuotaLimits,
     /// How long a connection being closed may take to flush its queue,
     /// and how long shutdown waits for all of them.
     pub close_grace: Duration,
@@ -31,8 +34,13 @@ impl Config {
             queue: QueueLimits {
                 bytes: shmbus_proto::limits::DEFAULT_QUEUE_BYTES,
                 frames: shmbus_proto::limits::DEFAULT_QUEUE_FRAMES,
+                fds: shmbus_proto::limits::DEFAULT_QUEUE_FDS,
             },
             max_subscriptions: shmbus_proto::limits::DEFAULT_MAX_SUBSCRIPTIONS,
+            quota: QuotaLimits {
+                memfd_bytes: shmbus_proto::limits::DEFAULT_MEMFD_QUOTA_BYTES,
+                memfd_fds: shmbus_proto::limits::DEFAULT_MEMFD_QUOTA_FDS,
+            },
             close_grace: Duration::from_secs(2),
         }
     }

@@ -24,7 +24,8 @@
 //! one log line, while everyone else goes on.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,13 +41,15 @@ use shmbus_proto::frame::{
 };
 use shmbus_proto::limits::{MAX_CLIENT_NAME, MAX_INLINE_PAYLOAD, MAX_PACKET};
 use shmbus_proto::subject::{validate_pattern, validate_subject};
+use shmbus_proto::sys::memfd::{self, MemfdError};
 use shmbus_proto::sys::socket::{self, OutPacket, RecvBatch, MAX_BATCH};
 
 use super::config::Config;
 use super::conn::{command_of, Conn, ConnState};
 use super::signals::SignalPipe;
 use super::systemd::Notifier;
-use crate::bus::queue::{offer, settle_gap, Offer, OutFrame, OutQueue, SubState};
+use crate::bus::queue::{offer, settle_gap, Offer, OutFrame, OutQueue, SharedFd, SubState};
+use crate::bus::quota::Quotas;
 use crate::bus::router::{Router, SubKey};
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -59,6 +62,8 @@ const READ_BUDGET: usize = 4;
 const RECV_SLOTS: usize = 32;
 /// Retry delay after accept failed for lack of fds.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// Retry delay after the kernel refused more fds in flight.
+const FLUSH_RETRY: Duration = Duration::from_millis(10);
 /// Byte budget for subscription patterns listed in one `ClientInfo`.
 const INFO_PATTERN_BUDGET: usize = 32 * 1024;
 
@@ -92,6 +97,7 @@ struct Broker {
     free: Vec<usize>,
     live: usize,
     router: Router,
+    quotas: Quotas,
     next_id: u64,
     started: Instant,
     counters: Counters,
@@ -101,6 +107,8 @@ struct Broker {
     read_again: Vec<usize>,
     closing: Vec<usize>,
     accept_retry_at: Option<Instant>,
+    flush_retry: Vec<usize>,
+    flush_retry_at: Option<Instant>,
     stop: SignalPipe,
     hup: SignalPipe,
     shutdown_deadline: Option<Instant>,
@@ -126,6 +134,7 @@ impl Broker {
         poll.registry().register(&mut SourceFd(&stop.read.as_raw_fd()), SIG_STOP, Interest::READABLE)?;
         poll.registry().register(&mut SourceFd(&hup.read.as_raw_fd()), SIG_HUP, Interest::READABLE)?;
         info!("listening on {}", cfg.address);
+        let quota = cfg.quota;
         Ok(Broker {
             poll,
             listener: Some(listener),
@@ -135,6 +144,7 @@ impl Broker {
             free: Vec::new(),
             live: 0,
             router: Router::new(),
+            quotas: Quotas::new(quota),
             next_id: 1,
             started: Instant::now(),
             counters: Counters::default(),
@@ -144,6 +154,8 @@ impl Broker {
             read_again: Vec::new(),
             closing: Vec::new(),
             accept_retry_at: None,
+            flush_retry: Vec::new(),
+            flush_retry_at: None,
             stop,
             hup,
             shutdown_deadline: None,
@@ -203,6 +215,12 @@ impl Broker {
             for slot in std::mem::take(&mut self.read_again) {
                 self.read_conn(slot);
             }
+            if self.flush_retry_at.is_some_and(|t| Instant::now() >= t) {
+                self.flush_retry_at = None;
+                for slot in std::mem::take(&mut self.flush_retry) {
+                    self.mark_dirty(slot);
+                }
+            }
             self.flush_dirty();
             self.reap_closing();
             if self.shutdown_deadline.is_none() {
@@ -234,6 +252,9 @@ impl Broker {
         }
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
         if let Some(t) = self.accept_retry_at {
+            consider(t);
+        }
+        if let Some(t) = self.flush_retry_at {
             consider(t);
         }
         for &slot in &self.closing {
@@ -437,7 +458,7 @@ impl Broker {
             (_, ClientFrame::Hello(_)) => self.violation(slot, "second Hello"),
             (_, ClientFrame::Subscribe(s)) => self.subscribe(slot, s.sub_id, s.pattern, s.overflow),
             (_, ClientFrame::Unsubscribe(u)) => self.unsubscribe(slot, u.sub_id),
-            (_, ClientFrame::Publish(p, payload)) => self.publish(slot, p.topic, p.payload, payload),
+            (_, ClientFrame::Publish(p, payload)) => self.publish(slot, p.topic, p.payload, payload, fds),
             (_, ClientFrame::Ping(p)) => {
                 self.control(slot, &Pong { token: p.token });
             }
@@ -498,23 +519,54 @@ impl Broker {
         }
     }
 
-    fn publish(&mut self, slot: usize, topic: &str, payload_ref: PayloadRef, payload: &[u8]) {
+    fn publish(
+        &mut self,
+        slot: usize,
+        topic: &str,
+        payload_ref: PayloadRef,
+        payload: &[u8],
+        mut fds: Vec<OwnedFd>,
+    ) {
         let Some(conn) = self.conn(slot) else { return };
         conn.published += 1;
         let seq = conn.published;
         let sender =
             Sender { client_id: conn.id, uid: conn.cred.uid, gid: conn.cred.gid, pid: conn.cred.pid };
         self.counters.msgs_in += 1;
-        self.counters.bytes_in += payload.len() as u64;
         let op = Op::Publish { seq };
-        if let PayloadRef::Memfd { .. } = payload_ref {
-            return self.op_error(
-                slot,
-                op,
-                ErrorCode::FdRefused,
-                "memfd payloads are not accepted by this broker version; the fd was closed",
-            );
-        }
+        // Every refusal below drops `fds`, closing them.
+        let shared = match payload_ref {
+            PayloadRef::Inline => {
+                self.counters.bytes_in += payload.len() as u64;
+                None
+            }
+            PayloadRef::Memfd { len } => {
+                self.counters.bytes_in += len;
+                if fds.len() != 1 {
+                    let msg = format!("a memfd publish carries exactly 1 fd; {} were attached", fds.len());
+                    return self.op_error(slot, op, ErrorCode::WrongFdCount, &msg);
+                }
+                if !payload.is_empty() {
+                    let msg = "a memfd publish carries no inline bytes";
+                    return self.op_error(slot, op, ErrorCode::Unsupported, msg);
+                }
+                let fd = fds.pop().expect("one fd, checked above");
+                if let Err(e) = memfd::check_sealed(fd.as_fd(), len) {
+                    let code = match e {
+                        MemfdError::NotMemfd => ErrorCode::NotMemfd,
+                        MemfdError::NotSealed => ErrorCode::NotSealed,
+                        MemfdError::SizeMismatch { .. } => ErrorCode::SizeMismatch,
+                        MemfdError::Io(_) => ErrorCode::FdRefused,
+                    };
+                    return self.op_error(slot, op, code, &format!("fd refused: {e}"));
+                }
+                let charge = match self.quotas.charge(sender.uid, len) {
+                    Ok(c) => c,
+                    Err(e) => return self.op_error(slot, op, ErrorCode::LimitExceeded, &e.to_string()),
+                };
+                Some(Rc::new(SharedFd { fd, len, charge }))
+            }
+        };
         if let Err(e) = validate_subject(topic) {
             return self.op_error(
                 slot,
@@ -530,14 +582,17 @@ impl Broker {
         matches.clear();
         self.router.matches(topic, &mut matches);
         if !matches.is_empty() {
-            let shared: Option<Arc<[u8]>> = (!payload.is_empty()).then(|| Arc::from(payload));
+            let inline: Option<Arc<[u8]>> = (!payload.is_empty()).then(|| Arc::from(payload));
             for &(target, sub_id) in &matches {
-                self.deliver(target, sub_id, topic, sender, seq, &shared);
+                self.deliver(target, sub_id, topic, sender, seq, payload_ref, &inline, &shared);
             }
         }
         self.matches = matches;
+        // If nobody matched (or every queue dropped it), `shared` goes here:
+        // the fd is closed and the charge released.
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn deliver(
         &mut self,
         target: usize,
@@ -545,11 +600,13 @@ impl Broker {
         topic: &str,
         sender: Sender,
         seq: u64,
-        payload: &Option<Arc<[u8]>>,
+        payload_ref: PayloadRef,
+        inline: &Option<Arc<[u8]>>,
+        shared: &Option<Rc<SharedFd>>,
     ) {
-        let d = Deliver { sub_id, topic, sender, seq, payload: PayloadRef::Inline };
+        let d = Deliver { sub_id, topic, sender, seq, payload: payload_ref };
         let Ok(head) = encode_head(&d) else { return };
-        let frame = OutFrame { head, payload: payload.clone() };
+        let frame = OutFrame { head, payload: inline.clone(), shared_fd: shared.clone() };
         let Some(conn) = self.conns.get_mut(target).and_then(Option::as_mut) else { return };
         if conn.is_closing() {
             return;
@@ -791,9 +848,16 @@ impl Broker {
                 return;
             }
             let frames: Vec<&OutFrame> = conn.queue.front(MAX_BATCH).collect();
+            let fds: Vec<Option<BorrowedFd<'_>>> =
+                frames.iter().map(|f| f.shared_fd.as_ref().map(|s| s.fd.as_fd())).collect();
             let packets: Vec<OutPacket<'_>> = frames
                 .iter()
-                .map(|f| OutPacket { head: &f.head, payload: f.payload.as_deref().unwrap_or(&[]), fds: &[] })
+                .zip(&fds)
+                .map(|(f, fd)| OutPacket {
+                    head: &f.head,
+                    payload: f.payload.as_deref().unwrap_or(&[]),
+                    fds: fd.as_ref().map_or(&[][..], std::slice::from_ref),
+                })
                 .collect();
             match socket::send_packets(conn.fd.as_fd(), &packets, true) {
                 Ok(n) => {
@@ -803,14 +867,28 @@ impl Broker {
                         if f.head.get(3) == Some(&(Kind::Deliver as u8)) {
                             delivered += 1;
                             bytes += f.payload.as_ref().map_or(0, |p| p.len()) as u64;
+                            bytes += f.shared_fd.as_ref().map_or(0, |s| s.len);
                         }
                     }
                     drop(packets);
+                    drop(fds);
                     drop(frames);
                     conn.msgs_out += delivered;
                     self.counters.msgs_out += delivered;
                     self.counters.bytes_out += bytes;
                     conn.queue.consume(n);
+                }
+                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::TOOMANYREFS.raw_os_error()) => {
+                    // The kernel caps the fds this process has in flight in
+                    // all its sockets (RLIMIT_NOFILE): some subscriber is not
+                    // reading its memfds. Not this connection's fault; retry
+                    // shortly rather than drop it.
+                    drop(packets);
+                    drop(fds);
+                    drop(frames);
+                    self.flush_retry_at = Some(Instant::now() + FLUSH_RETRY);
+                    self.flush_retry.push(slot);
+                    return;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // Socket full: resume on the writable edge.
@@ -826,6 +904,7 @@ impl Broker {
                 }
                 Err(e) => {
                     drop(packets);
+                    drop(fds);
                     drop(frames);
                     debug!("{}: send failed: {e}", conn.who());
                     self.close(slot);

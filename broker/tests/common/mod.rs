@@ -247,3 +247,71 @@ pub fn stdout(o: &Output) -> String {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+// ------------------------------------------------- a raw protocol peer --
+
+use std::os::fd::{AsFd, OwnedFd};
+
+use shmbus_proto::frame::{decode_broker, encode_head, BrokerFrame, GoodbyeCode, Hello, PROTOCOL_VERSION};
+use shmbus_proto::sys::socket::{self, OutPacket, RecvBatch};
+
+/// A client that speaks the wire protocol by hand, to misbehave on purpose.
+pub struct Raw {
+    pub fd: OwnedFd,
+    batch: RecvBatch,
+}
+
+impl Raw {
+    pub fn connect(b: &Broker) -> Raw {
+        let addr = shmbus::Address::parse(&b.address).unwrap();
+        Raw { fd: socket::connect(&addr).unwrap(), batch: RecvBatch::new(1) }
+    }
+
+    pub fn hello(b: &Broker) -> Raw {
+        let mut r = Raw::connect(b);
+        r.send(&encode_head(&Hello { version: PROTOCOL_VERSION.into(), name: "raw" }).unwrap(), &[]);
+        match r.recv() {
+            Some(BrokerFrame::Welcome(_)) => {}
+            other => panic!("{other:?}"),
+        }
+        r
+    }
+
+    pub fn send(&self, bytes: &[u8], fds: &[std::os::fd::BorrowedFd<'_>]) {
+        // The broker may already have closed us; that is fine.
+        let _ = socket::send_packet(self.fd.as_fd(), OutPacket { head: bytes, payload: &[], fds }, false);
+    }
+
+    /// Next frame, or None at end of stream. Bounded.
+    pub fn recv(&mut self) -> Option<BrokerFrame<'_>> {
+        let mut resets = 0;
+        loop {
+            assert!(socket::wait_readable(self.fd.as_fd(), Some(PATIENCE)).unwrap(), "broker went silent");
+            match self.batch.recv(self.fd.as_fd(), true) {
+                Ok(_) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && resets < 2 => resets += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let (data, _, fds) = self.batch.packet(0);
+        assert!(fds.is_empty(), "the broker must not send fds");
+        if data.is_empty() {
+            return None;
+        }
+        Some(decode_broker(data).expect("the broker sends valid frames"))
+    }
+
+    /// Expects a goodbye with `code` whose reason contains `needle`, then EOF.
+    pub fn expect_goodbye(&mut self, code: GoodbyeCode, needle: &str) {
+        match self.recv() {
+            Some(BrokerFrame::Goodbye(g)) => {
+                assert_eq!(g.code, code, "{}", g.reason);
+                assert!(g.reason.contains(needle), "reason {:?} lacks {needle:?}", g.reason);
+            }
+            other => panic!("expected a goodbye, got {other:?}"),
+        }
+        assert!(self.recv().is_none(), "the connection must be closed after a goodbye");
+    }
+}

@@ -4,4 +4,6 @@
 //! call that makes it. This is one of the few places `unsafe` may live.
 
 pub mod activation;
+pub mod memfd;
+pub mod mmap;
 pub mod socket;

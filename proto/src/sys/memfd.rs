@@ -1,0 +1,150 @@
+//! Memfds and seals: how a large payload becomes immutable before it
+//! crosses a process boundary.
+//!
+//! Model: the publisher creates a memfd (close-on-exec, sealing allowed,
+//! never executable where the kernel supports `MFD_NOEXEC_SEAL`), sizes and
+//! fills it, drops every writable mapping, then adds [`REQUIRED_SEALS`].
+//! From then on nobody — not the publisher, not a subscriber — can change,
+//! grow or shrink its contents, so a reader may map it and trust that the
+//! bytes stay put and the mapping never faults past the end.
+//!
+//! Receivers (the broker, then each client) call [`check_sealed`] before
+//! they trust or map an fd: it must be a memfd, carry all the seals, and be
+//! exactly the declared size. Everything here goes through rustix and is
+//! safe code; mapping lives in [`crate::sys::mmap`].
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+use rustix::fs::{FallocateFlags, MemfdFlags, SealFlags};
+
+/// The seals every shared payload carries: no shrinking, no growing, no
+/// writing, and no changing the seals.
+pub const REQUIRED_SEALS: SealFlags =
+    SealFlags::SHRINK.union(SealFlags::GROW).union(SealFlags::WRITE).union(SealFlags::SEAL);
+
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+
+/// Creates an empty memfd of `len` bytes, with its pages allocated up front
+/// (`fallocate`) so filling it does not fault page by page.
+pub fn create(name: &str, len: u64) -> io::Result<OwnedFd> {
+    let base = MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING;
+    let fd = match rustix::fs::memfd_create(name, base | MemfdFlags::NOEXEC_SEAL) {
+        Ok(fd) => fd,
+        // Kernels before 6.3 do not know MFD_NOEXEC_SEAL.
+        Err(rustix::io::Errno::INVAL) => rustix::fs::memfd_create(name, base)?,
+        Err(e) => return Err(e.into()),
+    };
+    rustix::fs::ftruncate(&fd, len)?;
+    if len > 0 {
+        // Best effort: on failure the pages are allocated on first touch.
+        let _ = rustix::fs::fallocate(&fd, FallocateFlags::KEEP_SIZE, 0, len);
+    }
+    Ok(fd)
+}
+
+/// Creates a sealed memfd holding `bytes` (written with `write(2)`, which
+/// copies straight into the page cache).
+pub fn from_bytes(name: &str, bytes: &[u8]) -> io::Result<OwnedFd> {
+    let fd = create(name, bytes.len() as u64)?;
+    let mut off = 0usize;
+    while off < bytes.len() {
+        match rustix::io::pwrite(&fd, &bytes[off..], off as u64) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => off += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    seal(fd.as_fd())?;
+    Ok(fd)
+}
+
+/// Adds [`REQUIRED_SEALS`]. Fails with `EBUSY` while a writable shared
+/// mapping of the memfd exists.
+pub fn seal(fd: BorrowedFd<'_>) -> io::Result<()> {
+    rustix::fs::fcntl_add_seals(fd, REQUIRED_SEALS)?;
+    Ok(())
+}
+
+/// Why an fd is not an acceptable payload.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MemfdError {
+    #[error("not a memfd")]
+    NotMemfd,
+    #[error("memfd is not sealed (needs shrink, grow, write and seal seals)")]
+    NotSealed,
+    #[error("memfd holds {actual} bytes, {declared} were declared")]
+    SizeMismatch { declared: u64, actual: u64 },
+    #[error("cannot inspect the fd: {0}")]
+    Io(String),
+}
+
+/// Checks that `fd` is a memfd carrying [`REQUIRED_SEALS`] and exactly
+/// `declared` bytes long.
+pub fn check_sealed(fd: BorrowedFd<'_>, declared: u64) -> Result<(), MemfdError> {
+    let actual = sealed_len(fd)?;
+    if actual != declared {
+        return Err(MemfdError::SizeMismatch { declared, actual });
+    }
+    Ok(())
+}
+
+/// The size of a memfd carrying [`REQUIRED_SEALS`].
+pub fn sealed_len(fd: BorrowedFd<'_>) -> Result<u64, MemfdError> {
+    let io = |e: rustix::io::Errno| MemfdError::Io(e.to_string());
+    let fs = rustix::fs::fstatfs(fd).map_err(io)?;
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between libcs
+    let magic = fs.f_type as i64;
+    if magic != TMPFS_MAGIC && magic != HUGETLBFS_MAGIC {
+        return Err(MemfdError::NotMemfd);
+    }
+    // A tmpfs file opened by path is shmem too; only memfd_create names
+    // its files "memfd:…". Without /proc (unusual) the seal check below
+    // still refuses such a file, since it cannot carry the write seal.
+    if let Ok(target) = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())) {
+        if !target.to_string_lossy().starts_with("/memfd:") {
+            return Err(MemfdError::NotMemfd);
+        }
+    }
+    let seals = match rustix::fs::fcntl_get_seals(fd) {
+        Ok(s) => s,
+        Err(rustix::io::Errno::INVAL) => return Err(MemfdError::NotMemfd),
+        Err(e) => return Err(io(e)),
+    };
+    if !seals.contains(REQUIRED_SEALS) {
+        return Err(MemfdError::NotSealed);
+    }
+    let st = rustix::fs::fstat(fd).map_err(io)?;
+    Ok(st.st_size as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_memfd_passes_and_cannot_change() {
+        let fd = from_bytes("t", b"hello").unwrap();
+        check_sealed(fd.as_fd(), 5).unwrap();
+        assert_eq!(check_sealed(fd.as_fd(), 6), Err(MemfdError::SizeMismatch { declared: 6, actual: 5 }));
+        assert!(rustix::io::pwrite(&fd, b"x", 0).is_err(), "write seal holds");
+        assert!(rustix::fs::ftruncate(&fd, 1).is_err(), "shrink seal holds");
+        assert!(rustix::fs::ftruncate(&fd, 100).is_err(), "grow seal holds");
+    }
+
+    #[test]
+    fn refusals() {
+        let unsealed = create("t", 10).unwrap();
+        assert_eq!(check_sealed(unsealed.as_fd(), 10), Err(MemfdError::NotSealed));
+        let (a, _b) = crate::sys::socket::pair().unwrap();
+        assert_eq!(check_sealed(a.as_fd(), 0), Err(MemfdError::NotMemfd));
+        let (r, _w) = rustix::pipe::pipe().unwrap();
+        assert_eq!(check_sealed(r.as_fd(), 0), Err(MemfdError::NotMemfd));
+        let f = std::fs::File::open("/proc/self/status").unwrap();
+        assert_eq!(check_sealed(f.as_fd(), 0), Err(MemfdError::NotMemfd));
+        let empty = from_bytes("t", b"").unwrap();
+        check_sealed(empty.as_fd(), 0).unwrap();
+    }
+}
