@@ -14,6 +14,8 @@
 
 #![forbid(unsafe_code)]
 
+mod payload;
+
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::process::{Child, Command, Stdio};
@@ -46,18 +48,24 @@ fn main() {
         "__pub-bus-batched" => {
             return helper_pub_bus(&args[1], args[2].parse().unwrap(), args[3].parse().unwrap(), 64)
         }
+        "__payload-sink" => return payload::helper_payload_sink(&args[1], &args[2]),
+        "__pipe-sink" => return payload::helper_pipe_sink(args[1].parse().unwrap(), &args[2]),
         _ => {}
     }
     let mut report = Report { json, rows: Vec::new() };
     match what {
         "latency" => latency(&mut report),
         "throughput" => throughput(&mut report),
+        "payload" => payload::payload(&mut report),
+        "fanout" => payload::fanout(&mut report),
         "all" => {
             latency(&mut report);
             throughput(&mut report);
+            payload::payload(&mut report);
+            payload::fanout(&mut report);
         }
         other => {
-            eprintln!("unknown scenario {other:?}; try latency, throughput or all");
+            eprintln!("unknown scenario {other:?}; try latency, throughput, payload, fanout or all");
             std::process::exit(2);
         }
     }
@@ -66,10 +74,11 @@ fn main() {
 
 // ------------------------------------------------------------- report --
 
-struct Row {
+pub(crate) struct Row {
     scenario: &'static str,
     path: String,
     size: usize,
+    subscribers: Option<u32>,
     p50_ns: Option<u64>,
     p99_ns: Option<u64>,
     msgs_per_s: Option<f64>,
@@ -78,13 +87,13 @@ struct Row {
     note: String,
 }
 
-struct Report {
+pub(crate) struct Report {
     json: bool,
     rows: Vec<Row>,
 }
 
 impl Report {
-    fn push(&mut self, row: Row) {
+    pub(crate) fn push(&mut self, row: Row) {
         if self.json {
             let mut v = json!({
                 "scenario": row.scenario, "path": row.path, "size": row.size,
@@ -98,6 +107,9 @@ impl Report {
             }
             if let Some(m) = row.msgs_per_s {
                 v["msgs_per_s"] = json!(m.round());
+            }
+            if let Some(n) = row.subscribers {
+                v["subscribers"] = json!(n);
             }
             if !row.note.is_empty() {
                 v["note"] = json!(row.note);
@@ -116,7 +128,15 @@ impl Report {
             "scenario", "path", "size", "p50", "p99", "msgs/s", "floor", "ratio"
         );
         for r in &self.rows {
-            let us = |n: Option<u64>| n.map_or("-".into(), |n| format!("{:.2}µs", n as f64 / 1000.0));
+            let us = |n: Option<u64>| {
+                n.map_or("-".into(), |n| {
+                    if n >= 10_000_000 {
+                        format!("{:.2}ms", n as f64 / 1e6)
+                    } else {
+                        format!("{:.2}µs", n as f64 / 1000.0)
+                    }
+                })
+            };
             println!(
                 "{:<11} {:<24} {:>7} {:>10} {:>10} {:>13} {:<18} {:>6.2}×  {}",
                 r.scenario,
@@ -134,14 +154,16 @@ impl Report {
 }
 
 fn size_label(n: usize) -> String {
-    if n >= 1024 && n.is_multiple_of(1024) {
+    if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
+        format!("{}MiB", n >> 20)
+    } else if n >= 1024 && n.is_multiple_of(1024) {
         format!("{}KiB", n / 1024)
     } else {
         format!("{n}B")
     }
 }
 
-fn percentiles(mut v: Vec<u64>) -> (u64, u64) {
+pub(crate) fn percentiles(mut v: Vec<u64>) -> (u64, u64) {
     v.sort_unstable();
     let at = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
     (at(0.50), at(0.99))
@@ -150,14 +172,14 @@ fn percentiles(mut v: Vec<u64>) -> (u64, u64) {
 // ----------------------------------------------------------- helpers --
 
 /// A helper process, killed on drop.
-struct Helper(Child);
+pub(crate) struct Helper(pub(crate) Child);
 
 impl Helper {
-    fn spawn(args: &[&str]) -> Helper {
+    pub(crate) fn spawn(args: &[&str]) -> Helper {
         Helper::spawn_with(args, Stdio::null(), Stdio::null())
     }
 
-    fn spawn_with(args: &[&str], stdin: Stdio, stdout: Stdio) -> Helper {
+    pub(crate) fn spawn_with(args: &[&str], stdin: Stdio, stdout: Stdio) -> Helper {
         let exe = std::env::current_exe().expect("own path");
         let child = Command::new(exe).args(args).stdin(stdin).stdout(stdout).spawn().expect("spawn helper");
         Helper(child)
@@ -175,7 +197,7 @@ fn unique(tag: &str) -> String {
     format!("@shmbus-bench-{tag}-{}", std::process::id())
 }
 
-fn connect_retry(addr: &str) -> Client {
+pub(crate) fn connect_retry(addr: &str) -> Client {
     let start = Instant::now();
     loop {
         match Client::connect_to(addr) {
@@ -188,7 +210,7 @@ fn connect_retry(addr: &str) -> Client {
 
 /// A broker process with queues big enough that the throughput runs
 /// measure speed, not overflow (drops are still counted and shown).
-fn start_broker(tag: &str) -> (Helper, String) {
+pub(crate) fn start_broker(tag: &str) -> (Helper, String) {
     let addr = unique(tag);
     let h = Helper::spawn(&["__broker", &addr]);
     drop(connect_retry(&addr));
@@ -401,6 +423,7 @@ fn latency(report: &mut Report) {
                 scenario: "latency",
                 path: path.into(),
                 size,
+                subscribers: None,
                 p50_ns: Some(p50),
                 p99_ns: Some(p99),
                 msgs_per_s: None,
@@ -509,7 +532,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 
 /// Median of three runs of `f` (by rate): one run on a shared 2-vCPU
 /// machine is too noisy to report alone.
-fn median3<T: Copy>(mut f: impl FnMut() -> (f64, T)) -> (f64, T) {
+pub(crate) fn median3<T: Copy>(mut f: impl FnMut() -> (f64, T)) -> (f64, T) {
     let mut runs = [f(), f(), f()];
     runs.sort_by(|a, b| a.0.total_cmp(&b.0));
     runs[1]
@@ -538,6 +561,7 @@ fn throughput(report: &mut Report) {
                 scenario: "throughput",
                 path: path.into(),
                 size,
+                subscribers: None,
                 p50_ns: None,
                 p99_ns: None,
                 msgs_per_s: Some(rate),
