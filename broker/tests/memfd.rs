@@ -90,13 +90,17 @@ fn publish_switches_to_memfd_above_the_threshold_and_ctl_sends_files() {
     assert_eq!(m.payload(), &huge[..]);
 
     // A per-client threshold.
-    let inline_only = shmbus::Client::options()
+    let eager = shmbus::Client::options()
         .address(shmbus::Address::parse(&b.address).unwrap())
-        .memfd_threshold(usize::MAX)
+        .memfd_threshold(1000)
         .connect()
         .unwrap();
-    inline_only.publish("t", &large).unwrap();
+    eager.publish("t", &small[..1000]).unwrap();
+    eager.publish("t", &small[..1001]).unwrap();
     assert!(!next_message(&s).is_memfd());
+    let m = next_message(&s);
+    assert!(m.is_memfd());
+    assert_eq!(m.payload(), &small[..1001]);
 
     // shmbusctl pub --file sends a large file by memfd.
     let dir = std::env::temp_dir().join(format!("shmbus-memfd-{}", std::process::id()));
