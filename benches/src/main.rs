@@ -453,6 +453,11 @@ fn tp_seqpacket(size: usize) -> f64 {
     socket::set_nonblocking(listener.as_fd(), false).unwrap();
     let _p = Helper::spawn(&["__pub-seqpacket", &addr, &size.to_string(), &n.to_string()]);
     let fd = rustix::net::accept(&listener).unwrap();
+    receive_rate(&fd, n)
+}
+
+/// Receives `n` raw packets; the rate from the first to the last.
+fn receive_rate(fd: &std::os::fd::OwnedFd, n: u64) -> f64 {
     let mut batch = RecvBatch::new(64);
     let mut got = 0u64;
     let mut start = None;
@@ -475,15 +480,7 @@ fn tp_relay(size: usize) -> f64 {
     let _relay = Helper::spawn(&["__relay", &in_addr, &out_addr]);
     let fd = rustix::net::accept(&listener).unwrap();
     let _p = Helper::spawn(&["__pub-seqpacket", &in_addr, &size.to_string(), &n.to_string()]);
-    let mut batch = RecvBatch::new(64);
-    let mut got = 0u64;
-    let mut start = None;
-    while got < n {
-        let k = batch.recv(fd.as_fd(), false).unwrap();
-        start.get_or_insert_with(Instant::now);
-        got += k as u64;
-    }
-    (n - 1) as f64 / start.unwrap().elapsed().as_secs_f64()
+    receive_rate(&fd, n)
 }
 
 /// Through the broker: publisher process → broker → this subscriber.

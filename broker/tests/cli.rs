@@ -3,17 +3,8 @@
 mod common;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use common::*;
-
-fn wait_for_pattern(c: &shmbus::Client, pattern: &str, n: u32) {
-    let start = Instant::now();
-    while !c.topics().unwrap().iter().any(|t| t.pattern == pattern && t.subscribers == n) {
-        assert!(start.elapsed() < PATIENCE, "{pattern} never reached {n} subscribers");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
 
 #[test]
 fn introspection_lists_clients_topics_and_stats() {
@@ -86,7 +77,7 @@ fn ctl_pub_file_and_sub_raw_are_byte_exact() {
     let mut cmd = Command::new(SHMBUSCTL);
     cmd.args(["--address", &b.address, "sub", "blob", "--raw", "--count", "2"]);
     let sub = spawn_guarded(cmd);
-    wait_for_pattern(&probe, "blob", 1);
+    wait_subscribers(&probe, "blob", 1);
     let out = b.ctl(&["pub", "blob", "--file", file.to_str().unwrap(), "--count", "2"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let out = sub.wait_output();
@@ -103,8 +94,8 @@ fn ctl_sub_many_patterns_json_and_binary_text() {
     let mut cmd = Command::new(SHMBUSCTL);
     cmd.args(["--address", &b.address, "--json", "sub", "a.*", "b.>", "--count", "2"]);
     let sub = spawn_guarded(cmd);
-    wait_for_pattern(&probe, "a.*", 1);
-    wait_for_pattern(&probe, "b.>", 1);
+    wait_subscribers(&probe, "a.*", 1);
+    wait_subscribers(&probe, "b.>", 1);
     probe.publish("a.1", b"text").unwrap();
     probe.publish("b.2.3", &[0xff, 0x00]).unwrap();
     let out = sub.wait_output();
@@ -120,7 +111,7 @@ fn ctl_sub_many_patterns_json_and_binary_text() {
     let mut cmd = Command::new(SHMBUSCTL);
     cmd.args(["--address", &b.address, "sub", "c", "--count", "1"]);
     let sub = spawn_guarded(cmd);
-    wait_for_pattern(&probe, "c", 1);
+    wait_subscribers(&probe, "c", 1);
     probe.publish("c", b"line\nbreak").unwrap();
     let out = sub.wait_output();
     assert_eq!(stdout(&out), "c line\\nbreak\n");

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use shmbus::{Event, Message};
+use shmbus::Event;
 use shmbus_proto::frame::{
     encode_frame, encode_head, BrokerFrame, Deliver, ErrorCode, Op, PayloadRef, Ping, Publish, Sender,
     Welcome,
@@ -21,21 +21,6 @@ fn pattern(len: usize, salt: u8) -> Vec<u8> {
 
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100000001b3))
-}
-
-fn next_message(sub: &shmbus::Subscription) -> Message {
-    match sub.recv_timeout(PATIENCE).expect("recv").expect("a message within PATIENCE") {
-        Event::Message(m) => m,
-        Event::Gap { missed } => panic!("unexpected gap of {missed}"),
-    }
-}
-
-fn wait_subscribers(c: &shmbus::Client, pattern: &str, n: u32) {
-    let start = Instant::now();
-    while !c.topics().unwrap().iter().any(|t| t.pattern == pattern && t.subscribers == n) {
-        assert!(start.elapsed() < PATIENCE, "{pattern} never reached {n} subscribers");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 #[test]

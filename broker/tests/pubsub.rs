@@ -9,13 +9,6 @@ use std::time::Duration;
 use common::*;
 use shmbus::{ErrorKind, Event, GoodbyeCode, Overflow, RecvError};
 
-fn next_message(sub: &shmbus::Subscription) -> shmbus::Message {
-    match sub.recv_timeout(PATIENCE).expect("recv").expect("a message within PATIENCE") {
-        Event::Message(m) => m,
-        Event::Gap { missed } => panic!("unexpected gap of {missed}"),
-    }
-}
-
 #[test]
 fn pubsub_across_processes_both_ways() {
     let b = Broker::start("xproc");

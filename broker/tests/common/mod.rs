@@ -240,6 +240,23 @@ pub fn bounded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'st
     rx.recv_timeout(PATIENCE).unwrap_or_else(|_| panic!("{what} did not finish within {PATIENCE:?}"))
 }
 
+/// The next event, which must be a message, within PATIENCE.
+pub fn next_message(sub: &shmbus::Subscription) -> shmbus::Message {
+    match sub.recv_timeout(PATIENCE).expect("recv").expect("a message within PATIENCE") {
+        shmbus::Event::Message(m) => m,
+        shmbus::Event::Gap { missed } => panic!("unexpected gap of {missed}"),
+    }
+}
+
+/// Waits until `pattern` has `n` subscribers, as the broker reports it.
+pub fn wait_subscribers(c: &Client, pattern: &str, n: u32) {
+    let start = Instant::now();
+    while !c.topics().unwrap().iter().any(|t| t.pattern == pattern && t.subscribers == n) {
+        assert!(start.elapsed() < PATIENCE, "{pattern} never reached {n} subscribers");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
