@@ -17,12 +17,14 @@ use shmbus_proto::subject::{validate_pattern, validate_subject};
 use shmbus_proto::sys::socket::{self, OutPacket, PeerCred, RecvBatch, MAX_BATCH};
 use shmbus_proto::Address;
 
+use crate::channel::{ChannelConfig, ChannelError, ChannelPublisher, ChannelSubscriber};
 use crate::connection::{Inner, QuerySlot, SendState, State, SubQueue};
 use crate::error::{
     ConnectError, Disconnect, FlushError, LoanError, PublishError, RecvError, RequestError, SubscribeError,
 };
 use crate::loan::Loan;
 use crate::subscription::Subscription;
+use shmbus_proto::frame::ChannelInfo;
 use shmbus_proto::sys::memfd;
 
 /// How long to wait for the broker's answer to a handshake, subscribe or
@@ -265,6 +267,38 @@ impl Client {
     /// Options for anything else.
     pub fn options() -> ConnectOptions {
         ConnectOptions::new()
+    }
+
+    /// The deadline for acknowledged requests.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Opens a ring channel on `topic` as its (only) publisher.
+    pub fn channel_publisher(
+        &self,
+        topic: &str,
+        config: ChannelConfig,
+    ) -> Result<ChannelPublisher, ChannelError> {
+        ChannelPublisher::open(self, topic, config)
+    }
+
+    /// Joins the ring channel on `topic` as a reader, starting at its
+    /// current head.
+    pub fn channel_subscriber(&self, topic: &str) -> Result<ChannelSubscriber, ChannelError> {
+        ChannelSubscriber::open(self, topic)
+    }
+
+    /// Every ring channel on the broker.
+    pub fn channels(&self) -> Result<Vec<ChannelInfo>, RequestError> {
+        Ok(self
+            .query(QueryKind::Channels)?
+            .into_iter()
+            .filter_map(|i| match i {
+                QueryItemBody::Channel(c) => Some(c),
+                _ => None,
+            })
+            .collect())
     }
 
     /// Our id on the bus, as stamped on what we send.

@@ -48,6 +48,22 @@ pub(crate) struct SubQueue {
     pub local_missed: u64,
 }
 
+/// A channel the broker opened for us, with its fds.
+#[derive(Debug)]
+pub(crate) struct Grant {
+    pub frame: shmbus_proto::frame::ChannelGranted,
+    pub fds: Vec<OwnedFd>,
+}
+
+/// A reader joined (with its cursor page) or left a channel we publish.
+#[derive(Debug)]
+pub(crate) struct ReaderEvent {
+    pub reader_id: u32,
+    pub joined: bool,
+    pub generation: u32,
+    pub cursor: Option<OwnedFd>,
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct QuerySlot {
     pub items: Vec<QueryItemBody>,
@@ -63,6 +79,11 @@ pub(crate) struct State {
     pub acks: HashMap<u32, Result<(), (ErrorCode, String)>>,
     pub pongs: HashSet<u64>,
     pub queries: HashMap<u32, QuerySlot>,
+    /// Channel opens awaiting the broker's answer, and the answers.
+    pub awaiting_grant: HashSet<u32>,
+    pub grants: HashMap<u32, Result<Grant, (ErrorCode, String)>>,
+    /// Readers joining and leaving, per channel this client publishes.
+    pub reader_events: HashMap<u64, VecDeque<ReaderEvent>>,
     pub refused_publishes: Vec<PublishRefused>,
     pub closed: Option<Disconnect>,
     pub next_id: u32,
@@ -326,6 +347,8 @@ impl Inner {
                     PayloadRef::Inline => Some(Err(())),
                 },
                 _ if fds.is_empty() => None,
+                BrokerFrame::ChannelGranted(_) if (2..=3).contains(&fds.len()) => None,
+                BrokerFrame::ChannelReader(r) if r.joined && fds.len() == 1 => None,
                 _ => {
                     // `fds` drops here, closing them.
                     st.closed = Some(Disconnect {
@@ -335,14 +358,20 @@ impl Inner {
                     return;
                 }
             };
-            apply(&mut st, frame, memfd);
+            apply(&mut st, frame, memfd, fds);
         }
     }
 }
 
 /// `memfd`: for a delivery by memfd, the checked payload, or `Err` if its
 /// fd failed the check (then the message is counted as missed).
-fn apply(st: &mut State, frame: BrokerFrame<'_>, memfd: Option<Result<Arc<MemfdPayload>, ()>>) {
+/// `fds`: what else came beside the frame (a channel's memfds).
+fn apply(
+    st: &mut State,
+    frame: BrokerFrame<'_>,
+    memfd: Option<Result<Arc<MemfdPayload>, ()>>,
+    mut fds: Vec<OwnedFd>,
+) {
     st.arrivals += 1;
     let arrival = st.arrivals;
     match frame {
@@ -393,6 +422,11 @@ fn apply(st: &mut State, frame: BrokerFrame<'_>, memfd: Option<Result<Arc<MemfdP
                     q.done = true;
                 }
             }
+            Op::ChannelOpen { req_id } => {
+                if st.awaiting_grant.remove(&req_id) {
+                    st.grants.insert(req_id, Err((e.code, e.message.to_owned())));
+                }
+            }
             Op::Publish { seq } => {
                 st.refused_publishes.push(PublishRefused {
                     seq,
@@ -413,6 +447,20 @@ fn apply(st: &mut State, frame: BrokerFrame<'_>, memfd: Option<Result<Arc<MemfdP
             if let Some(slot) = st.queries.get_mut(&q.req_id) {
                 slot.done = true;
             }
+        }
+        BrokerFrame::ChannelGranted(g) => {
+            if st.awaiting_grant.remove(&g.req_id) {
+                st.grants.insert(g.req_id, Ok(Grant { frame: g, fds }));
+            }
+        }
+        BrokerFrame::ChannelReader(r) => {
+            let fd = fds.pop();
+            st.reader_events.entry(r.channel_id).or_default().push_back(ReaderEvent {
+                reader_id: r.reader_id,
+                joined: r.joined,
+                generation: r.generation,
+                cursor: fd,
+            });
         }
         BrokerFrame::Goodbye(g) => {
             st.closed = Some(Disconnect { code: Some(g.code), reason: g.reason.to_owned() });

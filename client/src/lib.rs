@@ -20,6 +20,7 @@
 
 #![forbid(unsafe_code)]
 
+mod channel;
 mod client;
 mod connection;
 mod error;
@@ -27,6 +28,9 @@ mod loan;
 mod message;
 mod subscription;
 
+pub use channel::{
+    ChannelConfig, ChannelError, ChannelEvent, ChannelLoan, ChannelPublisher, ChannelSubscriber,
+};
 pub use client::{Client, ConnectOptions, DEFAULT_LOCAL_QUEUE, DEFAULT_MEMFD_THRESHOLD, DEFAULT_TIMEOUT};
 pub use error::{
     ConnectError, Disconnect, ErrorKind, FlushError, LoanError, PublishError, PublishRefused, RecvError,
@@ -38,6 +42,8 @@ pub use shmbus_proto::sys::memfd::MemfdError;
 pub use subscription::{Iter, Subscription};
 
 /// Wire-level types a client may need to name.
-pub use shmbus_proto::frame::{ClientInfo, ErrorCode, GoodbyeCode, Limits, Overflow, Stats, TopicInfo};
+pub use shmbus_proto::frame::{
+    ChannelInfo, ChannelOverflow, ClientInfo, ErrorCode, GoodbyeCode, Limits, Overflow, Stats, TopicInfo,
+};
 pub use shmbus_proto::sys::socket::PeerCred;
 pub use shmbus_proto::Address;

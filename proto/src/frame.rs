@@ -47,6 +47,8 @@ pub enum Kind {
     Publish = 4,
     Ping = 5,
     Query = 6,
+    ChannelOpen = 7,
+    ChannelClose = 8,
     Welcome = 64,
     Goodbye = 65,
     Deliver = 66,
@@ -56,6 +58,8 @@ pub enum Kind {
     QueryItem = 70,
     QueryEnd = 71,
     OpError = 72,
+    ChannelGranted = 73,
+    ChannelReader = 74,
 }
 
 impl Kind {
@@ -68,6 +72,8 @@ impl Kind {
             4 => Publish,
             5 => Ping,
             6 => Query,
+            7 => ChannelOpen,
+            8 => ChannelClose,
             64 => Welcome,
             65 => Goodbye,
             66 => Deliver,
@@ -77,6 +83,8 @@ impl Kind {
             70 => QueryItem,
             71 => QueryEnd,
             72 => OpError,
+            73 => ChannelGranted,
+            74 => ChannelReader,
             _ => return None,
         })
     }
@@ -235,6 +243,7 @@ pub enum QueryKind {
     Clients,
     Topics,
     Stats,
+    Channels,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -292,11 +301,29 @@ pub struct Stats {
     pub slow_disconnects: u64,
 }
 
+/// One ring channel, as introspection shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelInfo {
+    pub id: u64,
+    pub topic: String,
+    /// Client id of the publisher.
+    pub publisher: u64,
+    pub readers: u32,
+    pub slot_size: u32,
+    pub slot_count: u32,
+    pub overflow: ChannelOverflow,
+    /// Messages published (the ring's head, as the publisher wrote it).
+    pub published: u64,
+    /// Messages readers found overwritten or torn, all readers together.
+    pub overruns: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum QueryItemBody {
     Client(ClientInfo),
     Topic(TopicInfo),
     Stats(Stats),
+    Channel(ChannelInfo),
 }
 
 /// One item of an introspection answer; a `QueryEnd` follows the last.
@@ -327,6 +354,9 @@ pub enum Op {
     Query {
         req_id: u32,
     },
+    ChannelOpen {
+        req_id: u32,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -348,6 +378,10 @@ pub enum ErrorCode {
     SizeMismatch,
     /// More (or fewer) fds were attached than the frame declares.
     WrongFdCount,
+    /// The channel already has a publisher.
+    ChannelBusy,
+    /// No channel (with a publisher) on that topic.
+    NoSuchChannel,
 }
 
 /// A refused operation. The connection stays usable.
@@ -356,6 +390,66 @@ pub struct OpError<'a> {
     pub op: Op,
     pub code: ErrorCode,
     pub message: &'a str,
+}
+
+/// What happens when a ring channel's publisher laps a reader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum ChannelOverflow {
+    /// Overwrite the oldest slot; readers detect it and count what they missed.
+    #[default]
+    Overwrite,
+    /// Wait for the slowest live reader.
+    Block,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChannelRole {
+    Publish { slot_size: u32, slot_count: u32, overflow: ChannelOverflow },
+    Subscribe,
+}
+
+/// Asks for a ring channel on `topic`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelOpen<'a> {
+    pub req_id: u32,
+    pub topic: &'a str,
+    pub role: ChannelRole,
+}
+
+/// Leaves a channel: a publisher closes it, a reader leaves its cursor set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelClose {
+    pub channel_id: u64,
+}
+
+/// A channel opened. Fds beside it: for the publisher, the ring
+/// (read-write) and the signal page; for a reader, the ring (read-only),
+/// the signal page, and its own cursor page (read-write).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelGranted {
+    pub req_id: u32,
+    pub channel_id: u64,
+    /// 0 for the publisher.
+    pub reader_id: u32,
+    pub slot_size: u32,
+    pub slot_count: u32,
+    pub overflow: ChannelOverflow,
+}
+
+/// To a publisher: a reader joined (its cursor page, read-only, beside
+/// this frame) or left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelReader {
+    pub channel_id: u64,
+    pub reader_id: u32,
+    pub joined: bool,
+    /// The signal page's `members` value after this change.
+    pub generation: u32,
+}
+
+body! {
+    ChannelOpen<'a> => ChannelOpen, ChannelClose => ChannelClose,
+    ChannelGranted => ChannelGranted, ChannelReader => ChannelReader,
 }
 
 body! {
@@ -486,6 +580,8 @@ pub enum ClientFrame<'a> {
     Publish(Publish<'a>, &'a [u8]),
     Ping(Ping),
     Query(Query),
+    ChannelOpen(ChannelOpen<'a>),
+    ChannelClose(ChannelClose),
 }
 
 /// Decodes a packet a client sent. Never panics.
@@ -498,6 +594,8 @@ pub fn decode_client(packet: &[u8]) -> Result<ClientFrame<'_>, DecodeError> {
         Kind::Publish => ClientFrame::Publish(body(kind, b)?, payload),
         Kind::Ping => ClientFrame::Ping(body(kind, b)?),
         Kind::Query => ClientFrame::Query(body(kind, b)?),
+        Kind::ChannelOpen => ClientFrame::ChannelOpen(body(kind, b)?),
+        Kind::ChannelClose => ClientFrame::ChannelClose(body(kind, b)?),
         other => return Err(DecodeError::WrongDirection(other)),
     })
 }
@@ -514,6 +612,8 @@ pub enum BrokerFrame<'a> {
     QueryItem(QueryItem),
     QueryEnd(QueryEnd),
     OpError(OpError<'a>),
+    ChannelGranted(ChannelGranted),
+    ChannelReader(ChannelReader),
 }
 
 /// Decodes a packet the broker sent. Never panics.
@@ -529,6 +629,8 @@ pub fn decode_broker(packet: &[u8]) -> Result<BrokerFrame<'_>, DecodeError> {
         Kind::QueryItem => BrokerFrame::QueryItem(body(kind, b)?),
         Kind::QueryEnd => BrokerFrame::QueryEnd(body(kind, b)?),
         Kind::OpError => BrokerFrame::OpError(body(kind, b)?),
+        Kind::ChannelGranted => BrokerFrame::ChannelGranted(body(kind, b)?),
+        Kind::ChannelReader => BrokerFrame::ChannelReader(body(kind, b)?),
         other => return Err(DecodeError::WrongDirection(other)),
     })
 }

@@ -10,7 +10,9 @@
 pub mod address;
 pub mod frame;
 pub mod limits;
+pub mod ring;
 pub mod subject;
+pub mod sync;
 pub mod sys;
 
 pub use address::Address;

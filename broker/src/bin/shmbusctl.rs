@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use serde_json::json;
-use shmbus::{Address, Client, ClientInfo, Event, Message, Stats, Subscription, TopicInfo};
+use shmbus::{Address, ChannelEvent, Client, ClientInfo, Event, Message, Stats, Subscription, TopicInfo};
 
 /// Command-line tool for the shmbus message bus.
 #[derive(Parser, Debug)]
@@ -61,6 +61,10 @@ enum Cmd {
         /// Write payload bytes only, exactly as received.
         #[arg(long, conflicts_with = "json")]
         raw: bool,
+        /// Read the ring channel named by the one PATTERN (a plain subject)
+        /// instead of subscribing.
+        #[arg(long)]
+        channel: bool,
     },
 }
 
@@ -104,7 +108,10 @@ fn run(args: Args) -> Fallible<ExitCode> {
                 }
             }
         }
-        Cmd::Status => print_stats(&client.stats()?, args.json),
+        Cmd::Status => {
+            print_stats(&client.stats()?, args.json);
+            print_channels(&client.channels()?, args.json);
+        }
         Cmd::Clients => print_clients(&client.clients()?, args.json),
         Cmd::Topics => print_topics(&client.topics()?, args.json),
         Cmd::Pub { topic, data, file, count } => {
@@ -124,7 +131,15 @@ fn run(args: Args) -> Fallible<ExitCode> {
             }
             client.flush()?;
         }
-        Cmd::Sub { patterns, count, raw } => return subscribe(&client, patterns, *count, *raw, args.json),
+        Cmd::Sub { patterns, count, raw, channel: true } => {
+            let [topic] = patterns.as_slice() else {
+                return Err("--channel reads exactly one channel".into());
+            };
+            return read_channel(&client, topic, *count, *raw, args.json);
+        }
+        Cmd::Sub { patterns, count, raw, channel: false } => {
+            return subscribe(&client, patterns, *count, *raw, args.json)
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -161,6 +176,81 @@ fn subscribe(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn read_channel(
+    client: &Client,
+    topic: &str,
+    count: Option<u64>,
+    raw: bool,
+    json: bool,
+) -> Fallible<ExitCode> {
+    let mut sub = client.channel_subscriber(topic)?;
+    let mut out = std::io::stdout().lock();
+    let mut seen = 0u64;
+    while count.is_none_or(|c| seen < c) {
+        match sub.recv(<[u8]>::to_vec) {
+            Ok(ChannelEvent::Message { seq, value }) => {
+                seen += 1;
+                if raw {
+                    out.write_all(&value)?;
+                } else if json {
+                    let text = std::str::from_utf8(&value).ok();
+                    writeln!(
+                        out,
+                        "{}",
+                        json!({"topic": topic, "seq": seq, "size": value.len(), "payload": text})
+                    )?;
+                } else {
+                    writeln!(out, "{topic} {}", printable(&value))?;
+                }
+                out.flush()?;
+            }
+            Ok(ChannelEvent::Missed(k)) => {
+                eprintln!("shmbusctl: fell behind on channel {topic}: {k} messages missed")
+            }
+            Err(shmbus::ChannelError::Corrupt(what)) => {
+                eprintln!("shmbusctl: channel {topic}: skipped corrupt slot ({what})")
+            }
+            Err(shmbus::ChannelError::Closed) => {
+                eprintln!("shmbusctl: channel {topic} closed");
+                break;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_channels(cs: &[shmbus::ChannelInfo], json: bool) {
+    if json {
+        for c in cs {
+            println!("{}", serde_json::to_string(c).unwrap_or_default());
+        }
+        return;
+    }
+    if cs.is_empty() {
+        return;
+    }
+    println!("  channels:");
+    println!(
+        "    {:>4} {:<24} {:>9} {:>7} {:>9} {:>7} {:<9} {:>12} {:>10}",
+        "ID", "TOPIC", "PUBLISHER", "READERS", "SLOT_SIZE", "SLOTS", "OVERFLOW", "PUBLISHED", "OVERRUNS"
+    );
+    for c in cs {
+        println!(
+            "    {:>4} {:<24} {:>9} {:>7} {:>9} {:>7} {:<9} {:>12} {:>10}",
+            c.id,
+            c.topic,
+            c.publisher,
+            c.readers,
+            c.slot_size,
+            c.slot_count,
+            format!("{:?}", c.overflow),
+            c.published,
+            c.overruns
+        );
+    }
 }
 
 fn write_message(out: &mut impl Write, m: &Message, raw: bool, json: bool) -> std::io::Result<()> {

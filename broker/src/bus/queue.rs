@@ -47,11 +47,13 @@ pub struct OutFrame {
     pub head: Vec<u8>,
     pub payload: Option<Arc<[u8]>>,
     pub shared_fd: Option<Rc<SharedFd>>,
+    /// Fds of a control frame (a ring channel's memfds).
+    pub control_fds: Vec<Rc<OwnedFd>>,
 }
 
 impl OutFrame {
     pub fn control(head: Vec<u8>) -> OutFrame {
-        OutFrame { head, payload: None, shared_fd: None }
+        OutFrame { head, payload: None, shared_fd: None, control_fds: Vec::new() }
     }
 
     /// Bytes this frame costs the queue. A memfd payload's bytes are not
@@ -221,7 +223,7 @@ mod tests {
     use shmbus_proto::frame::{decode_broker, BrokerFrame};
 
     fn data(n: u8) -> OutFrame {
-        OutFrame { head: vec![n; 10], payload: None, shared_fd: None }
+        OutFrame { head: vec![n; 10], payload: None, shared_fd: None, control_fds: Vec::new() }
     }
 
     fn sub(overflow: Overflow) -> SubState {
@@ -283,7 +285,7 @@ mod tests {
                 len: 1,
                 charge: quotas.charge(0, 1).unwrap(),
             });
-            OutFrame { head: vec![0; 10], payload: None, shared_fd: Some(shared) }
+            OutFrame { head: vec![0; 10], payload: None, shared_fd: Some(shared), control_fds: Vec::new() }
         };
         assert_eq!(offer(&mut q, 1, &mut s, fd_frame(&mut quotas)), Offer::Queued { gap_sent: false });
         assert_eq!(offer(&mut q, 1, &mut s, fd_frame(&mut quotas)), Offer::Queued { gap_sent: false });

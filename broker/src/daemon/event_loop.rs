@@ -23,6 +23,7 @@
 //! misbehaving peer gets a `Goodbye` with the reason and is closed, with
 //! one log line, while everyone else goes on.
 
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::rc::Rc;
@@ -39,11 +40,17 @@ use shmbus_proto::frame::{
     Kind, Limits, Op, OpError, PayloadRef, Pong, QueryEnd, QueryItem, QueryItemBody, QueryKind, Sender,
     Stats, Subscribed, TopicInfo, Welcome, PROTOCOL_VERSION,
 };
+use shmbus_proto::frame::{
+    ChannelGranted, ChannelInfo, ChannelOverflow, ChannelReader as ChannelReaderFrame, ChannelRole,
+};
 use shmbus_proto::limits::{MAX_CLIENT_NAME, MAX_INLINE_PAYLOAD, MAX_PACKET};
+use shmbus_proto::ring::shm::{create_cursor, create_ring};
+use shmbus_proto::ring::Geometry;
 use shmbus_proto::subject::{validate_pattern, validate_subject};
 use shmbus_proto::sys::memfd::{self, MemfdError};
 use shmbus_proto::sys::socket::{self, OutPacket, RecvBatch, MAX_BATCH};
 
+use super::channels::{Channel, ChannelReader};
 use super::config::Config;
 use super::conn::{command_of, Conn, ConnState};
 use super::signals::SignalPipe;
@@ -98,6 +105,9 @@ struct Broker {
     live: usize,
     router: Router,
     quotas: Quotas,
+    channels: HashMap<u64, Channel>,
+    channel_by_topic: HashMap<String, u64>,
+    next_channel_id: u64,
     next_id: u64,
     started: Instant,
     counters: Counters,
@@ -145,6 +155,9 @@ impl Broker {
             live: 0,
             router: Router::new(),
             quotas: Quotas::new(quota),
+            channels: HashMap::new(),
+            channel_by_topic: HashMap::new(),
+            next_channel_id: 1,
             next_id: 1,
             started: Instant::now(),
             counters: Counters::default(),
@@ -463,6 +476,139 @@ impl Broker {
                 self.control(slot, &Pong { token: p.token });
             }
             (_, ClientFrame::Query(q)) => self.query(slot, q.req_id, q.what),
+            (_, ClientFrame::ChannelOpen(o)) => self.channel_open(slot, o.req_id, o.topic, o.role),
+            (_, ClientFrame::ChannelClose(c)) => self.channel_close(slot, c.channel_id),
+        }
+    }
+
+    // ---------------------------------------------------------- channels --
+
+    fn channel_open(&mut self, slot: usize, req_id: u32, topic: &str, role: ChannelRole) {
+        let op = Op::ChannelOpen { req_id };
+        if let Err(e) = validate_subject(topic) {
+            let msg = format!("invalid channel subject {topic:?}: {e}");
+            return self.op_error(slot, op, ErrorCode::InvalidSubject, &msg);
+        }
+        let Some(conn) = self.conn(slot) else { return };
+        let client_id = conn.id;
+        match role {
+            ChannelRole::Publish { slot_size, slot_count, overflow } => {
+                if let Some(ch) = self.channel_by_topic.get(topic).and_then(|id| self.channels.get(id)) {
+                    let msg =
+                        format!("channel {topic} already has a publisher (client {})", ch.publisher_client);
+                    return self.op_error(slot, op, ErrorCode::ChannelBusy, &msg);
+                }
+                let geometry = Geometry { slot_size, slot_count };
+                let (ring, signal, map) = match create_ring(geometry, overflow == ChannelOverflow::Block) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        return self.op_error(
+                            slot,
+                            op,
+                            ErrorCode::Unsupported,
+                            &format!("cannot create the ring: {e}"),
+                        )
+                    }
+                };
+                let id = self.next_channel_id;
+                self.next_channel_id += 1;
+                let (ring, signal) = (Rc::new(ring), Rc::new(signal));
+                let granted =
+                    ChannelGranted { req_id, channel_id: id, reader_id: 0, slot_size, slot_count, overflow };
+                self.control_with_fds(slot, &granted, vec![ring.clone(), signal.clone()]);
+                debug!("channel {id} on {topic} opened by client {client_id}");
+                self.channel_by_topic.insert(topic.to_owned(), id);
+                self.channels.insert(
+                    id,
+                    Channel {
+                        id,
+                        topic: topic.to_owned(),
+                        geometry,
+                        overflow,
+                        ring_fd: ring,
+                        signal_fd: signal,
+                        map,
+                        publisher_slot: slot,
+                        publisher_client: client_id,
+                        readers: Default::default(),
+                        next_reader: 1,
+                    },
+                );
+            }
+            ChannelRole::Subscribe => {
+                let Some(ch) = self.channel_by_topic.get(topic).and_then(|id| self.channels.get_mut(id))
+                else {
+                    let msg = format!("no channel on {topic}: a publisher must open it first");
+                    return self.op_error(slot, op, ErrorCode::NoSuchChannel, &msg);
+                };
+                // A late joiner starts at the current head.
+                let fds = create_cursor(ch.head()).map_err(|e| e.to_string()).and_then(|c| {
+                    memfd::reopen_read_only(ch.ring_fd.as_fd()).map(|r| (c, r)).map_err(|e| e.to_string())
+                });
+                let ((cursor_rw, cursor_ro), ring_ro) = match fds {
+                    Ok(f) => f,
+                    Err(e) => {
+                        return self.op_error(slot, op, ErrorCode::Unsupported, &format!("cannot join: {e}"))
+                    }
+                };
+                let reader_id = ch.next_reader;
+                ch.next_reader += 1;
+                ch.readers.insert(reader_id, ChannelReader { slot });
+                let g = ch.geometry;
+                let granted = ChannelGranted {
+                    req_id,
+                    channel_id: ch.id,
+                    reader_id,
+                    slot_size: g.slot_size,
+                    slot_count: g.slot_count,
+                    overflow: ch.overflow,
+                };
+                let generation = ch.bump_members();
+                let joined = ChannelReaderFrame { channel_id: ch.id, reader_id, joined: true, generation };
+                let (publisher, signal) = (ch.publisher_slot, ch.signal_fd.clone());
+                self.control_with_fds(slot, &granted, vec![Rc::new(ring_ro), signal, Rc::new(cursor_rw)]);
+                self.control_with_fds(publisher, &joined, vec![Rc::new(cursor_ro)]);
+            }
+        }
+    }
+
+    fn channel_close(&mut self, slot: usize, channel_id: u64) {
+        let Some(ch) = self.channels.get_mut(&channel_id) else { return };
+        if ch.publisher_slot == slot {
+            return self.close_channel(channel_id);
+        }
+        let leaving: Vec<u32> =
+            ch.readers.iter().filter(|(_, r)| r.slot == slot).map(|(id, _)| *id).collect();
+        let mut news = Vec::new();
+        for id in leaving {
+            ch.readers.remove(&id);
+            news.push(ChannelReaderFrame {
+                channel_id,
+                reader_id: id,
+                joined: false,
+                generation: ch.bump_members(),
+            });
+        }
+        let publisher = ch.publisher_slot;
+        for left in news {
+            self.control(publisher, &left);
+        }
+    }
+
+    /// The publisher left: mark the ring closed and wake every reader.
+    fn close_channel(&mut self, channel_id: u64) {
+        if let Some(ch) = self.channels.remove(&channel_id) {
+            self.channel_by_topic.remove(&ch.topic);
+            ch.map.close();
+            debug!("channel {channel_id} on {} closed", ch.topic);
+        }
+    }
+
+    /// A connection is going: close what it published, leave what it read.
+    fn leave_channels(&mut self, slot: usize) {
+        let ids: Vec<u64> = self.channels.keys().copied().collect();
+        for id in ids {
+            self.channel_close(slot, id);
         }
     }
 
@@ -606,7 +752,8 @@ impl Broker {
     ) {
         let d = Deliver { sub_id, topic, sender, seq, payload: payload_ref };
         let Ok(head) = encode_head(&d) else { return };
-        let frame = OutFrame { head, payload: inline.clone(), shared_fd: shared.clone() };
+        let frame =
+            OutFrame { head, payload: inline.clone(), shared_fd: shared.clone(), control_fds: Vec::new() };
         let Some(conn) = self.conns.get_mut(target).and_then(Option::as_mut) else { return };
         if conn.is_closing() {
             return;
@@ -649,6 +796,11 @@ impl Broker {
                     .collect();
                 t.sort_by(|a, b| a.pattern.cmp(&b.pattern));
                 t.into_iter().map(QueryItemBody::Topic).collect()
+            }
+            QueryKind::Channels => {
+                let mut c: Vec<ChannelInfo> = self.channels.values().map(Channel::info).collect();
+                c.sort_by_key(|c| c.id);
+                c.into_iter().map(QueryItemBody::Channel).collect()
             }
             QueryKind::Clients => self
                 .conns
@@ -710,6 +862,24 @@ impl Broker {
         true
     }
 
+    /// Queues a control frame with fds beside it.
+    fn control_with_fds<B: Body>(&mut self, slot: usize, body: &B, fds: Vec<Rc<OwnedFd>>) -> bool {
+        let Ok(head) = encode_head(body) else { return false };
+        let Some(conn) = self.conn(slot) else { return false };
+        if conn.is_closing() {
+            return false;
+        }
+        let frame = OutFrame { head, payload: None, shared_fd: None, control_fds: fds };
+        if conn.queue.push_control(frame).is_err() {
+            let reason = format!("not reading its replies: {} frames queued", conn.queue.len());
+            warn!("disconnecting {}: {reason}", conn.who());
+            self.begin_close(slot, GoodbyeCode::LimitExceeded, &reason);
+            return false;
+        }
+        self.mark_dirty(slot);
+        true
+    }
+
     fn op_error(&mut self, slot: usize, op: Op, code: ErrorCode, message: &str) {
         if let Some(c) = self.conn(slot) {
             debug!("{}: {op:?} refused: {message}", c.who());
@@ -731,10 +901,11 @@ impl Broker {
     /// frame, and lets the flush close it.
     fn begin_close(&mut self, slot: usize, code: GoodbyeCode, reason: &str) {
         let deadline = Instant::now() + self.cfg.close_grace;
-        let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else { return };
-        if conn.is_closing() {
+        if self.conn(slot).is_none_or(|c| c.is_closing()) {
             return;
         }
+        self.leave_channels(slot);
+        let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else { return };
         for (sub_id, sub) in conn.subs.drain() {
             self.router.remove(&sub.pattern, (slot, sub_id));
         }
@@ -747,6 +918,9 @@ impl Broker {
     }
 
     fn close(&mut self, slot: usize) {
+        if self.conn(slot).is_some() {
+            self.leave_channels(slot);
+        }
         let Some(conn) = self.conns.get_mut(slot).and_then(Option::take) else { return };
         for (sub_id, sub) in &conn.subs {
             self.router.remove(&sub.pattern, (slot, *sub_id));
@@ -848,15 +1022,20 @@ impl Broker {
                 return;
             }
             let frames: Vec<&OutFrame> = conn.queue.front(MAX_BATCH).collect();
-            let fds: Vec<Option<BorrowedFd<'_>>> =
-                frames.iter().map(|f| f.shared_fd.as_ref().map(|s| s.fd.as_fd())).collect();
+            let fds: Vec<Vec<BorrowedFd<'_>>> = frames
+                .iter()
+                .map(|f| {
+                    let shared = f.shared_fd.iter().map(|s| s.fd.as_fd());
+                    shared.chain(f.control_fds.iter().map(|fd| fd.as_fd())).collect()
+                })
+                .collect();
             let packets: Vec<OutPacket<'_>> = frames
                 .iter()
                 .zip(&fds)
                 .map(|(f, fd)| OutPacket {
                     head: &f.head,
                     payload: f.payload.as_deref().unwrap_or(&[]),
-                    fds: fd.as_ref().map_or(&[][..], std::slice::from_ref),
+                    fds: fd,
                 })
                 .collect();
             match socket::send_packets(conn.fd.as_fd(), &packets, true) {
@@ -971,5 +1150,7 @@ fn frame_name(f: &ClientFrame<'_>) -> &'static str {
         ClientFrame::Publish(..) => "Publish",
         ClientFrame::Ping(_) => "Ping",
         ClientFrame::Query(_) => "Query",
+        ClientFrame::ChannelOpen(_) => "ChannelOpen",
+        ClientFrame::ChannelClose(_) => "ChannelClose",
     }
 }

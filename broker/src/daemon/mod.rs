@@ -4,6 +4,7 @@
 //! the decisions it makes are delegated to [`crate::bus`] (routing, queues,
 //! overflow, admission), which does no I/O.
 
+pub mod channels;
 pub mod config;
 pub mod conn;
 pub mod event_loop;

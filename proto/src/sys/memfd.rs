@@ -68,6 +68,18 @@ pub fn seal(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
+/// A new, read-only file description of the same memfd: whoever holds it
+/// can map it only `PROT_READ`, and cannot write it. (Reopened through
+/// `/proc/self/fd`, the one way to downgrade a memfd's access mode.)
+pub fn reopen_read_only(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    Ok(rustix::fs::open(
+        path,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?)
+}
+
 /// Why an fd is not an acceptable payload.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MemfdError {

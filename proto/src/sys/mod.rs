@@ -4,6 +4,8 @@
 //! call that makes it. This is one of the few places `unsafe` may live.
 
 pub mod activation;
+#[cfg(not(loom))]
+pub mod futex;
 pub mod memfd;
 pub mod mmap;
 pub mod socket;

@@ -1,0 +1,78 @@
+//! Ring channels, as the broker holds them.
+//!
+//! Model: the broker is the control plane of a channel and steps out of
+//! its data path. It creates the ring and signal memfds (sealed against
+//! resizing), hands the publisher read-write fds, each reader a read-only
+//! ring fd plus a cursor page it alone writes, and tells the publisher
+//! (for block mode) whenever a reader joins or leaves, so a dead reader
+//! never holds the publisher up. When the publisher leaves or dies the
+//! broker marks the ring closed and wakes every reader: "channel closed",
+//! never a hang. One publisher per channel; readers need a channel that
+//! has one.
+
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+use std::rc::Rc;
+
+use shmbus_proto::frame::{ChannelInfo, ChannelOverflow};
+use shmbus_proto::ring::layout::Signal;
+use shmbus_proto::ring::protocol::RingView;
+use shmbus_proto::ring::shm::RingMap;
+use shmbus_proto::ring::Geometry;
+use shmbus_proto::sync::Ordering;
+
+#[derive(Debug)]
+pub struct ChannelReader {
+    /// Broker slot of the reader's connection.
+    pub slot: usize,
+}
+
+#[derive(Debug)]
+pub struct Channel {
+    pub id: u64,
+    pub topic: String,
+    pub geometry: Geometry,
+    pub overflow: ChannelOverflow,
+    pub ring_fd: Rc<OwnedFd>,
+    pub signal_fd: Rc<OwnedFd>,
+    /// The broker's own read-write mapping: to read the head for late
+    /// joiners and introspection, and to mark the ring closed.
+    pub map: RingMap,
+    /// Broker slot and client id of the publisher's connection.
+    pub publisher_slot: usize,
+    pub publisher_client: u64,
+    pub readers: BTreeMap<u32, ChannelReader>,
+    pub next_reader: u32,
+}
+
+impl Channel {
+    fn signal(&self) -> &Signal {
+        self.map.signal()
+    }
+
+    /// Where a reader joining now starts: the current head.
+    pub fn head(&self) -> u64 {
+        self.map.header().head.load(Ordering::Acquire)
+    }
+
+    /// Records a reader joining or leaving in the signal page, for the
+    /// publisher; returns the new generation to send it with the news.
+    pub fn bump_members(&self) -> u32 {
+        // Release: pairs with the publisher's Acquire load of `members`.
+        self.signal().members.fetch_add(1, Ordering::Release).wrapping_add(1)
+    }
+
+    pub fn info(&self) -> ChannelInfo {
+        ChannelInfo {
+            id: self.id,
+            topic: self.topic.clone(),
+            publisher: self.publisher_client,
+            readers: self.readers.len() as u32,
+            slot_size: self.geometry.slot_size,
+            slot_count: self.geometry.slot_count,
+            overflow: self.overflow,
+            published: self.head(),
+            overruns: self.signal().overruns.load(Ordering::Relaxed),
+        }
+    }
+}

@@ -1,0 +1,537 @@
+//! Ring channels: hot streams through shared memory, with the broker out
+//! of the data path.
+//!
+//! A `ChannelPublisher` writes into a lock-free broadcast ring the broker
+//! created for it; each `ChannelSubscriber` reads the ring in place through
+//! a read-only mapping. While both are busy no system call is made: a
+//! reader that runs dry spins briefly, then registers as a waiter and
+//! sleeps on a futex in the shared signal page, and the publisher calls
+//! `FUTEX_WAKE` only when someone waits.
+//!
+//! Overflow: `Overwrite` never blocks the publisher; a reader it laps finds
+//! out (by sequence numbers, and by re-checking each slot's seqlock after
+//! reading it in place) and is told how many it missed. `Block` makes the
+//! publisher wait for the slowest live reader's cursor; the broker tells
+//! the publisher when readers join and leave, so a reader that dies never
+//! holds it up.
+//!
+//! Everything read from shared memory is bounds-checked against the
+//! geometry the broker announced; a hostile publisher can make a reader
+//! report misses or corruption, never read out of bounds or panic.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use shmbus_proto::frame::{ChannelClose, ChannelOpen, ChannelOverflow, ChannelRole, ErrorCode};
+use shmbus_proto::ring::layout::Signal;
+use shmbus_proto::ring::protocol::{self, RingView};
+use shmbus_proto::ring::shm::{CursorMap, RingMap, RingMapError};
+use shmbus_proto::ring::{Geometry, ReadOutcome, ReaderState, WriterState};
+use shmbus_proto::subject::{validate_subject, SubjectError};
+use shmbus_proto::sync::{fence, Ordering};
+use shmbus_proto::sys::futex;
+
+use crate::client::Client;
+use crate::connection::Grant;
+use crate::error::{Disconnect, ErrorKind, RecvError};
+
+/// How a publisher wants its ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelConfig {
+    /// Largest message, in bytes.
+    pub slot_size: u32,
+    /// Messages the ring holds.
+    pub slot_count: u32,
+    pub overflow: ChannelOverflow,
+}
+
+impl Default for ChannelConfig {
+    fn default() -> Self {
+        ChannelConfig { slot_size: 1024, slot_count: 1024, overflow: ChannelOverflow::Overwrite }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    #[error("invalid channel subject: {0}")]
+    InvalidSubject(#[from] SubjectError),
+    #[error("the broker refused ({code:?}): {message}")]
+    Refused { code: ErrorCode, message: String },
+    #[error("message of {len} bytes does not fit a {slot_size}-byte slot")]
+    TooLarge { len: usize, slot_size: u32 },
+    #[error("cannot map the channel: {0}")]
+    Map(#[from] RingMapError),
+    #[error("the broker sent a malformed channel grant")]
+    BadGrant,
+    #[error("the channel is closed (its publisher closed or died)")]
+    Closed,
+    #[error("the ring holds data no honest publisher writes ({0}); skipped")]
+    Corrupt(&'static str),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Disconnected(Disconnect),
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ChannelError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ChannelError::InvalidSubject(_) | ChannelError::TooLarge { .. } => ErrorKind::InvalidInput,
+            ChannelError::Refused { .. } => ErrorKind::Denied,
+            ChannelError::Map(_) | ChannelError::Io(_) => ErrorKind::Io,
+            ChannelError::BadGrant | ChannelError::Corrupt(_) => ErrorKind::Protocol,
+            ChannelError::Closed | ChannelError::Disconnected(_) => ErrorKind::Disconnected,
+            ChannelError::Timeout(_) => ErrorKind::Timeout,
+        }
+    }
+}
+
+impl From<RecvError> for ChannelError {
+    fn from(e: RecvError) -> Self {
+        match e {
+            RecvError::Disconnected(d) => ChannelError::Disconnected(d),
+            RecvError::Io(e) => ChannelError::Io(e),
+        }
+    }
+}
+
+/// What a subscriber gets.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ChannelEvent<R> {
+    /// Message `seq` (the publisher's count), and what the read closure
+    /// made of its bytes.
+    Message { seq: u64, value: R },
+    /// This many messages were overwritten before they could be read.
+    Missed(u64),
+}
+
+fn open(client: &Client, topic: &str, role: ChannelRole) -> Result<Grant, ChannelError> {
+    validate_subject(topic)?;
+    let inner = &client.inner;
+    let req_id = {
+        let mut st = inner.state.lock();
+        let id = st.next_id;
+        st.next_id = st.next_id.wrapping_add(1).max(1);
+        st.awaiting_grant.insert(id);
+        id
+    };
+    let result = (|| {
+        inner.send(&ChannelOpen { req_id, topic, role }, &[])?;
+        let deadline = Instant::now() + client.timeout();
+        match inner.wait_for(Some(deadline), |st| st.grants.remove(&req_id))? {
+            Some(Ok(grant)) => Ok(grant),
+            Some(Err((code, message))) => Err(ChannelError::Refused { code, message }),
+            None => Err(ChannelError::Timeout(client.timeout())),
+        }
+    })();
+    let mut st = inner.state.lock();
+    st.awaiting_grant.remove(&req_id);
+    st.grants.remove(&req_id);
+    result
+}
+
+/// Writes one ring channel.
+pub struct ChannelPublisher {
+    client: Client,
+    channel_id: u64,
+    map: RingMap,
+    state: WriterState,
+    block: bool,
+    readers: Vec<(u32, CursorMap)>,
+    until_pump: u32,
+    /// The last reader-membership generation applied.
+    applied: u32,
+}
+
+impl std::fmt::Debug for ChannelPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelPublisher")
+            .field("channel_id", &self.channel_id)
+            .field("next", &self.state.next)
+            .finish()
+    }
+}
+
+/// Publishes between this many sends look for readers joining or leaving.
+const PUMP_EVERY: u32 = 256;
+/// Longest single sleep of a waiter: a bound on any missed wake-up.
+const MAX_SLEEP: Duration = Duration::from_millis(20);
+/// Reads attempted before a reader goes to sleep.
+const SPIN: u32 = 2000;
+
+impl ChannelPublisher {
+    pub(crate) fn open(client: &Client, topic: &str, config: ChannelConfig) -> Result<Self, ChannelError> {
+        let role = ChannelRole::Publish {
+            slot_size: config.slot_size,
+            slot_count: config.slot_count,
+            overflow: config.overflow,
+        };
+        let grant = open(client, topic, role)?;
+        let g = grant.frame;
+        let [ring, signal] = <[OwnedFd; 2]>::try_from(grant.fds).map_err(|_| ChannelError::BadGrant)?;
+        let geometry = Geometry { slot_size: g.slot_size, slot_count: g.slot_count };
+        let map = RingMap::map(ring.as_fd(), signal.as_fd(), geometry, true)?;
+        Ok(ChannelPublisher {
+            client: client.clone(),
+            channel_id: g.channel_id,
+            map,
+            state: WriterState::default(),
+            block: g.overflow == ChannelOverflow::Block,
+            readers: Vec::new(),
+            until_pump: 0,
+            applied: 0,
+        })
+    }
+
+    pub fn slot_size(&self) -> usize {
+        self.map.geometry().slot_size as usize
+    }
+
+    /// Messages published so far.
+    pub fn published(&self) -> u64 {
+        self.state.next
+    }
+
+    /// Readers this publisher waits for (block mode).
+    pub fn readers(&self) -> usize {
+        self.readers.len()
+    }
+
+    /// Applies readers joining and leaving, reading what the broker sent.
+    fn pump(&mut self) -> Result<(), ChannelError> {
+        let inner = &self.client.inner;
+        let _ = inner.wait_for(Some(Instant::now()), |_| None::<()>);
+        let events: Vec<_> = {
+            let mut st = inner.state.lock();
+            if let Some(d) = &st.closed {
+                return Err(ChannelError::Disconnected(d.clone()));
+            }
+            st.reader_events.get_mut(&self.channel_id).map(|q| q.drain(..).collect()).unwrap_or_default()
+        };
+        for ev in events {
+            self.applied = ev.generation;
+            if ev.joined {
+                if let Some(fd) = ev.cursor {
+                    self.readers.push((ev.reader_id, CursorMap::map(fd.as_fd(), false)?));
+                }
+            } else {
+                self.readers.retain(|(id, _)| *id != ev.reader_id);
+            }
+        }
+        self.until_pump = PUMP_EVERY;
+        Ok(())
+    }
+
+    /// Reads the broker's news about readers joining and leaving now.
+    /// Publishing does this by itself; this is for waiting on a reader.
+    pub fn update_readers(&mut self) -> Result<(), ChannelError> {
+        self.pump()
+    }
+
+    /// Block mode: waits until the next slot is free of every live reader.
+    fn wait_for_room(&mut self) -> Result<(), ChannelError> {
+        if !self.block {
+            // Readers matter only to block mode; still drain the broker's
+            // news now and then so it does not pile up.
+            if self.until_pump == 0 {
+                self.pump()?;
+            }
+            self.until_pump -= 1;
+            return Ok(());
+        }
+        // Acquire: pairs with the broker's Release bump of `members`. A
+        // change not applied yet means news is on its way: fetch it.
+        if self.map.signal().members.load(Ordering::Acquire) != self.applied {
+            self.pump()?;
+        }
+        let count = self.map.geometry().slot_count;
+        loop {
+            if protocol::slot_free(&self.state, count, self.readers.iter().map(|(_, c)| c.cursor())) {
+                return Ok(());
+            }
+            // Register as waiting, then look once more (pairs with the
+            // reader's SeqCst fence before it reads `publisher_waiting`).
+            let sig: &Signal = self.map.signal();
+            let seen = sig.progress.load(Ordering::Acquire);
+            sig.publisher_waiting.store(1, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            if !protocol::slot_free(&self.state, count, self.readers.iter().map(|(_, c)| c.cursor())) {
+                futex::wait(&sig.progress, seen, Some(Duration::from_millis(2)))?;
+            }
+            sig.publisher_waiting.store(0, Ordering::Relaxed);
+            // A reader may have left: ask the broker's news.
+            self.pump()?;
+        }
+    }
+
+    fn wake_readers(&self) {
+        let sig = self.map.signal();
+        // Release: pairs with the sleeper's Acquire load of `wake`.
+        sig.wake.fetch_add(1, Ordering::Release);
+        let _ = futex::wake_all(&sig.wake);
+    }
+
+    /// Publishes `bytes` (at most the slot size).
+    pub fn publish(&mut self, bytes: &[u8]) -> Result<(), ChannelError> {
+        let slot_size = self.map.geometry().slot_size;
+        if bytes.len() > slot_size as usize {
+            return Err(ChannelError::TooLarge { len: bytes.len(), slot_size });
+        }
+        self.wait_for_room()?;
+        if protocol::publish(&self.map, &mut self.state, bytes) {
+            self.wake_readers();
+        }
+        Ok(())
+    }
+
+    /// The next slot, to write in place; [`ChannelLoan::send`] publishes it.
+    pub fn loan(&mut self) -> Result<ChannelLoan<'_>, ChannelError> {
+        self.wait_for_room()?;
+        let index = protocol::begin_write(&self.map, &self.state);
+        Ok(ChannelLoan { publisher: self, index, sent: false })
+    }
+
+    /// The ring's memfd, for tests that play a hostile publisher.
+    #[doc(hidden)]
+    pub fn ring_map(&self) -> &RingMap {
+        &self.map
+    }
+}
+
+impl Drop for ChannelPublisher {
+    fn drop(&mut self) {
+        self.map.close();
+        let _ = self.client.inner.send(&ChannelClose { channel_id: self.channel_id }, &[]);
+    }
+}
+
+/// A slot being written in place. Dropping it unsent publishes nothing.
+pub struct ChannelLoan<'a> {
+    publisher: &'a mut ChannelPublisher,
+    index: usize,
+    sent: bool,
+}
+
+impl ChannelLoan<'_> {
+    /// Publishes the first `len` bytes of the slot.
+    pub fn send(mut self, len: usize) -> Result<(), ChannelError> {
+        let slot_size = self.publisher.map.geometry().slot_size;
+        if len > slot_size as usize {
+            return Err(ChannelError::TooLarge { len, slot_size });
+        }
+        self.sent = true;
+        let p = &mut *self.publisher;
+        if protocol::commit(&p.map, &mut p.state, self.index, len as u32) {
+            p.wake_readers();
+        }
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for ChannelLoan<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.publisher.map.slot_data(self.index)
+    }
+}
+
+impl std::ops::DerefMut for ChannelLoan<'_> {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.publisher.map.slot_data_mut(self.index)
+    }
+}
+
+impl Drop for ChannelLoan<'_> {
+    fn drop(&mut self) {
+        if !self.sent {
+            // Not sent: put the slot back as it was, so no reader ever sees
+            // the half-written message (head was never advanced).
+            protocol::abandon_write(&self.publisher.map, &self.publisher.state, self.index);
+        }
+    }
+}
+
+/// Reads one ring channel.
+pub struct ChannelSubscriber {
+    client: Client,
+    ring_fd: OwnedFd,
+    channel_id: u64,
+    reader_id: u32,
+    map: RingMap,
+    cursor: CursorMap,
+    state: ReaderState,
+    block: bool,
+}
+
+impl std::fmt::Debug for ChannelSubscriber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelSubscriber")
+            .field("channel_id", &self.channel_id)
+            .field("reader_id", &self.reader_id)
+            .field("next", &self.state.next)
+            .finish()
+    }
+}
+
+impl ChannelSubscriber {
+    pub(crate) fn open(client: &Client, topic: &str) -> Result<Self, ChannelError> {
+        let grant = open(client, topic, ChannelRole::Subscribe)?;
+        let g = grant.frame;
+        let [ring, signal, cursor] =
+            <[OwnedFd; 3]>::try_from(grant.fds).map_err(|_| ChannelError::BadGrant)?;
+        let geometry = Geometry { slot_size: g.slot_size, slot_count: g.slot_count };
+        let map = RingMap::map(ring.as_fd(), signal.as_fd(), geometry, false)?;
+        let cursor = CursorMap::map(cursor.as_fd(), true)?;
+        // A late joiner starts where the broker put its cursor: the head
+        // when it joined.
+        let next = cursor.cursor().next.load(Ordering::Acquire);
+        Ok(ChannelSubscriber {
+            client: client.clone(),
+            ring_fd: ring,
+            channel_id: g.channel_id,
+            reader_id: g.reader_id,
+            map,
+            cursor,
+            state: ReaderState { next },
+            block: g.overflow == ChannelOverflow::Block,
+        })
+    }
+
+    /// The sequence number of the next message this reader will look at.
+    pub fn position(&self) -> u64 {
+        self.state.next
+    }
+
+    fn advance(&mut self) {
+        if self.block {
+            protocol::store_cursor(self.cursor.cursor(), &self.state);
+            let sig = self.map.signal();
+            // SeqCst fence: pairs with the publisher's, between its
+            // `publisher_waiting` store and its last cursor check.
+            fence(Ordering::SeqCst);
+            if sig.publisher_waiting.load(Ordering::Relaxed) != 0 {
+                sig.progress.fetch_add(1, Ordering::Release);
+                let _ = futex::wake_all(&sig.progress);
+            }
+        }
+    }
+
+    /// Reads the next message in place with `read`, if there is one.
+    /// `read` sees the bytes in shared memory; its result is returned only
+    /// if the slot was not overwritten meanwhile (else it is discarded and
+    /// the message counted as missed), so it must not act on the bytes
+    /// before returning. Corruption is reported as an error and skipped.
+    pub fn try_recv<R>(
+        &mut self,
+        read: impl FnMut(&[u8]) -> R,
+    ) -> Result<Option<ChannelEvent<R>>, ChannelError> {
+        let mut read = read;
+        match protocol::try_read(&self.map, &mut self.state, &mut read) {
+            ReadOutcome::Empty => {
+                if self.map.is_closed() {
+                    // One more look: the last messages before the close.
+                    return match protocol::try_read(&self.map, &mut self.state, &mut read) {
+                        ReadOutcome::Empty => Err(ChannelError::Closed),
+                        other => self.outcome(other),
+                    };
+                }
+                Ok(None)
+            }
+            other => self.outcome(other),
+        }
+    }
+
+    fn outcome<R>(&mut self, o: ReadOutcome<R>) -> Result<Option<ChannelEvent<R>>, ChannelError> {
+        self.advance();
+        match o {
+            ReadOutcome::Empty => Ok(None),
+            ReadOutcome::Message { seq, value } => Ok(Some(ChannelEvent::Message { seq, value })),
+            ReadOutcome::Missed(k) => {
+                self.map.signal().overruns.fetch_add(k, Ordering::Relaxed);
+                Ok(Some(ChannelEvent::Missed(k)))
+            }
+            ReadOutcome::Corrupt(what) => Err(ChannelError::Corrupt(what)),
+        }
+    }
+
+    /// Waits for the next message (spinning briefly, then sleeping on the
+    /// futex) and reads it in place with `read`.
+    pub fn recv<R>(&mut self, read: impl FnMut(&[u8]) -> R) -> Result<ChannelEvent<R>, ChannelError> {
+        let mut read = read;
+        loop {
+            if let Some(ev) = self.recv_timeout(Duration::from_secs(3600), &mut read)? {
+                return Ok(ev);
+            }
+        }
+    }
+
+    /// [`ChannelSubscriber::recv`], giving up after `timeout` (`Ok(None)`).
+    pub fn recv_timeout<R>(
+        &mut self,
+        timeout: Duration,
+        read: impl FnMut(&[u8]) -> R,
+    ) -> Result<Option<ChannelEvent<R>>, ChannelError> {
+        let mut read = read;
+        let deadline = Instant::now() + timeout;
+        for _ in 0..SPIN {
+            if let Some(ev) = self.try_recv(&mut read)? {
+                return Ok(Some(ev));
+            }
+            std::hint::spin_loop();
+        }
+        loop {
+            if let Some(ev) = self.try_recv(&mut read)? {
+                return Ok(Some(ev));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            self.sleep(left.min(MAX_SLEEP))?;
+        }
+    }
+
+    /// Sleeps until the publisher may have published (or `max` passes).
+    fn sleep(&self, max: Duration) -> Result<(), ChannelError> {
+        let sig = self.map.signal();
+        // SeqCst: pairs with the publisher's SeqCst fence in `commit`, so
+        // it sees this waiter or we see its new head below.
+        sig.waiters.fetch_add(1, Ordering::SeqCst);
+        // Acquire: pairs with the publisher's Release bump of `wake`.
+        let seen = sig.wake.load(Ordering::Acquire);
+        fence(Ordering::SeqCst);
+        let head = self.map.header().head.load(Ordering::Acquire);
+        if head <= self.state.next && !self.map.is_closed() {
+            futex::wait(&sig.wake, seen, Some(max))?;
+        }
+        sig.waiters.fetch_sub(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Like `try_recv`, copying the message out.
+    pub fn try_recv_vec(&mut self) -> Result<Option<ChannelEvent<Vec<u8>>>, ChannelError> {
+        self.try_recv(<[u8]>::to_vec)
+    }
+
+    /// Like `recv_timeout`, copying the message out.
+    pub fn recv_vec_timeout(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Option<ChannelEvent<Vec<u8>>>, ChannelError> {
+        self.recv_timeout(timeout, <[u8]>::to_vec)
+    }
+
+    /// The ring fd this reader was given, for tests of its permissions.
+    #[doc(hidden)]
+    pub fn ring_fd_for_tests(&self) -> BorrowedFd<'_> {
+        self.ring_fd.as_fd()
+    }
+}
+
+impl Drop for ChannelSubscriber {
+    fn drop(&mut self) {
+        let _ = self.client.inner.send(&ChannelClose { channel_id: self.channel_id }, &[]);
+    }
+}
