@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 mod payload;
+mod ring;
 
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
@@ -50,6 +51,9 @@ fn main() {
         }
         "__payload-sink" => return payload::helper_payload_sink(&args[1], &args[2]),
         "__pipe-sink" => return payload::helper_pipe_sink(args[1].parse().unwrap(), &args[2]),
+        "__ring-floor" => return ring::helper_floor(&args[1], &args[2], &args[3], &args[4]),
+        "__ring-echo" => return ring::helper_echo(&args[1], args[2].parse().unwrap(), &args[3]),
+        "__ring-sink" => return ring::helper_sink(&args[1], args[2].parse().unwrap()),
         _ => {}
     }
     let mut report = Report { json, rows: Vec::new() };
@@ -58,14 +62,16 @@ fn main() {
         "throughput" => throughput(&mut report),
         "payload" => payload::payload(&mut report),
         "fanout" => payload::fanout(&mut report),
+        "ring" => ring::ring(&mut report),
         "all" => {
             latency(&mut report);
             throughput(&mut report);
             payload::payload(&mut report);
             payload::fanout(&mut report);
+            ring::ring(&mut report);
         }
         other => {
-            eprintln!("unknown scenario {other:?}; try latency, throughput, payload, fanout or all");
+            eprintln!("unknown scenario {other:?}; try latency, throughput, payload, fanout, ring or all");
             std::process::exit(2);
         }
     }

@@ -140,7 +140,6 @@ pub struct ChannelPublisher {
     state: WriterState,
     block: bool,
     readers: Vec<(u32, CursorMap)>,
-    until_pump: u32,
     /// The last reader-membership generation applied.
     applied: u32,
 }
@@ -154,8 +153,6 @@ impl std::fmt::Debug for ChannelPublisher {
     }
 }
 
-/// Publishes between this many sends look for readers joining or leaving.
-const PUMP_EVERY: u32 = 256;
 /// Longest single sleep of a waiter: a bound on any missed wake-up.
 const MAX_SLEEP: Duration = Duration::from_millis(20);
 /// Reads attempted before a reader goes to sleep.
@@ -180,7 +177,6 @@ impl ChannelPublisher {
             state: WriterState::default(),
             block: g.overflow == ChannelOverflow::Block,
             readers: Vec::new(),
-            until_pump: 0,
             applied: 0,
         })
     }
@@ -220,7 +216,6 @@ impl ChannelPublisher {
                 self.readers.retain(|(id, _)| *id != ev.reader_id);
             }
         }
-        self.until_pump = PUMP_EVERY;
         Ok(())
     }
 
@@ -232,19 +227,14 @@ impl ChannelPublisher {
 
     /// Block mode: waits until the next slot is free of every live reader.
     fn wait_for_room(&mut self) -> Result<(), ChannelError> {
-        if !self.block {
-            // Readers matter only to block mode; still drain the broker's
-            // news now and then so it does not pile up.
-            if self.until_pump == 0 {
-                self.pump()?;
-            }
-            self.until_pump -= 1;
-            return Ok(());
-        }
         // Acquire: pairs with the broker's Release bump of `members`. A
-        // change not applied yet means news is on its way: fetch it.
+        // change not applied yet means news is on its way: fetch it. In a
+        // steady stream this is one load and no system call.
         if self.map.signal().members.load(Ordering::Acquire) != self.applied {
             self.pump()?;
+        }
+        if !self.block {
+            return Ok(());
         }
         let count = self.map.geometry().slot_count;
         loop {
@@ -363,6 +353,7 @@ pub struct ChannelSubscriber {
     cursor: CursorMap,
     state: ReaderState,
     block: bool,
+    spin: u32,
 }
 
 impl std::fmt::Debug for ChannelSubscriber {
@@ -396,7 +387,15 @@ impl ChannelSubscriber {
             cursor,
             state: ReaderState { next },
             block: g.overflow == ChannelOverflow::Block,
+            spin: SPIN,
         })
+    }
+
+    /// How many read attempts `recv` makes before it sleeps on the futex
+    /// (default 2000, a few microseconds). 0 sleeps at once; `u32::MAX`
+    /// busy-polls.
+    pub fn set_spin(&mut self, attempts: u32) {
+        self.spin = attempts;
     }
 
     /// The sequence number of the next message this reader will look at.
@@ -475,11 +474,14 @@ impl ChannelSubscriber {
     ) -> Result<Option<ChannelEvent<R>>, ChannelError> {
         let mut read = read;
         let deadline = Instant::now() + timeout;
-        for _ in 0..SPIN {
+        for i in 0..self.spin {
             if let Some(ev) = self.try_recv(&mut read)? {
                 return Ok(Some(ev));
             }
             std::hint::spin_loop();
+            if i % 1024 == 1023 && Instant::now() >= deadline {
+                return Ok(None);
+            }
         }
         loop {
             if let Some(ev) = self.try_recv(&mut read)? {

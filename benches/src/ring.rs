@@ -1,0 +1,257 @@
+//! `ring`: ring channels against two floors measured in the same run, a
+//! shared-memory spin ping-pong on one cache line and a raw futex
+//! ping-pong, both between two processes.
+//!
+//! - round trip (A publishes on one channel, B echoes on another) at 8 B
+//!   and 64 KiB, busy-polling (`ring_busy`) and sleeping on the futex at
+//!   once (`ring_blocking`), each with `ratio_to_floor` against the matching
+//!   floor;
+//! - throughput at 8 B, one publisher to 1, 2 and 4 subscriber processes,
+//!   block mode (nothing lost), as the slowest subscriber's rate.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use shmbus::{ChannelConfig, ChannelEvent, ChannelOverflow, Client, Event};
+use shmbus_proto::ring::protocol::RingView;
+use shmbus_proto::ring::shm::{create_ring, RingMap};
+use shmbus_proto::ring::Geometry;
+use shmbus_proto::sync::Ordering;
+use shmbus_proto::sys::futex;
+
+use crate::{connect_retry, percentiles, start_broker, Helper, Report, Row};
+
+const RTT_WARMUP: usize = 2_000;
+const RTT_ITERS: usize = 50_000;
+const FLOOR_GEOMETRY: Geometry = Geometry { slot_size: 8, slot_count: 2 };
+
+fn rtt(mut once: impl FnMut()) -> (u64, u64) {
+    for _ in 0..RTT_WARMUP {
+        once();
+    }
+    let mut v = Vec::with_capacity(RTT_ITERS);
+    for _ in 0..RTT_ITERS {
+        let t = Instant::now();
+        once();
+        v.push(t.elapsed().as_nanos() as u64);
+    }
+    percentiles(v)
+}
+
+fn open_parent_fd(ppid: &str, fd: &str) -> OwnedFd {
+    OwnedFd::from(
+        std::fs::File::options().read(true).write(true).open(format!("/proc/{ppid}/fd/{fd}")).unwrap(),
+    )
+}
+
+/// The floors' partner: `spin` or `futex` ping-pong on the signal page's
+/// `wake` word: the parent writes odd values, this process answers with
+/// the next even one.
+pub(crate) fn helper_floor(kind: &str, ppid: &str, ring: &str, signal: &str) {
+    let (ring, signal) = (open_parent_fd(ppid, ring), open_parent_fd(ppid, signal));
+    let map = RingMap::map(ring.as_fd(), signal.as_fd(), FLOOR_GEOMETRY, true).unwrap();
+    let word = &map.signal().wake;
+    let mut expect = 1u32;
+    loop {
+        loop {
+            let v = word.load(Ordering::Acquire);
+            if v == u32::MAX {
+                return;
+            }
+            if v == expect {
+                break;
+            }
+            if kind == "futex" {
+                futex::wait(word, v, Some(Duration::from_secs(1))).unwrap();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        word.store(expect + 1, Ordering::Release);
+        if kind == "futex" {
+            futex::wake_all(word).unwrap();
+        }
+        expect += 2;
+    }
+}
+
+fn floor(kind: &str) -> (u64, u64) {
+    let (ring, signal, map) = create_ring(FLOOR_GEOMETRY, false).unwrap();
+    let me = std::process::id().to_string();
+    let (r, s) = (ring.as_raw_fd().to_string(), signal.as_raw_fd().to_string());
+    let _partner = Helper::spawn(&["__ring-floor", kind, &me, &r, &s]);
+    let word = &map.signal().wake;
+    let mut next = 1u32;
+    let result = rtt(|| {
+        word.store(next, Ordering::Release);
+        if kind == "futex" {
+            futex::wake_all(word).unwrap();
+        }
+        loop {
+            let v = word.load(Ordering::Acquire);
+            if v == next + 1 {
+                break;
+            }
+            if kind == "futex" {
+                futex::wait(word, v, Some(Duration::from_secs(1))).unwrap();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        next += 2;
+    });
+    word.store(u32::MAX, Ordering::Release);
+    let _ = futex::wake_all(word);
+    result
+}
+
+fn spin_for(mode: &str) -> u32 {
+    if mode == "busy" {
+        u32::MAX
+    } else {
+        0
+    }
+}
+
+/// Echoes each message of `bench.ring.ping` into `bench.ring.pong`.
+pub(crate) fn helper_echo(addr: &str, size: usize, mode: &str) {
+    let c = connect_retry(addr);
+    let cfg = ChannelConfig { slot_size: size as u32, slot_count: 64, overflow: ChannelOverflow::Overwrite };
+    let mut pong = c.channel_publisher("bench.ring.pong", cfg).unwrap();
+    let mut ping = c.channel_subscriber("bench.ring.ping").unwrap();
+    ping.set_spin(spin_for(mode));
+    c.publish("bench.ready", b"").unwrap();
+    let mut buf = vec![0u8; size];
+    loop {
+        match ping.recv(|b| {
+            buf[..b.len()].copy_from_slice(b);
+            b.len()
+        }) {
+            Ok(ChannelEvent::Message { value, .. }) => pong.publish(&buf[..value]).unwrap(),
+            Ok(ChannelEvent::Missed(_)) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+fn ring_rtt(size: usize, mode: &str) -> (u64, u64) {
+    let (_broker, addr) = start_broker("ring");
+    let c = connect_retry(&addr);
+    let ready = c.subscribe("bench.ready").unwrap();
+    let cfg = ChannelConfig { slot_size: size as u32, slot_count: 64, overflow: ChannelOverflow::Overwrite };
+    let mut ping = c.channel_publisher("bench.ring.ping", cfg).unwrap();
+    let _echo = Helper::spawn(&["__ring-echo", &addr, &size.to_string(), mode]);
+    ready.recv_timeout(Duration::from_secs(20)).unwrap().expect("echo ready");
+    let mut pong = c.channel_subscriber("bench.ring.pong").unwrap();
+    pong.set_spin(spin_for(mode));
+    let msg = vec![7u8; size];
+    rtt(|| {
+        let mut loan = ping.loan().unwrap();
+        loan[..size].copy_from_slice(&msg);
+        loan.send(size).unwrap();
+        loop {
+            if let ChannelEvent::Message { .. } = pong.recv(|b| b.len()).unwrap() {
+                break;
+            }
+        }
+    })
+}
+
+/// Counts `n` messages of `bench.ring.tp` and reports its rate.
+pub(crate) fn helper_sink(addr: &str, n: u64) {
+    let c = connect_retry(addr);
+    let mut s = c.channel_subscriber("bench.ring.tp").unwrap();
+    c.publish("bench.ready", b"").unwrap();
+    let (mut got, mut missed) = (0u64, 0u64);
+    let mut start = None;
+    while got + missed < n {
+        match s.recv_timeout(Duration::from_secs(30), |b| b.len()).unwrap() {
+            Some(ChannelEvent::Message { .. }) => got += 1,
+            Some(ChannelEvent::Missed(k)) => missed += k,
+            None => break,
+        }
+        start.get_or_insert_with(Instant::now);
+    }
+    let rate = got.saturating_sub(1) as f64 / start.map_or(f64::INFINITY, |s| s.elapsed().as_secs_f64());
+    let mut report = rate.to_le_bytes().to_vec();
+    report.extend_from_slice(&missed.to_le_bytes());
+    c.publish("bench.tp.result", &report).unwrap();
+    c.flush().unwrap();
+}
+
+fn ring_throughput(readers: usize) -> (f64, u64) {
+    const N: u64 = 5_000_000;
+    let (_broker, addr) = start_broker("ringtp");
+    let c: Client = connect_retry(&addr);
+    let ready = c.subscribe("bench.ready").unwrap();
+    let results = c.subscribe("bench.tp.result").unwrap();
+    let cfg = ChannelConfig { slot_size: 8, slot_count: 1 << 16, overflow: ChannelOverflow::Block };
+    let mut p = c.channel_publisher("bench.ring.tp", cfg).unwrap();
+    let _sinks: Vec<Helper> =
+        (0..readers).map(|_| Helper::spawn(&["__ring-sink", &addr, &N.to_string()])).collect();
+    for _ in 0..readers {
+        ready.recv_timeout(Duration::from_secs(20)).unwrap().expect("sink ready");
+    }
+    let start = Instant::now();
+    while p.readers() < readers {
+        p.update_readers().unwrap();
+        assert!(start.elapsed() < Duration::from_secs(20), "readers never registered");
+    }
+    for i in 0..N {
+        p.publish(&i.to_le_bytes()).unwrap();
+    }
+    let (mut slowest, mut missed) = (f64::INFINITY, 0);
+    for _ in 0..readers {
+        match results.recv_timeout(Duration::from_secs(60)).unwrap().expect("result") {
+            Event::Message(m) => {
+                let b = m.payload();
+                slowest = slowest.min(f64::from_le_bytes(b[..8].try_into().unwrap()));
+                missed += u64::from_le_bytes(b[8..16].try_into().unwrap());
+            }
+            Event::Gap { .. } => panic!("a result was lost"),
+        }
+    }
+    (slowest, missed)
+}
+
+pub(crate) fn ring(report: &mut Report) {
+    let spin_floor = floor("spin");
+    let futex_floor = floor("futex");
+    let push = |report: &mut Report, path: &str, size: usize, r: (u64, u64), f: (&str, u64)| {
+        report.push(Row {
+            scenario: "ring",
+            path: path.into(),
+            size,
+            subscribers: None,
+            p50_ns: Some(r.0),
+            p99_ns: Some(r.1),
+            msgs_per_s: None,
+            floor: f.0.into(),
+            ratio_to_floor: r.0 as f64 / f.1 as f64,
+            note: String::new(),
+        })
+    };
+    push(report, "spin_floor", 8, spin_floor, ("spin_floor", spin_floor.0));
+    push(report, "futex_floor", 8, futex_floor, ("futex_floor", futex_floor.0));
+    for size in [8usize, 64 * 1024] {
+        push(report, "ring_busy", size, ring_rtt(size, "busy"), ("spin_floor", spin_floor.0));
+        push(report, "ring_blocking", size, ring_rtt(size, "block"), ("futex_floor", futex_floor.0));
+    }
+    let mut one = None;
+    for readers in [1usize, 2, 4] {
+        let (rate, missed) = ring_throughput(readers);
+        let base = *one.get_or_insert(rate);
+        report.push(Row {
+            scenario: "ring",
+            path: "ring_throughput".into(),
+            size: 8,
+            subscribers: Some(readers as u32),
+            p50_ns: None,
+            p99_ns: None,
+            msgs_per_s: Some(rate),
+            floor: "ring_throughput@1".into(),
+            ratio_to_floor: base / rate,
+            note: format!("{readers} subscribers, block mode, slowest reader; {missed} missed"),
+        });
+    }
+}
