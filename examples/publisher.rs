@@ -7,6 +7,8 @@
 //! cargo run -p shmbus-examples --bin publisher -- kitchen 5
 //! ```
 
+#![forbid(unsafe_code)]
+
 use std::time::Duration;
 
 use serde::Serialize;

@@ -7,6 +7,8 @@
 //! cargo run -p shmbus-examples --bin send_file -- files.report ./report.pdf
 //! ```
 
+#![forbid(unsafe_code)]
+
 use std::io::Read;
 
 use shmbus::Client;

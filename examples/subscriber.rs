@@ -1,6 +1,8 @@
 //! A small subscriber: prints every reading on `sensors.*.temp`, with who
 //! sent it, and says so when it fell behind.
 
+#![forbid(unsafe_code)]
+
 use serde::Deserialize;
 use shmbus::{Client, Event};
 

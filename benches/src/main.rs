@@ -54,6 +54,7 @@ fn main() {
         "__ring-floor" => return ring::helper_floor(&args[1], &args[2], &args[3], &args[4]),
         "__ring-echo" => return ring::helper_echo(&args[1], args[2].parse().unwrap(), &args[3]),
         "__ring-sink" => return ring::helper_sink(&args[1], args[2].parse().unwrap()),
+        "__ring-pub" => return ring::helper_pub(&args[1], args[2].parse().unwrap()),
         _ => {}
     }
     let mut report = Report { json, rows: Vec::new() };

@@ -179,6 +179,22 @@ pub(crate) fn helper_sink(addr: &str, n: u64) {
     c.flush().unwrap();
 }
 
+/// A publisher alone (to count its system calls under strace): opens
+/// `bench.ring.tp` in block mode, waits for one reader, publishes `n`.
+pub(crate) fn helper_pub(addr: &str, n: u64) {
+    let c = connect_retry(addr);
+    let cfg = ChannelConfig { slot_size: 8, slot_count: 1 << 16, overflow: ChannelOverflow::Block };
+    let mut p = c.channel_publisher("bench.ring.tp", cfg).unwrap();
+    while p.readers() < 1 {
+        p.update_readers().unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    for i in 0..n {
+        p.publish(&i.to_le_bytes()).unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(1));
+}
+
 fn ring_throughput(readers: usize) -> (f64, u64) {
     const N: u64 = 5_000_000;
     let (_broker, addr) = start_broker("ringtp");
