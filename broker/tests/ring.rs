@@ -335,3 +335,34 @@ fn ctl_reads_a_channel() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), "ticks a\nticks b\nticks c\n");
 }
+
+#[test]
+fn rings_count_against_the_publishers_quota_and_bad_geometry_is_refused() {
+    let b = Broker::start_with("ringquota", &["--memfd-quota-bytes", "2000000"]);
+    let c = b.client();
+    let big = ChannelConfig { slot_size: 4096, slot_count: 1024, overflow: ChannelOverflow::Overwrite };
+    match c.channel_publisher("big", big) {
+        Err(ChannelError::Refused { code, message }) => {
+            assert_eq!(code, ErrorCode::LimitExceeded, "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let small = ChannelConfig { slot_size: 64, slot_count: 1024, overflow: ChannelOverflow::Overwrite };
+    let p = c.channel_publisher("small", small).unwrap();
+    // Closing the channel gives the memory back.
+    drop(p);
+    let start = Instant::now();
+    while c.channels().unwrap().len() == 1 {
+        assert!(start.elapsed() < PATIENCE);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mid = ChannelConfig { slot_size: 1024, slot_count: 1024, overflow: ChannelOverflow::Overwrite };
+    let _p = c.channel_publisher("mid", mid).unwrap();
+    for bad in [(0, 16), (64, 0), (64, 1), (u32::MAX, 16)] {
+        let cfg = ChannelConfig { slot_size: bad.0, slot_count: bad.1, overflow: ChannelOverflow::Block };
+        match c.channel_publisher("bad", cfg) {
+            Err(ChannelError::Refused { code, .. }) => assert_eq!(code, ErrorCode::Unsupported),
+            other => panic!("{bad:?}: {other:?}"),
+        }
+    }
+}

@@ -21,10 +21,14 @@ use shmbus_proto::ring::shm::RingMap;
 use shmbus_proto::ring::Geometry;
 use shmbus_proto::sync::Ordering;
 
+use crate::bus::quota::Charge;
+
 #[derive(Debug)]
 pub struct ChannelReader {
     /// Broker slot of the reader's connection.
     pub slot: usize,
+    /// The reader's cursor page, charged to the reader's uid.
+    pub charge: Charge,
 }
 
 #[derive(Debug)]
@@ -43,6 +47,8 @@ pub struct Channel {
     pub publisher_client: u64,
     pub readers: BTreeMap<u32, ChannelReader>,
     pub next_reader: u32,
+    /// The ring's memory, charged to the publisher's uid while it exists.
+    pub charge: Charge,
 }
 
 impl Channel {

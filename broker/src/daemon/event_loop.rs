@@ -490,7 +490,7 @@ impl Broker {
             return self.op_error(slot, op, ErrorCode::InvalidSubject, &msg);
         }
         let Some(conn) = self.conn(slot) else { return };
-        let client_id = conn.id;
+        let (client_id, uid) = (conn.id, conn.cred.uid);
         match role {
             ChannelRole::Publish { slot_size, slot_count, overflow } => {
                 if let Some(ch) = self.channel_by_topic.get(topic).and_then(|id| self.channels.get(id)) {
@@ -499,6 +499,16 @@ impl Broker {
                     return self.op_error(slot, op, ErrorCode::ChannelBusy, &msg);
                 }
                 let geometry = Geometry { slot_size, slot_count };
+                if let Err(e) = geometry.validate() {
+                    let msg = format!("cannot create the ring: {e}");
+                    return self.op_error(slot, op, ErrorCode::Unsupported, &msg);
+                }
+                // The ring's pages are allocated up front: they count
+                // against the publisher's uid like queued payloads do.
+                let charge = match self.quotas.charge(uid, (geometry.total_len() + 4096) as u64) {
+                    Ok(c) => c,
+                    Err(e) => return self.op_error(slot, op, ErrorCode::LimitExceeded, &e.to_string()),
+                };
                 let (ring, signal, map) = match create_ring(geometry, overflow == ChannelOverflow::Block) {
                     Ok(r) => r,
                     Err(e) => {
@@ -532,14 +542,23 @@ impl Broker {
                         publisher_client: client_id,
                         readers: Default::default(),
                         next_reader: 1,
+                        charge,
                     },
                 );
             }
             ChannelRole::Subscribe => {
-                let Some(ch) = self.channel_by_topic.get(topic).and_then(|id| self.channels.get_mut(id))
-                else {
+                if !self.channel_by_topic.contains_key(topic) {
                     let msg = format!("no channel on {topic}: a publisher must open it first");
                     return self.op_error(slot, op, ErrorCode::NoSuchChannel, &msg);
+                }
+                // The cursor page counts against the reader's uid.
+                let charge = match self.quotas.charge(uid, 4096) {
+                    Ok(c) => c,
+                    Err(e) => return self.op_error(slot, op, ErrorCode::LimitExceeded, &e.to_string()),
+                };
+                let Some(ch) = self.channel_by_topic.get(topic).and_then(|id| self.channels.get_mut(id))
+                else {
+                    return;
                 };
                 // A late joiner starts at the current head.
                 let fds = create_cursor(ch.head()).map_err(|e| e.to_string()).and_then(|c| {
@@ -553,7 +572,7 @@ impl Broker {
                 };
                 let reader_id = ch.next_reader;
                 ch.next_reader += 1;
-                ch.readers.insert(reader_id, ChannelReader { slot });
+                ch.readers.insert(reader_id, ChannelReader { slot, charge });
                 let g = ch.geometry;
                 let granted = ChannelGranted {
                     req_id,
