@@ -273,3 +273,98 @@ fn soft_fd_limit_is_raised_to_the_hard_one() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Every system call the broker makes, across a workload that touches
+/// every feature, is allowed by the hardened unit's `SystemCallFilter=`
+/// (which would otherwise kill or cripple it under systemd).
+#[test]
+fn the_unit_syscall_filter_allows_everything_the_broker_does() {
+    let dir = tempdir("seccomp");
+    let trace = dir.join("trace");
+    let addr = unique_address("seccomp");
+    let mut cmd = tool("strace");
+    cmd.args(["-f", "-qq", "-o"]).arg(&trace).args([SHMBUSD, "--address", &addr]);
+    let mut guard = spawn_guarded(cmd);
+    let c = connect_with_retry(&addr);
+    // Pub/sub inline and by memfd, introspection, a ring channel, a bad peer.
+    let s = c.subscribe("w.>").unwrap();
+    c.publish("w.small", b"x").unwrap();
+    c.publish("w.big", &vec![1u8; 300_000]).unwrap();
+    for _ in 0..2 {
+        next_message(&s);
+    }
+    c.clients().unwrap();
+    c.topics().unwrap();
+    c.stats().unwrap();
+    let mut p = c.channel_publisher("w.ring", shmbus::ChannelConfig::default()).unwrap();
+    let mut r = c.channel_subscriber("w.ring").unwrap();
+    p.publish(b"r").unwrap();
+    r.recv_vec_timeout(PATIENCE).unwrap();
+    c.channels().unwrap();
+    drop((r, p));
+    let mut raw = Raw::connect_addr(&addr);
+    raw.send(b"garbage!", &[]);
+    assert!(raw.recv().is_some());
+    drop(s);
+    drop(c);
+    // Shut down cleanly, so the exit path is traced too.
+    let strace_pid = guard.0.as_ref().unwrap().id();
+    let children = std::fs::read_to_string(format!("/proc/{strace_pid}/task/{strace_pid}/children")).unwrap();
+    let broker_pid: i32 = children.split_whitespace().next().expect("traced broker").parse().unwrap();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(broker_pid).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let out = guard.0.take().map(|c| ChildGuard(Some(c)).wait_output()).unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let mut used: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        // "1234 name(args) = result"; skip signal and exit notes.
+        let rest = line.split_once(' ').map_or(line, |(_, r)| r).trim_start();
+        if let Some((name, _)) = rest.split_once('(') {
+            if !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                used.insert(name.to_owned());
+            }
+        }
+    }
+    assert!(used.contains("sendmmsg") && used.contains("memfd_create"), "{used:?}");
+
+    // The unit's filter: the allow list minus the deny list, expanded.
+    let unit = std::fs::read_to_string(units_dir().join("shmbus.service")).unwrap();
+    let (mut allow, mut deny) = (std::collections::BTreeSet::new(), std::collections::BTreeSet::new());
+    for line in unit.lines() {
+        let Some(v) = line.strip_prefix("SystemCallFilter=") else { continue };
+        let (set, v) = match v.strip_prefix('~') {
+            Some(v) => (&mut deny, v),
+            None => (&mut allow, v),
+        };
+        for item in v.split_whitespace() {
+            set.extend(expand_filter(item));
+        }
+    }
+    let blocked: Vec<&String> = used.iter().filter(|s| !allow.contains(*s) || deny.contains(*s)).collect();
+    assert!(blocked.is_empty(), "the unit's filter blocks syscalls shmbusd makes: {blocked:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn expand_filter(item: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    if !item.starts_with('@') {
+        out.insert(item.to_owned());
+        return out;
+    }
+    let mut cmd = tool("systemd-analyze");
+    cmd.args(["syscall-filter", item]);
+    let text = stdout(&run_bounded(cmd));
+    for line in text.lines().skip(1) {
+        let t = line.trim();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        out.extend(expand_filter(t));
+    }
+    out
+}

@@ -279,6 +279,11 @@ pub struct Raw {
 }
 
 impl Raw {
+    pub fn connect_addr(address: &str) -> Raw {
+        let addr = shmbus::Address::parse(address).unwrap();
+        Raw { fd: socket::connect(&addr).unwrap(), batch: RecvBatch::new(1) }
+    }
+
     pub fn connect(b: &Broker) -> Raw {
         let addr = shmbus::Address::parse(&b.address).unwrap();
         Raw { fd: socket::connect(&addr).unwrap(), batch: RecvBatch::new(1) }
