@@ -273,3 +273,25 @@ fn clients_that_never_read_replies_are_cut_off() {
     still_serving(&b);
     b.wait_fd_count(baseline);
 }
+
+#[test]
+fn connections_per_uid_are_bounded() {
+    let b = Broker::start_with("conncap", &["--max-connections-per-uid", "3"]);
+    let c1 = b.client();
+    let _c2 = b.client();
+    let _c3 = b.client();
+    let err = shmbus::Client::connect_to(&b.address).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::LimitExceeded, "{err}");
+    assert!(err.to_string().contains("3 connections"), "{err}");
+    // Closing one makes room again.
+    drop(_c3);
+    let start = std::time::Instant::now();
+    loop {
+        match shmbus::Client::connect_to(&b.address) {
+            Ok(_) => break,
+            Err(_) if start.elapsed() < PATIENCE => std::thread::sleep(std::time::Duration::from_millis(10)),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(c1.stats().unwrap().connections_refused >= 1);
+}

@@ -42,3 +42,6 @@ pub const DEFAULT_MEMFD_QUOTA_BYTES: u64 = 4 * 1024 * 1024 * 1024;
 
 /// Default number of memfd payloads one uid may have held by the broker.
 pub const DEFAULT_MEMFD_QUOTA_FDS: u32 = 4096;
+
+/// Default number of connections one uid may have open at once.
+pub const DEFAULT_MAX_CONNECTIONS_PER_UID: u32 = 1024;

@@ -36,6 +36,9 @@ struct Args {
     /// Bound of each connection's outgoing queue, in memfd payloads.
     #[arg(long, value_name = "N", default_value_t = shmbus_proto::limits::DEFAULT_QUEUE_FDS)]
     queue_fds: u32,
+    /// Most connections one uid may have open at once.
+    #[arg(long, value_name = "N", default_value_t = shmbus_proto::limits::DEFAULT_MAX_CONNECTIONS_PER_UID)]
+    max_connections_per_uid: u32,
     /// Most subscriptions one connection may hold.
     #[arg(long, value_name = "N", default_value_t = shmbus_proto::limits::DEFAULT_MAX_SUBSCRIPTIONS)]
     max_subscriptions: u32,
@@ -89,6 +92,7 @@ fn main() -> ExitCode {
     cfg.queue.frames = args.queue_frames.max(1);
     cfg.queue.fds = args.queue_fds.max(1);
     cfg.max_subscriptions = args.max_subscriptions;
+    cfg.max_connections_per_uid = args.max_connections_per_uid;
     cfg.quota.memfd_bytes = args.memfd_quota_bytes;
     cfg.quota.memfd_fds = args.memfd_quota_fds;
     cfg.close_grace = Duration::from_secs(2);

@@ -83,8 +83,52 @@ impl Quotas {
     }
 }
 
+/// Connections per uid: opening more connections must not escape the
+/// per-uid limits, so the number of connections is itself bounded.
+#[derive(Debug, Default)]
+pub struct ConnectionCounts {
+    limit: u32,
+    by_uid: HashMap<u32, u32>,
+}
+
+impl ConnectionCounts {
+    pub fn new(limit: u32) -> ConnectionCounts {
+        ConnectionCounts { limit, by_uid: HashMap::new() }
+    }
+
+    /// Counts one more connection for `uid`, or says why not.
+    pub fn open(&mut self, uid: u32) -> Result<(), String> {
+        let n = self.by_uid.entry(uid).or_insert(0);
+        if *n >= self.limit {
+            return Err(format!("uid {uid} already has {n} connections (limit {})", self.limit));
+        }
+        *n += 1;
+        Ok(())
+    }
+
+    pub fn close(&mut self, uid: u32) {
+        if let Some(n) = self.by_uid.get_mut(&uid) {
+            *n -= 1;
+            if *n == 0 {
+                self.by_uid.remove(&uid);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn connections_are_counted_per_uid() {
+        let mut c = super::ConnectionCounts::new(2);
+        c.open(5).unwrap();
+        c.open(5).unwrap();
+        assert!(c.open(5).unwrap_err().contains("limit 2"));
+        c.open(6).unwrap();
+        c.close(5);
+        c.open(5).unwrap();
+    }
+
     use super::*;
 
     #[test]

@@ -18,6 +18,8 @@ pub struct Config {
     pub policy: Policy,
     pub queue: QueueLimits,
     pub max_subscriptions: u32,
+    /// Connections one uid may have open at once.
+    pub max_connections_per_uid: u32,
     /// Per-uid bounds on memfd payloads the broker holds.
     pub quota: QuotaLimits,
     /// How long a connection being closed may take to flush its queue,
@@ -37,6 +39,7 @@ impl Config {
                 fds: shmbus_proto::limits::DEFAULT_QUEUE_FDS,
             },
             max_subscriptions: shmbus_proto::limits::DEFAULT_MAX_SUBSCRIPTIONS,
+            max_connections_per_uid: shmbus_proto::limits::DEFAULT_MAX_CONNECTIONS_PER_UID,
             quota: QuotaLimits {
                 memfd_bytes: shmbus_proto::limits::DEFAULT_MEMFD_QUOTA_BYTES,
                 memfd_fds: shmbus_proto::limits::DEFAULT_MEMFD_QUOTA_FDS,

@@ -56,7 +56,7 @@ use super::conn::{command_of, Conn, ConnState};
 use super::signals::SignalPipe;
 use super::systemd::Notifier;
 use crate::bus::queue::{offer, settle_gap, Offer, OutFrame, OutQueue, SharedFd, SubState};
-use crate::bus::quota::Quotas;
+use crate::bus::quota::{ConnectionCounts, Quotas};
 use crate::bus::router::{Router, SubKey};
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -105,6 +105,7 @@ struct Broker {
     live: usize,
     router: Router,
     quotas: Quotas,
+    connections: ConnectionCounts,
     channels: HashMap<u64, Channel>,
     channel_by_topic: HashMap<String, u64>,
     next_channel_id: u64,
@@ -145,6 +146,7 @@ impl Broker {
         poll.registry().register(&mut SourceFd(&hup.read.as_raw_fd()), SIG_HUP, Interest::READABLE)?;
         info!("listening on {}", cfg.address);
         let quota = cfg.quota;
+        let max_connections = cfg.max_connections_per_uid;
         Ok(Broker {
             poll,
             listener: Some(listener),
@@ -155,6 +157,7 @@ impl Broker {
             live: 0,
             router: Router::new(),
             quotas: Quotas::new(quota),
+            connections: ConnectionCounts::new(max_connections),
             channels: HashMap::new(),
             channel_by_topic: HashMap::new(),
             next_channel_id: 1,
@@ -310,10 +313,15 @@ impl Broker {
             }
         };
         let command = command_of(cred.pid);
-        if let Err(reason) = self.cfg.policy.admit(&cred) {
+        let admitted = self.cfg.policy.admit(&cred).map_err(|r| (GoodbyeCode::Denied, r)).and_then(|()| {
+            self.connections
+                .open(cred.uid)
+                .map_err(|r| (GoodbyeCode::LimitExceeded, format!("limit exceeded: {r}")))
+        });
+        if let Err((code, reason)) = admitted {
             self.counters.refused += 1;
             warn!("refused connection from uid {} (pid {}, comm {}): {reason}", cred.uid, cred.pid, command);
-            refuse(fd, &reason);
+            refuse(fd, code, &reason);
             return;
         }
         let slot = match self.free.pop() {
@@ -328,6 +336,7 @@ impl Broker {
         {
             warn!("cannot watch a new connection: {e}");
             self.free.push(slot);
+            self.connections.close(cred.uid);
             return;
         }
         let id = self.next_id;
@@ -950,6 +959,7 @@ impl Broker {
         discard_input(&conn.fd);
         debug!("{} closed", conn.who());
         self.live -= 1;
+        self.connections.close(conn.cred.uid);
         self.free.push(slot);
         // `conn` drops here: its socket and anything queued go with it.
     }
@@ -1114,8 +1124,8 @@ impl Broker {
 }
 
 /// Tells a refused peer why, then closes it.
-fn refuse(fd: OwnedFd, reason: &str) {
-    if let Ok(head) = encode_head(&Goodbye { code: GoodbyeCode::Denied, reason }) {
+fn refuse(fd: OwnedFd, code: GoodbyeCode, reason: &str) {
+    if let Ok(head) = encode_head(&Goodbye { code, reason }) {
         let _ = socket::send_packet(fd.as_fd(), OutPacket { head: &head, payload: &[], fds: &[] }, true);
     }
     discard_input(&fd);
