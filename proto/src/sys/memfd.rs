@@ -37,8 +37,11 @@ pub fn create(name: &str, len: u64) -> io::Result<OwnedFd> {
         Err(e) => return Err(e.into()),
     };
     rustix::fs::ftruncate(&fd, len)?;
-    if len > 0 {
-        // Best effort: on failure the pages are allocated on first touch.
+    // Allocate the pages up front (best effort: on failure they come on
+    // first touch) — except for large memfds, whose pages are left to the
+    // mapping that fills them, so that it can ask for huge pages (see
+    // `mmap::HUGE_ADVICE_MIN`); fallocate would commit small ones first.
+    if len > 0 && len < crate::sys::mmap::HUGE_ADVICE_MIN as u64 {
         let _ = rustix::fs::fallocate(&fd, FallocateFlags::KEEP_SIZE, 0, len);
     }
     Ok(fd)
