@@ -351,17 +351,22 @@ fn helper_pub_bus(addr: &str, size: usize, count: u64, batch: u64) {
 
 // ----------------------------------------------------------- latency --
 
-fn time_rtts(mut once: impl FnMut()) -> (u64, u64) {
-    for _ in 0..LAT_WARMUP {
+/// `(p50, p99)` of `iters` timed calls of `once`, after `warmup` untimed.
+pub(crate) fn timed(warmup: usize, iters: usize, mut once: impl FnMut()) -> (u64, u64) {
+    for _ in 0..warmup {
         once();
     }
-    let mut v = Vec::with_capacity(LAT_ITERS);
-    for _ in 0..LAT_ITERS {
+    let mut v = Vec::with_capacity(iters);
+    for _ in 0..iters {
         let t = Instant::now();
         once();
         v.push(t.elapsed().as_nanos() as u64);
     }
     percentiles(v)
+}
+
+fn time_rtts(once: impl FnMut()) -> (u64, u64) {
+    timed(LAT_WARMUP, LAT_ITERS, once)
 }
 
 fn rtt_seqpacket(size: usize) -> (u64, u64) {

@@ -19,23 +19,14 @@ use shmbus_proto::ring::Geometry;
 use shmbus_proto::sync::Ordering;
 use shmbus_proto::sys::futex;
 
-use crate::{connect_retry, percentiles, start_broker, Helper, Report, Row};
+use crate::{connect_retry, start_broker, Helper, Report, Row};
 
 const RTT_WARMUP: usize = 2_000;
 const RTT_ITERS: usize = 50_000;
 const FLOOR_GEOMETRY: Geometry = Geometry { slot_size: 8, slot_count: 2 };
 
-fn rtt(mut once: impl FnMut()) -> (u64, u64) {
-    for _ in 0..RTT_WARMUP {
-        once();
-    }
-    let mut v = Vec::with_capacity(RTT_ITERS);
-    for _ in 0..RTT_ITERS {
-        let t = Instant::now();
-        once();
-        v.push(t.elapsed().as_nanos() as u64);
-    }
-    percentiles(v)
+fn rtt(once: impl FnMut()) -> (u64, u64) {
+    crate::timed(RTT_WARMUP, RTT_ITERS, once)
 }
 
 fn open_parent_fd(ppid: &str, fd: &str) -> OwnedFd {
