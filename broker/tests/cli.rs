@@ -124,3 +124,48 @@ fn ctl_pub_reports_refusals_and_bad_input() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("wildcards"), "{}", stderr(&out));
 }
+
+#[test]
+fn path_addresses_env_default_and_sigint() {
+    // A filesystem path, given through $SHMBUS_ADDRESS to broker and tools.
+    let dir = std::env::temp_dir().join(format!("shmbus-path-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bus.sock");
+    let _ = std::fs::remove_file(&path);
+    let spawn = || {
+        let mut cmd = std::process::Command::new(SHMBUSD);
+        cmd.env("SHMBUS_ADDRESS", &path);
+        ChildGuard(Some(cmd.spawn().unwrap()))
+    };
+    let wait_up = || {
+        let start = std::time::Instant::now();
+        loop {
+            let mut cmd = std::process::Command::new(SHMBUSCTL);
+            cmd.env("SHMBUS_ADDRESS", &path).arg("ping");
+            if run_bounded(cmd).status.success() {
+                return;
+            }
+            assert!(start.elapsed() < PATIENCE, "broker never answered on {}", path.display());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    let mut first = spawn();
+    wait_up();
+    assert!(std::os::unix::fs::FileTypeExt::is_socket(&std::fs::metadata(&path).unwrap().file_type()));
+    // The library's default honours $SHMBUS_ADDRESS too (in a child, so
+    // this test process's environment is left alone).
+    let mut cmd = std::process::Command::new(SHMBUSCTL);
+    cmd.env("SHMBUS_ADDRESS", &path).args(["pub", "x", "y"]);
+    assert!(run_bounded(cmd).status.success());
+    // SIGINT stops it cleanly, like SIGTERM.
+    let pid = first.0.as_ref().unwrap().id() as i32;
+    rustix::process::kill_process(rustix::process::Pid::from_raw(pid).unwrap(), rustix::process::Signal::INT)
+        .unwrap();
+    let status = wait_timeout(first.0.as_mut().unwrap(), PATIENCE).expect("exit after SIGINT");
+    assert!(status.success(), "{status:?}");
+    // The stale socket file left behind is replaced on the next start.
+    assert!(path.exists());
+    let _second = spawn();
+    wait_up();
+    let _ = std::fs::remove_dir_all(&dir);
+}
