@@ -6,6 +6,10 @@
 //! cargo run --release -p shmbus-benches -- all [--json]
 //! ```
 //!
+//! Diagnostics (not part of `all`): `diag-raw-peers` runs the broker between
+//! hand-written raw peers, to separate the library's cost from the
+//! broker's; `diag-publish-cost` times `publish()` against a raw send.
+//!
 //! Every peer is a separate process: this binary re-executes itself in a
 //! helper role (`__broker`, `__echo-*`, `__pub-*`), so the broker under
 //! test is the real broker code in its own process, and the floors are
@@ -46,6 +50,26 @@ fn main() {
         "__pub-bus" => {
             return helper_pub_bus(&args[1], args[2].parse().unwrap(), args[3].parse().unwrap(), 1)
         }
+        "__pub-raw" => {
+            use shmbus_proto::frame::{
+                encode_frame, encode_head, Hello, PayloadRef, Publish, PROTOCOL_VERSION,
+            };
+            let fd = connect_raw_retry(&args[1]);
+            let size: usize = args[2].parse().unwrap();
+            let n: u64 = args[3].parse().unwrap();
+            let send = |b: &[u8]| {
+                socket::send_packet(fd.as_fd(), OutPacket { head: b, payload: &[], fds: &[] }, false).unwrap()
+            };
+            send(&encode_head(&Hello { version: PROTOCOL_VERSION.into(), name: "rawpub" }).unwrap());
+            let frame =
+                encode_frame(&Publish { topic: "bench.tp", payload: PayloadRef::Inline }, &vec![0xa5; size])
+                    .unwrap();
+            for _ in 0..n {
+                send(&frame);
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            return;
+        }
         "__pub-bus-batched" => {
             return helper_pub_bus(&args[1], args[2].parse().unwrap(), args[3].parse().unwrap(), 64)
         }
@@ -61,6 +85,65 @@ fn main() {
     match what {
         "latency" => latency(&mut report),
         "throughput" => throughput(&mut report),
+        "diag-publish-cost" => {
+            use shmbus_proto::frame::{encode_frame, PayloadRef, Publish};
+            let (_broker, addr) = start_broker("pubcost");
+            let c = connect_retry(&addr);
+            let n = 1_000_000;
+            let payload = [0xa5u8; 16];
+            let t = Instant::now();
+            for _ in 0..n {
+                c.publish("bench.tp", &payload).unwrap();
+            }
+            c.flush().unwrap();
+            println!("publish(): {:.0} ns each", t.elapsed().as_nanos() as f64 / n as f64);
+            let fd = connect_raw_retry(&addr);
+            let send = |b: &[u8]| {
+                socket::send_packet(fd.as_fd(), OutPacket { head: b, payload: &[], fds: &[] }, false).unwrap()
+            };
+            send(
+                &shmbus_proto::frame::encode_head(&shmbus_proto::frame::Hello { version: 1, name: "r" })
+                    .unwrap(),
+            );
+            let frame =
+                encode_frame(&Publish { topic: "bench.tp", payload: PayloadRef::Inline }, &payload).unwrap();
+            let t = Instant::now();
+            for _ in 0..n {
+                send(&frame);
+            }
+            println!("raw send: {:.0} ns each", t.elapsed().as_nanos() as f64 / n as f64);
+            let t = Instant::now();
+            for _ in 0..n {
+                std::hint::black_box(
+                    shmbus_proto::subject::validate_subject(std::hint::black_box("bench.tp")).is_ok(),
+                );
+            }
+            println!("validate_subject: {:.1} ns each", t.elapsed().as_nanos() as f64 / n as f64);
+            let mut buf = Vec::new();
+            let t = Instant::now();
+            for _ in 0..n {
+                shmbus_proto::frame::encode_head_into(
+                    &mut buf,
+                    &Publish { topic: "bench.tp", payload: PayloadRef::Inline },
+                )
+                .unwrap();
+                std::hint::black_box(&buf);
+            }
+            println!("encode_head_into: {:.1} ns each", t.elapsed().as_nanos() as f64 / n as f64);
+            return;
+        }
+        "diag-raw-peers" => {
+            for raw_pub in [false, true] {
+                for _ in 0..3 {
+                    let who = if raw_pub { "raw publisher" } else { "shmbus publisher" };
+                    println!(
+                        "{who} → broker → raw subscriber, 16 B: {:.0} msgs/s",
+                        tp_broker_raw_sub(16, raw_pub)
+                    );
+                }
+            }
+            return;
+        }
         "payload" => payload::payload(&mut report),
         "fanout" => payload::fanout(&mut report),
         "ring" => ring::ring(&mut report),
@@ -537,6 +620,34 @@ fn cpu_ticks(pid: u32) -> u64 {
     // Fields 14 and 15 of stat; after the comm they are the 12th and 13th,
     // and the state letter (field 3) does not parse as a number.
     f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0)
+}
+
+/// Diagnostic: the broker with a raw subscriber (hand-written protocol, a
+/// plain recvmmsg loop) instead of the client library, to tell the
+/// library's receive cost from the broker's.
+fn tp_broker_raw_sub(size: usize, raw_pub: bool) -> f64 {
+    use shmbus_proto::frame::{encode_head, Hello, Overflow, Subscribe, PROTOCOL_VERSION};
+    let n = count_for(size);
+    let (_broker, addr) = start_broker("tpraw");
+    let fd = socket::connect(&Address::parse(&addr).unwrap()).unwrap();
+    let send = |b: &[u8]| {
+        socket::send_packet(fd.as_fd(), OutPacket { head: b, payload: &[], fds: &[] }, false).unwrap()
+    };
+    let mut batch = RecvBatch::new(64);
+    send(&encode_head(&Hello { version: PROTOCOL_VERSION.into(), name: "raw" }).unwrap());
+    batch.recv(fd.as_fd(), false).unwrap();
+    send(&encode_head(&Subscribe { sub_id: 1, pattern: "bench.tp", overflow: Overflow::Gap }).unwrap());
+    batch.recv(fd.as_fd(), false).unwrap();
+    let mode = if raw_pub { "__pub-raw" } else { "__pub-bus" };
+    let _p = Helper::spawn(&[mode, &addr, &size.to_string(), &n.to_string()]);
+    let mut got = 0u64;
+    let mut start = None;
+    while got < n {
+        let k = batch.recv(fd.as_fd(), false).unwrap();
+        start.get_or_insert_with(Instant::now);
+        got += k as u64;
+    }
+    (n - 1) as f64 / start.unwrap().elapsed().as_secs_f64()
 }
 
 /// Median of three runs of `f` (by rate): one run on a shared 2-vCPU

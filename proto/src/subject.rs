@@ -44,6 +44,10 @@ fn check_common(s: &str) -> Result<(), SubjectError> {
     if s.len() > MAX_SUBJECT_LEN {
         return Err(SubjectError::TooLong);
     }
+    // Fast path: printable ASCII without spaces needs no char decoding.
+    if s.bytes().all(|b| (0x21..0x7f).contains(&b)) {
+        return Ok(());
+    }
     if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(SubjectError::BadCharacter);
     }
