@@ -640,14 +640,7 @@ fn tp_broker_raw_sub(size: usize, raw_pub: bool) -> f64 {
     batch.recv(fd.as_fd(), false).unwrap();
     let mode = if raw_pub { "__pub-raw" } else { "__pub-bus" };
     let _p = Helper::spawn(&[mode, &addr, &size.to_string(), &n.to_string()]);
-    let mut got = 0u64;
-    let mut start = None;
-    while got < n {
-        let k = batch.recv(fd.as_fd(), false).unwrap();
-        start.get_or_insert_with(Instant::now);
-        got += k as u64;
-    }
-    (n - 1) as f64 / start.unwrap().elapsed().as_secs_f64()
+    receive_rate(&fd, n)
 }
 
 /// Median of three runs of `f` (by rate): one run on a shared 2-vCPU
