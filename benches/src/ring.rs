@@ -41,6 +41,8 @@ fn open_parent_fd(ppid: &str, fd: &str) -> OwnedFd {
 pub(crate) fn helper_floor(kind: &str, ppid: &str, ring: &str, signal: &str) {
     let (ring, signal) = (open_parent_fd(ppid, ring), open_parent_fd(ppid, signal));
     let map = RingMap::map(ring.as_fd(), signal.as_fd(), FLOOR_GEOMETRY, true).unwrap();
+    // Every store here is Release and every load Acquire: each side's store
+    // pairs with the other side's load of the same word.
     let word = &map.signal().wake;
     let mut expect = 1u32;
     loop {
@@ -71,6 +73,7 @@ fn floor(kind: &str) -> (u64, u64) {
     let me = std::process::id().to_string();
     let (r, s) = (ring.as_raw_fd().to_string(), signal.as_raw_fd().to_string());
     let _partner = Helper::spawn(&["__ring-floor", kind, &me, &r, &s]);
+    // Release stores pair with the partner's Acquire loads, and back.
     let word = &map.signal().wake;
     let mut next = 1u32;
     let result = rtt(|| {

@@ -244,12 +244,17 @@ impl ChannelPublisher {
             // Register as waiting, then look once more (pairs with the
             // reader's SeqCst fence before it reads `publisher_waiting`).
             let sig: &Signal = self.map.signal();
+            // Acquire: pairs with a reader's Release bump of `progress`.
             let seen = sig.progress.load(Ordering::Acquire);
+            // SeqCst (and the fence): pairs with the reader's SeqCst fence
+            // between its cursor store and its `publisher_waiting` load.
             sig.publisher_waiting.store(1, Ordering::SeqCst);
             fence(Ordering::SeqCst);
             if !protocol::slot_free(&self.state, count, self.readers.iter().map(|(_, c)| c.cursor())) {
                 futex::wait(&sig.progress, seen, Some(Duration::from_millis(2)))?;
             }
+            // Relaxed: pairs with nothing; a reader that still sees 1 only
+            // bumps `progress` once for nothing.
             sig.publisher_waiting.store(0, Ordering::Relaxed);
             // A reader may have left: ask the broker's news.
             self.pump()?;
@@ -377,6 +382,7 @@ impl ChannelSubscriber {
         let cursor = CursorMap::map(cursor.as_fd(), true)?;
         // A late joiner starts where the broker put its cursor: the head
         // when it joined.
+        // Acquire: pairs with the broker's Release store in `create_cursor`.
         let next = cursor.cursor().next.load(Ordering::Acquire);
         Ok(ChannelSubscriber {
             client: client.clone(),
@@ -410,7 +416,10 @@ impl ChannelSubscriber {
             // SeqCst fence: pairs with the publisher's, between its
             // `publisher_waiting` store and its last cursor check.
             fence(Ordering::SeqCst);
+            // Relaxed: the SeqCst fence above orders it after our cursor.
             if sig.publisher_waiting.load(Ordering::Relaxed) != 0 {
+                // Release: pairs with the publisher's Acquire load of
+                // `progress` before it registers as waiting.
                 sig.progress.fetch_add(1, Ordering::Release);
                 let _ = futex::wake_all(&sig.progress);
             }
@@ -448,6 +457,7 @@ impl ChannelSubscriber {
             ReadOutcome::Empty => Ok(None),
             ReadOutcome::Message { seq, value } => Ok(Some(ChannelEvent::Message { seq, value })),
             ReadOutcome::Missed(k) => {
+                // Relaxed: a statistic for introspection; pairs with nothing.
                 self.map.signal().overruns.fetch_add(k, Ordering::Relaxed);
                 Ok(Some(ChannelEvent::Missed(k)))
             }
@@ -504,10 +514,13 @@ impl ChannelSubscriber {
         // Acquire: pairs with the publisher's Release bump of `wake`.
         let seen = sig.wake.load(Ordering::Acquire);
         fence(Ordering::SeqCst);
+        // Acquire: pairs with the publisher's Release store of `head`.
         let head = self.map.header().head.load(Ordering::Acquire);
         if head <= self.state.next && !self.map.is_closed() {
             futex::wait(&sig.wake, seen, Some(max))?;
         }
+        // Relaxed: a publisher that still counts us only makes one
+        // needless FUTEX_WAKE.
         sig.waiters.fetch_sub(1, Ordering::Relaxed);
         Ok(())
     }

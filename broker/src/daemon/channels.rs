@@ -58,6 +58,7 @@ impl Channel {
 
     /// Where a reader joining now starts: the current head.
     pub fn head(&self) -> u64 {
+        // Acquire: pairs with the publisher's Release store of `head`.
         self.map.header().head.load(Ordering::Acquire)
     }
 
@@ -78,6 +79,7 @@ impl Channel {
             slot_count: self.geometry.slot_count,
             overflow: self.overflow,
             published: self.head(),
+            // Relaxed: a statistic; pairs with nothing.
             overruns: self.signal().overruns.load(Ordering::Relaxed),
         }
     }

@@ -163,12 +163,14 @@ impl RingMap {
             // Release: pairs with the reader's Acquire load of `closed`.
             self.header().closed.store(1, Ordering::Release);
         }
+        // Release: pairs with a sleeping reader's Acquire load of `wake`.
         self.signal().wake.fetch_add(1, Ordering::Release);
         let _ = crate::sys::futex::wake_all(&self.signal().wake);
     }
 
     /// Whether the ring was closed.
     pub fn is_closed(&self) -> bool {
+        // Acquire: pairs with the Release store in `close`.
         self.header().closed.load(Ordering::Acquire) != 0
     }
 
@@ -179,6 +181,8 @@ impl RingMap {
         if !self.writable {
             return false;
         }
+        // Release everywhere: a hostile writer's stores, for readers'
+        // Acquire loads to find; what they pair with is the point of the test.
         self.header().head.store(head, Ordering::Release);
         let index = slot % self.geometry.slot_count as usize;
         let s = self.slot(index);
@@ -298,6 +302,9 @@ pub fn create_ring(g: Geometry, block: bool) -> Result<(OwnedFd, OwnedFd, RingMa
     let signal = sealed_memfd("shmbus-ring-signal", PAGE_LEN)?;
     let map = RingMap::map(ring.as_fd(), signal.as_fd(), g, true)?;
     let h = map.header();
+    // Relaxed, then the magic with Release: nobody else holds these fds
+    // yet, and handing them over (SCM_RIGHTS) orders everything before it.
+    // Readers take the geometry from the broker's frame, never from here.
     h.version.store(LAYOUT_VERSION, Ordering::Relaxed);
     h.overflow.store(u32::from(block), Ordering::Relaxed);
     h.slot_size.store(g.slot_size, Ordering::Relaxed);
@@ -312,6 +319,7 @@ pub fn create_ring(g: Geometry, block: bool) -> Result<(OwnedFd, OwnedFd, RingMa
 pub fn create_cursor(next: u64) -> Result<(OwnedFd, OwnedFd), RingMapError> {
     let fd = sealed_memfd("shmbus-ring-cursor", PAGE_LEN)?;
     let map = CursorMap::map(fd.as_fd(), true)?;
+    // Release: pairs with the reader's Acquire load when it joins.
     map.cursor().next.store(next, Ordering::Release);
     map.cursor().magic.store(CURSOR_MAGIC, Ordering::Release);
     let ro = memfd::reopen_read_only(fd.as_fd())?;
