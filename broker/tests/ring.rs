@@ -30,17 +30,19 @@ fn check(seq: u64, bytes: &[u8]) -> bool {
 
 fn helper(role: &str, addr: &str, count: u64) -> ChildGuard {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args(["--exact", "helper_process", "--nocapture", "--test-threads=1"])
+    cmd.args(["--exact", "helper_process", "--ignored", "--nocapture", "--test-threads=1"])
         .env(ROLE, role)
         .env(ADDR, addr)
         .env(COUNT, count.to_string());
     spawn_guarded(cmd)
 }
 
-/// Not a test on its own: the body of the helper processes.
+/// Not a test on its own: the body of the helper processes, run only when
+/// a test spawns this binary with `--ignored --exact helper_process`.
 #[test]
+#[ignore = "helper process body, spawned by the other tests"]
 fn helper_process() {
-    let Ok(role) = std::env::var(ROLE) else { return };
+    let role = std::env::var(ROLE).expect("run as a helper by another test");
     let addr = std::env::var(ADDR).unwrap();
     let count: u64 = std::env::var(COUNT).unwrap().parse().unwrap();
     let c = Client::connect_to(&addr).unwrap();
@@ -77,6 +79,7 @@ fn helper_process() {
                 }
             }
         }
+        "closed-publisher-fds" => closed_publisher_fds(&addr),
         "read-then-hang" => {
             let _s = c.channel_subscriber("blocky").unwrap();
             c.publish("blocky.joined", b"").unwrap();
@@ -365,4 +368,34 @@ fn rings_count_against_the_publishers_quota_and_bad_geometry_is_refused() {
             other => panic!("{bad:?}: {other:?}"),
         }
     }
+}
+
+fn own_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// News of a reader that arrives after (or just before) the publisher
+/// closed must not leave its cursor fd behind in the client. Counted in a
+/// helper process, where no other test opens fds meanwhile.
+#[test]
+fn a_closed_publisher_keeps_no_reader_fds() {
+    let b = Broker::start("readerfds");
+    let out = helper("closed-publisher-fds", &b.address, 0).wait_output();
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+}
+
+fn closed_publisher_fds(addr: &str) {
+    let c = Client::connect_to(addr).unwrap();
+    let other = Client::connect_to(addr).unwrap();
+    c.ping().unwrap();
+    let baseline = own_fds();
+    let p = c.channel_publisher("fds", ChannelConfig::default()).unwrap();
+    let s = other.channel_subscriber("fds").unwrap();
+    // The join (with a cursor fd) reaches `c`, which never publishes again.
+    c.ping().unwrap();
+    drop(p);
+    drop(s);
+    other.ping().unwrap();
+    c.ping().unwrap();
+    assert_eq!(own_fds(), baseline, "an fd of the closed channel is still open");
 }

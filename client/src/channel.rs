@@ -167,9 +167,21 @@ impl ChannelPublisher {
         };
         let grant = open(client, topic, role)?;
         let g = grant.frame;
-        let [ring, signal] = <[OwnedFd; 2]>::try_from(grant.fds).map_err(|_| ChannelError::BadGrant)?;
-        let geometry = Geometry { slot_size: g.slot_size, slot_count: g.slot_count };
-        let map = RingMap::map(ring.as_fd(), signal.as_fd(), geometry, true)?;
+        let mapped = <[OwnedFd; 2]>::try_from(grant.fds).map_err(|_| ChannelError::BadGrant).and_then(
+            |[ring, signal]| {
+                let geometry = Geometry { slot_size: g.slot_size, slot_count: g.slot_count };
+                Ok(RingMap::map(ring.as_fd(), signal.as_fd(), geometry, true)?)
+            },
+        );
+        let map = match mapped {
+            Ok(m) => m,
+            Err(e) => {
+                // Give the channel back rather than hold it open unusable.
+                client.inner.state.lock().reader_events.remove(&g.channel_id);
+                let _ = client.inner.send(&ChannelClose { channel_id: g.channel_id }, &[]);
+                return Err(e);
+            }
+        };
         Ok(ChannelPublisher {
             client: client.clone(),
             channel_id: g.channel_id,
@@ -298,6 +310,8 @@ impl ChannelPublisher {
 impl Drop for ChannelPublisher {
     fn drop(&mut self) {
         self.map.close();
+        // Forget the channel's news, and any cursor fds still queued in it.
+        self.client.inner.state.lock().reader_events.remove(&self.channel_id);
         let _ = self.client.inner.send(&ChannelClose { channel_id: self.channel_id }, &[]);
     }
 }
@@ -375,11 +389,23 @@ impl ChannelSubscriber {
     pub(crate) fn open(client: &Client, topic: &str) -> Result<Self, ChannelError> {
         let grant = open(client, topic, ChannelRole::Subscribe)?;
         let g = grant.frame;
-        let [ring, signal, cursor] =
-            <[OwnedFd; 3]>::try_from(grant.fds).map_err(|_| ChannelError::BadGrant)?;
-        let geometry = Geometry { slot_size: g.slot_size, slot_count: g.slot_count };
-        let map = RingMap::map(ring.as_fd(), signal.as_fd(), geometry, false)?;
-        let cursor = CursorMap::map(cursor.as_fd(), true)?;
+        let mapped = <[OwnedFd; 3]>::try_from(grant.fds).map_err(|_| ChannelError::BadGrant).and_then(
+            |[ring, signal, cursor]| {
+                let geometry = Geometry { slot_size: g.slot_size, slot_count: g.slot_count };
+                let map = RingMap::map(ring.as_fd(), signal.as_fd(), geometry, false)?;
+                let cursor = CursorMap::map(cursor.as_fd(), true)?;
+                Ok((ring, map, cursor))
+            },
+        );
+        let (ring, map, cursor) = match mapped {
+            Ok(m) => m,
+            Err(e) => {
+                // Leave the cursor set, so a block-mode publisher does not
+                // wait for a reader that never came.
+                let _ = client.inner.send(&ChannelClose { channel_id: g.channel_id }, &[]);
+                return Err(e);
+            }
+        };
         // A late joiner starts where the broker put its cursor: the head
         // when it joined.
         // Acquire: pairs with the broker's Release store in `create_cursor`.

@@ -82,7 +82,8 @@ pub(crate) struct State {
     /// Channel opens awaiting the broker's answer, and the answers.
     pub awaiting_grant: HashSet<u32>,
     pub grants: HashMap<u32, Result<Grant, (ErrorCode, String)>>,
-    /// Readers joining and leaving, per channel this client publishes.
+    /// Readers joining and leaving, per channel this client publishes
+    /// (news for any other channel is dropped, closing its fds).
     pub reader_events: HashMap<u64, VecDeque<ReaderEvent>>,
     pub refused_publishes: Vec<PublishRefused>,
     pub closed: Option<Disconnect>,
@@ -450,12 +451,17 @@ fn apply(
         }
         BrokerFrame::ChannelGranted(g) => {
             if st.awaiting_grant.remove(&g.req_id) {
+                if g.reader_id == 0 {
+                    // We publish this channel: from now on keep its news.
+                    st.reader_events.entry(g.channel_id).or_default();
+                }
                 st.grants.insert(g.req_id, Ok(Grant { frame: g, fds }));
             }
         }
         BrokerFrame::ChannelReader(r) => {
             let fd = fds.pop();
-            st.reader_events.entry(r.channel_id).or_default().push_back(ReaderEvent {
+            let Some(queue) = st.reader_events.get_mut(&r.channel_id) else { return };
+            queue.push_back(ReaderEvent {
                 reader_id: r.reader_id,
                 joined: r.joined,
                 generation: r.generation,

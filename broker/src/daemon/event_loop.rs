@@ -580,7 +580,9 @@ impl Broker {
                     }
                 };
                 let reader_id = ch.next_reader;
-                ch.next_reader += 1;
+                // Wrapping, never 0 (the publisher's id): a peer may join and
+                // leave any number of times.
+                ch.next_reader = ch.next_reader.wrapping_add(1).max(1);
                 ch.readers.insert(reader_id, ChannelReader { slot, charge });
                 let g = ch.geometry;
                 let granted = ChannelGranted {
