@@ -107,6 +107,11 @@ impl Router {
         self.subscriptions == 0
     }
 
+    /// Number of distinct patterns.
+    pub fn pattern_count(&self) -> usize {
+        self.patterns.len()
+    }
+
     /// Each distinct pattern with how many subscriptions hold it.
     pub fn patterns(&self) -> impl Iterator<Item = (&str, u32)> {
         self.patterns.iter().map(|(p, c)| (&**p, *c))

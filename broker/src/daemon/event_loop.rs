@@ -184,7 +184,7 @@ impl Broker {
             "{} clients, {} subscriptions on {} patterns; {} messages in, {} dropped",
             self.live,
             self.router.len(),
-            self.router.patterns().count(),
+            self.router.pattern_count(),
             self.counters.msgs_in,
             self.counters.dropped
         )
@@ -239,11 +239,15 @@ impl Broker {
             }
             self.flush_dirty();
             self.reap_closing();
-            if self.shutdown_deadline.is_none() {
-                let status = self.status_line();
-                self.notifier.set_status(status);
+            if self.notifier.is_enabled() {
+                // Only under a service manager: a status line costs a
+                // format! per turn of the loop.
+                if self.shutdown_deadline.is_none() {
+                    let status = self.status_line();
+                    self.notifier.set_status(status);
+                }
+                self.notifier.tick(Instant::now());
             }
-            self.notifier.tick(Instant::now());
             if let Some(deadline) = self.shutdown_deadline {
                 if self.live == 0 || Instant::now() >= deadline {
                     let left = self.live;
@@ -856,7 +860,7 @@ impl Broker {
             uptime_ms: self.started.elapsed().as_millis() as u64,
             clients: self.live as u32,
             subscriptions: self.router.len() as u32,
-            patterns: self.router.patterns().count() as u32,
+            patterns: self.router.pattern_count() as u32,
             msgs_in: c.msgs_in,
             msgs_out: c.msgs_out,
             bytes_in: c.bytes_in,

@@ -106,6 +106,11 @@ impl Notifier {
         }
     }
 
+    /// Whether a service manager listens (`NOTIFY_SOCKET` was set).
+    pub fn is_enabled(&self) -> bool {
+        self.enabled
+    }
+
     fn send(&self, states: &[NotifyState<'_>]) {
         if !self.enabled {
             return;
@@ -153,6 +158,9 @@ impl Notifier {
 
     /// When `tick` next has something to do.
     pub fn next_deadline(&self) -> Option<Instant> {
+        if !self.enabled {
+            return None;
+        }
         let status_due =
             self.status_pending.then(|| self.status_sent.map_or(Instant::now(), |t| t + STATUS_EVERY));
         match (self.next_ping, status_due) {
