@@ -20,7 +20,7 @@ use shmbus_proto::Address;
 use crate::channel::{ChannelConfig, ChannelError, ChannelPublisher, ChannelSubscriber};
 use crate::connection::{Inner, QuerySlot, SendState, State, SubQueue};
 use crate::error::{
-    ConnectError, Disconnect, FlushError, LoanError, PublishError, RecvError, RequestError, SubscribeError,
+    ConnectError, Disconnect, FlushError, LoanError, PublishError, RequestError, SubscribeError,
 };
 use crate::loan::Loan;
 use crate::subscription::Subscription;
@@ -332,14 +332,9 @@ impl Client {
         }
         let mut s = self.inner.send.lock();
         let body = Publish { topic, payload: PayloadRef::Inline };
-        match self.inner.send_locked(&mut s, &body, payload) {
-            Ok(()) => {
-                s.published += 1;
-                Ok(())
-            }
-            Err(RecvError::Disconnected(d)) => Err(PublishError::Disconnected(d)),
-            Err(RecvError::Io(e)) => Err(PublishError::Io(e)),
-        }
+        self.inner.send_locked(&mut s, &body, payload)?;
+        s.published += 1;
+        Ok(())
     }
 
     /// A writable shared-memory buffer of `len` bytes to fill in place and
@@ -369,14 +364,9 @@ impl Client {
     fn send_memfd(&self, topic: &str, fd: BorrowedFd<'_>, len: u64) -> Result<(), PublishError> {
         let mut s = self.inner.send.lock();
         let body = Publish { topic, payload: PayloadRef::Memfd { len } };
-        match self.inner.send_locked_with_fds(&mut s, &body, &[], &[fd]) {
-            Ok(()) => {
-                s.published += 1;
-                Ok(())
-            }
-            Err(RecvError::Disconnected(d)) => Err(PublishError::Disconnected(d)),
-            Err(RecvError::Io(e)) => Err(PublishError::Io(e)),
-        }
+        self.inner.send_locked_with_fds(&mut s, &body, &[], &[fd])?;
+        s.published += 1;
+        Ok(())
     }
 
     /// Publishes several messages with as few system calls as possible
@@ -431,10 +421,7 @@ impl Client {
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(e) => {
-                        result = Err(match self.inner.send_error(e) {
-                            RecvError::Disconnected(d) => PublishError::Disconnected(d),
-                            RecvError::Io(e) => PublishError::Io(e),
-                        });
+                        result = Err(self.inner.send_error(e).into());
                         break;
                     }
                 }

@@ -147,17 +147,7 @@ impl Inner {
             match socket::send_packet(self.fd.as_fd(), packet, false) {
                 Ok(()) => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::BrokenPipe
-                            | io::ErrorKind::ConnectionReset
-                            | io::ErrorKind::NotConnected
-                    ) =>
-                {
-                    return Err(RecvError::Disconnected(self.disconnect_reason()));
-                }
-                Err(e) => return Err(RecvError::Io(e)),
+                Err(e) => return Err(self.send_error(e)),
             }
         }
     }

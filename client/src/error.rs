@@ -228,6 +228,15 @@ impl FlushError {
     }
 }
 
+impl From<RecvError> for PublishError {
+    fn from(e: RecvError) -> Self {
+        match e {
+            RecvError::Disconnected(d) => PublishError::Disconnected(d),
+            RecvError::Io(e) => PublishError::Io(e),
+        }
+    }
+}
+
 impl From<RecvError> for RequestError {
     fn from(e: RecvError) -> Self {
         match e {
