@@ -38,9 +38,9 @@ pub const DEFAULT_LOCAL_QUEUE: usize = 65_536;
 /// set otherwise with [`ConnectOptions::memfd_threshold`]. Chosen from the
 /// `payload` benchmark (see the README): up to the 64 KiB inline limit, one
 /// copy through the socket beat creating, filling, sealing, checking and
-/// mapping a memfd at every size measured, in every run (about 30 µs
-/// against 70–95 µs at 4 KiB; 55–65 µs against 100–125 µs at 64 KiB), so
-/// the memfd path starts where inline ends.
+/// mapping a memfd at every size measured, in every run (end to end,
+/// 29–50 µs against 69–95 µs at 4 KiB; 52–67 µs against 96–131 µs at
+/// 64 KiB), so the memfd path starts where inline ends.
 pub const DEFAULT_MEMFD_THRESHOLD: usize = shmbus_proto::limits::MAX_INLINE_PAYLOAD;
 
 /// Which broker uids this client trusts.
