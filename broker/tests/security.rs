@@ -4,7 +4,6 @@
 mod common;
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::process::Command;
 
 use common::*;
 use shmbus::{ErrorKind, Event};
@@ -46,10 +45,8 @@ fn allowed_other_uid_is_stamped_as_itself() {
     let b = Broker::start_with("stamp", &["--allow-uid", &NOBODY.to_string()]);
     let c = b.client();
     let s = c.subscribe("who").unwrap();
-    let mut cmd = Command::new(SHMBUSCTL);
+    let mut cmd = command_as(SHMBUSCTL, NOBODY);
     cmd.args(["--address", &b.address, "pub", "who", "me"]);
-    std::os::unix::process::CommandExt::uid(&mut cmd, NOBODY);
-    std::os::unix::process::CommandExt::gid(&mut cmd, NOBODY);
     let child = spawn_guarded(cmd);
     let pid = child.0.as_ref().unwrap().id();
     let out = child.wait_output();

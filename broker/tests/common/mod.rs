@@ -42,11 +42,11 @@ impl Broker {
     /// Spawns the broker as `uid` (for trust tests).
     pub fn spawn(tag: &str, extra: &[&str], uid: Option<u32>) -> Broker {
         let address = unique_address(tag);
-        let mut cmd = Command::new(SHMBUSD);
+        let mut cmd = match uid {
+            Some(uid) => command_as(SHMBUSD, uid),
+            None => Command::new(SHMBUSD),
+        };
         cmd.arg("--address").arg(&address).args(extra).stdin(Stdio::null());
-        if let Some(uid) = uid {
-            cmd.uid(uid).gid(uid);
-        }
         let child = cmd.spawn().expect("spawn shmbusd");
         let b = Broker { child: Some(child), address };
         b.wait_ready();
@@ -145,11 +145,11 @@ impl Broker {
     }
 
     pub fn ctl_as(&self, args: &[&str], uid: Option<u32>) -> Output {
-        let mut cmd = Command::new(SHMBUSCTL);
+        let mut cmd = match uid {
+            Some(uid) => command_as(SHMBUSCTL, uid),
+            None => Command::new(SHMBUSCTL),
+        };
         cmd.arg("--address").arg(&self.address).args(args);
-        if let Some(uid) = uid {
-            cmd.uid(uid).gid(uid);
-        }
         run_bounded(cmd)
     }
 }
@@ -204,6 +204,41 @@ impl Drop for ChildGuard {
             let _ = c.wait();
         }
     }
+}
+
+/// A command that runs `binary` as `uid`/`gid`. The build tree may sit in a
+/// directory other users cannot enter (a clone in a 0700 `mktemp -d`, as CI
+/// may use), so the binary is first copied to a world-readable directory.
+pub fn command_as(binary: &str, uid: u32) -> Command {
+    use std::os::unix::fs::PermissionsExt;
+    static COPIES: std::sync::Mutex<Vec<(String, std::path::PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    let mut copies = COPIES.lock().unwrap();
+    let path = match copies.iter().find(|(b, _)| b == binary) {
+        Some((_, p)) => p.clone(),
+        None => {
+            // Copies left by earlier test processes that are gone.
+            for e in std::fs::read_dir(std::env::temp_dir()).into_iter().flatten().flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(pid) = name.strip_prefix("shmbus-test-bin-") {
+                    if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                        let _ = std::fs::remove_dir_all(e.path());
+                    }
+                }
+            }
+            let dir = std::env::temp_dir().join(format!("shmbus-test-bin-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let name = std::path::Path::new(binary).file_name().unwrap();
+            let dst = dir.join(name);
+            std::fs::copy(binary, &dst).unwrap();
+            std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755)).unwrap();
+            copies.push((binary.to_owned(), dst.clone()));
+            dst
+        }
+    };
+    let mut cmd = Command::new(path);
+    cmd.uid(uid).gid(uid).current_dir("/");
+    cmd
 }
 
 pub fn spawn_guarded(mut cmd: Command) -> ChildGuard {
