@@ -177,6 +177,31 @@ pub(crate) struct Row {
     note: String,
 }
 
+impl Row {
+    /// A row of p50/p99 times against a floor's p50.
+    pub(crate) fn timed(
+        scenario: &'static str,
+        path: &str,
+        size: usize,
+        subscribers: Option<u32>,
+        r: (u64, u64),
+        floor: (&str, u64),
+    ) -> Row {
+        Row {
+            scenario,
+            path: path.into(),
+            size,
+            subscribers,
+            p50_ns: Some(r.0),
+            p99_ns: Some(r.1),
+            msgs_per_s: None,
+            floor: floor.0.into(),
+            ratio_to_floor: r.0 as f64 / floor.1 as f64,
+            note: String::new(),
+        }
+    }
+}
+
 pub(crate) struct Report {
     json: bool,
     rows: Vec<Row>,

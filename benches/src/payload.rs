@@ -208,41 +208,19 @@ fn memcpy(size: usize) -> (u64, u64) {
     })
 }
 
-fn row(
-    scenario: &'static str,
-    path: &str,
-    size: usize,
-    subs: Option<u32>,
-    r: (u64, u64),
-    floor: (&str, u64),
-) -> Row {
-    Row {
-        scenario,
-        path: path.into(),
-        size,
-        subscribers: subs,
-        p50_ns: Some(r.0),
-        p99_ns: Some(r.1),
-        msgs_per_s: None,
-        floor: floor.0.into(),
-        ratio_to_floor: r.0 as f64 / floor.1 as f64,
-        note: String::new(),
-    }
-}
-
 pub(crate) fn payload(report: &mut Report) {
     for size in [4096usize, 64 * 1024, 1 << 20, 16 << 20, 64 << 20] {
         let pipe_r = pipe(size, 1, "read");
         let floor = ("pipe", pipe_r.0);
-        report.push(row("payload", "pipe", size, None, pipe_r, floor));
-        report.push(row("payload", "memcpy", size, None, memcpy(size), floor));
+        report.push(Row::timed("payload", "pipe", size, None, pipe_r, floor));
+        report.push(Row::timed("payload", "memcpy", size, None, memcpy(size), floor));
         if size <= shmbus_proto::limits::MAX_INLINE_PAYLOAD {
-            report.push(row("payload", "inline_transfer", size, None, inline_transfer(size), floor));
-            report.push(row("payload", "inline_e2e", size, None, bus_e2e(size, usize::MAX), floor));
+            report.push(Row::timed("payload", "inline_transfer", size, None, inline_transfer(size), floor));
+            report.push(Row::timed("payload", "inline_e2e", size, None, bus_e2e(size, usize::MAX), floor));
         }
-        report.push(row("payload", "memfd_transfer", size, None, memfd_transfer(size, 1), floor));
-        report.push(row("payload", "memfd_fd_transfer", size, None, memfd_fd_transfer(size), floor));
-        report.push(row("payload", "memfd_e2e", size, None, bus_e2e(size, 0), floor));
+        report.push(Row::timed("payload", "memfd_transfer", size, None, memfd_transfer(size, 1), floor));
+        report.push(Row::timed("payload", "memfd_fd_transfer", size, None, memfd_fd_transfer(size), floor));
+        report.push(Row::timed("payload", "memfd_e2e", size, None, bus_e2e(size, 0), floor));
     }
 }
 
@@ -253,10 +231,11 @@ pub(crate) fn fanout(report: &mut Report) {
     for n in [1usize, 2, 4, 8] {
         let m = if n == 1 { memfd_one } else { memfd_transfer(size, n) };
         let p = if n == 1 { pipe_one } else { pipe(size, n, "map") };
-        let mut r = row("fanout", "memfd", size, Some(n as u32), m, ("memfd@1", memfd_one.0));
+        let mut r = Row::timed("fanout", "memfd", size, Some(n as u32), m, ("memfd@1", memfd_one.0));
         r.note = format!("{n} subscribers; {:.1}× faster than pipe copies", p.0 as f64 / m.0 as f64);
         report.push(r);
-        let mut r = row("fanout", "pipe_copies", size, Some(n as u32), p, ("pipe_copies@1", pipe_one.0));
+        let mut r =
+            Row::timed("fanout", "pipe_copies", size, Some(n as u32), p, ("pipe_copies@1", pipe_one.0));
         r.note = format!("{n} subscribers");
         report.push(r);
     }

@@ -239,18 +239,7 @@ pub(crate) fn ring(report: &mut Report) {
     blockings.sort();
     let (futex_floor, blocking_8) = (floors[1], blockings[1]);
     let push = |report: &mut Report, path: &str, size: usize, r: (u64, u64), f: (&str, u64)| {
-        report.push(Row {
-            scenario: "ring",
-            path: path.into(),
-            size,
-            subscribers: None,
-            p50_ns: Some(r.0),
-            p99_ns: Some(r.1),
-            msgs_per_s: None,
-            floor: f.0.into(),
-            ratio_to_floor: r.0 as f64 / f.1 as f64,
-            note: String::new(),
-        })
+        report.push(Row::timed("ring", path, size, None, r, f))
     };
     push(report, "spin_floor", 8, spin_floor, ("spin_floor", spin_floor.0));
     push(report, "futex_floor", 8, futex_floor, ("futex_floor", futex_floor.0));

@@ -291,14 +291,10 @@ impl Client {
 
     /// Every ring channel on the broker.
     pub fn channels(&self) -> Result<Vec<ChannelInfo>, RequestError> {
-        Ok(self
-            .query(QueryKind::Channels)?
-            .into_iter()
-            .filter_map(|i| match i {
-                QueryItemBody::Channel(c) => Some(c),
-                _ => None,
-            })
-            .collect())
+        self.query_items(QueryKind::Channels, |i| match i {
+            QueryItemBody::Channel(x) => Some(x),
+            _ => None,
+        })
     }
 
     /// Our id on the bus, as stamped on what we send.
@@ -545,28 +541,29 @@ impl Client {
         result
     }
 
+    /// The items of one kind in the answer to `what`.
+    fn query_items<T>(
+        &self,
+        what: QueryKind,
+        pick: impl FnMut(QueryItemBody) -> Option<T>,
+    ) -> Result<Vec<T>, RequestError> {
+        Ok(self.query(what)?.into_iter().filter_map(pick).collect())
+    }
+
     /// Every client connected to the broker.
     pub fn clients(&self) -> Result<Vec<ClientInfo>, RequestError> {
-        Ok(self
-            .query(QueryKind::Clients)?
-            .into_iter()
-            .filter_map(|i| match i {
-                QueryItemBody::Client(c) => Some(c),
-                _ => None,
-            })
-            .collect())
+        self.query_items(QueryKind::Clients, |i| match i {
+            QueryItemBody::Client(x) => Some(x),
+            _ => None,
+        })
     }
 
     /// Every subscribed pattern, with its subscriber count.
     pub fn topics(&self) -> Result<Vec<TopicInfo>, RequestError> {
-        Ok(self
-            .query(QueryKind::Topics)?
-            .into_iter()
-            .filter_map(|i| match i {
-                QueryItemBody::Topic(t) => Some(t),
-                _ => None,
-            })
-            .collect())
+        self.query_items(QueryKind::Topics, |i| match i {
+            QueryItemBody::Topic(x) => Some(x),
+            _ => None,
+        })
     }
 
     /// The broker's counters.
