@@ -32,7 +32,7 @@ use crate::limits::MAX_PACKET;
 /// First two bytes of every frame (little-endian "SB" as in shmbus).
 pub const MAGIC: u16 = 0x4253;
 /// Wire protocol version, in every header and in `Hello`.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 8;
 
@@ -49,6 +49,7 @@ pub enum Kind {
     Query = 6,
     ChannelOpen = 7,
     ChannelClose = 8,
+    FdAck = 9,
     Welcome = 64,
     Goodbye = 65,
     Deliver = 66,
@@ -74,6 +75,7 @@ impl Kind {
             6 => Query,
             7 => ChannelOpen,
             8 => ChannelClose,
+            9 => FdAck,
             64 => Welcome,
             65 => Goodbye,
             66 => Deliver,
@@ -122,6 +124,12 @@ pub struct Limits {
     pub queue_bytes: u64,
     pub queue_frames: u32,
     pub max_subscriptions: u32,
+    /// Fds the broker sends this connection before it waits for an
+    /// [`FdAck`]: the client must acknowledge the fds it has taken from
+    /// its socket, at the latest when half of this many are unacknowledged.
+    pub fd_window: u32,
+    /// Most tokens in a subject or pattern.
+    pub max_depth: u32,
 }
 
 /// Handshake accepted.
@@ -146,6 +154,8 @@ pub enum GoodbyeCode {
     Shutdown,
     /// A resource limit of the connection was exceeded.
     LimitExceeded,
+    /// The peer did not say `Hello` within the broker's deadline.
+    HelloTimeout,
 }
 
 /// Last frame before the broker closes a connection.
@@ -246,10 +256,17 @@ pub enum QueryKind {
     Channels,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Query {
+/// Asks for one page of an introspection answer. The broker answers with
+/// at most one page of `QueryItem`s, then a `QueryEnd` whose `next`, when
+/// set, is the `after` of the next page: answers are paced by the asker's
+/// reading, and each page costs the broker a bounded amount of work.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Query<'a> {
     pub req_id: u32,
     pub what: QueryKind,
+    /// Resume after this key (a `next` from the previous page); `None`
+    /// for the first page.
+    pub after: Option<&'a str>,
 }
 
 /// One connected client, as introspection shows it.
@@ -299,6 +316,14 @@ pub struct Stats {
     pub connections_refused: u64,
     pub protocol_errors: u64,
     pub slow_disconnects: u64,
+    /// Operations refused by a per-uid quota.
+    pub quota_refusals: u64,
+    /// Log lines about refusals left out by the log rate limit.
+    pub log_suppressed: u64,
+    /// Operations refused because the broker itself ran short (fds, memory).
+    pub broker_resource_errors: u64,
+    /// Connections closed for not saying Hello in time.
+    pub hello_timeouts: u64,
 }
 
 /// One ring channel, as introspection shows it.
@@ -333,9 +358,22 @@ pub struct QueryItem {
     pub item: QueryItemBody,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Ends one page of an answer. `next` is set when there is more: send the
+/// same query again with `after: next`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueryEnd {
     pub req_id: u32,
+    pub next: Option<String>,
+}
+
+/// The client has taken `fds` more fds from its socket (memfd payloads and
+/// channel grants). The broker keeps at most `Limits::fd_window` fds
+/// unacknowledged per connection, and a per-uid total, so fds it sends
+/// never pile up unread in sockets, where the kernel charges them to the
+/// broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FdAck {
+    pub fds: u32,
 }
 
 /// Which operation an `OpError` answers.
@@ -356,6 +394,10 @@ pub enum Op {
     },
     ChannelOpen {
         req_id: u32,
+    },
+    ChannelClose {
+        channel_id: u64,
+        reader_id: u32,
     },
 }
 
@@ -382,6 +424,9 @@ pub enum ErrorCode {
     ChannelBusy,
     /// No channel (with a publisher) on that topic.
     NoSuchChannel,
+    /// The broker itself ran short of a resource (file descriptors,
+    /// memory): not the sender's fault; it may retry later.
+    BrokerResource,
 }
 
 /// A refused operation. The connection stays usable.
@@ -416,10 +461,13 @@ pub struct ChannelOpen<'a> {
     pub role: ChannelRole,
 }
 
-/// Leaves a channel: a publisher closes it, a reader leaves its cursor set.
+/// Gives back one handle on a channel: `reader_id` 0 is the publisher's
+/// (which closes the channel), any other is that reader's (which leaves
+/// the reader set). Other handles the connection holds stay open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChannelClose {
     pub channel_id: u64,
+    pub reader_id: u32,
 }
 
 /// A channel opened. Fds beside it: for the publisher, the ring
@@ -437,7 +485,10 @@ pub struct ChannelGranted {
 }
 
 /// To a publisher: a reader joined (its cursor page, read-only, beside
-/// this frame) or left.
+/// this frame) or left. The broker coalesces this news: it holds at most
+/// one untold change per reader and sends it as the publisher's queue has
+/// room, and a reader that joins and leaves before the publisher was told
+/// is never mentioned, so reader churn cannot flood a publisher.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChannelReader {
     pub channel_id: u64,
@@ -454,7 +505,7 @@ body! {
 
 body! {
     Hello<'a> => Hello, Subscribe<'a> => Subscribe, Unsubscribe => Unsubscribe,
-    Publish<'a> => Publish, Ping => Ping, Query => Query,
+    Publish<'a> => Publish, Ping => Ping, Query<'a> => Query, FdAck => FdAck,
     Welcome => Welcome, Goodbye<'a> => Goodbye, Deliver<'a> => Deliver, Gap => Gap,
     Subscribed => Subscribed, Pong => Pong, QueryItem => QueryItem, QueryEnd => QueryEnd,
     OpError<'a> => OpError,
@@ -579,9 +630,10 @@ pub enum ClientFrame<'a> {
     Unsubscribe(Unsubscribe),
     Publish(Publish<'a>, &'a [u8]),
     Ping(Ping),
-    Query(Query),
+    Query(Query<'a>),
     ChannelOpen(ChannelOpen<'a>),
     ChannelClose(ChannelClose),
+    FdAck(FdAck),
 }
 
 /// Decodes a packet a client sent. Never panics.
@@ -596,6 +648,7 @@ pub fn decode_client(packet: &[u8]) -> Result<ClientFrame<'_>, DecodeError> {
         Kind::Query => ClientFrame::Query(body(kind, b)?),
         Kind::ChannelOpen => ClientFrame::ChannelOpen(body(kind, b)?),
         Kind::ChannelClose => ClientFrame::ChannelClose(body(kind, b)?),
+        Kind::FdAck => ClientFrame::FdAck(body(kind, b)?),
         other => return Err(DecodeError::WrongDirection(other)),
     })
 }
