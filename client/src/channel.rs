@@ -55,7 +55,7 @@ impl Default for ChannelConfig {
 pub enum ChannelError {
     #[error("invalid channel subject: {0}")]
     InvalidSubject(#[from] SubjectError),
-    #[error("the broker refused ({code:?}): {message}")]
+    #[error("the broker refused: {}", crate::error::Refusal(*code, message))]
     Refused { code: ErrorCode, message: String },
     #[error("message of {len} bytes does not fit a {slot_size}-byte slot")]
     TooLarge { len: usize, slot_size: u32 },
@@ -79,6 +79,7 @@ impl ChannelError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             ChannelError::InvalidSubject(_) | ChannelError::TooLarge { .. } => ErrorKind::InvalidInput,
+            ChannelError::Refused { code: ErrorCode::BrokerResource, .. } => ErrorKind::Unavailable,
             ChannelError::Refused { .. } => ErrorKind::Denied,
             ChannelError::Map(_) | ChannelError::Io(_) => ErrorKind::Io,
             ChannelError::BadGrant | ChannelError::Corrupt(_) => ErrorKind::Protocol,
@@ -178,7 +179,7 @@ impl ChannelPublisher {
             Err(e) => {
                 // Give the channel back rather than hold it open unusable.
                 client.inner.state.lock().reader_events.remove(&g.channel_id);
-                let _ = client.inner.send(&ChannelClose { channel_id: g.channel_id }, &[]);
+                let _ = client.inner.send(&ChannelClose { channel_id: g.channel_id, reader_id: 0 }, &[]);
                 return Err(e);
             }
         };
@@ -312,7 +313,7 @@ impl Drop for ChannelPublisher {
         self.map.close();
         // Forget the channel's news, and any cursor fds still queued in it.
         self.client.inner.state.lock().reader_events.remove(&self.channel_id);
-        let _ = self.client.inner.send(&ChannelClose { channel_id: self.channel_id }, &[]);
+        let _ = self.client.inner.send(&ChannelClose { channel_id: self.channel_id, reader_id: 0 }, &[]);
     }
 }
 
@@ -402,7 +403,8 @@ impl ChannelSubscriber {
             Err(e) => {
                 // Leave the cursor set, so a block-mode publisher does not
                 // wait for a reader that never came.
-                let _ = client.inner.send(&ChannelClose { channel_id: g.channel_id }, &[]);
+                let close = ChannelClose { channel_id: g.channel_id, reader_id: g.reader_id };
+                let _ = client.inner.send(&close, &[]);
                 return Err(e);
             }
         };
@@ -573,6 +575,7 @@ impl ChannelSubscriber {
 
 impl Drop for ChannelSubscriber {
     fn drop(&mut self) {
-        let _ = self.client.inner.send(&ChannelClose { channel_id: self.channel_id }, &[]);
+        let close = ChannelClose { channel_id: self.channel_id, reader_id: self.reader_id };
+        let _ = self.client.inner.send(&close, &[]);
     }
 }

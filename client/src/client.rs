@@ -5,7 +5,6 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 
 use shmbus_proto::frame::encode_head_into;
@@ -18,7 +17,7 @@ use shmbus_proto::sys::socket::{self, OutPacket, PeerCred, RecvBatch, MAX_BATCH}
 use shmbus_proto::Address;
 
 use crate::channel::{ChannelConfig, ChannelError, ChannelPublisher, ChannelSubscriber};
-use crate::connection::{Inner, QuerySlot, SendState, State, SubQueue};
+use crate::connection::{Inner, QuerySlot, SubQueue};
 use crate::error::{
     ConnectError, Disconnect, FlushError, LoanError, PublishError, RequestError, SubscribeError,
 };
@@ -174,17 +173,7 @@ impl ConnectOptions {
         // goodbye is still waiting for us, so a failed send is not the end.
         let _ = socket::send_packet(fd.as_fd(), OutPacket { head: &head, payload: &[], fds: &[] }, false);
         let (client_id, limits) = handshake(&fd, self.timeout)?;
-        let inner = Inner {
-            fd,
-            client_id,
-            limits,
-            broker,
-            address: shown,
-            send: Mutex::new(SendState { head: Vec::with_capacity(256), heads: Vec::new(), published: 0 }),
-            state: Mutex::new(State { next_id: 1, local_limit: self.local_queue, ..State::default() }),
-            reader: Mutex::new(Default::default()),
-            cond: Condvar::new(),
-        };
+        let inner = Inner::new(fd, client_id, limits, broker, shown, self.local_queue);
         let memfd_threshold = self.memfd_threshold.min(limits.max_inline_payload as usize);
         Ok(Client { inner: Arc::new(inner), timeout: self.timeout, memfd_threshold })
     }
@@ -289,12 +278,10 @@ impl Client {
         ChannelSubscriber::open(self, topic)
     }
 
-    /// Every ring channel on the broker.
+    /// Every ring channel on the broker (every page; see
+    /// [`Client::channels_page`]).
     pub fn channels(&self) -> Result<Vec<ChannelInfo>, RequestError> {
-        self.query_items(QueryKind::Channels, |i| match i {
-            QueryItemBody::Channel(x) => Some(x),
-            _ => None,
-        })
+        self.query_items(QueryKind::Channels, pick_channel)
     }
 
     /// Our id on the bus, as stamped on what we send.
@@ -326,7 +313,7 @@ impl Client {
         if payload.len() > max {
             return Err(PublishError::PayloadTooLarge { len: payload.len(), max });
         }
-        let mut s = self.inner.send.lock();
+        let mut s = self.inner.lock_send();
         let body = Publish { topic, payload: PayloadRef::Inline };
         self.inner.send_locked(&mut s, &body, payload)?;
         s.published += 1;
@@ -358,7 +345,7 @@ impl Client {
     }
 
     fn send_memfd(&self, topic: &str, fd: BorrowedFd<'_>, len: u64) -> Result<(), PublishError> {
-        let mut s = self.inner.send.lock();
+        let mut s = self.inner.lock_send();
         let body = Publish { topic, payload: PayloadRef::Memfd { len } };
         self.inner.send_locked_with_fds(&mut s, &body, &[], &[fd])?;
         s.published += 1;
@@ -374,7 +361,7 @@ impl Client {
         messages: impl IntoIterator<Item = (&'a str, &'a [u8])>,
     ) -> Result<(), PublishError> {
         let max = self.inner.limits.max_inline_payload as usize;
-        let mut s = self.inner.send.lock();
+        let mut s = self.inner.lock_send();
         let mut heads = std::mem::take(&mut s.heads);
         let mut payloads: Vec<&[u8]> = Vec::with_capacity(MAX_BATCH);
         let mut result = Ok(());
@@ -511,7 +498,14 @@ impl Client {
         }
     }
 
-    fn query(&self, what: QueryKind) -> Result<Vec<QueryItemBody>, RequestError> {
+    /// One page of the answer to `what`, resuming after `after` (`None`
+    /// for the first page). Returns the page's items and the `after` of
+    /// the next page, if there is one.
+    fn query_page(
+        &self,
+        what: QueryKind,
+        after: Option<&str>,
+    ) -> Result<(Vec<QueryItemBody>, Option<String>), RequestError> {
         let req_id = {
             let mut st = self.inner.state.lock();
             let id = st.next_id;
@@ -520,7 +514,7 @@ impl Client {
             id
         };
         let result = (|| {
-            self.inner.send(&Query { req_id, what }, &[])?;
+            self.inner.send(&Query { req_id, what, after }, &[])?;
             let deadline = Instant::now() + self.timeout;
             let done = self.inner.wait_for(Some(deadline), |st| {
                 if st.queries.get(&req_id).is_some_and(|q| q.done) {
@@ -534,50 +528,136 @@ impl Client {
                 Some(QuerySlot { error: Some((code, message)), .. }) => {
                     Err(RequestError::Refused { code, message })
                 }
-                Some(slot) => Ok(slot.items),
+                Some(slot) => Ok((slot.items, slot.next)),
             }
         })();
         self.inner.state.lock().queries.remove(&req_id);
         result
     }
 
-    /// The items of one kind in the answer to `what`.
+    /// The items of one kind in one page of the answer to `what`.
+    fn query_items_page<T>(
+        &self,
+        what: QueryKind,
+        after: Option<&str>,
+        pick: impl FnMut(QueryItemBody) -> Option<T>,
+    ) -> Result<(Vec<T>, Option<String>), RequestError> {
+        let (items, next) = self.query_page(what, after)?;
+        Ok((items.into_iter().filter_map(pick).collect(), next))
+    }
+
+    /// The items of one kind in the whole answer to `what`, every page.
     fn query_items<T>(
         &self,
         what: QueryKind,
-        pick: impl FnMut(QueryItemBody) -> Option<T>,
+        mut pick: impl FnMut(QueryItemBody) -> Option<T>,
     ) -> Result<Vec<T>, RequestError> {
-        Ok(self.query(what)?.into_iter().filter_map(pick).collect())
+        let mut all = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let (items, next) = self.query_items_page(what, after.as_deref(), &mut pick)?;
+            all.extend(items);
+            match next {
+                None => return Ok(all),
+                // A broker that names the page it just gave would have us
+                // ask for it forever.
+                Some(next) if after.as_deref() == Some(next.as_str()) => {
+                    return Err(RequestError::Io(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "the broker answered the same introspection page twice",
+                    )))
+                }
+                Some(next) => after = Some(next),
+            }
+        }
     }
 
-    /// Every client connected to the broker.
+    /// Every client connected to the broker (every page; see
+    /// [`Client::clients_page`] to take them a page at a time).
     pub fn clients(&self) -> Result<Vec<ClientInfo>, RequestError> {
-        self.query_items(QueryKind::Clients, |i| match i {
-            QueryItemBody::Client(x) => Some(x),
-            _ => None,
-        })
+        self.query_items(QueryKind::Clients, pick_client)
     }
 
-    /// Every subscribed pattern, with its subscriber count.
+    /// One page of the connected clients, after the client `after` (the
+    /// `next` of the previous page; `None` for the first). Returns the
+    /// page and the `after` of the next page, `None` at the end. Each page
+    /// is one bounded answer from the broker: walking a big bus this way
+    /// never holds more than a page.
+    ///
+    /// ```no_run
+    /// # let client = shmbus::Client::connect()?;
+    /// let mut after = None;
+    /// loop {
+    ///     let (page, next) = client.clients_page(after.as_deref())?;
+    ///     for c in page {
+    ///         println!("{} {}", c.id, c.name);
+    ///     }
+    ///     match next {
+    ///         Some(n) => after = Some(n),
+    ///         None => break,
+    ///     }
+    /// }
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn clients_page(
+        &self,
+        after: Option<&str>,
+    ) -> Result<(Vec<ClientInfo>, Option<String>), RequestError> {
+        self.query_items_page(QueryKind::Clients, after, pick_client)
+    }
+
+    /// Every subscribed pattern, with its subscriber count (every page;
+    /// see [`Client::topics_page`]).
     pub fn topics(&self) -> Result<Vec<TopicInfo>, RequestError> {
-        self.query_items(QueryKind::Topics, |i| match i {
-            QueryItemBody::Topic(x) => Some(x),
-            _ => None,
-        })
+        self.query_items(QueryKind::Topics, pick_topic)
+    }
+
+    /// One page of the subscribed patterns: as [`Client::clients_page`].
+    pub fn topics_page(&self, after: Option<&str>) -> Result<(Vec<TopicInfo>, Option<String>), RequestError> {
+        self.query_items_page(QueryKind::Topics, after, pick_topic)
+    }
+
+    /// One page of the ring channels: as [`Client::clients_page`].
+    pub fn channels_page(
+        &self,
+        after: Option<&str>,
+    ) -> Result<(Vec<ChannelInfo>, Option<String>), RequestError> {
+        self.query_items_page(QueryKind::Channels, after, pick_channel)
     }
 
     /// The broker's counters.
     pub fn stats(&self) -> Result<Stats, RequestError> {
-        self.query(QueryKind::Stats)?
-            .into_iter()
-            .find_map(|i| match i {
-                QueryItemBody::Stats(s) => Some(s),
-                _ => None,
-            })
-            .ok_or_else(|| RequestError::Refused {
-                code: shmbus_proto::frame::ErrorCode::Unsupported,
-                message: "the broker answered without stats".into(),
-            })
+        self.query_items(QueryKind::Stats, |i| match i {
+            QueryItemBody::Stats(s) => Some(s),
+            _ => None,
+        })?
+        .into_iter()
+        .next()
+        .ok_or_else(|| RequestError::Refused {
+            code: shmbus_proto::frame::ErrorCode::Unsupported,
+            message: "the broker answered without stats".into(),
+        })
+    }
+}
+
+fn pick_client(i: QueryItemBody) -> Option<ClientInfo> {
+    match i {
+        QueryItemBody::Client(x) => Some(x),
+        _ => None,
+    }
+}
+
+fn pick_topic(i: QueryItemBody) -> Option<TopicInfo> {
+    match i {
+        QueryItemBody::Topic(x) => Some(x),
+        _ => None,
+    }
+}
+
+fn pick_channel(i: QueryItemBody) -> Option<ChannelInfo> {
+    match i {
+        QueryItemBody::Channel(x) => Some(x),
+        _ => None,
     }
 }
 
@@ -592,5 +672,112 @@ impl AsFd for Client {
 impl AsRawFd for Client {
     fn as_raw_fd(&self) -> RawFd {
         self.inner.fd.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shmbus_proto::frame::{decode_client, ClientFrame, QueryEnd, QueryItem};
+    use std::os::fd::OwnedFd;
+
+    /// A broker that answers topic queries from `topics`, `page` at a
+    /// time (keyed by pattern), until the client hangs up. With `stuck`,
+    /// it names the first page as the next one, forever.
+    fn fake_broker(
+        fd: OwnedFd,
+        topics: Vec<&'static str>,
+        page: usize,
+        stuck: bool,
+    ) -> std::thread::JoinHandle<usize> {
+        std::thread::spawn(move || {
+            let mut batch = RecvBatch::new(4);
+            let mut queries = 0;
+            loop {
+                let n = batch.recv(fd.as_fd(), false).unwrap();
+                for i in 0..n {
+                    let (data, _, _) = batch.packet(i);
+                    if data.is_empty() {
+                        return queries;
+                    }
+                    let ClientFrame::Query(q) = decode_client(data).unwrap() else { continue };
+                    queries += 1;
+                    let start = q.after.map_or(0, |a| topics.iter().position(|t| *t == a).unwrap() + 1);
+                    let end = (start + page).min(topics.len());
+                    let send = |head: Vec<u8>| {
+                        socket::send_packet(
+                            fd.as_fd(),
+                            OutPacket { head: &head, payload: &[], fds: &[] },
+                            false,
+                        )
+                        .unwrap()
+                    };
+                    for t in &topics[start..end] {
+                        let item =
+                            QueryItemBody::Topic(TopicInfo { pattern: (*t).to_owned(), subscribers: 1 });
+                        send(encode_head(&QueryItem { req_id: q.req_id, item }).unwrap());
+                    }
+                    let next = match (stuck, end < topics.len()) {
+                        (true, _) => Some(topics[page - 1].to_owned()),
+                        (false, true) => Some(topics[end - 1].to_owned()),
+                        (false, false) => None,
+                    };
+                    send(encode_head(&QueryEnd { req_id: q.req_id, next }).unwrap());
+                }
+            }
+        })
+    }
+
+    fn client_on(fd: OwnedFd) -> Client {
+        let limits = Limits {
+            max_packet: 65536,
+            max_inline_payload: 65536,
+            queue_bytes: 1 << 20,
+            queue_frames: 1024,
+            max_subscriptions: 100,
+            fd_window: 64,
+            max_depth: 32,
+        };
+        let inner = Inner::new(fd, 1, limits, PeerCred { pid: 1, uid: 0, gid: 0 }, "test".into(), 16);
+        Client { inner: Arc::new(inner), timeout: Duration::from_secs(5), memfd_threshold: 1024 }
+    }
+
+    const TOPICS: [&str; 5] = ["a", "b.c", "d.>", "e.*", "f"];
+
+    #[test]
+    fn whole_answers_gather_every_page() {
+        let (ours, theirs) = socket::pair().unwrap();
+        let broker = fake_broker(theirs, TOPICS.to_vec(), 2, false);
+        let client = client_on(ours);
+        let all: Vec<String> = client.topics().unwrap().into_iter().map(|t| t.pattern).collect();
+        assert_eq!(all, TOPICS);
+        drop(client);
+        assert_eq!(broker.join().unwrap(), 3, "pages of 2, 2 and 1");
+    }
+
+    #[test]
+    fn pages_come_one_at_a_time() {
+        let (ours, theirs) = socket::pair().unwrap();
+        let broker = fake_broker(theirs, TOPICS.to_vec(), 3, false);
+        let client = client_on(ours);
+        let (first, next) = client.topics_page(None).unwrap();
+        assert_eq!(first.iter().map(|t| t.pattern.as_str()).collect::<Vec<_>>(), ["a", "b.c", "d.>"]);
+        assert_eq!(next.as_deref(), Some("d.>"));
+        let (second, next) = client.topics_page(next.as_deref()).unwrap();
+        assert_eq!(second.iter().map(|t| t.pattern.as_str()).collect::<Vec<_>>(), ["e.*", "f"]);
+        assert_eq!(next, None);
+        drop(client);
+        assert_eq!(broker.join().unwrap(), 2);
+    }
+
+    #[test]
+    fn a_broker_that_repeats_a_page_is_an_error_not_a_loop() {
+        let (ours, theirs) = socket::pair().unwrap();
+        let broker = fake_broker(theirs, TOPICS.to_vec(), 2, true);
+        let client = client_on(ours);
+        let err = client.topics().unwrap_err();
+        assert!(matches!(&err, RequestError::Io(e) if e.kind() == std::io::ErrorKind::InvalidData), "{err}");
+        drop(client);
+        assert_eq!(broker.join().unwrap(), 2);
     }
 }

@@ -9,10 +9,24 @@
 //! single-threaded app pays no thread hop, and a multi-threaded one still
 //! has every frame delivered.
 //!
-//! Lock order: `reader` before `state`; the reader releases `reader`
-//! before it notifies, and waiters check-then-wait under `state`, so no
-//! wake-up is lost. Sending takes only `send`, so publishing never waits
-//! for a reader.
+//! Lock order: `reader` before `state`, and `send` before `state`; the
+//! reader releases `reader` before it notifies, and waiters check-then-wait
+//! under `state`, so no wake-up is lost. Sending takes only `send`, so
+//! publishing never waits for a reader.
+//!
+//! Fd acknowledgements: the broker sends at most `Limits::fd_window` fds
+//! that we have not acknowledged with an `FdAck`. The reader counts every
+//! fd it takes from the socket (in [`FdAcks`], under `state`), whatever
+//! becomes of it: a payload for a live subscription, one for a dropped
+//! one (closed at once), a channel grant, a refused fd. Once half the
+//! window is taken, an ack is due; the reader sends it right after its
+//! batch, with nothing but `send` held. The reader never *waits* for
+//! `send`, though (its holder may be blocked on a full socket, and only
+//! reading lets the broker go on): if `send` is taken, the ack is left to
+//! the holder, which sends it as it lets go (see [`SendGuard`]). Either
+//! way a due ack is on its way without waiting for more input, so taken
+//! and unacknowledged fds stay under half the window whenever the reader
+//! waits, and the broker always has room to send more.
 //!
 //! Nothing is lost silently: each subscription's queue is bounded by
 //! `local_limit`; past it, messages are counted and surface as a
@@ -20,14 +34,17 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
+use std::ops::{Deref, DerefMut};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use shmbus_proto::frame::PayloadRef;
 use shmbus_proto::frame::{
-    decode_broker, encode_head_into, Body, BrokerFrame, ErrorCode, GoodbyeCode, Limits, Op, QueryItemBody,
+    decode_broker, encode_head_into, Body, BrokerFrame, ErrorCode, FdAck, GoodbyeCode, Limits, Op,
+    QueryItemBody,
 };
 use shmbus_proto::sys::memfd;
 use shmbus_proto::sys::socket::{self, OutPacket, PeerCred, RecvBatch};
@@ -64,11 +81,56 @@ pub(crate) struct ReaderEvent {
     pub cursor: Option<OwnedFd>,
 }
 
+/// One page of an introspection answer, as it arrives.
 #[derive(Debug, Default)]
 pub(crate) struct QuerySlot {
     pub items: Vec<QueryItemBody>,
+    /// The `after` of the next page, from the page's `QueryEnd`.
+    pub next: Option<String>,
     pub done: bool,
     pub error: Option<(ErrorCode, String)>,
+}
+
+/// Counts the fds taken from the socket since the last `FdAck`.
+///
+/// The broker stops sending fds when `window` of them are unacknowledged,
+/// so an ack is due once half that many (at least one) are taken: the
+/// broker then still has room for the other half while the ack travels,
+/// and a stream of memfd payloads is never held up by the window.
+#[derive(Debug)]
+pub(crate) struct FdAcks {
+    threshold: u32,
+    taken: u32,
+}
+
+impl Default for FdAcks {
+    /// Acks every fd: for a broker that announced no window.
+    fn default() -> Self {
+        FdAcks::new(0)
+    }
+}
+
+impl FdAcks {
+    pub fn new(window: u32) -> FdAcks {
+        FdAcks { threshold: (window / 2).max(1), taken: 0 }
+    }
+
+    /// Records `n` more fds taken from the socket. Returns whether an ack
+    /// is due.
+    pub fn took(&mut self, n: usize) -> bool {
+        self.taken = self.taken.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
+        self.is_due()
+    }
+
+    pub fn is_due(&self) -> bool {
+        self.taken >= self.threshold
+    }
+
+    /// If an ack is due, the count to acknowledge, which is then no longer
+    /// counted.
+    pub fn take_due(&mut self) -> Option<u32> {
+        self.is_due().then(|| std::mem::take(&mut self.taken))
+    }
 }
 
 #[derive(Debug, Default)]
@@ -91,6 +153,8 @@ pub(crate) struct State {
     pub local_limit: usize,
     /// Frames dispatched so far: the arrival number of the next event.
     pub arrivals: u64,
+    /// Fds taken and not yet acknowledged to the broker.
+    pub fd_acks: FdAcks,
 }
 
 /// What the reader keeps between batches.
@@ -116,17 +180,118 @@ pub(crate) struct Inner {
     pub limits: Limits,
     pub broker: PeerCred,
     pub address: String,
-    pub send: Mutex<SendState>,
+    /// Taken through [`Inner::lock_send`] only, so that whoever lets go of
+    /// it sends a due `FdAck`.
+    send: Mutex<SendState>,
     pub state: Mutex<State>,
     pub reader: Mutex<ReaderState>,
     pub cond: Condvar,
+    /// `state.fd_acks.is_due()`, readable without `state` (written only
+    /// under `state`).
+    ack_due: AtomicBool,
+}
+
+/// The `send` lock. Letting go of it sends an `FdAck` that came due while
+/// it was held (the reader does not wait for `send` to send one).
+pub(crate) struct SendGuard<'a> {
+    inner: &'a Inner,
+    guard: Option<MutexGuard<'a, SendState>>,
+}
+
+impl Deref for SendGuard<'_> {
+    type Target = SendState;
+    fn deref(&self) -> &SendState {
+        self.guard.as_ref().expect("held until drop")
+    }
+}
+
+impl DerefMut for SendGuard<'_> {
+    fn deref_mut(&mut self) -> &mut SendState {
+        self.guard.as_mut().expect("held until drop")
+    }
+}
+
+impl Drop for SendGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        self.inner.send_fd_ack();
+    }
 }
 
 impl Inner {
+    pub fn new(
+        fd: OwnedFd,
+        client_id: u64,
+        limits: Limits,
+        broker: PeerCred,
+        address: String,
+        local_limit: usize,
+    ) -> Inner {
+        Inner {
+            fd,
+            client_id,
+            limits,
+            broker,
+            address,
+            send: Mutex::new(SendState { head: Vec::with_capacity(256), heads: Vec::new(), published: 0 }),
+            state: Mutex::new(State {
+                next_id: 1,
+                local_limit,
+                fd_acks: FdAcks::new(limits.fd_window),
+                ..State::default()
+            }),
+            reader: Mutex::new(ReaderState::default()),
+            cond: Condvar::new(),
+            ack_due: AtomicBool::new(false),
+        }
+    }
+
+    /// Takes the `send` lock.
+    pub fn lock_send(&self) -> SendGuard<'_> {
+        SendGuard { inner: self, guard: Some(self.send.lock()) }
+    }
+
     /// Sends one frame (blocking while the socket buffer is full).
     pub fn send<B: Body>(&self, body: &B, payload: &[u8]) -> Result<(), RecvError> {
-        let mut s = self.send.lock();
+        let mut s = self.lock_send();
         self.send_locked(&mut s, body, payload)
+    }
+
+    /// Sends the `FdAck` that is due, if any, unless `send` is taken: then
+    /// its holder sends it as it lets go. Called with no lock held, by the
+    /// reader after each batch and by every holder of `send` as it lets go.
+    ///
+    /// No ack is left behind: the reader stores `ack_due` and then tries
+    /// `send`; a holder unlocks `send` and then loads `ack_due`. With a
+    /// SeqCst fence between the two steps on both sides, at least one of
+    /// them sees the other's write (the store-buffering pattern), so either
+    /// the reader gets the lock or the holder sees the ack is due.
+    pub fn send_fd_ack(&self) {
+        loop {
+            // SeqCst: pairs with the fence of the other side (see above).
+            fence(Ordering::SeqCst);
+            // Relaxed: ordered by the fence above.
+            if !self.ack_due.load(Ordering::Relaxed) {
+                return;
+            }
+            let Some(mut s) = self.send.try_lock() else { return };
+            let due = {
+                let mut st = self.state.lock();
+                // Relaxed: `ack_due` is only written under `state`.
+                self.ack_due.store(false, Ordering::Relaxed);
+                if st.closed.is_some() {
+                    None
+                } else {
+                    st.fd_acks.take_due()
+                }
+            };
+            if let Some(fds) = due {
+                // A failure means the connection is gone, and acks with it.
+                let _ = self.send_locked(&mut s, &FdAck { fds }, &[]);
+            }
+            drop(s);
+            // Loop: an ack may have come due while we held `send`.
+        }
     }
 
     pub fn send_locked<B: Body>(&self, s: &mut SendState, body: &B, payload: &[u8]) -> Result<(), RecvError> {
@@ -202,6 +367,8 @@ impl Inner {
                     let _st = self.state.lock();
                     self.cond.notify_all();
                     drop(_st);
+                    // Before anyone reads again, acknowledge the fds taken.
+                    self.send_fd_ack();
                     match got {
                         Ok(true) => {}
                         Ok(false) => {
@@ -299,6 +466,13 @@ impl Inner {
                 return;
             }
             let (data, status, mut fds) = batch.packet(i);
+            // Every fd taken counts against the broker's window, whatever
+            // becomes of it below (kept, or closed with its frame).
+            if !fds.is_empty() && st.fd_acks.took(fds.len()) {
+                // Relaxed: `send_fd_ack`'s fence orders it before the
+                // reader tries `send`.
+                self.ack_due.store(true, Ordering::Relaxed);
+            }
             if data.is_empty() {
                 st.closed =
                     Some(Disconnect { code: None, reason: "the broker closed the connection".into() });
@@ -425,6 +599,10 @@ fn apply(
                     message: e.message.to_owned(),
                 });
             }
+            // A handle given back that the broker no longer knew (the
+            // channel closed first): our side is already gone, and no
+            // one waits for an answer.
+            Op::ChannelClose { .. } => {}
         },
         BrokerFrame::Pong(p) => {
             st.pongs.insert(p.token);
@@ -436,6 +614,7 @@ fn apply(
         }
         BrokerFrame::QueryEnd(q) => {
             if let Some(slot) = st.queries.get_mut(&q.req_id) {
+                slot.next = q.next;
                 slot.done = true;
             }
         }
@@ -467,5 +646,190 @@ fn apply(
                 reason: "the broker sent a second Welcome".into(),
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shmbus_proto::frame::{
+        decode_client, encode_head, ChannelGranted, ChannelOverflow, ClientFrame, Deliver, Sender,
+    };
+
+    #[test]
+    fn an_ack_is_due_at_half_the_window() {
+        let mut acks = FdAcks::new(64);
+        assert!(!acks.took(31));
+        assert_eq!(acks.take_due(), None, "not due: nothing is taken back");
+        assert!(acks.took(1));
+        assert_eq!(acks.take_due(), Some(32));
+        assert_eq!(acks.take_due(), None, "counted once");
+        // A batch may overshoot the threshold: all of it is acknowledged.
+        assert!(acks.took(40));
+        assert_eq!(acks.take_due(), Some(40));
+    }
+
+    #[test]
+    fn a_tiny_or_missing_window_acks_every_fd() {
+        for window in [0, 1, 2, 3] {
+            let mut acks = FdAcks::new(window);
+            assert!(acks.took(1), "window {window}");
+            assert_eq!(acks.take_due(), Some(1), "window {window}");
+        }
+        let mut acks = FdAcks::default();
+        assert!(!acks.took(0));
+        assert!(acks.took(1));
+    }
+
+    #[test]
+    fn counting_saturates() {
+        let mut acks = FdAcks::new(8);
+        acks.took(usize::MAX);
+        acks.took(5);
+        assert_eq!(acks.take_due(), Some(u32::MAX));
+    }
+
+    /// A broker that keeps at most `window` fds unacknowledged, and a
+    /// client that acks after each batch as `wait_for` does, with batches
+    /// of every size the socket may give: the broker is never left waiting
+    /// for an ack the client will not send, and the client never holds
+    /// `window` fds unacknowledged when it goes back to the socket.
+    #[test]
+    fn the_window_never_stalls() {
+        for window in [1u32, 2, 3, 4, 7, 8, 64, 255] {
+            for batch in 1..=(2 * window as usize + 1) {
+                let mut acks = FdAcks::new(window);
+                let (mut in_flight, mut unacked_by_broker, mut delivered) = (0u32, 0u32, 0u32);
+                for _ in 0..1000 {
+                    // The broker sends as many fds as its window allows.
+                    let room = window - unacked_by_broker;
+                    in_flight += room;
+                    unacked_by_broker += room;
+                    // The client takes one batch, then acks if due.
+                    let n = in_flight.min(batch as u32);
+                    in_flight -= n;
+                    delivered += n;
+                    acks.took(n as usize);
+                    if let Some(k) = acks.take_due() {
+                        unacked_by_broker -= k;
+                    }
+                    assert!(acks.taken < window, "window {window} batch {batch}");
+                    // Progress: before the client waits for the socket,
+                    // something is in it or the broker has room to send.
+                    assert!(in_flight > 0 || unacked_by_broker < window, "stalled: {window} {batch}");
+                }
+                assert!(delivered >= 1000, "window {window} batch {batch}: {delivered}");
+            }
+        }
+    }
+
+    fn connected(window: u32) -> (Inner, OwnedFd) {
+        let (ours, broker) = socket::pair().unwrap();
+        let limits = Limits {
+            max_packet: 65536,
+            max_inline_payload: 65536,
+            queue_bytes: 1 << 20,
+            queue_frames: 1024,
+            max_subscriptions: 100,
+            fd_window: window,
+            max_depth: 32,
+        };
+        let cred = PeerCred { pid: 1, uid: 0, gid: 0 };
+        (Inner::new(ours, 1, limits, cred, "test".into(), 16), broker)
+    }
+
+    /// The broker sends `n` memfd deliveries for a subscription the client
+    /// does not have (so they are dropped: their fds count all the same).
+    fn deliver_memfds(broker: &OwnedFd, n: usize) {
+        let sender = Sender { client_id: 2, uid: 0, gid: 0, pid: 2 };
+        for seq in 0..n as u64 {
+            let d = Deliver { sub_id: 99, topic: "a.b", sender, seq, payload: PayloadRef::Memfd { len: 3 } };
+            let head = encode_head(&d).unwrap();
+            let fd = memfd::from_bytes("test", b"abc").unwrap();
+            let fds = [fd.as_fd()];
+            socket::send_packet(broker.as_fd(), OutPacket { head: &head, payload: &[], fds: &fds }, false)
+                .unwrap();
+        }
+    }
+
+    /// Lets the client read whatever is waiting.
+    fn read_all(inner: &Inner) {
+        let got = inner.wait_for(Some(Instant::now() + Duration::from_millis(20)), |_| None::<()>).unwrap();
+        assert!(got.is_none());
+    }
+
+    /// The acks the broker has received, in order.
+    fn acks_received(broker: &OwnedFd) -> Vec<u32> {
+        let mut batch = RecvBatch::new(8);
+        let mut acks = Vec::new();
+        loop {
+            match batch.recv(broker.as_fd(), true) {
+                Ok(n) => {
+                    for i in 0..n {
+                        let (data, _, fds) = batch.packet(i);
+                        assert!(fds.is_empty());
+                        match decode_client(data).unwrap() {
+                            ClientFrame::FdAck(a) => acks.push(a.fds),
+                            other => panic!("unexpected {other:?}"),
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return acks,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn fds_of_dropped_frames_are_acknowledged_at_half_the_window() {
+        let (inner, broker) = connected(8);
+        deliver_memfds(&broker, 3);
+        read_all(&inner);
+        assert_eq!(acks_received(&broker), Vec::<u32>::new(), "3 < 4: not due yet");
+        deliver_memfds(&broker, 2);
+        read_all(&inner);
+        assert_eq!(acks_received(&broker), vec![5]);
+        // A channel grant nobody asked for: its fds are closed, and counted.
+        let grant = ChannelGranted {
+            req_id: 77,
+            channel_id: 1,
+            reader_id: 1,
+            slot_size: 64,
+            slot_count: 4,
+            overflow: ChannelOverflow::Overwrite,
+        };
+        let head = encode_head(&grant).unwrap();
+        let (f1, f2, f3) =
+            (memfd::create("a", 1).unwrap(), memfd::create("b", 1).unwrap(), memfd::create("c", 1).unwrap());
+        let fds = [f1.as_fd(), f2.as_fd(), f3.as_fd()];
+        socket::send_packet(broker.as_fd(), OutPacket { head: &head, payload: &[], fds: &fds }, false)
+            .unwrap();
+        deliver_memfds(&broker, 1);
+        read_all(&inner);
+        assert_eq!(acks_received(&broker), vec![4]);
+        assert!(inner.state.lock().closed.is_none());
+    }
+
+    #[test]
+    fn a_holder_of_send_sends_the_ack_the_reader_could_not() {
+        let (inner, broker) = connected(2);
+        let guard = inner.lock_send();
+        deliver_memfds(&broker, 1);
+        // The reader finds `send` taken and goes on without waiting.
+        read_all(&inner);
+        assert_eq!(acks_received(&broker), Vec::<u32>::new());
+        drop(guard);
+        assert_eq!(acks_received(&broker), vec![1]);
+    }
+
+    #[test]
+    fn a_closed_connection_sends_no_ack() {
+        let (inner, broker) = connected(2);
+        deliver_memfds(&broker, 1);
+        let guard = inner.lock_send();
+        read_all(&inner);
+        inner.close(None, "test".into());
+        drop(guard);
+        assert_eq!(acks_received(&broker), Vec::<u32>::new());
     }
 }

@@ -22,6 +22,9 @@ pub enum ErrorKind {
     Disconnected,
     /// A deadline passed.
     Timeout,
+    /// The broker ran short of a resource of its own (file descriptors,
+    /// memory). Not the caller's doing: retrying later may succeed.
+    Unavailable,
     /// The peer broke the protocol.
     Protocol,
     /// An operating-system error.
@@ -39,7 +42,7 @@ pub struct Disconnect {
 impl fmt::Display for Disconnect {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.code {
-            Some(code) => write!(f, "disconnected by the broker ({code:?}): {}", self.reason),
+            Some(code) => write!(f, "disconnected by the broker: {}: {}", goodbye_text(code), self.reason),
             None => write!(f, "disconnected: {}", self.reason),
         }
     }
@@ -51,12 +54,63 @@ impl Disconnect {
             Some(GoodbyeCode::Denied) => ErrorKind::Denied,
             Some(GoodbyeCode::ProtocolViolation | GoodbyeCode::VersionMismatch) => ErrorKind::Protocol,
             Some(GoodbyeCode::LimitExceeded | GoodbyeCode::SlowConsumer) => ErrorKind::LimitExceeded,
-            _ => ErrorKind::Disconnected,
+            Some(GoodbyeCode::HelloTimeout) => ErrorKind::Timeout,
+            Some(GoodbyeCode::Shutdown) | None => ErrorKind::Disconnected,
         }
     }
 }
 
-fn code_kind(code: ErrorCode) -> ErrorKind {
+/// Why the broker said goodbye, for people.
+fn goodbye_text(code: GoodbyeCode) -> &'static str {
+    match code {
+        GoodbyeCode::Denied => "the broker's policy does not admit this client",
+        GoodbyeCode::ProtocolViolation => "the broker says this client broke the protocol",
+        GoodbyeCode::VersionMismatch => "the broker speaks another protocol version",
+        GoodbyeCode::SlowConsumer => "a subscription with the Disconnect overflow policy fell too far behind",
+        GoodbyeCode::Shutdown => "the broker is shutting down",
+        GoodbyeCode::LimitExceeded => "a resource limit of the connection was exceeded",
+        GoodbyeCode::HelloTimeout => "this client did not say Hello within the broker's deadline",
+    }
+}
+
+/// What an [`ErrorCode`] means, for people.
+pub(crate) fn code_text(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::InvalidSubject => "invalid subject or pattern",
+        ErrorCode::Denied => "denied by the broker's policy",
+        ErrorCode::LimitExceeded => "a limit or quota was reached",
+        ErrorCode::FdRefused => "the attached fd is refused",
+        ErrorCode::PayloadTooLarge => "the payload is too large",
+        ErrorCode::UnknownSubscription => "no such subscription",
+        ErrorCode::DuplicateSubscription => "that subscription id is already in use",
+        ErrorCode::Unsupported => "not supported by this broker",
+        ErrorCode::NotMemfd => "the attached fd is not a memfd",
+        ErrorCode::NotSealed => "the memfd lacks a required seal",
+        ErrorCode::SizeMismatch => "the memfd's size is not the declared length",
+        ErrorCode::WrongFdCount => "wrong number of fds attached",
+        ErrorCode::ChannelBusy => "the channel already has a publisher",
+        ErrorCode::NoSuchChannel => "no channel with a publisher on that topic",
+        ErrorCode::BrokerResource => {
+            "the broker ran short of file descriptors or memory; not your fault, retry later"
+        }
+    }
+}
+
+/// A refusal as people read it: what the code means, then the broker's
+/// own words when it gave some.
+pub(crate) struct Refusal<'a>(pub ErrorCode, pub &'a str);
+
+impl fmt::Display for Refusal<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(code_text(self.0))?;
+        if !self.1.is_empty() {
+            write!(f, " ({})", self.1)?;
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn code_kind(code: ErrorCode) -> ErrorKind {
     match code {
         ErrorCode::InvalidSubject | ErrorCode::PayloadTooLarge => ErrorKind::InvalidInput,
         ErrorCode::Denied
@@ -66,7 +120,12 @@ fn code_kind(code: ErrorCode) -> ErrorKind {
         | ErrorCode::SizeMismatch
         | ErrorCode::WrongFdCount => ErrorKind::Denied,
         ErrorCode::LimitExceeded => ErrorKind::LimitExceeded,
-        _ => ErrorKind::InvalidInput,
+        ErrorCode::BrokerResource => ErrorKind::Unavailable,
+        ErrorCode::UnknownSubscription
+        | ErrorCode::DuplicateSubscription
+        | ErrorCode::Unsupported
+        | ErrorCode::ChannelBusy
+        | ErrorCode::NoSuchChannel => ErrorKind::InvalidInput,
     }
 }
 
@@ -138,7 +197,7 @@ impl PublishError {
 pub enum SubscribeError {
     #[error("invalid pattern: {0}")]
     InvalidPattern(#[from] SubjectError),
-    #[error("the broker refused the subscription ({code:?}): {message}")]
+    #[error("the broker refused the subscription: {}", Refusal(*code, message))]
     Refused { code: ErrorCode, message: String },
     #[error("no acknowledgement within {0:?}")]
     Timeout(std::time::Duration),
@@ -179,7 +238,7 @@ impl RecvError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
-    #[error("the broker refused ({code:?}): {message}")]
+    #[error("the broker refused: {}", Refusal(*code, message))]
     Refused { code: ErrorCode, message: String },
     #[error("no answer within {0:?}")]
     Timeout(std::time::Duration),
@@ -203,7 +262,7 @@ impl RequestError {
 /// A publish the broker refused after it was sent (publishing does not
 /// wait for the broker; [`crate::Client::flush`] collects these).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("publish #{seq} refused ({code:?}): {message}")]
+#[error("publish #{seq} refused: {}", Refusal(*code, message))]
 pub struct PublishRefused {
     /// The publish's number on this connection (1 for the first).
     pub seq: u64,
@@ -266,5 +325,34 @@ pub enum LoanError {
 impl LoanError {
     pub fn kind(&self) -> ErrorKind {
         ErrorKind::Io
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broker_shortage_says_whose_fault_it_is() {
+        let e = RequestError::Refused { code: ErrorCode::BrokerResource, message: "EMFILE".into() };
+        assert_eq!(
+            e.to_string(),
+            "the broker refused: the broker ran short of file descriptors or memory; \
+             not your fault, retry later (EMFILE)"
+        );
+        assert_eq!(e.kind(), ErrorKind::Unavailable);
+        let e = SubscribeError::Refused { code: ErrorCode::Denied, message: String::new() };
+        assert_eq!(e.to_string(), "the broker refused the subscription: denied by the broker's policy");
+    }
+
+    #[test]
+    fn a_late_hello_is_a_timeout() {
+        let d = Disconnect { code: Some(GoodbyeCode::HelloTimeout), reason: "no Hello in 5s".into() };
+        assert_eq!(ConnectError::Refused(d.clone()).kind(), ErrorKind::Timeout);
+        assert_eq!(
+            d.to_string(),
+            "disconnected by the broker: this client did not say Hello within the broker's deadline: \
+             no Hello in 5s"
+        );
     }
 }

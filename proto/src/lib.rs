@@ -14,5 +14,6 @@ pub mod ring;
 pub mod subject;
 pub mod sync;
 pub mod sys;
+pub mod text;
 
 pub use address::Address;

@@ -1,4 +1,11 @@
 //! shmbusctl: talk to a shmbus broker from the shell.
+//!
+//! Every string a client chose (its name and command, patterns, topics,
+//! channel topics) goes through `shmbus_proto::text::escape` before it is
+//! printed for people, so no name can forge a line or drive the terminal.
+//! `--json` output is left to JSON's own escaping. Lists of clients,
+//! topics and channels are fetched a page at a time and printed as each
+//! page arrives, so a huge bus never has to fit in memory at once.
 
 #![forbid(unsafe_code)]
 
@@ -7,8 +14,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use serde::Serialize;
 use serde_json::json;
-use shmbus::{Address, ChannelEvent, Client, ClientInfo, Event, Message, Stats, Subscription, TopicInfo};
+use shmbus::{
+    Address, ChannelEvent, ChannelInfo, Client, ClientInfo, Event, Message, RequestError, Stats,
+    Subscription, TopicInfo,
+};
+use shmbus_proto::text::escape;
 
 /// Command-line tool for the shmbus message bus.
 #[derive(Parser, Debug)]
@@ -81,7 +93,8 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("shmbusctl: {e}");
+            // Errors may quote the broker, which may quote a client.
+            eprintln!("shmbusctl: {}", escape(&e.to_string()));
             ExitCode::FAILURE
         }
     }
@@ -117,11 +130,12 @@ fn run(args: Args) -> Fallible<ExitCode> {
             }
         }
         Cmd::Status => {
-            print_stats(&client.stats()?, args.json);
-            print_channels(&client.channels()?, args.json);
+            let mut out = std::io::stdout().lock();
+            print_stats(&mut out, &client.stats()?, args.json)?;
+            print_channels(&mut out, &client, args.json)?;
         }
-        Cmd::Clients => print_clients(&client.clients()?, args.json),
-        Cmd::Topics => print_topics(&client.topics()?, args.json),
+        Cmd::Clients => print_clients(&mut std::io::stdout().lock(), &client, args.json)?,
+        Cmd::Topics => print_topics(&mut std::io::stdout().lock(), &client, args.json)?,
         Cmd::Pub { topic, data, file, count } => {
             let payload = match (data, file) {
                 (Some(d), _) => d.clone().into_bytes(),
@@ -179,7 +193,7 @@ fn subscribe(
                 if json {
                     writeln!(out, "{}", json!({"gap": missed, "pattern": pattern}))?;
                 }
-                eprintln!("shmbusctl: fell behind on {pattern}: {missed} messages missed");
+                eprintln!("shmbusctl: fell behind on {}: {missed} messages missed", escape(pattern));
             }
         }
     }
@@ -194,6 +208,7 @@ fn read_channel(
     json: bool,
 ) -> Fallible<ExitCode> {
     let mut sub = client.channel_subscriber(topic)?;
+    let shown = escape(topic);
     let mut out = std::io::stdout().lock();
     let mut seen = 0u64;
     while count.is_none_or(|c| seen < c) {
@@ -210,18 +225,18 @@ fn read_channel(
                         json!({"topic": topic, "seq": seq, "size": value.len(), "payload": text})
                     )?;
                 } else {
-                    writeln!(out, "{topic} {}", printable(&value))?;
+                    writeln!(out, "{shown} {}", printable(&value))?;
                 }
                 out.flush()?;
             }
             Ok(ChannelEvent::Missed(k)) => {
-                eprintln!("shmbusctl: fell behind on channel {topic}: {k} messages missed")
+                eprintln!("shmbusctl: fell behind on channel {shown}: {k} messages missed")
             }
             Err(shmbus::ChannelError::Corrupt(what)) => {
-                eprintln!("shmbusctl: channel {topic}: skipped corrupt slot ({what})")
+                eprintln!("shmbusctl: channel {shown}: skipped corrupt slot ({what})")
             }
             Err(shmbus::ChannelError::Closed) => {
-                eprintln!("shmbusctl: channel {topic} closed");
+                eprintln!("shmbusctl: channel {shown} closed");
                 break;
             }
             Err(e) => return Err(e.into()),
@@ -230,35 +245,78 @@ fn read_channel(
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_channels(cs: &[shmbus::ChannelInfo], json: bool) {
-    if json {
-        for c in cs {
-            println!("{}", serde_json::to_string(c).unwrap_or_default());
+/// Calls `page` for each page of an introspection answer in turn, and
+/// `each` with its items as it arrives.
+fn for_each_page<T>(
+    mut page: impl FnMut(Option<&str>) -> Result<(Vec<T>, Option<String>), RequestError>,
+    mut each: impl FnMut(Vec<T>) -> std::io::Result<()>,
+) -> Fallible<()> {
+    let mut after: Option<String> = None;
+    loop {
+        let (items, next) = page(after.as_deref())?;
+        each(items)?;
+        match next {
+            None => return Ok(()),
+            Some(n) if after.as_deref() == Some(n.as_str()) => {
+                return Err("the broker answered the same page twice".into())
+            }
+            Some(n) => after = Some(n),
         }
-        return;
     }
-    if cs.is_empty() {
-        return;
+}
+
+/// One JSON object per line.
+fn write_json(out: &mut impl Write, items: &[impl Serialize]) -> std::io::Result<()> {
+    for i in items {
+        serde_json::to_writer(&mut *out, i)?;
+        out.write_all(b"\n")?;
     }
-    println!("  channels:");
-    println!(
-        "    {:>4} {:<24} {:>9} {:>7} {:>9} {:>7} {:<9} {:>12} {:>10}",
-        "ID", "TOPIC", "PUBLISHER", "READERS", "SLOT_SIZE", "SLOTS", "OVERFLOW", "PUBLISHED", "OVERRUNS"
-    );
-    for c in cs {
-        println!(
-            "    {:>4} {:<24} {:>9} {:>7} {:>9} {:>7} {:<9} {:>12} {:>10}",
-            c.id,
-            c.topic,
-            c.publisher,
-            c.readers,
-            c.slot_size,
-            c.slot_count,
-            format!("{:?}", c.overflow),
-            c.published,
-            c.overruns
-        );
-    }
+    Ok(())
+}
+
+fn print_channels(out: &mut impl Write, client: &Client, json: bool) -> Fallible<()> {
+    let mut header = false;
+    for_each_page(
+        |after| client.channels_page(after),
+        |cs: Vec<ChannelInfo>| {
+            if json {
+                return write_json(out, &cs);
+            }
+            if !cs.is_empty() && !header {
+                header = true;
+                writeln!(out, "  channels:")?;
+                writeln!(
+                    out,
+                    "    {:>4} {:<24} {:>9} {:>7} {:>9} {:>7} {:<9} {:>12} {:>10}",
+                    "ID",
+                    "TOPIC",
+                    "PUBLISHER",
+                    "READERS",
+                    "SLOT_SIZE",
+                    "SLOTS",
+                    "OVERFLOW",
+                    "PUBLISHED",
+                    "OVERRUNS"
+                )?;
+            }
+            for c in cs {
+                writeln!(
+                    out,
+                    "    {:>4} {:<24} {:>9} {:>7} {:>9} {:>7} {:<9} {:>12} {:>10}",
+                    c.id,
+                    escape(&c.topic),
+                    c.publisher,
+                    c.readers,
+                    c.slot_size,
+                    c.slot_count,
+                    format!("{:?}", c.overflow),
+                    c.published,
+                    c.overruns
+                )?;
+            }
+            out.flush()
+        },
+    )
 }
 
 fn write_message(out: &mut impl Write, m: &Message, raw: bool, json: bool) -> std::io::Result<()> {
@@ -280,76 +338,110 @@ fn write_message(out: &mut impl Write, m: &Message, raw: bool, json: bool) -> st
             })
         );
     }
-    writeln!(out, "{} {}", m.topic(), printable(m.payload()))
+    writeln!(out, "{} {}", escape(m.topic()), printable(m.payload()))
 }
 
-/// UTF-8 text as is (control characters escaped); anything else escaped.
+/// UTF-8 text as is (control and format characters escaped, as in names);
+/// anything else escaped byte by byte.
 fn printable(p: &[u8]) -> String {
     match std::str::from_utf8(p) {
-        Ok(s) => s
-            .chars()
-            .flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] })
-            .collect(),
+        Ok(s) => escape(s).into_owned(),
         Err(_) => p.escape_ascii().to_string(),
     }
 }
 
-fn print_stats(s: &Stats, json: bool) {
+fn print_stats(out: &mut impl Write, s: &Stats, json: bool) -> std::io::Result<()> {
     if json {
-        println!("{}", serde_json::to_string(s).unwrap_or_default());
-        return;
+        return write_json(out, std::slice::from_ref(s));
     }
-    println!("shmbusd {} on {}, up {:.1?}", s.version, s.address, Duration::from_millis(s.uptime_ms));
-    println!("  clients        {:>12}", s.clients);
-    println!("  subscriptions  {:>12}   ({} patterns)", s.subscriptions, s.patterns);
-    println!("  messages in    {:>12}   ({} bytes)", s.msgs_in, s.bytes_in);
-    println!("  messages out   {:>12}   ({} bytes)", s.msgs_out, s.bytes_out);
-    println!("  dropped        {:>12}   (reported in {} gap notices)", s.dropped, s.gap_notices);
-    println!("  connections    {:>12}   accepted, {} refused", s.connections_accepted, s.connections_refused);
-    println!(
+    writeln!(
+        out,
+        "shmbusd {} on {}, up {:.1?}",
+        escape(&s.version),
+        escape(&s.address),
+        Duration::from_millis(s.uptime_ms)
+    )?;
+    writeln!(out, "  clients        {:>12}", s.clients)?;
+    writeln!(out, "  subscriptions  {:>12}   ({} patterns)", s.subscriptions, s.patterns)?;
+    writeln!(out, "  messages in    {:>12}   ({} bytes)", s.msgs_in, s.bytes_in)?;
+    writeln!(out, "  messages out   {:>12}   ({} bytes)", s.msgs_out, s.bytes_out)?;
+    writeln!(out, "  dropped        {:>12}   (reported in {} gap notices)", s.dropped, s.gap_notices)?;
+    writeln!(
+        out,
+        "  connections    {:>12}   accepted, {} refused, {} without Hello in time",
+        s.connections_accepted, s.connections_refused, s.hello_timeouts
+    )?;
+    writeln!(
+        out,
         "  disconnects    {:>12}   protocol errors, {} slow consumers",
         s.protocol_errors, s.slow_disconnects
-    );
+    )?;
+    writeln!(
+        out,
+        "  refusals       {:>12}   by quota, {} broker short of fds or memory",
+        s.quota_refusals, s.broker_resource_errors
+    )?;
+    if s.log_suppressed > 0 {
+        writeln!(out, "  log lines left out by the rate limit: {}", s.log_suppressed)?;
+    }
+    out.flush()
 }
 
-fn print_clients(cs: &[ClientInfo], json: bool) {
-    if json {
-        for c in cs {
-            println!("{}", serde_json::to_string(c).unwrap_or_default());
-        }
-        return;
+fn print_clients(out: &mut impl Write, client: &Client, json: bool) -> Fallible<()> {
+    if !json {
+        writeln!(
+            out,
+            "{:>5} {:<16} {:>7} {:>6} {:<16} {:>5} {:>10} {:>10} {:>8} {:>10}  SUBSCRIPTIONS",
+            "ID", "NAME", "PID", "UID", "COMMAND", "SUBS", "MSGS_IN", "MSGS_OUT", "DROPPED", "QUEUED_B"
+        )?;
     }
-    println!(
-        "{:>5} {:<16} {:>7} {:>6} {:<16} {:>5} {:>10} {:>10} {:>8} {:>10}  SUBSCRIPTIONS",
-        "ID", "NAME", "PID", "UID", "COMMAND", "SUBS", "MSGS_IN", "MSGS_OUT", "DROPPED", "QUEUED_B"
-    );
-    for c in cs {
-        println!(
-            "{:>5} {:<16} {:>7} {:>6} {:<16} {:>5} {:>10} {:>10} {:>8} {:>10}  {}",
-            c.id,
-            c.name,
-            c.pid,
-            c.uid,
-            c.command,
-            c.subscription_count,
-            c.msgs_in,
-            c.msgs_out,
-            c.dropped,
-            c.queued_bytes,
-            c.subscriptions.join(" ")
-        );
-    }
+    for_each_page(
+        |after| client.clients_page(after),
+        |cs: Vec<ClientInfo>| {
+            if json {
+                return write_json(out, &cs);
+            }
+            for c in cs {
+                let mut subs = c.subscriptions.iter().map(|p| escape(p)).collect::<Vec<_>>().join(" ");
+                let untold = (c.subscription_count as usize).saturating_sub(c.subscriptions.len());
+                if untold > 0 {
+                    subs.push_str(&format!(" (+{untold} more)"));
+                }
+                writeln!(
+                    out,
+                    "{:>5} {:<16} {:>7} {:>6} {:<16} {:>5} {:>10} {:>10} {:>8} {:>10}  {}",
+                    c.id,
+                    escape(&c.name),
+                    c.pid,
+                    c.uid,
+                    escape(&c.command),
+                    c.subscription_count,
+                    c.msgs_in,
+                    c.msgs_out,
+                    c.dropped,
+                    c.queued_bytes,
+                    subs
+                )?;
+            }
+            out.flush()
+        },
+    )
 }
 
-fn print_topics(ts: &[TopicInfo], json: bool) {
-    if json {
-        for t in ts {
-            println!("{}", serde_json::to_string(t).unwrap_or_default());
-        }
-        return;
+fn print_topics(out: &mut impl Write, client: &Client, json: bool) -> Fallible<()> {
+    if !json {
+        writeln!(out, "{:>11}  PATTERN", "SUBSCRIBERS")?;
     }
-    println!("{:>11}  PATTERN", "SUBSCRIBERS");
-    for t in ts {
-        println!("{:>11}  {}", t.subscribers, t.pattern);
-    }
+    for_each_page(
+        |after| client.topics_page(after),
+        |ts: Vec<TopicInfo>| {
+            if json {
+                return write_json(out, &ts);
+            }
+            for t in ts {
+                writeln!(out, "{:>11}  {}", t.subscribers, escape(&t.pattern))?;
+            }
+            out.flush()
+        },
+    )
 }
