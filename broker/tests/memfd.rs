@@ -286,6 +286,8 @@ fn client_refuses_an_unsealed_fd_even_from_its_broker() {
             queue_bytes: 1 << 20,
             queue_frames: 100,
             max_subscriptions: 10,
+            fd_window: 128,
+            max_depth: 32,
         };
         send(&encode_head(&Welcome { client_id: 1, limits }).unwrap(), &[]);
         next(); // Subscribe

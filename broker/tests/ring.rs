@@ -341,7 +341,7 @@ fn ctl_reads_a_channel() {
 
 #[test]
 fn rings_count_against_the_publishers_quota_and_bad_geometry_is_refused() {
-    let b = Broker::start_with("ringquota", &["--memfd-quota-bytes", "2000000"]);
+    let b = Broker::start_with("ringquota", &["--uid-ring-bytes", "2000000"]);
     let c = b.client();
     let big = ChannelConfig { slot_size: 4096, slot_count: 1024, overflow: ChannelOverflow::Overwrite };
     match c.channel_publisher("big", big) {

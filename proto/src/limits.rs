@@ -43,10 +43,44 @@ pub const DEFAULT_MAX_SUBSCRIPTIONS: u32 = 4096;
 
 /// Default bytes of memfd payloads one uid may have held by the broker
 /// (queued for subscribers that have not yet received them).
-pub const DEFAULT_MEMFD_QUOTA_BYTES: u64 = 4 * 1024 * 1024 * 1024;
+pub const DEFAULT_MEMFD_QUOTA_BYTES: u64 = 1024 * 1024 * 1024;
 
 /// Default number of memfd payloads one uid may have held by the broker.
-pub const DEFAULT_MEMFD_QUOTA_FDS: u32 = 4096;
+pub const DEFAULT_MEMFD_QUOTA_FDS: u32 = 1024;
 
 /// Default number of connections one uid may have open at once.
-pub const DEFAULT_MAX_CONNECTIONS_PER_UID: u32 = 1024;
+pub const DEFAULT_MAX_CONNECTIONS_PER_UID: u32 = 256;
+
+/// Default bytes queued in the broker for all of one uid's connections.
+pub const DEFAULT_UID_QUEUE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Default fds queued in the broker for all of one uid's connections.
+pub const DEFAULT_UID_QUEUE_FDS: u64 = 1024;
+
+/// Default fds the broker sends one connection before it waits for an
+/// acknowledgement.
+pub const DEFAULT_FD_WINDOW: u32 = 128;
+
+/// Default fds sent to one uid's connections and not yet acknowledged.
+pub const DEFAULT_UID_UNACKED_FDS: u64 = 1024;
+
+/// Default subscriptions one uid may hold across its connections.
+pub const DEFAULT_UID_SUBSCRIPTIONS: u64 = 16 * 1024;
+
+/// Default router memory one uid's subscriptions may take, in bytes.
+pub const DEFAULT_UID_ROUTER_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Default ring channels one uid may publish.
+pub const DEFAULT_UID_CHANNELS: u64 = 64;
+
+/// Default reader handles one uid may hold on channels.
+pub const DEFAULT_UID_CHANNEL_READERS: u64 = 256;
+
+/// Default readers one channel may have.
+pub const DEFAULT_MAX_READERS_PER_CHANNEL: u32 = 64;
+
+/// Default ring and cursor memory one uid may have the broker create.
+pub const DEFAULT_UID_RING_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Default time a new connection has to say `Hello`, in milliseconds.
+pub const DEFAULT_HELLO_TIMEOUT_MS: u64 = 5000;

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use shmbus_broker::bus::quota::Resource;
 use shmbus_broker::daemon::{self, systemd, Config};
+use shmbus_proto::limits as l;
 use shmbus_proto::Address;
 
 /// The shmbus broker: a local message bus over an abstract AF_UNIX
@@ -28,25 +30,59 @@ struct Args {
     #[arg(long)]
     allow_all_uids: bool,
     /// Bound of each connection's outgoing queue, in bytes.
-    #[arg(long, value_name = "BYTES", default_value_t = shmbus_proto::limits::DEFAULT_QUEUE_BYTES)]
+    #[arg(long, value_name = "BYTES", default_value_t = l::DEFAULT_QUEUE_BYTES)]
     queue_bytes: u64,
     /// Bound of each connection's outgoing queue, in frames.
-    #[arg(long, value_name = "N", default_value_t = shmbus_proto::limits::DEFAULT_QUEUE_FRAMES)]
+    #[arg(long, value_name = "N", default_value_t = l::DEFAULT_QUEUE_FRAMES)]
     queue_frames: u32,
     /// Bound of each connection's outgoing queue, in memfd payloads.
-    #[arg(long, value_name = "N", default_value_t = shmbus_proto::limits::DEFAULT_QUEUE_FDS)]
+    #[arg(long, value_name = "N", default_value_t = l::DEFAULT_QUEUE_FDS)]
     queue_fds: u32,
-    /// Most connections one uid may have open at once.
-    #[arg(long, value_name = "N", default_value_t = shmbus_proto::limits::DEFAULT_MAX_CONNECTIONS_PER_UID)]
-    max_connections_per_uid: u32,
     /// Most subscriptions one connection may hold.
-    #[arg(long, value_name = "N", default_value_t = shmbus_proto::limits::DEFAULT_MAX_SUBSCRIPTIONS)]
+    #[arg(long, value_name = "N", default_value_t = l::DEFAULT_MAX_SUBSCRIPTIONS)]
     max_subscriptions: u32,
-    /// Bytes of memfd payloads one uid may have queued in the broker.
-    #[arg(long, value_name = "BYTES", default_value_t = shmbus_proto::limits::DEFAULT_MEMFD_QUOTA_BYTES)]
+    /// Fds sent to one connection before the broker waits for the client
+    /// to acknowledge them (at least 4).
+    #[arg(long, value_name = "N", default_value_t = l::DEFAULT_FD_WINDOW)]
+    fd_window: u32,
+    /// Readers one ring channel may have.
+    #[arg(long, value_name = "N", default_value_t = l::DEFAULT_MAX_READERS_PER_CHANNEL)]
+    max_readers_per_channel: u32,
+    /// Milliseconds a new connection has to say Hello.
+    #[arg(long, value_name = "MS", default_value_t = l::DEFAULT_HELLO_TIMEOUT_MS)]
+    hello_timeout_ms: u64,
+    /// Per uid, across all its connections: connections open at once.
+    #[arg(long, value_name = "N", default_value_t = l::DEFAULT_MAX_CONNECTIONS_PER_UID)]
+    max_connections_per_uid: u32,
+    /// Per uid: bytes queued in the broker for its connections.
+    #[arg(long, value_name = "BYTES", default_value_t = l::DEFAULT_UID_QUEUE_BYTES)]
+    uid_queue_bytes: u64,
+    /// Per uid: fds queued in the broker for its connections.
+    #[arg(long, value_name = "N", default_value_t = l::DEFAULT_UID_QUEUE_FDS)]
+    uid_queue_fds: u64,
+    /// Per uid: fds sent to its connections and not yet acknowledged.
+    #[arg(long, value_name = "N", default_value_t = l::DEFAULT_UID_UNACKED_FDS)]
+    uid_unacked_fds: u64,
+    /// Per uid: subscriptions.
+    #[arg(long, value_name = "N", default_value_t = l::DEFAULT_UID_SUBSCRIPTIONS)]
+    uid_subscriptions: u64,
+    /// Per uid: router memory of its subscriptions, in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = l::DEFAULT_UID_ROUTER_BYTES)]
+    uid_router_bytes: u64,
+    /// Per uid: ring channels published.
+    #[arg(long, value_name = "N", default_value_t = l::DEFAULT_UID_CHANNELS)]
+    uid_channels: u64,
+    /// Per uid: reader handles on ring channels.
+    #[arg(long, value_name = "N", default_value_t = l::DEFAULT_UID_CHANNEL_READERS)]
+    uid_channel_readers: u64,
+    /// Per uid: ring and cursor memory the broker creates for it, in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = l::DEFAULT_UID_RING_BYTES)]
+    uid_ring_bytes: u64,
+    /// Per uid: bytes of memfd payloads it published that the broker holds.
+    #[arg(long, value_name = "BYTES", default_value_t = l::DEFAULT_MEMFD_QUOTA_BYTES)]
     memfd_quota_bytes: u64,
-    /// Memfd payloads one uid may have queued in the broker.
-    #[arg(long, value_name = "N", default_value_t = shmbus_proto::limits::DEFAULT_MEMFD_QUOTA_FDS)]
+    /// Per uid: memfd payloads it published that the broker holds.
+    #[arg(long, value_name = "N", default_value_t = l::DEFAULT_MEMFD_QUOTA_FDS)]
     memfd_quota_fds: u32,
     /// Log level: error, warn (default), info, debug or trace. $SHMBUS_LOG
     /// sets it too.
@@ -83,19 +119,34 @@ fn main() -> ExitCode {
         }
     }
     for uid in args.allow_uid {
-        cfg.policy.allow_uid(uid);
+        cfg.bus.policy.allow_uid(uid);
     }
     if args.allow_all_uids {
-        cfg.policy.allow_all();
+        cfg.bus.policy.allow_all();
     }
-    cfg.queue.bytes = args.queue_bytes.max(1);
-    cfg.queue.frames = args.queue_frames.max(1);
-    cfg.queue.fds = args.queue_fds.max(1);
-    cfg.max_subscriptions = args.max_subscriptions;
-    cfg.max_connections_per_uid = args.max_connections_per_uid;
-    cfg.quota.memfd_bytes = args.memfd_quota_bytes;
-    cfg.quota.memfd_fds = args.memfd_quota_fds;
-    cfg.close_grace = Duration::from_secs(2);
+    let bus = &mut cfg.bus;
+    bus.queue.bytes = args.queue_bytes.max(1);
+    bus.queue.frames = args.queue_frames.max(1);
+    bus.queue.fds = args.queue_fds.max(1);
+    bus.max_subscriptions = args.max_subscriptions;
+    // A channel grant carries 3 fds and a packet at most 4: a smaller
+    // window could never send one.
+    bus.fd_window = args.fd_window.max(l::MAX_FDS_PER_PACKET as u32);
+    bus.max_readers_per_channel = args.max_readers_per_channel;
+    bus.hello_timeout = Duration::from_millis(args.hello_timeout_ms);
+    let limits = &mut bus.uid_limits;
+    limits.set(Resource::Connections, args.max_connections_per_uid.into());
+    limits.set(Resource::QueuedBytes, args.uid_queue_bytes);
+    limits.set(Resource::QueuedFds, args.uid_queue_fds);
+    limits.set(Resource::UnackedFds, args.uid_unacked_fds);
+    limits.set(Resource::Subscriptions, args.uid_subscriptions);
+    limits.set(Resource::RouterBytes, args.uid_router_bytes);
+    limits.set(Resource::Channels, args.uid_channels);
+    limits.set(Resource::ChannelReaders, args.uid_channel_readers);
+    limits.set(Resource::RingBytes, args.uid_ring_bytes);
+    limits.set(Resource::MemfdBytes, args.memfd_quota_bytes);
+    limits.set(Resource::MemfdFds, args.memfd_quota_fds.into());
+    bus.close_grace = Duration::from_secs(2);
     match daemon::run(cfg) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1,8 +1,588 @@
-//! Bus semantics, free of I/O: routing, delivery queues and overflow
-//! policy, admission policy. The daemon layer above owns every socket and
-//! calls into these; each is unit-tested beside its code.
+//! The bus core: every decision the broker makes, and no I/O.
+//!
+//! Model (dbus-broker's split): the daemon above owns sockets, the poll
+//! loop, timers and signals; this layer owns peers, subscriptions and
+//! routing, delivery and overflow, channels, introspection, admission and
+//! per-uid accounting. The daemon hands it what arrived (a new peer's
+//! credentials, a packet with its fds, a hang-up, the time) and takes back
+//! [`Effect`]s: a peer whose queue has frames to send, a peer to close.
+//! Frames to send wait in each peer's queue; the daemon asks for the
+//! sendable prefix ([`Bus::sendable`]) and reports what went out
+//! ([`Bus::sent`]). The bus never reads a clock: time comes in as `now`.
+//! The only system calls below this line are fd-metadata checks on
+//! received memfds and the creation of ring memfds (`shmbus_proto`'s
+//! `memfd` and `ring::shm`), never a socket.
+//!
+//! Where a frame is decided, by file:
+//! - `driver.rs`: the handshake, subscriptions, pings, fd acknowledgements,
+//!   and what a malformed or truncated packet costs its sender;
+//! - `publish.rs`: publishes, their checks, routing and delivery;
+//! - `channel.rs`: ring channels and their membership news;
+//! - `introspect.rs`: paged answers to `Query`;
+//! - `router.rs`, `queue.rs`, `quota.rs`, `policy.rs`: the mechanisms.
+//!
+//! Invariants: peer ids are never reused and every registry keys on them;
+//! everything a peer makes the broker hold is charged to a uid
+//! (`quota.rs`); a refusal leaves the connection usable and names the
+//! limit; counters count what was accepted, saturating.
 
+pub mod channel;
+pub mod driver;
+pub mod introspect;
+pub mod peer;
 pub mod policy;
+pub mod publish;
 pub mod queue;
 pub mod quota;
+pub mod ratelimit;
 pub mod router;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, warn};
+
+use shmbus_proto::frame::{encode_head, Body, ErrorCode, Goodbye, GoodbyeCode, Op, OpError, Stats};
+use shmbus_proto::sys::socket::PeerCred;
+
+use channel::Channels;
+use peer::{Peer, PeerId, PeerState};
+use policy::Policy;
+use queue::{OutFrame, QueueLimits};
+use quota::{Accounts, Resource, UidLimits};
+use ratelimit::RateLimit;
+use router::Router;
+
+pub use peer::PeerId as Id;
+
+/// A subscription, as the router names it: the peer and its client-chosen
+/// subscription id.
+pub type SubKey = (PeerId, u32);
+
+/// What the daemon must do after the bus has decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    /// The peer's queue holds frames that may be sent.
+    Flush(PeerId),
+    /// The bus has forgotten the peer: close its socket.
+    Close(PeerId),
+}
+
+/// What the bus is told at start.
+#[derive(Debug, Clone)]
+pub struct BusConfig {
+    pub address: String,
+    pub policy: Policy,
+    pub queue: QueueLimits,
+    pub uid_limits: UidLimits,
+    /// Subscriptions one connection may hold.
+    pub max_subscriptions: u32,
+    /// Fds sent to one connection before the broker waits for an ack.
+    pub fd_window: u32,
+    pub max_readers_per_channel: u32,
+    pub hello_timeout: Duration,
+    /// How long a closing connection may take to flush its queue.
+    pub close_grace: Duration,
+}
+
+impl BusConfig {
+    pub fn new(address: String, broker_uid: u32) -> BusConfig {
+        use shmbus_proto::limits as l;
+        BusConfig {
+            address,
+            policy: Policy::new(broker_uid),
+            queue: QueueLimits {
+                bytes: l::DEFAULT_QUEUE_BYTES,
+                frames: l::DEFAULT_QUEUE_FRAMES,
+                fds: l::DEFAULT_QUEUE_FDS,
+            },
+            uid_limits: UidLimits::default(),
+            max_subscriptions: l::DEFAULT_MAX_SUBSCRIPTIONS,
+            fd_window: l::DEFAULT_FD_WINDOW,
+            max_readers_per_channel: l::DEFAULT_MAX_READERS_PER_CHANNEL,
+            hello_timeout: Duration::from_millis(l::DEFAULT_HELLO_TIMEOUT_MS),
+            close_grace: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Broker-wide counters: of what was accepted, saturating.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub msgs_in: u64,
+    pub msgs_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub dropped: u64,
+    pub gap_notices: u64,
+    pub accepted: u64,
+    pub refused: u64,
+    pub protocol_errors: u64,
+    pub slow_disconnects: u64,
+    pub quota_refusals: u64,
+    pub broker_resource_errors: u64,
+    pub hello_timeouts: u64,
+}
+
+/// Adds saturating: a counter sticks at its maximum rather than wrap.
+pub fn bump(c: &mut u64, by: u64) {
+    *c = c.saturating_add(by);
+}
+
+pub struct Bus {
+    cfg: BusConfig,
+    peers: BTreeMap<PeerId, Peer>,
+    next_peer: PeerId,
+    router: Router<SubKey>,
+    accounts: Accounts,
+    channels: Channels,
+    counters: Counters,
+    effects: Vec<Effect>,
+    hello_deadlines: VecDeque<(Instant, PeerId)>,
+    close_deadlines: VecDeque<(Instant, PeerId)>,
+    /// Peers whose sending waits for their uid's unacknowledged-fd room.
+    stalled: HashMap<u32, Vec<PeerId>>,
+    started: Instant,
+    log: RateLimit,
+    matches: Vec<SubKey>,
+}
+
+impl Bus {
+    pub fn new(cfg: BusConfig, now: Instant) -> Bus {
+        let accounts = Accounts::new(cfg.uid_limits);
+        Bus {
+            cfg,
+            peers: BTreeMap::new(),
+            next_peer: 1,
+            router: Router::new(),
+            accounts,
+            channels: Channels::default(),
+            counters: Counters::default(),
+            effects: Vec::new(),
+            hello_deadlines: VecDeque::new(),
+            close_deadlines: VecDeque::new(),
+            stalled: HashMap::new(),
+            started: now,
+            log: RateLimit::new(20, Duration::from_secs(10)),
+            matches: Vec::new(),
+        }
+    }
+
+    pub fn config(&self) -> &BusConfig {
+        &self.cfg
+    }
+
+    /// Connections the bus holds, closing ones included.
+    pub fn live(&self) -> usize {
+        self.peers.len()
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub fn peer(&self, id: PeerId) -> Option<&Peer> {
+        self.peers.get(&id)
+    }
+
+    /// What uid `uid` holds of `r` (for tests and introspection).
+    pub fn held(&self, uid: u32, r: Resource) -> u64 {
+        self.accounts.held(uid, r)
+    }
+
+    pub fn status_line(&self) -> String {
+        format!(
+            "{} clients, {} subscriptions on {} patterns; {} messages in, {} dropped",
+            self.peers.len(),
+            self.router.len(),
+            self.router.pattern_count(),
+            self.counters.msgs_in,
+            self.counters.dropped
+        )
+    }
+
+    /// Logs a refusal or a disconnect at a bounded rate.
+    fn warn_limited(&mut self, line: impl FnOnce() -> String) {
+        if let Some(suppressed) = self.log.allow(self.now_hint()) {
+            let line = line();
+            if suppressed > 0 {
+                warn!("{line} ({suppressed} similar lines suppressed)");
+            } else {
+                warn!("{line}");
+            }
+        }
+    }
+
+    /// The rate limiter's clock: the latest `now` the daemon gave.
+    fn now_hint(&self) -> Instant {
+        self.log.last_seen().unwrap_or(self.started)
+    }
+
+    /// Drains the effects decided so far.
+    pub fn take_effects(&mut self) -> Vec<Effect> {
+        let effects = std::mem::take(&mut self.effects);
+        for e in &effects {
+            if let Effect::Flush(id) = e {
+                if let Some(p) = self.peers.get_mut(id) {
+                    p.dirty = false;
+                }
+            }
+        }
+        effects
+    }
+
+    fn mark_dirty(&mut self, id: PeerId) {
+        if let Some(p) = self.peers.get_mut(&id) {
+            if !p.dirty {
+                p.dirty = true;
+                self.effects.push(Effect::Flush(id));
+            }
+        }
+    }
+
+    // ------------------------------------------------------------- peers --
+
+    /// A connection arrived with these credentials: admit it, or say why
+    /// not (the daemon sends the goodbye and closes).
+    pub fn connect(
+        &mut self,
+        cred: PeerCred,
+        command: String,
+        now: Instant,
+    ) -> Result<PeerId, (GoodbyeCode, String)> {
+        self.log.see(now);
+        let admitted = self.cfg.policy.admit(&cred).map_err(|r| (GoodbyeCode::Denied, r)).and_then(|()| {
+            self.accounts
+                .charge(cred.uid, &[(Resource::Connections, 1)])
+                .map_err(|e| (GoodbyeCode::LimitExceeded, format!("limit exceeded: {e}")))
+        });
+        let connection = match admitted {
+            Ok(c) => c,
+            Err((code, reason)) => {
+                bump(&mut self.counters.refused, 1);
+                let comm = shmbus_proto::text::escape(&command).into_owned();
+                self.warn_limited(|| {
+                    format!(
+                        "refused connection from uid {} (pid {}, comm {comm}): {reason}",
+                        cred.uid, cred.pid
+                    )
+                });
+                self.accounts.sweep();
+                return Err((code, reason));
+            }
+        };
+        let id = self.next_peer;
+        self.next_peer += 1;
+        bump(&mut self.counters.accepted, 1);
+        let usage = self.accounts.usage(cred.uid);
+        let peer = Peer {
+            id,
+            cred,
+            command,
+            name: String::new(),
+            state: PeerState::AwaitHello,
+            subs: HashMap::new(),
+            queue: queue::OutQueue::new(self.cfg.queue, usage.clone()),
+            channels: Vec::new(),
+            owes_gaps: false,
+            dirty: false,
+            published: 0,
+            msgs_out: 0,
+            dropped: 0,
+            unacked_fds: 0,
+            connected_at: now,
+            usage,
+            _connection: connection,
+        };
+        debug!("{} connected", peer.who());
+        self.peers.insert(id, peer);
+        self.hello_deadlines.push_back((now + self.cfg.hello_timeout, id));
+        Ok(id)
+    }
+
+    /// The peer hung up or its socket failed: forget it now.
+    pub fn hangup(&mut self, id: PeerId) {
+        if let Some(p) = self.peers.get(&id) {
+            debug!("{} disconnected", p.who());
+        }
+        self.remove(id);
+    }
+
+    /// Forgets a peer and everything it holds; tells the daemon to close.
+    fn remove(&mut self, id: PeerId) {
+        self.detach(id);
+        if self.peers.remove(&id).is_some() {
+            self.effects.push(Effect::Close(id));
+        }
+        self.accounts.sweep();
+    }
+
+    /// Takes the peer out of routing and gives back its channel handles.
+    fn detach(&mut self, id: PeerId) {
+        let Some(p) = self.peers.get_mut(&id) else { return };
+        let subs: Vec<(u32, Box<str>)> = p.subs.drain().map(|(sid, s)| (sid, s.state.pattern)).collect();
+        let handles = std::mem::take(&mut p.channels);
+        for (sid, pattern) in subs {
+            self.router.remove(&pattern, (id, sid));
+        }
+        for (channel_id, reader_id) in handles {
+            self.release_handle(id, channel_id, reader_id);
+        }
+    }
+
+    /// Takes the peer out of routing, queues a goodbye as its last frame,
+    /// and lets the flush (or the grace deadline) end it.
+    pub(crate) fn begin_close(&mut self, id: PeerId, code: GoodbyeCode, reason: &str, now: Instant) {
+        if self.peers.get(&id).is_none_or(Peer::is_closing) {
+            return;
+        }
+        self.detach(id);
+        let Some(p) = self.peers.get_mut(&id) else { return };
+        p.state = PeerState::Closing;
+        if let Ok(head) = encode_head(&Goodbye { code, reason }) {
+            p.queue.push_final(OutFrame::control(head));
+        }
+        self.close_deadlines.push_back((now + self.cfg.close_grace, id));
+        self.mark_dirty(id);
+    }
+
+    /// Ends a peer that broke the protocol.
+    pub(crate) fn violation(&mut self, id: PeerId, reason: &str, now: Instant) {
+        bump(&mut self.counters.protocol_errors, 1);
+        if let Some(p) = self.peers.get(&id) {
+            let who = p.who();
+            self.warn_limited(|| format!("disconnecting {who}: protocol violation: {reason}"));
+        }
+        self.begin_close(id, GoodbyeCode::ProtocolViolation, &format!("protocol violation: {reason}"), now);
+    }
+
+    /// Starts the shutdown: every peer gets a goodbye.
+    pub fn shutdown(&mut self, now: Instant) {
+        let ids: Vec<PeerId> = self.peers.keys().copied().collect();
+        for id in ids {
+            self.begin_close(id, GoodbyeCode::Shutdown, "the broker is shutting down", now);
+        }
+    }
+
+    /// Forgets every peer at once (the shutdown deadline passed).
+    pub fn close_all(&mut self) {
+        let ids: Vec<PeerId> = self.peers.keys().copied().collect();
+        for id in ids {
+            self.remove(id);
+        }
+    }
+
+    // ------------------------------------------------------------ timers --
+
+    /// The earliest time `tick` has work.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let h = self.hello_deadlines.front().map(|d| d.0);
+        let c = self.close_deadlines.front().map(|d| d.0);
+        match (h, c) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Ends peers whose Hello or closing deadline passed. Deadlines are
+    /// pushed in time order (one constant timeout each), so each queue is
+    /// sorted and this is O(expired).
+    pub fn tick(&mut self, now: Instant) {
+        self.log.see(now);
+        while let Some(&(t, id)) = self.hello_deadlines.front() {
+            if t > now {
+                break;
+            }
+            self.hello_deadlines.pop_front();
+            if self.peers.get(&id).is_some_and(|p| p.state == PeerState::AwaitHello) {
+                bump(&mut self.counters.hello_timeouts, 1);
+                let ms = self.cfg.hello_timeout.as_millis();
+                if let Some(p) = self.peers.get(&id) {
+                    let who = p.who();
+                    self.warn_limited(|| format!("disconnecting {who}: no Hello within {ms} ms"));
+                }
+                let reason = format!("no Hello within {ms} ms (the broker's --hello-timeout-ms)");
+                self.begin_close(id, GoodbyeCode::HelloTimeout, &reason, now);
+            }
+        }
+        while let Some(&(t, id)) = self.close_deadlines.front() {
+            if t > now {
+                break;
+            }
+            self.close_deadlines.pop_front();
+            if self.peers.get(&id).is_some_and(Peer::is_closing) {
+                self.remove(id);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ output --
+
+    /// Queues a control frame. Returns false (and starts closing the peer)
+    /// if the peer has let its queue reach the hard bound.
+    pub(crate) fn control<B: Body>(&mut self, id: PeerId, body: &B, now: Instant) -> bool {
+        self.control_with_fds(id, body, Vec::new(), now)
+    }
+
+    /// Queues a control frame with fds beside it.
+    pub(crate) fn control_with_fds<B: Body>(
+        &mut self,
+        id: PeerId,
+        body: &B,
+        fds: Vec<Rc<std::os::fd::OwnedFd>>,
+        now: Instant,
+    ) -> bool {
+        let Ok(head) = encode_head(body) else { return false };
+        let Some(p) = self.peers.get_mut(&id) else { return false };
+        if p.is_closing() {
+            return false;
+        }
+        let frame = OutFrame { head, payload: None, shared_fd: None, control_fds: fds };
+        if p.queue.push_control(frame).is_err() {
+            let reason = format!(
+                "not reading its replies: {} frames ({} bytes) queued for it, {} bytes for its uid",
+                p.queue.len(),
+                p.queue.bytes(),
+                p.usage.held(Resource::QueuedBytes)
+            );
+            let who = p.who();
+            self.warn_limited(|| format!("disconnecting {who}: {reason}"));
+            self.begin_close(id, GoodbyeCode::LimitExceeded, &reason, now);
+            return false;
+        }
+        self.mark_dirty(id);
+        true
+    }
+
+    pub(crate) fn op_error(&mut self, id: PeerId, op: Op, code: ErrorCode, message: &str, now: Instant) {
+        if let Some(p) = self.peers.get(&id) {
+            debug!("{}: {op:?} refused: {}", p.who(), shmbus_proto::text::escape(message));
+        }
+        self.control(id, &OpError { op, code, message }, now);
+    }
+
+    /// A refusal by quota: counted, logged at a bounded rate, reported.
+    pub(crate) fn quota_refusal(&mut self, id: PeerId, op: Op, e: &quota::QuotaError, now: Instant) {
+        bump(&mut self.counters.quota_refusals, 1);
+        if let Some(p) = self.peers.get(&id) {
+            let who = p.who();
+            self.warn_limited(|| format!("{who}: {op:?} refused: {e}"));
+        }
+        self.op_error(id, op, ErrorCode::LimitExceeded, &e.to_string(), now);
+    }
+
+    /// The frames at the front of the peer's queue that may go now: up to
+    /// `max`, stopping before a frame whose fds the peer's window or its
+    /// uid's unacknowledged-fd room cannot take.
+    pub fn sendable(&mut self, id: PeerId, max: usize) -> Vec<&OutFrame> {
+        let window = u64::from(self.cfg.fd_window);
+        let Some(p) = self.peers.get(&id) else { return Vec::new() };
+        let mut own = window.saturating_sub(p.unacked_fds);
+        let mut uid = p.usage.room(Resource::UnackedFds);
+        let mut n = 0;
+        let mut stalled_on_uid = false;
+        for f in p.queue.front(max) {
+            let fds = f.fd_count() as u64;
+            if fds > own {
+                break;
+            }
+            if fds > uid {
+                stalled_on_uid = true;
+                break;
+            }
+            own -= fds;
+            uid -= fds;
+            n += 1;
+        }
+        if stalled_on_uid {
+            let waiting = self.stalled.entry(p.cred.uid).or_default();
+            if !waiting.contains(&id) {
+                waiting.push(id);
+            }
+        }
+        let p = &self.peers[&id];
+        p.queue.front(n).collect()
+    }
+
+    /// The first `n` frames of the peer's queue went out.
+    pub fn sent(&mut self, id: PeerId, n: usize, now: Instant) {
+        let Some(p) = self.peers.get_mut(&id) else { return };
+        let (mut delivered, mut bytes, mut fds) = (0u64, 0u64, 0u64);
+        for f in p.queue.front(n) {
+            fds += f.fd_count() as u64;
+            if f.head.get(3) == Some(&(shmbus_proto::frame::Kind::Deliver as u8)) {
+                delivered += 1;
+                bytes += f.payload.as_ref().map_or(0, |x| x.len()) as u64;
+                bytes += f.shared_fd.as_ref().map_or(0, |s| s.len);
+            }
+        }
+        p.queue.consume(n);
+        p.unacked_fds += fds;
+        p.usage.add(Resource::UnackedFds, fds);
+        p.msgs_out += delivered;
+        bump(&mut self.counters.msgs_out, delivered);
+        bump(&mut self.counters.bytes_out, bytes);
+        self.after_output(id, now);
+    }
+
+    /// After frames left: settle owed gaps, tell channel news, and end a
+    /// closing peer whose queue is empty.
+    fn after_output(&mut self, id: PeerId, now: Instant) {
+        let Some(p) = self.peers.get_mut(&id) else { return };
+        if p.owes_gaps && !p.is_closing() {
+            let mut still_owed = false;
+            let mut settled = 0;
+            for (&sub_id, sub) in p.subs.iter_mut() {
+                if queue::settle_gap(&mut p.queue, sub_id, &mut sub.state) {
+                    settled += 1;
+                }
+                still_owed |= sub.state.missed > 0;
+            }
+            p.owes_gaps = still_owed;
+            bump(&mut self.counters.gap_notices, settled);
+        }
+        self.tell_channel_news(id, now);
+        let Some(p) = self.peers.get(&id) else { return };
+        if p.is_closing() && p.queue.is_empty() {
+            self.remove(id);
+        }
+    }
+
+    /// Whether the peer has frames queued (sendable or not).
+    pub fn has_output(&self, id: PeerId) -> bool {
+        self.peers.get(&id).is_some_and(|p| !p.queue.is_empty())
+    }
+
+    /// The daemon could not send to this peer for lack of kernel room for
+    /// fds in flight: count it.
+    pub fn note_broker_short(&mut self) {
+        bump(&mut self.counters.broker_resource_errors, 1);
+    }
+
+    pub fn stats(&self, now: Instant) -> Stats {
+        let c = &self.counters;
+        Stats {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            address: self.cfg.address.clone(),
+            uptime_ms: now.saturating_duration_since(self.started).as_millis() as u64,
+            clients: self.peers.len() as u32,
+            subscriptions: self.router.len() as u32,
+            patterns: self.router.pattern_count() as u32,
+            msgs_in: c.msgs_in,
+            msgs_out: c.msgs_out,
+            bytes_in: c.bytes_in,
+            bytes_out: c.bytes_out,
+            dropped: c.dropped,
+            gap_notices: c.gap_notices,
+            connections_accepted: c.accepted,
+            connections_refused: c.refused,
+            protocol_errors: c.protocol_errors,
+            slow_disconnects: c.slow_disconnects,
+            quota_refusals: c.quota_refusals,
+            log_suppressed: self.log.suppressed_total(),
+            broker_resource_errors: c.broker_resource_errors,
+            hello_timeouts: c.hello_timeouts,
+        }
+    }
+}

@@ -13,6 +13,11 @@
 //!   reading its answers reaches it and is disconnected, so no peer can grow
 //!   the broker's memory without bound.
 //!
+//! Both bounds hold twice: per connection, and per uid across all of that
+//! uid's connections (`Resource::QueuedBytes`, `Resource::QueuedFds`): the
+//! queue adds what it holds to its uid's [`Usage`] and takes it back as
+//! frames leave, and when it is dropped.
+//!
 //! Invariant, per subscription: the frames it is sent are the messages
 //! routed to it, in routing order, with every run of dropped messages
 //! replaced by exactly one `Gap { missed: n }` — never a silent hole. Gaps
@@ -26,7 +31,7 @@ use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use crate::bus::quota::Charge;
+use crate::bus::quota::{Charge, Resource, Usage};
 
 use shmbus_proto::frame::{encode_head, Gap, Overflow};
 
@@ -65,6 +70,11 @@ impl OutFrame {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Fds that ride beside this frame.
+    pub fn fd_count(&self) -> usize {
+        usize::from(self.shared_fd.is_some()) + self.control_fds.len()
+    }
 }
 
 /// Bounds of one queue.
@@ -89,13 +99,17 @@ pub struct Overfull;
 pub struct OutQueue {
     frames: VecDeque<OutFrame>,
     bytes: u64,
-    fds: u32,
+    /// Memfd payloads queued (the per-connection `fds` bound).
+    memfds: u32,
+    /// Every fd queued, payloads and control fds alike.
+    fds: u64,
     limits: QueueLimits,
+    usage: Rc<Usage>,
 }
 
 impl OutQueue {
-    pub fn new(limits: QueueLimits) -> OutQueue {
-        OutQueue { frames: VecDeque::new(), bytes: 0, fds: 0, limits }
+    pub fn new(limits: QueueLimits, usage: Rc<Usage>) -> OutQueue {
+        OutQueue { frames: VecDeque::new(), bytes: 0, memfds: 0, fds: 0, limits, usage }
     }
 
     pub fn len(&self) -> usize {
@@ -110,27 +124,45 @@ impl OutQueue {
         self.bytes
     }
 
-    /// Whether a data frame of `len` bytes fits under the soft bound.
-    pub fn data_room(&self, len: usize) -> bool {
+    /// Whether a data frame of `len` bytes and `fds` fds fits under the
+    /// soft bounds, the connection's and its uid's.
+    pub fn data_room(&self, len: usize, fds: usize) -> bool {
         self.bytes + len as u64 <= self.limits.bytes
             && (self.frames.len() as u64) < u64::from(self.limits.frames)
+            && self.usage.fits(Resource::QueuedBytes, len as u64)
+            && self.usage.fits(Resource::QueuedFds, fds as u64)
     }
 
     fn frame_room(&self, f: &OutFrame) -> bool {
-        self.data_room(f.len()) && (f.shared_fd.is_none() || self.fds < self.limits.fds)
+        self.data_room(f.len(), f.fd_count()) && (f.shared_fd.is_none() || self.memfds < self.limits.fds)
+    }
+
+    /// Whether a control frame of `len` bytes and `fds` fds fits under the
+    /// hard bounds.
+    pub fn control_room(&self, len: usize, fds: usize) -> bool {
+        let hard_bytes = self.limits.bytes.saturating_mul(HARD_FACTOR);
+        let hard_frames = u64::from(self.limits.frames).saturating_mul(HARD_FACTOR);
+        let uid_bytes = self.usage.limit(Resource::QueuedBytes).saturating_mul(HARD_FACTOR);
+        let uid_fds = self.usage.limit(Resource::QueuedFds).saturating_mul(HARD_FACTOR);
+        self.bytes + len as u64 <= hard_bytes
+            && (self.frames.len() as u64) < hard_frames
+            && self.usage.held(Resource::QueuedBytes).saturating_add(len as u64) <= uid_bytes
+            && self.usage.held(Resource::QueuedFds).saturating_add(fds as u64) <= uid_fds
     }
 
     fn push(&mut self, f: OutFrame) {
-        self.bytes += f.len() as u64;
-        self.fds += u32::from(f.shared_fd.is_some());
+        let (len, fds) = (f.len() as u64, f.fd_count() as u64);
+        self.bytes += len;
+        self.memfds += u32::from(f.shared_fd.is_some());
+        self.fds += fds;
+        self.usage.add(Resource::QueuedBytes, len);
+        self.usage.add(Resource::QueuedFds, fds);
         self.frames.push_back(f);
     }
 
     /// Queues a control frame, up to the hard bound.
     pub fn push_control(&mut self, f: OutFrame) -> Result<(), Overfull> {
-        let hard_bytes = self.limits.bytes.saturating_mul(HARD_FACTOR);
-        let hard_frames = u64::from(self.limits.frames).saturating_mul(HARD_FACTOR);
-        if self.bytes + f.len() as u64 > hard_bytes || self.frames.len() as u64 >= hard_frames {
+        if !self.control_room(f.len(), f.fd_count()) {
             return Err(Overfull);
         }
         self.push(f);
@@ -151,9 +183,20 @@ impl OutQueue {
     /// Forgets the first `n` frames, which were sent.
     pub fn consume(&mut self, n: usize) {
         for f in self.frames.drain(..n.min(self.frames.len())) {
-            self.bytes -= f.len() as u64;
-            self.fds -= u32::from(f.shared_fd.is_some());
+            let (len, fds) = (f.len() as u64, f.fd_count() as u64);
+            self.bytes -= len;
+            self.memfds -= u32::from(f.shared_fd.is_some());
+            self.fds -= fds;
+            self.usage.sub(Resource::QueuedBytes, len);
+            self.usage.sub(Resource::QueuedFds, fds);
         }
+    }
+}
+
+impl Drop for OutQueue {
+    fn drop(&mut self) {
+        self.usage.sub(Resource::QueuedBytes, self.bytes);
+        self.usage.sub(Resource::QueuedFds, self.fds);
     }
 }
 
@@ -209,7 +252,7 @@ pub fn settle_gap(queue: &mut OutQueue, sub_id: u32, sub: &mut SubState) -> bool
         return false;
     }
     let f = gap_frame(sub_id, sub.missed);
-    if !queue.data_room(f.len()) {
+    if !queue.data_room(f.len(), 0) {
         return false;
     }
     queue.push(f);
@@ -220,7 +263,12 @@ pub fn settle_gap(queue: &mut OutQueue, sub_id: u32, sub: &mut SubState) -> bool
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::quota::{Accounts, UidLimits};
     use shmbus_proto::frame::{decode_broker, BrokerFrame};
+
+    fn queue(limits: QueueLimits) -> OutQueue {
+        OutQueue::new(limits, Accounts::new(UidLimits::default()).usage(0))
+    }
 
     fn data(n: u8) -> OutFrame {
         OutFrame { head: vec![n; 10], payload: None, shared_fd: None, control_fds: Vec::new() }
@@ -232,7 +280,7 @@ mod tests {
 
     #[test]
     fn gap_counts_exactly_and_sits_where_the_loss_was() {
-        let mut q = OutQueue::new(QueueLimits { bytes: 1 << 20, frames: 3, fds: 1 });
+        let mut q = queue(QueueLimits { bytes: 1 << 20, frames: 3, fds: 1 });
         let mut s = sub(Overflow::Gap);
         for i in 0..3 {
             assert_eq!(offer(&mut q, 9, &mut s, data(i)), Offer::Queued { gap_sent: false });
@@ -255,7 +303,7 @@ mod tests {
 
     #[test]
     fn settle_gap_waits_for_room() {
-        let mut q = OutQueue::new(QueueLimits { bytes: 1 << 20, frames: 1, fds: 1 });
+        let mut q = queue(QueueLimits { bytes: 1 << 20, frames: 1, fds: 1 });
         let mut s = sub(Overflow::Gap);
         offer(&mut q, 1, &mut s, data(0));
         offer(&mut q, 1, &mut s, data(1));
@@ -263,11 +311,39 @@ mod tests {
         q.consume(1);
         assert!(settle_gap(&mut q, 1, &mut s));
         assert!(!settle_gap(&mut q, 1, &mut s));
+        let gap: Vec<_> = q.front(10).collect();
+        match decode_broker(&gap[0].head).unwrap() {
+            BrokerFrame::Gap(g) => assert_eq!((g.sub_id, g.missed), (1, 1)),
+            other => panic!("expected a gap, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_uid_bound_holds_across_queues() {
+        let mut accounts = Accounts::new(UidLimits::default().with(Resource::QueuedBytes, 25));
+        let limits = QueueLimits { bytes: 1 << 20, frames: 100, fds: 4 };
+        let (mut a, mut b) =
+            (OutQueue::new(limits, accounts.usage(5)), OutQueue::new(limits, accounts.usage(5)));
+        let mut other = OutQueue::new(limits, accounts.usage(6));
+        let (mut sa, mut sb, mut so) = (sub(Overflow::Gap), sub(Overflow::Gap), sub(Overflow::Gap));
+        assert_eq!(offer(&mut a, 1, &mut sa, data(0)), Offer::Queued { gap_sent: false });
+        assert_eq!(offer(&mut b, 1, &mut sb, data(1)), Offer::Queued { gap_sent: false });
+        // 20 of 25 bytes held by uid 5: a third frame fits neither queue.
+        assert_eq!(offer(&mut a, 1, &mut sa, data(2)), Offer::Dropped);
+        assert_eq!(offer(&mut b, 1, &mut sb, data(3)), Offer::Dropped);
+        // Another uid is not affected.
+        assert_eq!(offer(&mut other, 1, &mut so, data(4)), Offer::Queued { gap_sent: false });
+        assert_eq!(accounts.held(5, Resource::QueuedBytes), 20);
+        drop(b);
+        assert_eq!(accounts.held(5, Resource::QueuedBytes), 10);
+        a.consume(1);
+        assert_eq!(accounts.held(5, Resource::QueuedBytes), 0);
+        assert_eq!(accounts.held(6, Resource::QueuedBytes), 10);
     }
 
     #[test]
     fn disconnect_policy() {
-        let mut q = OutQueue::new(QueueLimits { bytes: 15, frames: 100, fds: 1 });
+        let mut q = queue(QueueLimits { bytes: 15, frames: 100, fds: 1 });
         let mut s = sub(Overflow::Disconnect);
         assert_eq!(offer(&mut q, 1, &mut s, data(0)), Offer::Queued { gap_sent: false });
         assert_eq!(offer(&mut q, 1, &mut s, data(1)), Offer::Disconnect);
@@ -275,15 +351,14 @@ mod tests {
 
     #[test]
     fn memfd_frames_have_their_own_bound() {
-        use crate::bus::quota::{QuotaLimits, Quotas};
-        let mut quotas = Quotas::new(QuotaLimits { memfd_bytes: 1 << 30, memfd_fds: 100 });
-        let mut q = OutQueue::new(QueueLimits { bytes: 1 << 20, frames: 100, fds: 2 });
+        let mut quotas = Accounts::new(UidLimits::default());
+        let mut q = queue(QueueLimits { bytes: 1 << 20, frames: 100, fds: 2 });
         let mut s = sub(Overflow::Gap);
-        let fd_frame = |quotas: &mut Quotas| {
+        let fd_frame = |quotas: &mut Accounts| {
             let shared = Rc::new(SharedFd {
                 fd: shmbus_proto::sys::memfd::from_bytes("t", b"x").unwrap(),
                 len: 1,
-                charge: quotas.charge(0, 1).unwrap(),
+                charge: quotas.charge(7, &[(Resource::MemfdBytes, 1), (Resource::MemfdFds, 1)]).unwrap(),
             });
             OutFrame { head: vec![0; 10], payload: None, shared_fd: Some(shared), control_fds: Vec::new() }
         };
@@ -293,14 +368,14 @@ mod tests {
         // Inline frames still fit.
         assert_eq!(offer(&mut q, 1, &mut s, data(1)), Offer::Queued { gap_sent: true });
         // The dropped frame's charge was released already; sent ones on consume.
-        assert_eq!(quotas.usage(0), (2, 2));
+        assert_eq!(quotas.held(7, Resource::MemfdFds), 2);
         q.consume(4);
-        assert_eq!(quotas.usage(0), (0, 0));
+        assert_eq!(quotas.held(7, Resource::MemfdFds), 0);
     }
 
     #[test]
     fn control_frames_stop_at_the_hard_bound() {
-        let mut q = OutQueue::new(QueueLimits { bytes: 100, frames: 100, fds: 1 });
+        let mut q = queue(QueueLimits { bytes: 100, frames: 100, fds: 1 });
         let mut pushed = 0;
         while q.push_control(data(0)).is_ok() {
             pushed += 1;

@@ -16,41 +16,66 @@
 
 use std::collections::HashMap;
 
-/// A subscription, as the router names it: the connection's slot in the
-/// broker's table and the client-chosen subscription id.
-pub type SubKey = (usize, u32);
+use std::collections::BTreeMap;
 
-#[derive(Default, Debug)]
-struct Node {
-    children: HashMap<Box<str>, Node>,
-    star: Option<Box<Node>>,
+#[derive(Debug)]
+struct Node<K> {
+    children: HashMap<Box<str>, Node<K>>,
+    star: Option<Box<Node<K>>>,
     /// Subscriptions whose pattern ends exactly here.
-    exact: Vec<SubKey>,
+    exact: Vec<K>,
     /// Subscriptions whose pattern is this node's path followed by `>`.
-    tail: Vec<SubKey>,
+    tail: Vec<K>,
 }
 
-impl Node {
+impl<K> Default for Node<K> {
+    fn default() -> Self {
+        Node { children: HashMap::new(), star: None, exact: Vec::new(), tail: Vec::new() }
+    }
+}
+
+impl<K> Node<K> {
     fn is_empty(&self) -> bool {
         self.children.is_empty() && self.star.is_none() && self.exact.is_empty() && self.tail.is_empty()
     }
 }
 
 /// Subscription trie plus a count per distinct pattern (for introspection).
-#[derive(Default, Debug)]
-pub struct Router {
-    root: Node,
-    patterns: HashMap<Box<str>, u32>,
+#[derive(Debug)]
+pub struct Router<K> {
+    root: Node<K>,
+    patterns: BTreeMap<Box<str>, u32>,
     subscriptions: usize,
 }
 
-impl Router {
-    pub fn new() -> Router {
+impl<K> Default for Router<K> {
+    fn default() -> Self {
+        Router { root: Node::default(), patterns: BTreeMap::new(), subscriptions: 0 }
+    }
+}
+
+impl<K: Copy + Eq> Router<K> {
+    pub fn new() -> Router<K> {
         Router::default()
     }
 
+    /// Upper bound of the router memory one subscription adds.
+    pub fn cost(pattern: &str) -> u64 {
+        (pattern.len() + pattern.split('.').count() * 160 + 64) as u64
+    }
+
+    /// Distinct patterns after `after`, in order, with their counts.
+    pub fn patterns_after<'a>(&'a self, after: Option<&str>) -> impl Iterator<Item = (&'a str, u32)> + 'a {
+        use std::ops::Bound;
+        let start: Bound<Box<str>> = match after {
+            Some(a) => Bound::Excluded(a.into()),
+            None => Bound::Unbounded,
+        };
+        self.patterns.range::<Box<str>, _>((start, Bound::Unbounded)).map(|(p, c)| (&**p, *c))
+    }
+
     /// Adds `key` under `pattern`.
-    pub fn insert(&mut self, pattern: &str, key: SubKey) {
+    pub fn insert(&mut self, pattern: &str, key: K) {
         let mut node = &mut self.root;
         let mut tokens = pattern.split('.').peekable();
         while let Some(t) = tokens.next() {
@@ -75,7 +100,7 @@ impl Router {
     }
 
     /// Removes `key` from `pattern`. Returns whether it was there.
-    pub fn remove(&mut self, pattern: &str, key: SubKey) -> bool {
+    pub fn remove(&mut self, pattern: &str, key: K) -> bool {
         let tokens: Vec<&str> = pattern.split('.').collect();
         let removed = remove_at(&mut self.root, &tokens, key);
         if removed {
@@ -91,7 +116,7 @@ impl Router {
     }
 
     /// Appends every subscription matching `subject` to `out`.
-    pub fn matches(&self, subject: &str, out: &mut Vec<SubKey>) {
+    pub fn matches(&self, subject: &str, out: &mut Vec<K>) {
         // Subjects are at most MAX_SUBJECT_LEN bytes, so at most 513 tokens.
         let mut tokens: smallvec_tokens::Tokens<'_> = smallvec_tokens::Tokens::new(subject);
         collect(&self.root, tokens.as_slice(), out);
@@ -118,7 +143,7 @@ impl Router {
     }
 }
 
-fn collect(node: &Node, tokens: &[&str], out: &mut Vec<SubKey>) {
+fn collect<K: Copy>(node: &Node<K>, tokens: &[&str], out: &mut Vec<K>) {
     let Some((first, rest)) = tokens.split_first() else {
         out.extend_from_slice(&node.exact);
         return;
@@ -133,8 +158,8 @@ fn collect(node: &Node, tokens: &[&str], out: &mut Vec<SubKey>) {
     }
 }
 
-fn remove_at(node: &mut Node, tokens: &[&str], key: SubKey) -> bool {
-    let remove_from = |v: &mut Vec<SubKey>| match v.iter().position(|k| *k == key) {
+fn remove_at<K: Eq>(node: &mut Node<K>, tokens: &[&str], key: K) -> bool {
+    let remove_from = |v: &mut Vec<K>| match v.iter().position(|k| *k == key) {
         Some(i) => {
             v.swap_remove(i);
             true
@@ -208,10 +233,11 @@ mod smallvec_tokens {
 #[cfg(test)]
 mod tests {
     use super::*;
+    type SubKey = (usize, u32);
     use proptest::prelude::*;
     use shmbus_proto::subject::pattern_matches;
 
-    fn matched(r: &Router, s: &str) -> Vec<SubKey> {
+    fn matched(r: &Router<SubKey>, s: &str) -> Vec<SubKey> {
         let mut v = Vec::new();
         r.matches(s, &mut v);
         v.sort();
@@ -220,7 +246,7 @@ mod tests {
 
     #[test]
     fn literal_star_and_tail() {
-        let mut r = Router::new();
+        let mut r = Router::<SubKey>::new();
         r.insert("a.b", (1, 1));
         r.insert("a.*", (1, 2));
         r.insert("a.>", (2, 1));
@@ -235,7 +261,7 @@ mod tests {
 
     #[test]
     fn remove_prunes() {
-        let mut r = Router::new();
+        let mut r = Router::<SubKey>::new();
         r.insert("a.*.c.>", (1, 1));
         r.insert("a.*.c.>", (1, 2));
         assert!(r.remove("a.*.c.>", (1, 1)));
@@ -249,7 +275,7 @@ mod tests {
 
     #[test]
     fn deep_subjects() {
-        let mut r = Router::new();
+        let mut r = Router::<SubKey>::new();
         let deep: Vec<String> = (0..40).map(|i| i.to_string()).collect();
         let subject = deep.join(".");
         r.insert(&subject, (1, 1));
@@ -264,7 +290,7 @@ mod tests {
             patterns in proptest::collection::vec("(a|b|\\*)(\\.(a|b|\\*)){0,3}(\\.>)?", 1..12),
             subjects in proptest::collection::vec("(a|b)(\\.(a|b)){0,4}", 1..12),
         ) {
-            let mut r = Router::new();
+            let mut r = Router::<SubKey>::new();
             for (i, p) in patterns.iter().enumerate() {
                 r.insert(p, (i, 0));
             }

@@ -1,12 +1,11 @@
 //! The broker process: one thread around one `mio::Poll`.
 //!
-//! Layering: this module owns every socket, the signal pipe and the clock;
-//! the decisions it makes are delegated to [`crate::bus`] (routing, queues,
-//! overflow, admission), which does no I/O.
+//! Layering: this module owns every socket, the signal pipes, the timers
+//! and the clock; every decision is the bus core's ([`crate::bus`]), which
+//! does no I/O. The loop hands the core what arrived and applies the
+//! effects it returns: send what a peer's queue holds, close a peer.
 
-pub mod channels;
 pub mod config;
-pub mod conn;
 pub mod event_loop;
 pub mod signals;
 pub mod systemd;

@@ -1,0 +1,241 @@
+//! The driver: what each frame from a peer does (dbus-broker's `driver.c`).
+//!
+//! Model: a packet is decoded by the panic-free codec, checked against the
+//! peer's state (nothing but `Hello` before `Hello`; no second `Hello`;
+//! fds only where the frame declares them), then handed to its handler.
+//! A malformed packet ends the peer with a reason; a refused operation
+//! answers with an `OpError` and the peer goes on.
+//!
+//! Truncation: `MSG_TRUNC` (a packet over the size limit) is the sender's
+//! fault. `MSG_CTRUNC` is the sender's fault when it attached more fds
+//! than a packet may carry, but the broker's own when its fd table is full
+//! and the kernel could not install them; the daemon tells which, and in
+//! the second case the operation is refused with `BrokerResource` and the
+//! peer stays.
+
+use std::os::fd::OwnedFd;
+use std::time::Instant;
+
+use tracing::debug;
+
+use shmbus_proto::frame::{
+    decode_client, ClientFrame, ErrorCode, FdAck, Limits, Op, PayloadRef, Pong, Subscribe, Subscribed,
+    Welcome, PROTOCOL_VERSION,
+};
+use shmbus_proto::limits::{MAX_CLIENT_NAME, MAX_INLINE_PAYLOAD, MAX_PACKET, MAX_SUBJECT_DEPTH};
+use shmbus_proto::subject::validate_pattern;
+
+use super::peer::{PeerId, PeerState, Subscription};
+use super::queue::SubState;
+use super::quota::{charge_usage, Resource};
+use super::router::Router;
+use super::{bump, Bus};
+
+/// How a packet arrived damaged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Damage {
+    /// Larger than the largest packet (`MSG_TRUNC`).
+    Truncated,
+    /// Its fds did not all arrive (`MSG_CTRUNC`), and the broker's own fd
+    /// table had room: the sender attached too many.
+    TooManyFds,
+    /// Its fds did not all arrive because the broker's fd table is full.
+    BrokerOutOfFds,
+}
+
+impl Bus {
+    /// A packet arrived from `id`, with the fds that came beside it.
+    pub fn receive(&mut self, id: PeerId, packet: &[u8], fds: Vec<OwnedFd>, now: Instant) {
+        self.log.see(now);
+        let Some(p) = self.peers.get(&id) else { return };
+        if p.is_closing() {
+            return;
+        }
+        let frame = match decode_client(packet) {
+            Ok(f) => f,
+            Err(e) => return self.violation(id, &e.to_string(), now),
+        };
+        if !fds.is_empty() {
+            // Fds are closed when `fds` drops, whatever happens below.
+            let declared =
+                matches!(&frame, ClientFrame::Publish(p, _) if matches!(p.payload, PayloadRef::Memfd { .. }));
+            if !declared {
+                let what = frame_name(&frame);
+                return self.violation(id, &format!("unexpected fd attached to a {what} frame"), now);
+            }
+        }
+        let state = self.peers[&id].state;
+        match (state, frame) {
+            (PeerState::AwaitHello, ClientFrame::Hello(h)) => self.hello(id, h.version, h.name, now),
+            (PeerState::AwaitHello, f) => {
+                let what = frame_name(&f);
+                self.violation(id, &format!("{what} frame before Hello"), now)
+            }
+            (_, ClientFrame::Hello(_)) => self.violation(id, "second Hello", now),
+            (_, ClientFrame::Subscribe(s)) => self.subscribe(id, s, now),
+            (_, ClientFrame::Unsubscribe(u)) => self.unsubscribe(id, u.sub_id, now),
+            (_, ClientFrame::Publish(p, payload)) => self.publish(id, p.topic, p.payload, payload, fds, now),
+            (_, ClientFrame::Ping(p)) => {
+                self.control(id, &Pong { token: p.token }, now);
+            }
+            (_, ClientFrame::Query(q)) => self.query(id, q.req_id, q.what, q.after, now),
+            (_, ClientFrame::ChannelOpen(o)) => self.channel_open(id, o.req_id, o.topic, o.role, now),
+            (_, ClientFrame::ChannelClose(c)) => self.channel_close(id, c.channel_id, c.reader_id, now),
+            (_, ClientFrame::FdAck(a)) => self.fd_ack(id, a, now),
+        }
+    }
+
+    /// A packet arrived damaged (see [`Damage`]).
+    pub fn receive_damaged(&mut self, id: PeerId, damage: Damage, packet: &[u8], now: Instant) {
+        self.log.see(now);
+        match damage {
+            Damage::Truncated => self.violation(id, &format!("packet larger than {MAX_PACKET} bytes"), now),
+            Damage::TooManyFds => self.violation(id, "more fds than one packet may carry", now),
+            Damage::BrokerOutOfFds => {
+                bump(&mut self.counters.broker_resource_errors, 1);
+                let msg = "the broker has run out of file descriptors and could not take the attached fd; \
+                           retry later";
+                match decode_client(packet) {
+                    Ok(ClientFrame::Publish(..)) => {
+                        let Some(p) = self.peers.get_mut(&id) else { return };
+                        // Numbered like any publish, so the client's count
+                        // and the broker's stay equal.
+                        p.published += 1;
+                        let seq = p.published;
+                        let who = p.who();
+                        self.warn_limited(|| {
+                            format!("{who}: publish refused: broker out of file descriptors")
+                        });
+                        self.op_error(id, Op::Publish { seq }, ErrorCode::BrokerResource, msg, now);
+                    }
+                    // No other frame may carry fds: the sender's fault.
+                    Ok(f) => {
+                        let what = frame_name(&f);
+                        self.violation(id, &format!("unexpected fd attached to a {what} frame"), now)
+                    }
+                    Err(e) => self.violation(id, &e.to_string(), now),
+                }
+            }
+        }
+    }
+
+    fn hello(&mut self, id: PeerId, version: u16, name: &str, now: Instant) {
+        if version != u16::from(PROTOCOL_VERSION) {
+            let reason =
+                format!("protocol version {version} is not supported (broker speaks {PROTOCOL_VERSION})");
+            bump(&mut self.counters.protocol_errors, 1);
+            return self.begin_close(id, shmbus_proto::frame::GoodbyeCode::VersionMismatch, &reason, now);
+        }
+        if name.len() > MAX_CLIENT_NAME {
+            return self.violation(id, "client name too long", now);
+        }
+        let limits = Limits {
+            max_packet: MAX_PACKET as u32,
+            max_inline_payload: MAX_INLINE_PAYLOAD as u32,
+            queue_bytes: self.cfg.queue.bytes,
+            queue_frames: self.cfg.queue.frames,
+            max_subscriptions: self.cfg.max_subscriptions,
+            fd_window: self.cfg.fd_window,
+            max_depth: MAX_SUBJECT_DEPTH as u32,
+        };
+        let Some(p) = self.peers.get_mut(&id) else { return };
+        p.name = name.to_owned();
+        p.state = PeerState::Ready;
+        debug!("{} said hello as {}", p.who(), shmbus_proto::text::escape(name));
+        self.control(id, &Welcome { client_id: id, limits }, now);
+    }
+
+    fn subscribe(&mut self, id: PeerId, s: Subscribe<'_>, now: Instant) {
+        let max = self.cfg.max_subscriptions as usize;
+        let op = Op::Subscribe { sub_id: s.sub_id };
+        let Some(p) = self.peers.get(&id) else { return };
+        let refusal = if let Err(e) = validate_pattern(s.pattern) {
+            Some((ErrorCode::InvalidSubject, format!("invalid pattern {:?}: {e}", s.pattern)))
+        } else if p.subs.contains_key(&s.sub_id) {
+            Some((ErrorCode::DuplicateSubscription, format!("subscription id {} is in use", s.sub_id)))
+        } else if p.subs.len() >= max {
+            Some((
+                ErrorCode::LimitExceeded,
+                format!("at most {max} subscriptions per connection (raise it with --max-subscriptions)"),
+            ))
+        } else {
+            None
+        };
+        if let Some((code, message)) = refusal {
+            return self.op_error(id, op, code, &message, now);
+        }
+        let cost = Router::<super::SubKey>::cost(s.pattern);
+        let charge =
+            match charge_usage(&p.usage, &[(Resource::Subscriptions, 1), (Resource::RouterBytes, cost)]) {
+                Ok(c) => c,
+                Err(e) => return self.quota_refusal(id, op, &e, now),
+            };
+        let state = SubState { pattern: s.pattern.into(), overflow: s.overflow, missed: 0 };
+        let Some(p) = self.peers.get_mut(&id) else { return };
+        p.subs.insert(s.sub_id, Subscription { state, charge });
+        self.router.insert(s.pattern, (id, s.sub_id));
+        self.control(id, &Subscribed { sub_id: s.sub_id }, now);
+    }
+
+    fn unsubscribe(&mut self, id: PeerId, sub_id: u32, now: Instant) {
+        let Some(p) = self.peers.get_mut(&id) else { return };
+        match p.subs.remove(&sub_id) {
+            Some(sub) => {
+                let owed = sub.state.missed;
+                self.router.remove(&sub.state.pattern, (id, sub_id));
+                if owed > 0 {
+                    // The subscription is gone but its loss is still owed:
+                    // report it before the acknowledgement.
+                    let gap = shmbus_proto::frame::Gap { sub_id, missed: owed };
+                    self.control(id, &gap, now);
+                    bump(&mut self.counters.gap_notices, 1);
+                }
+                self.control(id, &Subscribed { sub_id }, now);
+            }
+            None => self.op_error(
+                id,
+                Op::Unsubscribe { sub_id },
+                ErrorCode::UnknownSubscription,
+                &format!("no subscription with id {sub_id}"),
+                now,
+            ),
+        }
+    }
+
+    /// The peer took `a.fds` more of the fds sent to it.
+    fn fd_ack(&mut self, id: PeerId, a: FdAck, now: Instant) {
+        let Some(p) = self.peers.get_mut(&id) else { return };
+        let fds = u64::from(a.fds);
+        if fds > p.unacked_fds {
+            let msg =
+                format!("acknowledged {fds} fds, but only {} were sent and unacknowledged", p.unacked_fds);
+            return self.violation(id, &msg, now);
+        }
+        p.unacked_fds -= fds;
+        p.usage.sub(Resource::UnackedFds, fds);
+        let uid = p.cred.uid;
+        if !p.queue.is_empty() {
+            self.mark_dirty(id);
+        }
+        // Room for this uid may unblock its other connections.
+        if fds > 0 {
+            for waiting in self.stalled.remove(&uid).unwrap_or_default() {
+                self.mark_dirty(waiting);
+            }
+        }
+    }
+}
+
+pub(crate) fn frame_name(f: &ClientFrame<'_>) -> &'static str {
+    match f {
+        ClientFrame::Hello(_) => "Hello",
+        ClientFrame::Subscribe(_) => "Subscribe",
+        ClientFrame::Unsubscribe(_) => "Unsubscribe",
+        ClientFrame::Publish(..) => "Publish",
+        ClientFrame::Ping(_) => "Ping",
+        ClientFrame::Query(_) => "Query",
+        ClientFrame::ChannelOpen(_) => "ChannelOpen",
+        ClientFrame::ChannelClose(_) => "ChannelClose",
+        ClientFrame::FdAck(_) => "FdAck",
+    }
+}

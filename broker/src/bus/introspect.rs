@@ -1,0 +1,172 @@
+//! Introspection: paged answers to `Query`.
+//!
+//! Model: an answer is a sequence of pages. Each `Query` gets at most one
+//! page of `QueryItem`s — at most [`PAGE_ITEMS`] items and about
+//! [`PAGE_BYTES`] bytes — then a `QueryEnd` whose `next` names where the
+//! following page starts. So an answer is paced by the asker's reading (it
+//! asks for the next page after reading this one), never queued whole
+//! against the hard bound, and one query costs the broker O(log n + page)
+//! whatever the size of the bus: clients and channels are kept in ordered
+//! maps, patterns in the router's ordered table, and each page resumes
+//! with a range lookup from its key.
+
+use std::ops::Bound;
+use std::time::Instant;
+
+use shmbus_proto::frame::{
+    ClientInfo, ErrorCode, Op, QueryEnd, QueryItem, QueryItemBody, QueryKind, TopicInfo,
+};
+
+use super::peer::{Peer, PeerId};
+use super::Bus;
+
+/// Most items in one page.
+pub const PAGE_ITEMS: usize = 256;
+/// Bytes of encoded items after which a page ends.
+pub const PAGE_BYTES: usize = 64 * 1024;
+/// Byte budget for the subscription patterns listed in one `ClientInfo`.
+const INFO_PATTERN_BUDGET: usize = 8 * 1024;
+
+impl Bus {
+    pub(crate) fn query(
+        &mut self,
+        id: PeerId,
+        req_id: u32,
+        what: QueryKind,
+        after: Option<&str>,
+        now: Instant,
+    ) {
+        let (items, next) = match what {
+            QueryKind::Stats => (vec![QueryItemBody::Stats(self.stats(now))], None),
+            QueryKind::Topics => {
+                let mut budget = Budget::default();
+                let mut items = Vec::new();
+                let mut last = None;
+                let mut more = false;
+                for (pattern, n) in self.router.patterns_after(after) {
+                    if budget.full() {
+                        more = true;
+                        break;
+                    }
+                    budget.take(pattern.len() + 16);
+                    last = Some(pattern.to_owned());
+                    items.push(QueryItemBody::Topic(TopicInfo {
+                        pattern: pattern.to_owned(),
+                        subscribers: n,
+                    }));
+                }
+                (items, if more { last } else { None })
+            }
+            QueryKind::Clients => {
+                let Some(start) = parse_after(after) else {
+                    return self.bad_cursor(id, req_id, now);
+                };
+                let mut budget = Budget::default();
+                let mut items = Vec::new();
+                let mut last = None;
+                let mut more = false;
+                for (&pid, p) in self.peers.range((start, Bound::Unbounded)) {
+                    if p.is_closing() {
+                        continue;
+                    }
+                    if budget.full() {
+                        more = true;
+                        break;
+                    }
+                    let info = client_info(p, now);
+                    budget.take(info.subscriptions.iter().map(|s| s.len() + 2).sum::<usize>() + 128);
+                    items.push(QueryItemBody::Client(info));
+                    last = Some(pid);
+                }
+                (items, more.then(|| last.map(|l| l.to_string())).flatten())
+            }
+            QueryKind::Channels => {
+                let Some(start) = parse_after(after) else {
+                    return self.bad_cursor(id, req_id, now);
+                };
+                let mut budget = Budget::default();
+                let mut items = Vec::new();
+                let mut last = None;
+                let mut more = false;
+                for (&cid, ch) in self.channels.by_id.range((start, Bound::Unbounded)) {
+                    if budget.full() {
+                        more = true;
+                        break;
+                    }
+                    budget.take(ch.topic.len() + 64);
+                    items.push(QueryItemBody::Channel(ch.info()));
+                    last = Some(cid);
+                }
+                (items, more.then(|| last.map(|l| l.to_string())).flatten())
+            }
+        };
+        for item in items {
+            if !self.control(id, &QueryItem { req_id, item }, now) {
+                return;
+            }
+        }
+        self.control(id, &QueryEnd { req_id, next }, now);
+    }
+
+    fn bad_cursor(&mut self, id: PeerId, req_id: u32, now: Instant) {
+        let msg = "the query's `after` is not a key this answer gave";
+        self.op_error(id, Op::Query { req_id }, ErrorCode::Unsupported, msg, now);
+    }
+}
+
+/// The range start after a numeric key (client or channel id).
+fn parse_after(after: Option<&str>) -> Option<Bound<u64>> {
+    match after {
+        None => Some(Bound::Unbounded),
+        Some(s) => s.parse().ok().map(Bound::Excluded),
+    }
+}
+
+#[derive(Default)]
+struct Budget {
+    items: usize,
+    bytes: usize,
+}
+
+impl Budget {
+    fn full(&self) -> bool {
+        self.items >= PAGE_ITEMS || self.bytes >= PAGE_BYTES
+    }
+
+    fn take(&mut self, bytes: usize) {
+        self.items += 1;
+        self.bytes += bytes;
+    }
+}
+
+/// One peer as introspection shows it: its first patterns up to a byte
+/// budget (O(budget), not O(subscriptions)), and the full count.
+fn client_info(p: &Peer, now: Instant) -> ClientInfo {
+    let mut subscriptions: Vec<String> = Vec::new();
+    let mut budget = INFO_PATTERN_BUDGET;
+    for s in p.subs.values() {
+        let pat = &*s.state.pattern;
+        if pat.len() > budget {
+            break;
+        }
+        budget -= pat.len();
+        subscriptions.push(pat.to_owned());
+    }
+    subscriptions.sort_unstable();
+    ClientInfo {
+        id: p.id,
+        name: p.name.clone(),
+        pid: p.cred.pid,
+        uid: p.cred.uid,
+        gid: p.cred.gid,
+        command: p.command.clone(),
+        subscriptions,
+        subscription_count: p.subs.len() as u32,
+        queued_bytes: p.queue.bytes(),
+        queued_frames: p.queue.len() as u32,
+        msgs_in: p.published,
+        msgs_out: p.msgs_out,
+        dropped: p.dropped,
+        connected_ms: now.saturating_duration_since(p.connected_at).as_millis() as u64,
+    }
+}

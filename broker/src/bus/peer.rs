@@ -1,0 +1,97 @@
+//! A peer: one client connection, as the bus core holds it.
+//!
+//! Lifecycle: `AwaitHello` → `Ready` → `Closing` → gone. A peer is
+//! `Closing` once the bus has decided to end it (it misbehaved, fell behind
+//! with a `Disconnect` subscription, timed out, or the broker is shutting
+//! down): its subscriptions are already out of the router, its channel
+//! handles given back, its input is ignored, a `Goodbye` with the reason is
+//! the last frame in its queue, and it is dropped when that queue has been
+//! flushed or its deadline passes, whichever is first.
+//!
+//! Identity: a peer's id is a `u64` handed out in increasing order and
+//! never reused, so every registry (router, channels, stalls) keys on it
+//! and a stale id can only miss, never hit another peer. Everything a peer
+//! holds is charged to its uid's [`Usage`] through [`Charge`]s and the
+//! queue, and released when the peer is dropped.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::Instant;
+
+use shmbus_proto::sys::socket::PeerCred;
+use shmbus_proto::text::escape;
+
+use crate::bus::queue::{OutQueue, SubState};
+use crate::bus::quota::{Charge, Resource, Usage};
+
+/// A peer's id: never reused for the broker's lifetime.
+pub type PeerId = u64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerState {
+    AwaitHello,
+    Ready,
+    Closing,
+}
+
+/// A subscription and what it costs its uid.
+#[derive(Debug)]
+pub struct Subscription {
+    pub state: SubState,
+    pub charge: Charge,
+}
+
+#[derive(Debug)]
+pub struct Peer {
+    pub id: PeerId,
+    pub cred: PeerCred,
+    /// The peer's command name, from `/proc/<pid>/comm` at accept. Raw:
+    /// escape it wherever a person reads it ([`Peer::who`] does).
+    pub command: String,
+    /// The name the client gave in `Hello`. Raw, like `command`.
+    pub name: String,
+    pub state: PeerState,
+    pub subs: HashMap<u32, Subscription>,
+    pub queue: OutQueue,
+    /// Channel handles: (channel id, reader id; 0 for the publisher).
+    pub channels: Vec<(u64, u32)>,
+    /// Some subscription has `missed > 0` awaiting a gap notice.
+    pub owes_gaps: bool,
+    /// A `Flush` effect for this peer is pending.
+    pub dirty: bool,
+    /// Publishes received; also the `seq` of the latest.
+    pub published: u64,
+    pub msgs_out: u64,
+    pub dropped: u64,
+    /// Fds sent to this peer and not yet acknowledged with `FdAck`.
+    pub unacked_fds: u64,
+    pub connected_at: Instant,
+    pub usage: Rc<Usage>,
+    /// This connection's share of its uid's connection count.
+    pub _connection: Charge,
+}
+
+impl Peer {
+    /// "client 4 (uid 1000, pid 77, comm foo)": how log lines name a peer,
+    /// with the command escaped so it cannot forge a line.
+    pub fn who(&self) -> String {
+        format!(
+            "client {} (uid {}, pid {}, comm {})",
+            self.id,
+            self.cred.uid,
+            self.cred.pid,
+            escape(&self.command)
+        )
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.state == PeerState::Closing
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        // The fds sent and never acknowledged leave with the socket.
+        self.usage.sub(Resource::UnackedFds, self.unacked_fds);
+    }
+}

@@ -1,0 +1,148 @@
+//! Publishing: the checks a publish must pass, then routing and delivery.
+//!
+//! Model: one publish is checked once (subject, size, and for a memfd the
+//! seals, size and the publisher's uid quota), routed once through the
+//! trie, and offered to each matching subscription's queue, where the
+//! subscription's overflow policy decides what a full queue means. The
+//! inline bytes are shared by every delivery (`Arc`), and so is a memfd
+//! (`Rc<SharedFd>`): fan-out copies nothing. A refused publish is answered
+//! with an `OpError` naming its `seq` and is not counted as accepted.
+//!
+//! Invariant: per publisher, each subscriber's queue receives messages in
+//! the order they were published (one serialising hop, FIFO queues).
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use shmbus_proto::frame::{encode_head, Deliver, ErrorCode, GoodbyeCode, Op, PayloadRef, Sender};
+use shmbus_proto::limits::MAX_INLINE_PAYLOAD;
+use shmbus_proto::subject::validate_subject;
+use shmbus_proto::sys::memfd::{self, MemfdError};
+
+use super::peer::PeerId;
+use super::queue::{offer, Offer, OutFrame, SharedFd};
+use super::quota::{charge_usage, Resource};
+use super::{bump, Bus};
+
+impl Bus {
+    pub(crate) fn publish(
+        &mut self,
+        id: PeerId,
+        topic: &str,
+        payload_ref: PayloadRef,
+        payload: &[u8],
+        mut fds: Vec<OwnedFd>,
+        now: Instant,
+    ) {
+        let Some(p) = self.peers.get_mut(&id) else { return };
+        p.published += 1;
+        let seq = p.published;
+        let sender = Sender { client_id: p.id, uid: p.cred.uid, gid: p.cred.gid, pid: p.cred.pid };
+        let usage = p.usage.clone();
+        let op = Op::Publish { seq };
+        if let Err(e) = validate_subject(topic) {
+            let msg = format!("invalid subject {topic:?}: {e}");
+            return self.op_error(id, op, ErrorCode::InvalidSubject, &msg, now);
+        }
+        // Every refusal below drops `fds`, closing them.
+        let (shared, bytes) = match payload_ref {
+            PayloadRef::Inline => {
+                if payload.len() > MAX_INLINE_PAYLOAD {
+                    return self.op_error(
+                        id,
+                        op,
+                        ErrorCode::PayloadTooLarge,
+                        "inline payload too large",
+                        now,
+                    );
+                }
+                (None, payload.len() as u64)
+            }
+            PayloadRef::Memfd { len } => {
+                if fds.len() != 1 {
+                    let msg = format!("a memfd publish carries exactly 1 fd; {} were attached", fds.len());
+                    return self.op_error(id, op, ErrorCode::WrongFdCount, &msg, now);
+                }
+                if !payload.is_empty() {
+                    let msg = "a memfd publish carries no inline bytes";
+                    return self.op_error(id, op, ErrorCode::Unsupported, msg, now);
+                }
+                let fd = fds.pop().expect("one fd, checked above");
+                if let Err(e) = memfd::check_sealed(fd.as_fd(), len) {
+                    let code = match e {
+                        MemfdError::NotMemfd => ErrorCode::NotMemfd,
+                        MemfdError::NotSealed => ErrorCode::NotSealed,
+                        MemfdError::SizeMismatch { .. } => ErrorCode::SizeMismatch,
+                        MemfdError::Io(_) => ErrorCode::FdRefused,
+                    };
+                    return self.op_error(id, op, code, &format!("fd refused: {e}"), now);
+                }
+                let charge =
+                    match charge_usage(&usage, &[(Resource::MemfdBytes, len), (Resource::MemfdFds, 1)]) {
+                        Ok(c) => c,
+                        Err(e) => return self.quota_refusal(id, op, &e, now),
+                    };
+                (Some(Rc::new(SharedFd { fd, len, charge })), len)
+            }
+        };
+        bump(&mut self.counters.msgs_in, 1);
+        bump(&mut self.counters.bytes_in, bytes);
+        let mut matches = std::mem::take(&mut self.matches);
+        matches.clear();
+        self.router.matches(topic, &mut matches);
+        if !matches.is_empty() {
+            let inline: Option<Arc<[u8]>> = (!payload.is_empty()).then(|| Arc::from(payload));
+            for &(target, sub_id) in &matches {
+                let d = Deliver { sub_id, topic, sender, seq, payload: payload_ref };
+                let Ok(head) = encode_head(&d) else { continue };
+                let frame = OutFrame {
+                    head,
+                    payload: inline.clone(),
+                    shared_fd: shared.clone(),
+                    control_fds: Vec::new(),
+                };
+                self.deliver(target, sub_id, frame, now);
+            }
+        }
+        self.matches = matches;
+        // If nobody matched (or every queue dropped it), `shared` goes here:
+        // the fd is closed and the charge released.
+    }
+
+    fn deliver(&mut self, target: PeerId, sub_id: u32, frame: OutFrame, now: Instant) {
+        let Some(p) = self.peers.get_mut(&target) else { return };
+        if p.is_closing() {
+            return;
+        }
+        let Some(sub) = p.subs.get_mut(&sub_id) else { return };
+        match offer(&mut p.queue, sub_id, &mut sub.state, frame) {
+            Offer::Queued { gap_sent } => {
+                if gap_sent {
+                    bump(&mut self.counters.gap_notices, 1);
+                }
+                self.mark_dirty(target);
+            }
+            Offer::Dropped => {
+                p.dropped += 1;
+                p.owes_gaps = true;
+                bump(&mut self.counters.dropped, 1);
+            }
+            Offer::Disconnect => {
+                let reason = format!(
+                    "slow consumer: subscription {sub_id} ({}) fell behind with {} frames ({} bytes) queued, \
+                     {} bytes for its uid",
+                    shmbus_proto::text::escape(&sub.state.pattern),
+                    p.queue.len(),
+                    p.queue.bytes(),
+                    p.usage.held(Resource::QueuedBytes)
+                );
+                let who = p.who();
+                bump(&mut self.counters.slow_disconnects, 1);
+                self.warn_limited(|| format!("disconnecting {who}: {reason}"));
+                self.begin_close(target, GoodbyeCode::SlowConsumer, &reason, now);
+            }
+        }
+    }
+}
