@@ -13,8 +13,9 @@
 //! at most one untold change per reader (`untold`), and the publisher is
 //! told as its queue has room. A reader that joins and leaves before the
 //! publisher was told is never mentioned (its cursor fd is simply closed),
-//! so join/leave churn costs the publisher nothing and cannot fill its
-//! queue. The `members` word the publisher watches is bumped only when
+//! and at most `NEWS_IN_FLIGHT` news frames wait in the publisher's queue
+//! at once, so join/leave churn costs an idle publisher a bounded handful
+//! of frames and cannot fill its queue. The `members` word the publisher watches is bumped only when
 //! news is actually queued for it.
 //!
 //! Accounting: a channel's ring pages and the channel itself are charged to
@@ -48,6 +49,9 @@ use super::Bus;
 
 /// Bytes of one cursor page, and of the signal page beside a ring.
 const PAGE: u64 = 4096;
+/// Membership frames queued for one publisher at once; further news
+/// stays coalesced in its channel until these are sent.
+const NEWS_IN_FLIGHT: u32 = 16;
 
 #[derive(Debug)]
 pub struct ChannelReader {
@@ -359,7 +363,7 @@ impl Bus {
                 // News travels as control frames, but only under the soft
                 // bound: a publisher that does not read is not cut off for
                 // what others did, its news just waits.
-                if !p.queue.data_room(64, 1) {
+                if p.news_queued >= NEWS_IN_FLIGHT || !p.queue.data_room(64, 1) {
                     return;
                 }
                 let Some((reader_id, news)) = ch.untold.pop_first() else { break };
@@ -371,6 +375,9 @@ impl Bus {
                 let frame = ChannelReaderFrame { channel_id, reader_id, joined, generation };
                 if !self.control_with_fds(publisher, &frame, fds, now) {
                     return;
+                }
+                if let Some(p) = self.peers.get_mut(&publisher) {
+                    p.news_queued += 1;
                 }
             }
         }

@@ -290,6 +290,7 @@ impl Bus {
             published: 0,
             msgs_out: 0,
             dropped: 0,
+            news_queued: 0,
             unacked_fds: 0,
             connected_at: now,
             usage,
@@ -478,6 +479,11 @@ impl Bus {
     pub fn sendable(&mut self, id: PeerId, max: usize) -> Vec<&OutFrame> {
         let window = u64::from(self.cfg.fd_window);
         let Some(p) = self.peers.get(&id) else { return Vec::new() };
+        if p.is_closing() {
+            // Its socket closes within the grace period, and the fds in
+            // flight with it: let the goodbye through.
+            return p.queue.front(max).collect();
+        }
         let mut own = window.saturating_sub(p.unacked_fds);
         let mut uid = p.usage.room(Resource::UnackedFds);
         let mut n = 0;
@@ -508,9 +514,10 @@ impl Bus {
     /// The first `n` frames of the peer's queue went out.
     pub fn sent(&mut self, id: PeerId, n: usize, now: Instant) {
         let Some(p) = self.peers.get_mut(&id) else { return };
-        let (mut delivered, mut bytes, mut fds) = (0u64, 0u64, 0u64);
+        let (mut delivered, mut bytes, mut fds, mut news) = (0u64, 0u64, 0u64, 0u32);
         for f in p.queue.front(n) {
             fds += f.fd_count() as u64;
+            news += u32::from(f.head.get(3) == Some(&(shmbus_proto::frame::Kind::ChannelReader as u8)));
             if f.head.get(3) == Some(&(shmbus_proto::frame::Kind::Deliver as u8)) {
                 delivered += 1;
                 bytes += f.payload.as_ref().map_or(0, |x| x.len()) as u64;
@@ -518,6 +525,7 @@ impl Bus {
             }
         }
         p.queue.consume(n);
+        p.news_queued = p.news_queued.saturating_sub(news);
         p.unacked_fds += fds;
         p.usage.add(Resource::UnackedFds, fds);
         p.msgs_out += delivered;
@@ -586,3 +594,6 @@ impl Bus {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -63,6 +63,9 @@ pub struct Peer {
     pub published: u64,
     pub msgs_out: u64,
     pub dropped: u64,
+    /// Channel membership frames queued for this peer and not yet sent:
+    /// news waits in its channel while this many are in flight.
+    pub news_queued: u32,
     /// Fds sent to this peer and not yet acknowledged with `FdAck`.
     pub unacked_fds: u64,
     pub connected_at: Instant,
