@@ -7,6 +7,7 @@
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use shmbus::Client;
@@ -28,6 +29,51 @@ pub fn unique_address(tag: &str) -> String {
 pub struct Broker {
     pub child: Option<Child>,
     pub address: String,
+    /// The uid the broker runs as, when not ours; clients made by
+    /// [`Broker::client`] trust it.
+    pub uid: Option<u32>,
+    /// The broker's stderr, when [`Launch::capture_log`] asked for it.
+    log: Option<Arc<Mutex<Vec<u8>>>>,
+}
+
+/// How to start a broker, beyond its address: for tests that run it as
+/// another uid, under a low fd limit, or read its log.
+#[derive(Debug, Clone, Default)]
+pub struct Launch {
+    pub args: Vec<String>,
+    /// Run the broker as this uid (and gid).
+    pub uid: Option<u32>,
+    /// Start it under `prlimit --nofile=N:N` (util-linux), so its fd
+    /// table holds at most N fds.
+    pub nofile: Option<u64>,
+    /// Keep its stderr for [`Broker::log`] instead of passing it through.
+    pub capture_log: bool,
+}
+
+impl Launch {
+    pub fn new() -> Launch {
+        Launch::default()
+    }
+
+    pub fn args(mut self, args: &[&str]) -> Launch {
+        self.args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    pub fn uid(mut self, uid: u32) -> Launch {
+        self.uid = Some(uid);
+        self
+    }
+
+    pub fn nofile(mut self, n: u64) -> Launch {
+        self.nofile = Some(n);
+        self
+    }
+
+    pub fn capture_log(mut self) -> Launch {
+        self.capture_log = true;
+        self
+    }
 }
 
 impl Broker {
@@ -41,24 +87,108 @@ impl Broker {
 
     /// Spawns the broker as `uid` (for trust tests).
     pub fn spawn(tag: &str, extra: &[&str], uid: Option<u32>) -> Broker {
+        let mut launch = Launch::new().args(extra);
+        launch.uid = uid;
+        Broker::launch(tag, launch)
+    }
+
+    /// Spawns the broker as `launch` says.
+    pub fn launch(tag: &str, launch: Launch) -> Broker {
         let address = unique_address(tag);
-        let mut cmd = match uid {
-            Some(uid) => command_as(SHMBUSD, uid),
-            None => Command::new(SHMBUSD),
+        let shmbusd = match launch.uid {
+            Some(_) => world_readable_copy(SHMBUSD),
+            None => std::path::PathBuf::from(SHMBUSD),
         };
-        cmd.arg("--address").arg(&address).args(extra).stdin(Stdio::null());
-        let child = cmd.spawn().expect("spawn shmbusd");
-        let b = Broker { child: Some(child), address };
+        let mut cmd = match launch.nofile {
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}")).arg("--").arg(&shmbusd);
+                c
+            }
+            None => Command::new(&shmbusd),
+        };
+        if let Some(uid) = launch.uid {
+            cmd.uid(uid).gid(uid).current_dir("/");
+        }
+        cmd.arg("--address").arg(&address).args(&launch.args).stdin(Stdio::null());
+        if launch.capture_log {
+            cmd.stderr(Stdio::piped());
+        }
+        let mut child = match spawn_retrying(&mut cmd) {
+            Ok(c) => c,
+            Err(e) if launch.nofile.is_some() => panic!("cannot run prlimit (util-linux): {e}"),
+            Err(e) => panic!("spawn shmbusd: {e}"),
+        };
+        let log = child.stderr.take().map(|mut err| {
+            let log = Arc::new(Mutex::new(Vec::new()));
+            let sink = log.clone();
+            std::thread::spawn(move || {
+                use std::io::Read;
+                let mut buf = [0u8; 8192];
+                while let Ok(n) = err.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+            log
+        });
+        let mut b = Broker { child: Some(child), address, uid: launch.uid, log };
         b.wait_ready();
         b
     }
 
-    fn wait_ready(&self) {
+    /// What the broker wrote to stderr so far (needs `capture_log`).
+    pub fn log(&self) -> String {
+        let log = self.log.as_ref().expect("start the broker with Launch::capture_log to read its log");
+        String::from_utf8_lossy(&log.lock().unwrap()).into_owned()
+    }
+
+    /// Waits (bounded) until the broker's log holds `needle`.
+    pub fn wait_log(&self, needle: &str) -> String {
+        let start = Instant::now();
+        loop {
+            let log = self.log();
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(start.elapsed() < PATIENCE, "the broker never logged {needle:?}; its log:\n{log}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The broker's resident memory (`VmRSS` of /proc/PID/status), in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS in /proc/PID/status");
+        let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        kb * 1024
+    }
+
+    /// CPU time the broker has used, user and system, in clock ticks
+    /// (USER_HZ, 100 per second on Linux).
+    pub fn cpu_ticks(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        // The command name may hold anything, ')' included: fields start
+        // after the last ')'. utime and stime are fields 14 and 15.
+        let rest = &stat[stat.rfind(')').unwrap() + 1..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    }
+
+    fn wait_ready(&mut self) {
         let start = Instant::now();
         loop {
             let addr = shmbus::Address::parse(&self.address).unwrap();
             if shmbus_proto::sys::socket::connect(&addr).is_ok() {
                 return;
+            }
+            // A broker that exited (a flag it does not know, say) fails
+            // the test now, not after PATIENCE.
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                let log = self.log.as_ref().map(|l| String::from_utf8_lossy(&l.lock().unwrap()).into_owned());
+                panic!("shmbusd exited before listening ({status}); its log: {}", log.unwrap_or_default());
             }
             assert!(start.elapsed() < PATIENCE, "shmbusd did not start listening at {}", self.address);
             std::thread::sleep(Duration::from_millis(10));
@@ -74,11 +204,17 @@ impl Broker {
     }
 
     pub fn client_named(&self, name: &str) -> Client {
-        Client::options()
-            .address(shmbus::Address::parse(&self.address).unwrap())
-            .name(name)
-            .connect()
-            .expect("connect to the test broker")
+        self.options().name(name).connect().expect("connect to the test broker")
+    }
+
+    /// Options to connect to this broker, trusting its uid when it runs
+    /// as another.
+    pub fn options(&self) -> shmbus::ConnectOptions {
+        let o = Client::options().address(shmbus::Address::parse(&self.address).unwrap());
+        match self.uid {
+            Some(uid) => o.trust_broker_uid(uid),
+            None => o,
+        }
     }
 
     /// Number of open fds in the broker process.
@@ -210,10 +346,27 @@ impl Drop for ChildGuard {
 /// directory other users cannot enter (a clone in a 0700 `mktemp -d`, as CI
 /// may use), so the binary is first copied to a world-readable directory.
 pub fn command_as(binary: &str, uid: u32) -> Command {
+    let mut cmd = Command::new(world_readable_copy(binary));
+    cmd.uid(uid).gid(uid).current_dir("/");
+    cmd
+}
+
+/// A world-readable directory of this test process, for files other uids
+/// must reach (removed by a later test process once this one is gone).
+pub fn world_readable_dir() -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("shmbus-test-bin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+/// A copy of `binary` that other uids may run (see [`command_as`]).
+pub fn world_readable_copy(binary: &str) -> std::path::PathBuf {
     use std::os::unix::fs::PermissionsExt;
     static COPIES: std::sync::Mutex<Vec<(String, std::path::PathBuf)>> = std::sync::Mutex::new(Vec::new());
     let mut copies = COPIES.lock().unwrap();
-    let path = match copies.iter().find(|(b, _)| b == binary) {
+    match copies.iter().find(|(b, _)| b == binary) {
         Some((_, p)) => p.clone(),
         None => {
             // Copies left by earlier test processes that are gone.
@@ -225,9 +378,7 @@ pub fn command_as(binary: &str, uid: u32) -> Command {
                     }
                 }
             }
-            let dir = std::env::temp_dir().join(format!("shmbus-test-bin-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let dir = world_readable_dir();
             let name = std::path::Path::new(binary).file_name().unwrap();
             let dst = dir.join(name);
             std::fs::copy(binary, &dst).unwrap();
@@ -235,10 +386,23 @@ pub fn command_as(binary: &str, uid: u32) -> Command {
             copies.push((binary.to_owned(), dst.clone()));
             dst
         }
-    };
-    let mut cmd = Command::new(path);
-    cmd.uid(uid).gid(uid).current_dir("/");
-    cmd
+    }
+}
+
+/// `cmd.spawn()`, retried a few times on `ETXTBSY`: a binary copied a
+/// moment ago may still be open for writing in a child another test thread
+/// forked meanwhile (until that child execs).
+pub fn spawn_retrying(cmd: &mut Command) -> std::io::Result<Child> {
+    let mut tries = 0;
+    loop {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::TXTBSY.raw_os_error()) && tries < 50 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
 }
 
 pub fn spawn_guarded(mut cmd: Command) -> ChildGuard {
@@ -304,8 +468,30 @@ pub fn stderr(o: &Output) -> String {
 
 use std::os::fd::{AsFd, OwnedFd};
 
-use shmbus_proto::frame::{decode_broker, encode_head, BrokerFrame, GoodbyeCode, Hello, PROTOCOL_VERSION};
-use shmbus_proto::sys::socket::{self, OutPacket, RecvBatch};
+use shmbus_proto::frame::{
+    decode_broker, encode_head, Body, BrokerFrame, GoodbyeCode, Hello, Welcome, PROTOCOL_VERSION,
+};
+use shmbus_proto::sys::socket::{self, OutPacket, RecvBatch, RecvStatus};
+
+/// One packet from the broker, owned: its bytes and the fds beside them.
+#[derive(Debug)]
+pub struct Packet {
+    pub data: Vec<u8>,
+    pub fds: Vec<OwnedFd>,
+    pub status: RecvStatus,
+}
+
+impl Packet {
+    /// The end of the stream (the broker closed the connection).
+    pub fn is_eof(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// The frame, which must be valid; `None` at the end of the stream.
+    pub fn frame(&self) -> Option<BrokerFrame<'_>> {
+        (!self.data.is_empty()).then(|| decode_broker(&self.data).expect("the broker sends valid frames"))
+    }
+}
 
 /// A client that speaks the wire protocol by hand, to misbehave on purpose.
 pub struct Raw {
@@ -332,6 +518,64 @@ impl Raw {
             other => panic!("{other:?}"),
         }
         r
+    }
+
+    /// Connects to `address` and says Hello as `name`; returns the Welcome.
+    pub fn hello_at(address: &str, name: &str) -> (Raw, Welcome) {
+        let mut r = Raw::connect_addr(address);
+        r.send_body(&Hello { version: PROTOCOL_VERSION.into(), name }, &[]);
+        match r.recv() {
+            Some(BrokerFrame::Welcome(w)) => (r, w),
+            other => panic!("expected a welcome, got {other:?}"),
+        }
+    }
+
+    /// Says Hello as `name` to `b`.
+    pub fn hello_named(b: &Broker, name: &str) -> (Raw, Welcome) {
+        Raw::hello_at(&b.address, name)
+    }
+
+    /// Sends one frame without payload.
+    pub fn send_body<B: Body>(&self, body: &B, fds: &[std::os::fd::BorrowedFd<'_>]) {
+        self.send(&encode_head(body).unwrap(), fds);
+    }
+
+    /// The next packet, fds included, waiting at most `timeout`: `None`
+    /// if nothing came; a packet with no bytes at the end of the stream.
+    pub fn recv_packet(&mut self, timeout: Duration) -> Option<Packet> {
+        let deadline = Instant::now() + timeout;
+        let mut resets = 0;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !socket::wait_readable(self.fd.as_fd(), Some(left)).unwrap() {
+                return None;
+            }
+            match self.batch.recv(self.fd.as_fd(), true) {
+                Ok(_) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && resets < 2 => resets += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    return Some(Packet { data: Vec::new(), fds: Vec::new(), status: RecvStatus::default() })
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        return None;
+                    }
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let (data, status, fds) = self.batch.packet(0);
+        Some(Packet { data: data.to_vec(), fds, status })
+    }
+
+    /// The next packet, which must come within PATIENCE.
+    pub fn next_packet(&mut self) -> Packet {
+        self.recv_packet(PATIENCE).expect("broker went silent")
+    }
+
+    /// A packet already waiting, without waiting for one.
+    pub fn try_packet(&mut self) -> Option<Packet> {
+        self.recv_packet(Duration::ZERO)
     }
 
     pub fn send(&self, bytes: &[u8], fds: &[std::os::fd::BorrowedFd<'_>]) {
