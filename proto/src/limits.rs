@@ -17,6 +17,11 @@ pub const MAX_INLINE_PAYLOAD: usize = 64 * 1024;
 /// Longest subject or pattern, in bytes.
 pub const MAX_SUBJECT_LEN: usize = 1024;
 
+/// Most tokens in a subject or pattern. Bounds the router's work per
+/// publish (its depth) and its memory per pattern. NATS has no fixed
+/// bound; 32 is deeper than any subject scheme seen in practice.
+pub const MAX_SUBJECT_DEPTH: usize = 32;
+
 /// Longest client name sent in `Hello`, in bytes.
 pub const MAX_CLIENT_NAME: usize = 256;
 
