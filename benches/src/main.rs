@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release -p shmbus-benches -- latency [--json]
 //! cargo run --release -p shmbus-benches -- throughput [--json]
+//! cargo run --release -p shmbus-benches -- router [--json]
 //! cargo run --release -p shmbus-benches -- all [--json]
 //! ```
 //!
@@ -20,6 +21,7 @@
 
 mod payload;
 mod ring;
+mod router;
 
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
@@ -79,6 +81,7 @@ fn main() {
         "__ring-echo" => return ring::helper_echo(&args[1], args[2].parse().unwrap(), &args[3]),
         "__ring-sink" => return ring::helper_sink(&args[1], args[2].parse().unwrap()),
         "__ring-pub" => return ring::helper_pub(&args[1], args[2].parse().unwrap()),
+        "__router-mem" => return router::helper_mem(&args[1]),
         _ => {}
     }
     let mut report = Report { json, rows: Vec::new() };
@@ -147,15 +150,19 @@ fn main() {
         "payload" => payload::payload(&mut report),
         "fanout" => payload::fanout(&mut report),
         "ring" => ring::ring(&mut report),
+        "router" => router::router(&mut report),
         "all" => {
             latency(&mut report);
             throughput(&mut report);
             payload::payload(&mut report);
             payload::fanout(&mut report);
             ring::ring(&mut report);
+            router::router(&mut report);
         }
         other => {
-            eprintln!("unknown scenario {other:?}; try latency, throughput, payload, fanout, ring or all");
+            eprintln!(
+                "unknown scenario {other:?}; try latency, throughput, payload, fanout, ring, router or all"
+            );
             std::process::exit(2);
         }
     }

@@ -7,6 +7,9 @@
 //!
 //! Invariants enforced here, and relied on by the broker's router:
 //! - a subject or pattern is 1..=[`MAX_SUBJECT_LEN`] bytes of UTF-8;
+//! - it has at most [`MAX_SUBJECT_DEPTH`] tokens (a final `>` counts as
+//!   one), which bounds the router's work per publish and memory per
+//!   pattern;
 //! - no token is empty (no leading, trailing or doubled `.`);
 //! - no token holds whitespace or a control character;
 //! - a subject holds no wildcard token, and `*`/`>` never appear inside a
@@ -16,7 +19,7 @@
 //! Validation is pure and allocation-free, so both sides run it: the client
 //! to fail fast with a precise error, the broker because it trusts nothing.
 
-use crate::limits::MAX_SUBJECT_LEN;
+use crate::limits::{MAX_SUBJECT_DEPTH, MAX_SUBJECT_LEN};
 
 /// Why a subject or pattern was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -35,6 +38,8 @@ pub enum SubjectError {
     PartialWildcard,
     #[error("'>' may only be the last token")]
     TailNotLast,
+    #[error("subject has more than {MAX_SUBJECT_DEPTH} tokens")]
+    TooDeep,
 }
 
 fn check_common(s: &str) -> Result<(), SubjectError> {
@@ -57,7 +62,10 @@ fn check_common(s: &str) -> Result<(), SubjectError> {
 /// Checks a concrete subject, the kind a message is published to.
 pub fn validate_subject(s: &str) -> Result<(), SubjectError> {
     check_common(s)?;
-    for token in s.split('.') {
+    for (i, token) in s.split('.').enumerate() {
+        if i == MAX_SUBJECT_DEPTH {
+            return Err(SubjectError::TooDeep);
+        }
         if token.is_empty() {
             return Err(SubjectError::EmptyToken);
         }
@@ -72,7 +80,12 @@ pub fn validate_subject(s: &str) -> Result<(), SubjectError> {
 pub fn validate_pattern(s: &str) -> Result<(), SubjectError> {
     check_common(s)?;
     let mut tokens = s.split('.').peekable();
+    let mut depth = 0;
     while let Some(token) = tokens.next() {
+        depth += 1;
+        if depth > MAX_SUBJECT_DEPTH {
+            return Err(SubjectError::TooDeep);
+        }
         match token {
             "" => return Err(SubjectError::EmptyToken),
             "*" => {}
@@ -128,6 +141,32 @@ mod tests {
         assert_eq!(validate_pattern("a.>.b"), Err(SubjectError::TailNotLast));
         assert_eq!(validate_pattern("a*"), Err(SubjectError::PartialWildcard));
         assert_eq!(validate_pattern("a.b>"), Err(SubjectError::PartialWildcard));
+    }
+
+    /// `n` tokens `t0.t1.…`, or `*`/`>` in place of the last ones.
+    fn deep(n: usize, last: &str) -> String {
+        let mut v: Vec<String> = (0..n - 1).map(|i| format!("t{i}")).collect();
+        v.push(last.into());
+        v.join(".")
+    }
+
+    #[test]
+    fn depth_limit() {
+        let max = MAX_SUBJECT_DEPTH;
+        assert!(validate_subject(&deep(max, "x")).is_ok());
+        assert_eq!(validate_subject(&deep(max + 1, "x")), Err(SubjectError::TooDeep));
+        // The shortest subject too deep, well inside the byte limit.
+        let dots = vec!["a"; max + 1].join(".");
+        assert!(dots.len() < MAX_SUBJECT_LEN);
+        assert_eq!(validate_subject(&dots), Err(SubjectError::TooDeep));
+        for last in ["x", "*", ">"] {
+            assert!(validate_pattern(&deep(max, last)).is_ok(), "{last}");
+            assert_eq!(validate_pattern(&deep(max + 1, last)), Err(SubjectError::TooDeep), "{last}");
+        }
+        // `>` counts as a token; so does `*`.
+        assert_eq!(validate_pattern(&vec!["*"; max + 1].join(".")), Err(SubjectError::TooDeep));
+        assert!(validate_pattern(&vec!["*"; max].join(".")).is_ok());
+        assert!(SubjectError::TooDeep.to_string().contains(&max.to_string()));
     }
 
     #[test]

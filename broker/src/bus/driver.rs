@@ -28,7 +28,6 @@ use shmbus_proto::subject::validate_pattern;
 use super::peer::{PeerId, PeerState, Subscription};
 use super::queue::SubState;
 use super::quota::{charge_usage, Resource};
-use super::router::Router;
 use super::{bump, Bus};
 
 /// How a packet arrived damaged.
@@ -164,7 +163,7 @@ impl Bus {
         if let Some((code, message)) = refusal {
             return self.op_error(id, op, code, &message, now);
         }
-        let cost = Router::<super::SubKey>::cost(s.pattern);
+        let cost = super::router::cost(s.pattern);
         let charge =
             match charge_usage(&p.usage, &[(Resource::Subscriptions, 1), (Resource::RouterBytes, cost)]) {
                 Ok(c) => c,
