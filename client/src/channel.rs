@@ -113,8 +113,7 @@ fn open(client: &Client, topic: &str, role: ChannelRole) -> Result<Grant, Channe
     let inner = &client.inner;
     let req_id = {
         let mut st = inner.state.lock();
-        let id = st.next_id;
-        st.next_id = st.next_id.wrapping_add(1).max(1);
+        let id = st.next_channel_id()?;
         st.awaiting_grant.insert(id);
         id
     };

@@ -17,20 +17,23 @@ use shmbus_proto::sys::socket::{self, OutPacket, PeerCred, RecvBatch, MAX_BATCH}
 use shmbus_proto::Address;
 
 use crate::channel::{ChannelConfig, ChannelError, ChannelPublisher, ChannelSubscriber};
-use crate::connection::{Inner, QuerySlot, SubQueue};
+use crate::connection::{Inner, LocalBounds, QuerySlot, State};
 use crate::error::{
     ConnectError, Disconnect, FlushError, LoanError, PublishError, RequestError, SubscribeError,
 };
 use crate::loan::Loan;
 use crate::subscription::Subscription;
 use shmbus_proto::frame::ChannelInfo;
+use shmbus_proto::frame::{ErrorCode, Unsubscribe};
 use shmbus_proto::sys::memfd;
 
 /// How long to wait for the broker's answer to a handshake, subscribe or
 /// query unless told otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Default bound of each subscription's in-process queue, in messages.
+/// Default bound of each subscription's in-process queue, in messages
+/// (see [`ConnectOptions::local_queue`] and the bounds in bytes and fds
+/// beside it).
 pub const DEFAULT_LOCAL_QUEUE: usize = 65_536;
 
 /// Payloads larger than this go by sealed memfd instead of inline, unless
@@ -61,7 +64,7 @@ pub struct ConnectOptions {
     name: Option<String>,
     trust: Trust,
     timeout: Duration,
-    local_queue: usize,
+    local: LocalBounds,
     memfd_threshold: usize,
 }
 
@@ -73,13 +76,24 @@ impl Default for ConnectOptions {
             name: None,
             trust: Trust::RootOrSelf,
             timeout: DEFAULT_TIMEOUT,
-            local_queue: DEFAULT_LOCAL_QUEUE,
+            local: LocalBounds::default(),
             memfd_threshold: DEFAULT_MEMFD_THRESHOLD,
         }
     }
 }
 
 impl ConnectOptions {
+    /// Default of [`ConnectOptions::local_queue_bytes`]: 64 MiB.
+    pub const DEFAULT_LOCAL_QUEUE_BYTES: usize = 64 << 20;
+    /// Default of [`ConnectOptions::local_queue_fds`]: 256, as many memfd
+    /// payloads as the broker queues for one connection by default.
+    pub const DEFAULT_LOCAL_QUEUE_FDS: usize = 256;
+    /// Default of [`ConnectOptions::local_total_bytes`]: 256 MiB.
+    pub const DEFAULT_LOCAL_TOTAL_BYTES: usize = 256 << 20;
+    /// Default of [`ConnectOptions::local_total_fds`]: 512, half the usual
+    /// soft limit of open files (1024).
+    pub const DEFAULT_LOCAL_TOTAL_FDS: usize = 512;
+
     pub fn new() -> ConnectOptions {
         ConnectOptions::default()
     }
@@ -134,10 +148,55 @@ impl ConnectOptions {
         self
     }
 
-    /// Bound of each subscription's in-process queue (messages). Beyond it
-    /// messages are counted and reported as a gap.
+    /// Bound of each subscription's in-process queue, in messages
+    /// (default [`DEFAULT_LOCAL_QUEUE`]).
+    ///
+    /// The in-process queues hold what this connection has read from the
+    /// broker and the app has not yet taken (a subscription that is not
+    /// read while others are). They are bounded per subscription in
+    /// messages, bytes and fds, and across all subscriptions in bytes and
+    /// fds. A message that would pass any bound is dropped as it arrives
+    /// (a memfd payload's fd is closed there and then), counted, and
+    /// reported to its subscription as an [`Event::Gap`] where it went
+    /// missing, like a gap in the broker's queue.
+    ///
+    /// [`Event::Gap`]: crate::Event::Gap
     pub fn local_queue(mut self, messages: usize) -> Self {
-        self.local_queue = messages.max(1);
+        self.local.messages = messages.max(1);
+        self
+    }
+
+    /// Bound of each subscription's in-process queue, in bytes (default
+    /// [`ConnectOptions::DEFAULT_LOCAL_QUEUE_BYTES`]). A queued message
+    /// counts its topic, its payload if it came inline, and 128 bytes of
+    /// bookkeeping; a memfd payload counts in fds, not bytes (its pages
+    /// are charged to the publisher that filled them). A message larger
+    /// than the bound is always dropped, as a gap.
+    pub fn local_queue_bytes(mut self, bytes: usize) -> Self {
+        self.local.bytes = bytes;
+        self
+    }
+
+    /// Bound of each subscription's in-process queue, in fds, that is in
+    /// memfd payloads (default [`ConnectOptions::DEFAULT_LOCAL_QUEUE_FDS`]).
+    /// 0 turns every memfd payload into a gap.
+    pub fn local_queue_fds(mut self, fds: usize) -> Self {
+        self.local.fds = fds;
+        self
+    }
+
+    /// Bound of all this connection's in-process queues together, in bytes
+    /// as [`ConnectOptions::local_queue_bytes`] counts them (default
+    /// [`ConnectOptions::DEFAULT_LOCAL_TOTAL_BYTES`]).
+    pub fn local_total_bytes(mut self, bytes: usize) -> Self {
+        self.local.total_bytes = bytes;
+        self
+    }
+
+    /// Bound of all this connection's in-process queues together, in fds
+    /// (default [`ConnectOptions::DEFAULT_LOCAL_TOTAL_FDS`]).
+    pub fn local_total_fds(mut self, fds: usize) -> Self {
+        self.local.total_fds = fds;
         self
     }
 
@@ -173,7 +232,7 @@ impl ConnectOptions {
         // goodbye is still waiting for us, so a failed send is not the end.
         let _ = socket::send_packet(fd.as_fd(), OutPacket { head: &head, payload: &[], fds: &[] }, false);
         let (client_id, limits) = handshake(&fd, self.timeout)?;
-        let inner = Inner::new(fd, client_id, limits, broker, shown, self.local_queue);
+        let inner = Inner::with_bounds(fd, client_id, limits, broker, shown, self.local);
         let memfd_threshold = self.memfd_threshold.min(limits.max_inline_payload as usize);
         Ok(Client { inner: Arc::new(inner), timeout: self.timeout, memfd_threshold })
     }
@@ -436,35 +495,51 @@ impl Client {
             if let Some(d) = &st.closed {
                 return Err(SubscribeError::Disconnected(d.clone()));
             }
-            let id = st.next_id;
-            st.next_id = st.next_id.wrapping_add(1).max(1);
-            st.subs.insert(id, SubQueue::default());
+            let Some(id) = st.new_sub_id() else {
+                return Err(SubscribeError::Refused {
+                    code: ErrorCode::LimitExceeded,
+                    message: "every subscription id is in use".into(),
+                });
+            };
+            st.add_sub(id);
             st.awaiting_ack.insert(id);
             id
         };
-        let cleanup = |inner: &Inner| {
-            let mut st = inner.state.lock();
-            st.subs.remove(&sub_id);
+        let cleanup = |st: &mut State| {
+            st.remove_sub(sub_id);
             st.awaiting_ack.remove(&sub_id);
             st.acks.remove(&sub_id);
         };
         if let Err(e) = self.inner.send(&Subscribe { sub_id, pattern, overflow }, &[]) {
-            cleanup(&self.inner);
+            let mut st = self.inner.state.lock();
+            cleanup(&mut st);
+            // Nothing was sent (a packet goes whole or not at all).
+            st.sub_ids.answered(sub_id);
             return Err(e.into());
         }
         let deadline = Instant::now() + self.timeout;
         match self.inner.wait_for(Some(deadline), |st| st.acks.remove(&sub_id)) {
             Ok(Some(Ok(()))) => Ok(Subscription::new(self.inner.clone(), sub_id, pattern.to_owned())),
             Ok(Some(Err((code, message)))) => {
-                cleanup(&self.inner);
+                cleanup(&mut self.inner.state.lock());
                 Err(SubscribeError::Refused { code, message })
             }
             Ok(None) => {
-                cleanup(&self.inner);
+                {
+                    // The broker may still make the subscription: take it
+                    // back, and keep its id until the broker has answered
+                    // both (in one go, so the id is never free between).
+                    let mut st = self.inner.state.lock();
+                    cleanup(&mut st);
+                    st.sub_ids.owe(sub_id);
+                }
+                if self.inner.send(&Unsubscribe { sub_id }, &[]).is_err() {
+                    self.inner.state.lock().sub_ids.answered(sub_id);
+                }
                 Err(SubscribeError::Timeout(self.timeout))
             }
             Err(e) => {
-                cleanup(&self.inner);
+                cleanup(&mut self.inner.state.lock());
                 Err(e.into())
             }
         }
@@ -472,18 +547,26 @@ impl Client {
 
     /// Round trip to the broker; returns how long it took.
     pub fn ping(&self) -> Result<Duration, RequestError> {
-        let token = {
-            let mut st = self.inner.state.lock();
-            st.next_id = st.next_id.wrapping_add(1).max(1);
-            u64::from(st.next_id) | (1 << 40)
-        };
+        let token = self.inner.state.lock().new_ping();
         let start = Instant::now();
-        self.inner.send(&Ping { token }, &[])?;
-        let deadline = start + self.timeout;
-        match self.inner.wait_for(Some(deadline), |st| st.pongs.remove(&token).then_some(()))? {
-            Some(()) => Ok(start.elapsed()),
-            None => Err(RequestError::Timeout(self.timeout)),
-        }
+        let result = (|| {
+            self.inner.send(&Ping { token }, &[])?;
+            let deadline = start + self.timeout;
+            let came = |st: &mut State| {
+                if st.pings.get(&token) == Some(&true) {
+                    st.pings.remove(&token);
+                    Some(())
+                } else {
+                    None
+                }
+            };
+            match self.inner.wait_for(Some(deadline), came)? {
+                Some(()) => Ok(start.elapsed()),
+                None => Err(RequestError::Timeout(self.timeout)),
+            }
+        })();
+        self.inner.state.lock().pings.remove(&token);
+        result
     }
 
     /// Waits until the broker has handled everything sent so far, and
@@ -506,15 +589,16 @@ impl Client {
         what: QueryKind,
         after: Option<&str>,
     ) -> Result<(Vec<QueryItemBody>, Option<String>), RequestError> {
-        let req_id = {
-            let mut st = self.inner.state.lock();
-            let id = st.next_id;
-            st.next_id = st.next_id.wrapping_add(1).max(1);
-            st.queries.insert(id, QuerySlot::default());
-            id
-        };
+        let req_id = self.inner.state.lock().new_query().ok_or_else(|| RequestError::Refused {
+            code: ErrorCode::LimitExceeded,
+            message: "every request id is in use".into(),
+        })?;
         let result = (|| {
-            self.inner.send(&Query { req_id, what, after }, &[])?;
+            if let Err(e) = self.inner.send(&Query { req_id, what, after }, &[]) {
+                // Nothing was sent: no answer will come.
+                self.inner.state.lock().query_ids.answered(req_id);
+                return Err(e.into());
+            }
             let deadline = Instant::now() + self.timeout;
             let done = self.inner.wait_for(Some(deadline), |st| {
                 if st.queries.get(&req_id).is_some_and(|q| q.done) {
@@ -779,5 +863,151 @@ mod tests {
         assert!(matches!(&err, RequestError::Io(e) if e.kind() == std::io::ErrorKind::InvalidData), "{err}");
         drop(client);
         assert_eq!(broker.join().unwrap(), 2);
+    }
+
+    /// A broker that keeps subscriptions as the real one does (a live id
+    /// subscribed again is refused as a duplicate), delivers one message
+    /// naming its pattern to each new subscription, and answers pings.
+    fn subscribing_broker(fd: OwnedFd) -> std::thread::JoinHandle<()> {
+        use shmbus_proto::frame::{
+            Deliver, ErrorCode, Op, OpError, Pong, Sender, Subscribed, Unsubscribe as Unsub,
+        };
+        std::thread::spawn(move || {
+            let mut batch = RecvBatch::new(4);
+            let mut live = std::collections::HashSet::new();
+            let send = |head: Vec<u8>, payload: &[u8]| {
+                let _ = socket::send_packet(fd.as_fd(), OutPacket { head: &head, payload, fds: &[] }, false);
+            };
+            loop {
+                let Ok(n) = batch.recv(fd.as_fd(), false) else { return };
+                for i in 0..n {
+                    let (data, _, _) = batch.packet(i);
+                    if data.is_empty() {
+                        return;
+                    }
+                    match decode_client(data).unwrap() {
+                        ClientFrame::Subscribe(s) if !live.insert(s.sub_id) => {
+                            let op = Op::Subscribe { sub_id: s.sub_id };
+                            let code = ErrorCode::DuplicateSubscription;
+                            send(encode_head(&OpError { op, code, message: "in use" }).unwrap(), &[]);
+                        }
+                        ClientFrame::Subscribe(s) => {
+                            send(encode_head(&Subscribed { sub_id: s.sub_id }).unwrap(), &[]);
+                            let sender = Sender { client_id: 9, uid: 0, gid: 0, pid: 9 };
+                            let d = Deliver {
+                                sub_id: s.sub_id,
+                                topic: s.pattern,
+                                sender,
+                                seq: 1,
+                                payload: PayloadRef::Inline,
+                            };
+                            send(encode_head(&d).unwrap(), s.pattern.as_bytes());
+                        }
+                        ClientFrame::Unsubscribe(Unsub { sub_id }) => {
+                            live.remove(&sub_id);
+                            send(encode_head(&Subscribed { sub_id }).unwrap(), &[]);
+                        }
+                        ClientFrame::Ping(p) => send(encode_head(&Pong { token: p.token }).unwrap(), &[]),
+                        _ => {}
+                    }
+                }
+            }
+        })
+    }
+
+    fn pattern_of(sub: &Subscription) -> String {
+        match sub.recv_timeout(Duration::from_secs(5)).unwrap() {
+            Some(crate::Event::Message(m)) => String::from_utf8(m.into_payload()).unwrap(),
+            other => panic!("{}: {other:?}", sub.pattern()),
+        }
+    }
+
+    /// Ids are u32 and wrap; a new subscription after the wrap must not
+    /// take the id of a live one (whose queue it would clobber, and which
+    /// the broker would refuse as a duplicate).
+    #[test]
+    fn ids_that_wrap_never_clobber_a_live_subscription() {
+        let (ours, theirs) = socket::pair().unwrap();
+        let broker = subscribing_broker(theirs);
+        let client = client_on(ours);
+        let a = client.subscribe("a").unwrap();
+        // As if 2^32 - 2 ids had been used since.
+        client.inner.state.lock().sub_ids.set_next(u32::MAX);
+        let b = client.subscribe("b").unwrap();
+        let c = client.subscribe("c").expect("a free id after the wrap");
+        let d = client.subscribe("d").expect("another");
+        client.ping().unwrap();
+        let ids = [a.id(), b.id(), c.id(), d.id()];
+        assert_eq!(ids.iter().collect::<std::collections::HashSet<_>>().len(), 4, "{ids:?}");
+        assert!(ids.iter().all(|&id| id != 0), "{ids:?}");
+        for s in [&a, &b, &c, &d] {
+            assert_eq!(pattern_of(s), s.pattern(), "each queue holds its own message");
+        }
+        // A dropped subscription's id comes back once the broker answered.
+        let freed = b.id();
+        drop(b);
+        client.ping().unwrap();
+        client.inner.state.lock().sub_ids.set_next(freed);
+        let e = client.subscribe("e").unwrap();
+        assert_eq!(e.id(), freed);
+        assert_eq!(pattern_of(&e), "e");
+        drop((a, c, d, e, client));
+        broker.join().unwrap();
+    }
+
+    /// A subscribe that times out is taken back (the broker may still make
+    /// it), and its id is not handed out again until the broker answered
+    /// both the subscribe and the unsubscribe.
+    #[test]
+    fn a_subscribe_that_timed_out_is_taken_back_and_its_id_kept_until_answered() {
+        use shmbus_proto::frame::{Pong, Subscribed};
+        let (ours, theirs) = socket::pair().unwrap();
+        // Answers a subscribe only once its unsubscribe came (late), then
+        // both, in order; answers pings.
+        let broker = std::thread::spawn(move || {
+            let mut batch = RecvBatch::new(4);
+            let mut frames = Vec::new();
+            let send = |head: Vec<u8>| {
+                let _ = socket::send_packet(
+                    theirs.as_fd(),
+                    OutPacket { head: &head, payload: &[], fds: &[] },
+                    false,
+                );
+            };
+            loop {
+                let Ok(n) = batch.recv(theirs.as_fd(), false) else { return frames };
+                for i in 0..n {
+                    let (data, _, _) = batch.packet(i);
+                    if data.is_empty() {
+                        return frames;
+                    }
+                    match decode_client(data).unwrap() {
+                        ClientFrame::Subscribe(s) => frames.push(format!("sub {}", s.sub_id)),
+                        ClientFrame::Unsubscribe(u) => {
+                            frames.push(format!("unsub {}", u.sub_id));
+                            send(encode_head(&Subscribed { sub_id: u.sub_id }).unwrap());
+                            send(encode_head(&Subscribed { sub_id: u.sub_id }).unwrap());
+                        }
+                        ClientFrame::Ping(p) => send(encode_head(&Pong { token: p.token }).unwrap()),
+                        _ => {}
+                    }
+                }
+            }
+        });
+        let mut client = client_on(ours);
+        client.timeout = Duration::from_millis(50);
+        let err = client.subscribe("a").unwrap_err();
+        assert!(matches!(err, SubscribeError::Timeout(_)), "{err}");
+        let id = 1;
+        assert!(client.inner.state.lock().sub_ids.owes(id), "answers still owed");
+        client.timeout = Duration::from_secs(5);
+        client.ping().unwrap();
+        {
+            let st = client.inner.state.lock();
+            assert!(!st.sub_ids.owes(id), "both answered");
+            assert!(st.subs.is_empty() && st.acks.is_empty() && st.awaiting_ack.is_empty());
+        }
+        drop(client);
+        assert_eq!(broker.join().unwrap(), ["sub 1", "unsub 1"]);
     }
 }

@@ -28,9 +28,20 @@
 //! and unacknowledged fds stay under half the window whenever the reader
 //! waits, and the broker always has room to send more.
 //!
-//! Nothing is lost silently: each subscription's queue is bounded by
-//! `local_limit`; past it, messages are counted and surface as a
-//! `Gap` event where they went missing, exactly as broker-side gaps do.
+//! Nothing is lost silently, and nothing a peer sends grows without bound:
+//! each subscription's queue is bounded in messages, in bytes and in fds,
+//! and all of them together in bytes and in fds ([`LocalBounds`]). A
+//! message past any bound is dropped on arrival (a memfd payload's fd is
+//! closed there and then), counted, and surfaces as a `Gap` event where it
+//! went missing, exactly as broker-side gaps do.
+//!
+//! Ids: subscription ids, query and channel-open request ids are u32 on
+//! the wire, each kind with its own [`IdSpace`]. An id is handed out again
+//! only once its table no longer holds it *and* the broker has answered
+//! everything sent under it (a subscribe, an unsubscribe, a query, a
+//! channel open), so neither a live queue nor a late answer can be mixed
+//! up with a newer user of the same id after the counter wraps. Ping
+//! tokens are u64 and never wrap.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
@@ -56,13 +67,162 @@ use crate::message::{Body as Payload, Event, MemfdPayload, Message};
 /// Packets per receive batch in a client.
 const RECV_SLOTS: usize = 64;
 
+/// Bookkeeping a queued message costs beyond its topic and its inline
+/// payload (its slot in the queue, its allocations), counted in the byte
+/// bounds so that a flood of empty messages is bounded in bytes too.
+pub(crate) const QUEUED_MESSAGE_OVERHEAD: usize = 128;
+
+/// What a queued message holds of this process: heap bytes (its topic, its
+/// inline payload, [`QUEUED_MESSAGE_OVERHEAD`]) and fds (one for a memfd
+/// payload). A memfd's own pages are not counted in bytes: they are
+/// charged to the publisher that filled them, and its fd is what we hold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Charge {
+    pub bytes: usize,
+    pub fds: usize,
+}
+
+impl Charge {
+    /// The charge of a message on `topic_len` bytes of topic whose payload
+    /// is `payload_len` bytes inline, or a memfd.
+    pub fn of(topic_len: usize, memfd: bool, payload_len: usize) -> Charge {
+        let payload = if memfd { 0 } else { payload_len };
+        Charge {
+            bytes: QUEUED_MESSAGE_OVERHEAD.saturating_add(topic_len).saturating_add(payload),
+            fds: usize::from(memfd),
+        }
+    }
+
+    fn add(&mut self, c: Charge) {
+        self.bytes = self.bytes.saturating_add(c.bytes);
+        self.fds = self.fds.saturating_add(c.fds);
+    }
+
+    fn sub(&mut self, c: Charge) {
+        self.bytes = self.bytes.saturating_sub(c.bytes);
+        self.fds = self.fds.saturating_sub(c.fds);
+    }
+
+    /// Whether `self + c` stays within `bytes` and `fds`.
+    fn fits(self, c: Charge, bytes: usize, fds: usize) -> bool {
+        self.bytes.checked_add(c.bytes).is_some_and(|b| b <= bytes)
+            && self.fds.checked_add(c.fds).is_some_and(|f| f <= fds)
+    }
+}
+
+/// Bounds of the in-process queues, from [`crate::ConnectOptions`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LocalBounds {
+    /// Per subscription: events queued.
+    pub messages: usize,
+    /// Per subscription: bytes queued (see [`Charge`]).
+    pub bytes: usize,
+    /// Per subscription: fds queued (memfd payloads).
+    pub fds: usize,
+    /// All subscriptions of the connection together: bytes queued.
+    pub total_bytes: usize,
+    /// All subscriptions of the connection together: fds queued.
+    pub total_fds: usize,
+}
+
+impl Default for LocalBounds {
+    fn default() -> Self {
+        use crate::client::ConnectOptions as O;
+        LocalBounds {
+            messages: crate::client::DEFAULT_LOCAL_QUEUE,
+            bytes: O::DEFAULT_LOCAL_QUEUE_BYTES,
+            fds: O::DEFAULT_LOCAL_QUEUE_FDS,
+            total_bytes: O::DEFAULT_LOCAL_TOTAL_BYTES,
+            total_fds: O::DEFAULT_LOCAL_TOTAL_FDS,
+        }
+    }
+}
+
+/// One event in a subscription's queue.
+#[derive(Debug)]
+pub(crate) struct Queued {
+    /// Its arrival number on the connection, so events of several
+    /// subscriptions can be taken in the order the broker sent them.
+    pub arrival: u64,
+    pub event: Event,
+    /// What it counts against the bounds (nothing for a gap).
+    pub charge: Charge,
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct SubQueue {
-    /// Events with their arrival number on the connection, so events of
-    /// several subscriptions can be taken in the order the broker sent them.
-    pub events: VecDeque<(u64, Event)>,
-    /// Dropped locally (queue full) and not yet reported.
+    pub events: VecDeque<Queued>,
+    /// Dropped locally (a bound reached, or a payload that failed its
+    /// check) and not yet reported.
     pub local_missed: u64,
+    /// What `events` holds, summed.
+    pub charge: Charge,
+}
+
+/// Past this capacity, a queue that empties gives its memory back.
+const SHRINK_ABOVE: usize = 1024;
+
+/// Hands out the ids of one kind (u32, never 0), never one still in use.
+///
+/// In use: `owed` holds it (something was sent under it and the broker
+/// has not answered yet, so an answer may still come), or the caller's
+/// table holds it (`busy`). After 2^32 - 1 ids the counter wraps and
+/// skips whatever is in use, so ids never collide.
+#[derive(Debug, Default)]
+pub(crate) struct IdSpace {
+    next: u32,
+    /// Answers owed by the broker, per id.
+    owed: HashMap<u32, u32>,
+}
+
+impl IdSpace {
+    /// A fresh id, for which one answer is then owed. `None` only if every
+    /// id is in use.
+    pub fn alloc(&mut self, busy: impl Fn(u32) -> bool) -> Option<u32> {
+        // Every id at most once: the scan ends even if all are taken.
+        for _ in 0..u32::MAX {
+            let id = self.next;
+            self.next = self.next.wrapping_add(1);
+            if id != 0 && !self.owed.contains_key(&id) && !busy(id) {
+                self.owed.insert(id, 1);
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    /// One more answer is owed for `id` (an unsubscribe sent, say).
+    pub fn owe(&mut self, id: u32) {
+        let n = self.owed.entry(id).or_default();
+        *n = n.saturating_add(1);
+    }
+
+    /// One answer for `id` arrived (or what was to be answered was never
+    /// sent). Returns whether one was owed: an answer nobody asked for
+    /// changes nothing.
+    pub fn answered(&mut self, id: u32) -> bool {
+        match self.owed.get_mut(&id) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                true
+            }
+            Some(_) => {
+                self.owed.remove(&id);
+                true
+            }
+            None => false,
+        }
+    }
+
+    #[cfg(test)]
+    pub fn set_next(&mut self, next: u32) {
+        self.next = next;
+    }
+
+    #[cfg(test)]
+    pub fn owes(&self, id: u32) -> bool {
+        self.owed.contains_key(&id)
+    }
 }
 
 /// A channel the broker opened for us, with its fds.
@@ -139,7 +299,10 @@ pub(crate) struct State {
     /// Subscribe/unsubscribe acknowledgements awaited, by sub id.
     pub awaiting_ack: HashSet<u32>,
     pub acks: HashMap<u32, Result<(), (ErrorCode, String)>>,
-    pub pongs: HashSet<u64>,
+    /// Pings awaiting their pong, by token: whether it came.
+    pub pings: HashMap<u64, bool>,
+    /// The last ping token handed out (u64: it never wraps).
+    pub last_ping: u64,
     pub queries: HashMap<u32, QuerySlot>,
     /// Channel opens awaiting the broker's answer, and the answers.
     pub awaiting_grant: HashSet<u32>,
@@ -149,12 +312,137 @@ pub(crate) struct State {
     pub reader_events: HashMap<u64, VecDeque<ReaderEvent>>,
     pub refused_publishes: Vec<PublishRefused>,
     pub closed: Option<Disconnect>,
-    pub next_id: u32,
-    pub local_limit: usize,
+    pub sub_ids: IdSpace,
+    pub query_ids: IdSpace,
+    pub channel_ids: IdSpace,
+    pub bounds: LocalBounds,
+    /// What every subscription's queue holds, summed.
+    pub queued: Charge,
     /// Frames dispatched so far: the arrival number of the next event.
     pub arrivals: u64,
     /// Fds taken and not yet acknowledged to the broker.
     pub fd_acks: FdAcks,
+}
+
+impl State {
+    /// A new subscription id, free in every sense (see [`IdSpace`]).
+    pub fn new_sub_id(&mut self) -> Option<u32> {
+        let (subs, awaiting, acks) = (&self.subs, &self.awaiting_ack, &self.acks);
+        self.sub_ids.alloc(|id| subs.contains_key(&id) || awaiting.contains(&id) || acks.contains_key(&id))
+    }
+
+    /// A new query request id, with an empty slot for its answer.
+    pub fn new_query(&mut self) -> Option<u32> {
+        let queries = &self.queries;
+        let id = self.query_ids.alloc(|id| queries.contains_key(&id))?;
+        self.queries.insert(id, QuerySlot::default());
+        Some(id)
+    }
+
+    /// A new channel-open request id.
+    pub fn next_channel_id(&mut self) -> io::Result<u32> {
+        let (awaiting, grants) = (&self.awaiting_grant, &self.grants);
+        self.channel_ids
+            .alloc(|id| awaiting.contains(&id) || grants.contains_key(&id))
+            .ok_or_else(|| io::Error::other("every channel request id is in use"))
+    }
+
+    /// A new ping token, awaiting its pong.
+    pub fn new_ping(&mut self) -> u64 {
+        self.last_ping = self.last_ping.wrapping_add(1).max(1);
+        self.pings.insert(self.last_ping, false);
+        self.last_ping
+    }
+
+    /// Starts the queue of subscription `id`.
+    pub fn add_sub(&mut self, id: u32) {
+        if let Some(old) = self.subs.insert(id, SubQueue::default()) {
+            self.queued.sub(old.charge);
+        }
+    }
+
+    /// Ends the queue of subscription `id`, releasing what it held.
+    pub fn remove_sub(&mut self, id: u32) {
+        if let Some(q) = self.subs.remove(&id) {
+            self.queued.sub(q.charge);
+        }
+    }
+
+    /// Whether a message for `sub_id` that costs `c` fits every bound. If
+    /// it does not, it is counted as missed (the caller drops it, closing
+    /// its fd). `false` too for a subscription we do not have.
+    fn admit(&mut self, sub_id: u32, c: Charge) -> bool {
+        let (b, total) = (self.bounds, self.queued);
+        let Some(q) = self.subs.get_mut(&sub_id) else { return false };
+        let fits = q.events.len() < b.messages
+            && q.charge.fits(c, b.bytes, b.fds)
+            && total.fits(c, b.total_bytes, b.total_fds);
+        if !fits {
+            q.local_missed = q.local_missed.saturating_add(1);
+        }
+        fits
+    }
+
+    /// Counts one message of `sub_id` as missed.
+    fn count_missed(&mut self, sub_id: u32) {
+        if let Some(q) = self.subs.get_mut(&sub_id) {
+            q.local_missed = q.local_missed.saturating_add(1);
+        }
+    }
+
+    /// Queues a message that [`State::admit`] let in, after a gap for
+    /// whatever was missed before it.
+    fn push_message(&mut self, sub_id: u32, arrival: u64, m: Message, charge: Charge) {
+        self.push_gap(sub_id, arrival, 0);
+        let Some(q) = self.subs.get_mut(&sub_id) else { return };
+        q.events.push_back(Queued { arrival, event: Event::Message(m), charge });
+        q.charge.add(charge);
+        self.queued.add(charge);
+    }
+
+    /// Queues a gap of `missed` plus what was missed locally, if that makes
+    /// any. A gap is never dropped (it is what reports drops), but one
+    /// right after another adds to it, so gaps never outnumber messages.
+    fn push_gap(&mut self, sub_id: u32, arrival: u64, missed: u64) {
+        let Some(q) = self.subs.get_mut(&sub_id) else { return };
+        let missed = missed.saturating_add(std::mem::take(&mut q.local_missed));
+        if missed == 0 {
+            return;
+        }
+        match q.events.back_mut() {
+            Some(Queued { event: Event::Gap { missed: m }, .. }) => *m = m.saturating_add(missed),
+            _ => q.events.push_back(Queued {
+                arrival,
+                event: Event::Gap { missed },
+                charge: Charge::default(),
+            }),
+        }
+    }
+
+    /// Arrival number of the next event of `id`; a trailing local gap
+    /// (drops with nothing after them yet) sorts last.
+    pub fn peek_arrival(&self, id: u32) -> Option<u64> {
+        let q = self.subs.get(&id)?;
+        match q.events.front() {
+            Some(e) => Some(e.arrival),
+            None => (q.local_missed > 0).then_some(u64::MAX),
+        }
+    }
+
+    /// The next event of `id` with its arrival number, releasing what it
+    /// held; then drops recorded with nothing after them yet, as a gap.
+    pub fn take_event(&mut self, id: u32) -> Option<(u64, Event)> {
+        let q = self.subs.get_mut(&id)?;
+        if let Some(e) = q.events.pop_front() {
+            q.charge.sub(e.charge);
+            self.queued.sub(e.charge);
+            if q.events.is_empty() && q.events.capacity() > SHRINK_ABOVE {
+                q.events.shrink_to(SHRINK_ABOVE / 4);
+            }
+            return Some((e.arrival, e.event));
+        }
+        (q.local_missed > 0).then(|| (u64::MAX, Event::Gap { missed: std::mem::take(&mut q.local_missed) }))
+    }
 }
 
 /// What the reader keeps between batches.
@@ -227,6 +515,18 @@ impl Inner {
         address: String,
         local_limit: usize,
     ) -> Inner {
+        let bounds = LocalBounds { messages: local_limit, ..LocalBounds::default() };
+        Inner::with_bounds(fd, client_id, limits, broker, address, bounds)
+    }
+
+    pub fn with_bounds(
+        fd: OwnedFd,
+        client_id: u64,
+        limits: Limits,
+        broker: PeerCred,
+        address: String,
+        bounds: LocalBounds,
+    ) -> Inner {
         Inner {
             fd,
             client_id,
@@ -234,12 +534,7 @@ impl Inner {
             broker,
             address,
             send: Mutex::new(SendState { head: Vec::with_capacity(256), heads: Vec::new(), published: 0 }),
-            state: Mutex::new(State {
-                next_id: 1,
-                local_limit,
-                fd_acks: FdAcks::new(limits.fd_window),
-                ..State::default()
-            }),
+            state: Mutex::new(State { bounds, fd_acks: FdAcks::new(limits.fd_window), ..State::default() }),
             reader: Mutex::new(ReaderState::default()),
             cond: Condvar::new(),
             ack_due: AtomicBool::new(false),
@@ -541,53 +836,48 @@ fn apply(
     let arrival = st.arrivals;
     match frame {
         BrokerFrame::Deliver(d, payload) => {
-            let limit = st.local_limit;
-            let Some(q) = st.subs.get_mut(&d.sub_id) else { return };
-            let body = match memfd {
-                None => Payload::Inline(payload.to_vec()),
-                Some(Ok(m)) => Payload::Memfd(m),
-                Some(Err(())) => {
-                    q.local_missed += 1;
-                    return;
-                }
+            let memfd = match memfd {
+                None => None,
+                Some(Ok(m)) => Some(m),
+                Some(Err(())) => return st.count_missed(d.sub_id),
             };
-            if q.events.len() >= limit {
-                q.local_missed += 1;
+            // Decided before anything is copied; a memfd refused here
+            // drops with this frame, closing its fd at once.
+            let charge = Charge::of(d.topic.len(), memfd.is_some(), payload.len());
+            if !st.admit(d.sub_id, charge) {
                 return;
             }
-            if q.local_missed > 0 {
-                q.events.push_back((arrival, Event::Gap { missed: std::mem::take(&mut q.local_missed) }));
-            }
-            q.events.push_back((
-                arrival,
-                Event::Message(Message { topic: d.topic.to_owned(), sender: d.sender, seq: d.seq, body }),
-            ));
+            let body = match memfd {
+                None => Payload::Inline(payload.to_vec()),
+                Some(m) => Payload::Memfd(m),
+            };
+            let m = Message { topic: d.topic.to_owned(), sender: d.sender, seq: d.seq, body };
+            st.push_message(d.sub_id, arrival, m, charge);
         }
-        BrokerFrame::Gap(g) => {
-            if let Some(q) = st.subs.get_mut(&g.sub_id) {
-                let missed = g.missed + std::mem::take(&mut q.local_missed);
-                // A gap notice is never dropped: it is what reports drops.
-                q.events.push_back((arrival, Event::Gap { missed }));
-            }
-        }
+        BrokerFrame::Gap(g) => st.push_gap(g.sub_id, arrival, g.missed),
         BrokerFrame::Subscribed(s) => {
+            // The answer to a subscribe or to an unsubscribe.
+            st.sub_ids.answered(s.sub_id);
             if st.awaiting_ack.remove(&s.sub_id) {
                 st.acks.insert(s.sub_id, Ok(()));
             }
         }
         BrokerFrame::OpError(e) => match e.op {
             Op::Subscribe { sub_id } | Op::Unsubscribe { sub_id } => {
+                st.sub_ids.answered(sub_id);
                 if st.awaiting_ack.remove(&sub_id) {
                     st.acks.insert(sub_id, Err((e.code, e.message.to_owned())));
                 }
             }
             Op::Query { req_id } => {
+                st.query_ids.answered(req_id);
                 if let Some(q) = st.queries.get_mut(&req_id) {
                     q.error = Some((e.code, e.message.to_owned()));
                     q.done = true;
                 }
             }
             Op::ChannelOpen { req_id } => {
+                st.channel_ids.answered(req_id);
                 if st.awaiting_grant.remove(&req_id) {
                     st.grants.insert(req_id, Err((e.code, e.message.to_owned())));
                 }
@@ -605,7 +895,10 @@ fn apply(
             Op::ChannelClose { .. } => {}
         },
         BrokerFrame::Pong(p) => {
-            st.pongs.insert(p.token);
+            // A pong nobody waits for (its ping timed out) is dropped.
+            if let Some(came) = st.pings.get_mut(&p.token) {
+                *came = true;
+            }
         }
         BrokerFrame::QueryItem(q) => {
             if let Some(slot) = st.queries.get_mut(&q.req_id) {
@@ -613,12 +906,14 @@ fn apply(
             }
         }
         BrokerFrame::QueryEnd(q) => {
+            st.query_ids.answered(q.req_id);
             if let Some(slot) = st.queries.get_mut(&q.req_id) {
                 slot.next = q.next;
                 slot.done = true;
             }
         }
         BrokerFrame::ChannelGranted(g) => {
+            st.channel_ids.answered(g.req_id);
             if st.awaiting_grant.remove(&g.req_id) {
                 if g.reader_id == 0 {
                     // We publish this channel: from now on keep its news.
@@ -653,7 +948,8 @@ fn apply(
 mod tests {
     use super::*;
     use shmbus_proto::frame::{
-        decode_client, encode_head, ChannelGranted, ChannelOverflow, ClientFrame, Deliver, Sender,
+        decode_client, encode_head, ChannelGranted, ChannelOverflow, ClientFrame, Deliver, Gap, OpError,
+        Pong, QueryEnd, Sender, Subscribed,
     };
 
     #[test]
@@ -831,5 +1127,268 @@ mod tests {
         inner.close(None, "test".into());
         drop(guard);
         assert_eq!(acks_received(&broker), Vec::<u32>::new());
+    }
+
+    // ------------------------------------------- bounds of local queues --
+
+    const SENDER: Sender = Sender { client_id: 2, uid: 0, gid: 0, pid: 2 };
+
+    /// Effectively unbounded, for the bounds a test does not exercise.
+    const WIDE: LocalBounds = LocalBounds {
+        messages: 1 << 20,
+        bytes: 1 << 40,
+        fds: 1 << 20,
+        total_bytes: 1 << 40,
+        total_fds: 1 << 20,
+    };
+
+    fn state_with(bounds: LocalBounds, subs: &[u32]) -> State {
+        let mut st = State { bounds, ..State::default() };
+        for &id in subs {
+            st.add_sub(id);
+        }
+        st
+    }
+
+    fn deliver_inline(st: &mut State, sub_id: u32, seq: u64, payload: &[u8]) {
+        let d = Deliver { sub_id, topic: "t.x", sender: SENDER, seq, payload: PayloadRef::Inline };
+        apply(st, BrokerFrame::Deliver(d, payload), None, Vec::new());
+    }
+
+    fn deliver_memfd(st: &mut State, sub_id: u32, seq: u64, fd: OwnedFd) {
+        let d = Deliver { sub_id, topic: "t.x", sender: SENDER, seq, payload: PayloadRef::Memfd { len: 3 } };
+        let payload = Arc::new(MemfdPayload::new(fd, 3));
+        apply(st, BrokerFrame::Deliver(d, &[]), Some(Ok(payload)), Vec::new());
+    }
+
+    /// An event, shortly: a message by its seq, or a gap by its count.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Ev {
+        M(u64),
+        G(u64),
+    }
+
+    fn drain(st: &mut State, id: u32) -> Vec<Ev> {
+        std::iter::from_fn(|| st.take_event(id))
+            .map(|(_, e)| match e {
+                Event::Message(m) => Ev::M(m.seq()),
+                Event::Gap { missed } => Ev::G(missed),
+            })
+            .collect()
+    }
+
+    /// Open fds of this process whose memfd is named `name`.
+    fn memfds_named(name: &str) -> usize {
+        let needle = format!("/memfd:{name} ");
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|t| t.to_string_lossy().starts_with(&needle))
+            .count()
+    }
+
+    /// One inline message on "t.x" with `len` payload bytes costs this.
+    fn inline_cost(len: usize) -> usize {
+        Charge::of("t.x".len(), false, len).bytes
+    }
+
+    #[test]
+    fn inline_bytes_are_bounded_per_subscription_and_drops_are_a_gap_where_they_happened() {
+        let bounds = LocalBounds { bytes: 3 * inline_cost(1000), ..WIDE };
+        let mut st = state_with(bounds, &[1]);
+        let payload = vec![7u8; 1000];
+        for seq in 1..=5 {
+            deliver_inline(&mut st, 1, seq, &payload);
+        }
+        assert_eq!(st.queued.bytes, 3 * inline_cost(1000), "three fit, two are dropped");
+        // Taking one makes room for one more, after the gap of two.
+        assert_eq!(st.take_event(1).map(|(_, e)| e.message().unwrap().seq()), Some(1));
+        deliver_inline(&mut st, 1, 6, &payload);
+        assert_eq!(drain(&mut st, 1), [Ev::M(2), Ev::M(3), Ev::G(2), Ev::M(6)]);
+        assert_eq!(st.queued, Charge::default(), "everything taken is released");
+        assert_eq!(st.subs[&1].charge, Charge::default());
+        // A message bigger than the whole bound never fits, and is a gap.
+        deliver_inline(&mut st, 1, 7, &vec![0u8; 4 * 1000]);
+        deliver_inline(&mut st, 1, 8, &payload);
+        assert_eq!(drain(&mut st, 1), [Ev::G(1), Ev::M(8)]);
+    }
+
+    #[test]
+    fn empty_messages_are_bounded_in_bytes_too() {
+        let bounds = LocalBounds { bytes: 10 * inline_cost(0), ..WIDE };
+        let mut st = state_with(bounds, &[1]);
+        for seq in 1..=1000 {
+            deliver_inline(&mut st, 1, seq, &[]);
+        }
+        let events = drain(&mut st, 1);
+        assert_eq!(events.len(), 11);
+        assert_eq!(events[10], Ev::G(990));
+    }
+
+    #[test]
+    fn memfd_payloads_are_bounded_in_fds_and_a_dropped_one_is_closed_at_once() {
+        let name = format!("bound-fds-{}", std::process::id());
+        let bounds = LocalBounds { fds: 2, ..WIDE };
+        let mut st = state_with(bounds, &[1]);
+        for seq in 1..=5 {
+            deliver_memfd(&mut st, 1, seq, memfd::from_bytes(&name, b"abc").unwrap());
+            assert!(memfds_named(&name) <= 2, "after {seq}: {} held", memfds_named(&name));
+        }
+        assert_eq!(memfds_named(&name), 2);
+        assert_eq!(st.queued, Charge { bytes: 2 * Charge::of(3, true, 3).bytes, fds: 2 });
+        let events = drain(&mut st, 1);
+        assert_eq!(events, [Ev::M(1), Ev::M(2), Ev::G(3)]);
+        assert_eq!(memfds_named(&name), 0, "taken and dropped, so closed");
+        // A memfd payload does not count its pages in bytes.
+        let bounds = LocalBounds { bytes: inline_cost(0), ..WIDE };
+        let mut st = state_with(bounds, &[1]);
+        deliver_memfd(&mut st, 1, 1, memfd::from_bytes(&name, b"abc").unwrap());
+        assert_eq!(drain(&mut st, 1), [Ev::M(1)]);
+        // No fds at all: every memfd payload is a gap, and closed.
+        let bounds = LocalBounds { fds: 0, ..WIDE };
+        let mut st = state_with(bounds, &[1]);
+        deliver_memfd(&mut st, 1, 1, memfd::from_bytes(&name, b"abc").unwrap());
+        assert_eq!(memfds_named(&name), 0);
+        deliver_inline(&mut st, 1, 2, b"x");
+        assert_eq!(drain(&mut st, 1), [Ev::G(1), Ev::M(2)]);
+    }
+
+    #[test]
+    fn the_connection_bounds_span_every_subscription() {
+        let bounds = LocalBounds { total_bytes: 4 * inline_cost(100), total_fds: 3, ..WIDE };
+        let mut st = state_with(bounds, &[1, 2]);
+        for seq in 1..=3 {
+            deliver_inline(&mut st, 1, seq, &[1u8; 100]);
+        }
+        for seq in 11..=13 {
+            deliver_inline(&mut st, 2, seq, &[2u8; 100]);
+        }
+        assert_eq!(st.queued.bytes, 4 * inline_cost(100));
+        // Subscription 1 goes: its share is released, and 2 has room again.
+        st.remove_sub(1);
+        assert_eq!(st.queued.bytes, inline_cost(100));
+        deliver_inline(&mut st, 2, 14, &[2u8; 100]);
+        assert_eq!(drain(&mut st, 2), [Ev::M(11), Ev::G(2), Ev::M(14)]);
+        // Fds, likewise.
+        let name = format!("bound-total-fds-{}", std::process::id());
+        st.add_sub(1);
+        for seq in 1..=3 {
+            deliver_memfd(&mut st, 1, seq, memfd::from_bytes(&name, b"abc").unwrap());
+        }
+        deliver_memfd(&mut st, 2, 15, memfd::from_bytes(&name, b"abc").unwrap());
+        assert_eq!(memfds_named(&name), 3);
+        assert_eq!(drain(&mut st, 2), [Ev::G(1)]);
+        assert_eq!(drain(&mut st, 1), [Ev::M(1), Ev::M(2), Ev::M(3)]);
+        assert_eq!(memfds_named(&name), 0);
+        assert_eq!(st.queued, Charge::default());
+    }
+
+    #[test]
+    fn the_message_bound_still_holds() {
+        let bounds = LocalBounds { messages: 2, ..WIDE };
+        let mut st = state_with(bounds, &[1]);
+        for seq in 1..=4 {
+            deliver_inline(&mut st, 1, seq, b"x");
+        }
+        assert_eq!(drain(&mut st, 1), [Ev::M(1), Ev::M(2), Ev::G(2)]);
+    }
+
+    #[test]
+    fn gaps_add_up_without_overflow_and_never_outnumber_messages() {
+        let bounds = LocalBounds { messages: 1, ..WIDE };
+        let mut st = state_with(bounds, &[1]);
+        deliver_inline(&mut st, 1, 1, b"x");
+        deliver_inline(&mut st, 1, 2, b"x"); // dropped locally
+        for _ in 0..1000 {
+            apply(&mut st, BrokerFrame::Gap(Gap { sub_id: 1, missed: 5 }), None, Vec::new());
+        }
+        apply(&mut st, BrokerFrame::Gap(Gap { sub_id: 1, missed: u64::MAX }), None, Vec::new());
+        assert_eq!(st.subs[&1].events.len(), 2, "one message, one gap");
+        assert_eq!(drain(&mut st, 1), [Ev::M(1), Ev::G(u64::MAX)]);
+    }
+
+    // ------------------------------------------------------------- ids --
+
+    #[test]
+    fn ids_wrap_past_whatever_is_in_use() {
+        let mut ids = IdSpace::default();
+        ids.set_next(u32::MAX - 1);
+        let busy = |id| id == 1 || id == 3;
+        let got: Vec<u32> = (0..4).map(|_| ids.alloc(busy).unwrap()).collect();
+        assert_eq!(got, [u32::MAX - 1, u32::MAX, 2, 4], "0 and the busy ids are skipped");
+        // Handed-out ids stay in use until answered.
+        ids.set_next(u32::MAX - 1);
+        assert_eq!(ids.alloc(busy), Some(5));
+        assert!(ids.answered(2));
+        assert!(!ids.answered(2), "an answer nobody asked for changes nothing");
+        ids.set_next(u32::MAX - 1);
+        assert_eq!(ids.alloc(busy), Some(2));
+        // Two answers owed: free after both.
+        ids.owe(4);
+        assert!(ids.answered(4));
+        assert!(ids.owes(4));
+        assert!(ids.answered(4));
+        assert!(!ids.owes(4));
+    }
+
+    #[test]
+    fn a_subscription_id_is_reused_only_after_the_broker_answered_its_unsubscribe() {
+        let mut st = state_with(WIDE, &[]);
+        let id = st.new_sub_id().unwrap();
+        st.add_sub(id);
+        st.awaiting_ack.insert(id);
+        apply(&mut st, BrokerFrame::Subscribed(Subscribed { sub_id: id }), None, Vec::new());
+        assert_eq!(st.acks.remove(&id), Some(Ok(())));
+        // Live: never handed out again, however the counter wraps.
+        st.sub_ids.set_next(id);
+        let other = st.new_sub_id().unwrap();
+        assert_ne!(other, id);
+        // Dropped: its queue goes, its id stays until the broker answers.
+        st.remove_sub(id);
+        st.sub_ids.owe(id);
+        st.sub_ids.set_next(id);
+        assert_ne!(st.new_sub_id().unwrap(), id);
+        // A delivery sent before the unsubscribe reaches no one.
+        deliver_inline(&mut st, id, 1, b"late");
+        assert!(!st.subs.contains_key(&id));
+        apply(&mut st, BrokerFrame::Subscribed(Subscribed { sub_id: id }), None, Vec::new());
+        assert!(st.acks.is_empty(), "an unsubscribe's answer is no subscribe's ack");
+        st.sub_ids.set_next(id);
+        assert_eq!(st.new_sub_id(), Some(id), "answered: free again");
+        // A refusal answers too.
+        let op = Op::Unsubscribe { sub_id: other };
+        let e = OpError { op, code: ErrorCode::UnknownSubscription, message: "" };
+        apply(&mut st, BrokerFrame::OpError(e), None, Vec::new());
+        assert!(!st.sub_ids.owes(other));
+    }
+
+    #[test]
+    fn a_late_answer_never_reaches_a_newer_request() {
+        let mut st = state_with(WIDE, &[]);
+        // A query that timed out: its slot is gone, its answer may come.
+        let q = st.new_query().unwrap();
+        st.queries.remove(&q);
+        st.query_ids.set_next(q);
+        let q2 = st.new_query().unwrap();
+        assert_ne!(q2, q);
+        apply(&mut st, BrokerFrame::QueryEnd(QueryEnd { req_id: q, next: None }), None, Vec::new());
+        assert!(!st.queries[&q2].done, "the late answer is not the new query's");
+        st.query_ids.set_next(q);
+        assert_eq!(st.new_query(), Some(q));
+        // A channel open likewise.
+        let c = st.next_channel_id().unwrap();
+        st.channel_ids.set_next(c);
+        assert_ne!(st.next_channel_id().unwrap(), c);
+        let op = Op::ChannelOpen { req_id: c };
+        let e = OpError { op, code: ErrorCode::NoSuchChannel, message: "" };
+        apply(&mut st, BrokerFrame::OpError(e), None, Vec::new());
+        st.channel_ids.set_next(c);
+        assert_eq!(st.next_channel_id().unwrap(), c);
+        // A pong for a ping that gave up is dropped, not kept forever.
+        let t = st.new_ping();
+        st.pings.remove(&t);
+        apply(&mut st, BrokerFrame::Pong(Pong { token: t }), None, Vec::new());
+        assert!(st.pings.is_empty());
+        assert_ne!(st.new_ping(), t);
     }
 }

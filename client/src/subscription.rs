@@ -31,8 +31,14 @@ impl Subscription {
         &self.pattern
     }
 
+    /// The subscription id on the wire.
+    #[cfg(test)]
+    pub(crate) fn id(&self) -> u32 {
+        self.id
+    }
+
     fn take(&self) -> impl FnMut(&mut State) -> Option<Event> + '_ {
-        move |st| take_from(st, self.id).map(|(_, ev)| ev)
+        move |st| st.take_event(self.id).map(|(_, ev)| ev)
     }
 
     /// Waits up to `timeout` (`None`: forever) for the next event on any of
@@ -52,8 +58,8 @@ impl Subscription {
         let deadline = timeout.map(|t| Instant::now() + t);
         first.inner.wait_for(deadline, |st| {
             let next =
-                subs.iter().enumerate().filter_map(|(i, s)| peek_arrival(st, s.id).map(|a| (a, i))).min()?;
-            take_from(st, subs[next.1].id).map(|(_, ev)| (next.1, ev))
+                subs.iter().enumerate().filter_map(|(i, s)| st.peek_arrival(s.id).map(|a| (a, i))).min()?;
+            st.take_event(subs[next.1].id).map(|(_, ev)| (next.1, ev))
         })
     }
 
@@ -78,25 +84,6 @@ impl Subscription {
     pub fn iter(&self) -> Iter<'_> {
         Iter { sub: self, done: false }
     }
-}
-
-/// Arrival number of the next event of `id`; a trailing local gap (drops
-/// with nothing after them yet) sorts last.
-fn peek_arrival(st: &State, id: u32) -> Option<u64> {
-    let q = st.subs.get(&id)?;
-    match q.events.front() {
-        Some((a, _)) => Some(*a),
-        None => (q.local_missed > 0).then_some(u64::MAX),
-    }
-}
-
-fn take_from(st: &mut State, id: u32) -> Option<(u64, Event)> {
-    let q = st.subs.get_mut(&id)?;
-    if let Some(ev) = q.events.pop_front() {
-        return Some(ev);
-    }
-    // Drops recorded locally with nothing after them yet.
-    (q.local_missed > 0).then(|| (u64::MAX, Event::Gap { missed: std::mem::take(&mut q.local_missed) }))
 }
 
 pub struct Iter<'a> {
@@ -126,8 +113,18 @@ impl<'a> IntoIterator for &'a Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        self.inner.state.lock().subs.remove(&self.id);
+        {
+            let mut st = self.inner.state.lock();
+            // Its queue goes now (closing any fds in it); its id stays in
+            // use until the broker answers the unsubscribe, since
+            // deliveries sent before it may still arrive.
+            st.remove_sub(self.id);
+            st.sub_ids.owe(self.id);
+        }
         // Best effort: if the connection is gone, so is the subscription.
-        let _ = self.inner.send(&Unsubscribe { sub_id: self.id }, &[]);
+        if self.inner.send(&Unsubscribe { sub_id: self.id }, &[]).is_err() {
+            // Nothing was sent (a packet goes whole or not at all).
+            self.inner.state.lock().sub_ids.answered(self.id);
+        }
     }
 }
