@@ -79,6 +79,9 @@ pub const DEFAULT_UID_CHANNEL_READERS: u64 = 256;
 /// Default readers one channel may have.
 pub const DEFAULT_MAX_READERS_PER_CHANNEL: u32 = 64;
 
+/// Default readers one uid may have on one channel.
+pub const DEFAULT_MAX_READERS_PER_CHANNEL_PER_UID: u32 = 16;
+
 /// Default ring and cursor memory one uid may have the broker create.
 pub const DEFAULT_UID_RING_BYTES: u64 = 256 * 1024 * 1024;
 

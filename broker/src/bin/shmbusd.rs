@@ -48,6 +48,9 @@ struct Args {
     /// Readers one ring channel may have.
     #[arg(long, value_name = "N", default_value_t = l::DEFAULT_MAX_READERS_PER_CHANNEL)]
     max_readers_per_channel: u32,
+    /// Readers one uid may have on one ring channel.
+    #[arg(long, value_name = "N", default_value_t = l::DEFAULT_MAX_READERS_PER_CHANNEL_PER_UID)]
+    max_readers_per_channel_per_uid: u32,
     /// Milliseconds a new connection has to say Hello.
     #[arg(long, value_name = "MS", default_value_t = l::DEFAULT_HELLO_TIMEOUT_MS)]
     hello_timeout_ms: u64,
@@ -78,10 +81,11 @@ struct Args {
     /// Per uid: ring and cursor memory the broker creates for it, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = l::DEFAULT_UID_RING_BYTES)]
     uid_ring_bytes: u64,
-    /// Per uid: bytes of memfd payloads it published that the broker holds.
+    /// Per uid: bytes of memfd payloads queued in the broker for its
+    /// connections.
     #[arg(long, value_name = "BYTES", default_value_t = l::DEFAULT_MEMFD_QUOTA_BYTES)]
     memfd_quota_bytes: u64,
-    /// Per uid: memfd payloads it published that the broker holds.
+    /// Per uid: memfd payloads queued in the broker for its connections.
     #[arg(long, value_name = "N", default_value_t = l::DEFAULT_MEMFD_QUOTA_FDS)]
     memfd_quota_fds: u32,
     /// Log level: error, warn (default), info, debug or trace. $SHMBUS_LOG
@@ -133,6 +137,7 @@ fn main() -> ExitCode {
     // window could never send one.
     bus.fd_window = args.fd_window.max(l::MAX_FDS_PER_PACKET as u32);
     bus.max_readers_per_channel = args.max_readers_per_channel;
+    bus.max_readers_per_channel_per_uid = args.max_readers_per_channel_per_uid;
     bus.hello_timeout = Duration::from_millis(args.hello_timeout_ms);
     let limits = &mut bus.uid_limits;
     limits.set(Resource::Connections, args.max_connections_per_uid.into());

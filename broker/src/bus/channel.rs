@@ -242,6 +242,20 @@ impl Bus {
             return self.op_error(id, op, ErrorCode::LimitExceeded, &msg, now);
         }
         let Some(p) = self.peers.get(&id) else { return };
+        let uid = p.cred.uid;
+        let per_uid = self.cfg.max_readers_per_channel_per_uid;
+        let mine = ch
+            .readers
+            .values()
+            .filter(|r| self.peers.get(&r.peer).is_some_and(|q| q.cred.uid == uid))
+            .count();
+        if mine >= per_uid as usize {
+            let msg = format!(
+                "uid {uid} already has {mine} readers on channel {topic} (limit {per_uid}; raise it with \
+                 --max-readers-per-channel-per-uid)"
+            );
+            return self.op_error(id, op, ErrorCode::LimitExceeded, &msg, now);
+        }
         let charge =
             match charge_usage(&p.usage, &[(Resource::ChannelReaders, 1), (Resource::RingBytes, PAGE)]) {
                 Ok(c) => c,

@@ -48,6 +48,11 @@ impl Bus {
         self.log.see(now);
         let Some(p) = self.peers.get(&id) else { return };
         if p.is_closing() {
+            // Nothing it says counts any more, but for giving back fds:
+            // that is what lets a closing or lingering peer go.
+            if let Ok(ClientFrame::FdAck(a)) = decode_client(packet) {
+                self.fd_ack(id, a, now);
+            }
             return;
         }
         let frame = match decode_client(packet) {

@@ -67,6 +67,9 @@ pub enum Effect {
     Flush(PeerId),
     /// The bus has forgotten the peer: close its socket.
     Close(PeerId),
+    /// The peer lingers (see `peer.rs`): shut its socket down for writing,
+    /// keep it open and readable.
+    Shutdown(PeerId),
 }
 
 /// What the bus is told at start.
@@ -81,6 +84,9 @@ pub struct BusConfig {
     /// Fds sent to one connection before the broker waits for an ack.
     pub fd_window: u32,
     pub max_readers_per_channel: u32,
+    /// Readers one uid may have on one channel (its share of the above,
+    /// so one uid cannot take every reader slot of another's channel).
+    pub max_readers_per_channel_per_uid: u32,
     pub hello_timeout: Duration,
     /// How long a closing connection may take to flush its queue.
     pub close_grace: Duration,
@@ -101,6 +107,7 @@ impl BusConfig {
             max_subscriptions: l::DEFAULT_MAX_SUBSCRIPTIONS,
             fd_window: l::DEFAULT_FD_WINDOW,
             max_readers_per_channel: l::DEFAULT_MAX_READERS_PER_CHANNEL,
+            max_readers_per_channel_per_uid: l::DEFAULT_MAX_READERS_PER_CHANNEL_PER_UID,
             hello_timeout: Duration::from_millis(l::DEFAULT_HELLO_TIMEOUT_MS),
             close_grace: Duration::from_secs(2),
         }
@@ -146,6 +153,9 @@ pub struct Bus {
     started: Instant,
     log: RateLimit,
     matches: Vec<SubKey>,
+    /// Deliveries attempted so far (wrapping): the daemon's measure of
+    /// work, to bound one peer's share of a loop turn.
+    work: u64,
 }
 
 impl Bus {
@@ -166,7 +176,13 @@ impl Bus {
             started: now,
             log: RateLimit::new(20, Duration::from_secs(10)),
             matches: Vec::new(),
+            work: 0,
         }
+    }
+
+    /// Deliveries attempted so far (wrapping).
+    pub fn work(&self) -> u64 {
+        self.work
     }
 
     pub fn config(&self) -> &BusConfig {
@@ -313,10 +329,40 @@ impl Bus {
     /// Forgets a peer and everything it holds; tells the daemon to close.
     fn remove(&mut self, id: PeerId) {
         self.detach(id);
-        if self.peers.remove(&id).is_some() {
+        if let Some(p) = self.peers.remove(&id) {
+            let (uid, freed) = (p.cred.uid, p.unacked_fds);
+            drop(p);
             self.effects.push(Effect::Close(id));
+            if freed > 0 {
+                self.wake_stalled(uid);
+            }
         }
         self.accounts.sweep();
+    }
+
+    /// Room for `uid`'s unacknowledged fds grew: flush its connections
+    /// that waited for it.
+    pub(crate) fn wake_stalled(&mut self, uid: u32) {
+        for waiting in self.stalled.remove(&uid).unwrap_or_default() {
+            self.mark_dirty(waiting);
+        }
+    }
+
+    /// A closing peer's queue is done (flushed, or its deadline passed):
+    /// end it, or let it linger while fds sent to it are unacknowledged.
+    fn finish_close(&mut self, id: PeerId) {
+        let Some(p) = self.peers.get_mut(&id) else { return };
+        if p.unacked_fds == 0 {
+            return self.remove(id);
+        }
+        // Whatever is still queued will not be sent.
+        p.queue.keep_last_only();
+        p.queue.consume(1);
+        if p.state != PeerState::Lingering {
+            p.state = PeerState::Lingering;
+            debug!("{} lingers with {} fds unacknowledged", p.who(), p.unacked_fds);
+            self.effects.push(Effect::Shutdown(id));
+        }
     }
 
     /// Takes the peer out of routing and gives back its channel handles.
@@ -412,8 +458,8 @@ impl Bus {
                 break;
             }
             self.close_deadlines.pop_front();
-            if self.peers.get(&id).is_some_and(Peer::is_closing) {
-                self.remove(id);
+            if self.peers.get(&id).is_some_and(|p| p.state == PeerState::Closing) {
+                self.finish_close(id);
             }
         }
     }
@@ -479,11 +525,6 @@ impl Bus {
     pub fn sendable(&mut self, id: PeerId, max: usize) -> Vec<&OutFrame> {
         let window = u64::from(self.cfg.fd_window);
         let Some(p) = self.peers.get(&id) else { return Vec::new() };
-        if p.is_closing() {
-            // Its socket closes within the grace period, and the fds in
-            // flight with it: let the goodbye through.
-            return p.queue.front(max).collect();
-        }
         let mut own = window.saturating_sub(p.unacked_fds);
         let mut uid = p.usage.room(Resource::UnackedFds);
         let mut n = 0;
@@ -552,8 +593,8 @@ impl Bus {
         }
         self.tell_channel_news(id, now);
         let Some(p) = self.peers.get(&id) else { return };
-        if p.is_closing() && p.queue.is_empty() {
-            self.remove(id);
+        if p.state == PeerState::Closing && p.queue.is_empty() {
+            self.finish_close(id);
         }
     }
 

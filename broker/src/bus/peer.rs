@@ -1,12 +1,19 @@
 //! A peer: one client connection, as the bus core holds it.
 //!
-//! Lifecycle: `AwaitHello` → `Ready` → `Closing` → gone. A peer is
+//! Lifecycle: `AwaitHello` → `Ready` → `Closing` → (`Lingering`) → gone.
+//! A peer is
 //! `Closing` once the bus has decided to end it (it misbehaved, fell behind
 //! with a `Disconnect` subscription, timed out, or the broker is shutting
 //! down): its subscriptions are already out of the router, its channel
 //! handles given back, its input is ignored, a `Goodbye` with the reason is
 //! the last frame in its queue, and it is dropped when that queue has been
-//! flushed or its deadline passes, whichever is first.
+//! flushed or its deadline passes, whichever is first. If fds the broker
+//! sent it are still unacknowledged then, they may sit unread in its
+//! socket, where the kernel charges them to the broker's uid until the
+//! peer closes its end; so the peer `Lingers`: the broker shuts down its
+//! side for writing but keeps the socket, the connection and those fds
+//! charged to the peer's uid, until the peer acknowledges them or hangs
+//! up. A hostile peer can so pin no more than its uid's limits.
 //!
 //! Identity: a peer's id is a `u64` handed out in increasing order and
 //! never reused, so every registry (router, channels, stalls) keys on it
@@ -32,6 +39,8 @@ pub enum PeerState {
     AwaitHello,
     Ready,
     Closing,
+    /// Said goodbye; waits for the peer to hang up or acknowledge its fds.
+    Lingering,
 }
 
 /// A subscription and what it costs its uid.
@@ -87,8 +96,9 @@ impl Peer {
         )
     }
 
+    /// Closing or lingering: out of routing, input ignored but for `FdAck`.
     pub fn is_closing(&self) -> bool {
-        self.state == PeerState::Closing
+        matches!(self.state, PeerState::Closing | PeerState::Lingering)
     }
 }
 

@@ -22,8 +22,8 @@ use shmbus_proto::subject::validate_subject;
 use shmbus_proto::sys::memfd::{self, MemfdError};
 
 use super::peer::PeerId;
-use super::queue::{offer, Offer, OutFrame, SharedFd};
-use super::quota::{charge_usage, Resource};
+use super::queue::{offer, refuse, settle_gap, Offer, OutFrame, SharedFd, FRAME_OVERHEAD};
+use super::quota::Resource;
 use super::{bump, Bus};
 
 impl Bus {
@@ -40,7 +40,6 @@ impl Bus {
         p.published += 1;
         let seq = p.published;
         let sender = Sender { client_id: p.id, uid: p.cred.uid, gid: p.cred.gid, pid: p.cred.pid };
-        let usage = p.usage.clone();
         let op = Op::Publish { seq };
         if let Err(e) = validate_subject(topic) {
             let msg = format!("invalid subject {topic:?}: {e}");
@@ -79,12 +78,7 @@ impl Bus {
                     };
                     return self.op_error(id, op, code, &format!("fd refused: {e}"), now);
                 }
-                let charge =
-                    match charge_usage(&usage, &[(Resource::MemfdBytes, len), (Resource::MemfdFds, 1)]) {
-                        Ok(c) => c,
-                        Err(e) => return self.quota_refusal(id, op, &e, now),
-                    };
-                (Some(Rc::new(SharedFd { fd, len, charge })), len)
+                (Some(Rc::new(SharedFd { fd, len })), len)
             }
         };
         bump(&mut self.counters.msgs_in, 1);
@@ -94,30 +88,50 @@ impl Bus {
         self.router.matches(topic, &mut matches);
         if !matches.is_empty() {
             let inline: Option<Arc<[u8]>> = (!payload.is_empty()).then(|| Arc::from(payload));
+            // What each delivery will cost, before it is encoded: a head is
+            // the topic, a few varints and the header.
+            let estimate = topic.len() + 64 + payload.len() + FRAME_OVERHEAD;
+            let memfd = shared.as_ref().map(|s| s.len);
             for &(target, sub_id) in &matches {
-                let d = Deliver { sub_id, topic, sender, seq, payload: payload_ref };
-                let Ok(head) = encode_head(&d) else { continue };
-                let frame = OutFrame {
-                    head,
-                    payload: inline.clone(),
-                    shared_fd: shared.clone(),
-                    control_fds: Vec::new(),
+                self.work = self.work.wrapping_add(1);
+                let make = || {
+                    let d = Deliver { sub_id, topic, sender, seq, payload: payload_ref };
+                    let head = encode_head(&d).ok()?;
+                    Some(OutFrame {
+                        head,
+                        payload: inline.clone(),
+                        shared_fd: shared.clone(),
+                        control_fds: Vec::new(),
+                    })
                 };
-                self.deliver(target, sub_id, frame, now);
+                self.deliver(target, sub_id, (estimate, usize::from(memfd.is_some()), memfd), make, now);
             }
         }
         self.matches = matches;
         // If nobody matched (or every queue dropped it), `shared` goes here:
-        // the fd is closed and the charge released.
+        // the fd is closed.
     }
 
-    fn deliver(&mut self, target: PeerId, sub_id: u32, frame: OutFrame, now: Instant) {
+    fn deliver(
+        &mut self,
+        target: PeerId,
+        sub_id: u32,
+        (cost, fds, memfd): (usize, usize, Option<u64>),
+        make: impl FnOnce() -> Option<OutFrame>,
+        now: Instant,
+    ) {
         let Some(p) = self.peers.get_mut(&target) else { return };
         if p.is_closing() {
             return;
         }
         let Some(sub) = p.subs.get_mut(&sub_id) else { return };
-        match offer(&mut p.queue, sub_id, &mut sub.state, frame) {
+        let result = if p.queue.delivery_room(cost, fds, memfd) {
+            let Some(frame) = make() else { return };
+            offer(&mut p.queue, sub_id, &mut sub.state, frame)
+        } else {
+            refuse(&mut sub.state)
+        };
+        match result {
             Offer::Queued { gap_sent } => {
                 if gap_sent {
                     bump(&mut self.counters.gap_notices, 1);
@@ -128,6 +142,14 @@ impl Bus {
                 p.dropped += 1;
                 p.owes_gaps = true;
                 bump(&mut self.counters.dropped, 1);
+                if p.queue.is_empty() {
+                    // Dropped for its uid's bound, not its own: no flush of
+                    // its own will come to settle the gap, so settle now.
+                    if settle_gap(&mut p.queue, sub_id, &mut sub.state) {
+                        bump(&mut self.counters.gap_notices, 1);
+                        self.mark_dirty(target);
+                    }
+                }
             }
             Offer::Disconnect => {
                 let reason = format!(

@@ -31,19 +31,26 @@ use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use crate::bus::quota::{Charge, Resource, Usage};
+use crate::bus::quota::{Resource, Usage};
 
 use shmbus_proto::frame::{encode_head, Gap, Overflow};
 
 /// A sealed memfd payload held by the broker: the very fd the publisher
-/// sent, forwarded to every subscriber. It is closed, and its quota
-/// charge released, when the last queue holding it lets go.
+/// sent, forwarded to every subscriber. It is closed when the last queue
+/// holding it lets go. Each queue holding it charges its own uid for it
+/// (`Resource::MemfdBytes`, `Resource::MemfdFds`): the receiver that does
+/// not read is what keeps it in the broker, so a publisher's budget cannot
+/// be pinned by another uid's idle subscribers.
 #[derive(Debug)]
 pub struct SharedFd {
     pub fd: OwnedFd,
     pub len: u64,
-    pub charge: Charge,
 }
+
+/// What one queued frame costs beyond its bytes: the `OutFrame` itself, its
+/// slot in the queue and the head's allocation rounding. Counted so that a
+/// flood of tiny frames is bounded like a flood of large ones.
+pub const FRAME_OVERHEAD: usize = std::mem::size_of::<OutFrame>() + 48;
 
 /// One frame waiting to be sent: an encoded head, and a payload shared by
 /// every subscriber it fans out to (inline bytes, or a memfd).
@@ -61,14 +68,17 @@ impl OutFrame {
         OutFrame { head, payload: None, shared_fd: None, control_fds: Vec::new() }
     }
 
-    /// Bytes this frame costs the queue. A memfd payload's bytes are not
-    /// the queue's: they are counted against the publisher's uid quota.
-    pub fn len(&self) -> usize {
-        self.head.len() + self.payload.as_ref().map_or(0, |p| p.len())
+    /// Bytes this frame costs the queue: head, inline payload (shared
+    /// between receivers, but charged to each, an upper bound) and
+    /// [`FRAME_OVERHEAD`]. A memfd payload's bytes are charged apart, as
+    /// `MemfdBytes`.
+    pub fn cost(&self) -> usize {
+        self.head.capacity() + self.payload.as_ref().map_or(0, |p| p.len()) + FRAME_OVERHEAD
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    /// The memfd payload's length, if this frame carries one.
+    pub fn memfd_len(&self) -> Option<u64> {
+        self.shared_fd.as_ref().map(|s| s.len)
     }
 
     /// Fds that ride beside this frame.
@@ -103,13 +113,15 @@ pub struct OutQueue {
     memfds: u32,
     /// Every fd queued, payloads and control fds alike.
     fds: u64,
+    /// Bytes of the memfd payloads queued.
+    memfd_bytes: u64,
     limits: QueueLimits,
     usage: Rc<Usage>,
 }
 
 impl OutQueue {
     pub fn new(limits: QueueLimits, usage: Rc<Usage>) -> OutQueue {
-        OutQueue { frames: VecDeque::new(), bytes: 0, memfds: 0, fds: 0, limits, usage }
+        OutQueue { frames: VecDeque::new(), bytes: 0, memfds: 0, fds: 0, memfd_bytes: 0, limits, usage }
     }
 
     pub fn len(&self) -> usize {
@@ -124,45 +136,77 @@ impl OutQueue {
         self.bytes
     }
 
-    /// Whether a data frame of `len` bytes and `fds` fds fits under the
-    /// soft bounds, the connection's and its uid's.
-    pub fn data_room(&self, len: usize, fds: usize) -> bool {
-        self.bytes + len as u64 <= self.limits.bytes
+    /// Whether a data frame costing `cost` bytes with `fds` fds fits under
+    /// the soft bounds, the connection's and its uid's.
+    pub fn data_room(&self, cost: usize, fds: usize) -> bool {
+        self.bytes + cost as u64 <= self.limits.bytes
             && (self.frames.len() as u64) < u64::from(self.limits.frames)
-            && self.usage.fits(Resource::QueuedBytes, len as u64)
+            && self.usage.fits(Resource::QueuedBytes, cost as u64)
             && self.usage.fits(Resource::QueuedFds, fds as u64)
     }
 
+    /// Whether a delivery fits: its bytes and fds, and a memfd payload of
+    /// `memfd` bytes under the queue's and the uid's payload bounds. Cheap
+    /// enough to ask before a delivery is even encoded.
+    pub fn delivery_room(&self, cost: usize, fds: usize, memfd: Option<u64>) -> bool {
+        self.data_room(cost, fds)
+            && memfd.is_none_or(|len| {
+                self.memfds < self.limits.fds
+                    && self.usage.fits(Resource::MemfdBytes, len)
+                    && self.usage.fits(Resource::MemfdFds, 1)
+            })
+    }
+
     fn frame_room(&self, f: &OutFrame) -> bool {
-        self.data_room(f.len(), f.fd_count()) && (f.shared_fd.is_none() || self.memfds < self.limits.fds)
+        self.delivery_room(f.cost(), f.fd_count(), f.memfd_len())
     }
 
     /// Whether a control frame of `len` bytes and `fds` fds fits under the
     /// hard bounds.
-    pub fn control_room(&self, len: usize, fds: usize) -> bool {
+    pub fn control_room(&self, cost: usize, fds: usize) -> bool {
         let hard_bytes = self.limits.bytes.saturating_mul(HARD_FACTOR);
         let hard_frames = u64::from(self.limits.frames).saturating_mul(HARD_FACTOR);
         let uid_bytes = self.usage.limit(Resource::QueuedBytes).saturating_mul(HARD_FACTOR);
         let uid_fds = self.usage.limit(Resource::QueuedFds).saturating_mul(HARD_FACTOR);
-        self.bytes + len as u64 <= hard_bytes
+        self.bytes + cost as u64 <= hard_bytes
             && (self.frames.len() as u64) < hard_frames
-            && self.usage.held(Resource::QueuedBytes).saturating_add(len as u64) <= uid_bytes
+            && self.usage.held(Resource::QueuedBytes).saturating_add(cost as u64) <= uid_bytes
             && self.usage.held(Resource::QueuedFds).saturating_add(fds as u64) <= uid_fds
     }
 
     fn push(&mut self, f: OutFrame) {
-        let (len, fds) = (f.len() as u64, f.fd_count() as u64);
-        self.bytes += len;
-        self.memfds += u32::from(f.shared_fd.is_some());
-        self.fds += fds;
-        self.usage.add(Resource::QueuedBytes, len);
-        self.usage.add(Resource::QueuedFds, fds);
+        self.charge(&f, true);
         self.frames.push_back(f);
+    }
+
+    /// Adds (or takes back) what `f` costs this queue and its uid.
+    fn charge(&mut self, f: &OutFrame, add: bool) {
+        let (cost, fds) = (f.cost() as u64, f.fd_count() as u64);
+        let memfd = f.memfd_len();
+        let charges = [
+            (Resource::QueuedBytes, cost),
+            (Resource::QueuedFds, fds),
+            (Resource::MemfdBytes, memfd.unwrap_or(0)),
+            (Resource::MemfdFds, u64::from(memfd.is_some())),
+        ];
+        if add {
+            self.bytes += cost;
+            self.memfds += u32::from(memfd.is_some());
+            self.fds += fds;
+            self.memfd_bytes += memfd.unwrap_or(0);
+            charges.iter().for_each(|&(r, a)| self.usage.add(r, a));
+        } else {
+            self.bytes -= cost;
+            self.memfds -= u32::from(memfd.is_some());
+            self.fds -= fds;
+            self.memfd_bytes -= memfd.unwrap_or(0);
+            charges.iter().for_each(|&(r, a)| self.usage.sub(r, a));
+        }
     }
 
     /// Queues a control frame, up to the hard bound.
     pub fn push_control(&mut self, f: OutFrame) -> Result<(), Overfull> {
-        if !self.control_room(f.len(), f.fd_count()) {
+        if !self.control_room(f.cost(), f.fd_count()) {
             return Err(Overfull);
         }
         self.push(f);
@@ -182,13 +226,18 @@ impl OutQueue {
 
     /// Forgets the first `n` frames, which were sent.
     pub fn consume(&mut self, n: usize) {
-        for f in self.frames.drain(..n.min(self.frames.len())) {
-            let (len, fds) = (f.len() as u64, f.fd_count() as u64);
-            self.bytes -= len;
-            self.memfds -= u32::from(f.shared_fd.is_some());
-            self.fds -= fds;
-            self.usage.sub(Resource::QueuedBytes, len);
-            self.usage.sub(Resource::QueuedFds, fds);
+        for _ in 0..n.min(self.frames.len()) {
+            if let Some(f) = self.frames.pop_front() {
+                self.charge(&f, false);
+            }
+        }
+    }
+
+    /// Drops every frame but the last (the goodbye of a closing peer that
+    /// can no longer take what is queued).
+    pub fn keep_last_only(&mut self) {
+        while self.frames.len() > 1 {
+            self.consume(1);
         }
     }
 }
@@ -197,6 +246,8 @@ impl Drop for OutQueue {
     fn drop(&mut self) {
         self.usage.sub(Resource::QueuedBytes, self.bytes);
         self.usage.sub(Resource::QueuedFds, self.fds);
+        self.usage.sub(Resource::MemfdBytes, self.memfd_bytes);
+        self.usage.sub(Resource::MemfdFds, u64::from(self.memfds));
     }
 }
 
@@ -225,16 +276,22 @@ fn gap_frame(sub_id: u32, missed: u64) -> OutFrame {
     OutFrame::control(encode_head(&Gap { sub_id, missed }).unwrap_or_default())
 }
 
+/// What a delivery that does not fit becomes, by the subscription's
+/// policy.
+pub fn refuse(sub: &mut SubState) -> Offer {
+    match sub.overflow {
+        Overflow::Gap => {
+            sub.missed = sub.missed.saturating_add(1);
+            Offer::Dropped
+        }
+        Overflow::Disconnect => Offer::Disconnect,
+    }
+}
+
 /// Offers a delivery for subscription `sub_id`.
 pub fn offer(queue: &mut OutQueue, sub_id: u32, sub: &mut SubState, frame: OutFrame) -> Offer {
     if !queue.frame_room(&frame) {
-        return match sub.overflow {
-            Overflow::Gap => {
-                sub.missed += 1;
-                Offer::Dropped
-            }
-            Overflow::Disconnect => Offer::Disconnect,
-        };
+        return refuse(sub);
     }
     let gap_sent = sub.missed > 0;
     if gap_sent {
@@ -252,7 +309,10 @@ pub fn settle_gap(queue: &mut OutQueue, sub_id: u32, sub: &mut SubState) -> bool
         return false;
     }
     let f = gap_frame(sub_id, sub.missed);
-    if !queue.data_room(f.len(), 0) {
+    // An empty queue always takes its gap notice: otherwise a peer whose
+    // deliveries were dropped for its uid's bound, not its own, might
+    // never be told.
+    if !queue.is_empty() && !queue.data_room(f.cost(), 0) {
         return false;
     }
     queue.push(f);
@@ -320,7 +380,8 @@ mod tests {
 
     #[test]
     fn the_uid_bound_holds_across_queues() {
-        let mut accounts = Accounts::new(UidLimits::default().with(Resource::QueuedBytes, 25));
+        let mut accounts =
+            Accounts::new(UidLimits::default().with(Resource::QueuedBytes, 2 * unit() + unit() / 2));
         let limits = QueueLimits { bytes: 1 << 20, frames: 100, fds: 4 };
         let (mut a, mut b) =
             (OutQueue::new(limits, accounts.usage(5)), OutQueue::new(limits, accounts.usage(5)));
@@ -328,22 +389,27 @@ mod tests {
         let (mut sa, mut sb, mut so) = (sub(Overflow::Gap), sub(Overflow::Gap), sub(Overflow::Gap));
         assert_eq!(offer(&mut a, 1, &mut sa, data(0)), Offer::Queued { gap_sent: false });
         assert_eq!(offer(&mut b, 1, &mut sb, data(1)), Offer::Queued { gap_sent: false });
-        // 20 of 25 bytes held by uid 5: a third frame fits neither queue.
+        // Two frames' worth of 2.5 held by uid 5: a third fits neither queue.
         assert_eq!(offer(&mut a, 1, &mut sa, data(2)), Offer::Dropped);
         assert_eq!(offer(&mut b, 1, &mut sb, data(3)), Offer::Dropped);
         // Another uid is not affected.
         assert_eq!(offer(&mut other, 1, &mut so, data(4)), Offer::Queued { gap_sent: false });
-        assert_eq!(accounts.held(5, Resource::QueuedBytes), 20);
+        assert_eq!(accounts.held(5, Resource::QueuedBytes), 2 * unit());
         drop(b);
-        assert_eq!(accounts.held(5, Resource::QueuedBytes), 10);
+        assert_eq!(accounts.held(5, Resource::QueuedBytes), unit());
         a.consume(1);
         assert_eq!(accounts.held(5, Resource::QueuedBytes), 0);
-        assert_eq!(accounts.held(6, Resource::QueuedBytes), 10);
+        assert_eq!(accounts.held(6, Resource::QueuedBytes), unit());
+    }
+
+    /// What one test frame costs a queue.
+    fn unit() -> u64 {
+        data(0).cost() as u64
     }
 
     #[test]
     fn disconnect_policy() {
-        let mut q = queue(QueueLimits { bytes: 15, frames: 100, fds: 1 });
+        let mut q = queue(QueueLimits { bytes: unit() + unit() / 2, frames: 100, fds: 1 });
         let mut s = sub(Overflow::Disconnect);
         assert_eq!(offer(&mut q, 1, &mut s, data(0)), Offer::Queued { gap_sent: false });
         assert_eq!(offer(&mut q, 1, &mut s, data(1)), Offer::Disconnect);
@@ -351,38 +417,46 @@ mod tests {
 
     #[test]
     fn memfd_frames_have_their_own_bound() {
-        let mut quotas = Accounts::new(UidLimits::default());
-        let mut q = queue(QueueLimits { bytes: 1 << 20, frames: 100, fds: 2 });
+        // The receiver (uid 7) is charged for the payloads in its queue.
+        let mut quotas = Accounts::new(UidLimits::default().with(Resource::MemfdBytes, 1000));
+        let limits = QueueLimits { bytes: 1 << 20, frames: 100, fds: 2 };
+        let mut q = OutQueue::new(limits, quotas.usage(7));
         let mut s = sub(Overflow::Gap);
-        let fd_frame = |quotas: &mut Accounts| {
-            let shared = Rc::new(SharedFd {
-                fd: shmbus_proto::sys::memfd::from_bytes("t", b"x").unwrap(),
-                len: 1,
-                charge: quotas.charge(7, &[(Resource::MemfdBytes, 1), (Resource::MemfdFds, 1)]).unwrap(),
-            });
+        let fd_frame = |len: u64| {
+            let shared =
+                Rc::new(SharedFd { fd: shmbus_proto::sys::memfd::from_bytes("t", b"x").unwrap(), len });
             OutFrame { head: vec![0; 10], payload: None, shared_fd: Some(shared), control_fds: Vec::new() }
         };
-        assert_eq!(offer(&mut q, 1, &mut s, fd_frame(&mut quotas)), Offer::Queued { gap_sent: false });
-        assert_eq!(offer(&mut q, 1, &mut s, fd_frame(&mut quotas)), Offer::Queued { gap_sent: false });
-        assert_eq!(offer(&mut q, 1, &mut s, fd_frame(&mut quotas)), Offer::Dropped);
+        assert_eq!(offer(&mut q, 1, &mut s, fd_frame(1)), Offer::Queued { gap_sent: false });
+        assert_eq!(offer(&mut q, 1, &mut s, fd_frame(1)), Offer::Queued { gap_sent: false });
+        assert_eq!(offer(&mut q, 1, &mut s, fd_frame(1)), Offer::Dropped, "the queue's fd bound");
         // Inline frames still fit.
         assert_eq!(offer(&mut q, 1, &mut s, data(1)), Offer::Queued { gap_sent: true });
-        // The dropped frame's charge was released already; sent ones on consume.
-        assert_eq!(quotas.held(7, Resource::MemfdFds), 2);
+        assert_eq!((quotas.held(7, Resource::MemfdFds), quotas.held(7, Resource::MemfdBytes)), (2, 2));
         q.consume(4);
         assert_eq!(quotas.held(7, Resource::MemfdFds), 0);
+        // The uid's payload-byte bound, across queues.
+        let mut other = OutQueue::new(limits, quotas.usage(7));
+        assert_eq!(offer(&mut q, 1, &mut s, fd_frame(600)), Offer::Queued { gap_sent: false });
+        assert_eq!(
+            offer(&mut other, 1, &mut s, fd_frame(600)),
+            Offer::Dropped,
+            "uid 7 would hold 1200 bytes"
+        );
+        drop(q);
+        assert_eq!(quotas.held(7, Resource::MemfdBytes), 0, "released when the queue goes");
     }
 
     #[test]
     fn control_frames_stop_at_the_hard_bound() {
-        let mut q = queue(QueueLimits { bytes: 100, frames: 100, fds: 1 });
+        let mut q = queue(QueueLimits { bytes: 10 * unit(), frames: 100, fds: 1 });
         let mut pushed = 0;
         while q.push_control(data(0)).is_ok() {
             pushed += 1;
         }
         assert_eq!(pushed, 20);
-        assert_eq!(q.bytes(), 200);
+        assert_eq!(q.bytes(), 20 * unit());
         q.consume(5);
-        assert_eq!(q.bytes(), 150);
+        assert_eq!(q.bytes(), 15 * unit());
     }
 }

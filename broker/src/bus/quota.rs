@@ -13,7 +13,7 @@
 //! | subscriptions, router bytes | the subscriber | the subscription exists |
 //! | channels, ring bytes | the publisher | the channel is open |
 //! | channel readers, ring bytes (cursor page) | the reader | it is joined |
-//! | memfd payload bytes and fds | the publisher | the broker holds the payload |
+//! | memfd payload bytes and fds | the receiver | a delivery of it waits in its queue |
 //!
 //! A [`Charge`] is the proof of one holding: it releases its amounts when
 //! dropped, so the accounting cannot drift from what is actually held.
@@ -89,8 +89,8 @@ impl Resource {
             Resource::Channels => "ring channels",
             Resource::ChannelReaders => "channel reader handles",
             Resource::RingBytes => "bytes of ring memory",
-            Resource::MemfdBytes => "bytes of memfd payloads held by the broker",
-            Resource::MemfdFds => "memfd payloads held by the broker",
+            Resource::MemfdBytes => "bytes of memfd payloads queued for its connections",
+            Resource::MemfdFds => "memfd payloads queued for its connections",
         }
     }
 }

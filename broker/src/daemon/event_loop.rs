@@ -49,6 +49,10 @@ const SIG_HUP: Token = Token(usize::MAX - 3);
 
 /// Receive batches per connection per turn before yielding to others.
 const READ_BUDGET: usize = 4;
+/// Deliveries one connection's packets may cause in one turn before it
+/// yields to others: a publish fanning out to thousands of subscriptions
+/// counts as thousands, so one peer's fan-out cannot hold up the loop.
+const WORK_BUDGET: u64 = 32 * 1024;
 /// Packets per receive batch.
 const RECV_SLOTS: usize = 32;
 /// Retry delay after accept failed for lack of fds.
@@ -269,13 +273,19 @@ impl Reactor {
     fn read_conn(&mut self, id: PeerId) {
         let mut batch = self.batch.take().unwrap_or_else(|| RecvBatch::new(RECV_SLOTS));
         let mut drained = false;
+        let work_start = self.bus.work();
         'budget: for _ in 0..READ_BUDGET {
             let Some(conn) = self.conns.get(&id) else {
                 drained = true;
                 break;
             };
-            if self.bus.peer(id).is_none_or(|p| p.is_closing()) {
+            // Closing and lingering peers are read too: their hang-up and
+            // their fd acknowledgements are what ends them.
+            if self.bus.peer(id).is_none() {
                 drained = true;
+                break;
+            }
+            if self.bus.work().wrapping_sub(work_start) >= WORK_BUDGET {
                 break;
             }
             let n = match batch.recv(conn.fd.as_fd(), true) {
@@ -292,7 +302,8 @@ impl Reactor {
                 }
             };
             for i in 0..n {
-                if self.bus.peer(id).is_none_or(|p| p.is_closing()) {
+                if self.bus.peer(id).is_none() {
+                    drained = true;
                     break 'budget;
                 }
                 let (data, status, fds) = batch.packet(i);
@@ -340,6 +351,13 @@ impl Reactor {
                 match e {
                     Effect::Flush(id) => self.flush(id),
                     Effect::Close(id) => self.close(id),
+                    Effect::Shutdown(id) => {
+                        // Keep the socket (the fds the peer holds unread are
+                        // charged to us until it closes); stop writing.
+                        if let Some(c) = self.conns.get(&id) {
+                            let _ = rustix::net::shutdown(&c.fd, rustix::net::Shutdown::Write);
+                        }
+                    }
                 }
             }
         }
