@@ -15,18 +15,41 @@
 //! publishing never waits for a reader.
 //!
 //! Fd acknowledgements: the broker sends at most `Limits::fd_window` fds
-//! that we have not acknowledged with an `FdAck`. The reader counts every
-//! fd it takes from the socket (in [`FdAcks`], under `state`), whatever
+//! that we have not acknowledged with an `FdAck`, and at most a uid-wide
+//! number across every connection of our uid. The reader counts every fd
+//! it takes from the socket (in [`FdAcks`], under `state`), whatever
 //! becomes of it: a payload for a live subscription, one for a dropped
-//! one (closed at once), a channel grant, a refused fd. Once half the
-//! window is taken, an ack is due; the reader sends it right after its
-//! batch, with nothing but `send` held. The reader never *waits* for
-//! `send`, though (its holder may be blocked on a full socket, and only
+//! one (closed at once), a channel grant, a refused fd, one the kernel
+//! could not install. Two rules say when an ack is due:
+//!
+//! - While the socket has more to read (the fast path), once half the
+//!   window is taken: a busy stream pays one ack per half window.
+//! - Before anyone waits for the socket (the reader before it polls or
+//!   blocks in a receive, and before it gives up on an empty socket; a
+//!   caller before it waits on the condvar for the reader), everything
+//!   taken, however little.
+//!
+//! So a connection that waits holds no unacknowledged fd. That is what
+//! keeps the uid-wide limit from deadlocking honest clients: if every
+//! connection of the uid waits for input, none holds an unacknowledged fd,
+//! so the broker has room to send; with the threshold alone, 17 clients
+//! each holding 63 of 1024 would wait forever. (The fds the broker sent
+//! and a connection has not read yet count as well, but they are read
+//! before that connection waits.)
+//!
+//! The ack goes with nothing but `send` held. The reader never *waits*
+//! for `send` (its holder may be blocked on a full socket, and only
 //! reading lets the broker go on): if `send` is taken, the ack is left to
 //! the holder, which sends it as it lets go (see [`SendGuard`]). Either
-//! way a due ack is on its way without waiting for more input, so taken
-//! and unacknowledged fds stay under half the window whenever the reader
-//! waits, and the broker always has room to send more.
+//! way a due ack is on its way without waiting for more input, so the
+//! broker always has room to send more.
+//!
+//! Our own fd table full: a packet whose fds the kernel could not install
+//! arrives with `MSG_CTRUNC`. If duplicating an fd then fails with
+//! `EMFILE`/`ENFILE`, the shortage is ours, not a broker's fault: a
+//! delivery that lost its memfd is counted as missed on its subscription
+//! (a `Gap`), and the fds the broker sent with it are counted (for the
+//! ack) as sent. Any other `MSG_CTRUNC` ends the connection.
 //!
 //! Nothing is lost silently, and nothing a peer sends grows without bound:
 //! each subscription's queue is bounded in messages, in bytes and in fds,
@@ -58,7 +81,7 @@ use shmbus_proto::frame::{
     QueryItemBody,
 };
 use shmbus_proto::sys::memfd;
-use shmbus_proto::sys::socket::{self, OutPacket, PeerCred, RecvBatch};
+use shmbus_proto::sys::socket::{self, OutPacket, PeerCred, RecvBatch, RecvStatus};
 use std::sync::Arc;
 
 use crate::error::{Disconnect, PublishRefused, RecvError};
@@ -256,11 +279,17 @@ pub(crate) struct QuerySlot {
 /// The broker stops sending fds when `window` of them are unacknowledged,
 /// so an ack is due once half that many (at least one) are taken: the
 /// broker then still has room for the other half while the ack travels,
-/// and a stream of memfd payloads is never held up by the window.
+/// and a stream of memfd payloads is never held up by the window. That is
+/// the fast path, while the socket has more to read. Before anyone waits
+/// for the socket, everything taken is made due ([`FdAcks::request_all`]),
+/// however little: a connection that waits holds no unacknowledged fd.
 #[derive(Debug)]
 pub(crate) struct FdAcks {
     threshold: u32,
     taken: u32,
+    /// Everything taken is due, whatever the threshold says (set by
+    /// [`FdAcks::request_all`], cleared when the ack is taken).
+    all: bool,
 }
 
 impl Default for FdAcks {
@@ -272,7 +301,7 @@ impl Default for FdAcks {
 
 impl FdAcks {
     pub fn new(window: u32) -> FdAcks {
-        FdAcks { threshold: (window / 2).max(1), taken: 0 }
+        FdAcks { threshold: (window / 2).max(1), taken: 0, all: false }
     }
 
     /// Records `n` more fds taken from the socket. Returns whether an ack
@@ -283,13 +312,34 @@ impl FdAcks {
     }
 
     pub fn is_due(&self) -> bool {
-        self.taken >= self.threshold
+        self.taken > 0 && (self.taken >= self.threshold || self.all)
+    }
+
+    /// Whether fds were taken and not yet acknowledged.
+    pub fn pending(&self) -> bool {
+        self.taken > 0
+    }
+
+    /// Makes everything taken due, below the threshold too. Returns
+    /// whether that made a new ack due: `false` if nothing is taken, or if
+    /// all of it was already requested (that ack is on its way, or left to
+    /// the holder of `send`).
+    pub fn request_all(&mut self) -> bool {
+        if self.taken == 0 || self.all {
+            return false;
+        }
+        self.all = true;
+        true
     }
 
     /// If an ack is due, the count to acknowledge, which is then no longer
     /// counted.
     pub fn take_due(&mut self) -> Option<u32> {
-        self.is_due().then(|| std::mem::take(&mut self.taken))
+        if !self.is_due() {
+            return None;
+        }
+        self.all = false;
+        Some(std::mem::take(&mut self.taken))
     }
 }
 
@@ -452,6 +502,9 @@ pub(crate) struct ReaderState {
     /// The last batch filled every slot, so more is probably waiting: try
     /// a non-blocking receive before paying for a poll.
     pub backlog: bool,
+    /// Each packet's status and fds, taken out of the batch before any
+    /// packet is dispatched (reused between batches).
+    held: Vec<(RecvStatus, Vec<OwnedFd>)>,
 }
 
 pub(crate) struct SendState {
@@ -477,6 +530,9 @@ pub(crate) struct Inner {
     /// `state.fd_acks.is_due()`, readable without `state` (written only
     /// under `state`).
     ack_due: AtomicBool,
+    /// Makes [`Inner::fd_table_full`] say yes, for tests.
+    #[cfg(test)]
+    fake_fd_table_full: AtomicBool,
 }
 
 /// The `send` lock. Letting go of it sends an `FdAck` that came due while
@@ -507,6 +563,7 @@ impl Drop for SendGuard<'_> {
 }
 
 impl Inner {
+    #[cfg(test)]
     pub fn new(
         fd: OwnedFd,
         client_id: u64,
@@ -538,6 +595,8 @@ impl Inner {
             reader: Mutex::new(ReaderState::default()),
             cond: Condvar::new(),
             ack_due: AtomicBool::new(false),
+            #[cfg(test)]
+            fake_fd_table_full: AtomicBool::new(false),
         }
     }
 
@@ -553,8 +612,10 @@ impl Inner {
     }
 
     /// Sends the `FdAck` that is due, if any, unless `send` is taken: then
-    /// its holder sends it as it lets go. Called with no lock held, by the
-    /// reader after each batch and by every holder of `send` as it lets go.
+    /// its holder sends it as it lets go. Called by the reader after each
+    /// batch and before it waits ([`Inner::ack_everything`], `reader` held:
+    /// `send` is only tried, never waited for), by one who waits for the
+    /// reader (no lock held), and by every holder of `send` as it lets go.
     ///
     /// No ack is left behind: the reader stores `ack_due` and then tries
     /// `send`; a holder unlocks `send` and then loads `ack_due`. With a
@@ -587,6 +648,24 @@ impl Inner {
             drop(s);
             // Loop: an ack may have come due while we held `send`.
         }
+    }
+
+    /// Before waiting for the socket: makes every fd taken so far due for
+    /// an ack, however few, and sends it, or leaves it to the holder of
+    /// `send`, who sends it as it lets go (see [`Inner::send_fd_ack`]).
+    /// Takes `state`, then `send` only with `try_lock`, so it may be called
+    /// holding `reader`, or `send` (that ack then goes as we let go).
+    fn ack_everything(&self) {
+        {
+            let mut st = self.state.lock();
+            if !st.fd_acks.request_all() {
+                // Nothing taken, or all of it already on its way.
+                return;
+            }
+            // Relaxed: `send_fd_ack`'s fence orders it before we try `send`.
+            self.ack_due.store(true, Ordering::Relaxed);
+        }
+        self.send_fd_ack();
     }
 
     pub fn send_locked<B: Body>(&self, s: &mut SendState, body: &B, payload: &[u8]) -> Result<(), RecvError> {
@@ -684,6 +763,18 @@ impl Inner {
                     if remaining == Some(Duration::ZERO) {
                         return Ok(None);
                     }
+                    // The reader acknowledges what it took before it waits
+                    // for the socket; one who waits for the reader makes
+                    // sure of it too, so no fd taken stays unacknowledged
+                    // while this connection waits.
+                    if st.fd_acks.request_all() {
+                        // Relaxed: `send_fd_ack`'s fence orders it.
+                        self.ack_due.store(true, Ordering::Relaxed);
+                        drop(st);
+                        self.send_fd_ack();
+                        // Look again: something may have come meanwhile.
+                        continue;
+                    }
                     match deadline {
                         Some(d) => {
                             let _ = self.cond.wait_until(&mut st, d);
@@ -697,43 +788,56 @@ impl Inner {
 
     /// Receives one batch, waiting up to `timeout` for it (`None`: forever).
     /// Returns whether anything was received (or the connection closed).
+    ///
+    /// Before it waits for the socket, and before it gives up on an empty
+    /// one, it acknowledges every fd taken ([`Inner::ack_everything`]);
+    /// while the socket has more, the half-window threshold applies.
     fn read_once(&self, reader: &mut ReaderState, timeout: Option<Duration>) -> io::Result<bool> {
-        let backlog = reader.backlog;
-        let batch = reader.batch.get_or_insert_with(|| RecvBatch::new(RECV_SLOTS));
+        let nonblocking = timeout.is_some_and(|t| t.is_zero());
+        // A receive that does not wait comes first when the last batch
+        // filled every slot (more is probably waiting), when we may not
+        // wait anyway, and when fds are unacknowledged: they are
+        // acknowledged once the socket is found empty, not before.
+        let mut try_first = reader.backlog || nonblocking || self.state.lock().fd_acks.pending();
+        let ReaderState { batch, backlog, held } = reader;
+        let batch = batch.get_or_insert_with(|| RecvBatch::new(RECV_SLOTS));
         let mut resets = 0;
         loop {
-            let r = match timeout {
-                None => batch.recv(self.fd.as_fd(), false),
-                Some(t) if t.is_zero() || backlog => match batch.recv(self.fd.as_fd(), true) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && !t.is_zero() => {
+            let r = if try_first {
+                match batch.recv(self.fd.as_fd(), true) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        // Nothing waiting: acknowledge everything taken
+                        // before waiting (or leaving empty-handed).
+                        self.ack_everything();
+                        if nonblocking {
+                            return Ok(false);
+                        }
+                        try_first = false;
+                        continue;
+                    }
+                    r => r,
+                }
+            } else {
+                match timeout {
+                    None => batch.recv(self.fd.as_fd(), false),
+                    Some(t) => {
                         if socket::wait_readable(self.fd.as_fd(), Some(t))? {
                             batch.recv(self.fd.as_fd(), true)
                         } else {
                             return Ok(false);
                         }
                     }
-                    r => r,
-                },
-                // The socket was drained last time: poll first.
-                Some(t) => {
-                    if socket::wait_readable(self.fd.as_fd(), Some(t))? {
-                        batch.recv(self.fd.as_fd(), true)
-                    } else {
-                        return Ok(false);
-                    }
                 }
             };
             match r {
                 Ok(n) => {
-                    self.dispatch(batch, n);
-                    reader.backlog = n == RECV_SLOTS;
+                    self.dispatch(batch, held, n);
+                    *backlog = n == RECV_SLOTS;
                     return Ok(true);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if timeout.is_some_and(|t| t.is_zero()) {
-                        return Ok(false);
-                    }
-                }
+                // Readable, and then nothing (a spurious wake-up): wait
+                // again. Everything taken is acknowledged already.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 // The broker closed while our data was unread; the error is
                 // reported once, and what it sent before is still readable.
@@ -747,6 +851,21 @@ impl Inner {
         }
     }
 
+    /// Whether this process's fd table is full: duplicating an fd we hold
+    /// fails with `EMFILE` or `ENFILE`. A packet that lost its fds
+    /// (`MSG_CTRUNC`) is then our own shortage, not the broker's doing.
+    fn fd_table_full(&self) -> bool {
+        #[cfg(test)]
+        if self.fake_fd_table_full.load(Ordering::Relaxed) {
+            return true;
+        }
+        match rustix::io::fcntl_dupfd_cloexec(self.fd.as_fd(), 0) {
+            // The duplicate closes here.
+            Ok(_dup) => false,
+            Err(e) => e == rustix::io::Errno::MFILE || e == rustix::io::Errno::NFILE,
+        }
+    }
+
     fn close(&self, code: Option<GoodbyeCode>, reason: String) {
         let mut st = self.state.lock();
         if st.closed.is_none() {
@@ -754,31 +873,64 @@ impl Inner {
         }
     }
 
-    fn dispatch(&self, batch: &mut RecvBatch, n: usize) {
+    fn dispatch(&self, batch: &mut RecvBatch, held: &mut Vec<(RecvStatus, Vec<OwnedFd>)>, n: usize) {
+        // Every packet's fds come out of the batch first, so that if one
+        // lost its fds, the fd table is probed with all of this batch's
+        // still held: a payload dropped below would make room, and hide
+        // why they were lost.
+        held.clear();
+        held.extend((0..n).map(|i| {
+            let (_, status, fds) = batch.packet(i);
+            (status, fds)
+        }));
+        let short_of_fds = held.iter().any(|(s, _)| s.fds_truncated) && self.fd_table_full();
         let mut st = self.state.lock();
-        for i in 0..n {
+        for (i, slot) in held.iter_mut().enumerate() {
             if st.closed.is_some() {
-                return;
+                break;
             }
-            let (data, status, mut fds) = batch.packet(i);
+            let (status, mut fds) = std::mem::take(slot);
+            let (data, _, _) = batch.packet(i);
+            if data.is_empty() {
+                st.closed =
+                    Some(Disconnect { code: None, reason: "the broker closed the connection".into() });
+                break;
+            }
+            // Fds lost on the way in because our fd table is full: the
+            // frame is handled without them (a delivery becomes a counted
+            // gap), and the fds the broker sent are counted all the same.
+            let lost = status.fds_truncated && !status.truncated && short_of_fds;
+            let frame = if lost { decode_broker(data).ok() } else { None };
+            let sent = match &frame {
+                Some(f) => fds_sent_with(f),
+                None => None,
+            };
             // Every fd taken counts against the broker's window, whatever
             // becomes of it below (kept, or closed with its frame).
-            if !fds.is_empty() && st.fd_acks.took(fds.len()) {
+            let counted = sent.map_or(fds.len(), |k| k.max(fds.len()));
+            if counted > 0 && st.fd_acks.took(counted) {
                 // Relaxed: `send_fd_ack`'s fence orders it before the
                 // reader tries `send`.
                 self.ack_due.store(true, Ordering::Relaxed);
             }
-            if data.is_empty() {
-                st.closed =
-                    Some(Disconnect { code: None, reason: "the broker closed the connection".into() });
-                return;
-            }
-            if status.truncated || status.fds_truncated {
+            if status.truncated || (status.fds_truncated && sent.is_none()) {
                 st.closed = Some(Disconnect {
                     code: Some(GoodbyeCode::ProtocolViolation),
                     reason: "the broker sent a truncated packet".into(),
                 });
-                return;
+                break;
+            }
+            if let Some(frame) = frame {
+                // A delivery is missed on its subscription (what arrived
+                // of its fds, if any, closes here). A channel's frame goes
+                // on with the fds that did arrive: a grant short of fds
+                // fails to open (`BadGrant`) and is given back; a reader's
+                // join without its cursor is not waited for.
+                match frame {
+                    BrokerFrame::Deliver(..) => apply(&mut st, frame, Some(Err(())), Vec::new()),
+                    _ => apply(&mut st, frame, None, std::mem::take(&mut fds)),
+                }
+                continue;
             }
             let frame = match decode_broker(data) {
                 Ok(f) => f,
@@ -787,7 +939,7 @@ impl Inner {
                         code: Some(GoodbyeCode::ProtocolViolation),
                         reason: format!("the broker sent an invalid frame: {e}"),
                     });
-                    return;
+                    break;
                 }
             };
             let memfd = match &frame {
@@ -815,11 +967,26 @@ impl Inner {
                         code: Some(GoodbyeCode::ProtocolViolation),
                         reason: "the broker sent an unexpected fd".into(),
                     });
-                    return;
+                    break;
                 }
             };
             apply(&mut st, frame, memfd, fds);
         }
+        // Fds of packets not dispatched (the connection closed) close here.
+        held.clear();
+    }
+}
+
+/// How many fds the broker sends with `frame`, for a frame that carries
+/// some: one with a delivery by memfd, two with the grant of a channel to
+/// its publisher (ring, signal page) and three to a reader (and its
+/// cursor), one with a reader's join (its cursor). `None` for any other.
+fn fds_sent_with(frame: &BrokerFrame<'_>) -> Option<usize> {
+    match frame {
+        BrokerFrame::Deliver(d, _) if matches!(d.payload, PayloadRef::Memfd { .. }) => Some(1),
+        BrokerFrame::ChannelGranted(g) => Some(if g.reader_id == 0 { 2 } else { 3 }),
+        BrokerFrame::ChannelReader(r) if r.joined => Some(1),
+        _ => None,
     }
 }
 
@@ -1076,15 +1243,31 @@ mod tests {
         }
     }
 
+    /// Takes the next event of subscription `id`, reading as needed: it
+    /// returns as soon as a batch brought one, without looking for more.
+    fn take(inner: &Inner, id: u32) -> Event {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        inner.wait_for(Some(deadline), |st| st.take_event(id)).unwrap().expect("an event in time").1
+    }
+
     #[test]
-    fn fds_of_dropped_frames_are_acknowledged_at_half_the_window() {
+    fn fds_are_acknowledged_at_half_the_window_while_more_is_read() {
         let (inner, broker) = connected(8);
+        inner.state.lock().add_sub(99);
         deliver_memfds(&broker, 3);
-        read_all(&inner);
-        assert_eq!(acks_received(&broker), Vec::<u32>::new(), "3 < 4: not due yet");
+        assert!(take(&inner, 99).message().is_some());
+        assert_eq!(acks_received(&broker), Vec::<u32>::new(), "3 < 4, and the reader did not wait: not due");
         deliver_memfds(&broker, 2);
-        read_all(&inner);
+        for _ in 0..3 {
+            assert!(take(&inner, 99).message().is_some());
+        }
         assert_eq!(acks_received(&broker), vec![5]);
+        assert!(inner.state.lock().closed.is_none());
+    }
+
+    #[test]
+    fn fds_of_dropped_frames_count_too() {
+        let (inner, broker) = connected(8);
         // A channel grant nobody asked for: its fds are closed, and counted.
         let grant = ChannelGranted {
             req_id: 77,
@@ -1100,10 +1283,192 @@ mod tests {
         let fds = [f1.as_fd(), f2.as_fd(), f3.as_fd()];
         socket::send_packet(broker.as_fd(), OutPacket { head: &head, payload: &[], fds: &fds }, false)
             .unwrap();
+        // And deliveries for a subscription we do not have.
         deliver_memfds(&broker, 1);
         read_all(&inner);
         assert_eq!(acks_received(&broker), vec![4]);
         assert!(inner.state.lock().closed.is_none());
+    }
+
+    #[test]
+    fn everything_taken_is_acknowledged_before_the_reader_waits() {
+        let (inner, broker) = connected(8);
+        deliver_memfds(&broker, 3);
+        // Read, then wait (20 ms) for more: 3 < 4, acknowledged all the same.
+        read_all(&inner);
+        assert_eq!(acks_received(&broker), vec![3]);
+        // A read that does not wait finds the socket empty: likewise.
+        deliver_memfds(&broker, 1);
+        let got = inner.wait_for(Some(Instant::now()), |_| None::<()>).unwrap();
+        assert!(got.is_none());
+        assert_eq!(acks_received(&broker), vec![1]);
+        // Nothing taken since: nothing more to acknowledge.
+        read_all(&inner);
+        assert_eq!(acks_received(&broker), Vec::<u32>::new());
+        assert!(inner.state.lock().closed.is_none());
+    }
+
+    #[test]
+    fn one_who_waits_for_the_reader_acknowledges_what_was_taken() {
+        let (inner, broker) = connected(8);
+        inner.state.lock().add_sub(99);
+        deliver_memfds(&broker, 3);
+        assert!(take(&inner, 99).message().is_some());
+        assert_eq!(acks_received(&broker), Vec::<u32>::new());
+        // Someone else is the reader (busy): we wait for it, acknowledging
+        // first what was taken.
+        let reader = inner.reader.lock();
+        let got = inner.wait_for(Some(Instant::now() + Duration::from_millis(20)), |_| None::<()>).unwrap();
+        assert!(got.is_none());
+        drop(reader);
+        assert_eq!(acks_received(&broker), vec![3]);
+    }
+
+    #[test]
+    fn a_holder_of_send_acknowledges_everything_a_waiting_reader_took() {
+        let (inner, broker) = connected(8);
+        let guard = inner.lock_send();
+        deliver_memfds(&broker, 3);
+        // The reader finds the socket empty and `send` taken: it waits
+        // without sending, and leaves the ack to the holder.
+        read_all(&inner);
+        assert_eq!(acks_received(&broker), Vec::<u32>::new());
+        drop(guard);
+        assert_eq!(acks_received(&broker), vec![3]);
+    }
+
+    /// Clients of one uid, each with its own window, share a uid-wide
+    /// limit lower than their thresholds together. The broker sends each
+    /// client's backlog, one fd per message, as long as both the client's
+    /// window and the uid's room allow. Each client takes what its socket
+    /// holds and acks as [`FdAcks`] says; when its socket is empty it
+    /// waits, and (`ack_before_waiting`) acknowledges everything first.
+    /// Returns whether they got stuck: every client waiting on an empty
+    /// socket, messages left, and the broker unable to send any.
+    fn uid_limit_gets_stuck(clients: usize, window: u32, uid_limit: u32, ack_before_waiting: bool) -> bool {
+        let mut acks: Vec<FdAcks> = (0..clients).map(|_| FdAcks::new(window)).collect();
+        let mut backlog = vec![200u32; clients];
+        let mut in_socket = vec![0u32; clients];
+        let mut unacked = vec![0u32; clients];
+        for _ in 0..10_000 {
+            // The broker, round-robin, one message at a time.
+            let mut sent_any = true;
+            while sent_any {
+                sent_any = false;
+                for c in 0..clients {
+                    let total: u32 = unacked.iter().sum();
+                    if backlog[c] > 0 && unacked[c] < window && total < uid_limit {
+                        backlog[c] -= 1;
+                        in_socket[c] += 1;
+                        unacked[c] += 1;
+                        sent_any = true;
+                    }
+                }
+            }
+            if backlog.iter().all(|&b| b == 0) && in_socket.iter().all(|&s| s == 0) {
+                return false;
+            }
+            // Each client reads its socket; an empty one waits.
+            let mut progress = false;
+            for c in 0..clients {
+                if in_socket[c] > 0 {
+                    acks[c].took(std::mem::take(&mut in_socket[c]) as usize);
+                    progress = true;
+                } else if ack_before_waiting {
+                    acks[c].request_all();
+                }
+                if let Some(k) = acks[c].take_due() {
+                    unacked[c] -= k;
+                    progress = true;
+                }
+            }
+            if !progress {
+                return true;
+            }
+        }
+        panic!("neither done nor stuck");
+    }
+
+    #[test]
+    fn a_uid_wide_limit_never_stalls_clients_that_ack_before_waiting() {
+        // The model finds the deadlock of acking at the threshold only...
+        assert!(uid_limit_gets_stuck(6, 8, 16, false));
+        assert!(uid_limit_gets_stuck(17, 128, 1024, false));
+        // ... and none once everything is acknowledged before waiting.
+        for clients in 1..=20 {
+            for window in [4u32, 8, 128] {
+                for uid_limit in [4u32, 5, 16, 1024] {
+                    assert!(
+                        !uid_limit_gets_stuck(clients, window, uid_limit, true),
+                        "{clients} clients, window {window}, uid limit {uid_limit}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Sends one packet with `fds` beside `head`: more than a packet may
+    /// carry (5), so the kernel truncates the control data on the way in,
+    /// as it does when the receiver's fd table is full.
+    fn send_with_fds(broker: &OwnedFd, head: &[u8], fds: &[BorrowedFd<'_>]) {
+        use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(8))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        assert!(control.push(SendAncillaryMessage::ScmRights(fds)));
+        rustix::net::sendmsg(broker, &[io::IoSlice::new(head)], &mut control, SendFlags::empty()).unwrap();
+    }
+
+    /// A delivery by memfd for `sub_id` whose packet carries `fds` memfds.
+    fn deliver_with_fds(broker: &OwnedFd, sub_id: u32, seq: u64, fds: usize) {
+        let sender = Sender { client_id: 2, uid: 0, gid: 0, pid: 2 };
+        let d = Deliver { sub_id, topic: "a.b", sender, seq, payload: PayloadRef::Memfd { len: 3 } };
+        let head = encode_head(&d).unwrap();
+        let owned: Vec<OwnedFd> = (0..fds).map(|_| memfd::from_bytes("test", b"abc").unwrap()).collect();
+        let borrowed: Vec<BorrowedFd<'_>> = owned.iter().map(|f| f.as_fd()).collect();
+        send_with_fds(broker, &head, &borrowed);
+    }
+
+    #[test]
+    fn fds_lost_to_a_full_fd_table_are_a_gap_and_the_connection_stays() {
+        let (inner, broker) = connected(8);
+        inner.state.lock().add_sub(99);
+        inner.fake_fd_table_full.store(true, Ordering::Relaxed);
+        deliver_with_fds(&broker, 99, 1, 5);
+        deliver_with_fds(&broker, 99, 2, 1);
+        match take(&inner, 99) {
+            Event::Gap { missed } => assert_eq!(missed, 1),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(take(&inner, 99).message().map(|m| m.seq()), Some(2));
+        assert!(inner.state.lock().closed.is_none());
+        // What arrived of its fds (4 of 5) is counted, and acknowledged.
+        read_all(&inner);
+        assert_eq!(acks_received(&broker), vec![5]);
+    }
+
+    #[test]
+    fn fds_truncated_otherwise_are_a_protocol_violation() {
+        let (inner, broker) = connected(8);
+        inner.state.lock().add_sub(99);
+        deliver_with_fds(&broker, 99, 1, 5);
+        let got = inner.wait_for(Some(Instant::now() + Duration::from_secs(20)), |st| st.take_event(99));
+        match got {
+            Err(RecvError::Disconnected(d)) => {
+                assert_eq!(d.code, Some(GoodbyeCode::ProtocolViolation));
+                assert!(d.reason.contains("truncated"), "{}", d.reason);
+            }
+            other => panic!("{other:?}"),
+        }
+        // With a full fd table, a frame that carries no fds is no excuse.
+        let (inner, broker) = connected(8);
+        inner.fake_fd_table_full.store(true, Ordering::Relaxed);
+        let head = encode_head(&Pong { token: 1 }).unwrap();
+        let f = memfd::from_bytes("test", b"abc").unwrap();
+        send_with_fds(&broker, &head, &[f.as_fd(); 5]);
+        let got = inner.wait_for(Some(Instant::now() + Duration::from_secs(20)), |_| None::<()>);
+        assert!(matches!(got, Err(RecvError::Disconnected(_))), "{got:?}");
+        let closed = inner.state.lock().closed.clone().expect("closed");
+        assert_eq!(closed.code, Some(GoodbyeCode::ProtocolViolation));
     }
 
     #[test]
