@@ -1059,7 +1059,7 @@ fn apply(
             // A handle given back that the broker no longer knew (the
             // channel closed first): our side is already gone, and no
             // one waits for an answer.
-            Op::ChannelClose { .. } => {}
+            Op::ChannelClose { .. } | Op::Name { .. } | Op::Reply { .. } => {}
         },
         BrokerFrame::Pong(p) => {
             // A pong nobody waits for (its ping timed out) is dropped.
@@ -1108,6 +1108,8 @@ fn apply(
                 reason: "the broker sent a second Welcome".into(),
             });
         }
+        // Services: not yet handled by this client.
+        BrokerFrame::NameReply(_) | BrokerFrame::NameOwner(_) | BrokerFrame::Serve(..) | BrokerFrame::Answer(..) => {}
     }
 }
 

@@ -93,6 +93,8 @@ pub(crate) fn code_text(code: ErrorCode) -> &'static str {
         ErrorCode::BrokerResource => {
             "the broker ran short of file descriptors or memory; not your fault, retry later"
         }
+        ErrorCode::NoSuchRequest => "no request waits for that reply (answered, timed out, or its caller left)",
+        ErrorCode::ReservedName => "that name is reserved",
     }
 }
 
@@ -125,7 +127,9 @@ pub(crate) fn code_kind(code: ErrorCode) -> ErrorKind {
         | ErrorCode::DuplicateSubscription
         | ErrorCode::Unsupported
         | ErrorCode::ChannelBusy
-        | ErrorCode::NoSuchChannel => ErrorKind::InvalidInput,
+        | ErrorCode::NoSuchChannel
+        | ErrorCode::NoSuchRequest => ErrorKind::InvalidInput,
+        ErrorCode::ReservedName => ErrorKind::Denied,
     }
 }
 

@@ -50,6 +50,11 @@ pub enum Kind {
     ChannelOpen = 7,
     ChannelClose = 8,
     FdAck = 9,
+    NameRequest = 10,
+    NameRelease = 11,
+    GetNameOwner = 12,
+    Request = 13,
+    Reply = 14,
     Welcome = 64,
     Goodbye = 65,
     Deliver = 66,
@@ -61,6 +66,10 @@ pub enum Kind {
     OpError = 72,
     ChannelGranted = 73,
     ChannelReader = 74,
+    NameReply = 75,
+    NameOwner = 76,
+    Serve = 77,
+    Answer = 78,
 }
 
 impl Kind {
@@ -76,6 +85,11 @@ impl Kind {
             7 => ChannelOpen,
             8 => ChannelClose,
             9 => FdAck,
+            10 => NameRequest,
+            11 => NameRelease,
+            12 => GetNameOwner,
+            13 => Request,
+            14 => Reply,
             64 => Welcome,
             65 => Goodbye,
             66 => Deliver,
@@ -87,12 +101,19 @@ impl Kind {
             72 => OpError,
             73 => ChannelGranted,
             74 => ChannelReader,
+            75 => NameReply,
+            76 => NameOwner,
+            77 => Serve,
+            78 => Answer,
             _ => return None,
         })
     }
 
     fn carries_payload(self) -> bool {
-        matches!(self, Kind::Publish | Kind::Deliver)
+        matches!(
+            self,
+            Kind::Publish | Kind::Deliver | Kind::Request | Kind::Reply | Kind::Serve | Kind::Answer
+        )
     }
 }
 
@@ -254,6 +275,7 @@ pub enum QueryKind {
     Topics,
     Stats,
     Channels,
+    Names,
 }
 
 /// Asks for one page of an introspection answer. The broker answers with
@@ -324,6 +346,16 @@ pub struct Stats {
     pub broker_resource_errors: u64,
     /// Connections closed for not saying Hello in time.
     pub hello_timeouts: u64,
+    pub names: u32,
+    pub pending_requests: u32,
+    /// Requests that reached a service.
+    pub requests: u64,
+    /// Replies refused for having no slot (late, second, wrong id).
+    pub replies_refused: u64,
+    /// Replies whose caller had gone: dropped, and counted here.
+    pub replies_dropped: u64,
+    /// Requests answered `Timeout` by the broker.
+    pub request_timeouts: u64,
 }
 
 /// One ring channel, as introspection shows it.
@@ -349,6 +381,7 @@ pub enum QueryItemBody {
     Topic(TopicInfo),
     Stats(Stats),
     Channel(ChannelInfo),
+    Name(NameInfo),
 }
 
 /// One item of an introspection answer; a `QueryEnd` follows the last.
@@ -399,6 +432,12 @@ pub enum Op {
         channel_id: u64,
         reader_id: u32,
     },
+    Name {
+        req_id: u32,
+    },
+    Reply {
+        serial: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -427,6 +466,11 @@ pub enum ErrorCode {
     /// The broker itself ran short of a resource (file descriptors,
     /// memory): not the sender's fault; it may retry later.
     BrokerResource,
+    /// A reply for which no reply slot exists: never asked, answered
+    /// already, timed out, or its caller left.
+    NoSuchRequest,
+    /// The name is reserved (`$SYS.>`), or may not be owned by this peer.
+    ReservedName,
 }
 
 /// A refused operation. The connection stays usable.
@@ -496,6 +540,197 @@ pub struct ChannelReader {
     pub joined: bool,
     /// The signal page's `members` value after this change.
     pub generation: u32,
+}
+
+// ----------------------------------------------------------- services --
+
+/// How a client asks for a name: D-Bus's flags, and NATS-style sharing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NameFlags {
+    /// (Owner side) another asker with `replace_existing` may take the name.
+    pub allow_replacement: bool,
+    /// (Asker side) take the name from an owner that allows replacement.
+    pub replace_existing: bool,
+    /// Do not wait in the name's queue if it is taken.
+    pub do_not_queue: bool,
+    /// Share the name with every other client that asks with `shared`:
+    /// requests are spread among them (a queue group with a name).
+    pub shared: bool,
+}
+
+/// Asks to own `name` (a subject without wildcards, not under `$SYS`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameRequest<'a> {
+    pub req_id: u32,
+    pub name: &'a str,
+    pub flags: NameFlags,
+}
+
+/// Gives up `name`, or leaves its queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameRelease<'a> {
+    pub req_id: u32,
+    pub name: &'a str,
+}
+
+/// Asks who owns `name`; answered with `NameOwner`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GetNameOwner<'a> {
+    pub req_id: u32,
+    pub name: &'a str,
+}
+
+/// What became of a `NameRequest` or `NameRelease` (D-Bus's codes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NameResult {
+    /// The asker owns the name now (or shares it).
+    PrimaryOwner,
+    /// The name is taken; the asker waits in its queue.
+    InQueue,
+    /// The name is taken and the asker said `do_not_queue` (or could not
+    /// replace the owner).
+    Exists,
+    /// The asker already owns it.
+    AlreadyOwner,
+    /// Released (or left the queue).
+    Released,
+    /// Nobody owns the name.
+    NonExistent,
+    /// The asker neither owns it nor waits for it.
+    NotOwner,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameReply {
+    pub req_id: u32,
+    pub result: NameResult,
+}
+
+/// Answers `GetNameOwner`: the primary owner's client id, if any, and how
+/// many clients share the name (1 when exclusive, 0 when unowned).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameOwner {
+    pub req_id: u32,
+    pub owner: Option<u64>,
+    pub members: u32,
+}
+
+/// The payload of a message on `$SYS.name.<name>`, published by the broker
+/// (client id 0) whenever a name's primary owner changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameOwnerChanged {
+    pub name: String,
+    pub old_owner: Option<u64>,
+    pub new_owner: Option<u64>,
+}
+
+impl NameOwnerChanged {
+    /// The payload bytes of the event (postcard).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).unwrap_or_default()
+    }
+
+    /// Reads an event's payload. Never panics.
+    pub fn from_bytes(bytes: &[u8]) -> Result<NameOwnerChanged, DecodeError> {
+        body(Kind::Deliver, bytes)
+    }
+}
+
+/// A request to the owner of `name`. Payload as in `Publish`. The broker
+/// answers with exactly one `Answer` carrying `call_id`, unless `no_reply`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request<'a> {
+    pub call_id: u64,
+    pub name: &'a str,
+    /// The broker answers `Timeout` after this many milliseconds.
+    pub timeout_ms: u32,
+    /// Fire and forget: no answer, no reply slot.
+    pub no_reply: bool,
+    pub payload: PayloadRef,
+}
+
+/// A request, delivered to the service that owns its name. `serial` names
+/// the broker's reply slot; the service answers with `Reply { serial }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Serve<'a> {
+    pub serial: u64,
+    pub name: &'a str,
+    pub sender: Sender,
+    /// Milliseconds left before the broker answers the caller `Timeout`.
+    pub timeout_ms: u32,
+    pub no_reply: bool,
+    pub payload: PayloadRef,
+}
+
+/// What a service answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplyStatus<'a> {
+    Ok,
+    /// An application error, passed to the caller as is.
+    Error {
+        code: u32,
+        message: &'a str,
+    },
+}
+
+/// A service's answer to `Serve { serial }`. Payload as in `Publish`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply<'a> {
+    pub serial: u64,
+    #[serde(borrow)]
+    pub status: ReplyStatus<'a>,
+    pub payload: PayloadRef,
+}
+
+/// How a request ended: exactly one of these reaches the caller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome<'a> {
+    /// The service replied; the payload is its reply.
+    Reply,
+    /// The service answered with an application error.
+    AppError { code: u32, message: &'a str },
+    /// Nobody owns the name.
+    NoResponder,
+    /// The service went away with the request unanswered.
+    ResponderGone,
+    /// The deadline passed.
+    Timeout,
+    /// Policy does not let the caller call this name.
+    Denied { message: &'a str },
+    /// A limit refused it (the caller's pending requests, the service's
+    /// queue); the message names it.
+    LimitExceeded { message: &'a str },
+    /// The request itself was refused (bad name, bad fd); the message says why.
+    Invalid { message: &'a str },
+}
+
+/// The one answer to a `Request { call_id }`. `responder` is the service,
+/// as the broker saw it, when it replied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Answer<'a> {
+    pub call_id: u64,
+    #[serde(borrow)]
+    pub outcome: Outcome<'a>,
+    pub responder: Option<Sender>,
+    pub payload: PayloadRef,
+}
+
+/// One name, as introspection shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameInfo {
+    pub name: String,
+    /// Client ids: the owner first (or every member of a shared name),
+    /// then the queue.
+    pub owners: Vec<u64>,
+    pub queued: Vec<u64>,
+    pub shared: bool,
+    pub allow_replacement: bool,
+}
+
+body! {
+    NameRequest<'a> => NameRequest, NameRelease<'a> => NameRelease, GetNameOwner<'a> => GetNameOwner,
+    Request<'a> => Request, Reply<'a> => Reply, NameReply => NameReply, NameOwner => NameOwner,
+    Serve<'a> => Serve, Answer<'a> => Answer,
 }
 
 body! {
@@ -634,6 +869,11 @@ pub enum ClientFrame<'a> {
     ChannelOpen(ChannelOpen<'a>),
     ChannelClose(ChannelClose),
     FdAck(FdAck),
+    NameRequest(NameRequest<'a>),
+    NameRelease(NameRelease<'a>),
+    GetNameOwner(GetNameOwner<'a>),
+    Request(Request<'a>, &'a [u8]),
+    Reply(Reply<'a>, &'a [u8]),
 }
 
 /// Decodes a packet a client sent. Never panics.
@@ -649,6 +889,11 @@ pub fn decode_client(packet: &[u8]) -> Result<ClientFrame<'_>, DecodeError> {
         Kind::ChannelOpen => ClientFrame::ChannelOpen(body(kind, b)?),
         Kind::ChannelClose => ClientFrame::ChannelClose(body(kind, b)?),
         Kind::FdAck => ClientFrame::FdAck(body(kind, b)?),
+        Kind::NameRequest => ClientFrame::NameRequest(body(kind, b)?),
+        Kind::NameRelease => ClientFrame::NameRelease(body(kind, b)?),
+        Kind::GetNameOwner => ClientFrame::GetNameOwner(body(kind, b)?),
+        Kind::Request => ClientFrame::Request(body(kind, b)?, payload),
+        Kind::Reply => ClientFrame::Reply(body(kind, b)?, payload),
         other => return Err(DecodeError::WrongDirection(other)),
     })
 }
@@ -667,6 +912,10 @@ pub enum BrokerFrame<'a> {
     OpError(OpError<'a>),
     ChannelGranted(ChannelGranted),
     ChannelReader(ChannelReader),
+    NameReply(NameReply),
+    NameOwner(NameOwner),
+    Serve(Serve<'a>, &'a [u8]),
+    Answer(Answer<'a>, &'a [u8]),
 }
 
 /// Decodes a packet the broker sent. Never panics.
@@ -684,6 +933,10 @@ pub fn decode_broker(packet: &[u8]) -> Result<BrokerFrame<'_>, DecodeError> {
         Kind::OpError => BrokerFrame::OpError(body(kind, b)?),
         Kind::ChannelGranted => BrokerFrame::ChannelGranted(body(kind, b)?),
         Kind::ChannelReader => BrokerFrame::ChannelReader(body(kind, b)?),
+        Kind::NameReply => BrokerFrame::NameReply(body(kind, b)?),
+        Kind::NameOwner => BrokerFrame::NameOwner(body(kind, b)?),
+        Kind::Serve => BrokerFrame::Serve(body(kind, b)?, payload),
+        Kind::Answer => BrokerFrame::Answer(body(kind, b)?, payload),
         other => return Err(DecodeError::WrongDirection(other)),
     })
 }

@@ -85,5 +85,15 @@ pub const DEFAULT_MAX_READERS_PER_CHANNEL_PER_UID: u32 = 16;
 /// Default ring and cursor memory one uid may have the broker create.
 pub const DEFAULT_UID_RING_BYTES: u64 = 256 * 1024 * 1024;
 
+/// Default names one uid may own or wait for.
+pub const DEFAULT_UID_NAMES: u64 = 256;
+
+/// Default requests one uid may have waiting for an answer.
+pub const DEFAULT_UID_PENDING_REQUESTS: u64 = 4096;
+
+/// Longest a request may wait for its answer, in milliseconds (also what a
+/// request that names no timeout gets).
+pub const DEFAULT_MAX_REQUEST_TIMEOUT_MS: u64 = 60_000;
+
 /// Default time a new connection has to say `Hello`, in milliseconds.
 pub const DEFAULT_HELLO_TIMEOUT_MS: u64 = 5000;

@@ -81,6 +81,16 @@ struct Args {
     /// Per uid: ring and cursor memory the broker creates for it, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = l::DEFAULT_UID_RING_BYTES)]
     uid_ring_bytes: u64,
+    /// Per uid: names owned or waited for.
+    #[arg(long, value_name = "N", default_value_t = l::DEFAULT_UID_NAMES)]
+    uid_names: u64,
+    /// Per uid: requests waiting for an answer.
+    #[arg(long, value_name = "N", default_value_t = l::DEFAULT_UID_PENDING_REQUESTS)]
+    uid_pending_requests: u64,
+    /// Longest a request may wait for its answer, in milliseconds (also
+    /// what a request that names no timeout gets).
+    #[arg(long, value_name = "MS", default_value_t = l::DEFAULT_MAX_REQUEST_TIMEOUT_MS)]
+    max_request_timeout_ms: u64,
     /// Per uid: bytes of memfd payloads queued in the broker for its
     /// connections.
     #[arg(long, value_name = "BYTES", default_value_t = l::DEFAULT_MEMFD_QUOTA_BYTES)]
@@ -151,6 +161,9 @@ fn main() -> ExitCode {
     limits.set(Resource::RingBytes, args.uid_ring_bytes);
     limits.set(Resource::MemfdBytes, args.memfd_quota_bytes);
     limits.set(Resource::MemfdFds, args.memfd_quota_fds.into());
+    limits.set(Resource::Names, args.uid_names);
+    limits.set(Resource::PendingRequests, args.uid_pending_requests);
+    bus.max_request_timeout = Duration::from_millis(args.max_request_timeout_ms.max(1));
     bus.close_grace = Duration::from_secs(2);
     match daemon::run(cfg) {
         Ok(()) => ExitCode::SUCCESS,

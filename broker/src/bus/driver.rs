@@ -61,8 +61,13 @@ impl Bus {
         };
         if !fds.is_empty() {
             // Fds are closed when `fds` drops, whatever happens below.
-            let declared =
-                matches!(&frame, ClientFrame::Publish(p, _) if matches!(p.payload, PayloadRef::Memfd { .. }));
+            let memfd = |p: &PayloadRef| matches!(p, PayloadRef::Memfd { .. });
+            let declared = match &frame {
+                ClientFrame::Publish(p, _) => memfd(&p.payload),
+                ClientFrame::Request(r, _) => memfd(&r.payload),
+                ClientFrame::Reply(r, _) => memfd(&r.payload),
+                _ => false,
+            };
             if !declared {
                 let what = frame_name(&frame);
                 return self.violation(id, &format!("unexpected fd attached to a {what} frame"), now);
@@ -86,6 +91,11 @@ impl Bus {
             (_, ClientFrame::ChannelOpen(o)) => self.channel_open(id, o.req_id, o.topic, o.role, now),
             (_, ClientFrame::ChannelClose(c)) => self.channel_close(id, c.channel_id, c.reader_id, now),
             (_, ClientFrame::FdAck(a)) => self.fd_ack(id, a, now),
+            (_, ClientFrame::NameRequest(n)) => self.name_request(id, n.req_id, n.name, n.flags, now),
+            (_, ClientFrame::NameRelease(n)) => self.name_release(id, n.req_id, n.name, now),
+            (_, ClientFrame::GetNameOwner(n)) => self.get_name_owner(id, n.req_id, n.name, now),
+            (_, ClientFrame::Request(r, payload)) => self.request(id, r, payload, fds, now),
+            (_, ClientFrame::Reply(r, payload)) => self.reply(id, r, payload, fds, now),
         }
     }
 
@@ -111,6 +121,18 @@ impl Bus {
                             format!("{who}: publish refused: broker out of file descriptors")
                         });
                         self.op_error(id, Op::Publish { seq }, ErrorCode::BrokerResource, msg, now);
+                    }
+                    Ok(ClientFrame::Request(r, _)) => {
+                        let msg =
+                            "the broker has run out of file descriptors and could not take the request's \
+                                   payload; retry later";
+                        self.refuse_request(id, r.call_id, msg, now);
+                    }
+                    Ok(ClientFrame::Reply(r, _)) => {
+                        let msg =
+                            "the broker has run out of file descriptors and could not take the reply's \
+                                   payload";
+                        self.refuse_reply(id, r.serial, msg, now);
                     }
                     // No other frame may carry fds: the sender's fault.
                     Ok(f) => {
@@ -241,5 +263,10 @@ pub(crate) fn frame_name(f: &ClientFrame<'_>) -> &'static str {
         ClientFrame::ChannelOpen(_) => "ChannelOpen",
         ClientFrame::ChannelClose(_) => "ChannelClose",
         ClientFrame::FdAck(_) => "FdAck",
+        ClientFrame::NameRequest(_) => "NameRequest",
+        ClientFrame::NameRelease(_) => "NameRelease",
+        ClientFrame::GetNameOwner(_) => "GetNameOwner",
+        ClientFrame::Request(..) => "Request",
+        ClientFrame::Reply(..) => "Reply",
     }
 }

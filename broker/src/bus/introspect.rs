@@ -80,6 +80,22 @@ impl Bus {
                 }
                 (items, more.then(|| last.map(|l| l.to_string())).flatten())
             }
+            QueryKind::Names => {
+                let mut budget = Budget::default();
+                let mut items = Vec::new();
+                let mut last = None;
+                let mut more = false;
+                for info in self.names.infos_after(after) {
+                    if budget.full() {
+                        more = true;
+                        break;
+                    }
+                    budget.take(info.name.len() + 16 * (info.owners.len() + info.queued.len()) + 32);
+                    last = Some(info.name.clone());
+                    items.push(QueryItemBody::Name(info));
+                }
+                (items, if more { last } else { None })
+            }
             QueryKind::Channels => {
                 let Some(start) = parse_after(after) else {
                     return self.bad_cursor(id, req_id, now);

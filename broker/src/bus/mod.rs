@@ -18,6 +18,8 @@
 //!   and what a malformed or truncated packet costs its sender;
 //! - `publish.rs`: publishes, their checks, routing and delivery;
 //! - `channel.rs`: ring channels and their membership news;
+//! - `service.rs`: names, requests and their one answer (`name.rs` holds
+//!   the name registry);
 //! - `introspect.rs`: paged answers to `Query`;
 //! - `router.rs`, `queue.rs`, `quota.rs`, `policy.rs`: the mechanisms.
 //!
@@ -29,6 +31,7 @@
 pub mod channel;
 pub mod driver;
 pub mod introspect;
+pub mod name;
 pub mod peer;
 pub mod policy;
 pub mod publish;
@@ -36,6 +39,7 @@ pub mod queue;
 pub mod quota;
 pub mod ratelimit;
 pub mod router;
+pub mod service;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::rc::Rc;
@@ -43,7 +47,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
-use shmbus_proto::frame::{encode_head, Body, ErrorCode, Goodbye, GoodbyeCode, Op, OpError, Stats};
+use shmbus_proto::frame::{encode_head, Body, ErrorCode, Goodbye, GoodbyeCode, Op, OpError, Sender, Stats};
 use shmbus_proto::sys::socket::PeerCred;
 
 use channel::Channels;
@@ -88,6 +92,10 @@ pub struct BusConfig {
     /// so one uid cannot take every reader slot of another's channel).
     pub max_readers_per_channel_per_uid: u32,
     pub hello_timeout: Duration,
+    /// Longest a request may wait for its answer.
+    pub max_request_timeout: Duration,
+    /// How the broker stamps what it publishes itself (client id 0).
+    pub broker: Sender,
     /// How long a closing connection may take to flush its queue.
     pub close_grace: Duration,
 }
@@ -109,6 +117,13 @@ impl BusConfig {
             max_readers_per_channel: l::DEFAULT_MAX_READERS_PER_CHANNEL,
             max_readers_per_channel_per_uid: l::DEFAULT_MAX_READERS_PER_CHANNEL_PER_UID,
             hello_timeout: Duration::from_millis(l::DEFAULT_HELLO_TIMEOUT_MS),
+            max_request_timeout: Duration::from_millis(l::DEFAULT_MAX_REQUEST_TIMEOUT_MS),
+            broker: Sender {
+                client_id: 0,
+                uid: broker_uid,
+                gid: rustix::process::getgid().as_raw(),
+                pid: rustix::process::getpid().as_raw_nonzero().get() as u32,
+            },
             close_grace: Duration::from_secs(2),
         }
     }
@@ -130,6 +145,10 @@ pub struct Counters {
     pub quota_refusals: u64,
     pub broker_resource_errors: u64,
     pub hello_timeouts: u64,
+    pub requests: u64,
+    pub replies_refused: u64,
+    pub replies_dropped: u64,
+    pub request_timeouts: u64,
 }
 
 /// Adds saturating: a counter sticks at its maximum rather than wrap.
@@ -144,6 +163,10 @@ pub struct Bus {
     router: Router<SubKey>,
     accounts: Accounts,
     channels: Channels,
+    names: name::Names,
+    replies: service::Replies,
+    /// Messages the broker published itself (name events).
+    broker_seq: u64,
     counters: Counters,
     effects: Vec<Effect>,
     hello_deadlines: VecDeque<(Instant, PeerId)>,
@@ -168,6 +191,9 @@ impl Bus {
             router: Router::new(),
             accounts,
             channels: Channels::default(),
+            names: name::Names::default(),
+            replies: service::Replies::default(),
+            broker_seq: 0,
             counters: Counters::default(),
             effects: Vec::new(),
             hello_deadlines: VecDeque::new(),
@@ -307,6 +333,9 @@ impl Bus {
             msgs_out: 0,
             dropped: 0,
             news_queued: 0,
+            names: Vec::new(),
+            calls_in: Default::default(),
+            calls_out: Default::default(),
             unacked_fds: 0,
             connected_at: now,
             usage,
@@ -376,6 +405,8 @@ impl Bus {
         for (channel_id, reader_id) in handles {
             self.release_handle(id, channel_id, reader_id);
         }
+        let now = self.now_hint();
+        self.leave_services(id, now);
     }
 
     /// Takes the peer out of routing, queues a goodbye as its last frame,
@@ -426,10 +457,7 @@ impl Bus {
     pub fn next_deadline(&self) -> Option<Instant> {
         let h = self.hello_deadlines.front().map(|d| d.0);
         let c = self.close_deadlines.front().map(|d| d.0);
-        match (h, c) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [h, c, self.replies.next_deadline()].into_iter().flatten().min()
     }
 
     /// Ends peers whose Hello or closing deadline passed. Deadlines are
@@ -437,6 +465,7 @@ impl Bus {
     /// sorted and this is O(expired).
     pub fn tick(&mut self, now: Instant) {
         self.log.see(now);
+        self.expire_requests(now);
         while let Some(&(t, id)) = self.hello_deadlines.front() {
             if t > now {
                 break;
@@ -500,6 +529,28 @@ impl Bus {
         }
         self.mark_dirty(id);
         true
+    }
+
+    /// Queues a caller's answer, fds and all, as a control frame: an
+    /// answer is never dropped; a caller that does not read its answers
+    /// reaches the hard bound and is cut off.
+    pub(crate) fn push_answer(&mut self, id: PeerId, frame: OutFrame, now: Instant) {
+        let Some(p) = self.peers.get_mut(&id) else { return };
+        if p.is_closing() {
+            return;
+        }
+        if p.queue.push_control(frame).is_err() {
+            let reason = format!(
+                "not reading its answers: {} frames ({} bytes) queued",
+                p.queue.len(),
+                p.queue.bytes()
+            );
+            let who = p.who();
+            self.warn_limited(|| format!("disconnecting {who}: {reason}"));
+            self.begin_close(id, GoodbyeCode::LimitExceeded, &reason, now);
+            return;
+        }
+        self.mark_dirty(id);
     }
 
     pub(crate) fn op_error(&mut self, id: PeerId, op: Op, code: ErrorCode, message: &str, now: Instant) {
@@ -632,6 +683,12 @@ impl Bus {
             log_suppressed: self.log.suppressed_total(),
             broker_resource_errors: c.broker_resource_errors,
             hello_timeouts: c.hello_timeouts,
+            names: self.names.len() as u32,
+            pending_requests: self.replies.len() as u32,
+            requests: c.requests,
+            replies_refused: c.replies_refused,
+            replies_dropped: c.replies_dropped,
+            request_timeouts: c.request_timeouts,
         }
     }
 }

@@ -21,7 +21,7 @@
 //! holds is charged to its uid's [`Usage`] through [`Charge`]s and the
 //! queue, and released when the peer is dropped.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -64,6 +64,12 @@ pub struct Peer {
     pub queue: OutQueue,
     /// Channel handles: (channel id, reader id; 0 for the publisher).
     pub channels: Vec<(u64, u32)>,
+    /// Names it owns or waits for.
+    pub names: Vec<String>,
+    /// Reply slots it owes an answer to (as a service), by serial.
+    pub calls_in: HashSet<u64>,
+    /// Reply slots waiting on its behalf (as a caller), by serial.
+    pub calls_out: HashSet<u64>,
     /// Some subscription has `missed > 0` awaiting a gap notice.
     pub owes_gaps: bool,
     /// A `Flush` effect for this peer is pending.

@@ -45,6 +45,13 @@ impl Bus {
             let msg = format!("invalid subject {topic:?}: {e}");
             return self.op_error(id, op, ErrorCode::InvalidSubject, &msg, now);
         }
+        if topic.split('.').next() == Some(super::service::SYS_PREFIX) {
+            let msg = format!(
+                "subjects under {} are the broker's: clients may not publish on them",
+                super::service::SYS_PREFIX
+            );
+            return self.op_error(id, op, ErrorCode::Denied, &msg, now);
+        }
         // Every refusal below drops `fds`, closing them.
         let (shared, bytes) = match payload_ref {
             PayloadRef::Inline => {
@@ -83,6 +90,21 @@ impl Bus {
         };
         bump(&mut self.counters.msgs_in, 1);
         bump(&mut self.counters.bytes_in, bytes);
+        self.fan_out(topic, sender, seq, payload_ref, payload, shared, now);
+    }
+
+    /// Routes one accepted message to every matching subscription.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn fan_out(
+        &mut self,
+        topic: &str,
+        sender: Sender,
+        seq: u64,
+        payload_ref: PayloadRef,
+        payload: &[u8],
+        shared: Option<Rc<SharedFd>>,
+        now: Instant,
+    ) {
         let mut matches = std::mem::take(&mut self.matches);
         matches.clear();
         self.router.matches(topic, &mut matches);

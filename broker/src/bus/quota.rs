@@ -14,6 +14,8 @@
 //! | channels, ring bytes | the publisher | the channel is open |
 //! | channel readers, ring bytes (cursor page) | the reader | it is joined |
 //! | memfd payload bytes and fds | the receiver | a delivery of it waits in its queue |
+//! | names | the owner or asker | it owns or waits for the name |
+//! | pending requests | the caller | its request waits for an answer |
 //!
 //! A [`Charge`] is the proof of one holding: it releases its amounts when
 //! dropped, so the accounting cannot drift from what is actually held.
@@ -41,9 +43,11 @@ pub enum Resource {
     RingBytes,
     MemfdBytes,
     MemfdFds,
+    Names,
+    PendingRequests,
 }
 
-const RESOURCES: usize = 11;
+const RESOURCES: usize = 13;
 
 impl Resource {
     pub const ALL: [Resource; RESOURCES] = [
@@ -58,6 +62,8 @@ impl Resource {
         Resource::RingBytes,
         Resource::MemfdBytes,
         Resource::MemfdFds,
+        Resource::Names,
+        Resource::PendingRequests,
     ];
 
     /// The `shmbusd` flag that sets this limit.
@@ -74,6 +80,8 @@ impl Resource {
             Resource::RingBytes => "--uid-ring-bytes",
             Resource::MemfdBytes => "--memfd-quota-bytes",
             Resource::MemfdFds => "--memfd-quota-fds",
+            Resource::Names => "--uid-names",
+            Resource::PendingRequests => "--uid-pending-requests",
         }
     }
 
@@ -91,6 +99,8 @@ impl Resource {
             Resource::RingBytes => "bytes of ring memory",
             Resource::MemfdBytes => "bytes of memfd payloads queued for its connections",
             Resource::MemfdFds => "memfd payloads queued for its connections",
+            Resource::Names => "names owned or queued for",
+            Resource::PendingRequests => "requests waiting for an answer",
         }
     }
 }
@@ -129,6 +139,8 @@ impl Default for UidLimits {
         v[Resource::RingBytes as usize] = l::DEFAULT_UID_RING_BYTES;
         v[Resource::MemfdBytes as usize] = l::DEFAULT_MEMFD_QUOTA_BYTES;
         v[Resource::MemfdFds as usize] = u64::from(l::DEFAULT_MEMFD_QUOTA_FDS);
+        v[Resource::Names as usize] = l::DEFAULT_UID_NAMES;
+        v[Resource::PendingRequests as usize] = l::DEFAULT_UID_PENDING_REQUESTS;
         UidLimits(v)
     }
 }

@@ -458,3 +458,198 @@ fn a_flood_of_tiny_replies_is_bounded_by_what_each_frame_really_costs() {
     assert!(sent < 2_000, "{sent} pongs queued");
     assert!(w.bus.held(3, Resource::QueuedBytes) <= 200_000 + 1_000);
 }
+
+// ------------------------------------------------------------ services --
+
+mod services {
+    use super::*;
+    use shmbus_proto::frame::{
+        NameFlags, NameOwnerChanged, NameRelease, NameRequest, NameResult, Outcome, Reply, ReplyStatus,
+        Request,
+    };
+
+    fn own(w: &mut World, id: PeerId, name: &str, flags: NameFlags) -> NameResult {
+        w.send(id, &NameRequest { req_id: 1, name, flags });
+        match w.take(id).as_slice() {
+            [BrokerFrame::NameReply(r)] => r.result,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn call(w: &mut World, id: PeerId, call_id: u64, name: &str, timeout_ms: u32, payload: &[u8]) {
+        let r = Request { call_id, name, timeout_ms, no_reply: false, payload: PayloadRef::Inline };
+        let bytes = encode_frame(&r, payload).unwrap();
+        w.bus.receive(id, &bytes, Vec::new(), w.now);
+    }
+
+    fn answer(w: &mut World, id: PeerId) -> (u64, String, Vec<u8>) {
+        match w.take(id).as_slice() {
+            [BrokerFrame::Answer(a, p)] => (a.call_id, format!("{:?}", a.outcome), p.to_vec()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The serial of the one request the service was handed.
+    fn served(w: &mut World, id: PeerId) -> (u64, Vec<u8>) {
+        match w.take(id).as_slice() {
+            [BrokerFrame::Serve(s, p)] => (s.serial, p.to_vec()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn reply(w: &mut World, id: PeerId, serial: u64, payload: &[u8]) {
+        let r = Reply { serial, status: ReplyStatus::Ok, payload: PayloadRef::Inline };
+        let bytes = encode_frame(&r, payload).unwrap();
+        w.bus.receive(id, &bytes, Vec::new(), w.now);
+    }
+
+    #[test]
+    fn a_call_gets_the_reply_and_a_second_reply_is_refused() {
+        let mut w = World::new(config());
+        let (svc, caller) = (w.join(10), w.join(11));
+        assert_eq!(own(&mut w, svc, "thermo.kitchen", NameFlags::default()), NameResult::PrimaryOwner);
+        call(&mut w, caller, 7, "thermo.kitchen", 1000, b"temp?");
+        let (serial, asked) = served(&mut w, svc);
+        assert_eq!(asked, b"temp?");
+        reply(&mut w, svc, serial, b"21.5");
+        assert_eq!(answer(&mut w, caller), (7, "Reply".into(), b"21.5".to_vec()));
+        reply(&mut w, svc, serial, b"again");
+        assert!(
+            matches!(w.take(svc).as_slice(), [BrokerFrame::OpError(e)] if e.code == ErrorCode::NoSuchRequest)
+        );
+        assert!(w.take(caller).is_empty(), "exactly one answer");
+        assert_eq!(w.bus.counters().replies_refused, 1);
+    }
+
+    #[test]
+    fn no_responder_timeout_and_responder_gone() {
+        let mut w = World::new(config());
+        let (svc, caller) = (w.join(10), w.join(11));
+        call(&mut w, caller, 1, "nobody.home", 1000, b"");
+        assert_eq!(answer(&mut w, caller).1, "NoResponder");
+        own(&mut w, svc, "slow", NameFlags::default());
+        call(&mut w, caller, 2, "slow", 100, b"");
+        let (serial, _) = served(&mut w, svc);
+        w.bus.tick(w.now + Duration::from_millis(50));
+        assert!(w.take(caller).is_empty());
+        w.bus.tick(w.now + Duration::from_millis(150));
+        assert_eq!(answer(&mut w, caller), (2, "Timeout".into(), vec![]));
+        reply(&mut w, svc, serial, b"late");
+        assert!(matches!(w.take(svc).as_slice(), [BrokerFrame::OpError(_)]), "a late reply finds no slot");
+        assert!(w.take(caller).is_empty());
+        for i in 0..100 {
+            call(&mut w, caller, 100 + i, "slow", 10_000, b"");
+        }
+        w.take(svc);
+        w.bus.hangup(svc);
+        let answers = w.take(caller);
+        assert_eq!(answers.len(), 100);
+        assert!(answers
+            .iter()
+            .all(|a| matches!(a, BrokerFrame::Answer(a, _) if a.outcome == Outcome::ResponderGone)));
+        assert_eq!(w.bus.held(11, Resource::PendingRequests), 0);
+    }
+
+    #[test]
+    fn a_reply_whose_caller_left_is_dropped_and_counted() {
+        let mut w = World::new(config());
+        let (svc, caller) = (w.join(10), w.join(11));
+        own(&mut w, svc, "s", NameFlags::default());
+        call(&mut w, caller, 1, "s", 1000, b"");
+        let (serial, _) = served(&mut w, svc);
+        w.bus.hangup(caller);
+        reply(&mut w, svc, serial, b"x");
+        assert!(w.take(svc).is_empty(), "accepted, not refused");
+        assert_eq!(w.bus.counters().replies_dropped, 1);
+    }
+
+    #[test]
+    fn pending_requests_are_a_per_uid_quota() {
+        let mut cfg = config();
+        cfg.uid_limits.set(Resource::PendingRequests, 3);
+        let mut w = World::new(cfg);
+        let (svc, caller) = (w.join(10), w.join(11));
+        own(&mut w, svc, "s", NameFlags::default());
+        for i in 0..4 {
+            call(&mut w, caller, i, "s", 1000, b"");
+        }
+        let (id, outcome, _) = answer(&mut w, caller);
+        assert_eq!(id, 3);
+        assert!(
+            outcome.starts_with("LimitExceeded") && outcome.contains("--uid-pending-requests"),
+            "{outcome}"
+        );
+    }
+
+    #[test]
+    fn replies_from_the_wrong_peer_are_refused() {
+        let mut w = World::new(config());
+        let (svc, other, caller) = (w.join(10), w.join(12), w.join(11));
+        own(&mut w, svc, "s", NameFlags::default());
+        call(&mut w, caller, 1, "s", 1000, b"");
+        let (serial, _) = served(&mut w, svc);
+        reply(&mut w, other, serial, b"forged");
+        assert!(
+            matches!(w.take(other).as_slice(), [BrokerFrame::OpError(e)] if e.code == ErrorCode::NoSuchRequest)
+        );
+        reply(&mut w, svc, serial, b"real");
+        assert_eq!(answer(&mut w, caller).2, b"real");
+    }
+
+    #[test]
+    fn owner_changes_are_published_in_order_and_sys_is_the_brokers() {
+        let mut w = World::new(config());
+        let watcher = w.join(5);
+        w.subscribe(watcher, 1, "$SYS.name.>");
+        w.take(watcher);
+        let (a, b) = (w.join(10), w.join(11));
+        own(&mut w, a, "n", NameFlags::default());
+        assert_eq!(own(&mut w, b, "n", NameFlags::default()), NameResult::InQueue);
+        w.bus.hangup(a);
+        w.send(b, &NameRelease { req_id: 2, name: "n" });
+        w.take(b);
+        let events: Vec<(Option<u64>, Option<u64>, u64)> = w
+            .take(watcher)
+            .into_iter()
+            .map(|f| match f {
+                BrokerFrame::Deliver(d, p) => {
+                    assert_eq!((d.topic, d.sender.client_id), ("$SYS.name.n", 0));
+                    let e = NameOwnerChanged::from_bytes(p).unwrap();
+                    (e.old_owner, e.new_owner, d.seq)
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(events, vec![(None, Some(a), 1), (Some(a), Some(b), 2), (Some(b), None, 3)]);
+        // Nobody else may publish there or own names there.
+        w.publish(b, "$SYS.name.n", b"forged");
+        assert!(matches!(w.take(b).as_slice(), [BrokerFrame::OpError(e)] if e.code == ErrorCode::Denied));
+        w.send(b, &NameRequest { req_id: 3, name: "$SYS.x", flags: NameFlags::default() });
+        assert!(
+            matches!(w.take(b).as_slice(), [BrokerFrame::OpError(e)] if e.code == ErrorCode::ReservedName)
+        );
+        w.send(b, &NameRequest { req_id: 4, name: "shmbus.admin", flags: NameFlags::default() });
+        assert!(
+            matches!(w.take(b).as_slice(), [BrokerFrame::OpError(e)] if e.code == ErrorCode::ReservedName)
+        );
+        let root = w.join(0);
+        assert_eq!(own(&mut w, root, "shmbus.admin", NameFlags::default()), NameResult::PrimaryOwner);
+    }
+
+    #[test]
+    fn names_are_a_per_uid_quota_released_on_disconnect() {
+        let mut cfg = config();
+        cfg.uid_limits.set(Resource::Names, 2);
+        let mut w = World::new(cfg);
+        let a = w.join(10);
+        own(&mut w, a, "a", NameFlags::default());
+        own(&mut w, a, "b", NameFlags::default());
+        own(&mut w, a, "a", NameFlags::default());
+        w.send(a, &NameRequest { req_id: 1, name: "c", flags: NameFlags::default() });
+        assert!(
+            matches!(w.take(a).as_slice(), [BrokerFrame::OpError(e)] if e.code == ErrorCode::LimitExceeded)
+        );
+        w.bus.hangup(a);
+        assert_eq!(w.bus.held(10, Resource::Names), 0);
+    }
+}
