@@ -10,11 +10,13 @@
 //! ```
 //!
 //! The kind byte picks the body type, so an unknown kind is recognised before
-//! any decoding. Only `Publish` and `Deliver` may carry payload bytes; for
-//! every other kind the body must end exactly at the end of the packet. A body
-//! must decode to its type using every one of its bytes. Fds, when a later
-//! revision allows them, ride beside the packet in SCM_RIGHTS and are
-//! declared in the body; this module never sees them.
+//! any decoding. Only the message kinds (`Publish`, `Deliver`, `Request`,
+//! `Reply`, `Serve`, `Answer`) may carry payload bytes after the body; for
+//! every other kind the body must end exactly at the end of the packet. A
+//! body must decode to its type using every one of its bytes. Fds ride
+//! beside the packet in SCM_RIGHTS and are declared in the body (a
+//! `PayloadRef::Memfd`, a channel grant); this module never sees them.
+//! `docs/PROTOCOL.md` describes the whole protocol.
 //!
 //! Compatibility rule (postcard is not self-describing): enum variants and
 //! frame kinds are only ever appended; a changed body shape needs a new kind
@@ -637,7 +639,8 @@ impl NameOwnerChanged {
 }
 
 /// A request to the owner of `name`. Payload as in `Publish`. The broker
-/// answers with exactly one `Answer` carrying `call_id`, unless `no_reply`.
+/// answers with exactly one `Answer` carrying `call_id`; with `no_reply`, it
+/// answers only a request it could not deliver (so the loss is reported).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request<'a> {
     pub call_id: u64,
@@ -656,7 +659,8 @@ pub struct Serve<'a> {
     pub serial: u64,
     pub name: &'a str,
     pub sender: Sender,
-    /// Milliseconds left before the broker answers the caller `Timeout`.
+    /// The request's timeout: the broker answers the caller `Timeout` this
+    /// many milliseconds after it queued the request for the service.
     pub timeout_ms: u32,
     pub no_reply: bool,
     pub payload: PayloadRef,
@@ -720,7 +724,7 @@ pub struct Answer<'a> {
 pub struct NameInfo {
     pub name: String,
     /// Client ids: the owner first (or every member of a shared name),
-    /// then the queue.
+    /// not the queue (that is `queued`).
     pub owners: Vec<u64>,
     pub queued: Vec<u64>,
     pub shared: bool,

@@ -9,9 +9,9 @@
 /// A larger one is a protocol violation (`MSG_TRUNC` on receive).
 pub const MAX_PACKET: usize = 72 * 1024;
 
-/// Largest inline payload. Bigger payloads need a memfd (a later protocol
-/// revision); 64 KiB keeps one packet well inside the default AF_UNIX send
-/// buffer (`net.core.wmem_default`, 208 KiB) so a single send never stalls.
+/// Largest inline payload. Bigger payloads go as sealed memfds; 64 KiB
+/// keeps one packet well inside the default AF_UNIX send buffer
+/// (`net.core.wmem_default`, 208 KiB) so a single send never stalls.
 pub const MAX_INLINE_PAYLOAD: usize = 64 * 1024;
 
 /// Longest subject or pattern, in bytes.

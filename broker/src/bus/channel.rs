@@ -143,6 +143,10 @@ impl Bus {
             let msg = format!("invalid channel subject {topic:?}: {e}");
             return self.op_error(id, op, ErrorCode::InvalidSubject, &msg, now);
         }
+        if topic.split('.').next() == Some(super::service::SYS_PREFIX) {
+            let msg = format!("subjects under {} are the broker's", super::service::SYS_PREFIX);
+            return self.op_error(id, op, ErrorCode::Denied, &msg, now);
+        }
         match role {
             ChannelRole::Publish { slot_size, slot_count, overflow } => {
                 self.open_publisher(id, req_id, topic, Geometry { slot_size, slot_count }, overflow, now)

@@ -19,8 +19,8 @@ use std::time::Instant;
 use tracing::debug;
 
 use shmbus_proto::frame::{
-    decode_client, ClientFrame, ErrorCode, FdAck, Limits, Op, PayloadRef, Pong, Subscribe, Subscribed,
-    Welcome, PROTOCOL_VERSION,
+    decode_client, ClientFrame, DecodeError, ErrorCode, FdAck, GoodbyeCode, Limits, Op, PayloadRef, Pong,
+    Subscribe, Subscribed, Welcome, PROTOCOL_VERSION,
 };
 use shmbus_proto::limits::{MAX_CLIENT_NAME, MAX_INLINE_PAYLOAD, MAX_PACKET, MAX_SUBJECT_DEPTH};
 use shmbus_proto::subject::validate_pattern;
@@ -57,6 +57,12 @@ impl Bus {
         }
         let frame = match decode_client(packet) {
             Ok(f) => f,
+            Err(DecodeError::Version(v)) => {
+                bump(&mut self.counters.protocol_errors, 1);
+                let reason =
+                    format!("protocol version {v} is not supported (broker speaks {PROTOCOL_VERSION})");
+                return self.begin_close(id, GoodbyeCode::VersionMismatch, &reason, now);
+            }
             Err(e) => return self.violation(id, &e.to_string(), now),
         };
         if !fds.is_empty() {
@@ -240,14 +246,15 @@ impl Bus {
         p.unacked_fds -= fds;
         p.usage.sub(Resource::UnackedFds, fds);
         let uid = p.cred.uid;
-        if !p.queue.is_empty() {
+        if p.state == PeerState::Lingering && p.unacked_fds == 0 {
+            // It gave back everything: nothing keeps it any more.
+            self.remove(id);
+        } else if !p.queue.is_empty() {
             self.mark_dirty(id);
         }
         // Room for this uid may unblock its other connections.
         if fds > 0 {
-            for waiting in self.stalled.remove(&uid).unwrap_or_default() {
-                self.mark_dirty(waiting);
-            }
+            self.wake_stalled(uid);
         }
     }
 }
