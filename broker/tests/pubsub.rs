@@ -63,13 +63,29 @@ fn wildcards_route_exactly() {
     assert_eq!(drain(&all), ["a.b.c", "a.x.c", "a.b", "a.b.c.d", "z", "a"]);
 }
 
+/// The client refuses invalid subjects before sending them; a peer that
+/// sends them anyway is refused by the broker (every kind is covered in
+/// `refusals.rs`).
 #[test]
 fn invalid_subjects_are_refused_locally_and_by_the_broker() {
+    use shmbus_proto::frame::{encode_frame, BrokerFrame, ErrorCode, Op, PayloadRef, Publish, Subscribe};
     let b = Broker::start("invalid");
     let c = b.client();
     assert_eq!(c.publish("a.*", b"x").unwrap_err().kind(), ErrorKind::InvalidInput);
     assert_eq!(c.subscribe("a.>.b").unwrap_err().kind(), ErrorKind::InvalidInput);
     assert_eq!(c.publish("a..b", b"x").unwrap_err().kind(), ErrorKind::InvalidInput);
+
+    let mut r = Raw::hello(&b);
+    r.send(&encode_frame(&Publish { topic: "a.*", payload: PayloadRef::Inline }, b"x").unwrap(), &[]);
+    r.send_body(&Subscribe { sub_id: 7, pattern: "a.>.b", overflow: Overflow::Gap }, &[]);
+    for op in [Op::Publish { seq: 1 }, Op::Subscribe { sub_id: 7 }] {
+        match r.recv() {
+            Some(BrokerFrame::OpError(e)) => {
+                assert_eq!((e.op, e.code), (op, ErrorCode::InvalidSubject), "{}", e.message)
+            }
+            other => panic!("expected the broker to refuse {op:?}, got {other:?}"),
+        }
+    }
 }
 
 #[test]
@@ -97,10 +113,13 @@ fn per_publisher_order_and_broker_stamped_sender() {
         kids.iter().map(|k| (k.0.as_ref().unwrap().id(), 0)).collect();
     let mut local = 0u64;
     let mut last_seq = std::collections::HashMap::new();
+    // Every publisher runs as this test process does (root in CI, anyone
+    // elsewhere), and the broker stamps what the kernel says.
+    let me = (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw());
     for _ in 0..3 * N {
         let m = next_message(&s);
         let sender = m.sender();
-        assert_eq!(sender.uid, 0);
+        assert_eq!((sender.uid, sender.gid), me, "stamped credentials of {sender:?}");
         let prev = last_seq.insert(sender.client_id, m.seq()).unwrap_or(0);
         assert_eq!(m.seq(), prev + 1, "per-publisher order broken for {sender:?}");
         if m.topic() == "seq.local" {

@@ -20,10 +20,39 @@ fn is_root() -> bool {
     rustix::process::getuid().is_root()
 }
 
+/// Whether a test that acts as another uid can run: it needs root. As
+/// another user it says loudly that it was skipped (straight to stderr, past
+/// the test harness's capture, so the line shows even when the test reports
+/// "ok"); under CI (the `CI` variable set) it fails instead, so a CI run can
+/// never pass these tests by skipping them.
+fn needs_root(test: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    let why = format!(
+        "{test} needs root to run a process as another uid; this test process runs as uid {}",
+        rustix::process::getuid().as_raw()
+    );
+    if std::env::var_os("CI").is_some() {
+        panic!("{why}. CI is set: run the suite as root, these tests may not be skipped there");
+    }
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {why}");
+    false
+}
+
+/// `binary` run as `uid` with primary group `gid` (supplementary groups
+/// are dropped when a root parent changes uid).
+fn command_as_ids(binary: &str, uid: u32, gid: u32) -> std::process::Command {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = command_as(binary, uid);
+    cmd.gid(gid);
+    cmd
+}
+
 #[test]
 fn other_uid_is_refused_with_a_reason_and_logged() {
-    if !is_root() {
-        eprintln!("skipped: needs root to run a client as another uid");
+    if !needs_root("other_uid_is_refused_with_a_reason_and_logged") {
         return;
     }
     let b = Broker::start("denied");
@@ -38,8 +67,7 @@ fn other_uid_is_refused_with_a_reason_and_logged() {
 
 #[test]
 fn allowed_other_uid_is_stamped_as_itself() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
+    if !needs_root("allowed_other_uid_is_stamped_as_itself") {
         return;
     }
     let b = Broker::start_with("stamp", &["--allow-uid", &NOBODY.to_string()]);
@@ -57,10 +85,55 @@ fn allowed_other_uid_is_stamped_as_itself() {
     assert_ne!(sender.client_id, c.id());
 }
 
+/// Admission is decided on the peer's uid, never its gid. A client whose
+/// uid is not allowed is refused even when its gid equals an allowed uid
+/// (gid 0, and root is allowed by default): a check that compared the
+/// allowed uids with the gid would let it in.
+#[test]
+fn a_refused_uid_is_refused_whatever_its_gid() {
+    if !needs_root("a_refused_uid_is_refused_whatever_its_gid") {
+        return;
+    }
+    let b = Broker::start("uid-not-gid");
+    let probe = b.client();
+    for (n, gid) in [0, NOBODY].into_iter().enumerate() {
+        let mut cmd = command_as_ids(SHMBUSCTL, NOBODY, gid);
+        cmd.args(["--address", &b.address, "ping"]);
+        let out = run_bounded(cmd);
+        assert!(!out.status.success(), "uid {NOBODY} with gid {gid} was admitted; stdout {:?}", stdout(&out));
+        let err = stderr(&out);
+        assert!(err.contains("denied") && err.contains(&format!("uid {NOBODY}")), "gid {gid}: {err}");
+        assert_eq!(probe.stats().unwrap().connections_refused, n as u64 + 1, "gid {gid}");
+    }
+}
+
+/// The other half: an allowed uid is admitted whatever its gid, and is
+/// stamped with both as the kernel reports them.
+#[test]
+fn an_allowed_uid_is_admitted_whatever_its_gid() {
+    if !needs_root("an_allowed_uid_is_admitted_whatever_its_gid") {
+        return;
+    }
+    // Neither 0 nor 65534, so a check on the gid would refuse it.
+    const GID: u32 = 4242;
+    let b = Broker::start_with("gid-not-uid", &["--allow-uid", &NOBODY.to_string()]);
+    let c = b.client();
+    let s = c.subscribe("who").unwrap();
+    let mut cmd = command_as_ids(SHMBUSCTL, NOBODY, GID);
+    cmd.args(["--address", &b.address, "pub", "who", "me"]);
+    let child = spawn_guarded(cmd);
+    let pid = child.0.as_ref().unwrap().id();
+    let out = child.wait_output();
+    assert!(out.status.success(), "uid {NOBODY} (allowed) with gid {GID} was refused: {}", stderr(&out));
+    let m = next_message(&s);
+    let sender = m.sender();
+    assert_eq!((sender.uid, sender.gid, sender.pid), (NOBODY, GID, pid));
+    assert_eq!(c.stats().unwrap().connections_refused, 0);
+}
+
 #[test]
 fn client_refuses_a_broker_run_by_another_uid() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
+    if !needs_root("client_refuses_a_broker_run_by_another_uid") {
         return;
     }
     // A "squatter": a broker under uid 65534 on the name root wants.

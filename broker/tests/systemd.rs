@@ -10,6 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
+use shmbus_proto::frame::{ChannelOpen, ChannelOverflow, ChannelRole};
 
 fn units_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd")
@@ -143,6 +144,35 @@ impl Notify {
         Notify { sock, path }
     }
 
+    /// Every datagram already waiting, without waiting.
+    fn drain(&self) -> Vec<String> {
+        self.sock.set_nonblocking(true).unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = self.sock.recv(&mut buf) {
+            out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        self.sock.set_nonblocking(false).unwrap();
+        out
+    }
+
+    /// Every datagram that arrives within `span`.
+    fn collect_for(&self, span: Duration) -> Vec<String> {
+        let end = Instant::now() + span;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return out;
+            }
+            self.sock.set_read_timeout(Some(left)).unwrap();
+            if let Ok(n) = self.sock.recv(&mut buf) {
+                out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+    }
+
     /// Waits (bounded) for a datagram containing `needle`; returns it.
     fn expect(&self, needle: &str) -> String {
         let deadline = Instant::now() + PATIENCE;
@@ -215,12 +245,38 @@ fn socket_activation_serves_the_first_client_and_notifies() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// How long the broker's event loop is held still, and how much of that
+/// time is watched for pings (the rest is slack for a slow machine to
+/// notice the stall and start watching).
+const STALL: Duration = Duration::from_secs(4);
+const WATCH: Duration = Duration::from_millis(1500);
+
+/// Watchdog pings come from the event loop: while the loop is stuck, none
+/// arrive, and when it runs again they resume. (A ping from a thread or a
+/// timer of its own would keep systemd from restarting a hung broker.)
+///
+/// The loop is stuck the way a hung one is, with the rest of the process
+/// free to run: the broker runs under strace, which delays the return of
+/// the broker's first `memfd_create` by [`STALL`]. The broker calls it
+/// only to create a ring, on its loop, so the test picks the moment by
+/// asking for a channel; it then waits until the broker's main thread sits
+/// stopped in that call, drains what was sent before, and watches the
+/// notify socket for [`WATCH`], 15 ping intervals, checking afterwards that
+/// the thread had not moved. The broker has no other thread today; a ping
+/// sent from any thread but the stuck one would arrive in the watch.
 #[test]
 fn watchdog_pings_arrive_from_the_loop() {
     let dir = tempdir("watchdog");
     let notify = Notify::new(&dir);
     let addr = unique_address("wd");
-    let _guard = activate(&addr, &notify, &["WATCHDOG_USEC=200000"], true);
+    let mut cmd = tool("strace");
+    cmd.args(["-f", "-qq", "--seccomp-bpf", "-o", "/dev/null", "-e", "trace=memfd_create", "-e"])
+        .arg(format!("inject=memfd_create:delay_exit={}:when=1", STALL.as_micros()));
+    let activate = tool("systemd-socket-activate");
+    cmd.arg(activate.get_program()).args(["--seqpacket", "-l", &addr, "--fdname=bus"]);
+    cmd.args(["-E", "NOTIFY_SOCKET", "-E", "WATCHDOG_USEC=200000"]).env("NOTIFY_SOCKET", &notify.path);
+    cmd.arg(SHMBUSD);
+    let tracer = spawn_guarded(cmd);
     let c = connect_with_retry(&addr);
     c.ping().unwrap();
     notify.expect("READY=1");
@@ -228,8 +284,89 @@ fn watchdog_pings_arrive_from_the_loop() {
     for _ in 0..4 {
         notify.expect("WATCHDOG=1");
     }
-    // Four pings at 100 ms: not a flood, not a trickle.
+    // Four pings at 100 ms: not a flood.
     assert!(start.elapsed() >= Duration::from_millis(250), "{:?}", start.elapsed());
+    // strace's child is systemd-socket-activate, which became the broker.
+    let tracer_pid = tracer.0.as_ref().unwrap().id();
+    let broker = KillOnDrop(child_of(tracer_pid));
+    assert_eq!(c.broker_cred().pid, broker.0, "strace's child is the broker");
+
+    // Ask for a ring; the loop stops in memfd_create and stays there.
+    let mut raw = Raw::hello_at(&addr, "stall").0;
+    let open = ChannelOpen {
+        req_id: 1,
+        topic: "stall",
+        role: ChannelRole::Publish { slot_size: 64, slot_count: 16, overflow: ChannelOverflow::Overwrite },
+    };
+    raw.send_body(&open, &[]);
+    let deadline = Instant::now() + PATIENCE;
+    while !stopped_in(broker.0, libc::SYS_memfd_create) {
+        assert!(Instant::now() < deadline, "the broker's loop never reached memfd_create");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let before = notify.drain();
+    let during = notify.collect_for(WATCH);
+    assert!(
+        stopped_in(broker.0, libc::SYS_memfd_create),
+        "the loop left its stall before the watch ended (the machine is too slow for STALL = {STALL:?}); \
+         the test proves nothing this run"
+    );
+    let pings: Vec<&String> = during.iter().filter(|m| m.lines().any(|l| l == "WATCHDOG=1")).collect();
+    assert!(
+        pings.is_empty(),
+        "{} watchdog pings arrived while the event loop was stuck: they do not come from the loop \
+         ({pings:?}; drained before the watch: {before:?})",
+        pings.len()
+    );
+
+    // The loop runs again: the ring is granted and the pings resume.
+    match raw.next_packet().frame() {
+        Some(shmbus_proto::frame::BrokerFrame::ChannelGranted(g)) => assert_eq!(g.req_id, 1),
+        other => panic!("expected the grant once the loop ran again, got {other:?}"),
+    }
+    for _ in 0..2 {
+        notify.expect("WATCHDOG=1");
+    }
+    c.ping().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Kills a process that is not our child (here, the broker under strace)
+/// on drop.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.0 as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+    }
+}
+
+/// The one child of `pid`, waited for (bounded).
+fn child_of(pid: u32) -> u32 {
+    let start = Instant::now();
+    loop {
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        if let Some(child) = children.split_whitespace().next() {
+            return child.parse().unwrap();
+        }
+        assert!(start.elapsed() < PATIENCE, "process {pid} never had a child");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether the main thread of `pid` is stopped by its tracer ('t') inside
+/// system call `nr` (as `/proc/PID/task/PID/syscall` reports it).
+fn stopped_in(pid: u32, nr: libc::c_long) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/stat")).unwrap_or_default();
+    let state = stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next());
+    if state != Some("t") {
+        return false;
+    }
+    let syscall = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/syscall")).unwrap_or_default();
+    syscall.split_whitespace().next() == Some(nr.to_string().as_str())
 }
 
 #[test]

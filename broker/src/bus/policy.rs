@@ -71,4 +71,28 @@ mod tests {
         p.allow_all();
         assert!(p.admit(&cred(8)).is_ok());
     }
+
+    /// The decision is made on the uid alone: a gid that happens to equal
+    /// an allowed uid admits nothing, and a gid that does not refuses
+    /// nothing. (Every other test gives a peer gid = uid, which cannot
+    /// tell the two apart.)
+    #[test]
+    fn admission_reads_the_uid_never_the_gid() {
+        let with = |uid, gid| PeerCred { pid: 1, uid, gid };
+        let p = Policy::new(1000);
+        // gid 0 and gid 1000 are "allowed uids"; the uids are not.
+        for gid in [0, 1000] {
+            let why = p.admit(&with(65534, gid)).expect_err("uid 65534 is not allowed, whatever its gid");
+            assert!(why.contains("uid 65534"), "{why}");
+        }
+        // Allowed uids with gids that are not in the list.
+        assert_eq!(p.admit(&with(0, 65534)), Ok(()));
+        assert_eq!(p.admit(&with(1000, 4242)), Ok(()));
+
+        let mut p = Policy::new(0);
+        p.allow_uid(7);
+        assert_eq!(p.admit(&with(7, 8)), Ok(()));
+        assert!(p.admit(&with(8, 7)).is_err(), "uid 8 with gid 7 admitted");
+        assert!(p.admit(&with(8, 0)).is_err(), "uid 8 with gid 0 admitted");
+    }
 }
