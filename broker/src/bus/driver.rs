@@ -202,10 +202,13 @@ impl Bus {
                 Ok(c) => c,
                 Err(e) => return self.quota_refusal(id, op, &e, now),
             };
+        if !self.router.insert(s.pattern, (id, s.sub_id)) {
+            let msg = format!("pattern {:?} is deeper than the router holds", s.pattern);
+            return self.op_error(id, op, ErrorCode::InvalidSubject, &msg, now);
+        }
         let state = SubState { pattern: s.pattern.into(), overflow: s.overflow, missed: 0 };
         let Some(p) = self.peers.get_mut(&id) else { return };
         p.subs.insert(s.sub_id, Subscription { state, charge });
-        self.router.insert(s.pattern, (id, s.sub_id));
         self.control(id, &Subscribed { sub_id: s.sub_id }, now);
     }
 

@@ -337,17 +337,19 @@ impl<K: Copy + Eq + Hash + Ord> Router<K> {
     }
 
     /// Adds `key` under `pattern` (which `validate_pattern` accepted). A
-    /// key already held under this pattern is not added twice.
-    pub fn insert(&mut self, pattern: &str, key: K) {
+    /// key already held under this pattern is not added twice. Returns
+    /// false, storing nothing, for a pattern deeper than the router holds:
+    /// the caller refuses it (defence in depth; validation refuses it
+    /// first).
+    pub fn insert(&mut self, pattern: &str, key: K) -> bool {
         if let Some(&leaf) = self.patterns.get(pattern) {
             if self.leaves[leaf as usize].insert(key) {
                 self.subscriptions += 1;
             }
-            return;
+            return true;
         }
         let Some((depth, tail)) = shape(pattern) else {
-            debug_assert!(false, "pattern deeper than {D} tokens reached the router");
-            return;
+            return false;
         };
         let mut toks = [NONE; D];
         for (slot, token) in toks.iter_mut().zip(pattern.split('.')).take(depth) {
@@ -368,7 +370,7 @@ impl<K: Copy + Eq + Hash + Ord> Router<K> {
                 // A new trie: the pattern is its root, one leaf.
                 self.leaves[leaf as usize].label = toks.into();
                 self.set(slot, leaf_ref);
-                return;
+                return true;
             }
             let mut buf = [NONE; D];
             let label = {
@@ -390,7 +392,7 @@ impl<K: Copy + Eq + Hash + Ord> Router<K> {
                 self.add_child(branch, old_first, node);
                 self.leaves[leaf as usize].label = toks[d + j..].into();
                 self.add_child(branch, toks[d + j], leaf_ref);
-                return;
+                return true;
             }
             // The whole label agrees, so `node` is a branch (a leaf would
             // be this very pattern, which is new) and the pattern goes on.
@@ -400,7 +402,7 @@ impl<K: Copy + Eq + Hash + Ord> Router<K> {
             if self.child(node, first) == NONE {
                 self.leaves[leaf as usize].label = toks[d..].into();
                 self.add_child(node, first, leaf_ref);
-                return;
+                return true;
             }
             slot = Slot::Child(node, first);
         }
@@ -1094,11 +1096,11 @@ mod tests {
     }
 
     #[test]
-    #[cfg_attr(debug_assertions, should_panic)]
     fn too_deep_pattern_is_not_stored() {
         let mut r: Router<(u64, u32)> = Router::new();
-        r.insert(&vec!["a"; D + 1].join("."), (1, 1));
+        assert!(!r.insert(&vec!["a"; D + 1].join("."), (1, 1)));
         assert!(r.is_empty());
+        assert!(r.insert(&vec!["a"; D].join("."), (1, 1)));
     }
 
     #[test]
