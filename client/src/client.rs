@@ -322,6 +322,18 @@ impl Client {
         self.timeout
     }
 
+    /// A client on a connection made by a test (timeout 5 s, memfd
+    /// threshold 1 KiB).
+    #[cfg(test)]
+    pub(crate) fn for_tests(inner: Arc<Inner>) -> Client {
+        Client { inner, timeout: Duration::from_secs(5), memfd_threshold: 1024 }
+    }
+
+    /// Payloads larger than this go by memfd.
+    pub(crate) fn memfd_threshold(&self) -> usize {
+        self.memfd_threshold
+    }
+
     /// Opens a ring channel on `topic` as its (only) publisher.
     pub fn channel_publisher(
         &self,
@@ -570,15 +582,22 @@ impl Client {
     }
 
     /// Waits until the broker has handled everything sent so far, and
-    /// returns the publishes it refused since the last flush, if any.
+    /// returns the publishes it refused since the last flush, if any; else
+    /// the fire-and-forget sends ([`Client::send`]) it refused, if any
+    /// (those of publishes and sends both refused are reported by the next
+    /// flush).
     pub fn flush(&self) -> Result<(), FlushError> {
         self.ping()?;
-        let refused = std::mem::take(&mut self.inner.state.lock().refused_publishes);
-        if refused.is_empty() {
-            Ok(())
-        } else {
-            Err(FlushError::Refused(refused))
+        let mut st = self.inner.state.lock();
+        let refused = std::mem::take(&mut st.refused_publishes);
+        if !refused.is_empty() {
+            return Err(FlushError::Refused(refused));
         }
+        let sends = std::mem::take(&mut st.refused_sends);
+        if !sends.is_empty() {
+            return Err(FlushError::SendsRefused(sends));
+        }
+        Ok(())
     }
 
     /// One page of the answer to `what`, resuming after `after` (`None`
@@ -620,7 +639,7 @@ impl Client {
     }
 
     /// The items of one kind in one page of the answer to `what`.
-    fn query_items_page<T>(
+    pub(crate) fn query_items_page<T>(
         &self,
         what: QueryKind,
         after: Option<&str>,
@@ -631,7 +650,7 @@ impl Client {
     }
 
     /// The items of one kind in the whole answer to `what`, every page.
-    fn query_items<T>(
+    pub(crate) fn query_items<T>(
         &self,
         what: QueryKind,
         mut pick: impl FnMut(QueryItemBody) -> Option<T>,

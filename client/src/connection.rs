@@ -58,13 +58,22 @@
 //! closed there and then), counted, and surfaces as a `Gap` event where it
 //! went missing, exactly as broker-side gaps do.
 //!
-//! Ids: subscription ids, query and channel-open request ids are u32 on
-//! the wire, each kind with its own [`IdSpace`]. An id is handed out again
-//! only once its table no longer holds it *and* the broker has answered
-//! everything sent under it (a subscribe, an unsubscribe, a query, a
-//! channel open), so neither a live queue nor a late answer can be mixed
-//! up with a newer user of the same id after the counter wraps. Ping
-//! tokens are u64 and never wrap.
+//! Ids: subscription ids, query, channel-open and name request ids are
+//! u32 on the wire, each kind with its own [`IdSpace`]. An id is handed out
+//! again only once its table no longer holds it *and* the broker has
+//! answered everything sent under it (a subscribe, an unsubscribe, a
+//! query, a channel open, a name request, release or owner query), so
+//! neither a live queue nor a late answer can be mixed up with a newer
+//! user of the same id after the counter wraps. Ping tokens and call ids
+//! are u64 and never wrap (a fire-and-forget send's call id has bit 63
+//! set; see `service`).
+//!
+//! Services (see `service`): a `Serve` goes to its service's bounded
+//! queue (counted in the connection's totals with the subscriptions), and
+//! an `Answer` to the call waiting for it. What the reader must answer on a
+//! service's behalf (a full queue, a name not served) is queued in
+//! `State::auto_replies` and sent like a due `FdAck`: by the reader if
+//! `send` is free, else by its holder as it lets go.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
@@ -78,14 +87,15 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 use shmbus_proto::frame::PayloadRef;
 use shmbus_proto::frame::{
     decode_broker, encode_head_into, Body, BrokerFrame, ErrorCode, FdAck, GoodbyeCode, Limits, Op,
-    QueryItemBody,
+    QueryItemBody, Reply, ReplyStatus,
 };
 use shmbus_proto::sys::memfd;
 use shmbus_proto::sys::socket::{self, OutPacket, PeerCred, RecvBatch, RecvStatus};
 use std::sync::Arc;
 
-use crate::error::{Disconnect, PublishRefused, RecvError};
+use crate::error::{Disconnect, PublishRefused, RecvError, SendRefused};
 use crate::message::{Body as Payload, Event, MemfdPayload, Message};
+use crate::service::{AutoReply, CallSlot, NameAnswer, NameStatus, ServiceQueue};
 
 /// Packets per receive batch in a client.
 const RECV_SLOTS: usize = 64;
@@ -116,18 +126,18 @@ impl Charge {
         }
     }
 
-    fn add(&mut self, c: Charge) {
+    pub(crate) fn add(&mut self, c: Charge) {
         self.bytes = self.bytes.saturating_add(c.bytes);
         self.fds = self.fds.saturating_add(c.fds);
     }
 
-    fn sub(&mut self, c: Charge) {
+    pub(crate) fn sub(&mut self, c: Charge) {
         self.bytes = self.bytes.saturating_sub(c.bytes);
         self.fds = self.fds.saturating_sub(c.fds);
     }
 
     /// Whether `self + c` stays within `bytes` and `fds`.
-    fn fits(self, c: Charge, bytes: usize, fds: usize) -> bool {
+    pub(crate) fn fits(self, c: Charge, bytes: usize, fds: usize) -> bool {
         self.bytes.checked_add(c.bytes).is_some_and(|b| b <= bytes)
             && self.fds.checked_add(c.fds).is_some_and(|f| f <= fds)
     }
@@ -372,6 +382,24 @@ pub(crate) struct State {
     pub arrivals: u64,
     /// Fds taken and not yet acknowledged to the broker.
     pub fd_acks: FdAcks,
+    /// Name requests, releases and owner queries (one id space for the
+    /// three), and their answers as they come.
+    pub name_ids: IdSpace,
+    pub name_ops: HashMap<u32, Option<NameAnswer>>,
+    /// Calls waiting for their answer, by call id (see `service`).
+    pub calls: HashMap<u64, CallSlot>,
+    /// The last call id handed out (it never wraps).
+    pub last_call: u64,
+    /// Fire-and-forget sends so far, and those the broker refused.
+    pub sends: u64,
+    pub refused_sends: Vec<SendRefused>,
+    /// Replies the broker refused (no such request).
+    pub refused_replies: u64,
+    /// The queue of each name this client serves.
+    pub services: HashMap<String, ServiceQueue>,
+    /// Answers to send on a service's behalf (see `service`), by whoever
+    /// sends the next due ack.
+    pub auto_replies: Vec<AutoReply>,
 }
 
 impl State {
@@ -527,8 +555,8 @@ pub(crate) struct Inner {
     pub state: Mutex<State>,
     pub reader: Mutex<ReaderState>,
     pub cond: Condvar,
-    /// `state.fd_acks.is_due()`, readable without `state` (written only
-    /// under `state`).
+    /// `state.fd_acks.is_due()` or `state.auto_replies` not empty,
+    /// readable without `state` (written only under `state`).
     ack_due: AtomicBool,
     /// Makes [`Inner::fd_table_full`] say yes, for tests.
     #[cfg(test)]
@@ -611,8 +639,9 @@ impl Inner {
         self.send_locked(&mut s, body, payload)
     }
 
-    /// Sends the `FdAck` that is due, if any, unless `send` is taken: then
-    /// its holder sends it as it lets go. Called by the reader after each
+    /// Sends the `FdAck` that is due, if any, and the answers the reader
+    /// queued on a service's behalf (`State::auto_replies`), unless `send`
+    /// is taken: then its holder sends them as it lets go. Called by the reader after each
     /// batch and before it waits ([`Inner::ack_everything`], `reader` held:
     /// `send` is only tried, never waited for), by one who waits for the
     /// reader (no lock held), and by every holder of `send` as it lets go.
@@ -631,19 +660,26 @@ impl Inner {
                 return;
             }
             let Some(mut s) = self.send.try_lock() else { return };
-            let due = {
+            let (due, replies) = {
                 let mut st = self.state.lock();
                 // Relaxed: `ack_due` is only written under `state`.
                 self.ack_due.store(false, Ordering::Relaxed);
                 if st.closed.is_some() {
-                    None
+                    st.auto_replies.clear();
+                    (None, Vec::new())
                 } else {
-                    st.fd_acks.take_due()
+                    (st.fd_acks.take_due(), std::mem::take(&mut st.auto_replies))
                 }
             };
             if let Some(fds) = due {
                 // A failure means the connection is gone, and acks with it.
                 let _ = self.send_locked(&mut s, &FdAck { fds }, &[]);
+            }
+            for r in replies {
+                let status = ReplyStatus::Error { code: r.code, message: r.message };
+                let reply = Reply { serial: r.serial, status, payload: PayloadRef::Inline };
+                // Likewise: the broker then answers the caller itself.
+                let _ = self.send_locked(&mut s, &reply, &[]);
             }
             drop(s);
             // Loop: an ack may have come due while we held `send`.
@@ -922,12 +958,16 @@ impl Inner {
             }
             if let Some(frame) = frame {
                 // A delivery is missed on its subscription (what arrived
-                // of its fds, if any, closes here). A channel's frame goes
-                // on with the fds that did arrive: a grant short of fds
-                // fails to open (`BadGrant`) and is given back; a reader's
-                // join without its cursor is not waited for.
+                // of its fds, if any, closes here); a request is answered
+                // on the service's behalf, an answer is a failed call. A
+                // channel's frame goes on with the fds that did arrive: a
+                // grant short of fds fails to open (`BadGrant`) and is
+                // given back; a reader's join without its cursor is not
+                // waited for.
                 match frame {
-                    BrokerFrame::Deliver(..) => apply(&mut st, frame, Some(Err(())), Vec::new()),
+                    BrokerFrame::Deliver(..) | BrokerFrame::Serve(..) | BrokerFrame::Answer(..) => {
+                        apply(&mut st, frame, Some(Err(())), Vec::new())
+                    }
                     _ => apply(&mut st, frame, None, std::mem::take(&mut fds)),
                 }
                 continue;
@@ -943,21 +983,9 @@ impl Inner {
                 }
             };
             let memfd = match &frame {
-                BrokerFrame::Deliver(d, inline) => match d.payload {
-                    PayloadRef::Memfd { len } if fds.len() == 1 && inline.is_empty() => {
-                        let fd = fds.pop().expect("one fd");
-                        // Trust nothing, not even the broker: an fd that is not
-                        // a sealed memfd of the declared size never reaches
-                        // the app. Its loss is reported as a gap.
-                        match memfd::check_sealed(fd.as_fd(), len) {
-                            Ok(()) => Some(Ok(Arc::new(MemfdPayload::new(fd, len)))),
-                            Err(_) => Some(Err(())),
-                        }
-                    }
-                    PayloadRef::Memfd { .. } => Some(Err(())),
-                    PayloadRef::Inline if fds.is_empty() => None,
-                    PayloadRef::Inline => Some(Err(())),
-                },
+                BrokerFrame::Deliver(d, inline) => checked_payload(d.payload, inline, &mut fds),
+                BrokerFrame::Serve(r, inline) => checked_payload(r.payload, inline, &mut fds),
+                BrokerFrame::Answer(a, inline) => checked_payload(a.payload, inline, &mut fds),
                 _ if fds.is_empty() => None,
                 BrokerFrame::ChannelGranted(_) if (2..=3).contains(&fds.len()) => None,
                 BrokerFrame::ChannelReader(r) if r.joined && fds.len() == 1 => None,
@@ -972,31 +1000,63 @@ impl Inner {
             };
             apply(&mut st, frame, memfd, fds);
         }
+        if !st.auto_replies.is_empty() && st.closed.is_none() {
+            // Relaxed: `send_fd_ack`'s fence orders it before the reader
+            // tries `send`.
+            self.ack_due.store(true, Ordering::Relaxed);
+        }
         // Fds of packets not dispatched (the connection closed) close here.
         held.clear();
     }
 }
 
+/// The memfd of a frame whose payload is `payload`, checked: `None` for an
+/// inline payload, `Err` if the fds are not one sealed memfd of the
+/// declared size (or fds came with an inline payload). Trust nothing, not
+/// even the broker: such an fd never reaches the app.
+fn checked_payload(
+    payload: PayloadRef,
+    inline: &[u8],
+    fds: &mut Vec<OwnedFd>,
+) -> Option<Result<(OwnedFd, u64), ()>> {
+    match payload {
+        PayloadRef::Memfd { len } if fds.len() == 1 && inline.is_empty() => {
+            let fd = fds.pop().expect("one fd");
+            match memfd::check_sealed(fd.as_fd(), len) {
+                Ok(()) => Some(Ok((fd, len))),
+                Err(_) => Some(Err(())),
+            }
+        }
+        PayloadRef::Memfd { .. } => Some(Err(())),
+        PayloadRef::Inline if fds.is_empty() => None,
+        PayloadRef::Inline => Some(Err(())),
+    }
+}
+
 /// How many fds the broker sends with `frame`, for a frame that carries
-/// some: one with a delivery by memfd, two with the grant of a channel to
-/// its publisher (ring, signal page) and three to a reader (and its
-/// cursor), one with a reader's join (its cursor). `None` for any other.
+/// some: one with a delivery, a request or an answer by memfd, two with
+/// the grant of a channel to its publisher (ring, signal page) and three
+/// to a reader (and its cursor), one with a reader's join (its cursor).
+/// `None` for any other.
 fn fds_sent_with(frame: &BrokerFrame<'_>) -> Option<usize> {
     match frame {
         BrokerFrame::Deliver(d, _) if matches!(d.payload, PayloadRef::Memfd { .. }) => Some(1),
+        BrokerFrame::Serve(r, _) if matches!(r.payload, PayloadRef::Memfd { .. }) => Some(1),
+        BrokerFrame::Answer(a, _) if matches!(a.payload, PayloadRef::Memfd { .. }) => Some(1),
         BrokerFrame::ChannelGranted(g) => Some(if g.reader_id == 0 { 2 } else { 3 }),
         BrokerFrame::ChannelReader(r) if r.joined => Some(1),
         _ => None,
     }
 }
 
-/// `memfd`: for a delivery by memfd, the checked payload, or `Err` if its
-/// fd failed the check (then the message is counted as missed).
-/// `fds`: what else came beside the frame (a channel's memfds).
+/// `memfd`: for a delivery, request or answer by memfd, the checked fd and
+/// length, or `Err` if its fd failed the check or was lost (then the
+/// message is counted as missed, the request turned away, the call
+/// failed). `fds`: what else came beside the frame (a channel's memfds).
 fn apply(
     st: &mut State,
     frame: BrokerFrame<'_>,
-    memfd: Option<Result<Arc<MemfdPayload>, ()>>,
+    memfd: Option<Result<(OwnedFd, u64), ()>>,
     mut fds: Vec<OwnedFd>,
 ) {
     st.arrivals += 1;
@@ -1005,7 +1065,7 @@ fn apply(
         BrokerFrame::Deliver(d, payload) => {
             let memfd = match memfd {
                 None => None,
-                Some(Ok(m)) => Some(m),
+                Some(Ok((fd, len))) => Some(Arc::new(MemfdPayload::new(fd, len))),
                 Some(Err(())) => return st.count_missed(d.sub_id),
             };
             // Decided before anything is copied; a memfd refused here
@@ -1056,10 +1116,16 @@ fn apply(
                     message: e.message.to_owned(),
                 });
             }
+            Op::Name { req_id } => {
+                st.on_name_answer(req_id, NameAnswer::Refused(e.code, e.message.to_owned()))
+            }
+            // A reply for which the broker had no slot (after the
+            // deadline, say): counted.
+            Op::Reply { .. } => st.refused_replies = st.refused_replies.saturating_add(1),
             // A handle given back that the broker no longer knew (the
             // channel closed first): our side is already gone, and no
             // one waits for an answer.
-            Op::ChannelClose { .. } | Op::Name { .. } | Op::Reply { .. } => {}
+            Op::ChannelClose { .. } => {}
         },
         BrokerFrame::Pong(p) => {
             // A pong nobody waits for (its ping timed out) is dropped.
@@ -1108,8 +1174,13 @@ fn apply(
                 reason: "the broker sent a second Welcome".into(),
             });
         }
-        // Services: not yet handled by this client.
-        BrokerFrame::NameReply(_) | BrokerFrame::NameOwner(_) | BrokerFrame::Serve(..) | BrokerFrame::Answer(..) => {}
+        BrokerFrame::NameReply(r) => st.on_name_answer(r.req_id, NameAnswer::Result(r.result)),
+        BrokerFrame::NameOwner(o) => {
+            let status = NameStatus { owner: o.owner, members: o.members };
+            st.on_name_answer(o.req_id, NameAnswer::Owner(status));
+        }
+        BrokerFrame::Serve(r, inline) => st.on_serve(&r, inline, memfd),
+        BrokerFrame::Answer(a, inline) => st.on_answer(&a, inline, memfd),
     }
 }
 
@@ -1524,8 +1595,7 @@ mod tests {
 
     fn deliver_memfd(st: &mut State, sub_id: u32, seq: u64, fd: OwnedFd) {
         let d = Deliver { sub_id, topic: "t.x", sender: SENDER, seq, payload: PayloadRef::Memfd { len: 3 } };
-        let payload = Arc::new(MemfdPayload::new(fd, 3));
-        apply(st, BrokerFrame::Deliver(d, &[]), Some(Ok(payload)), Vec::new());
+        apply(st, BrokerFrame::Deliver(d, &[]), Some(Ok((fd, 3))), Vec::new());
     }
 
     /// An event, shortly: a message by its seq, or a gap by its count.

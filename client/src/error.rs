@@ -29,6 +29,11 @@ pub enum ErrorKind {
     Protocol,
     /// An operating-system error.
     Io,
+    /// No service answers the name: nobody owns it, or its owner went
+    /// away with the request unanswered.
+    NoResponder,
+    /// The service answered with an application error.
+    Application,
 }
 
 /// Why the connection ended, as far as we know.
@@ -93,7 +98,9 @@ pub(crate) fn code_text(code: ErrorCode) -> &'static str {
         ErrorCode::BrokerResource => {
             "the broker ran short of file descriptors or memory; not your fault, retry later"
         }
-        ErrorCode::NoSuchRequest => "no request waits for that reply (answered, timed out, or its caller left)",
+        ErrorCode::NoSuchRequest => {
+            "no request waits for that reply (answered, timed out, or its caller left)"
+        }
         ErrorCode::ReservedName => "that name is reserved",
     }
 }
@@ -278,6 +285,11 @@ pub struct PublishRefused {
 pub enum FlushError {
     #[error("{} publish(es) refused; first: {}", .0.len(), .0[0])]
     Refused(Vec<PublishRefused>),
+    /// Fire-and-forget sends the broker could not deliver, in the order
+    /// sent. When publishes were refused too, one flush reports those and
+    /// the next one these.
+    #[error("{} send(s) refused; first: {}", .0.len(), .0[0])]
+    SendsRefused(Vec<SendRefused>),
     #[error(transparent)]
     Request(#[from] RequestError),
 }
@@ -286,6 +298,7 @@ impl FlushError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             FlushError::Refused(r) => code_kind(r[0].code),
+            FlushError::SendsRefused(r) => r[0].error.kind(),
             FlushError::Request(e) => e.kind(),
         }
     }
@@ -329,6 +342,251 @@ pub enum LoanError {
 impl LoanError {
     pub fn kind(&self) -> ErrorKind {
         ErrorKind::Io
+    }
+}
+
+/// Why a name operation ([`crate::Client::request_name`],
+/// [`crate::Client::release_name`]) failed. What became of the name (owned,
+/// queued, taken by another) is not an error: it is the `Ok`
+/// [`NameResult`](crate::NameResult).
+#[derive(Debug, thiserror::Error)]
+pub enum NameError {
+    #[error("invalid name: {0}")]
+    InvalidName(#[from] SubjectError),
+    #[error("the broker refused: {}", Refusal(*code, message))]
+    Refused { code: ErrorCode, message: String },
+    #[error("no answer within {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("{0}")]
+    Disconnected(Disconnect),
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl NameError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            NameError::InvalidName(_) => ErrorKind::InvalidInput,
+            NameError::Refused { code, .. } => code_kind(*code),
+            NameError::Timeout(_) => ErrorKind::Timeout,
+            NameError::Disconnected(d) => d.kind(),
+            NameError::Io(_) => ErrorKind::Io,
+        }
+    }
+}
+
+impl From<RecvError> for NameError {
+    fn from(e: RecvError) -> Self {
+        match e {
+            RecvError::Disconnected(d) => NameError::Disconnected(d),
+            RecvError::Io(e) => NameError::Io(e),
+        }
+    }
+}
+
+/// Why [`crate::Client::serve`] gave no [`crate::Service`].
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("invalid name: {0}")]
+    InvalidName(#[from] SubjectError),
+    #[error("the broker refused: {}", Refusal(*code, message))]
+    Refused { code: ErrorCode, message: String },
+    /// Another client owns the name, and the flags said not to wait for it
+    /// (or it could not be replaced). A shared name asked for as
+    /// exclusive, or the other way round, is this too.
+    #[error("the name {name} is taken")]
+    Exists { name: String },
+    /// This client already serves the name (one `Service` per name per
+    /// connection).
+    #[error("this client already serves {name}")]
+    AlreadyServed { name: String },
+    #[error("no answer within {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("{0}")]
+    Disconnected(Disconnect),
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl ServeError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ServeError::InvalidName(_) | ServeError::AlreadyServed { .. } => ErrorKind::InvalidInput,
+            ServeError::Refused { code, .. } => code_kind(*code),
+            ServeError::Exists { .. } => ErrorKind::Denied,
+            ServeError::Timeout(_) => ErrorKind::Timeout,
+            ServeError::Disconnected(d) => d.kind(),
+            ServeError::Io(_) => ErrorKind::Io,
+        }
+    }
+}
+
+impl From<NameError> for ServeError {
+    fn from(e: NameError) -> Self {
+        match e {
+            NameError::InvalidName(e) => ServeError::InvalidName(e),
+            NameError::Refused { code, message } => ServeError::Refused { code, message },
+            NameError::Timeout(t) => ServeError::Timeout(t),
+            NameError::Disconnected(d) => ServeError::Disconnected(d),
+            NameError::Io(e) => ServeError::Io(e),
+        }
+    }
+}
+
+/// " for NAME", " of NAME", ...: nothing when the name is not known
+/// (a refused send's answer does not repeat it).
+macro_rules! name_phrase {
+    ($($t:ident => $word:literal),*) => {$(
+        struct $t<'a>(&'a str);
+        impl fmt::Display for $t<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                if self.0.is_empty() { Ok(()) } else { write!(f, concat!(" ", $word, " {}"), self.0) }
+            }
+        }
+    )*};
+}
+name_phrase!(For => "for", Of => "of", From_ => "from", To => "to");
+
+/// How a call ([`crate::Client::request`]) ended when it did not end with
+/// a reply: one variant per outcome the broker reports, then what can go
+/// wrong on this side.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("invalid name: {0}")]
+    InvalidName(#[from] SubjectError),
+    /// Nobody owns the name.
+    #[error("no responder{}", For(name))]
+    NoResponder { name: String },
+    /// The service went away (disconnected, crashed) with the request
+    /// unanswered.
+    #[error("the service{} went away without answering", Of(name))]
+    ResponderGone { name: String },
+    /// No answer within the call's timeout. The broker enforces it and
+    /// answers this; the client gives up on its own only if the broker has
+    /// not answered a grace period later (the connection's timeout).
+    #[error("no answer{} within {timeout:?}", From_(name))]
+    Timeout { name: String, timeout: std::time::Duration },
+    /// The broker's policy does not let this client call the name.
+    #[error("call{} denied: {message}", To(name))]
+    Denied { name: String, message: String },
+    /// A limit refused the call: this uid's pending requests, the
+    /// service's queue in the broker, or the service's own queue (a
+    /// service replies [`reply_code::OVERLOADED`](crate::reply_code::OVERLOADED)).
+    #[error("call{} refused, a limit was reached: {message}", To(name))]
+    LimitExceeded { name: String, message: String },
+    /// The service answered with an application error.
+    #[error("the service{} answered error {code}: {message}", Of(name))]
+    App { name: String, code: u32, message: String },
+    /// The broker refused the request or the service's reply as malformed
+    /// (a bad name, a bad fd).
+    #[error("call{} refused as invalid: {message}", To(name))]
+    Invalid { name: String, message: String },
+    /// The payload could not be put in a memfd.
+    #[error("cannot put the payload in a memfd: {0}")]
+    Memfd(io::Error),
+    /// The answer was already taken from this [`crate::PendingCall`].
+    #[error("the answer to this call was already taken")]
+    AlreadyTaken,
+    #[error("{0}")]
+    Disconnected(Disconnect),
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl CallError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            CallError::InvalidName(_) | CallError::Invalid { .. } | CallError::AlreadyTaken => {
+                ErrorKind::InvalidInput
+            }
+            CallError::NoResponder { .. } | CallError::ResponderGone { .. } => ErrorKind::NoResponder,
+            CallError::Timeout { .. } => ErrorKind::Timeout,
+            CallError::Denied { .. } => ErrorKind::Denied,
+            CallError::LimitExceeded { .. } => ErrorKind::LimitExceeded,
+            CallError::App { .. } => ErrorKind::Application,
+            CallError::Memfd(_) | CallError::Io(_) => ErrorKind::Io,
+            CallError::Disconnected(d) => d.kind(),
+        }
+    }
+}
+
+impl CallError {
+    /// Fills in the name of the call where the broker's answer left it
+    /// out.
+    pub(crate) fn named(mut self, call: &str) -> CallError {
+        match &mut self {
+            CallError::NoResponder { name }
+            | CallError::ResponderGone { name }
+            | CallError::Timeout { name, .. }
+            | CallError::Denied { name, .. }
+            | CallError::LimitExceeded { name, .. }
+            | CallError::App { name, .. }
+            | CallError::Invalid { name, .. }
+                if name.is_empty() =>
+            {
+                call.clone_into(name)
+            }
+            _ => {}
+        }
+        self
+    }
+}
+
+impl From<RecvError> for CallError {
+    fn from(e: RecvError) -> Self {
+        match e {
+            RecvError::Disconnected(d) => CallError::Disconnected(d),
+            RecvError::Io(e) => CallError::Io(e),
+        }
+    }
+}
+
+/// A fire-and-forget [`crate::Client::send`] the broker could not deliver
+/// (sending does not wait for the broker; [`crate::Client::flush`]
+/// collects these).
+#[derive(Debug, thiserror::Error)]
+#[error("send #{seq} refused: {error}")]
+pub struct SendRefused {
+    /// The number `send` returned (1 for the first send on this
+    /// connection).
+    pub seq: u64,
+    /// Why: [`CallError::NoResponder`], [`CallError::LimitExceeded`],
+    /// [`CallError::Denied`] or [`CallError::Invalid`]. The broker does
+    /// not repeat the name in its answer, so `name` in it is empty.
+    pub error: CallError,
+}
+
+/// Why a [`crate::Request`] could not be answered. The request is then
+/// answered with an error instead (see [`crate::Request`]), so its caller
+/// still gets exactly one answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplyError {
+    #[error("the payload fd is refused: {0}")]
+    Fd(#[from] MemfdError),
+    #[error("cannot put the payload in a memfd: {0}")]
+    Memfd(io::Error),
+    #[error("{0}")]
+    Disconnected(Disconnect),
+    #[error("send failed: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl ReplyError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ReplyError::Fd(_) => ErrorKind::InvalidInput,
+            ReplyError::Memfd(_) | ReplyError::Io(_) => ErrorKind::Io,
+            ReplyError::Disconnected(d) => d.kind(),
+        }
+    }
+}
+
+impl From<RecvError> for ReplyError {
+    fn from(e: RecvError) -> Self {
+        match e {
+            RecvError::Disconnected(d) => ReplyError::Disconnected(d),
+            RecvError::Io(e) => ReplyError::Io(e),
+        }
     }
 }
 

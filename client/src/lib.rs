@@ -13,6 +13,21 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
+//! Services: a client owns a name and answers calls to it; every call
+//! gets exactly one answer (the reply, or a [`CallError`] saying why not).
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! # let client = shmbus::Client::connect()?;
+//! let service = client.serve("thermo.kitchen")?;      // in the service
+//! # let caller = shmbus::Client::connect()?;
+//! let call = caller.request_async("thermo.kitchen", b"temp?", Duration::from_secs(1))?;
+//! let request = service.recv()?;
+//! request.reply(b"21.5")?;
+//! assert_eq!(call.wait()?.payload(), b"21.5");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! Layering: this crate speaks the wire protocol of `shmbus-proto` over
 //! its socket layer and holds no `unsafe` of its own. A [`Client`] is one
 //! connection; [`Subscription`]s share it (see `connection` for how one
@@ -26,6 +41,7 @@ mod connection;
 mod error;
 mod loan;
 mod message;
+mod service;
 mod subscription;
 
 pub use channel::{
@@ -33,17 +49,21 @@ pub use channel::{
 };
 pub use client::{Client, ConnectOptions, DEFAULT_LOCAL_QUEUE, DEFAULT_MEMFD_THRESHOLD, DEFAULT_TIMEOUT};
 pub use error::{
-    ConnectError, Disconnect, ErrorKind, FlushError, LoanError, PublishError, PublishRefused, RecvError,
-    RequestError, SubscribeError,
+    CallError, ConnectError, Disconnect, ErrorKind, FlushError, LoanError, NameError, PublishError,
+    PublishRefused, RecvError, ReplyError, RequestError, SendRefused, ServeError, SubscribeError,
 };
 pub use loan::Loan;
 pub use message::{Event, Message, Sender};
+pub use service::{
+    reply_code, Incoming, NameFlagsExt, NameStatus, PendingCall, Reply, Request, Service, MAX_ERROR_MESSAGE,
+};
 pub use shmbus_proto::sys::memfd::MemfdError;
 pub use subscription::{Iter, Subscription};
 
 /// Wire-level types a client may need to name.
 pub use shmbus_proto::frame::{
-    ChannelInfo, ChannelOverflow, ClientInfo, ErrorCode, GoodbyeCode, Limits, Overflow, Stats, TopicInfo,
+    ChannelInfo, ChannelOverflow, ClientInfo, ErrorCode, GoodbyeCode, Limits, NameFlags, NameInfo,
+    NameOwnerChanged, NameResult, Overflow, Stats, TopicInfo,
 };
 pub use shmbus_proto::sys::socket::PeerCred;
 pub use shmbus_proto::Address;
