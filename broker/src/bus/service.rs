@@ -306,7 +306,7 @@ impl Bus {
             serial,
             name: r.name,
             sender,
-            timeout_ms: timeout.as_millis() as u32,
+            timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
             no_reply: r.no_reply,
             payload: payload.payload_ref,
         };
