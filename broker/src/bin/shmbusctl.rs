@@ -6,19 +6,30 @@
 //! `--json` output is left to JSON's own escaping. Lists of clients,
 //! topics and channels are fetched a page at a time and printed as each
 //! page arrives, so a huge bus never has to fit in memory at once.
+//!
+//! Services: `call` makes one call and prints its answer, `serve` owns a
+//! name and answers every request (echoing, or running a shell command per
+//! request), `names` lists the names. See `call --help` and `serve --help`
+//! for their exit codes and what a command run by `serve --exec` gets.
 
 #![forbid(unsafe_code)]
 
 use std::io::{Read, Write};
-use std::process::ExitCode;
-use std::time::Duration;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 use serde_json::json;
 use shmbus::{
-    Address, ChannelEvent, ChannelInfo, Client, ClientInfo, Event, Message, RequestError, Stats,
-    Subscription, TopicInfo,
+    reply_code, Address, CallError, ChannelEvent, ChannelInfo, Client, ClientInfo, Event, Message, NameFlags,
+    NameFlagsExt, NameInfo, Reply, ReplyError, Request, RequestError, Service, Stats, Subscription,
+    TopicInfo,
 };
 use shmbus_proto::text::escape;
 
@@ -78,6 +89,86 @@ enum Cmd {
         #[arg(long)]
         channel: bool,
     },
+    /// Call the service NAME with DATA and print its reply.
+    ///
+    /// The payload is DATA, or the bytes of --file (`--file -`: standard
+    /// input), or empty. The reply is printed as text (escaped; a final
+    /// newline is not shown), as exact bytes (--raw), or as one JSON object
+    /// (--json: `name`, `responder`, `size`, and `payload` if it is UTF-8,
+    /// else `payload_hex`; a call that failed prints `name`, `error`, `code`
+    /// and `message` instead).
+    ///
+    /// Exit status: 0 the reply came; 3 the service answered an
+    /// application error; 4 no responder, or the service went away without
+    /// answering; 5 timed out; 1 anything else (refused, invalid, no bus).
+    Call {
+        /// The name called (a subject without wildcards).
+        name: String,
+        /// The request's payload, as given.
+        data: Option<String>,
+        /// Send this file's bytes (`-`: standard input).
+        #[arg(long, short = 'f', conflicts_with = "data")]
+        file: Option<PathBuf>,
+        /// Seconds to wait for the answer (the broker enforces it, capped at
+        /// its --max-request-timeout-ms, 60 s by default).
+        #[arg(long, short = 't', value_name = "SECS", default_value = "5", value_parser = parse_secs)]
+        timeout: Duration,
+        /// Write the reply's bytes only, exactly as received.
+        #[arg(long, conflicts_with = "json")]
+        raw: bool,
+    },
+    /// Own the name NAME and answer every request to it.
+    ///
+    /// --exec runs `sh -c CMD` once per request, in its own process group,
+    /// with the payload on standard input and these in its environment:
+    /// SHMBUS_NAME, SHMBUS_SERIAL, SHMBUS_TIMEOUT_MS, SHMBUS_EXPECTS_REPLY
+    /// (1 or 0 for a fire-and-forget send) and the caller as the broker saw
+    /// it: SHMBUS_SENDER_ID, SHMBUS_SENDER_UID, SHMBUS_SENDER_GID,
+    /// SHMBUS_SENDER_PID. Exit status 0: its standard output is the reply.
+    /// Otherwise the reply is an application error whose code is the exit
+    /// status and whose message is the first line of its standard error
+    /// (killed by signal N: code 128+N). A command still running at the
+    /// request's deadline is killed, group and all (its caller gets the
+    /// broker's timeout; the log says code 124); one that writes more
+    /// than --max-output is killed too (code 125); if `sh` cannot be
+    /// started, 127.
+    #[command(group(clap::ArgGroup::new("answer").required(true).args(["echo", "exec"])))]
+    Serve {
+        /// The name to own (a subject without wildcards).
+        name: String,
+        /// Reply with the request's own payload.
+        #[arg(long)]
+        echo: bool,
+        /// Run CMD with `sh -c` for each request; its output is the reply.
+        #[arg(long, value_name = "CMD")]
+        exec: Option<String>,
+        /// Share the name with other servers that ask for it shared; the
+        /// broker spreads requests among them. Without it the name is
+        /// owned exclusively, and serving fails if someone else owns it.
+        #[arg(long)]
+        shared: bool,
+        /// Exit after this many requests.
+        #[arg(long, short = 'c')]
+        count: Option<u64>,
+        /// Answer up to N requests at once (each in turn otherwise).
+        #[arg(long, short = 'j', value_name = "N", default_value_t = 1,
+              value_parser = clap::value_parser!(u32).range(1..=1024))]
+        jobs: u32,
+        /// Largest reply a command may write, in bytes.
+        #[arg(long, value_name = "BYTES", default_value_t = 64 << 20)]
+        max_output: u64,
+    },
+    /// Names, their owners (client ids, see `clients`), queue and flags.
+    Names,
+}
+
+/// Seconds, fractions allowed: more than 0, and finite.
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s.parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    match Duration::try_from_secs_f64(secs) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        _ => Err(format!("the timeout must be more than 0 seconds, and finite, not {s}")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -162,6 +253,34 @@ fn run(args: Args) -> Fallible<ExitCode> {
         Cmd::Sub { patterns, count, raw, channel: false } => {
             return subscribe(&client, patterns, *count, *raw, args.json)
         }
+        Cmd::Call { name, data, file, timeout, raw } => {
+            let payload = match (data, file) {
+                (Some(d), _) => d.clone().into_bytes(),
+                (None, Some(f)) if f.as_os_str() == "-" => {
+                    let mut v = Vec::new();
+                    std::io::stdin().read_to_end(&mut v)?;
+                    v
+                }
+                (None, Some(f)) => {
+                    std::fs::read(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?
+                }
+                (None, None) => Vec::new(),
+            };
+            return call(&client, name, &payload, *timeout, *raw, args.json);
+        }
+        Cmd::Serve { name, echo: _, exec, shared, count, jobs, max_output } => {
+            let flags = if *shared {
+                NameFlags::shared().do_not_queue()
+            } else {
+                NameFlags::exclusive().do_not_queue()
+            };
+            let how = match exec {
+                Some(cmd) => How::Exec { cmd, max_output: *max_output },
+                None => How::Echo,
+            };
+            return serve(&client, name, flags, how, *count, *jobs);
+        }
+        Cmd::Names => print_names(&mut std::io::stdout().lock(), &client, args.json)?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -440,6 +559,454 @@ fn print_topics(out: &mut impl Write, client: &Client, json: bool) -> Fallible<(
             }
             for t in ts {
                 writeln!(out, "{:>11}  {}", t.subscribers, escape(&t.pattern))?;
+            }
+            out.flush()
+        },
+    )
+}
+
+// ------------------------------------------------------------ services --
+
+/// Exit statuses of `call`, by outcome.
+const EXIT_APP_ERROR: u8 = 3;
+const EXIT_NO_RESPONDER: u8 = 4;
+const EXIT_TIMEOUT: u8 = 5;
+
+fn call(
+    client: &Client,
+    name: &str,
+    payload: &[u8],
+    timeout: Duration,
+    raw: bool,
+    json: bool,
+) -> Fallible<ExitCode> {
+    let started = Instant::now();
+    let answer = client.request(name, payload, timeout);
+    let mut out = std::io::stdout().lock();
+    match answer {
+        Ok(reply) => {
+            write_reply(&mut out, name, &reply, raw, json)?;
+            out.flush()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            let (status, what) = call_failure(name, &e, timeout, started.elapsed());
+            if json {
+                let (error, code) = match &e {
+                    CallError::App { code, .. } => ("app_error", Some(*code)),
+                    CallError::NoResponder { .. } => ("no_responder", None),
+                    CallError::ResponderGone { .. } => ("responder_gone", None),
+                    CallError::Timeout { .. } => ("timeout", None),
+                    CallError::Denied { .. } => ("denied", None),
+                    CallError::LimitExceeded { .. } => ("limit_exceeded", None),
+                    CallError::InvalidName(_) | CallError::Invalid { .. } => ("invalid", None),
+                    CallError::Disconnected(_) => ("disconnected", None),
+                    _ => ("io", None),
+                };
+                // The service's or the broker's own words where there are
+                // some, else the sentence printed on standard error.
+                let message = match &e {
+                    CallError::App { message, .. }
+                    | CallError::Denied { message, .. }
+                    | CallError::LimitExceeded { message, .. }
+                    | CallError::Invalid { message, .. } => message.clone(),
+                    _ => what.clone(),
+                };
+                writeln!(out, "{}", json!({"name": name, "error": error, "code": code, "message": message}))?;
+                out.flush()?;
+            }
+            // The service's message is its own text: escaped.
+            eprintln!("shmbusctl: {}", escape(&what));
+            Ok(ExitCode::from(status))
+        }
+    }
+}
+
+/// The exit status and the sentence for a call that got no reply.
+fn call_failure(name: &str, e: &CallError, timeout: Duration, waited: Duration) -> (u8, String) {
+    match e {
+        CallError::NoResponder { .. } => (EXIT_NO_RESPONDER, format!("no responder for {name}")),
+        CallError::ResponderGone { .. } => (EXIT_NO_RESPONDER, format!("{name} went away without answering")),
+        // The broker caps timeouts at its maximum: say so when that cut
+        // the wait short.
+        CallError::Timeout { .. } if waited + Duration::from_millis(500) < timeout => (
+            EXIT_TIMEOUT,
+            format!(
+                "timed out after {} s waiting for {name} (the broker's --max-request-timeout-ms is \
+                 below the {} s asked for)",
+                secs(waited),
+                secs(timeout)
+            ),
+        ),
+        CallError::Timeout { .. } => {
+            (EXIT_TIMEOUT, format!("timed out after {} s waiting for {name}", secs(timeout)))
+        }
+        CallError::App { code, message, .. } => {
+            let library = match *code {
+                reply_code::UNANSWERED => " (the service dropped the request unanswered)",
+                reply_code::NOT_SERVED => " (the name's owner does not serve it)",
+                c if c >= reply_code::RESERVED => " (a code reserved for the client library)",
+                _ => "",
+            };
+            (EXIT_APP_ERROR, format!("{name} answered error {code}{library}: {message}"))
+        }
+        other => (1, other.to_string()),
+    }
+}
+
+/// Seconds for people: `5`, `0.25`, `1.5`.
+fn secs(d: Duration) -> String {
+    let s = format!("{:.3}", d.as_secs_f64());
+    s.trim_end_matches('0').trim_end_matches('.').to_owned()
+}
+
+fn write_reply(out: &mut impl Write, name: &str, r: &Reply, raw: bool, json: bool) -> Fallible<()> {
+    let payload = r.try_payload()?;
+    if raw {
+        out.write_all(payload)?;
+        return Ok(());
+    }
+    if json {
+        let s = r.responder();
+        let text = std::str::from_utf8(payload).ok();
+        let hex: Option<String> =
+            text.is_none().then(|| payload.iter().map(|b| format!("{b:02x}")).collect());
+        writeln!(
+            out,
+            "{}",
+            json!({
+                "name": name, "size": payload.len(),
+                "responder": {"client_id": s.client_id, "uid": s.uid, "gid": s.gid, "pid": s.pid},
+                "payload": text, "payload_hex": hex,
+            })
+        )?;
+        return Ok(());
+    }
+    // One line: the final newline a command's output usually ends with is
+    // the line's own.
+    let shown = payload.strip_suffix(b"\n").unwrap_or(payload);
+    writeln!(out, "{}", printable(shown))?;
+    Ok(())
+}
+
+/// How `serve` answers.
+enum How<'a> {
+    Echo,
+    Exec { cmd: &'a str, max_output: u64 },
+}
+
+fn serve(
+    client: &Client,
+    name: &str,
+    flags: NameFlags,
+    how: How<'_>,
+    count: Option<u64>,
+    jobs: u32,
+) -> Fallible<ExitCode> {
+    if let How::Exec { .. } = how {
+        kill_commands_on_signals()?;
+    }
+    let service = client.serve_with(name, flags)?;
+    eprintln!("shmbusctl: serving {} ({})", escape(name), if flags.shared { "shared" } else { "exclusive" });
+    // Requests still to take: each worker claims one before it waits.
+    let left = AtomicU64::new(count.unwrap_or(u64::MAX));
+    let claim = || left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+    let worker = || -> Result<(), String> {
+        while claim() {
+            let request = service.recv().map_err(|e| e.to_string())?;
+            match answer(&service, request, &how) {
+                Ok(()) => {}
+                // The connection is gone: so is the service.
+                Err(e @ ReplyError::Disconnected(_)) => return Err(e.to_string()),
+                // That one reply could not be sent (no memory for its
+                // memfd, say): its caller is answered an error for it by
+                // the library, and the service goes on.
+                Err(e) => eprintln!("shmbusctl: {}: cannot reply: {}", escape(name), escape(&e.to_string())),
+            }
+        }
+        Ok(())
+    };
+    let results: Vec<Result<(), String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..jobs).map(|_| s.spawn(worker)).collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("a worker panicked".into()))).collect()
+    });
+    if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
+        return Err(e.into());
+    }
+    // Let go of the name and make sure the last reply left.
+    service.release()?;
+    client.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Answers one request as `how` says.
+fn answer(service: &Service, request: Request, how: &How<'_>) -> Result<(), ReplyError> {
+    let payload = match request.try_payload() {
+        Ok(p) => p,
+        Err(e) => {
+            let msg = format!("the request's memfd could not be mapped: {e}");
+            eprintln!("shmbusctl: {}: {}", escape(service.name()), escape(&msg));
+            request.reply_error(1, &msg)?;
+            return Ok(());
+        }
+    };
+    match how {
+        How::Echo => {
+            // `reply` copies: the payload borrows the request.
+            let echo = payload.to_vec();
+            request.reply(&echo)?;
+        }
+        How::Exec { cmd, max_output } => match run_command(cmd, &request, payload, *max_output) {
+            Ok(stdout) => request.reply(&stdout)?,
+            Err(Failed { code, message }) => {
+                let s = request.sender();
+                eprintln!(
+                    "shmbusctl: {}: request {} from pid {} uid {}: error {code}: {}",
+                    escape(service.name()),
+                    request.serial(),
+                    s.pid,
+                    s.uid,
+                    escape(&message)
+                );
+                if code == CODE_TIMEOUT {
+                    // The broker answers the caller `Timeout` at its own
+                    // deadline, a moment before ours, and refuses a reply
+                    // after it. Answering at once could race its timer and
+                    // reach the caller first; answer once it has surely
+                    // passed, without holding up the next request.
+                    let at = request.deadline() + LATE_ANSWER;
+                    std::thread::spawn(move || {
+                        std::thread::sleep(at.saturating_duration_since(Instant::now()));
+                        let _ = request.reply_error(code, &message);
+                    });
+                    return Ok(());
+                }
+                request.reply_error(code, &message)?;
+            }
+        },
+    }
+    Ok(())
+}
+
+/// Process groups of the commands running now, for the signal handler.
+static RUNNING: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+
+/// On SIGINT, SIGTERM or SIGHUP: kill every command still running (each
+/// is in its own process group, out of reach of the terminal's ^C), then
+/// exit as if killed by the signal.
+fn kill_commands_on_signals() -> std::io::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    for sig in [SIGINT, SIGTERM, SIGHUP] {
+        let (mut rx, tx) = std::os::unix::net::UnixStream::pair()?;
+        signal_hook::low_level::pipe::register(sig, tx)?;
+        std::thread::spawn(move || {
+            let _ = rx.read(&mut [0u8]);
+            // Held to the end: no command starts after this.
+            let running = RUNNING.lock().unwrap_or_else(|p| p.into_inner());
+            for &pgid in running.iter() {
+                kill_group(pgid);
+            }
+            std::process::exit(128 + sig);
+        });
+    }
+    Ok(())
+}
+
+fn kill_group(pgid: i32) {
+    if let Some(pid) = rustix::process::Pid::from_raw(pgid) {
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+    }
+}
+
+/// Why a command gave no reply: the application error to answer with.
+struct Failed {
+    code: u32,
+    message: String,
+}
+
+/// Application error codes of `serve --exec` beyond the command's own exit
+/// status (GNU timeout's 124 for a timeout, the shell's 127 for "cannot
+/// run").
+const CODE_TIMEOUT: u32 = 124;
+const CODE_TOO_MUCH_OUTPUT: u32 = 125;
+const CODE_CANNOT_RUN: u32 = 127;
+
+/// How long after a request's deadline `serve --exec` answers a command it
+/// killed there (see [`answer`]).
+const LATE_ANSWER: Duration = Duration::from_millis(500);
+
+/// What the threads around one command report.
+enum Piece {
+    /// All of it, or why not.
+    Stdout(Result<Vec<u8>, String>),
+    Stderr(Vec<u8>),
+    Exit(std::process::ExitStatus),
+}
+
+/// Runs `sh -c cmd` for `request` with `payload` on its standard input,
+/// until the request's deadline: its standard output, or why not.
+fn run_command(cmd: &str, request: &Request, payload: &[u8], max_output: u64) -> Result<Vec<u8>, Failed> {
+    if Instant::now() >= request.deadline() {
+        return Err(Failed {
+            code: CODE_TIMEOUT,
+            message: "the request's deadline passed before its command could start".into(),
+        });
+    }
+    let s = request.sender();
+    let mut command = Command::new("/bin/sh");
+    command
+        .arg("-c")
+        .arg(cmd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .env("SHMBUS_NAME", request.name())
+        .env("SHMBUS_SERIAL", request.serial().to_string())
+        .env("SHMBUS_TIMEOUT_MS", request.timeout().as_millis().to_string())
+        .env("SHMBUS_EXPECTS_REPLY", if request.expects_reply() { "1" } else { "0" })
+        .env("SHMBUS_SENDER_ID", s.client_id.to_string())
+        .env("SHMBUS_SENDER_UID", s.uid.to_string())
+        .env("SHMBUS_SENDER_GID", s.gid.to_string())
+        .env("SHMBUS_SENDER_PID", s.pid.to_string());
+    let mut child = {
+        let mut running = RUNNING.lock().unwrap_or_else(|p| p.into_inner());
+        let child = command
+            .spawn()
+            .map_err(|e| Failed { code: CODE_CANNOT_RUN, message: format!("cannot run /bin/sh: {e}") })?;
+        running.push(child.id() as i32);
+        child
+    };
+    let pgid = child.id() as i32;
+    let _unlist = Unlist(pgid);
+
+    // Every pipe has its own thread, and nothing here waits on one past
+    // the deadline: a command that leaves a process holding a pipe (one
+    // that escaped its group) costs a thread, not a hang.
+    let (tx, rx) = mpsc::channel();
+    let (mut stdin, mut stdout, mut stderr) =
+        (child.stdin.take().unwrap(), child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let input = payload.to_vec();
+    std::thread::spawn(move || {
+        // A command that does not read its input is fine.
+        let _ = stdin.write_all(&input);
+    });
+    let t = tx.clone();
+    std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let got = match (&mut stdout).take(max_output.saturating_add(1)).read_to_end(&mut v) {
+            Ok(_) if v.len() as u64 > max_output => {
+                Err(format!("the command wrote more than {max_output} bytes"))
+            }
+            Ok(_) => Ok(v),
+            Err(e) => Err(format!("cannot read the command's output: {e}")),
+        };
+        let _ = t.send(Piece::Stdout(got));
+    });
+    let t = tx.clone();
+    std::thread::spawn(move || {
+        // Drain it all (a full pipe would stall the command), keep the start.
+        let (mut kept, mut buf) = (Vec::new(), [0u8; 4096]);
+        while let Ok(n @ 1..) = stderr.read(&mut buf) {
+            let room = shmbus::MAX_ERROR_MESSAGE.saturating_sub(kept.len());
+            kept.extend_from_slice(&buf[..n.min(room)]);
+        }
+        let _ = t.send(Piece::Stderr(kept));
+    });
+    std::thread::spawn(move || {
+        if let Ok(status) = child.wait() {
+            let _ = tx.send(Piece::Exit(status));
+        }
+    });
+
+    let (mut out, mut err, mut status) = (None, None, None);
+    let mut deadline = request.deadline();
+    let mut killed: Option<Failed> = None;
+    while out.is_none() || err.is_none() || status.is_none() {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(Piece::Stdout(Ok(v))) => out = Some(v),
+            Ok(Piece::Stdout(Err(message))) => {
+                out = Some(Vec::new());
+                if killed.is_none() {
+                    kill_group(pgid);
+                    killed = Some(Failed { code: CODE_TOO_MUCH_OUTPUT, message });
+                }
+            }
+            Ok(Piece::Stderr(v)) => err = Some(v),
+            Ok(Piece::Exit(s)) => status = Some(s),
+            Err(mpsc::RecvTimeoutError::Timeout) if killed.is_none() => {
+                kill_group(pgid);
+                killed = Some(Failed {
+                    code: CODE_TIMEOUT,
+                    message: format!(
+                        "the command ran past the request's timeout ({} s)",
+                        secs(request.timeout())
+                    ),
+                });
+                // What is left of the group dies now; wait a moment for
+                // its pipes to close.
+                deadline = Instant::now() + Duration::from_secs(1);
+            }
+            Err(_) => break,
+        }
+    }
+    if let Some(k) = killed {
+        return Err(k);
+    }
+    let (Some(out), Some(err), Some(status)) = (out, err, status) else {
+        unreachable!("the loop ends early only once the command was killed")
+    };
+    if status.success() {
+        return Ok(out);
+    }
+    let code = match (status.code(), status.signal()) {
+        (Some(c), _) => c as u32,
+        (None, Some(sig)) => 128 + sig as u32,
+        (None, None) => 1,
+    };
+    let first = String::from_utf8_lossy(&err).lines().next().unwrap_or("").trim().to_owned();
+    let message = match (first.is_empty(), status.signal()) {
+        (false, _) => first,
+        (true, Some(sig)) => format!("the command was killed by signal {sig}"),
+        (true, None) => format!("the command exited with status {code}"),
+    };
+    Err(Failed { code, message })
+}
+
+/// Takes a process group off [`RUNNING`] when its command is done with.
+struct Unlist(i32);
+
+impl Drop for Unlist {
+    fn drop(&mut self) {
+        let mut running = RUNNING.lock().unwrap_or_else(|p| p.into_inner());
+        running.retain(|&g| g != self.0);
+    }
+}
+
+fn print_names(out: &mut impl Write, client: &Client, json: bool) -> Fallible<()> {
+    if !json {
+        writeln!(out, "{:<32} {:<9} {:<16} {:<16}  FLAGS", "NAME", "KIND", "OWNERS", "QUEUED")?;
+    }
+    let ids = |v: &[u64]| match v {
+        [] => "-".to_owned(),
+        v => v.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
+    };
+    for_each_page(
+        |after| client.names_page(after),
+        |ns: Vec<NameInfo>| {
+            if json {
+                return write_json(out, &ns);
+            }
+            for n in ns {
+                writeln!(
+                    out,
+                    "{:<32} {:<9} {:<16} {:<16}  {}",
+                    escape(&n.name),
+                    if n.shared { "shared" } else { "exclusive" },
+                    ids(&n.owners),
+                    ids(&n.queued),
+                    if n.allow_replacement { "allow_replacement" } else { "-" }
+                )?;
             }
             out.flush()
         },
