@@ -736,7 +736,7 @@ impl Broker {
                         MemfdError::NotMemfd => ErrorCode::NotMemfd,
                         MemfdError::NotSealed => ErrorCode::NotSealed,
                         MemfdError::SizeMismatch { .. } => ErrorCode::SizeMismatch,
-                        MemfdError::Io(_) => ErrorCode::FdRefused,
+                        MemfdError::Io(_) | MemfdError::Unmappable(_) => ErrorCode::FdRefused,
                     };
                     return self.op_error(slot, op, code, &format!("fd refused: {e}"));
                 }
