@@ -16,7 +16,7 @@ use std::rc::Rc;
 
 use shmbus_proto::frame::{ChannelInfo, ChannelOverflow};
 use shmbus_proto::ring::layout::Signal;
-use shmbus_proto::ring::protocol::RingView;
+use shmbus_proto::ring::protocol::{self, RingView};
 use shmbus_proto::ring::shm::RingMap;
 use shmbus_proto::ring::Geometry;
 use shmbus_proto::sync::Ordering;
@@ -62,11 +62,10 @@ impl Channel {
         self.map.header().head.load(Ordering::Acquire)
     }
 
-    /// Records a reader joining or leaving in the signal page, for the
-    /// publisher; returns the new generation to send it with the news.
+    /// Records a reader leaving in the ring header, for the publisher;
+    /// returns the new generation to send it with the news.
     pub fn bump_members(&self) -> u32 {
-        // Release: pairs with the publisher's Acquire load of `members`.
-        self.signal().members.fetch_add(1, Ordering::Release).wrapping_add(1)
+        protocol::announce(&self.map)
     }
 
     pub fn info(&self) -> ChannelInfo {

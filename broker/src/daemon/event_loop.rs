@@ -44,7 +44,7 @@ use shmbus_proto::frame::{
     ChannelGranted, ChannelInfo, ChannelOverflow, ChannelReader as ChannelReaderFrame, ChannelRole,
 };
 use shmbus_proto::limits::{MAX_CLIENT_NAME, MAX_INLINE_PAYLOAD, MAX_PACKET};
-use shmbus_proto::ring::shm::{create_cursor, create_ring};
+use shmbus_proto::ring::shm::{create_ring, join_reader};
 use shmbus_proto::ring::Geometry;
 use shmbus_proto::subject::{validate_pattern, validate_subject};
 use shmbus_proto::sys::memfd::{self, MemfdError};
@@ -573,11 +573,12 @@ impl Broker {
                 else {
                     return;
                 };
-                // A late joiner starts at the current head.
-                let fds = create_cursor(ch.head()).map_err(|e| e.to_string()).and_then(|c| {
-                    memfd::reopen_read_only(ch.ring_fd.as_fd()).map(|r| (c, r)).map_err(|e| e.to_string())
-                });
-                let ((cursor_rw, cursor_ro), ring_ro) = match fds {
+                // A late joiner starts at the head, read after the publisher
+                // is told (see `protocol::join`); nothing fails after that.
+                let fds = memfd::reopen_read_only(ch.ring_fd.as_fd())
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| join_reader(&ch.map).map(|c| (c, r)).map_err(|e| e.to_string()));
+                let ((generation, cursor_rw, cursor_ro), ring_ro) = match fds {
                     Ok(f) => f,
                     Err(e) => {
                         return self.op_error(slot, op, ErrorCode::Unsupported, &format!("cannot join: {e}"))
@@ -597,7 +598,6 @@ impl Broker {
                     slot_count: g.slot_count,
                     overflow: ch.overflow,
                 };
-                let generation = ch.bump_members();
                 let joined = ChannelReaderFrame { channel_id: ch.id, reader_id, joined: true, generation };
                 let (publisher, signal) = (ch.publisher_slot, ch.signal_fd.clone());
                 self.control_with_fds(slot, &granted, vec![Rc::new(ring_ro), signal, Rc::new(cursor_rw)]);
