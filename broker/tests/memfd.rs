@@ -370,6 +370,9 @@ fn unmappable_memfds_are_refused_by_the_broker_and_the_client() {
     let publish = |len| encode_head(&Publish { topic: "ok", payload: PayloadRef::Memfd { len } }).unwrap();
     for (i, (what, fd, len)) in cases.iter().enumerate() {
         r.send(&publish(*len), &[fd.as_fd()]);
+        // A ping behind it: an accepted publish gets no answer, so the
+        // pong would come first.
+        r.send(&encode_head(&Ping { token: i as u64 }).unwrap(), &[]);
         match r.recv() {
             Some(BrokerFrame::OpError(e)) => {
                 assert_eq!(e.op, Op::Publish { seq: i as u64 + 1 }, "{what}");
@@ -377,6 +380,7 @@ fn unmappable_memfds_are_refused_by_the_broker_and_the_client() {
             }
             other => panic!("{what} was not refused: {other:?}"),
         }
+        assert!(matches!(r.recv(), Some(BrokerFrame::Pong(p)) if p.token == i as u64));
     }
     r.send(&encode_frame(&Publish { topic: "ok", payload: PayloadRef::Inline }, b"after").unwrap(), &[]);
     assert_eq!(next_message(&s).payload(), b"after");
@@ -424,6 +428,9 @@ fn broker_refuses_an_fd_lacking_any_one_seal() {
         let seals = rustix::fs::fcntl_get_seals(&fd).unwrap();
         assert!(seals.contains(memfd::REQUIRED_SEALS.difference(*seal)) && !seals.contains(*seal));
         r.send(&publish(4096), &[fd.as_fd()]);
+        // A ping behind it: an accepted publish gets no answer, so the
+        // pong would come first.
+        r.send(&encode_head(&Ping { token: i as u64 }).unwrap(), &[]);
         match r.recv() {
             Some(BrokerFrame::OpError(e)) => {
                 assert_eq!(e.op, Op::Publish { seq: i as u64 + 1 }, "without {missing}");
@@ -431,6 +438,7 @@ fn broker_refuses_an_fd_lacking_any_one_seal() {
             }
             other => panic!("an fd without the {missing} seal was not refused: {other:?}"),
         }
+        assert!(matches!(r.recv(), Some(BrokerFrame::Pong(p)) if p.token == i as u64));
     }
     // With all four it goes through.
     let fd = memfd::from_bytes("all", &[2; 4096]).unwrap();
