@@ -805,7 +805,9 @@ fn reader_churn_does_not_flood_an_idle_publisher() {
     }
     eprintln!("churn: {CYCLES} join/leave cycles reached the publisher as {notices} notices");
     assert!(notices <= 4 * WINDOW, "{notices} notices for {CYCLES} cycles: churn was not coalesced");
-    for (reader, (joins, leaves)) in &seen {
+    // Reader 0 is nobody: a notice for it only brings the publisher's
+    // generation up to date after cancelled churn.
+    for (reader, (joins, leaves)) in seen.iter().filter(|(r, _)| **r != 0) {
         assert!(*joins <= 1 && *leaves <= *joins, "reader {reader}: {joins} joins and {leaves} leaves told");
     }
 

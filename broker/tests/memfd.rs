@@ -279,10 +279,10 @@ fn quota_bounds_what_one_uid_keeps_in_the_broker() {
     assert_eq!(next_message(&sub).payload(), &[5; 100][..]);
 }
 
-/// A broker that is buggy or hostile hands the client an fd that is not a
-/// sealed memfd: the app never sees it, and the loss is reported.
-#[test]
-fn client_refuses_an_unsealed_fd_even_from_its_broker() {
+/// A fake broker on its own thread: welcomes one client, acknowledges its
+/// subscription (sub id 1), delivers `payloads` (an fd and the length it
+/// declares for it) with seq 1, 2, …, then waits a moment.
+fn fake_broker(payloads: Vec<(OwnedFd, u64)>) -> (String, std::thread::JoinHandle<()>) {
     let addr = unique_address("fakebroker");
     let listener = shmbus_proto::sys::socket::listen(&shmbus::Address::parse(&addr).unwrap(), 4).unwrap();
     let fake = std::thread::spawn(move || {
@@ -311,14 +311,36 @@ fn client_refuses_an_unsealed_fd_even_from_its_broker() {
         next(); // Subscribe
         send(&encode_head(&shmbus_proto::frame::Subscribed { sub_id: 1 }).unwrap(), &[]);
         let sender = Sender { client_id: 9, uid: 0, gid: 0, pid: 1 };
-        let bad = memfd::create("evil", 64).unwrap();
-        let d = Deliver { sub_id: 1, topic: "x", sender, seq: 1, payload: PayloadRef::Memfd { len: 64 } };
-        send(&encode_head(&d).unwrap(), &[bad.as_fd()]);
-        let good = memfd::from_bytes("ok", b"fine").unwrap();
-        let d = Deliver { sub_id: 1, topic: "x", sender, seq: 2, payload: PayloadRef::Memfd { len: 4 } };
-        send(&encode_head(&d).unwrap(), &[good.as_fd()]);
-        std::thread::sleep(Duration::from_secs(2));
+        for (i, (payload, len)) in payloads.iter().enumerate() {
+            let d = Deliver {
+                sub_id: 1,
+                topic: "x",
+                sender,
+                seq: i as u64 + 1,
+                payload: PayloadRef::Memfd { len: *len },
+            };
+            send(&encode_head(&d).unwrap(), &[payload.as_fd()]);
+        }
+        // Stay until the client hangs up, reading what it sends (its fd
+        // acknowledgements): closing with unread input would make its next
+        // read fail with ECONNRESET, whatever it had already received.
+        loop {
+            match batch.recv(fd.as_fd(), false) {
+                Ok(n) if n > 0 && !batch.packet(0).0.is_empty() => {}
+                _ => break,
+            }
+        }
     });
+    (addr, fake)
+}
+
+/// A broker that is buggy or hostile hands the client an fd that is not a
+/// sealed memfd: the app never sees it, and the loss is reported.
+#[test]
+fn client_refuses_an_unsealed_fd_even_from_its_broker() {
+    let bad = memfd::create("evil", 64).unwrap();
+    let good = memfd::from_bytes("ok", b"fine").unwrap();
+    let (addr, fake) = fake_broker(vec![(bad, 64), (good, 4)]);
     let c = shmbus::Client::connect_to(&addr).unwrap();
     let s = c.subscribe("x").unwrap();
     match s.recv_timeout(PATIENCE).unwrap().unwrap() {
@@ -327,5 +349,129 @@ fn client_refuses_an_unsealed_fd_even_from_its_broker() {
     }
     let m = next_message(&s);
     assert_eq!((m.seq(), m.payload()), (2, &b"fine"[..]));
+    drop((s, c));
     fake.join().unwrap();
+}
+
+/// A sealed memfd reopened write-only through /proc.
+fn write_only(fd: &OwnedFd) -> OwnedFd {
+    use std::os::fd::AsRawFd;
+    rustix::fs::open(
+        format!("/proc/self/fd/{}", fd.as_raw_fd()),
+        rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .unwrap()
+}
+
+/// A sealed 2 MiB hugetlbfs memfd, if this kernel makes one (on a host with
+/// no huge pages reserved, it cannot be mapped).
+fn hugetlb() -> Option<OwnedFd> {
+    use rustix::fs::MemfdFlags;
+    let flags = MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING | MemfdFlags::HUGETLB;
+    let fd = rustix::fs::memfd_create("huge", flags).ok()?;
+    rustix::fs::ftruncate(&fd, 2 << 20).ok()?;
+    rustix::fs::fcntl_add_seals(&fd, memfd::REQUIRED_SEALS).ok()?;
+    Some(fd)
+}
+
+/// Memfds that carry every seal and the declared size but cannot be
+/// mapped read-only (write-only access; hugetlbfs): the broker refuses
+/// them from a hostile publisher, so no subscriber ever gets one, and a
+/// client handed one anyway (by a hostile broker) reports a gap.
+#[test]
+fn unmappable_memfds_are_refused_by_the_broker_and_the_client() {
+    let b = Broker::start("unmappable");
+    let watch = b.client();
+    let s = watch.subscribe("ok").unwrap();
+    // A subscriber process too: it must not crash on what it is sent.
+    let mut cmd = Command::new(SHMBUSCTL);
+    cmd.args(["--address", &b.address, "sub", "ok", "--count", "1"]);
+    let kid = spawn_guarded(cmd);
+    wait_subscribers(&watch, "ok", 2);
+    let sealed = memfd::from_bytes("w", &[3; 4096]).unwrap();
+    let mut cases = vec![("write-only", write_only(&sealed), 4096u64)];
+    match hugetlb() {
+        Some(fd) => cases.push(("hugetlbfs", fd, 2 << 20)),
+        None => eprintln!("note: no hugetlb memfd on this kernel; that case is skipped"),
+    }
+    let mut r = Raw::hello(&b);
+    let publish = |len| encode_head(&Publish { topic: "ok", payload: PayloadRef::Memfd { len } }).unwrap();
+    for (i, (what, fd, len)) in cases.iter().enumerate() {
+        r.send(&publish(*len), &[fd.as_fd()]);
+        // A ping behind it: an accepted publish gets no answer, so the
+        // pong would come first.
+        r.send(&encode_head(&Ping { token: i as u64 }).unwrap(), &[]);
+        match r.recv() {
+            Some(BrokerFrame::OpError(e)) => {
+                assert_eq!(e.op, Op::Publish { seq: i as u64 + 1 }, "{what}");
+                assert_eq!(e.code, ErrorCode::FdRefused, "{what}: {}", e.message);
+            }
+            other => panic!("{what} was not refused: {other:?}"),
+        }
+        assert!(matches!(r.recv(), Some(BrokerFrame::Pong(p)) if p.token == i as u64));
+    }
+    r.send(&encode_frame(&Publish { topic: "ok", payload: PayloadRef::Inline }, b"after").unwrap(), &[]);
+    assert_eq!(next_message(&s).payload(), b"after");
+    let out = kid.wait_output();
+    assert!(out.status.success(), "the subscriber process failed: {}", stderr(&out));
+    assert_eq!(stdout(&out), "ok after\n");
+
+    // The client's own check, against a broker that forwards them anyway.
+    let good = memfd::from_bytes("ok", b"fine").unwrap();
+    let n = cases.len() as u64;
+    let mut payloads: Vec<(OwnedFd, u64)> = cases.into_iter().map(|(_, fd, len)| (fd, len)).collect();
+    payloads.push((good, 4));
+    let (addr, fake) = fake_broker(payloads);
+    let c = shmbus::Client::connect_to(&addr).unwrap();
+    let s = c.subscribe("x").unwrap();
+    match s.recv_timeout(PATIENCE).unwrap().unwrap() {
+        Event::Gap { missed } => assert_eq!(missed, n),
+        Event::Message(m) => panic!("an unmappable fd reached the app: seq {}", m.seq()),
+    }
+    let m = next_message(&s);
+    assert_eq!((m.seq(), m.payload()), (n + 1, &b"fine"[..]));
+    drop((s, c));
+    fake.join().unwrap();
+}
+
+/// The broker requires every one of the four seals: an fd lacking exactly
+/// one (and carrying the other three) is refused, for each of them.
+#[test]
+fn broker_refuses_an_fd_lacking_any_one_seal() {
+    use rustix::fs::SealFlags;
+    let b = Broker::start("oneseal");
+    let watch = b.client();
+    let s = watch.subscribe("ok").unwrap();
+    let mut r = Raw::hello(&b);
+    let publish = |len| encode_head(&Publish { topic: "ok", payload: PayloadRef::Memfd { len } }).unwrap();
+    let all = [
+        ("shrink", SealFlags::SHRINK),
+        ("grow", SealFlags::GROW),
+        ("write", SealFlags::WRITE),
+        ("seal", SealFlags::SEAL),
+    ];
+    for (i, (missing, seal)) in all.iter().enumerate() {
+        let fd = memfd::create("p", 4096).unwrap();
+        rustix::io::pwrite(&fd, &[1; 4096], 0).unwrap();
+        rustix::fs::fcntl_add_seals(&fd, memfd::REQUIRED_SEALS.difference(*seal)).unwrap();
+        let seals = rustix::fs::fcntl_get_seals(&fd).unwrap();
+        assert!(seals.contains(memfd::REQUIRED_SEALS.difference(*seal)) && !seals.contains(*seal));
+        r.send(&publish(4096), &[fd.as_fd()]);
+        // A ping behind it: an accepted publish gets no answer, so the
+        // pong would come first.
+        r.send(&encode_head(&Ping { token: i as u64 }).unwrap(), &[]);
+        match r.recv() {
+            Some(BrokerFrame::OpError(e)) => {
+                assert_eq!(e.op, Op::Publish { seq: i as u64 + 1 }, "without {missing}");
+                assert_eq!(e.code, ErrorCode::NotSealed, "without {missing}: {}", e.message);
+            }
+            other => panic!("an fd without the {missing} seal was not refused: {other:?}"),
+        }
+        assert!(matches!(r.recv(), Some(BrokerFrame::Pong(p)) if p.token == i as u64));
+    }
+    // With all four it goes through.
+    let fd = memfd::from_bytes("all", &[2; 4096]).unwrap();
+    r.send(&publish(4096), &[fd.as_fd()]);
+    assert_eq!(next_message(&s).payload(), &[2; 4096][..]);
 }

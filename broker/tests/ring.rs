@@ -87,8 +87,27 @@ fn helper_process() {
             // once we are gone.
             std::thread::sleep(PATIENCE);
         }
+        "scribble-forever" => {
+            // A hostile publisher: it announces message n complete (seq
+            // 2n+2, head n+1) and then keeps rewriting its bytes, so a
+            // reader reading it sees them change under it.
+            let cfg = ChannelConfig { slot_size: 64, slot_count: 4, overflow: ChannelOverflow::Overwrite };
+            let mut p = c.channel_publisher("scribble", cfg).unwrap();
+            c.publish("scribble.ready", b"").unwrap();
+            let (mut n, mut byte) = (0u64, 0u8);
+            loop {
+                for _ in 0..64 {
+                    byte = byte.wrapping_add(1);
+                    p.ring_map_mut().scribble(n + 1, (n % 4) as usize, 2 * n + 2, 64, byte);
+                }
+                n += 1;
+            }
+        }
         other => panic!("unknown role {other}"),
     }
+    // Proof for the parent that this body ran (a filter that matched no
+    // test would also exit 0).
+    println!("helper {role}: done");
 }
 
 fn wait_ready(c: &Client, topic: &str) -> shmbus::Subscription {
@@ -263,7 +282,7 @@ fn garbage_in_the_ring_is_reported_without_panics() {
     let b = Broker::start("garbage");
     let c = b.client();
     let cfg = ChannelConfig { slot_size: 64, slot_count: 16, overflow: ChannelOverflow::Overwrite };
-    let p = c.channel_publisher("junk", cfg).unwrap();
+    let mut p = c.channel_publisher("junk", cfg).unwrap();
     let mut s = c.channel_subscriber("junk").unwrap();
     let mut seed = 0x2545f4914f6cdd1du64;
     let mut rnd = || {
@@ -280,7 +299,7 @@ fn garbage_in_the_ring_is_reported_without_panics() {
             _ => u64::MAX - rnd() % 3,
         };
         let seq = if i % 2 == 0 { rnd() } else { s.position().wrapping_mul(2).wrapping_add(2) };
-        p.ring_map().scribble(head, rnd() as usize, seq, rnd() as u32 % 200, rnd() as u8);
+        p.ring_map_mut().scribble(head, rnd() as usize, seq, rnd() as u32 % 200, rnd() as u8);
         match s.try_recv(|b| {
             assert!(b.len() <= 64, "read beyond the slot");
             b.len()
@@ -382,6 +401,11 @@ fn a_closed_publisher_keeps_no_reader_fds() {
     let b = Broker::start("readerfds");
     let out = helper("closed-publisher-fds", &b.address, 0).wait_output();
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains("helper closed-publisher-fds: done"),
+        "the helper never ran: {}",
+        stdout(&out)
+    );
 }
 
 fn closed_publisher_fds(addr: &str) {
@@ -398,4 +422,192 @@ fn closed_publisher_fds(addr: &str) {
     other.ping().unwrap();
     c.ping().unwrap();
     assert_eq!(own_fds(), baseline, "an fd of the closed channel is still open");
+}
+
+/// The read closure gets bytes that cannot change under it, even while a
+/// hostile publisher (another process) keeps rewriting the slot it reads:
+/// it copies them twice, a moment apart, and they must agree.
+#[test]
+fn read_closures_see_bytes_that_never_change() {
+    let b = Broker::start("scribble");
+    let c = b.client();
+    let ready = wait_ready(&c, "scribble.ready");
+    let _hostile = helper("scribble-forever", &b.address, 0);
+    next_message(&ready);
+    let mut s = c.channel_subscriber("scribble").unwrap();
+    let (mut messages, mut changed) = (0u64, 0u64);
+    let start = Instant::now();
+    while messages < 3000 && start.elapsed() < Duration::from_secs(10) {
+        let read = |b: &[u8]| {
+            let first = b.to_vec();
+            for _ in 0..500 {
+                std::hint::spin_loop();
+            }
+            let second = std::hint::black_box(b).to_vec();
+            first == second
+        };
+        match s.recv_timeout(PATIENCE, read) {
+            Ok(Some(ChannelEvent::Message { value, .. })) => {
+                messages += 1;
+                changed += u64::from(!value);
+            }
+            Ok(_) | Err(ChannelError::Corrupt(_)) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(messages > 100, "only {messages} messages read");
+    assert_eq!(changed, 0, "{changed} of {messages} messages changed while the closure read them");
+}
+
+/// A loan dropped unsent in overwrite mode has already scribbled over the
+/// oldest message; a reader that had not read it yet counts it missed and
+/// never takes the half-written bytes for it.
+#[test]
+fn an_abandoned_loan_is_counted_missed_never_misread() {
+    let b = Broker::start("abandon");
+    let c = b.client();
+    let cfg = ChannelConfig { slot_size: 64, slot_count: 4, overflow: ChannelOverflow::Overwrite };
+    let mut p = c.channel_publisher("abandon", cfg).unwrap();
+    let mut s = c.channel_subscriber("abandon").unwrap();
+    for seq in 0..4 {
+        p.publish(&payload(seq, 64)).unwrap();
+    }
+    {
+        // Message 4 goes over message 0, which the reader has not read.
+        let mut loan = p.loan().unwrap();
+        loan[..40].fill(0xee);
+    }
+    let mut read_all = || {
+        let mut events = Vec::new();
+        while let Some(ev) = s.try_recv(check_and_len).unwrap() {
+            events.push(match ev {
+                ChannelEvent::Message { seq, value } => {
+                    assert!(value.0 && value.1 == seq, "message {seq} read wrong: {value:?}");
+                    ChannelEvent::Message { seq, value: () }
+                }
+                ChannelEvent::Missed(k) => ChannelEvent::Missed(k),
+            });
+        }
+        events
+    };
+    let msg = |seq| ChannelEvent::Message { seq, value: () };
+    assert_eq!(read_all(), vec![ChannelEvent::Missed(1), msg(1), msg(2), msg(3)]);
+    // Message 4, sent properly this time, is read as itself.
+    p.publish(&payload(4, 64)).unwrap();
+    assert_eq!(read_all(), vec![msg(4)]);
+}
+
+/// Block mode loses nothing for a reader that joins while the publisher is
+/// streaming as fast as it can, with nobody else to wait for: from where
+/// the broker starts it, the reader gets every message.
+#[test]
+fn block_mode_late_joiners_miss_nothing() {
+    let b = Broker::start("lateblock");
+    let c = b.client();
+    let cfg = ChannelConfig { slot_size: 16, slot_count: 4, overflow: ChannelOverflow::Block };
+    let mut p = c.channel_publisher("lateblock", cfg).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let halt = stop.clone();
+    let publisher = std::thread::spawn(move || {
+        let mut n = 0u64;
+        while !halt.load(std::sync::atomic::Ordering::Relaxed) {
+            p.publish(&n.to_le_bytes()).unwrap();
+            n += 1;
+        }
+        n
+    });
+    let reader_client = b.client();
+    for round in 0..20 {
+        // Let the publisher hear that the last reader left and run free.
+        std::thread::sleep(Duration::from_millis(50));
+        let mut s = reader_client.channel_subscriber("lateblock").unwrap();
+        let mut expect = s.position();
+        for _ in 0..2000 {
+            match s.recv_vec_timeout(PATIENCE).unwrap() {
+                Some(ChannelEvent::Message { seq, value }) => {
+                    assert_eq!(seq, expect, "round {round}: out of order");
+                    assert_eq!(value, seq.to_le_bytes(), "round {round}: wrong bytes for {seq}");
+                    expect += 1;
+                }
+                Some(ChannelEvent::Missed(k)) => {
+                    panic!("round {round}: block mode lost {k} messages at {expect} to a late joiner")
+                }
+                None => panic!("round {round}: stalled at {expect}"),
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(publisher.join().unwrap() > 10_000);
+}
+
+/// Kill the broker, then the publisher: a reader asleep on the ring must
+/// notice its broker is gone (its socket at end of stream) and fail,
+/// not wait forever. The reader is `shmbusctl sub --channel`.
+#[test]
+fn channel_readers_notice_a_dead_broker() {
+    let mut b = Broker::start("deadbroker");
+    let c = b.client();
+    let ready = wait_ready(&c, "crash.ready");
+    let mut publisher = helper("publish-forever", &b.address, 0);
+    next_message(&ready);
+    let mut cmd = Command::new(SHMBUSCTL);
+    cmd.args(["--address", &b.address, "sub", "--channel", "crash", "--count", "1000000000"]);
+    let reader = spawn_guarded(cmd);
+    let start = Instant::now();
+    while c.channels().unwrap()[0].readers == 0 {
+        assert!(start.elapsed() < PATIENCE, "shmbusctl never joined");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let broker = b.child.as_mut().unwrap();
+    broker.kill().unwrap();
+    broker.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let child = publisher.0.as_mut().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = reader.wait_output();
+    assert!(!out.status.success(), "shmbusctl exited 0 with its broker gone");
+    assert!(start.elapsed() < PATIENCE, "took {:?}", start.elapsed());
+    let err = stderr(&out);
+    assert!(err.contains("broker") && !err.contains("panicked"), "{err}");
+}
+
+/// The word that makes a publisher read its socket for news of readers is
+/// out of every reader's reach: a reader scribbling its whole signal page
+/// (the one page it may write) costs the publisher no socket reads.
+#[test]
+fn a_reader_cannot_make_the_publisher_read_its_socket() {
+    let b = Broker::start("members");
+    let c = b.client();
+    let cfg = ChannelConfig { slot_size: 8, slot_count: 64, overflow: ChannelOverflow::Overwrite };
+    let mut p = c.channel_publisher("members", cfg).unwrap();
+    let reader = b.client();
+    let s = reader.channel_subscriber("members").unwrap();
+    // Let the news of the reader arrive, then count from there.
+    p.publish(b"first").unwrap();
+    let start = Instant::now();
+    while p.readers() < 1 {
+        p.update_readers().unwrap();
+        assert!(start.elapsed() < PATIENCE, "the publisher never heard of its reader");
+    }
+    let signal = s.signal_fd_for_tests().try_clone_to_owned().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let halt = stop.clone();
+    let scribbler = std::thread::spawn(move || {
+        let mut k = 0u32;
+        while !halt.load(std::sync::atomic::Ordering::Relaxed) {
+            k = k.wrapping_add(1);
+            let junk: Vec<u8> = (0..128u32).map(|i| (k.wrapping_mul(31) ^ i) as u8).collect();
+            rustix::io::pwrite(&signal, &junk, 0).unwrap();
+        }
+        k
+    });
+    let before = p.news_checks();
+    for i in 0..100_000u64 {
+        p.publish(&i.to_le_bytes()).unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(scribbler.join().unwrap() > 100, "the scribbler hardly ran");
+    let checks = p.news_checks() - before;
+    assert!(checks < 10, "a reader made the publisher read its socket {checks} times in 100000 publishes");
 }

@@ -2,18 +2,23 @@
 //! of the data path.
 //!
 //! A `ChannelPublisher` writes into a lock-free broadcast ring the broker
-//! created for it; each `ChannelSubscriber` reads the ring in place through
-//! a read-only mapping. While both are busy no system call is made: a
-//! reader that runs dry spins briefly, then registers as a waiter and
-//! sleeps on a futex in the shared signal page, and the publisher calls
-//! `FUTEX_WAKE` only when someone waits.
+//! created for it; each `ChannelSubscriber` reads the ring through a
+//! read-only mapping, copying each message out (atomic word loads) into a
+//! buffer of its own before it checks the slot's seqlock and hands the copy
+//! to the caller. While both are busy no system call is made: a reader that
+//! runs dry spins briefly, then registers as a waiter and sleeps on a futex
+//! in the shared signal page, and the publisher calls `FUTEX_WAKE` only
+//! when someone waits. A sleeping reader looks at its broker socket each
+//! time it has found nothing for `MAX_SLEEP` (20 ms), so a dead broker is
+//! an error, not a hang.
 //!
 //! Overflow: `Overwrite` never blocks the publisher; a reader it laps finds
 //! out (by sequence numbers, and by re-checking each slot's seqlock after
-//! reading it in place) and is told how many it missed. `Block` makes the
-//! publisher wait for the slowest live reader's cursor; the broker tells
-//! the publisher when readers join and leave, so a reader that dies never
-//! holds it up.
+//! copying it) and is told how many it missed. `Block` makes the publisher
+//! wait for the slowest live reader's cursor; the broker tells the
+//! publisher when readers join and leave (and a word in the ring header
+//! that only the broker writes says when there is news), so a reader that
+//! dies never holds it up, and one that joins late loses nothing.
 //!
 //! Everything read from shared memory is bounds-checked against the
 //! geometry the broker announced; a hostile publisher can make a reader
@@ -23,12 +28,11 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use shmbus_proto::frame::{ChannelClose, ChannelOpen, ChannelOverflow, ChannelRole, ErrorCode};
-use shmbus_proto::ring::layout::Signal;
 use shmbus_proto::ring::protocol::{self, RingView};
 use shmbus_proto::ring::shm::{CursorMap, RingMap, RingMapError};
 use shmbus_proto::ring::{Geometry, ReadOutcome, ReaderState, WriterState};
 use shmbus_proto::subject::{validate_subject, SubjectError};
-use shmbus_proto::sync::{fence, Ordering};
+use shmbus_proto::sync::Ordering;
 use shmbus_proto::sys::futex;
 
 use crate::client::Client;
@@ -142,6 +146,8 @@ pub struct ChannelPublisher {
     readers: Vec<(u32, CursorMap)>,
     /// The last reader-membership generation applied.
     applied: u32,
+    /// Times it read its socket for news of readers.
+    news_checks: u64,
 }
 
 impl std::fmt::Debug for ChannelPublisher {
@@ -153,8 +159,11 @@ impl std::fmt::Debug for ChannelPublisher {
     }
 }
 
-/// Longest single sleep of a waiter: a bound on any missed wake-up.
+/// Longest single sleep of a waiter: a bound on any missed wake-up, and
+/// how long a reader finds nothing before it looks at its broker socket.
 const MAX_SLEEP: Duration = Duration::from_millis(20);
+/// Longest single sleep of a block-mode publisher waiting for room.
+const PUBLISHER_SLEEP: Duration = Duration::from_millis(2);
 /// Reads attempted before a reader goes to sleep.
 const SPIN: u32 = 2000;
 
@@ -190,6 +199,7 @@ impl ChannelPublisher {
             block: g.overflow == ChannelOverflow::Block,
             readers: Vec::new(),
             applied: 0,
+            news_checks: 0,
         })
     }
 
@@ -209,6 +219,7 @@ impl ChannelPublisher {
 
     /// Applies readers joining and leaving, reading what the broker sent.
     fn pump(&mut self) -> Result<(), ChannelError> {
+        self.news_checks += 1;
         let inner = &self.client.inner;
         let _ = inner.wait_for(Some(Instant::now()), |_| None::<()>);
         let events: Vec<_> = {
@@ -237,14 +248,45 @@ impl ChannelPublisher {
         self.pump()
     }
 
-    /// Block mode: waits until the next slot is free of every live reader.
-    fn wait_for_room(&mut self) -> Result<(), ChannelError> {
-        // Acquire: pairs with the broker's Release bump of `members`. A
-        // change not applied yet means news is on its way: fetch it. In a
-        // steady stream this is one load and no system call.
-        if self.map.signal().members.load(Ordering::Acquire) != self.applied {
+    /// How many times this publisher has read its socket for news of
+    /// readers (for tests: a steady stream should not).
+    #[doc(hidden)]
+    pub fn news_checks(&self) -> u64 {
+        self.news_checks
+    }
+
+    /// Applies the broker's news of readers if the ring header says there
+    /// is some; in block mode, waits for it, so that a reader who joined
+    /// (and whose start the broker read after telling us) is never lapped
+    /// before we know its cursor (see `protocol::join`). In a steady
+    /// stream this is one load and no system call.
+    fn catch_up(&mut self) -> Result<(), ChannelError> {
+        let target = protocol::members(&self.map);
+        if target == self.applied {
+            return Ok(());
+        }
+        self.pump()?;
+        if !self.block {
+            return Ok(());
+        }
+        let deadline = Instant::now() + self.client.timeout();
+        while !protocol::caught_up(self.applied, target) {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ChannelError::Timeout(self.client.timeout()));
+            }
+            let id = self.channel_id;
+            self.client.inner.wait_for(Some(deadline.min(now + PUBLISHER_SLEEP)), |st| {
+                st.reader_events.get(&id).is_some_and(|q| !q.is_empty()).then_some(())
+            })?;
             self.pump()?;
         }
+        Ok(())
+    }
+
+    /// Block mode: waits until the next slot is free of every live reader.
+    fn wait_for_room(&mut self) -> Result<(), ChannelError> {
+        self.catch_up()?;
         if !self.block {
             return Ok(());
         }
@@ -253,31 +295,21 @@ impl ChannelPublisher {
             if protocol::slot_free(&self.state, count, self.readers.iter().map(|(_, c)| c.cursor())) {
                 return Ok(());
             }
-            // Register as waiting, then look once more (pairs with the
-            // reader's SeqCst fence before it reads `publisher_waiting`).
-            let sig: &Signal = self.map.signal();
-            // Acquire: pairs with a reader's Release bump of `progress`.
-            let seen = sig.progress.load(Ordering::Acquire);
-            // SeqCst (and the fence): pairs with the reader's SeqCst fence
-            // between its cursor store and its `publisher_waiting` load.
-            sig.publisher_waiting.store(1, Ordering::SeqCst);
-            fence(Ordering::SeqCst);
-            if !protocol::slot_free(&self.state, count, self.readers.iter().map(|(_, c)| c.cursor())) {
-                futex::wait(&sig.progress, seen, Some(Duration::from_millis(2)))?;
-            }
-            // Relaxed: pairs with nothing; a reader that still sees 1 only
-            // bumps `progress` once for nothing.
-            sig.publisher_waiting.store(0, Ordering::Relaxed);
-            // A reader may have left: ask the broker's news.
-            self.pump()?;
+            let cursors = self.readers.iter().map(|(_, c)| c.cursor());
+            let slept = match protocol::prepare_publisher_wait(&self.map, &self.state, cursors) {
+                Some(seen) => futex::wait(&self.map.signal().progress, seen, Some(PUBLISHER_SLEEP)),
+                None => Ok(()),
+            };
+            protocol::end_publisher_wait(&self.map);
+            slept?;
+            // A reader may have left (or joined).
+            self.catch_up()?;
         }
     }
 
     fn wake_readers(&self) {
-        let sig = self.map.signal();
-        // Release: pairs with the sleeper's Acquire load of `wake`.
-        sig.wake.fetch_add(1, Ordering::Release);
-        let _ = futex::wake_all(&sig.wake);
+        protocol::bump_wake(&self.map);
+        let _ = futex::wake_all(&self.map.signal().wake);
     }
 
     /// Publishes `bytes` (at most the slot size).
@@ -287,7 +319,7 @@ impl ChannelPublisher {
             return Err(ChannelError::TooLarge { len: bytes.len(), slot_size });
         }
         self.wait_for_room()?;
-        if protocol::publish(&self.map, &mut self.state, bytes) {
+        if protocol::publish(&mut self.map, &mut self.state, bytes) {
             self.wake_readers();
         }
         Ok(())
@@ -300,10 +332,10 @@ impl ChannelPublisher {
         Ok(ChannelLoan { publisher: self, index, sent: false })
     }
 
-    /// The ring's memfd, for tests that play a hostile publisher.
+    /// The ring's mapping, for tests that play a hostile publisher.
     #[doc(hidden)]
-    pub fn ring_map(&self) -> &RingMap {
-        &self.map
+    pub fn ring_map_mut(&mut self) -> &mut shmbus_proto::ring::shm::RingMap {
+        &mut self.map
     }
 }
 
@@ -355,8 +387,9 @@ impl std::ops::DerefMut for ChannelLoan<'_> {
 impl Drop for ChannelLoan<'_> {
     fn drop(&mut self) {
         if !self.sent {
-            // Not sent: put the slot back as it was, so no reader ever sees
-            // the half-written message (head was never advanced).
+            // Not sent: head never moved, and the slot stays marked as being
+            // written, so a reader that wanted the message it held before
+            // (overwrite mode) counts that one missed, never reads it torn.
             protocol::abandon_write(&self.publisher.map, &self.publisher.state, self.index);
         }
     }
@@ -366,6 +399,7 @@ impl Drop for ChannelLoan<'_> {
 pub struct ChannelSubscriber {
     client: Client,
     ring_fd: OwnedFd,
+    signal_fd: OwnedFd,
     channel_id: u64,
     reader_id: u32,
     map: RingMap,
@@ -373,6 +407,8 @@ pub struct ChannelSubscriber {
     state: ReaderState,
     block: bool,
     spin: u32,
+    /// Where each message is copied (checked, then handed to the caller).
+    buf: Vec<u8>,
 }
 
 impl std::fmt::Debug for ChannelSubscriber {
@@ -394,10 +430,10 @@ impl ChannelSubscriber {
                 let geometry = Geometry { slot_size: g.slot_size, slot_count: g.slot_count };
                 let map = RingMap::map(ring.as_fd(), signal.as_fd(), geometry, false)?;
                 let cursor = CursorMap::map(cursor.as_fd(), true)?;
-                Ok((ring, map, cursor))
+                Ok((ring, signal, map, cursor))
             },
         );
-        let (ring, map, cursor) = match mapped {
+        let (ring, signal, map, cursor) = match mapped {
             Ok(m) => m,
             Err(e) => {
                 // Leave the cursor set, so a block-mode publisher does not
@@ -409,11 +445,12 @@ impl ChannelSubscriber {
         };
         // A late joiner starts where the broker put its cursor: the head
         // when it joined.
-        // Acquire: pairs with the broker's Release store in `create_cursor`.
+        // Acquire: pairs with the broker's Release store in `join_reader`.
         let next = cursor.cursor().next.load(Ordering::Acquire);
         Ok(ChannelSubscriber {
             client: client.clone(),
             ring_fd: ring,
+            signal_fd: signal,
             channel_id: g.channel_id,
             reader_id: g.reader_id,
             map,
@@ -421,6 +458,7 @@ impl ChannelSubscriber {
             state: ReaderState { next },
             block: g.overflow == ChannelOverflow::Block,
             spin: SPIN,
+            buf: vec![0; g.slot_size as usize],
         })
     }
 
@@ -437,37 +475,31 @@ impl ChannelSubscriber {
     }
 
     fn advance(&mut self) {
-        if self.block {
-            protocol::store_cursor(self.cursor.cursor(), &self.state);
-            let sig = self.map.signal();
-            // SeqCst fence: pairs with the publisher's, between its
-            // `publisher_waiting` store and its last cursor check.
-            fence(Ordering::SeqCst);
-            // Relaxed: the SeqCst fence above orders it after our cursor.
-            if sig.publisher_waiting.load(Ordering::Relaxed) != 0 {
-                // Release: pairs with the publisher's Acquire load of
-                // `progress` before it registers as waiting.
-                sig.progress.fetch_add(1, Ordering::Release);
-                let _ = futex::wake_all(&sig.progress);
-            }
+        if self.block && protocol::advance(&self.map, self.cursor.cursor(), &self.state) {
+            protocol::bump_progress(&self.map);
+            let _ = futex::wake_all(&self.map.signal().progress);
         }
     }
 
-    /// Reads the next message in place with `read`, if there is one.
-    /// `read` sees the bytes in shared memory; its result is returned only
-    /// if the slot was not overwritten meanwhile (else it is discarded and
-    /// the message counted as missed), so it must not act on the bytes
-    /// before returning. Corruption is reported as an error and skipped.
+    /// Reads the next message with `read`, if there is one.
+    ///
+    /// The message is first copied out of shared memory into this reader's
+    /// own buffer (a hostile or lapping publisher may be writing the slot at
+    /// that very moment), then the slot's seqlock is checked, and only a
+    /// copy that passed is handed to `read`: the bytes `read` sees are this
+    /// message's and cannot change while it looks at them. A message
+    /// overwritten while being copied is counted as missed and `read` is
+    /// not called. Corruption is reported as an error and skipped.
     pub fn try_recv<R>(
         &mut self,
         read: impl FnMut(&[u8]) -> R,
     ) -> Result<Option<ChannelEvent<R>>, ChannelError> {
         let mut read = read;
-        match protocol::try_read(&self.map, &mut self.state, &mut read) {
+        match protocol::try_read(&self.map, &mut self.state, &mut self.buf, &mut read) {
             ReadOutcome::Empty => {
                 if self.map.is_closed() {
                     // One more look: the last messages before the close.
-                    return match protocol::try_read(&self.map, &mut self.state, &mut read) {
+                    return match protocol::try_read(&self.map, &mut self.state, &mut self.buf, &mut read) {
                         ReadOutcome::Empty => Err(ChannelError::Closed),
                         other => self.outcome(other),
                     };
@@ -493,7 +525,9 @@ impl ChannelSubscriber {
     }
 
     /// Waits for the next message (spinning briefly, then sleeping on the
-    /// futex) and reads it in place with `read`.
+    /// futex) and reads it with `read`, as [`ChannelSubscriber::try_recv`]
+    /// does. Fails with [`ChannelError::Disconnected`] if the broker goes
+    /// away while it waits (checked after every 20 ms without a message).
     pub fn recv<R>(&mut self, read: impl FnMut(&[u8]) -> R) -> Result<ChannelEvent<R>, ChannelError> {
         let mut read = read;
         loop {
@@ -520,6 +554,7 @@ impl ChannelSubscriber {
                 return Ok(None);
             }
         }
+        let mut idle_since = Instant::now();
         loop {
             if let Some(ev) = self.try_recv(&mut read)? {
                 return Ok(Some(ev));
@@ -529,27 +564,32 @@ impl ChannelSubscriber {
                 return Ok(None);
             }
             self.sleep(left.min(MAX_SLEEP))?;
+            // Nothing for a while: is the broker still there? (A publisher
+            // that died after its broker leaves the ring open for ever.)
+            if idle_since.elapsed() >= MAX_SLEEP {
+                self.check_broker()?;
+                idle_since = Instant::now();
+            }
         }
     }
 
     /// Sleeps until the publisher may have published (or `max` passes).
     fn sleep(&self, max: Duration) -> Result<(), ChannelError> {
-        let sig = self.map.signal();
-        // SeqCst: pairs with the publisher's SeqCst fence in `commit`, so
-        // it sees this waiter or we see its new head below.
-        sig.waiters.fetch_add(1, Ordering::SeqCst);
-        // Acquire: pairs with the publisher's Release bump of `wake`.
-        let seen = sig.wake.load(Ordering::Acquire);
-        fence(Ordering::SeqCst);
-        // Acquire: pairs with the publisher's Release store of `head`.
-        let head = self.map.header().head.load(Ordering::Acquire);
-        if head <= self.state.next && !self.map.is_closed() {
-            futex::wait(&sig.wake, seen, Some(max))?;
+        let slept = match protocol::prepare_sleep(&self.map, &self.state) {
+            Some(seen) => futex::wait(&self.map.signal().wake, seen, Some(max)),
+            None => Ok(()),
+        };
+        protocol::end_sleep(&self.map);
+        Ok(slept?)
+    }
+
+    /// Fails if the connection to the broker has ended (reading whatever
+    /// it holds, without blocking).
+    fn check_broker(&self) -> Result<(), ChannelError> {
+        match self.client.inner.wait_for(Some(Instant::now()), |st| st.closed.clone())? {
+            Some(d) => Err(ChannelError::Disconnected(d)),
+            None => Ok(()),
         }
-        // Relaxed: a publisher that still counts us only makes one
-        // needless FUTEX_WAKE.
-        sig.waiters.fetch_sub(1, Ordering::Relaxed);
-        Ok(())
     }
 
     /// Like `try_recv`, copying the message out.
@@ -569,6 +609,13 @@ impl ChannelSubscriber {
     #[doc(hidden)]
     pub fn ring_fd_for_tests(&self) -> BorrowedFd<'_> {
         self.ring_fd.as_fd()
+    }
+
+    /// The signal page fd this reader was given (writable: readers must
+    /// register as waiters), for tests that play a hostile reader.
+    #[doc(hidden)]
+    pub fn signal_fd_for_tests(&self) -> BorrowedFd<'_> {
+        self.signal_fd.as_fd()
     }
 }
 

@@ -9,14 +9,20 @@
 //! marks the ring closed and wakes every reader: "channel closed", never a
 //! hang. One publisher per channel; readers need a channel that has one.
 //!
-//! Membership news is coalesced, not queued per event: each channel keeps
-//! at most one untold change per reader (`untold`), and the publisher is
-//! told as its queue has room. A reader that joins and leaves before the
-//! publisher was told is never mentioned (its cursor fd is simply closed),
-//! and at most `NEWS_IN_FLIGHT` news frames wait in the publisher's queue
-//! at once, so join/leave churn costs an idle publisher a bounded handful
-//! of frames and cannot fill its queue. The `members` word the publisher watches is bumped only when
-//! news is actually queued for it.
+//! Membership news is coalesced, not queued per event. Each change moves the
+//! ring header's `members` generation at once (`protocol::announce`,
+//! `protocol::join`: block mode's safety needs the publisher to see a join
+//! before it can lap the new reader, see there), and is kept in the
+//! channel's `untold` list, in order, at most one per reader: a reader
+//! that joins and leaves before the publisher was told is dropped from the
+//! list (its cursor fd simply closed). The publisher is told as its queue
+//! has room, at most `NEWS_IN_FLIGHT` frames at a time, so churn costs an
+//! idle publisher a bounded handful of frames. Each frame carries the
+//! generation up to which the publisher is then fully told — the
+//! generation just before the next untold change, or the current one when
+//! none is left — and when every untold change was cancelled, one frame
+//! for reader 0 (nobody) brings the publisher's generation up to date, so
+//! it never waits for news that will not come.
 //!
 //! Accounting: a channel's ring pages and the channel itself are charged to
 //! the publisher's uid; a reader handle and its cursor page to the
@@ -36,8 +42,9 @@ use shmbus_proto::frame::{
     ErrorCode, Op,
 };
 use shmbus_proto::ring::layout::Signal;
+use shmbus_proto::ring::protocol;
 use shmbus_proto::ring::protocol::RingView;
-use shmbus_proto::ring::shm::{create_cursor, create_ring, RingMap};
+use shmbus_proto::ring::shm::{create_ring, join_reader, RingMap};
 use shmbus_proto::ring::Geometry;
 use shmbus_proto::subject::validate_subject;
 use shmbus_proto::sync::Ordering;
@@ -82,7 +89,15 @@ pub struct Channel {
     pub publisher: PeerId,
     pub readers: BTreeMap<u32, ChannelReader>,
     next_reader: u32,
-    untold: BTreeMap<u32, Untold>,
+    /// Changes not yet told, in the order they happened: (reader id,
+    /// change, the generation right after it), by sequence number.
+    untold: BTreeMap<u64, (u32, Untold, u32)>,
+    /// The sequence number of each reader's untold join.
+    untold_join: HashMap<u32, u64>,
+    next_change: u64,
+    /// The generation of the latest change, and of the latest told frame.
+    announced: u32,
+    told: u32,
     /// The ring's memory and the channel, charged to the publisher's uid.
     pub charge: Charge,
 }
@@ -98,11 +113,14 @@ impl Channel {
         self.map.header().head.load(Ordering::Acquire)
     }
 
-    /// Records news queued for the publisher in the signal page; returns
-    /// the new generation to send with it.
-    fn bump_members(&self) -> u32 {
-        // Release: pairs with the publisher's Acquire load of `members`.
-        self.signal().members.fetch_add(1, Ordering::Release).wrapping_add(1)
+    /// Records a change not yet told to the publisher.
+    fn record(&mut self, reader_id: u32, news: Untold, generation: u32) {
+        self.next_change += 1;
+        if matches!(news, Untold::Joined(_)) {
+            self.untold_join.insert(reader_id, self.next_change);
+        }
+        self.untold.insert(self.next_change, (reader_id, news, generation));
+        self.announced = generation;
     }
 
     pub fn info(&self) -> ChannelInfo {
@@ -221,6 +239,10 @@ impl Bus {
                 readers: BTreeMap::new(),
                 next_reader: 1,
                 untold: BTreeMap::new(),
+                untold_join: HashMap::new(),
+                next_change: 0,
+                announced: 0,
+                told: 0,
                 charge,
             },
         );
@@ -269,11 +291,12 @@ impl Bus {
         if let Err(e) = p.usage.check(Resource::QueuedFds, 3) {
             return self.quota_refusal(id, op, &e, now);
         }
-        // A late joiner starts at the current head.
-        let fds = create_cursor(ch.head()).map_err(|e| e.to_string()).and_then(|c| {
-            memfd::reopen_read_only(ch.ring_fd.as_fd()).map(|r| (c, r)).map_err(|e| e.to_string())
-        });
-        let ((cursor_rw, cursor_ro), ring_ro) = match fds {
+        // A late joiner starts at the head, read after the join is
+        // announced (`protocol::join`); nothing can fail after that.
+        let fds = memfd::reopen_read_only(ch.ring_fd.as_fd())
+            .map_err(|e| e.to_string())
+            .and_then(|r| join_reader(&ch.map).map(|c| (c, r)).map_err(|e| e.to_string()));
+        let ((generation, cursor_rw, cursor_ro), ring_ro) = match fds {
             Ok(f) => f,
             Err(e) => {
                 let msg = format!("the broker cannot set up the reader: {e}");
@@ -286,7 +309,7 @@ impl Bus {
         // may join and leave any number of times.
         loop {
             ch.next_reader = ch.next_reader.wrapping_add(1).max(1);
-            if !ch.readers.contains_key(&ch.next_reader) && !ch.untold.contains_key(&ch.next_reader) {
+            if !ch.readers.contains_key(&ch.next_reader) {
                 break;
             }
         }
@@ -300,15 +323,20 @@ impl Bus {
             overflow: ch.overflow,
         };
         let signal = ch.signal_fd.clone();
-        if !self.control_with_fds(id, &granted, vec![Rc::new(ring_ro), signal, Rc::new(cursor_rw)], now) {
-            return;
-        }
-        let Some(ch) = self.channels.by_id.get_mut(&channel_id) else { return };
+        // The join is announced already: record it whatever happens next.
         ch.readers.insert(reader_id, ChannelReader { peer: id, charge });
-        ch.untold.insert(reader_id, Untold::Joined(cursor_ro));
+        ch.record(reader_id, Untold::Joined(cursor_ro), generation);
         let publisher = ch.publisher;
         if let Some(p) = self.peers.get_mut(&id) {
             p.channels.push((channel_id, reader_id));
+        }
+        if !self.control_with_fds(id, &granted, vec![Rc::new(ring_ro), signal, Rc::new(cursor_rw)], now) {
+            // The reader is being cut off: it leaves again at once.
+            if let Some(p) = self.peers.get_mut(&id) {
+                p.channels.retain(|h| *h != (channel_id, reader_id));
+            }
+            self.release_handle(id, channel_id, reader_id);
+            return;
         }
         self.tell_channel_news(publisher, now);
     }
@@ -340,12 +368,15 @@ impl Bus {
             return;
         }
         ch.readers.remove(&reader_id);
-        match ch.untold.remove(&reader_id) {
-            // The publisher never heard of it: say nothing.
-            Some(Untold::Joined(_cursor)) => {}
-            _ => {
-                ch.untold.insert(reader_id, Untold::Left);
+        let generation = protocol::announce(&ch.map);
+        match ch.untold_join.remove(&reader_id) {
+            // The publisher never heard of it: say nothing (its cursor fd
+            // closes here).
+            Some(seq) => {
+                ch.untold.remove(&seq);
+                ch.announced = generation;
             }
+            None => ch.record(reader_id, Untold::Left, generation),
         }
         let publisher = ch.publisher;
         // No `now` is needed to queue news: only a hard-bound overflow
@@ -384,12 +415,27 @@ impl Bus {
                 if p.news_queued >= NEWS_IN_FLIGHT || !p.queue.data_room(64, 1) {
                     return;
                 }
-                let Some((reader_id, news)) = ch.untold.pop_first() else { break };
-                let generation = ch.bump_members();
-                let (joined, fds) = match news {
-                    Untold::Joined(cursor) => (true, vec![Rc::new(cursor)]),
-                    Untold::Left => (false, Vec::new()),
+                let (reader_id, joined, fds, generation) = match ch.untold.pop_first() {
+                    Some((_, (reader_id, news, _))) => {
+                        // Told up to just before the next untold change.
+                        let generation = match ch.untold.first_key_value() {
+                            Some((_, next)) => next.2.wrapping_sub(1),
+                            None => ch.announced,
+                        };
+                        match news {
+                            Untold::Joined(cursor) => {
+                                ch.untold_join.remove(&reader_id);
+                                (reader_id, true, vec![Rc::new(cursor)], generation)
+                            }
+                            Untold::Left => (reader_id, false, Vec::new(), generation),
+                        }
+                    }
+                    // Every untold change was cancelled: bring the
+                    // publisher's generation up to date (reader 0 is nobody).
+                    None if ch.told != ch.announced => (0, false, Vec::new(), ch.announced),
+                    None => break,
                 };
+                ch.told = generation;
                 let frame = ChannelReaderFrame { channel_id, reader_id, joined, generation };
                 if !self.control_with_fds(publisher, &frame, fds, now) {
                     return;

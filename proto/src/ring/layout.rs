@@ -11,7 +11,7 @@ pub const RING_MAGIC: u64 = u64::from_le_bytes(*b"SHMBRING");
 pub const SIGNAL_MAGIC: u64 = u64::from_le_bytes(*b"SHMBSIGN");
 /// "SHMBCURS".
 pub const CURSOR_MAGIC: u64 = u64::from_le_bytes(*b"SHMBCURS");
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Bytes before the first slot (the header, padded to a page).
 pub const HEADER_LEN: usize = 4096;
@@ -21,8 +21,9 @@ pub const SLOT_HEADER_LEN: usize = 16;
 pub const PAGE_LEN: usize = 4096;
 
 /// Page 0 of the ring memfd. Written by the broker (geometry, at creation;
-/// `closed`, when the publisher dies) and the publisher (`head`,
-/// `closed`); readers map it read-only.
+/// `members`; `closed`, when the publisher dies) and the publisher (`head`,
+/// `closed`); readers map it read-only, so nothing here can be changed by
+/// a reader.
 #[repr(C, align(64))]
 pub struct RingHeader {
     pub magic: AtomicU64,
@@ -31,7 +32,13 @@ pub struct RingHeader {
     pub overflow: AtomicU32,
     pub slot_size: AtomicU32,
     pub slot_count: AtomicU32,
-    _pad0: [u8; 40],
+    /// Bumped by the broker each time a reader joins or leaves; the
+    /// publisher compares it with the last change it applied, so it looks
+    /// at its socket for news only when there is some (see
+    /// `protocol::join`). Here, not in the signal page, because a reader
+    /// must not be able to make the publisher look on every message.
+    pub members: AtomicU32,
+    _pad0: [u8; 36],
     /// Messages published so far: the sequence number of the next one.
     /// On its own cache line: the one word every reader polls.
     pub head: AtomicU64,
@@ -53,8 +60,10 @@ pub struct SlotHeader {
 
 /// The signal page: shared read-write by the publisher and every reader,
 /// because sleeping and waking need writes from both sides. Nothing in it
-/// can make a reader accept bad data; a scribbler can only cause spurious
-/// or late wake-ups, which every waiter bounds with a timeout.
+/// can make a reader accept bad data or the publisher look at its socket;
+/// a scribbler can only cause spurious or late wake-ups (and `FUTEX_WAKE`
+/// calls, as a sleeping reader legitimately does), which every waiter
+/// bounds with a timeout.
 #[repr(C, align(64))]
 pub struct Signal {
     pub magic: AtomicU64,
@@ -64,11 +73,7 @@ pub struct Signal {
     pub waiters: AtomicU32,
     /// Messages readers found overwritten or torn, all readers together.
     pub overruns: AtomicU64,
-    /// Bumped by the broker each time a reader joins or leaves; the
-    /// publisher compares it with the last change it applied, so it looks
-    /// for news only when there is some.
-    pub members: AtomicU32,
-    _pad0: [u8; 36],
+    _pad0: [u8; 40],
     /// Futex word a blocked publisher sleeps on; readers bump it.
     pub progress: AtomicU32,
     /// Non-zero while the publisher waits for a reader (block mode).
@@ -95,7 +100,8 @@ impl RingHeader {
             overflow: AtomicU32::new(overflow),
             slot_size: AtomicU32::new(slot_size),
             slot_count: AtomicU32::new(slot_count),
-            _pad0: [0; 40],
+            members: AtomicU32::new(0),
+            _pad0: [0; 36],
             head: AtomicU64::new(0),
             closed: AtomicU32::new(0),
             _pad1: [0; 52],
@@ -118,8 +124,7 @@ impl Signal {
             wake: AtomicU32::new(0),
             waiters: AtomicU32::new(0),
             overruns: AtomicU64::new(0),
-            members: AtomicU32::new(0),
-            _pad0: [0; 36],
+            _pad0: [0; 40],
             progress: AtomicU32::new(0),
             publisher_waiting: AtomicU32::new(0),
             _pad1: [0; 56],
@@ -142,6 +147,7 @@ mod tests {
     fn layout_is_what_the_offsets_say() {
         assert_eq!(std::mem::size_of::<RingHeader>(), 128);
         assert_eq!(std::mem::offset_of!(RingHeader, head), 64);
+        assert!(std::mem::offset_of!(RingHeader, members) < 64);
         assert_eq!(std::mem::size_of::<SlotHeader>(), SLOT_HEADER_LEN);
         assert_eq!(std::mem::size_of::<Signal>(), 128);
         assert_eq!(std::mem::offset_of!(Signal, progress), 64);

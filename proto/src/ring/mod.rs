@@ -10,10 +10,11 @@
 //! - one cursor page per reader: where it is, written by it alone, read by
 //!   the publisher in block mode.
 //!
-//! [`protocol`] is the algorithm (seqlock per slot, head counter, cursors,
-//! no-lost-wake-up handshake); `shm` maps real memfds; `model` checks the
-//! protocol under loom (`RUSTFLAGS="--cfg loom" cargo test -p shmbus-proto
-//! --lib ring::model --release`).
+//! [`protocol`] is the algorithm (seqlock per slot with copy-out reads,
+//! head counter, cursors, reader joins, the no-lost-wake-up handshakes of
+//! both sides); `shm` maps real memfds; `model` runs those same functions
+//! under loom (`RUSTFLAGS="--cfg loom" cargo test -p shmbus-proto --lib
+//! --release --target-dir target/loom ring::model`).
 
 pub mod layout;
 #[cfg(all(test, loom))]

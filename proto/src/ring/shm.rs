@@ -6,10 +6,14 @@
 //! writable. Every memfd here is sealed against shrinking and growing
 //! before anyone maps it, so no mapping can fault past the end.
 //!
-//! The views hand out `&RingHeader`, `&SlotHeader`, `&Signal`, `&Cursor`:
-//! structs made only of atomics, so sharing them with other processes is
-//! sound. Storing through a view of a read-only mapping faults; the client
-//! API never does.
+//! The views hand out `&RingHeader`, `&SlotHeader`, `&Signal`, `&Cursor`,
+//! and slot data as `&[AtomicU64]`: made only of atomics, so sharing them
+//! with other processes, which may write them at any moment, is sound.
+//! Slot data is never lent out as `&[u8]` to a reader: readers copy it out
+//! word by word (`protocol::copy_out`). Only the publisher writes data,
+//! through `&mut RingMap`, so its own `&[u8]` views (`slot_data`) cannot
+//! change while they live. Storing through a view of a read-only mapping
+//! faults; the client API never does.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -19,8 +23,8 @@ use rustix::fs::SealFlags;
 use rustix::mm::{MapFlags, ProtFlags};
 
 use crate::ring::layout::*;
-use crate::ring::protocol::{Geometry, RingView, RingWriteView};
-use crate::sync::Ordering;
+use crate::ring::protocol::{self, Geometry, RingView, RingWriteView};
+use crate::sync::{AtomicU64, Ordering};
 use crate::sys::memfd;
 
 /// Why a ring or page cannot be used.
@@ -82,13 +86,15 @@ unsafe impl Sync for Region {}
 
 impl Region {
     fn map(fd: BorrowedFd<'_>, len: usize, writable: bool) -> Result<Region, RingMapError> {
-        let actual = rustix::fs::fstat(fd).map_err(io::Error::from)?.st_size as u64;
-        if actual != len as u64 {
-            return Err(RingMapError::Size { expected: len as u64, actual });
-        }
+        // Seals first, then the size: once sealed the size cannot change,
+        // while an unsealed memfd could shrink right after a size check.
         let seals = rustix::fs::fcntl_get_seals(fd).map_err(|_| RingMapError::NotSealed)?;
         if !seals.contains(SealFlags::SHRINK | SealFlags::GROW) {
             return Err(RingMapError::NotSealed);
+        }
+        let actual = rustix::fs::fstat(fd).map_err(io::Error::from)?.st_size as u64;
+        if actual != len as u64 {
+            return Err(RingMapError::Size { expected: len as u64, actual });
         }
         let prot = if writable { ProtFlags::READ | ProtFlags::WRITE } else { ProtFlags::READ };
         // SAFETY: a fresh mapping at a kernel-chosen address aliases no Rust
@@ -177,7 +183,7 @@ impl RingMap {
     /// Writes a value into the ring header. For tests that play a hostile
     /// publisher; `false` on a read-only mapping.
     #[doc(hidden)]
-    pub fn scribble(&self, head: u64, slot: usize, seq: u64, len: u32, byte: u8) -> bool {
+    pub fn scribble(&mut self, head: u64, slot: usize, seq: u64, len: u32, byte: u8) -> bool {
         if !self.writable {
             return false;
         }
@@ -218,27 +224,33 @@ impl RingView for RingMap {
         unsafe { self.region.at(off) }
     }
 
-    fn read_data<R>(&self, index: usize, len: usize, f: impl FnOnce(&[u8]) -> R) -> R {
-        let len = len.min(self.geometry.slot_size as usize);
+    fn slot_words(&self, index: usize) -> &[AtomicU64] {
         let off = self.slot_offset(index) + SLOT_HEADER_LEN;
-        // SAFETY: off..off+len lies inside the mapping (len is capped at
-        // slot_size, the slot at its stride). The bytes may be changed by
-        // the publisher while `f` runs (overwrite mode); the protocol checks
-        // the slot's seqlock afterwards and throws away anything read from
-        // a slot that changed, as a seqlock reader does.
-        let bytes = unsafe { std::slice::from_raw_parts(self.region.ptr.as_ptr().add(off), len) };
-        f(bytes)
+        let words = (self.geometry.slot_size as usize).div_ceil(8);
+        debug_assert!(SLOT_HEADER_LEN + words * 8 <= self.geometry.stride());
+        // SAFETY: off .. off + 8 * words lies inside the mapping (the slot
+        // is inside, checked in slot_offset, and its stride is header plus
+        // slot_size rounded up to 64, so the last word's padding is too),
+        // and is 8-aligned (page-aligned base, strides multiple of 64, a
+        // 16-byte slot header). AtomicU64 has u64's size and alignment, is
+        // valid for every bit pattern, and may be changed through shared
+        // references, so a shared slice of them over memory another process
+        // writes is sound; this crate only ever loads through it (a store
+        // would fault on a reader's read-only mapping).
+        unsafe { std::slice::from_raw_parts(self.region.ptr.as_ptr().add(off).cast::<AtomicU64>(), words) }
     }
 }
 
 impl RingWriteView for RingMap {
-    fn write_data(&self, index: usize, bytes: &[u8]) {
+    fn write_data(&mut self, index: usize, bytes: &[u8]) {
         assert!(self.writable, "write through a read-only ring mapping");
         let len = bytes.len().min(self.geometry.slot_size as usize);
         let off = self.slot_offset(index) + SLOT_HEADER_LEN;
-        // SAFETY: the mapping is writable and off..off+len lies inside it;
-        // readers read these bytes only under the slot's seqlock, which
-        // marks the slot as being written first (protocol::begin_write).
+        // SAFETY: the mapping is writable and off..off+len lies inside it.
+        // `&mut self`: no `&[u8]` this process got from `slot_data` is
+        // alive. Readers (other mappings, other processes) only load these
+        // bytes atomically, under the slot's seqlock, which begin_write has
+        // marked as being written.
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.region.ptr.as_ptr().add(off), len) }
     }
 }
@@ -248,8 +260,10 @@ impl RingMap {
     pub fn slot_data(&self, index: usize) -> &[u8] {
         let off = self.slot_offset(index) + SLOT_HEADER_LEN;
         // SAFETY: the range lies inside the mapping. Only the publisher
-        // writes ring data, and it needs `&mut self` to do so, so the bytes
-        // cannot change while this borrow lives (readers only read).
+        // writes ring data (the broker, the one other process with a
+        // writable fd, never does), and it needs `&mut self` to do so
+        // (write_data, slot_data_mut, scribble), so the bytes cannot change
+        // while this borrow lives; readers only load.
         unsafe {
             std::slice::from_raw_parts(self.region.ptr.as_ptr().add(off), self.geometry.slot_size as usize)
         }
@@ -314,16 +328,22 @@ pub fn create_ring(g: Geometry, block: bool) -> Result<(OwnedFd, OwnedFd, RingMa
     Ok((ring, signal, map))
 }
 
-/// A new cursor page starting at `next`, plus a read-only fd to it for
-/// the publisher. Broker side.
-pub fn create_cursor(next: u64) -> Result<(OwnedFd, OwnedFd), RingMapError> {
+/// A reader joins the ring `ring` (the broker's mapping): its cursor page,
+/// set where it starts, and a read-only fd to that page for the publisher.
+/// Returns the membership generation to send the publisher with the
+/// cursor fd. Everything that can fail is done before the publisher is
+/// told (`protocol::join`), so it is never told of a reader that never
+/// comes.
+pub fn join_reader(ring: &RingMap) -> Result<(u32, OwnedFd, OwnedFd), RingMapError> {
     let fd = sealed_memfd("shmbus-ring-cursor", PAGE_LEN)?;
     let map = CursorMap::map(fd.as_fd(), true)?;
-    // Release: pairs with the reader's Acquire load when it joins.
+    let ro = memfd::reopen_read_only(fd.as_fd())?;
+    let (generation, next) = protocol::join(ring);
+    // Release: pairs with the reader's Acquire load when it joins (the fd
+    // handover orders it anyway).
     map.cursor().next.store(next, Ordering::Release);
     map.cursor().magic.store(CURSOR_MAGIC, Ordering::Release);
-    let ro = memfd::reopen_read_only(fd.as_fd())?;
-    Ok((fd, ro))
+    Ok((generation, fd, ro))
 }
 
 #[cfg(test)]
@@ -336,7 +356,7 @@ mod tests {
     fn read_all(map: &RingMap, st: &mut ReaderState) -> (Vec<(u64, Vec<u8>)>, u64, usize) {
         let (mut got, mut missed, mut corrupt) = (Vec::new(), 0, 0);
         for _ in 0..100 {
-            match try_read(map, st, |b| b.to_vec()) {
+            match try_read(map, st, &mut [0; 64], |b| b.to_vec()) {
                 ReadOutcome::Message { seq, value } => got.push((seq, value)),
                 ReadOutcome::Missed(k) => missed += k,
                 ReadOutcome::Corrupt(_) => corrupt += 1,
@@ -348,18 +368,18 @@ mod tests {
 
     #[test]
     fn publish_read_and_overrun() {
-        let (ring, signal, w) = create_ring(G, false).unwrap();
+        let (ring, signal, mut w) = create_ring(G, false).unwrap();
         let ro = memfd::reopen_read_only(ring.as_fd()).unwrap();
         let r = RingMap::map(ro.as_fd(), signal.as_fd(), G, false).unwrap();
         let mut ws = WriterState::default();
         let mut rs = ReaderState::default();
-        publish(&w, &mut ws, b"one");
-        publish(&w, &mut ws, b"two");
+        publish(&mut w, &mut ws, b"one");
+        publish(&mut w, &mut ws, b"two");
         let (got, missed, _) = read_all(&r, &mut rs);
         assert_eq!(got, vec![(0, b"one".to_vec()), (1, b"two".to_vec())]);
         assert_eq!(missed, 0);
         for i in 0..10u8 {
-            publish(&w, &mut ws, &[i]);
+            publish(&mut w, &mut ws, &[i]);
         }
         let (got, missed, _) = read_all(&r, &mut rs);
         assert_eq!(missed, 6);
@@ -398,7 +418,7 @@ mod tests {
     /// reports misses and corruption, never panics, never reads outside.
     #[test]
     fn garbage_from_a_hostile_publisher_is_reported_not_trusted() {
-        let (ring, signal, w) = create_ring(G, false).unwrap();
+        let (ring, signal, mut w) = create_ring(G, false).unwrap();
         let ro = memfd::reopen_read_only(ring.as_fd()).unwrap();
         let r = RingMap::map(ro.as_fd(), signal.as_fd(), G, false).unwrap();
         let mut rs = ReaderState::default();
@@ -424,7 +444,7 @@ mod tests {
             };
             let len = if round % 2 == 0 { next() as u32 } else { (next() % 65) as u32 };
             w.scribble(head, (next() % 4) as usize, seq, len, next() as u8);
-            match try_read(&r, &mut rs, |b| {
+            match try_read(&r, &mut rs, &mut [0; 64], |b| {
                 assert!(b.len() <= 64, "read past the slot");
                 b.len()
             }) {
@@ -435,5 +455,41 @@ mod tests {
             }
         }
         assert!(outcomes[3] > 0 && outcomes[2] > 0, "{outcomes:?}");
+    }
+
+    /// Seals are checked before the size: a sender could shrink an
+    /// unsealed memfd between a size check and the mapping.
+    #[test]
+    fn seals_are_checked_before_the_size() {
+        let loose = memfd::create("x", 100).unwrap();
+        let (_ring, signal, _w) = create_ring(G, false).unwrap();
+        assert!(matches!(
+            RingMap::map(loose.as_fd(), signal.as_fd(), G, false),
+            Err(RingMapError::NotSealed)
+        ));
+    }
+
+    /// A write begun and given up (a dropped loan) in overwrite mode: the
+    /// message that slot held is lost, and a reader must count it missed,
+    /// never accept the half-written bytes as that message.
+    #[test]
+    fn an_abandoned_write_reads_as_missed() {
+        let (ring, signal, mut w) = create_ring(G, false).unwrap();
+        let ro = memfd::reopen_read_only(ring.as_fd()).unwrap();
+        let r = RingMap::map(ro.as_fd(), signal.as_fd(), G, false).unwrap();
+        let (mut ws, mut rs) = (WriterState::default(), ReaderState::default());
+        for i in 0..4u8 {
+            publish(&mut w, &mut ws, &[i; 64]);
+        }
+        // Message 4 goes to slot 0, over message 0, which nobody read yet.
+        let index = begin_write(&w, &ws);
+        w.slot_data_mut(index)[..32].fill(0xee);
+        abandon_write(&w, &ws, index);
+        let (got, missed, corrupt) = read_all(&r, &mut rs);
+        assert_eq!((missed, corrupt), (1, 0), "{got:?}");
+        assert_eq!(got, (1..4u8).map(|i| (u64::from(i), vec![i; 64])).collect::<Vec<_>>());
+        // The next publish fills the slot properly.
+        publish(&mut w, &mut ws, b"four");
+        assert_eq!(read_all(&r, &mut rs).0, vec![(4, b"four".to_vec())]);
     }
 }

@@ -12,7 +12,7 @@
 //! raw fd number into an `OwnedFd`, which is why it lives in `sys`.
 
 use std::io;
-use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// First fd a service manager passes.
@@ -65,19 +65,28 @@ pub fn take_listen_fds() -> Result<Vec<ListenFd>, ActivationError> {
     let mut out = Vec::with_capacity(n as usize);
     for i in 0..n {
         let raw = LISTEN_FDS_START + i;
-        // SAFETY: `raw` is only borrowed for the fcntl below, which fails
-        // cleanly (EBADF) if it is not open; nothing is closed through it.
-        let borrowed = unsafe { BorrowedFd::borrow_raw(raw) };
-        let flags = rustix::io::fcntl_getfd(borrowed).map_err(|_| ActivationError::NotOpen(raw))?;
-        rustix::io::fcntl_setfd(borrowed, flags | rustix::io::FdFlags::CLOEXEC)
-            .map_err(|e| ActivationError::Fcntl { fd: raw, source: e.into() })?;
+        if !is_open(raw) {
+            return Err(ActivationError::NotOpen(raw));
+        }
         // SAFETY: the service manager passed fds 3..3+n to this process
-        // (LISTEN_PID matched), the fcntl above proved `raw` open, and the
+        // (LISTEN_PID matched), `is_open` just saw `raw` open, and the
         // TAKEN flag makes this the only place that ever takes ownership.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let flags =
+            rustix::io::fcntl_getfd(&fd).map_err(|e| ActivationError::Fcntl { fd: raw, source: e.into() })?;
+        rustix::io::fcntl_setfd(&fd, flags | rustix::io::FdFlags::CLOEXEC)
+            .map_err(|e| ActivationError::Fcntl { fd: raw, source: e.into() })?;
         out.push(ListenFd { fd, name: names.get(i as usize).cloned().flatten() });
     }
     Ok(out)
+}
+
+/// Whether `raw` is an open fd, asked of the raw number: no `BorrowedFd`
+/// is made for an fd that may not be open (`borrow_raw` requires it to be).
+fn is_open(raw: RawFd) -> bool {
+    // SAFETY: F_GETFD reads the fd's flags and touches no memory; on a
+    // number that is not an open fd it fails with EBADF.
+    unsafe { libc::fcntl(raw, libc::F_GETFD) >= 0 }
 }
 
 #[cfg(test)]
@@ -97,5 +106,15 @@ mod tests {
             assert!(std::env::var_os(v).is_none(), "{v} left set");
         }
         assert!(!TAKEN.load(Ordering::Acquire));
+    }
+
+    #[test]
+    fn closed_fds_are_seen_closed_without_borrowing_them() {
+        let fd = crate::sys::memfd::create("t", 0).unwrap();
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        assert!(is_open(raw));
+        drop(fd);
+        assert!(!is_open(-1));
+        assert!(!is_open(i32::MAX));
     }
 }

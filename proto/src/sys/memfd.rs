@@ -9,9 +9,11 @@
 //! bytes stay put and the mapping never faults past the end.
 //!
 //! Receivers (the broker, then each client) call [`check_sealed`] before
-//! they trust or map an fd: it must be a memfd, carry all the seals, and be
-//! exactly the declared size. Everything here goes through rustix and is
-//! safe code; mapping lives in [`crate::sys::mmap`].
+//! they trust or map an fd: it must be a memfd on shmem (tmpfs, never
+//! hugetlbfs), open for reading, carry all the seals, and be exactly the
+//! declared size; so a receiver can always map it read-only. Everything
+//! here goes through rustix and is safe code; mapping lives in
+//! [`crate::sys::mmap`].
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -23,7 +25,10 @@ use rustix::fs::{FallocateFlags, MemfdFlags, SealFlags};
 pub const REQUIRED_SEALS: SealFlags =
     SealFlags::SHRINK.union(SealFlags::GROW).union(SealFlags::WRITE).union(SealFlags::SEAL);
 
+/// `statfs.f_type` of tmpfs and of the kernel's internal shmem mount,
+/// where every memfd without `MFD_HUGETLB` lives.
 const TMPFS_MAGIC: i64 = 0x0102_1994;
+/// `statfs.f_type` of hugetlbfs (`MFD_HUGETLB` memfds).
 const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
 
 /// Creates an empty memfd of `len` bytes, with its pages allocated up front
@@ -92,12 +97,17 @@ pub enum MemfdError {
     NotSealed,
     #[error("memfd holds {actual} bytes, {declared} were declared")]
     SizeMismatch { declared: u64, actual: u64 },
+    /// A sealed memfd that cannot be mapped read-only: a write-only (or
+    /// `O_PATH`) file description, or one on hugetlbfs, whose pages may not
+    /// exist (no huge pages reserved) and would fail every mapping.
+    #[error("memfd cannot be mapped read-only: {0}")]
+    Unmappable(&'static str),
     #[error("cannot inspect the fd: {0}")]
     Io(String),
 }
 
-/// Checks that `fd` is a memfd carrying [`REQUIRED_SEALS`] and exactly
-/// `declared` bytes long.
+/// Checks that `fd` is a readable shmem memfd carrying [`REQUIRED_SEALS`]
+/// and exactly `declared` bytes long: what a receiver may map read-only.
 pub fn check_sealed(fd: BorrowedFd<'_>, declared: u64) -> Result<(), MemfdError> {
     let actual = sealed_len(fd)?;
     if actual != declared {
@@ -106,13 +116,26 @@ pub fn check_sealed(fd: BorrowedFd<'_>, declared: u64) -> Result<(), MemfdError>
     Ok(())
 }
 
-/// The size of a memfd carrying [`REQUIRED_SEALS`].
+/// The size of a readable shmem memfd carrying [`REQUIRED_SEALS`].
 pub fn sealed_len(fd: BorrowedFd<'_>) -> Result<u64, MemfdError> {
     let io = |e: rustix::io::Errno| MemfdError::Io(e.to_string());
+    // The access mode first: mmap(PROT_READ) needs a file description open
+    // for reading, and O_PATH ones cannot even be asked for their seals.
+    let mode = rustix::fs::fcntl_getfl(fd).map_err(io)?;
+    if mode.contains(rustix::fs::OFlags::PATH) {
+        return Err(MemfdError::NotMemfd);
+    }
+    let access = mode & rustix::fs::OFlags::RWMODE;
+    if access != rustix::fs::OFlags::RDONLY && access != rustix::fs::OFlags::RDWR {
+        return Err(MemfdError::Unmappable("not open for reading"));
+    }
     let fs = rustix::fs::fstatfs(fd).map_err(io)?;
     #[allow(clippy::unnecessary_cast)] // f_type's width differs between libcs
     let magic = fs.f_type as i64;
-    if magic != TMPFS_MAGIC && magic != HUGETLBFS_MAGIC {
+    if magic == HUGETLBFS_MAGIC {
+        return Err(MemfdError::Unmappable("on hugetlbfs"));
+    }
+    if magic != TMPFS_MAGIC {
         return Err(MemfdError::NotMemfd);
     }
     // A tmpfs file opened by path is shmem too; only memfd_create names
@@ -161,5 +184,39 @@ mod tests {
         assert_eq!(check_sealed(f.as_fd(), 0), Err(MemfdError::NotMemfd));
         let empty = from_bytes("t", b"").unwrap();
         check_sealed(empty.as_fd(), 0).unwrap();
+    }
+
+    /// A sealed memfd reopened write-only passes every seal and size
+    /// check, but cannot be mapped `PROT_READ`: refused.
+    #[test]
+    fn a_write_only_memfd_is_refused() {
+        let fd = from_bytes("t", b"hello").unwrap();
+        let wronly = rustix::fs::open(
+            format!("/proc/self/fd/{}", fd.as_raw_fd()),
+            rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .unwrap();
+        assert!(check_sealed(wronly.as_fd(), 5).is_err(), "a write-only fd passed");
+        assert!(sealed_len(wronly.as_fd()).is_err(), "a write-only fd passed");
+        // The read-only and read-write ones still pass.
+        check_sealed(reopen_read_only(fd.as_fd()).unwrap().as_fd(), 5).unwrap();
+        check_sealed(fd.as_fd(), 5).unwrap();
+    }
+
+    /// A sealed hugetlbfs memfd: on a host with no huge pages reserved its
+    /// mapping fails (ENOMEM), and elsewhere it pins scarce memory; refused
+    /// either way. Skipped (with a note) where hugetlbfs memfds cannot be
+    /// made at all.
+    #[test]
+    fn a_hugetlb_memfd_is_refused() {
+        let flags = MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING | MemfdFlags::HUGETLB;
+        let fd = match rustix::fs::memfd_create("huge", flags) {
+            Ok(fd) => fd,
+            Err(e) => return eprintln!("skipped: this kernel makes no hugetlb memfd ({e})"),
+        };
+        rustix::fs::ftruncate(&fd, 2 << 20).unwrap();
+        rustix::fs::fcntl_add_seals(&fd, REQUIRED_SEALS).unwrap();
+        assert!(check_sealed(fd.as_fd(), 2 << 20).is_err(), "a hugetlbfs memfd passed");
     }
 }

@@ -8,13 +8,17 @@
 //!   out a `&[u8]` over shared memory sound.
 //! - [`MappedRw`] maps a memfd this process created and has not shared yet
 //!   (a loan), writable. Nobody else holds the fd, so nobody else can
-//!   truncate or write it while the `&mut [u8]` lives.
+//!   truncate or write it while the `&mut [u8]` lives. Mapping an fd is
+//!   `unsafe` (only the caller can know nobody else holds it);
+//!   [`ExclusiveMemfd`] is the safe way: it creates the memfd itself, keeps
+//!   the fd to itself, maps it at most once, and lets the fd out only by
+//!   unmapping and sealing it.
 //!
 //! Both may ask for `MAP_POPULATE`, which pre-faults every page in one
 //! call instead of one fault per page (this VM pays dearly for faults).
 
 use std::io;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 
 use rustix::mm::{MapFlags, ProtFlags};
@@ -95,9 +99,12 @@ unsafe impl Send for MappedRw {}
 impl MappedRw {
     /// Maps `len` bytes of `fd` writable.
     ///
-    /// The caller must hold the only reference to a memfd of at least `len`
-    /// bytes that no other process has (it was created here and not sent),
-    /// which `memfd::create` followed by this call guarantees.
+    /// # Safety
+    /// `fd` must be a memfd of at least `len` bytes that nothing else can
+    /// truncate or write while the mapping lives: no other process holds
+    /// it (it was created here and not sent), and no other mapping of it
+    /// exists or will be made in this process. [`ExclusiveMemfd`] keeps
+    /// those promises for its caller.
     ///
     /// From [`HUGE_ADVICE_MIN`] bytes up, the mapping asks for transparent
     /// huge pages (`MADV_HUGEPAGE`) before it is populated. Where the system
@@ -105,7 +112,7 @@ impl MappedRw {
     /// `within_size`), unmapping and sealing a 64 MiB loan then takes tens
     /// of microseconds instead of milliseconds, and readers fault in 2 MiB
     /// at a time; elsewhere the advice is ignored.
-    pub fn map_exclusive(fd: BorrowedFd<'_>, len: usize, populate: bool) -> io::Result<MappedRw> {
+    pub unsafe fn map_exclusive(fd: BorrowedFd<'_>, len: usize, populate: bool) -> io::Result<MappedRw> {
         let st = rustix::fs::fstat(fd)?;
         if (st.st_size as u64) < len as u64 {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "memfd smaller than the mapping"));
@@ -116,8 +123,9 @@ impl MappedRw {
         let huge = len >= HUGE_ADVICE_MIN;
         let flags = if populate && !huge { MapFlags::SHARED | MapFlags::POPULATE } else { MapFlags::SHARED };
         // SAFETY: a fresh mapping aliases no Rust object; the memfd is at
-        // least `len` bytes (checked above) and held by nobody else, so no
-        // one can truncate it under the mapping or write it concurrently.
+        // least `len` bytes (checked above) and, by the caller's promise,
+        // held by nobody else, so no one can truncate it under the mapping
+        // or write it concurrently.
         let ptr = unsafe {
             rustix::mm::mmap(std::ptr::null_mut(), len, ProtFlags::READ | ProtFlags::WRITE, flags, fd, 0)
         }?;
@@ -159,6 +167,65 @@ impl Drop for MappedRw {
     }
 }
 
+/// A memfd created by this process and shared with no one, with at most
+/// one writable mapping: the safe way to fill a payload in place.
+///
+/// The fd never leaves this value except through [`ExclusiveMemfd::seal`],
+/// which unmaps it first, so while the mapping lives nobody else can write
+/// or truncate the memory behind [`ExclusiveMemfd::as_mut_slice`].
+#[derive(Debug)]
+pub struct ExclusiveMemfd {
+    fd: OwnedFd,
+    len: usize,
+    map: Option<MappedRw>,
+}
+
+impl ExclusiveMemfd {
+    /// A new memfd of `len` bytes (see [`memfd::create`]), not mapped yet.
+    pub fn create(name: &str, len: usize) -> io::Result<ExclusiveMemfd> {
+        Ok(ExclusiveMemfd { fd: memfd::create(name, len as u64)?, len, map: None })
+    }
+
+    /// Maps it writable (once; later calls do nothing), pre-faulted if
+    /// `populate` (see [`MappedRw::map_exclusive`] for huge pages).
+    pub fn map(&mut self, populate: bool) -> io::Result<()> {
+        if self.map.is_none() {
+            // SAFETY: `create` made this memfd `len` bytes long, its fd has
+            // never left this value (no accessor hands it out), and `map`
+            // is `None`, so this is its only mapping.
+            self.map = Some(unsafe { MappedRw::map_exclusive(self.fd.as_fd(), self.len, populate)? });
+        }
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The mapped bytes (empty before [`ExclusiveMemfd::map`]).
+    pub fn as_slice(&self) -> &[u8] {
+        self.map.as_ref().map_or(&[], MappedRw::as_slice)
+    }
+
+    /// The mapped bytes, writable (empty before [`ExclusiveMemfd::map`]).
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        self.map.as_mut().map_or(&mut [], MappedRw::as_mut_slice)
+    }
+
+    /// Unmaps and adds [`memfd::REQUIRED_SEALS`]: what is left is an
+    /// immutable memfd of `len` bytes, to send.
+    pub fn seal(mut self) -> io::Result<(OwnedFd, u64)> {
+        // F_SEAL_WRITE fails while a writable mapping exists.
+        self.map = None;
+        memfd::seal(self.fd.as_fd())?;
+        Ok((self.fd, self.len as u64))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,7 +234,9 @@ mod tests {
     #[test]
     fn loan_then_seal_then_read() {
         let fd = memfd::create("t", 8192).unwrap();
-        let mut w = MappedRw::map_exclusive(fd.as_fd(), 8192, true).unwrap();
+        // SAFETY: `fd` was just created here, is 8192 bytes, and is mapped
+        // nowhere else.
+        let mut w = unsafe { MappedRw::map_exclusive(fd.as_fd(), 8192, true) }.unwrap();
         w.as_mut_slice()[..5].copy_from_slice(b"hello");
         w.as_mut_slice()[8191] = 7;
         // Sealing fails while the writable mapping lives.
@@ -194,6 +263,18 @@ mod tests {
             )
         };
         assert!(r.is_err());
+    }
+
+    #[test]
+    fn an_exclusive_memfd_is_filled_then_sealed() {
+        let mut m = ExclusiveMemfd::create("t", 4096).unwrap();
+        assert!(m.as_slice().is_empty(), "nothing before map");
+        m.map(true).unwrap();
+        m.map(true).unwrap();
+        m.as_mut_slice()[..3].copy_from_slice(b"abc");
+        let (fd, len) = m.seal().unwrap();
+        let r = MappedRo::map_sealed(fd.as_fd(), len, false).unwrap();
+        assert_eq!(&r.as_slice()[..3], b"abc");
     }
 
     #[test]

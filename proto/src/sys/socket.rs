@@ -57,7 +57,9 @@ fn seqpacket(nonblocking: bool) -> io::Result<OwnedFd> {
 
 /// Binds and listens on `addr`, non-blocking. For a path address, a stale
 /// socket file that nobody listens on any more is replaced; a live one is
-/// `AddrInUse`.
+/// `AddrInUse`, and so is anything at the path that is not a socket (it is
+/// never deleted: `lstat` must say `S_IFSOCK`, so not even a symlink to a
+/// socket is followed).
 pub fn listen(addr: &Address, backlog: i32) -> io::Result<OwnedFd> {
     let fd = seqpacket(true)?;
     let sa = sockaddr(addr)?;
@@ -69,6 +71,13 @@ pub fn listen(addr: &Address, backlog: i32) -> io::Result<OwnedFd> {
                 return Err(io::Error::from(io::ErrorKind::AddrInUse));
             }
             if let Address::Path(p) = addr {
+                let st = rustix::fs::lstat(p.as_path())?;
+                if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::Socket {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        format!("{} exists and is not a socket", p.display()),
+                    ));
+                }
                 std::fs::remove_file(p)?;
             }
             rustix::net::bind(&fd, &sa)?;
@@ -479,10 +488,54 @@ mod tests {
             std::ptr::copy_nonoverlapping(raw.as_ptr(), libc::CMSG_DATA(c).cast(), raw.len());
             assert_eq!(libc::sendmsg(a.as_raw_fd(), &m, 0), 1);
         }
+        // Count the fds open on `x`'s socket (other tests in this process
+        // open fds of their own meanwhile, but never on this socket).
+        let target = std::fs::read_link(format!("/proc/self/fd/{}", x.as_raw_fd())).unwrap();
+        let open_on_x = || {
+            std::fs::read_dir("/proc/self/fd")
+                .unwrap()
+                .flatten()
+                .filter(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == target))
+                .count()
+        };
+        drop(many);
+        // `x` itself; the ones in flight are held by the socket buffer.
+        assert_eq!(open_on_x(), 1);
         let mut batch = RecvBatch::new(1);
         assert_eq!(batch.recv(b.as_fd(), false).unwrap(), 1);
         let (_, st, fds) = batch.packet(0);
         assert!(st.fds_truncated);
         assert!(fds.len() <= MAX_FDS_PER_PACKET);
+        let received = fds.len();
+        // What the kernel installed is exactly what we were handed, each
+        // with close-on-exec; the rest were dropped by the kernel.
+        assert_eq!(open_on_x(), 1 + received, "an fd arrived that the batch does not own");
+        assert!(fds
+            .iter()
+            .all(|f| rustix::io::fcntl_getfd(f).unwrap().contains(rustix::io::FdFlags::CLOEXEC)));
+        // Dropping them leaves nothing open: the rest died in the kernel.
+        drop(fds);
+        drop(batch);
+        assert_eq!(open_on_x(), 1, "a received fd leaked");
+    }
+
+    /// A regular file where the socket should go is an error, and stays.
+    #[test]
+    fn listen_never_deletes_what_is_not_a_socket() {
+        let dir = std::env::temp_dir().join(format!("shmbus-listen-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("not-a-socket");
+        std::fs::write(&file, b"precious").unwrap();
+        let addr = Address::Path(file.clone());
+        assert!(listen(&addr, 4).is_err(), "listened over a regular file");
+        assert_eq!(std::fs::read(&file).unwrap(), b"precious");
+        // A stale socket (nobody listens) is still replaced; a live one is not.
+        let sock = dir.join("stale");
+        let addr = Address::Path(sock.clone());
+        drop(listen(&addr, 4).unwrap());
+        let live = listen(&addr, 4).unwrap();
+        assert_eq!(listen(&addr, 4).unwrap_err().kind(), io::ErrorKind::AddrInUse);
+        drop(live);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
