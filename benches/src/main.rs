@@ -4,6 +4,7 @@
 //! cargo run --release -p shmbus-benches -- latency [--json]
 //! cargo run --release -p shmbus-benches -- throughput [--json]
 //! cargo run --release -p shmbus-benches -- router [--json]
+//! cargo run --release -p shmbus-benches -- request [--json]
 //! cargo run --release -p shmbus-benches -- all [--json]
 //! ```
 //!
@@ -12,7 +13,7 @@
 //! broker's; `diag-publish-cost` times `publish()` against a raw send.
 //!
 //! Every peer is a separate process: this binary re-executes itself in a
-//! helper role (`__broker`, `__echo-*`, `__pub-*`), so the broker under
+//! helper role (`__broker`, `__echo-*`, `__pub-*`, `__service`), so the broker under
 //! test is the real broker code in its own process, and the floors are
 //! measured between two processes as well. The machines are small and
 //! noisy: read the ratios of one run, not absolute times across runs.
@@ -20,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 mod payload;
+mod request;
 mod ring;
 mod router;
 
@@ -82,6 +84,7 @@ fn main() {
         "__ring-sink" => return ring::helper_sink(&args[1], args[2].parse().unwrap()),
         "__ring-pub" => return ring::helper_pub(&args[1], args[2].parse().unwrap()),
         "__router-mem" => return router::helper_mem(&args[1]),
+        "__service" => return request::helper_service(&args[1]),
         _ => {}
     }
     let mut report = Report { json, rows: Vec::new() };
@@ -151,6 +154,7 @@ fn main() {
         "fanout" => payload::fanout(&mut report),
         "ring" => ring::ring(&mut report),
         "router" => router::router(&mut report),
+        "request" => request::request(&mut report),
         "all" => {
             latency(&mut report);
             throughput(&mut report);
@@ -158,10 +162,11 @@ fn main() {
             payload::fanout(&mut report);
             ring::ring(&mut report);
             router::router(&mut report);
+            request::request(&mut report);
         }
         other => {
             eprintln!(
-                "unknown scenario {other:?}; try latency, throughput, payload, fanout, ring, router or all"
+                "unknown scenario {other:?}; try latency, throughput, payload, fanout, ring, router, request or all"
             );
             std::process::exit(2);
         }
@@ -615,7 +620,7 @@ fn tp_relay(size: usize) -> f64 {
 
 /// Through the broker: publisher process → broker → this subscriber.
 /// Returns (delivered msgs/s, dropped).
-fn tp_broker(size: usize, batched: bool) -> (f64, u64) {
+pub(crate) fn tp_broker(size: usize, batched: bool) -> (f64, u64) {
     let n = count_for(size);
     let (_broker, addr) = start_broker("tp");
     let c = connect_retry(&addr);
