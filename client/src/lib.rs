@@ -39,6 +39,9 @@ mod channel;
 mod client;
 mod connection;
 mod error;
+/// For the fuzz targets in `fuzz/`; not an API.
+#[doc(hidden)]
+pub mod fuzzing;
 mod loan;
 mod message;
 mod service;
