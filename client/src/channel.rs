@@ -229,17 +229,26 @@ impl ChannelPublisher {
             }
             st.reader_events.get_mut(&self.channel_id).map(|q| q.drain(..).collect()).unwrap_or_default()
         };
+        // Every piece of news is applied, even after one fails: a lost
+        // leave would keep a dead reader in the set for ever.
+        let mut failed = None;
         for ev in events {
             self.applied = ev.generation;
             if ev.joined {
                 if let Some(fd) = ev.cursor {
-                    self.readers.push((ev.reader_id, CursorMap::map(fd.as_fd(), false)?));
+                    match CursorMap::map(fd.as_fd(), false) {
+                        Ok(c) => self.readers.push((ev.reader_id, c)),
+                        Err(e) => failed = failed.or(Some(e)),
+                    }
                 }
             } else {
                 self.readers.retain(|(id, _)| *id != ev.reader_id);
             }
         }
-        Ok(())
+        match failed {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
     }
 
     /// Reads the broker's news about readers joining and leaving now.

@@ -117,24 +117,35 @@ struct Payload {
 }
 
 /// Checks a payload of a `Request` or `Reply` as `Publish` checks its own.
-fn check_payload(payload_ref: PayloadRef, bytes: &[u8], mut fds: Vec<OwnedFd>) -> Result<Payload, String> {
+fn check_payload(
+    payload_ref: PayloadRef,
+    bytes: &[u8],
+    mut fds: Vec<OwnedFd>,
+) -> Result<Payload, (ErrorCode, String)> {
     match payload_ref {
         PayloadRef::Inline => {
             if bytes.len() > MAX_INLINE_PAYLOAD {
-                return Err("inline payload too large".into());
+                return Err((ErrorCode::PayloadTooLarge, "inline payload too large".into()));
             }
             let inline = (!bytes.is_empty()).then(|| Arc::from(bytes));
             Ok(Payload { payload_ref, inline, shared: None })
         }
         PayloadRef::Memfd { len } => {
             if fds.len() != 1 || !bytes.is_empty() {
-                return Err(format!(
-                    "a memfd payload is exactly 1 fd and no inline bytes; {} fds came",
-                    fds.len()
-                ));
+                let msg =
+                    format!("a memfd payload is exactly 1 fd and no inline bytes; {} fds came", fds.len());
+                return Err((ErrorCode::WrongFdCount, msg));
             }
             let fd = fds.pop().expect("one fd, checked above");
-            memfd::check_sealed(fd.as_fd(), len).map_err(|e: MemfdError| format!("fd refused: {e}"))?;
+            memfd::check_sealed(fd.as_fd(), len).map_err(|e: MemfdError| {
+                let code = match e {
+                    MemfdError::NotMemfd => ErrorCode::NotMemfd,
+                    MemfdError::NotSealed => ErrorCode::NotSealed,
+                    MemfdError::SizeMismatch { .. } => ErrorCode::SizeMismatch,
+                    MemfdError::Io(_) | MemfdError::Unmappable(_) => ErrorCode::FdRefused,
+                };
+                (code, format!("fd refused: {e}"))
+            })?;
             Ok(Payload { payload_ref, inline: None, shared: Some(Rc::new(SharedFd { fd, len })) })
         }
     }
@@ -277,7 +288,7 @@ impl Bus {
         }
         let payload = match check_payload(r.payload, bytes, fds) {
             Ok(p) => p,
-            Err(msg) => return refuse(self, Outcome::Invalid { message: &msg }),
+            Err((_, msg)) => return refuse(self, Outcome::Invalid { message: &msg }),
         };
         let charge = if r.no_reply {
             charge_usage(&usage, &[])
@@ -367,7 +378,7 @@ impl Bus {
         let responder = Sender { client_id: id, uid: p.cred.uid, gid: p.cred.gid, pid: p.cred.pid };
         let payload = match check_payload(r.payload, bytes, fds) {
             Ok(p) => p,
-            Err(msg) => {
+            Err((code, msg)) => {
                 // The caller still gets its one answer.
                 let told = format!("the service's reply was refused: {msg}");
                 self.answer(
@@ -378,7 +389,7 @@ impl Bus {
                     None,
                     now,
                 );
-                return self.op_error(id, op, ErrorCode::FdRefused, &msg, now);
+                return self.op_error(id, op, code, &msg, now);
             }
         };
         let outcome = match r.status {
