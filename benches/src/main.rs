@@ -108,8 +108,11 @@ fn main() {
                 socket::send_packet(fd.as_fd(), OutPacket { head: b, payload: &[], fds: &[] }, false).unwrap()
             };
             send(
-                &shmbus_proto::frame::encode_head(&shmbus_proto::frame::Hello { version: 1, name: "r" })
-                    .unwrap(),
+                &shmbus_proto::frame::encode_head(&shmbus_proto::frame::Hello {
+                    version: shmbus_proto::frame::PROTOCOL_VERSION.into(),
+                    name: "r",
+                })
+                .unwrap(),
             );
             let frame =
                 encode_frame(&Publish { topic: "bench.tp", payload: PayloadRef::Inline }, &payload).unwrap();
