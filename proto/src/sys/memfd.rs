@@ -186,6 +186,45 @@ mod tests {
         check_sealed(empty.as_fd(), 0).unwrap();
     }
 
+    /// `create` makes a memfd that is close-on-exec (an exec'd child
+    /// inherits no payload) and that can be sealed; `reopen_read_only`
+    /// gives a read-only fd, close-on-exec too.
+    #[test]
+    fn created_memfds_are_close_on_exec_and_sealable() {
+        let fd = create("t", 10).unwrap();
+        let flags = rustix::io::fcntl_getfd(&fd).unwrap();
+        assert!(flags.contains(rustix::io::FdFlags::CLOEXEC), "a memfd without FD_CLOEXEC");
+        seal(fd.as_fd()).unwrap();
+        assert!(rustix::fs::fcntl_get_seals(&fd).unwrap().contains(REQUIRED_SEALS));
+        check_sealed(fd.as_fd(), 10).unwrap();
+        let ro = reopen_read_only(fd.as_fd()).unwrap();
+        let flags = rustix::io::fcntl_getfd(&ro).unwrap();
+        assert!(flags.contains(rustix::io::FdFlags::CLOEXEC), "a reopened memfd without FD_CLOEXEC");
+        let mode = rustix::fs::fcntl_getfl(&ro).unwrap() & rustix::fs::OFlags::RWMODE;
+        assert_eq!(mode, rustix::fs::OFlags::RDONLY);
+    }
+
+    /// Small memfds get their pages up front (`fallocate`); from
+    /// `HUGE_ADVICE_MIN` up they get none, so the filling mapping can ask
+    /// for huge pages.
+    #[test]
+    fn only_small_memfds_are_allocated_up_front() {
+        let min = crate::sys::mmap::HUGE_ADVICE_MIN as u64;
+        let allocated = |len: u64| {
+            let fd = create("t", len).unwrap();
+            let st = rustix::fs::fstat(&fd).unwrap();
+            assert_eq!(st.st_size as u64, len);
+            st.st_blocks as u64 * 512
+        };
+        assert_eq!(allocated(0), 0);
+        for len in [1, 4096, min - 1] {
+            assert!(allocated(len) >= len, "{len} bytes not allocated up front");
+        }
+        for len in [min, 2 * min] {
+            assert_eq!(allocated(len), 0, "{len} bytes allocated up front");
+        }
+    }
+
     /// A sealed memfd reopened write-only passes every seal and size
     /// check, but cannot be mapped `PROT_READ`: refused.
     #[test]
