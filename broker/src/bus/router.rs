@@ -1065,6 +1065,48 @@ mod tests {
         r.assert_pristine();
     }
 
+    /// A leaf's own bookkeeping: it indexes its keys from `INDEX_ABOVE + 1`
+    /// on and drops the index at `INDEX_DROP`; as keys go, its key list and
+    /// index give memory back (at most 4× what they hold, and after a
+    /// shrink room for 2×).
+    #[test]
+    fn a_leaf_indexes_many_keys_and_gives_memory_back() {
+        let mut leaf: Leaf<u64> = Leaf::EMPTY;
+        for k in 0..INDEX_ABOVE as u64 {
+            assert!(leaf.insert(k));
+            assert!(leaf.index.is_none(), "indexed at {} keys", k + 1);
+        }
+        assert!(leaf.insert(INDEX_ABOVE as u64));
+        assert!(leaf.index.is_some(), "not indexed at {} keys", INDEX_ABOVE + 1);
+        for k in INDEX_ABOVE as u64 + 1..1000 {
+            assert!(leaf.insert(k));
+        }
+        assert!(!leaf.insert(5), "a key held twice");
+        let right = |leaf: &Leaf<u64>| {
+            for (i, k) in leaf.keys.iter().enumerate() {
+                assert_eq!(leaf.position(k), Some(i));
+            }
+        };
+        right(&leaf);
+        for k in 20..1000 {
+            assert!(leaf.remove(&k));
+        }
+        assert!(!leaf.remove(&500), "a key removed twice");
+        right(&leaf);
+        assert_eq!(leaf.keys.len(), 20);
+        assert!(leaf.keys.capacity() <= 4 * 20 + 4, "keys keep room for {}", leaf.keys.capacity());
+        let index = leaf.index.as_ref().expect("still indexed at 20 keys");
+        assert!(index.capacity() <= 4 * 20, "the index keeps room for {}", index.capacity());
+        assert!(index.capacity() >= 2 * 20, "the index shrank to {}", index.capacity());
+        for k in INDEX_DROP as u64 + 1..20 {
+            assert!(leaf.remove(&k));
+        }
+        assert!(leaf.index.is_some(), "index dropped at {} keys", INDEX_DROP + 1);
+        assert!(leaf.remove(&(INDEX_DROP as u64)));
+        assert!(leaf.index.is_none(), "index kept at {} keys", INDEX_DROP);
+        right(&leaf);
+    }
+
     #[test]
     fn patterns_in_order_from_any_point() {
         let mut r: Router<(u64, u32)> = Router::new();
