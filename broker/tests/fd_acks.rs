@@ -16,10 +16,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
 use std::os::fd::AsFd;
 use std::process::{Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -259,13 +257,6 @@ fn helper_process() {
     println!("{SAY}result flood={first} after={second}");
 }
 
-struct Helper {
-    child: ChildGuard,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-    stderr: Arc<Mutex<Vec<u8>>>,
-}
-
 fn helper(b: &Broker) -> Helper {
     let exe = std::env::current_exe().unwrap();
     let mut cmd = Command::new(exe);
@@ -275,63 +266,7 @@ fn helper(b: &Broker) -> Helper {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = spawn_retrying(&mut cmd).expect("spawn the subscriber helper");
-    let out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let stderr = Arc::new(Mutex::new(Vec::new()));
-    let sink = stderr.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = err.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            sink.lock().unwrap().extend_from_slice(&buf[..n]);
-        }
-    });
-    Helper { child: ChildGuard(Some(child)), lines, seen: Vec::new(), stderr }
-}
-
-impl Helper {
-    /// Waits (bounded) until the helper says `what`; returns the rest of
-    /// that line.
-    fn expect(&mut self, what: &str) -> String {
-        let want = format!("{SAY}{what}");
-        let start = Instant::now();
-        loop {
-            match self.lines.recv_timeout(PATIENCE.saturating_sub(start.elapsed())) {
-                // libtest may print "test helper_process ... " first.
-                Ok(line) => match line.find(&want) {
-                    Some(at) => return line[at + want.len()..].trim().to_owned(),
-                    None => self.seen.push(line),
-                },
-                Err(_) => panic!(
-                    "the helper never said {what:?}; its stdout: {:?}; its stderr:\n{}",
-                    self.seen,
-                    String::from_utf8_lossy(&self.stderr.lock().unwrap())
-                ),
-            }
-        }
-    }
-
-    /// Waits (bounded) for the helper to exit, which it must do cleanly.
-    fn finish(mut self) {
-        let mut child = self.child.0.take().unwrap();
-        let status = wait_timeout(&mut child, PATIENCE);
-        assert!(
-            status.is_some_and(|s| s.success()),
-            "helper ended with {status:?}; its stderr:\n{}",
-            String::from_utf8_lossy(&self.stderr.lock().unwrap())
-        );
-    }
+    Helper::spawn(&mut cmd, SAY)
 }
 
 /// A subscriber process under a low RLIMIT_NOFILE gets 64 memfds while it

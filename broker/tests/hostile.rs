@@ -74,11 +74,10 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader, Read};
 use std::os::fd::{AsFd, OwnedFd};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -274,14 +273,6 @@ fn helper_process() {
     }
 }
 
-/// A helper process: this binary, run as `uid` in `role`.
-struct Helper {
-    child: ChildGuard,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-    stderr: Arc<Mutex<Vec<u8>>>,
-}
-
 fn helper(role: &str, address: &str, count: usize, uid: Option<u32>) -> Helper {
     let exe = std::env::current_exe().unwrap();
     let exe = exe.to_str().unwrap();
@@ -296,68 +287,7 @@ fn helper(role: &str, address: &str, count: usize, uid: Option<u32>) -> Helper {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = spawn_retrying(&mut cmd).expect("spawn a helper process");
-    let out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let stderr = Arc::new(Mutex::new(Vec::new()));
-    let sink = stderr.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = err.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            sink.lock().unwrap().extend_from_slice(&buf[..n]);
-        }
-    });
-    Helper { child: ChildGuard(Some(child)), lines, seen: Vec::new(), stderr }
-}
-
-impl Helper {
-    fn stderr(&self) -> String {
-        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
-    }
-
-    /// Waits (bounded) until the helper says `what`; returns the rest of
-    /// that line.
-    fn expect(&mut self, what: &str) -> String {
-        let want = format!("{SAY}{what}");
-        let start = Instant::now();
-        loop {
-            match self.lines.recv_timeout(PATIENCE.saturating_sub(start.elapsed())) {
-                // libtest may print "test helper_process ... " first, on
-                // the same line.
-                Ok(line) => match line.find(&want) {
-                    Some(at) => return line[at + want.len()..].trim().to_owned(),
-                    None => self.seen.push(line),
-                },
-                Err(_) => panic!(
-                    "the helper never said {what:?}; its stdout: {:?}; its stderr:\n{}",
-                    self.seen,
-                    self.stderr()
-                ),
-            }
-        }
-    }
-
-    /// Waits (bounded) for the helper to exit, which it must do cleanly.
-    fn finish(mut self) {
-        let mut child = self.child.0.take().unwrap();
-        let status = wait_timeout(&mut child, PATIENCE);
-        assert!(
-            status.is_some_and(|s| s.success()),
-            "helper ended with {status:?}; its stderr:\n{}",
-            self.stderr()
-        );
-    }
+    Helper::spawn(&mut cmd, SAY)
 }
 
 // ------------------------------------------------------------- attacks --

@@ -12,9 +12,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -132,14 +130,6 @@ fn serve_loop(client: &Client, service: &shmbus::Service, ctl: &shmbus::Subscrip
     }
 }
 
-/// A helper process.
-struct Helper {
-    child: ChildGuard,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-    stderr: Arc<Mutex<Vec<u8>>>,
-}
-
 fn helper(b: &Broker, role: &str, name: &str, tag: &str, flags: &str) -> Helper {
     let exe = std::env::current_exe().unwrap();
     let mut cmd = Command::new(exe);
@@ -152,29 +142,7 @@ fn helper(b: &Broker, role: &str, name: &str, tag: &str, flags: &str) -> Helper 
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = spawn_retrying(&mut cmd).expect("spawn the helper");
-    let out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let stderr = Arc::new(Mutex::new(Vec::new()));
-    let sink = stderr.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = err.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            sink.lock().unwrap().extend_from_slice(&buf[..n]);
-        }
-    });
-    Helper { child: ChildGuard(Some(child)), lines, seen: Vec::new(), stderr }
+    Helper::spawn(&mut cmd, SAY)
 }
 
 /// A service helper on `name`, ready; returns it and its client id.
@@ -185,27 +153,6 @@ fn service(b: &Broker, name: &str, tag: &str, flags: &str) -> (Helper, u64) {
 }
 
 impl Helper {
-    /// Waits (bounded) until the helper says `what`; returns the rest of
-    /// that line.
-    fn expect(&mut self, what: &str) -> String {
-        let want = format!("{SAY}{what}");
-        let start = Instant::now();
-        loop {
-            match self.lines.recv_timeout(PATIENCE.saturating_sub(start.elapsed())) {
-                // libtest may print "test helper_process ... " first.
-                Ok(line) => match line.find(&want) {
-                    Some(at) => return line[at + want.len()..].trim().to_owned(),
-                    None => self.seen.push(line),
-                },
-                Err(_) => panic!(
-                    "the helper never said {what:?}; its stdout: {:?}; its stderr:\n{}",
-                    self.seen,
-                    String::from_utf8_lossy(&self.stderr.lock().unwrap())
-                ),
-            }
-        }
-    }
-
     /// Kills it with SIGKILL and reaps it.
     fn kill(&mut self) {
         let mut child = self.child.0.take().unwrap();

@@ -616,3 +616,84 @@ impl Raw {
         assert!(self.recv().is_none(), "the connection must be closed after a goodbye");
     }
 }
+
+/// A helper process (this test binary re-run in a role): its stdout read
+/// line by line, its stderr kept for failure messages. Lines it says start
+/// with the test file's own marker; `expect` waits, bounded, for one.
+pub struct Helper {
+    pub child: ChildGuard,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    say: &'static str,
+}
+
+impl Helper {
+    /// Spawns `cmd` (stdout and stderr piped here) as a helper whose lines
+    /// start with `say`.
+    pub fn spawn(cmd: &mut Command, say: &'static str) -> Helper {
+        use std::io::{BufRead, Read};
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = spawn_retrying(cmd).expect("spawn a helper process");
+        let out = child.stdout.take().unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Helper { child: ChildGuard(Some(child)), lines, seen: Vec::new(), stderr, say }
+    }
+
+    /// What the helper wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+
+    /// Waits (bounded) until the helper says `what`; returns the rest of
+    /// that line.
+    pub fn expect(&mut self, what: &str) -> String {
+        let want = format!("{}{what}", self.say);
+        let start = Instant::now();
+        loop {
+            match self.lines.recv_timeout(PATIENCE.saturating_sub(start.elapsed())) {
+                // libtest may print "test helper_process ... " first, on
+                // the same line.
+                Ok(line) => match line.find(&want) {
+                    Some(at) => return line[at + want.len()..].trim().to_owned(),
+                    None => self.seen.push(line),
+                },
+                Err(_) => panic!(
+                    "the helper never said {what:?}; its stdout: {:?}; its stderr:\n{}",
+                    self.seen,
+                    self.stderr()
+                ),
+            }
+        }
+    }
+
+    /// Waits (bounded) for the helper to exit, which it must do cleanly.
+    pub fn finish(mut self) {
+        let mut child = self.child.0.take().unwrap();
+        let status = wait_timeout(&mut child, PATIENCE);
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "helper ended with {status:?}; its stderr:\n{}",
+            self.stderr()
+        );
+    }
+}
