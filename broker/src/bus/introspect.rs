@@ -38,82 +38,32 @@ impl Bus {
     ) {
         let (items, next) = match what {
             QueryKind::Stats => (vec![QueryItemBody::Stats(self.stats(now))], None),
-            QueryKind::Topics => {
-                let mut budget = Budget::default();
-                let mut items = Vec::new();
-                let mut last = None;
-                let mut more = false;
-                for (pattern, n) in self.router.patterns_after(after) {
-                    if budget.full() {
-                        more = true;
-                        break;
-                    }
-                    budget.take(pattern.len() + 16);
-                    last = Some(pattern.to_owned());
-                    items.push(QueryItemBody::Topic(TopicInfo {
-                        pattern: pattern.to_owned(),
-                        subscribers: n,
-                    }));
-                }
-                (items, if more { last } else { None })
-            }
+            QueryKind::Topics => page(self.router.patterns_after(after).map(|(pattern, n)| {
+                let item = QueryItemBody::Topic(TopicInfo { pattern: pattern.to_owned(), subscribers: n });
+                (pattern.to_owned(), item, pattern.len() + 16)
+            })),
             QueryKind::Clients => {
                 let Some(start) = parse_after(after) else {
                     return self.bad_cursor(id, req_id, now);
                 };
-                let mut budget = Budget::default();
-                let mut items = Vec::new();
-                let mut last = None;
-                let mut more = false;
-                for (&pid, p) in self.peers.range((start, Bound::Unbounded)) {
-                    if p.is_closing() {
-                        continue;
-                    }
-                    if budget.full() {
-                        more = true;
-                        break;
-                    }
+                let peers = self.peers.range((start, Bound::Unbounded)).filter(|(_, p)| !p.is_closing());
+                page(peers.map(|(pid, p)| {
                     let info = client_info(p, now);
-                    budget.take(info.subscriptions.iter().map(|s| s.len() + 2).sum::<usize>() + 128);
-                    items.push(QueryItemBody::Client(info));
-                    last = Some(pid);
-                }
-                (items, more.then(|| last.map(|l| l.to_string())).flatten())
+                    let cost = info.subscriptions.iter().map(|s| s.len() + 2).sum::<usize>() + 128;
+                    (pid.to_string(), QueryItemBody::Client(info), cost)
+                }))
             }
-            QueryKind::Names => {
-                let mut budget = Budget::default();
-                let mut items = Vec::new();
-                let mut last = None;
-                let mut more = false;
-                for info in self.names.infos_after(after) {
-                    if budget.full() {
-                        more = true;
-                        break;
-                    }
-                    budget.take(info.name.len() + 16 * (info.owners.len() + info.queued.len()) + 32);
-                    last = Some(info.name.clone());
-                    items.push(QueryItemBody::Name(info));
-                }
-                (items, if more { last } else { None })
-            }
+            QueryKind::Names => page(self.names.infos_after(after).map(|info| {
+                let cost = info.name.len() + 16 * (info.owners.len() + info.queued.len()) + 32;
+                (info.name.clone(), QueryItemBody::Name(info), cost)
+            })),
             QueryKind::Channels => {
                 let Some(start) = parse_after(after) else {
                     return self.bad_cursor(id, req_id, now);
                 };
-                let mut budget = Budget::default();
-                let mut items = Vec::new();
-                let mut last = None;
-                let mut more = false;
-                for (&cid, ch) in self.channels.by_id.range((start, Bound::Unbounded)) {
-                    if budget.full() {
-                        more = true;
-                        break;
-                    }
-                    budget.take(ch.topic.len() + 64);
-                    items.push(QueryItemBody::Channel(ch.info()));
-                    last = Some(cid);
-                }
-                (items, more.then(|| last.map(|l| l.to_string())).flatten())
+                page(self.channels.by_id.range((start, Bound::Unbounded)).map(|(cid, ch)| {
+                    (cid.to_string(), QueryItemBody::Channel(ch.info()), ch.topic.len() + 64)
+                }))
             }
         };
         for item in items {
@@ -135,6 +85,25 @@ fn parse_after(after: Option<&str>) -> Option<Bound<u64>> {
     match after {
         None => Some(Bound::Unbounded),
         Some(s) => s.parse().ok().map(Bound::Excluded),
+    }
+}
+
+/// One page of `entries` (key, item, cost in bytes), and the key to resume
+/// after when more is left. Pulls at most one entry past the page.
+fn page(
+    mut entries: impl Iterator<Item = (String, QueryItemBody, usize)>,
+) -> (Vec<QueryItemBody>, Option<String>) {
+    let mut budget = Budget::default();
+    let mut items = Vec::new();
+    let mut last = None;
+    loop {
+        if budget.full() {
+            return (items, entries.next().and(last));
+        }
+        let Some((key, item, cost)) = entries.next() else { return (items, None) };
+        budget.take(cost);
+        last = Some(key);
+        items.push(item);
     }
 }
 
