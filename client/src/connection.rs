@@ -1207,6 +1207,25 @@ fn apply(
         }
         BrokerFrame::Serve(r, inline) => st.on_serve(&r, inline, memfd),
         BrokerFrame::Answer(a, inline) => st.on_answer(&a, inline, memfd),
+        // Several frames in one packet (`dispatch` saw to it that no fds
+        // came with it): each handled as if it had come alone, or, if the
+        // batch is damaged, none of them.
+        BrokerFrame::Batch(b, entries) => match shmbus_proto::frame::batched(b, entries) {
+            Ok(frames) => {
+                for frame in frames {
+                    if st.closed.is_some() {
+                        break;
+                    }
+                    apply(st, frame, None, Vec::new());
+                }
+            }
+            Err(e) => {
+                st.closed = Some(Disconnect {
+                    code: Some(GoodbyeCode::ProtocolViolation),
+                    reason: format!("the broker sent an invalid frame: {e}"),
+                })
+            }
+        },
     }
 }
 

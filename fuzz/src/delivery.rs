@@ -16,9 +16,11 @@
 //! config: u8          local queue bound 1 + (c & 7) messages, fd window
 //!                     (c >> 3) & 7, byte and fd bounds picked by c >> 6
 //! then up to MAX_PACKETS times:
-//!   tag: u8           bit 7: let the client read first; bits 2..=4: fd count
-//!                     (0..=7; more than 4 is cut by the kernel: MSG_CTRUNC);
-//!                     bits 0..=1: how the packet is made (below)
+//!   tag: u8           bit 7: let the client read first; bit 5: send the
+//!                     packet as the first entry of a `Batch` of two, a
+//!                     `Gap` the second; bits 2..=4: fd count (0..=7; more
+//!                     than 4 is cut by the kernel: MSG_CTRUNC); bits 0..=1:
+//!                     how the packet is made (below)
 //!   fds: count × (kind: u8, size: u16)
 //!   packet:  0 raw      len: u16, bytes
 //!            1 header   kind: 64 + u8 % 32 (the broker's), body: u8 len + bytes,
@@ -42,8 +44,8 @@ use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 use shmbus::fuzzing::{self, IDS};
 use shmbus::Event;
 use shmbus_proto::frame::{
-    decode_client, encode_frame, ClientFrame, Deliver, Gap, PayloadRef, Sender, HEADER_LEN, MAGIC,
-    PROTOCOL_VERSION,
+    batch_push, decode_client, encode_frame, Batch, ClientFrame, Deliver, Gap, PayloadRef, Sender,
+    HEADER_LEN, MAGIC, PROTOCOL_VERSION,
 };
 use shmbus_proto::sys::memfd;
 use shmbus_proto::sys::socket::{self, OutPacket, RecvBatch};
@@ -114,7 +116,13 @@ fn run_inner(data: &[u8]) {
         }
         let fds: Vec<(OwnedFd, u64)> =
             (0..(tag >> 2) & 7).filter_map(|_| make_fd(input.u8(), input.u16())).collect();
-        let packet = make_packet(tag & 3, &mut input, fds.first().map(|f| f.1));
+        let mut packet = make_packet(tag & 3, &mut input, fds.first().map(|f| f.1));
+        if tag & 0x20 != 0 {
+            let mut entries = Vec::new();
+            batch_push(&mut entries, &packet, &[]);
+            batch_push(&mut entries, &make_packet(3, &mut input, None), &[]);
+            packet = encode_frame(&Batch { frames: 2 }, &entries).unwrap_or(packet);
+        }
         let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|(f, _)| f.as_fd()).collect();
         let mut sent = send(broker.as_fd(), &packet, &borrowed);
         if !sent {

@@ -5,7 +5,8 @@
 //! which includes this file by path: it uses only `shmbus_proto` and std.
 
 use shmbus_proto::frame::{
-    decode_broker, decode_client, encode_frame, Body, BrokerFrame, ClientFrame, NameOwnerChanged, HEADER_LEN,
+    batch_entries, batched, decode_broker, decode_client, encode_frame, Body, BrokerFrame, ClientFrame,
+    NameOwnerChanged, HEADER_LEN,
 };
 use shmbus_proto::subject::{pattern_matches, validate_pattern, validate_subject};
 use shmbus_proto::text::escape;
@@ -95,6 +96,22 @@ fn check_broker(packet: &[u8], frame: &BrokerFrame<'_>) {
         BrokerFrame::NameOwner(b) => reencode(packet, b, &[]),
         BrokerFrame::Serve(b, payload) => reencode(packet, b, payload),
         BrokerFrame::Answer(b, payload) => reencode(packet, b, payload),
+        BrokerFrame::Batch(b, payload) => {
+            // Each entry that decodes is checked as a frame of its own;
+            // `batched` accepts only if every entry does.
+            let entries = batch_entries(*b, payload);
+            let mut all_decode = entries.is_ok();
+            for entry in entries.unwrap_or_default() {
+                match decode_broker(entry) {
+                    Ok(f) => check_broker(entry, &f),
+                    Err(_) => all_decode = false,
+                }
+            }
+            if batched(*b, payload).is_ok() {
+                assert!(all_decode, "a batch with a bad entry was accepted");
+            }
+            reencode(packet, b, payload)
+        }
     };
     let again = decode_broker(&bytes).expect("an encoded frame decodes");
     assert_eq!(&again, frame, "round trip");

@@ -1,6 +1,6 @@
 //! Frames: the one unit of the wire protocol, and its codec.
 //!
-//! One SOCK_SEQPACKET packet carries exactly one frame:
+//! One SOCK_SEQPACKET packet carries one frame:
 //!
 //! ```text
 //! +-------+-----+------+----------+----------------------+------------------+
@@ -18,6 +18,13 @@
 //! `PayloadRef::Memfd`, a channel grant); this module never sees them.
 //! `docs/PROTOCOL.md` describes the whole protocol.
 //!
+//! A `Batch` frame (broker to client only) carries several frames in its
+//! payload, each behind a u32le length, so a busy connection costs the
+//! kernel one packet for many frames. A batched frame is a whole frame as
+//! it would travel alone; it never declares fds (fds belong to a packet,
+//! and a frame with fds travels alone) and is never itself a `Batch`.
+//! [`batched`] walks the entries and checks both.
+//!
 //! Compatibility rule (postcard is not self-describing): enum variants and
 //! frame kinds are only ever appended; a changed body shape needs a new kind
 //! or a new protocol version. The version is checked in every header and in
@@ -34,7 +41,7 @@ use crate::limits::MAX_PACKET;
 /// First two bytes of every frame (little-endian "SB" as in shmbus).
 pub const MAGIC: u16 = 0x4253;
 /// Wire protocol version, in every header and in `Hello`.
-pub const PROTOCOL_VERSION: u8 = 2;
+pub const PROTOCOL_VERSION: u8 = 3;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 8;
 
@@ -72,6 +79,7 @@ pub enum Kind {
     NameOwner = 76,
     Serve = 77,
     Answer = 78,
+    Batch = 79,
 }
 
 impl Kind {
@@ -107,6 +115,7 @@ impl Kind {
             76 => NameOwner,
             77 => Serve,
             78 => Answer,
+            79 => Batch,
             _ => return None,
         })
     }
@@ -114,7 +123,13 @@ impl Kind {
     fn carries_payload(self) -> bool {
         matches!(
             self,
-            Kind::Publish | Kind::Deliver | Kind::Request | Kind::Reply | Kind::Serve | Kind::Answer
+            Kind::Publish
+                | Kind::Deliver
+                | Kind::Request
+                | Kind::Reply
+                | Kind::Serve
+                | Kind::Answer
+                | Kind::Batch
         )
     }
 }
@@ -731,6 +746,62 @@ pub struct NameInfo {
     pub allow_replacement: bool,
 }
 
+/// Several broker-to-client frames in one packet. The payload is
+/// `frames` entries, each a u32le length and then that many bytes: one
+/// whole frame (header, body, payload) as it would travel alone, which
+/// declares no fds and is not a `Batch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch {
+    pub frames: u32,
+}
+
+/// Bytes an entry of a `Batch` adds to its frame: the length prefix.
+pub const BATCH_ENTRY_OVERHEAD: usize = 4;
+
+/// Appends one frame (`head`, then `payload`) to a `Batch` payload.
+pub fn batch_push(out: &mut Vec<u8>, head: &[u8], payload: &[u8]) {
+    out.extend_from_slice(&((head.len() + payload.len()) as u32).to_le_bytes());
+    out.extend_from_slice(head);
+    out.extend_from_slice(payload);
+}
+
+body! { Batch => Batch }
+
+/// Room for entries in one `Batch` packet: the packet limit less its
+/// header and the longest body (`frames` as a postcard varint, 5 bytes).
+pub const BATCH_ROOM: usize = MAX_PACKET - HEADER_LEN - 5;
+
+/// How queued frames go out: consecutive frames that may share a packet
+/// are packed into `Batch`es of at most [`BATCH_ROOM`] bytes. `frames`
+/// gives each frame's length and whether it must travel alone (it has fds
+/// beside it, or it is the `Welcome`). Returns each packet's number of
+/// frames, in order; 1 means the frame goes alone, not in a `Batch`.
+/// Packing never waits for more: it only groups what is already queued.
+pub fn pack(frames: impl IntoIterator<Item = (usize, bool)>) -> Vec<usize> {
+    let mut packets = Vec::new();
+    // The open group: frames in it, bytes as entries.
+    let (mut open, mut bytes) = (0usize, 0usize);
+    for (len, alone) in frames {
+        let entry = BATCH_ENTRY_OVERHEAD + len;
+        if alone || open > 0 && bytes + entry > BATCH_ROOM {
+            if open > 0 {
+                packets.push(open);
+            }
+            (open, bytes) = (0, 0);
+        }
+        if alone {
+            packets.push(1);
+        } else {
+            open += 1;
+            bytes += entry;
+        }
+    }
+    if open > 0 {
+        packets.push(open);
+    }
+    packets
+}
+
 body! {
     NameRequest<'a> => NameRequest, NameRelease<'a> => NameRelease, GetNameOwner<'a> => GetNameOwner,
     Request<'a> => Request, Reply<'a> => Reply, NameReply => NameReply, NameOwner => NameOwner,
@@ -773,6 +844,8 @@ pub enum DecodeError {
     UnexpectedPayload(Kind),
     #[error("malformed {kind:?} body: {detail}")]
     Body { kind: Kind, detail: String },
+    #[error("malformed batch: {0}")]
+    Batch(&'static str),
 }
 
 /// Why a frame could not be encoded.
@@ -920,6 +993,7 @@ pub enum BrokerFrame<'a> {
     NameOwner(NameOwner),
     Serve(Serve<'a>, &'a [u8]),
     Answer(Answer<'a>, &'a [u8]),
+    Batch(Batch, &'a [u8]),
 }
 
 /// Decodes a packet the broker sent. Never panics.
@@ -941,8 +1015,66 @@ pub fn decode_broker(packet: &[u8]) -> Result<BrokerFrame<'_>, DecodeError> {
         Kind::NameOwner => BrokerFrame::NameOwner(body(kind, b)?),
         Kind::Serve => BrokerFrame::Serve(body(kind, b)?, payload),
         Kind::Answer => BrokerFrame::Answer(body(kind, b)?, payload),
+        Kind::Batch => BrokerFrame::Batch(body(kind, b)?, payload),
         other => return Err(DecodeError::WrongDirection(other)),
     })
+}
+
+/// The entries of a `Batch`, split but not decoded: each entry's length
+/// fits, the entries fill the payload exactly and number `batch.frames`.
+/// Never panics.
+pub fn batch_entries(batch: Batch, mut payload: &[u8]) -> Result<Vec<&[u8]>, DecodeError> {
+    let mut entries = Vec::new();
+    while !payload.is_empty() {
+        let Some((len, rest)) = payload.split_first_chunk::<BATCH_ENTRY_OVERHEAD>() else {
+            return Err(DecodeError::Batch("an entry's length is cut short"));
+        };
+        let Some((entry, rest)) = rest.split_at_checked(u32::from_le_bytes(*len) as usize) else {
+            return Err(DecodeError::Batch("an entry runs past the end of the batch"));
+        };
+        if entries.len() as u64 >= u64::from(batch.frames) {
+            return Err(DecodeError::Batch("more entries than the batch declares"));
+        }
+        entries.push(entry);
+        payload = rest;
+    }
+    if entries.len() as u64 != u64::from(batch.frames) {
+        return Err(DecodeError::Batch("fewer entries than the batch declares"));
+    }
+    Ok(entries)
+}
+
+/// The frames of a `Batch`, decoded and checked: the entries as
+/// [`batch_entries`] splits them, each a valid frame that is not a
+/// `Batch` and declares no fds. All or nothing: a damaged batch is one
+/// error, before any of its frames is handled. Never panics.
+pub fn batched(batch: Batch, payload: &[u8]) -> Result<Vec<BrokerFrame<'_>>, DecodeError> {
+    let entries = batch_entries(batch, payload)?;
+    let mut frames = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let frame = decode_broker(entry)?;
+        if matches!(frame, BrokerFrame::Batch(..)) {
+            return Err(DecodeError::Batch("a batch inside a batch"));
+        }
+        if declares_fds(&frame) {
+            return Err(DecodeError::Batch("a batched frame declares fds"));
+        }
+        frames.push(frame);
+    }
+    Ok(frames)
+}
+
+/// Whether a broker frame has fds beside it: a payload by memfd, a
+/// channel grant, a reader's join.
+pub fn declares_fds(frame: &BrokerFrame<'_>) -> bool {
+    match frame {
+        BrokerFrame::Deliver(d, _) => matches!(d.payload, PayloadRef::Memfd { .. }),
+        BrokerFrame::Serve(r, _) => matches!(r.payload, PayloadRef::Memfd { .. }),
+        BrokerFrame::Answer(a, _) => matches!(a.payload, PayloadRef::Memfd { .. }),
+        BrokerFrame::ChannelGranted(_) => true,
+        BrokerFrame::ChannelReader(r) => r.joined,
+        _ => false,
+    }
 }
 
 #[cfg(test)]
@@ -1007,8 +1139,137 @@ mod tests {
         assert!(matches!(encode_frame(&p, &vec![0; MAX_PACKET]), Err(EncodeError::TooLong(_))));
     }
 
+    fn pong(token: u64) -> Vec<u8> {
+        encode_head(&Pong { token }).unwrap()
+    }
+
+    fn batch_of(entries: &[Vec<u8>], frames: u32) -> Vec<u8> {
+        let mut payload = Vec::new();
+        for e in entries {
+            batch_push(&mut payload, e, &[]);
+        }
+        encode_frame(&Batch { frames }, &payload).unwrap()
+    }
+
+    #[test]
+    fn packing_groups_what_may_share_a_packet() {
+        let small = (100, false);
+        assert_eq!(pack([]), Vec::<usize>::new());
+        assert_eq!(pack([small]), vec![1]);
+        assert_eq!(pack([small; 5]), vec![5]);
+        // Frames with fds split the run and go alone.
+        assert_eq!(pack([small, small, (50, true), small, (50, true), (50, true)]), vec![2, 1, 1, 1, 1]);
+        // Full packets: an entry that would pass the room starts the next.
+        let big = (BATCH_ROOM / 2 - BATCH_ENTRY_OVERHEAD, false);
+        assert_eq!(pack([big, big, big]), vec![2, 1]);
+        assert_eq!(pack([big, big, (1, false)]), vec![2, 1]);
+        // A frame as big as a packet goes alone, in a batch of one.
+        let whole = (MAX_PACKET, false);
+        assert_eq!(pack([small, whole, small]), vec![1, 1, 1]);
+    }
+
+    proptest! {
+        #[test]
+        fn packing_keeps_every_frame_in_order_and_inside_a_packet(
+            frames in proptest::collection::vec((0usize..MAX_PACKET - 64, any::<bool>()), 0..64),
+        ) {
+            let packets = pack(frames.iter().copied());
+            prop_assert_eq!(packets.iter().sum::<usize>(), frames.len());
+            let mut at = 0;
+            for n in packets {
+                let group = &frames[at..at + n];
+                prop_assert!(n >= 1);
+                if n > 1 {
+                    prop_assert!(group.iter().all(|&(_, alone)| !alone));
+                    let bytes: usize = group.iter().map(|&(len, _)| len + BATCH_ENTRY_OVERHEAD).sum();
+                    prop_assert!(bytes <= BATCH_ROOM);
+                }
+                at += n;
+            }
+        }
+    }
+
+    #[test]
+    fn a_batch_yields_its_frames_in_order() {
+        let d = Deliver {
+            sub_id: 1,
+            topic: "a",
+            sender: Sender { client_id: 1, uid: 2, gid: 3, pid: 4 },
+            seq: 5,
+            payload: PayloadRef::Inline,
+        };
+        let mut payload = Vec::new();
+        batch_push(&mut payload, &pong(1), &[]);
+        batch_push(&mut payload, &encode_head(&d).unwrap(), b"xyz");
+        batch_push(&mut payload, &pong(2), &[]);
+        let packet = encode_frame(&Batch { frames: 3 }, &payload).unwrap();
+        let BrokerFrame::Batch(b, p) = decode_broker(&packet).unwrap() else { panic!("not a batch") };
+        assert_eq!(
+            batched(b, p).unwrap(),
+            vec![
+                BrokerFrame::Pong(Pong { token: 1 }),
+                BrokerFrame::Deliver(d, &b"xyz"[..]),
+                BrokerFrame::Pong(Pong { token: 2 })
+            ]
+        );
+    }
+
+    #[test]
+    fn a_batch_is_the_bytes_protocol_md_shows() {
+        let packet = batch_of(&[pong(1), pong(2)], 2);
+        #[rustfmt::skip]
+        let documented = [
+            0x53, 0x42, 3, 0x4f, 1, 0, 0, 0, 2,
+            9, 0, 0, 0, 0x53, 0x42, 3, 0x45, 1, 0, 0, 0, 1,
+            9, 0, 0, 0, 0x53, 0x42, 3, 0x45, 1, 0, 0, 0, 2,
+        ];
+        assert_eq!(packet, documented);
+    }
+
+    #[test]
+    fn a_damaged_batch_is_refused_whole() {
+        let two = [pong(1), pong(2)];
+        let check = |packet: &[u8]| {
+            let BrokerFrame::Batch(b, p) = decode_broker(packet).unwrap() else { panic!("not a batch") };
+            batched(b, p).map(|f| f.len())
+        };
+        assert_eq!(check(&batch_of(&two, 2)), Ok(2));
+        assert!(matches!(check(&batch_of(&two, 3)), Err(DecodeError::Batch(_))));
+        assert!(matches!(check(&batch_of(&two, 1)), Err(DecodeError::Batch(_))));
+        // An entry cut short, a length past the end, a damaged entry.
+        let mut cut = batch_of(&two, 2);
+        cut.truncate(cut.len() - 1);
+        assert!(check(&cut).is_err());
+        let mut long = batch_of(&two, 2);
+        let at = long.len() - pong(2).len() - 4;
+        long[at] = 0xff;
+        assert!(matches!(check(&long), Err(DecodeError::Batch(_))));
+        let mut bad = batch_of(&two, 2);
+        let last = bad.len() - pong(2).len();
+        bad[last] ^= 0xff;
+        assert!(matches!(check(&bad), Err(DecodeError::BadMagic(_))));
+        // A batch inside a batch, a batched frame with fds.
+        assert!(matches!(check(&batch_of(&[batch_of(&two, 2)], 1)), Err(DecodeError::Batch(_))));
+        let memfd = Deliver {
+            sub_id: 1,
+            topic: "a",
+            sender: Sender { client_id: 1, uid: 2, gid: 3, pid: 4 },
+            seq: 5,
+            payload: PayloadRef::Memfd { len: 10 },
+        };
+        let with_fd = [encode_head(&memfd).unwrap()];
+        assert_eq!(check(&batch_of(&with_fd, 1)), Err(DecodeError::Batch("a batched frame declares fds")));
+        // A client may not send one.
+        assert_eq!(decode_client(&batch_of(&two, 2)), Err(DecodeError::WrongDirection(Kind::Batch)));
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(4096))]
+
+        #[test]
+        fn batches_never_panic(frames in any::<u32>(), payload in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = batched(Batch { frames }, &payload);
+        }
 
         #[test]
         fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {

@@ -14,8 +14,9 @@
 //!    line so one fast peer cannot starve the rest;
 //! 3. apply effects until none are left: flush a peer's sendable frames
 //!    with `sendmmsg` until its queue is empty, its fd credit is spent, or
-//!    its socket is full (then a writable event resumes it); close peers
-//!    the bus has forgotten.
+//!    its socket is full (then a writable event resumes it), small frames
+//!    queued together sharing packets (`Batch`, [`frame::pack`]); close
+//!    peers the bus has forgotten.
 //!
 //! Resource failures are the broker's, not a peer's: `EMFILE` on accept is
 //! retried on a timer (never a spin), a packet whose fds the kernel could
@@ -33,7 +34,7 @@ use mio::{Events, Interest, Poll, Token};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tracing::{debug, info, warn};
 
-use shmbus_proto::frame::{encode_head, Goodbye, GoodbyeCode};
+use shmbus_proto::frame::{self, encode_head, Batch, Goodbye, GoodbyeCode, Kind};
 use shmbus_proto::sys::socket::{self, OutPacket, RecvBatch, MAX_BATCH};
 
 use super::config::Config;
@@ -55,6 +56,10 @@ const READ_BUDGET: usize = 4;
 const WORK_BUDGET: u64 = 32 * 1024;
 /// Packets per receive batch.
 const RECV_SLOTS: usize = 32;
+/// Frames asked of a peer's queue per `sendmmsg`, on average per packet:
+/// small frames share packets (`Batch`), so one call can carry many more
+/// frames than packets.
+const FRAMES_PER_PACKET: usize = 16;
 /// Retry delay after accept failed for lack of fds.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// Retry delay after the kernel refused more fds in flight.
@@ -366,7 +371,7 @@ impl Reactor {
     fn flush(&mut self, id: PeerId) {
         loop {
             let Some(conn) = self.conns.get_mut(&id) else { return };
-            let frames = self.bus.sendable(id, MAX_BATCH);
+            let frames = self.bus.sendable(id, MAX_BATCH * FRAMES_PER_PACKET);
             if frames.is_empty() {
                 // Drained, or waiting for fd credit: stop asking for
                 // writability, or every read by the peer would wake us.
@@ -380,6 +385,29 @@ impl Reactor {
                 }
                 return;
             }
+            // Frames without fds that are queued together share packets
+            // (`Batch`): one packet for many is most of the speed of a busy
+            // connection. A frame with fds, and the Welcome, go alone.
+            let sizes = frames.iter().map(|f| {
+                let alone = f.fd_count() > 0 || f.head.get(3) == Some(&(Kind::Welcome as u8));
+                (f.head.len() + f.payload.as_ref().map_or(0, |p| p.len()), alone)
+            });
+            let mut plan = frame::pack(sizes);
+            plan.truncate(MAX_BATCH);
+            let mut batches: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+            let mut at = 0;
+            for &n in &plan {
+                if n > 1 {
+                    let mut entries = Vec::new();
+                    for f in &frames[at..at + n] {
+                        frame::batch_push(&mut entries, &f.head, f.payload.as_deref().unwrap_or(&[]));
+                    }
+                    let head =
+                        frame::encode_head(&Batch { frames: n as u32 }).expect("a batch header encodes");
+                    batches.push((head, entries));
+                }
+                at += n;
+            }
             let fds: Vec<Vec<BorrowedFd<'_>>> = frames
                 .iter()
                 .map(|f| {
@@ -387,21 +415,26 @@ impl Reactor {
                     shared.chain(f.control_fds.iter().map(|fd| fd.as_fd())).collect()
                 })
                 .collect();
-            let packets: Vec<OutPacket<'_>> = frames
-                .iter()
-                .zip(&fds)
-                .map(|(f, fd)| OutPacket {
-                    head: &f.head,
-                    payload: f.payload.as_deref().unwrap_or(&[]),
-                    fds: fd,
-                })
-                .collect();
+            let mut packets: Vec<OutPacket<'_>> = Vec::with_capacity(plan.len());
+            let (mut at, mut batch) = (0, batches.iter());
+            for &n in &plan {
+                packets.push(if n > 1 {
+                    let (head, entries) = batch.next().expect("one batch per group");
+                    OutPacket { head, payload: entries, fds: &[] }
+                } else {
+                    let f = &frames[at];
+                    OutPacket { head: &f.head, payload: f.payload.as_deref().unwrap_or(&[]), fds: &fds[at] }
+                });
+                at += n;
+            }
             let result = socket::send_packets(conn.fd.as_fd(), &packets, true);
             drop(packets);
             drop(fds);
             drop(frames);
             match result {
-                Ok(n) => self.bus.sent(id, n, Instant::now()),
+                // Packets go whole or not at all: the frames of the first
+                // `n` went.
+                Ok(n) => self.bus.sent(id, plan[..n].iter().sum(), Instant::now()),
                 Err(e) if e.raw_os_error() == Some(rustix::io::Errno::TOOMANYREFS.raw_os_error()) => {
                     // The kernel caps the fds this process has in flight in
                     // all its sockets. Not this connection's fault; retry

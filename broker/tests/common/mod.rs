@@ -469,7 +469,8 @@ pub fn stderr(o: &Output) -> String {
 use std::os::fd::{AsFd, OwnedFd};
 
 use shmbus_proto::frame::{
-    decode_broker, encode_head, Body, BrokerFrame, GoodbyeCode, Hello, Welcome, PROTOCOL_VERSION,
+    batch_entries, decode_broker, encode_head, Body, BrokerFrame, GoodbyeCode, Hello, Welcome,
+    PROTOCOL_VERSION,
 };
 use shmbus_proto::sys::socket::{self, OutPacket, RecvBatch, RecvStatus};
 
@@ -494,20 +495,46 @@ impl Packet {
 }
 
 /// A client that speaks the wire protocol by hand, to misbehave on purpose.
+/// It hands out frames one by one: the frames of a `Batch` packet come
+/// out as packets of their own (without fds, as batched frames have none).
 pub struct Raw {
     pub fd: OwnedFd,
     batch: RecvBatch,
+    /// Frames of a batch not handed out yet, in order.
+    unbatched: std::collections::VecDeque<Vec<u8>>,
+    /// The frame `recv` returned last (it borrows from here).
+    current: Vec<u8>,
+    /// Packets read from the socket (a batch counts once).
+    pub packets: u64,
 }
 
 impl Raw {
     pub fn connect_addr(address: &str) -> Raw {
         let addr = shmbus::Address::parse(address).unwrap();
-        Raw { fd: socket::connect(&addr).unwrap(), batch: RecvBatch::new(1) }
+        Raw::on(socket::connect(&addr).unwrap())
     }
 
     pub fn connect(b: &Broker) -> Raw {
-        let addr = shmbus::Address::parse(&b.address).unwrap();
-        Raw { fd: socket::connect(&addr).unwrap(), batch: RecvBatch::new(1) }
+        Raw::connect_addr(&b.address)
+    }
+
+    fn on(fd: OwnedFd) -> Raw {
+        Raw { fd, batch: RecvBatch::new(1), unbatched: Default::default(), current: Vec::new(), packets: 0 }
+    }
+
+    /// The received packet, or its batch's first frame (the rest wait in
+    /// `unbatched`). A damaged batch fails the test.
+    fn take_received(&mut self) -> Packet {
+        self.packets += 1;
+        let (data, status, fds) = self.batch.packet(0);
+        if let Ok(BrokerFrame::Batch(b, entries)) = decode_broker(data) {
+            assert!(fds.is_empty(), "the broker sent fds with a batch");
+            let entries = batch_entries(b, entries).expect("the broker sends valid batches");
+            self.unbatched.extend(entries.into_iter().map(<[u8]>::to_vec));
+            let first = self.unbatched.pop_front().expect("a batch has frames");
+            return Packet { data: first, fds: Vec::new(), status };
+        }
+        Packet { data: data.to_vec(), fds, status }
     }
 
     pub fn hello(b: &Broker) -> Raw {
@@ -543,6 +570,9 @@ impl Raw {
     /// The next packet, fds included, waiting at most `timeout`: `None`
     /// if nothing came; a packet with no bytes at the end of the stream.
     pub fn recv_packet(&mut self, timeout: Duration) -> Option<Packet> {
+        if let Some(data) = self.unbatched.pop_front() {
+            return Some(Packet { data, fds: Vec::new(), status: RecvStatus::default() });
+        }
         let deadline = Instant::now() + timeout;
         let mut resets = 0;
         loop {
@@ -564,8 +594,7 @@ impl Raw {
                 Err(e) => panic!("{e}"),
             }
         }
-        let (data, status, fds) = self.batch.packet(0);
-        Some(Packet { data: data.to_vec(), fds, status })
+        Some(self.take_received())
     }
 
     /// The next packet, which must come within PATIENCE.
@@ -585,6 +614,10 @@ impl Raw {
 
     /// Next frame, or None at end of stream. Bounded.
     pub fn recv(&mut self) -> Option<BrokerFrame<'_>> {
+        if let Some(data) = self.unbatched.pop_front() {
+            self.current = data;
+            return Some(decode_broker(&self.current).expect("the broker sends valid frames"));
+        }
         let mut resets = 0;
         loop {
             assert!(socket::wait_readable(self.fd.as_fd(), Some(PATIENCE)).unwrap(), "broker went silent");
@@ -596,12 +629,13 @@ impl Raw {
                 Err(e) => panic!("{e}"),
             }
         }
-        let (data, _, fds) = self.batch.packet(0);
-        assert!(fds.is_empty(), "the broker must not send fds");
-        if data.is_empty() {
+        let pkt = self.take_received();
+        assert!(pkt.fds.is_empty(), "the broker must not send fds");
+        if pkt.data.is_empty() {
             return None;
         }
-        Some(decode_broker(data).expect("the broker sends valid frames"))
+        self.current = pkt.data;
+        Some(decode_broker(&self.current).expect("the broker sends valid frames"))
     }
 
     /// Expects a goodbye with `code` whose reason contains `needle`, then EOF.
