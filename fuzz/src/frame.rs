@@ -6,7 +6,7 @@
 
 use shmbus_proto::frame::{
     batch_entries, batched, decode_broker, decode_client, encode_frame, Body, BrokerFrame, ClientFrame,
-    NameOwnerChanged, HEADER_LEN,
+    MonitorEvent, NameOwnerChanged, HEADER_LEN,
 };
 use shmbus_proto::subject::{pattern_matches, validate_pattern, validate_subject};
 use shmbus_proto::text::escape;
@@ -22,9 +22,12 @@ pub fn run(data: &[u8]) {
     if let Ok(s) = std::str::from_utf8(data) {
         check_text(s);
     }
-    // The payload of a delivery on `$SYS.name.<name>`.
+    // The payload of a delivery on `$SYS.name.<name>`, and a monitor's.
     if let Ok(n) = NameOwnerChanged::from_bytes(data) {
         assert_eq!(NameOwnerChanged::from_bytes(&n.to_bytes()), Ok(n));
+    }
+    if let Ok(m) = MonitorEvent::from_bytes(data) {
+        assert_eq!(MonitorEvent::from_bytes(&m.to_bytes()), Ok(m));
     }
 }
 
@@ -71,6 +74,16 @@ fn check_client(packet: &[u8], frame: &ClientFrame<'_>) {
             reencode(packet, b, payload)
         }
         ClientFrame::Reply(b, payload) => reencode(packet, b, payload),
+        ClientFrame::Monitor(b) => {
+            for p in &b.patterns {
+                check_text(p);
+            }
+            reencode(packet, b, &[])
+        }
+        ClientFrame::PolicyCheck(b) => {
+            check_text(b.subject);
+            reencode(packet, b, &[])
+        }
     };
     let again = decode_client(&bytes).expect("an encoded frame decodes");
     assert_eq!(&again, frame, "round trip");
@@ -112,6 +125,7 @@ fn check_broker(packet: &[u8], frame: &BrokerFrame<'_>) {
             }
             reencode(packet, b, payload)
         }
+        BrokerFrame::Revoked(b) => reencode(packet, b, &[]),
     };
     let again = decode_broker(&bytes).expect("an encoded frame decodes");
     assert_eq!(&again, frame, "round trip");

@@ -64,6 +64,8 @@ pub enum Kind {
     GetNameOwner = 12,
     Request = 13,
     Reply = 14,
+    Monitor = 15,
+    PolicyCheck = 16,
     Welcome = 64,
     Goodbye = 65,
     Deliver = 66,
@@ -80,6 +82,7 @@ pub enum Kind {
     Serve = 77,
     Answer = 78,
     Batch = 79,
+    Revoked = 80,
 }
 
 impl Kind {
@@ -100,6 +103,8 @@ impl Kind {
             12 => GetNameOwner,
             13 => Request,
             14 => Reply,
+            15 => Monitor,
+            16 => PolicyCheck,
             64 => Welcome,
             65 => Goodbye,
             66 => Deliver,
@@ -116,6 +121,7 @@ impl Kind {
             77 => Serve,
             78 => Answer,
             79 => Batch,
+            80 => Revoked,
             _ => return None,
         })
     }
@@ -399,6 +405,126 @@ pub enum QueryItemBody {
     Stats(Stats),
     Channel(ChannelInfo),
     Name(NameInfo),
+    /// The answer to a `PolicyCheck`.
+    Verdict(PolicyVerdict),
+}
+
+/// What the running broker's policy says of one action, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyVerdict {
+    pub allowed: bool,
+    /// The rule that decided, as a person reads it ("rule 2 (line 9):
+    /// allow publish sensors.>", "no rule allows it", ...).
+    pub explanation: String,
+}
+
+/// Asks the broker how its policy decides `action` (`publish`,
+/// `subscribe`, `own`, ..., as in the policy file) on `subject` for a peer
+/// with `uid` and groups `gids` (the primary gid first; empty: the uid's
+/// own number). Answered with one `QueryItem { Verdict }` and a
+/// `QueryEnd`, or an `OpError` for `Op::Query { req_id }` (needs the
+/// `introspect` right).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyCheck<'a> {
+    pub req_id: u32,
+    pub uid: u32,
+    pub gids: Vec<u32>,
+    pub action: &'a str,
+    pub subject: &'a str,
+}
+
+/// Starts a monitor: every event the broker sees whose subject matches one
+/// of `patterns` (all events when empty), delivered as `Deliver` frames on
+/// `sub_id` whose payload is a [`MonitorEvent`] and whose `sender` is who
+/// caused it. Needs the `monitor` right. Answered like `Subscribe`; ended
+/// with `Unsubscribe`. A monitor that falls behind gets `Gap`s; the bus
+/// never waits for it. `full`: whole inline payloads rather than the
+/// first [`MONITOR_EXCERPT`] bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Monitor<'a> {
+    pub sub_id: u32,
+    #[serde(borrow)]
+    pub patterns: Vec<&'a str>,
+    pub full: bool,
+}
+
+/// Bytes of a payload a monitor sees unless it asked for `full`.
+pub const MONITOR_EXCERPT: usize = 256;
+
+/// What a monitor event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MonitorKind {
+    /// A publish; the subject is its topic, the receivers its subscribers.
+    Publish,
+    /// A request; the subject is the name, the receiver the service.
+    Request,
+    /// An answer to a call (reply, error, timeout, ...); the subject is
+    /// the name, the receiver the caller; `detail` names the outcome.
+    Answer,
+    /// A refusal (`OpError`) sent to a client; `detail` says what.
+    Error,
+    Connect,
+    Disconnect,
+    /// A subscription made; the subject is its pattern.
+    Subscribe,
+    Unsubscribe,
+    /// A name's primary owner changed; the subject is the name.
+    NameChange,
+}
+
+/// The payload of a monitor's `Deliver`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MonitorEvent {
+    pub kind: MonitorKind,
+    /// Client ids that received it (subscribers, the service, the caller).
+    pub receivers: Vec<u64>,
+    /// A word on it: the outcome of an answer, the error, a client's name.
+    pub detail: String,
+    /// The whole payload's length.
+    pub payload_len: u64,
+    /// The payload travelled as a memfd (the broker never maps those, so
+    /// `payload` is empty).
+    pub memfd: bool,
+    /// The inline payload, or its first [`MONITOR_EXCERPT`] bytes.
+    pub payload: Vec<u8>,
+}
+
+impl MonitorEvent {
+    /// The payload bytes of the event (postcard).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).unwrap_or_default()
+    }
+
+    /// Reads an event's payload. Never panics.
+    pub fn from_bytes(bytes: &[u8]) -> Result<MonitorEvent, DecodeError> {
+        body(Kind::Deliver, bytes)
+    }
+}
+
+/// What the broker ended because a reloaded policy no longer allows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Revocation<'a> {
+    /// The subscription (or monitor) `sub_id`: nothing more comes on it.
+    Subscription { sub_id: u32 },
+    /// The name, owned or queued for: released.
+    Name { name: &'a str },
+    /// The ring channel: closed for every member, since a ring a peer has
+    /// mapped cannot be taken back from it; whoever may still use the
+    /// topic opens it again (and gets a new ring).
+    Channel { channel_id: u64 },
+}
+
+/// A notice that something was ended by a policy reload; the connection
+/// goes on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revoked<'a> {
+    #[serde(borrow)]
+    pub what: Revocation<'a>,
+    pub reason: &'a str,
+}
+
+body! {
+    PolicyCheck<'a> => PolicyCheck, Monitor<'a> => Monitor, Revoked<'a> => Revoked,
 }
 
 /// One item of an introspection answer; a `QueryEnd` follows the last.
@@ -951,6 +1077,8 @@ pub enum ClientFrame<'a> {
     GetNameOwner(GetNameOwner<'a>),
     Request(Request<'a>, &'a [u8]),
     Reply(Reply<'a>, &'a [u8]),
+    Monitor(Monitor<'a>),
+    PolicyCheck(PolicyCheck<'a>),
 }
 
 /// Decodes a packet a client sent. Never panics.
@@ -971,6 +1099,8 @@ pub fn decode_client(packet: &[u8]) -> Result<ClientFrame<'_>, DecodeError> {
         Kind::GetNameOwner => ClientFrame::GetNameOwner(body(kind, b)?),
         Kind::Request => ClientFrame::Request(body(kind, b)?, payload),
         Kind::Reply => ClientFrame::Reply(body(kind, b)?, payload),
+        Kind::Monitor => ClientFrame::Monitor(body(kind, b)?),
+        Kind::PolicyCheck => ClientFrame::PolicyCheck(body(kind, b)?),
         other => return Err(DecodeError::WrongDirection(other)),
     })
 }
@@ -994,6 +1124,7 @@ pub enum BrokerFrame<'a> {
     Serve(Serve<'a>, &'a [u8]),
     Answer(Answer<'a>, &'a [u8]),
     Batch(Batch, &'a [u8]),
+    Revoked(Revoked<'a>),
 }
 
 /// Decodes a packet the broker sent. Never panics.
@@ -1016,6 +1147,7 @@ pub fn decode_broker(packet: &[u8]) -> Result<BrokerFrame<'_>, DecodeError> {
         Kind::Serve => BrokerFrame::Serve(body(kind, b)?, payload),
         Kind::Answer => BrokerFrame::Answer(body(kind, b)?, payload),
         Kind::Batch => BrokerFrame::Batch(body(kind, b)?, payload),
+        Kind::Revoked => BrokerFrame::Revoked(body(kind, b)?),
         other => return Err(DecodeError::WrongDirection(other)),
     })
 }

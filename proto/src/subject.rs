@@ -18,6 +18,17 @@
 //!
 //! Validation is pure and allocation-free, so both sides run it: the client
 //! to fail fast with a precise error, the broker because it trusts nothing.
+//!
+//! Two relations between patterns let the broker's policy judge a
+//! subscription by its pattern alone, without enumerating subjects:
+//! [`pattern_covers`] (every subject one matches, the other matches too)
+//! and [`patterns_intersect`] (some subject matches both). Both are exact
+//! over subjects of any length from an unbounded alphabet of tokens, and
+//! are checked against brute force over a small one. They ignore
+//! [`MAX_SUBJECT_DEPTH`]: near that depth a `>` can stand for tails too
+//! long to be valid subjects, so "covers" may say no and "intersect" yes
+//! where the depth limit alone would decide otherwise. Both errors are on
+//! the side of refusing, which is the side a policy wants.
 
 use crate::limits::{MAX_SUBJECT_DEPTH, MAX_SUBJECT_LEN};
 
@@ -114,6 +125,57 @@ pub fn pattern_matches(pattern: &str, subject: &str) -> bool {
     }
 }
 
+/// Whether every subject matched by `inner` is also matched by `outer`:
+/// the set `outer` stands for includes the set `inner` stands for. Both
+/// must be valid patterns; if either is not, the answer is `false`.
+///
+/// Token by token, `outer` covers `inner` when each of its tokens matches
+/// at least everything the token of `inner` at the same place does: a
+/// literal covers only the same literal, `*` covers a literal or `*` but not
+/// `>` (which also stands for longer tails), and a final `>` covers
+/// whatever non-empty tail `inner` has left. Running out of tokens on both
+/// sides at once covers; on one side only does not. Nothing is allocated.
+pub fn pattern_covers(outer: &str, inner: &str) -> bool {
+    if validate_pattern(outer).is_err() || validate_pattern(inner).is_err() {
+        return false;
+    }
+    let mut o = outer.split('.');
+    let mut i = inner.split('.');
+    loop {
+        match (o.next(), i.next()) {
+            (None, None) => return true,
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(t)) if t != ">" => {}
+            (Some(a), Some(b)) if a == b && a != "*" && a != ">" => {}
+            _ => return false,
+        }
+    }
+}
+
+/// Whether some subject is matched by both `a` and `b`. Both must be valid
+/// patterns; if either is not, the answer is `false`.
+///
+/// Token by token: two literals must be equal, `*` meets any token, and a
+/// final `>` on either side meets whatever non-empty tail the other has
+/// left (that tail, being a valid pattern, matches at least one subject).
+/// Both running out at once intersects; one only does not.
+pub fn patterns_intersect(a: &str, b: &str) -> bool {
+    if validate_pattern(a).is_err() || validate_pattern(b).is_err() {
+        return false;
+    }
+    let mut a = a.split('.');
+    let mut b = b.split('.');
+    loop {
+        match (a.next(), b.next()) {
+            (None, None) => return true,
+            (Some(">"), Some(_)) | (Some(_), Some(">")) => return true,
+            (Some("*"), Some(_)) | (Some(_), Some("*")) => {}
+            (Some(x), Some(y)) if x == y => {}
+            _ => return false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,5 +242,104 @@ mod tests {
         assert!(!pattern_matches("a.>", "a"));
         assert!(pattern_matches(">", "x"));
         assert!(pattern_matches("*.b.>", "a.b.c.d"));
+    }
+    #[test]
+    fn covering() {
+        // Equal patterns cover each other.
+        for p in ["a", "a.b", "a.*", "*", ">", "a.>", "*.b.>"] {
+            assert!(pattern_covers(p, p), "{p}");
+        }
+        assert!(pattern_covers(">", "*.>"));
+        assert!(!pattern_covers("*.>", ">"), "`>` matches `a`, `*.>` does not");
+        assert!(pattern_covers("a.>", "a.*"));
+        assert!(!pattern_covers("a.*", "a.>"));
+        assert!(pattern_covers(">", "*"));
+        assert!(!pattern_covers("*", ">"));
+        assert!(pattern_covers("*", "a"));
+        assert!(!pattern_covers("a", "*"));
+        assert!(pattern_covers("a.*", "a.b"));
+        assert!(!pattern_covers("a.b", "a.b.c"));
+        assert!(!pattern_covers("a.b.c", "a.b"));
+        assert!(!pattern_covers("a.>", "a"));
+        assert!(pattern_covers("a.>", "a.b.c.>"));
+        assert!(pattern_covers("*.*.>", "a.*.b.>"));
+        assert!(!pattern_covers("*.*.>", "a.>"));
+        assert!(!pattern_covers("a.b", "a.c"));
+        // Invalid patterns cover nothing and are covered by nothing.
+        assert!(!pattern_covers(">", "a..b"));
+        assert!(!pattern_covers("a.>.b", "a.b.b"));
+        assert!(!pattern_covers("", ""));
+    }
+
+    #[test]
+    fn intersecting() {
+        for p in ["a", "a.b", "a.*", "*", ">", "a.>"] {
+            assert!(patterns_intersect(p, p), "{p}");
+        }
+        assert!(patterns_intersect(">", "*.>"));
+        assert!(patterns_intersect("a.*", "a.>"));
+        assert!(patterns_intersect("*", ">"));
+        assert!(patterns_intersect("a.*.c", "*.b.>"));
+        assert!(!patterns_intersect("a.*", "a"));
+        assert!(!patterns_intersect("a.>", "a"));
+        assert!(!patterns_intersect("a.*", "a.b.c"));
+        assert!(!patterns_intersect("a.b", "a.c"));
+        assert!(!patterns_intersect("*", "a.b"));
+        assert!(!patterns_intersect("a.*.c", "a.b.d.>"));
+        assert!(!patterns_intersect(">", "a*"));
+        assert!(!patterns_intersect("", ""));
+    }
+
+    mod oracle {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// Every subject of 1..=5 tokens over {a, b, c}. Patterns below use
+        /// only `a` and `b` as literals, so `c` stands for "any other token",
+        /// and 5 is one token longer than any pattern, so the difference a
+        /// `>` makes (tails of any length) already shows.
+        fn subjects() -> Vec<String> {
+            let mut all = Vec::new();
+            let mut level = vec![String::new()];
+            for _ in 0..5 {
+                let mut next = Vec::new();
+                for prefix in &level {
+                    for t in ["a", "b", "c"] {
+                        next.push(if prefix.is_empty() { t.to_string() } else { format!("{prefix}.{t}") });
+                    }
+                }
+                all.extend(next.iter().cloned());
+                level = next;
+            }
+            all
+        }
+
+        /// Valid patterns of 1..=4 tokens over {a, b, *}, maybe ending in `>`.
+        fn pattern() -> impl Strategy<Value = String> {
+            (prop::collection::vec(prop::sample::select(vec!["a", "b", "*"]), 0..=4), any::<bool>())
+                .prop_filter_map("1..=4 tokens", |(mut tokens, tail)| {
+                    if tail || tokens.is_empty() {
+                        tokens.push(">");
+                    }
+                    (tokens.len() <= 4).then(|| tokens.join("."))
+                })
+        }
+
+        proptest! {
+            #[test]
+            fn covers_agrees_with_enumeration(outer in pattern(), inner in pattern()) {
+                let expected = subjects()
+                    .iter()
+                    .all(|s| !pattern_matches(&inner, s) || pattern_matches(&outer, s));
+                prop_assert_eq!(pattern_covers(&outer, &inner), expected);
+            }
+
+            #[test]
+            fn intersect_agrees_with_enumeration(a in pattern(), b in pattern()) {
+                let expected = subjects().iter().any(|s| pattern_matches(&a, s) && pattern_matches(&b, s));
+                prop_assert_eq!(patterns_intersect(&a, &b), expected);
+                prop_assert_eq!(patterns_intersect(&b, &a), expected);
+            }
+        }
     }
 }

@@ -121,6 +121,39 @@ pub fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<PeerCred> {
     })
 }
 
+/// The peer's groups as the kernel recorded them at connect
+/// (`SO_PEERGROUPS`): its supplementary groups, which may or may not
+/// include its primary gid (add `PeerCred::gid` to be sure).
+pub fn peer_groups(fd: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
+    // NGROUPS_MAX is 65536; start small and grow to what the kernel asks.
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut len = (groups.len() * size_of::<libc::gid_t>()) as libc::socklen_t;
+        // SAFETY: `groups` has `len` writable bytes, properly aligned for
+        // gid_t; the kernel writes at most `len` bytes and sets `len` to
+        // what it wrote (or, with ERANGE, to what it needs).
+        let r = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let needed = len as usize / size_of::<libc::gid_t>();
+        if r == 0 {
+            groups.truncate(needed.min(groups.len()));
+            return Ok(groups);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ERANGE) || needed <= groups.len() || needed > 65536 {
+            return Err(e);
+        }
+        groups.resize(needed, 0);
+    }
+}
+
 /// The address a socket is bound to, if it is an AF_UNIX one with a name.
 pub fn local_address(fd: BorrowedFd<'_>) -> io::Result<Option<Address>> {
     let any = rustix::net::getsockname(fd)?;
@@ -430,6 +463,18 @@ impl std::fmt::Debug for RecvBatch {
 mod tests {
     use super::*;
     use std::os::fd::AsFd;
+
+    #[test]
+    fn peer_groups_are_this_process_supplementary_groups() {
+        let (a, _b) = pair().unwrap();
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find_map(|l| l.strip_prefix("Groups:")).unwrap();
+        let mut mine: Vec<u32> = line.split_whitespace().map(|g| g.parse().unwrap()).collect();
+        let mut got = peer_groups(a.as_fd()).unwrap();
+        mine.sort_unstable();
+        got.sort_unstable();
+        assert_eq!(got, mine);
+    }
 
     #[test]
     fn batch_roundtrip_with_fds() {
