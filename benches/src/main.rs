@@ -5,6 +5,7 @@
 //! cargo run --release -p shmbus-benches -- throughput [--json]
 //! cargo run --release -p shmbus-benches -- router [--json]
 //! cargo run --release -p shmbus-benches -- request [--json]
+//! cargo run --release -p shmbus-benches -- policy [--json]
 //! cargo run --release -p shmbus-benches -- all [--json]
 //! ```
 //!
@@ -21,6 +22,7 @@
 #![forbid(unsafe_code)]
 
 mod payload;
+mod policy;
 mod request;
 mod ring;
 mod router;
@@ -158,6 +160,7 @@ fn main() {
         "ring" => ring::ring(&mut report),
         "router" => router::router(&mut report),
         "request" => request::request(&mut report),
+        "policy" => policy::policy(&mut report),
         "all" => {
             latency(&mut report);
             throughput(&mut report);
@@ -166,10 +169,11 @@ fn main() {
             ring::ring(&mut report);
             router::router(&mut report);
             request::request(&mut report);
+            policy::policy(&mut report);
         }
         other => {
             eprintln!(
-                "unknown scenario {other:?}; try latency, throughput, payload, fanout, ring, router, request or all"
+                "unknown scenario {other:?}; try latency, throughput, payload, fanout, ring, router, request, policy or all"
             );
             std::process::exit(2);
         }

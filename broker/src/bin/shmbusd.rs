@@ -24,11 +24,16 @@ struct Args {
     #[arg(long, conflicts_with = "address")]
     system: bool,
     /// Also admit this uid (root and the broker's own uid always are).
-    #[arg(long = "allow-uid", value_name = "UID")]
+    #[arg(long = "allow-uid", value_name = "UID", conflicts_with = "policy")]
     allow_uid: Vec<u32>,
     /// Admit every uid that can reach the socket.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "policy")]
     allow_all_uids: bool,
+    /// The policy file (TOML): who may connect, publish, subscribe, own,
+    /// call, open channels, monitor and introspect. Read again on SIGHUP.
+    /// Without one, admission by uid is the only gate.
+    #[arg(long, value_name = "FILE")]
+    policy: Option<std::path::PathBuf>,
     /// Bound of each connection's outgoing queue, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = l::DEFAULT_QUEUE_BYTES)]
     queue_bytes: u64,
@@ -137,6 +142,16 @@ fn main() -> ExitCode {
     }
     if args.allow_all_uids {
         cfg.bus.policy.allow_all();
+    }
+    if let Some(path) = args.policy {
+        match daemon::policy_file::load(&path) {
+            Ok(rules) => cfg.bus.rules = Some(rules),
+            Err(e) => {
+                eprintln!("shmbusd: bad policy file: {e}");
+                return ExitCode::from(2);
+            }
+        }
+        cfg.policy_path = Some(path);
     }
     let bus = &mut cfg.bus;
     bus.queue.bytes = args.queue_bytes.max(1);

@@ -52,6 +52,7 @@ use shmbus_proto::sys::memfd;
 
 use super::peer::PeerId;
 use super::quota::{charge_usage, Charge, Resource};
+use super::rules::Action;
 use super::Bus;
 
 /// Bytes of one cursor page, and of the signal page beside a ring.
@@ -163,6 +164,15 @@ impl Bus {
         }
         if topic.split('.').next() == Some(super::service::SYS_PREFIX) {
             let msg = format!("subjects under {} are the broker's", super::service::SYS_PREFIX);
+            return self.op_error(id, op, ErrorCode::Denied, &msg, now);
+        }
+        let action = match role {
+            ChannelRole::Publish { .. } => Action::ChannelPublish,
+            ChannelRole::Subscribe => Action::ChannelRead,
+        };
+        let denied = self.peers.get(&id).and_then(|p| p.access.check_pattern(action, topic).err());
+        if let Some(msg) = denied {
+            self.denial(id, &msg);
             return self.op_error(id, op, ErrorCode::Denied, &msg, now);
         }
         match role {
@@ -385,7 +395,7 @@ impl Bus {
     }
 
     /// The publisher left: mark the ring closed and wake every reader.
-    fn close_channel(&mut self, channel_id: u64) {
+    pub(crate) fn close_channel(&mut self, channel_id: u64) {
         let Some(ch) = self.channels.by_id.remove(&channel_id) else { return };
         self.channels.by_topic.remove(&ch.topic);
         ch.map.close();

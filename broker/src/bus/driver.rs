@@ -19,15 +19,17 @@ use std::time::Instant;
 use tracing::debug;
 
 use shmbus_proto::frame::{
-    decode_client, ClientFrame, DecodeError, ErrorCode, FdAck, GoodbyeCode, Limits, Op, PayloadRef, Pong,
-    Subscribe, Subscribed, Welcome, PROTOCOL_VERSION,
+    decode_client, ClientFrame, DecodeError, ErrorCode, FdAck, GoodbyeCode, Limits, MonitorKind, Op,
+    PayloadRef, Pong, Subscribe, Subscribed, Welcome, PROTOCOL_VERSION,
 };
 use shmbus_proto::limits::{MAX_CLIENT_NAME, MAX_INLINE_PAYLOAD, MAX_PACKET, MAX_SUBJECT_DEPTH};
 use shmbus_proto::subject::validate_pattern;
 
+use super::monitor::Seen;
 use super::peer::{PeerId, PeerState, Subscription};
 use super::queue::SubState;
 use super::quota::{charge_usage, Resource};
+use super::rules::Action;
 use super::{bump, Bus};
 
 /// How a packet arrived damaged.
@@ -102,6 +104,8 @@ impl Bus {
             (_, ClientFrame::GetNameOwner(n)) => self.get_name_owner(id, n.req_id, n.name, now),
             (_, ClientFrame::Request(r, payload)) => self.request(id, r, payload, fds, now),
             (_, ClientFrame::Reply(r, payload)) => self.reply(id, r, payload, fds, now),
+            (_, ClientFrame::Monitor(m)) => self.monitor_start(id, m, now),
+            (_, ClientFrame::PolicyCheck(c)) => self.policy_check(id, c, now),
         }
     }
 
@@ -175,6 +179,19 @@ impl Bus {
         p.state = PeerState::Ready;
         debug!("{} said hello as {}", p.who(), shmbus_proto::text::escape(name));
         self.control(id, &Welcome { client_id: id, limits }, now);
+        if !self.monitors.is_empty() {
+            let Some(p) = self.peers.get(&id) else { return };
+            let seen = Seen {
+                kind: MonitorKind::Connect,
+                subject: "",
+                sender: self.stamp(id),
+                receivers: Vec::new(),
+                detail: format!("{} as {}", p.who(), shmbus_proto::text::escape(name)),
+                payload_ref: PayloadRef::Inline,
+                payload: &[],
+            };
+            self.monitor_event(seen, now);
+        }
     }
 
     fn subscribe(&mut self, id: PeerId, s: Subscribe<'_>, now: Instant) {
@@ -183,6 +200,8 @@ impl Bus {
         let Some(p) = self.peers.get(&id) else { return };
         let refusal = if let Err(e) = validate_pattern(s.pattern) {
             Some((ErrorCode::InvalidSubject, format!("invalid pattern {:?}: {e}", s.pattern)))
+        } else if let Err(e) = p.access.check_pattern(Action::Subscribe, s.pattern) {
+            Some((ErrorCode::Denied, e))
         } else if p.subs.contains_key(&s.sub_id) {
             Some((ErrorCode::DuplicateSubscription, format!("subscription id {} is in use", s.sub_id)))
         } else if p.subs.len() >= max {
@@ -194,6 +213,9 @@ impl Bus {
             None
         };
         if let Some((code, message)) = refusal {
+            if code == ErrorCode::Denied {
+                self.denial(id, &message);
+            }
             return self.op_error(id, op, code, &message, now);
         }
         let cost = super::router::cost(s.pattern);
@@ -210,6 +232,24 @@ impl Bus {
         let Some(p) = self.peers.get_mut(&id) else { return };
         p.subs.insert(s.sub_id, Subscription { state, charge });
         self.control(id, &Subscribed { sub_id: s.sub_id }, now);
+        self.monitor_subscription(id, MonitorKind::Subscribe, s.pattern, now);
+    }
+
+    /// Tells monitors of a subscription made or ended.
+    fn monitor_subscription(&mut self, id: PeerId, kind: MonitorKind, pattern: &str, now: Instant) {
+        if self.monitors.is_empty() {
+            return;
+        }
+        let seen = Seen {
+            kind,
+            subject: pattern,
+            sender: self.stamp(id),
+            receivers: Vec::new(),
+            detail: String::new(),
+            payload_ref: PayloadRef::Inline,
+            payload: &[],
+        };
+        self.monitor_event(seen, now);
     }
 
     fn unsubscribe(&mut self, id: PeerId, sub_id: u32, now: Instant) {
@@ -217,7 +257,10 @@ impl Bus {
         match p.subs.remove(&sub_id) {
             Some(sub) => {
                 let owed = sub.state.missed;
-                self.router.remove(&sub.state.pattern, (id, sub_id));
+                if !self.monitors.remove(id, sub_id) {
+                    self.router.remove(&sub.state.pattern, (id, sub_id));
+                    self.monitor_subscription(id, MonitorKind::Unsubscribe, &sub.state.pattern, now);
+                }
                 if owed > 0 {
                     // The subscription is gone but its loss is still owed:
                     // report it before the acknowledgement.
@@ -282,5 +325,7 @@ pub(crate) fn frame_name(f: &ClientFrame<'_>) -> &'static str {
         ClientFrame::GetNameOwner(_) => "GetNameOwner",
         ClientFrame::Request(..) => "Request",
         ClientFrame::Reply(..) => "Reply",
+        ClientFrame::Monitor(_) => "Monitor",
+        ClientFrame::PolicyCheck(_) => "PolicyCheck",
     }
 }

@@ -18,6 +18,7 @@ use shmbus_proto::frame::{
 };
 
 use super::peer::{Peer, PeerId};
+use super::rules::Action;
 use super::Bus;
 
 /// Most items in one page.
@@ -36,6 +37,11 @@ impl Bus {
         after: Option<&str>,
         now: Instant,
     ) {
+        let denied = self.peers.get(&id).and_then(|p| p.access.check(Action::Introspect, "").err());
+        if let Some(msg) = denied {
+            self.denial(id, &msg);
+            return self.op_error(id, Op::Query { req_id }, ErrorCode::Denied, &msg, now);
+        }
         let (items, next) = match what {
             QueryKind::Stats => (vec![QueryItemBody::Stats(self.stats(now))], None),
             QueryKind::Topics => page(self.router.patterns_after(after).map(|(pattern, n)| {

@@ -21,6 +21,9 @@
 //! - `service.rs`: names, requests and their one answer (`name.rs` holds
 //!   the name registry);
 //! - `introspect.rs`: paged answers to `Query`;
+//! - `monitor.rs`: monitors, an administrator's view of the traffic;
+//! - `access.rs`: the policy file applied per peer (`rules.rs` parses and
+//!   compiles it), and its reload;
 //! - `router.rs`, `queue.rs`, `quota.rs`, `policy.rs`: the mechanisms.
 //!
 //! Invariants: peer ids are never reused and every registry keys on them;
@@ -28,9 +31,11 @@
 //! (`quota.rs`); a refusal leaves the connection usable and names the
 //! limit; counters count what was accepted, saturating.
 
+pub mod access;
 pub mod channel;
 pub mod driver;
 pub mod introspect;
+pub mod monitor;
 pub mod name;
 pub mod peer;
 pub mod policy;
@@ -39,6 +44,7 @@ pub mod queue;
 pub mod quota;
 pub mod ratelimit;
 pub mod router;
+pub mod rules;
 pub mod service;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -57,6 +63,7 @@ use queue::{OutFrame, QueueLimits};
 use quota::{Accounts, Resource, UidLimits};
 use ratelimit::RateLimit;
 use router::Router;
+use rules::{Action, Rules};
 
 pub use peer::PeerId as Id;
 
@@ -80,7 +87,10 @@ pub enum Effect {
 #[derive(Debug, Clone)]
 pub struct BusConfig {
     pub address: String,
+    /// Admission by uid, when no policy file is given.
     pub policy: Policy,
+    /// The policy file, compiled; `None`: admission is the only gate.
+    pub rules: Option<Rules>,
     pub queue: QueueLimits,
     pub uid_limits: UidLimits,
     /// Subscriptions one connection may hold.
@@ -106,6 +116,7 @@ impl BusConfig {
         BusConfig {
             address,
             policy: Policy::new(broker_uid),
+            rules: None,
             queue: QueueLimits {
                 bytes: l::DEFAULT_QUEUE_BYTES,
                 frames: l::DEFAULT_QUEUE_FRAMES,
@@ -149,6 +160,8 @@ pub struct Counters {
     pub replies_refused: u64,
     pub replies_dropped: u64,
     pub request_timeouts: u64,
+    /// Operations the policy file refused.
+    pub policy_denials: u64,
 }
 
 /// Adds saturating: a counter sticks at its maximum rather than wrap.
@@ -165,6 +178,7 @@ pub struct Bus {
     channels: Channels,
     names: name::Names,
     replies: service::Replies,
+    monitors: monitor::Monitors,
     /// Messages the broker published itself (name events).
     broker_seq: u64,
     counters: Counters,
@@ -193,6 +207,7 @@ impl Bus {
             channels: Channels::default(),
             names: name::Names::default(),
             replies: service::Replies::default(),
+            monitors: monitor::Monitors::default(),
             broker_seq: 0,
             counters: Counters::default(),
             effects: Vec::new(),
@@ -287,14 +302,27 @@ impl Bus {
 
     /// A connection arrived with these credentials: admit it, or say why
     /// not (the daemon sends the goodbye and closes).
+    /// `groups`: every group the kernel reported for it (`SO_PEERGROUPS`).
     pub fn connect(
         &mut self,
         cred: PeerCred,
+        groups: Vec<u32>,
         command: String,
         now: Instant,
     ) -> Result<PeerId, (GoodbyeCode, String)> {
         self.log.see(now);
-        let admitted = self.cfg.policy.admit(&cred).map_err(|r| (GoodbyeCode::Denied, r)).and_then(|()| {
+        let mut groups = groups;
+        if !groups.contains(&cred.gid) {
+            groups.insert(0, cred.gid);
+        }
+        let access = self.access_for(&cred, &groups);
+        let admission = match &self.cfg.rules {
+            None => self.cfg.policy.admit(&cred),
+            Some(_) => access
+                .check(Action::Connect, "")
+                .map_err(|e| format!("access denied: uid {} may not connect to this bus ({e})", cred.uid)),
+        };
+        let admitted = admission.map_err(|r| (GoodbyeCode::Denied, r)).and_then(|()| {
             self.accounts
                 .charge(cred.uid, &[(Resource::Connections, 1)])
                 .map_err(|e| (GoodbyeCode::LimitExceeded, format!("limit exceeded: {e}")))
@@ -321,6 +349,8 @@ impl Bus {
         let peer = Peer {
             id,
             cred,
+            groups,
+            access,
             command,
             name: String::new(),
             state: PeerState::AwaitHello,
@@ -397,7 +427,9 @@ impl Bus {
     /// Takes the peer out of routing and gives back its channel handles.
     fn detach(&mut self, id: PeerId) {
         let Some(p) = self.peers.get_mut(&id) else { return };
+        let said_hello = p.state != PeerState::AwaitHello;
         let subs: Vec<(u32, Box<str>)> = p.subs.drain().map(|(sid, s)| (sid, s.state.pattern)).collect();
+        self.monitors.remove_peer(id);
         let handles = std::mem::take(&mut p.channels);
         for (sid, pattern) in subs {
             self.router.remove(&pattern, (id, sid));
@@ -407,6 +439,18 @@ impl Bus {
         }
         let now = self.now_hint();
         self.leave_services(id, now);
+        if said_hello && !self.monitors.is_empty() {
+            let seen = monitor::Seen {
+                kind: shmbus_proto::frame::MonitorKind::Disconnect,
+                subject: "",
+                sender: self.stamp(id),
+                receivers: Vec::new(),
+                detail: self.peers.get(&id).map(Peer::who).unwrap_or_default(),
+                payload_ref: shmbus_proto::frame::PayloadRef::Inline,
+                payload: &[],
+            };
+            self.monitor_event(seen, now);
+        }
     }
 
     /// Takes the peer out of routing, queues a goodbye as its last frame,
@@ -558,6 +602,18 @@ impl Bus {
             debug!("{}: {op:?} refused: {}", p.who(), shmbus_proto::text::escape(message));
         }
         self.control(id, &OpError { op, code, message }, now);
+        if !self.monitors.is_empty() {
+            let seen = monitor::Seen {
+                kind: shmbus_proto::frame::MonitorKind::Error,
+                subject: "",
+                sender: self.stamp(id),
+                receivers: vec![id],
+                detail: format!("{op:?} refused: {code:?}: {}", shmbus_proto::text::escape(message)),
+                payload_ref: shmbus_proto::frame::PayloadRef::Inline,
+                payload: &[],
+            };
+            self.monitor_event(seen, now);
+        }
     }
 
     /// A refusal by quota: counted, logged at a bounded rate, reported.

@@ -26,6 +26,8 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use shmbus_proto::sys::socket::PeerCred;
+
+use super::access::Access;
 use shmbus_proto::text::escape;
 
 use crate::bus::queue::{OutQueue, SubState};
@@ -54,6 +56,10 @@ pub struct Subscription {
 pub struct Peer {
     pub id: PeerId,
     pub cred: PeerCred,
+    /// Its groups (`SO_PEERGROUPS`, and its primary gid), for the policy.
+    pub groups: Vec<u32>,
+    /// What the policy lets it do, compiled at connect and at each reload.
+    pub access: Access,
     /// The peer's command name, from `/proc/<pid>/comm` at accept. Raw:
     /// escape it wherever a person reads it ([`Peer::who`] does).
     pub command: String,

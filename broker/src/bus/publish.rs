@@ -16,11 +16,14 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
-use shmbus_proto::frame::{encode_head, Deliver, ErrorCode, GoodbyeCode, Op, PayloadRef, Sender};
+use shmbus_proto::frame::{
+    encode_head, Deliver, ErrorCode, GoodbyeCode, MonitorKind, Op, PayloadRef, Sender,
+};
 use shmbus_proto::limits::MAX_INLINE_PAYLOAD;
 use shmbus_proto::subject::validate_subject;
 use shmbus_proto::sys::memfd::{self, MemfdError};
 
+use super::monitor::Seen;
 use super::peer::PeerId;
 use super::queue::{offer, refuse, settle_gap, Offer, OutFrame, SharedFd, FRAME_OVERHEAD};
 use super::quota::Resource;
@@ -50,6 +53,12 @@ impl Bus {
                 "subjects under {} are the broker's: clients may not publish on them",
                 super::service::SYS_PREFIX
             );
+            return self.op_error(id, op, ErrorCode::Denied, &msg, now);
+        }
+        // Once per subject, not per message: the verdict is remembered.
+        let denied = self.peers.get_mut(&id).and_then(|p| p.access.check_publish(topic).err());
+        if let Some(msg) = denied {
+            self.denial(id, &msg);
             return self.op_error(id, op, ErrorCode::Denied, &msg, now);
         }
         // Every refusal below drops `fds`, closing them.
@@ -91,6 +100,20 @@ impl Bus {
         bump(&mut self.counters.msgs_in, 1);
         bump(&mut self.counters.bytes_in, bytes);
         self.fan_out(topic, sender, seq, payload_ref, payload, shared, now);
+        if !self.monitors.is_empty() {
+            let mut receivers: Vec<u64> = self.matches.iter().map(|&(peer, _)| peer).collect();
+            receivers.dedup();
+            let seen = Seen {
+                kind: MonitorKind::Publish,
+                subject: topic,
+                sender,
+                receivers,
+                detail: String::new(),
+                payload_ref,
+                payload,
+            };
+            self.monitor_event(seen, now);
+        }
     }
 
     /// Routes one accepted message to every matching subscription.
@@ -134,7 +157,7 @@ impl Bus {
         // the fd is closed.
     }
 
-    fn deliver(
+    pub(crate) fn deliver(
         &mut self,
         target: PeerId,
         sub_id: u32,

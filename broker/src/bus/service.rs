@@ -28,17 +28,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shmbus_proto::frame::{
-    encode_head, Answer, ErrorCode, NameFlags, NameOwner, NameOwnerChanged, NameReply, NameResult, Op,
-    Outcome, PayloadRef, Reply, ReplyStatus, Request, Sender, Serve,
+    encode_head, Answer, ErrorCode, MonitorKind, NameFlags, NameOwner, NameOwnerChanged, NameReply,
+    NameResult, Op, Outcome, PayloadRef, Reply, ReplyStatus, Request, Sender, Serve,
 };
 use shmbus_proto::limits::{MAX_INLINE_PAYLOAD, MAX_SUBJECT_DEPTH, MAX_SUBJECT_LEN};
 use shmbus_proto::subject::validate_subject;
 use shmbus_proto::sys::memfd::{self, MemfdError};
 
+use super::monitor::Seen;
 use super::name::OwnerChange;
 use super::peer::PeerId;
 use super::queue::{OutFrame, SharedFd, FRAME_OVERHEAD};
 use super::quota::{charge_usage, Charge, Resource};
+use super::rules::Action;
 use super::{bump, Bus};
 
 /// Subjects under this prefix are the broker's: clients may subscribe to
@@ -55,6 +57,9 @@ pub struct Slot {
     call_id: u64,
     responder: PeerId,
     deadline: Instant,
+    /// The name called, kept only while someone monitors (for the
+    /// answer's event).
+    name: Option<Box<str>>,
     _charge: Charge,
 }
 
@@ -169,6 +174,10 @@ impl Bus {
         if let Some((code, msg)) = name_refusal(name, p.cred.uid, self.privileged(p.cred.uid)) {
             return self.op_error(id, op, code, &msg, now);
         }
+        if let Err(msg) = p.access.check(Action::Own, name) {
+            self.denial(id, &msg);
+            return self.op_error(id, op, ErrorCode::Denied, &msg, now);
+        }
         let charge = if self.names.holds(name, id) {
             // Asking again changes flags; it costs nothing new. The charge
             // below is released at once.
@@ -226,6 +235,19 @@ impl Bus {
         let seq = self.broker_seq;
         let sender = self.cfg.broker;
         self.fan_out(&topic, sender, seq, PayloadRef::Inline, &bytes, None, now);
+        if !self.monitors.is_empty() {
+            let detail = format!("owner {:?} -> {:?}", c.old, c.new);
+            let seen = Seen {
+                kind: MonitorKind::NameChange,
+                subject: &c.name,
+                sender,
+                receivers: Vec::new(),
+                detail,
+                payload_ref: PayloadRef::Inline,
+                payload: &[],
+            };
+            self.monitor_event(seen, now);
+        }
     }
 
     /// A peer left: give up its names, and answer what it owed.
@@ -239,7 +261,15 @@ impl Bus {
         }
         for serial in owed {
             if let Some(slot) = self.replies.take(serial) {
-                self.answer(slot.caller, slot.call_id, Outcome::ResponderGone, None, None, now);
+                self.answer(
+                    slot.name.as_deref(),
+                    slot.caller,
+                    slot.call_id,
+                    Outcome::ResponderGone,
+                    None,
+                    None,
+                    now,
+                );
             }
         }
         for serial in asked {
@@ -249,9 +279,12 @@ impl Bus {
         }
     }
 
-    /// Sends a caller its one answer (if it is still there).
+    /// Sends a caller its one answer (if it is still there). `name`: what
+    /// was called, if known (for monitors).
+    #[allow(clippy::too_many_arguments)]
     fn answer(
         &mut self,
+        name: Option<&str>,
         caller: Option<PeerId>,
         call_id: u64,
         outcome: Outcome<'_>,
@@ -261,6 +294,19 @@ impl Bus {
     ) {
         let Some(caller) = caller else { return };
         let payload_ref = payload.as_ref().map_or(PayloadRef::Inline, |p| p.payload_ref);
+        if !self.monitors.is_empty() {
+            let bytes = payload.as_ref().and_then(|p| p.inline.clone());
+            let seen = Seen {
+                kind: MonitorKind::Answer,
+                subject: name.unwrap_or(""),
+                sender: responder.unwrap_or(self.cfg.broker),
+                receivers: vec![caller],
+                detail: format!("{outcome:?}"),
+                payload_ref,
+                payload: bytes.as_deref().unwrap_or(&[]),
+            };
+            self.monitor_event(seen, now);
+        }
         let answer = Answer { call_id, outcome, responder, payload: payload_ref };
         let Ok(head) = encode_head(&answer) else { return };
         let (inline, shared) = payload.map_or((None, None), |p| (p.inline, p.shared));
@@ -280,8 +326,9 @@ impl Bus {
         let Some(p) = self.peers.get(&id) else { return };
         let sender = Sender { client_id: id, uid: p.cred.uid, gid: p.cred.gid, pid: p.cred.pid };
         let usage = p.usage.clone();
-        let refuse =
-            |bus: &mut Bus, outcome: Outcome<'_>| bus.answer(Some(id), call_id, outcome, None, None, now);
+        let refuse = |bus: &mut Bus, outcome: Outcome<'_>| {
+            bus.answer(Some(r.name), Some(id), call_id, outcome, None, None, now)
+        };
         if let Err(e) = validate_subject(r.name) {
             let msg = format!("invalid name {:?}: {e}", r.name);
             return refuse(self, Outcome::Invalid { message: &msg });
@@ -303,6 +350,11 @@ impl Bus {
                 return refuse(self, Outcome::LimitExceeded { message: &msg });
             }
         };
+        let denied = self.peers.get(&id).and_then(|p| p.access.check(Action::Call, r.name).err());
+        if let Some(msg) = denied {
+            self.denial(id, &msg);
+            return refuse(self, Outcome::Denied { message: &msg });
+        }
         let Some(responder) = self.names.route(r.name) else {
             return refuse(self, Outcome::NoResponder);
         };
@@ -335,22 +387,38 @@ impl Bus {
         }
         let frame =
             OutFrame { head, payload: payload.inline, shared_fd: payload.shared, control_fds: Vec::new() };
+        let watched = (!self.monitors.is_empty()).then(|| (frame.payload.clone(), serve.payload));
         if rp.queue.push_control(frame).is_err() {
             return refuse(self, Outcome::LimitExceeded { message: "the service's queue is full" });
         }
+
         bump(&mut self.counters.requests, 1);
+        let name = (!self.monitors.is_empty()).then(|| r.name.into());
         if !r.no_reply {
             rp.calls_in.insert(serial);
             let deadline = now + timeout;
-            self.replies
-                .slots
-                .insert(serial, Slot { caller: Some(id), call_id, responder, deadline, _charge: charge });
+            self.replies.slots.insert(
+                serial,
+                Slot { caller: Some(id), call_id, responder, deadline, name, _charge: charge },
+            );
             self.replies.deadlines.insert((deadline, serial));
             if let Some(p) = self.peers.get_mut(&id) {
                 p.calls_out.insert(serial);
             }
         }
         self.mark_dirty(responder);
+        if let Some((bytes, payload_ref)) = watched {
+            let seen = Seen {
+                kind: MonitorKind::Request,
+                subject: r.name,
+                sender,
+                receivers: vec![responder],
+                detail: if r.no_reply { "no reply wanted".into() } else { String::new() },
+                payload_ref,
+                payload: bytes.as_deref().unwrap_or(&[]),
+            };
+            self.monitor_event(seen, now);
+        }
     }
 
     pub(crate) fn reply(&mut self, id: PeerId, r: Reply<'_>, bytes: &[u8], fds: Vec<OwnedFd>, now: Instant) {
@@ -382,6 +450,7 @@ impl Bus {
                 // The caller still gets its one answer.
                 let told = format!("the service's reply was refused: {msg}");
                 self.answer(
+                    slot.name.as_deref(),
                     slot.caller,
                     slot.call_id,
                     Outcome::Invalid { message: &told },
@@ -396,13 +465,21 @@ impl Bus {
             ReplyStatus::Ok => Outcome::Reply,
             ReplyStatus::Error { code, message } => Outcome::AppError { code, message },
         };
-        self.answer(slot.caller, slot.call_id, outcome, Some(responder), Some(payload), now);
+        self.answer(
+            slot.name.as_deref(),
+            slot.caller,
+            slot.call_id,
+            outcome,
+            Some(responder),
+            Some(payload),
+            now,
+        );
     }
 
     /// A request the broker could not take (its fd was lost to the
     /// broker's own shortage): the caller is answered at once.
     pub(crate) fn refuse_request(&mut self, id: PeerId, call_id: u64, message: &str, now: Instant) {
-        self.answer(Some(id), call_id, Outcome::LimitExceeded { message }, None, None, now);
+        self.answer(None, Some(id), call_id, Outcome::LimitExceeded { message }, None, None, now);
     }
 
     /// A reply the broker could not take: its caller is still answered,
@@ -417,7 +494,8 @@ impl Bus {
             if let Some(p) = slot.caller.and_then(|c| self.peers.get_mut(&c)) {
                 p.calls_out.remove(&serial);
             }
-            self.answer(slot.caller, slot.call_id, Outcome::LimitExceeded { message }, None, None, now);
+            let name = slot.name.as_deref();
+            self.answer(name, slot.caller, slot.call_id, Outcome::LimitExceeded { message }, None, None, now);
         }
         self.op_error(id, op, ErrorCode::BrokerResource, message, now);
     }
@@ -436,7 +514,7 @@ impl Bus {
                 p.calls_out.remove(&serial);
             }
             bump(&mut self.counters.request_timeouts, 1);
-            self.answer(slot.caller, slot.call_id, Outcome::Timeout, None, None, now);
+            self.answer(slot.name.as_deref(), slot.caller, slot.call_id, Outcome::Timeout, None, None, now);
         }
     }
 }

@@ -33,7 +33,7 @@ impl World {
 
     fn join(&mut self, uid: u32) -> PeerId {
         let cred = PeerCred { pid: 100 + uid, uid, gid: uid };
-        let id = self.bus.connect(cred, "test".into(), self.now).unwrap();
+        let id = self.bus.connect(cred, Vec::new(), "test".into(), self.now).unwrap();
         let hello = encode_head(&Hello { version: PROTOCOL_VERSION.into(), name: "t" }).unwrap();
         self.bus.receive(id, &hello, Vec::new(), self.now);
         assert!(matches!(self.take(id).as_slice(), [BrokerFrame::Welcome(_)]));
@@ -261,7 +261,7 @@ fn a_silent_connection_is_closed_at_the_hello_deadline() {
     cfg.hello_timeout = Duration::from_millis(100);
     let mut w = World::new(cfg);
     let cred = PeerCred { pid: 1, uid: 9, gid: 9 };
-    let id = w.bus.connect(cred, "silent".into(), w.now).unwrap();
+    let id = w.bus.connect(cred, Vec::new(), "silent".into(), w.now).unwrap();
     let talker = w.join(9);
     w.bus.tick(w.now + Duration::from_millis(50));
     assert!(w.bus.peer(id).is_some());

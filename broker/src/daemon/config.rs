@@ -2,6 +2,7 @@
 //! configuration (limits, policy, deadlines).
 
 use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 
 use shmbus_proto::Address;
 
@@ -14,11 +15,14 @@ pub struct Config {
     /// An already-listening socket to serve instead of binding `address`.
     pub listen_fd: Option<OwnedFd>,
     pub bus: BusConfig,
+    /// The policy file, read again on `SIGHUP` (its rules, loaded at
+    /// start, are in `bus.rules`).
+    pub policy_path: Option<PathBuf>,
 }
 
 impl Config {
     pub fn new(address: Address) -> Config {
         let bus = BusConfig::new(address.to_string(), rustix::process::getuid().as_raw());
-        Config { address, listen_fd: None, bus }
+        Config { address, listen_fd: None, bus, policy_path: None }
     }
 }

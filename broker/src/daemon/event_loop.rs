@@ -94,6 +94,7 @@ struct Reactor {
     hup: SignalPipe,
     shutdown_deadline: Option<Instant>,
     notifier: Notifier,
+    policy_path: Option<std::path::PathBuf>,
 }
 
 impl Reactor {
@@ -130,6 +131,7 @@ impl Reactor {
             hup,
             shutdown_deadline: None,
             notifier: Notifier::from_env(),
+            policy_path: cfg.policy_path,
         })
     }
 
@@ -154,7 +156,7 @@ impl Reactor {
                     }
                     SIG_HUP => {
                         if self.hup.drain() {
-                            info!("SIGHUP: there is no configuration to reload");
+                            self.reload();
                         }
                     }
                     Token(t) => {
@@ -253,8 +255,17 @@ impl Reactor {
                 return;
             }
         };
+        // Without its groups a deny by group could not hold: no groups, no
+        // connection.
+        let groups = match socket::peer_groups(fd.as_fd()) {
+            Ok(g) => g,
+            Err(e) => {
+                debug!("dropping a connection whose groups cannot be read: {e}");
+                return;
+            }
+        };
         let command = command_of(cred.pid);
-        let id = match self.bus.connect(cred, command, Instant::now()) {
+        let id = match self.bus.connect(cred, groups, command, Instant::now()) {
             Ok(id) => id,
             Err((code, reason)) => return refuse(fd, code, &reason),
         };
@@ -465,6 +476,33 @@ impl Reactor {
                 }
             }
         }
+    }
+
+    /// `SIGHUP`: reads the policy file again. A file that fails to load
+    /// leaves the rules in force; a good one is applied at once, and the
+    /// bus ends what it no longer allows.
+    fn reload(&mut self) {
+        let Some(path) = self.policy_path.clone() else {
+            info!("SIGHUP: no policy file was given; nothing to reload");
+            return;
+        };
+        self.notifier.reloading();
+        match super::policy_file::load(&path) {
+            Ok(rules) => {
+                let count = rules.rule_count();
+                let done = self.bus.reload_policy(Some(rules), Instant::now());
+                info!(
+                    "policy reloaded from {}: {count} rules; ended {} subscriptions, {} names, {} channels",
+                    path.display(),
+                    done.subscriptions,
+                    done.names,
+                    done.channels
+                );
+                self.apply_effects();
+            }
+            Err(e) => warn!("policy not reloaded, the old one stays in force: {e}"),
+        }
+        self.notifier.reloaded();
     }
 
     /// The bus has forgotten `id`: close its socket.

@@ -135,6 +135,21 @@ impl Notifier {
         }
     }
 
+    /// A reload begins (`Type=notify-reload`): `RELOADING=1` with the
+    /// monotonic time, then [`Notifier::reloaded`] when it is over.
+    pub fn reloading(&mut self) {
+        match NotifyState::monotonic_usec_now() {
+            Ok(now) => self.send(&[NotifyState::Reloading, now, NotifyState::Status("reloading the policy")]),
+            Err(e) => warn!("cannot read the monotonic clock for RELOADING=1: {e}"),
+        }
+    }
+
+    /// The reload is over, applied or not: `READY=1` again.
+    pub fn reloaded(&mut self) {
+        let status = std::mem::take(&mut self.status);
+        self.ready(status);
+    }
+
     pub fn stopping(&mut self) {
         self.send(&[NotifyState::Stopping, NotifyState::Status("shutting down")]);
     }

@@ -1,0 +1,214 @@
+//! Monitors: an administrator's view of what passes through the broker.
+//!
+//! Model: a monitor is a subscription that the router does not hold. A
+//! peer with the `monitor` right sends `Monitor { sub_id, patterns }`; the
+//! bus keeps it in the peer's subscriptions (so its queue, overflow and
+//! gap accounting are a subscription's, with `Overflow::Gap`) and in
+//! [`Monitors`]. Wherever something happens (a publish, a request, an
+//! answer, a refusal, a connect or disconnect, a subscription or a name
+//! change) the bus calls [`Bus::monitor_event`], which offers one
+//! `Deliver` whose payload is a [`MonitorEvent`] to each monitor whose
+//! patterns match the event's subject (events without a subject, such as
+//! connects, go only to monitors without patterns).
+//!
+//! Invariants: with no monitor, an event costs one `is_empty` test and
+//! nothing is built; a slow monitor loses events, counted as gaps on its
+//! own subscription, and never holds up the bus (`Overflow::Gap`, whatever
+//! the client asked). Payloads by memfd are never mapped: the monitor sees
+//! their length. Inline payloads are cut to `MONITOR_EXCERPT` bytes
+//! unless the monitor asked for them whole. No I/O.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use shmbus_proto::frame::{
+    encode_head, Deliver, ErrorCode, Monitor, MonitorEvent, MonitorKind, Op, Overflow, PayloadRef, Sender,
+    Subscribed, MONITOR_EXCERPT,
+};
+use shmbus_proto::subject::{pattern_matches, validate_pattern};
+
+use super::peer::{PeerId, Subscription};
+use super::queue::{OutFrame, SubState, FRAME_OVERHEAD};
+use super::quota::{charge_usage, Resource};
+use super::rules::Action;
+use super::Bus;
+
+/// Most patterns one monitor may filter on.
+pub const MAX_MONITOR_PATTERNS: usize = 64;
+
+#[derive(Debug)]
+struct MonitorSub {
+    peer: PeerId,
+    sub_id: u32,
+    patterns: Vec<Box<str>>,
+    full: bool,
+}
+
+/// Every live monitor.
+#[derive(Debug, Default)]
+pub struct Monitors {
+    subs: Vec<MonitorSub>,
+    /// Events offered so far: the `seq` of each monitor delivery.
+    seq: u64,
+}
+
+impl Monitors {
+    pub fn is_empty(&self) -> bool {
+        self.subs.is_empty()
+    }
+
+    /// Forgets monitor `sub_id` of `peer`; whether it was one.
+    pub fn remove(&mut self, peer: PeerId, sub_id: u32) -> bool {
+        let before = self.subs.len();
+        self.subs.retain(|m| (m.peer, m.sub_id) != (peer, sub_id));
+        self.subs.len() != before
+    }
+
+    /// Forgets every monitor of `peer`.
+    pub fn remove_peer(&mut self, peer: PeerId) {
+        self.subs.retain(|m| m.peer != peer);
+    }
+
+    /// The monitors `peer` holds, by subscription id.
+    pub fn of(&self, peer: PeerId) -> Vec<u32> {
+        self.subs.iter().filter(|m| m.peer == peer).map(|m| m.sub_id).collect()
+    }
+}
+
+/// What happened, for [`Bus::monitor_event`].
+pub struct Seen<'a> {
+    pub kind: MonitorKind,
+    /// The topic, name or pattern; "" for events without one.
+    pub subject: &'a str,
+    /// Who caused it.
+    pub sender: Sender,
+    pub receivers: Vec<u64>,
+    pub detail: String,
+    pub payload_ref: PayloadRef,
+    /// The inline payload (empty for a memfd).
+    pub payload: &'a [u8],
+}
+
+impl Bus {
+    /// `Monitor`: starts a monitor for a peer with the `monitor` right.
+    pub(crate) fn monitor_start(&mut self, id: PeerId, m: Monitor<'_>, now: Instant) {
+        let op = Op::Subscribe { sub_id: m.sub_id };
+        let max = self.cfg.max_subscriptions as usize;
+        let Some(p) = self.peers.get(&id) else { return };
+        let refusal = if let Err(e) = p.access.check(Action::Monitor, "") {
+            Some((ErrorCode::Denied, e))
+        } else if let Some(bad) = m.patterns.iter().find(|pat| validate_pattern(pat).is_err()) {
+            Some((
+                ErrorCode::InvalidSubject,
+                format!("invalid pattern {:?}", shmbus_proto::text::escape(bad)),
+            ))
+        } else if m.patterns.len() > MAX_MONITOR_PATTERNS {
+            Some((ErrorCode::LimitExceeded, format!("at most {MAX_MONITOR_PATTERNS} patterns per monitor")))
+        } else if p.subs.contains_key(&m.sub_id) {
+            Some((ErrorCode::DuplicateSubscription, format!("subscription id {} is in use", m.sub_id)))
+        } else if p.subs.len() >= max {
+            Some((
+                ErrorCode::LimitExceeded,
+                format!("at most {max} subscriptions per connection (raise it with --max-subscriptions)"),
+            ))
+        } else {
+            None
+        };
+        if let Some((code, message)) = refusal {
+            if code == ErrorCode::Denied {
+                self.denial(id, &message);
+            }
+            return self.op_error(id, op, code, &message, now);
+        }
+        let bytes: usize = m.patterns.iter().map(|p| p.len() + 16).sum();
+        let charge = match charge_usage(
+            &p.usage,
+            &[(Resource::Subscriptions, 1), (Resource::RouterBytes, bytes as u64)],
+        ) {
+            Ok(c) => c,
+            Err(e) => return self.quota_refusal(id, op, &e, now),
+        };
+        // Never in the router: "" is no valid pattern, so no delivery of a
+        // publish can name this subscription.
+        let state = SubState { pattern: "".into(), overflow: Overflow::Gap, missed: 0 };
+        let Some(p) = self.peers.get_mut(&id) else { return };
+        p.subs.insert(m.sub_id, Subscription { state, charge });
+        self.monitors.subs.push(MonitorSub {
+            peer: id,
+            sub_id: m.sub_id,
+            patterns: m.patterns.iter().map(|&p| p.into()).collect(),
+            full: m.full,
+        });
+        self.control(id, &Subscribed { sub_id: m.sub_id }, now);
+    }
+
+    /// Offers `seen` to every monitor that wants it.
+    pub(crate) fn monitor_event(&mut self, seen: Seen<'_>, now: Instant) {
+        if self.monitors.is_empty() {
+            return;
+        }
+        let wanted: Vec<(PeerId, u32, bool)> = self
+            .monitors
+            .subs
+            .iter()
+            .filter(|m| {
+                if m.patterns.is_empty() {
+                    return true;
+                }
+                !seen.subject.is_empty() && m.patterns.iter().any(|p| pattern_matches(p, seen.subject))
+            })
+            .map(|m| (m.peer, m.sub_id, m.full))
+            .collect();
+        if wanted.is_empty() {
+            return;
+        }
+        let memfd = matches!(seen.payload_ref, PayloadRef::Memfd { .. });
+        let payload_len = match seen.payload_ref {
+            PayloadRef::Memfd { len } => len,
+            PayloadRef::Inline => seen.payload.len() as u64,
+        };
+        let mut event = MonitorEvent {
+            kind: seen.kind,
+            receivers: seen.receivers,
+            detail: seen.detail,
+            payload_len,
+            memfd,
+            payload: Vec::new(),
+        };
+        // At most two encodings: the excerpt and the whole.
+        let mut encoded: [Option<Arc<[u8]>>; 2] = [None, None];
+        for (peer, sub_id, full) in wanted {
+            let bytes = encoded[usize::from(full)]
+                .get_or_insert_with(|| {
+                    let take =
+                        if full { seen.payload.len() } else { seen.payload.len().min(MONITOR_EXCERPT) };
+                    event.payload = seen.payload[..take].to_vec();
+                    Arc::from(event.to_bytes())
+                })
+                .clone();
+            self.monitors.seq += 1;
+            let seq = self.monitors.seq;
+            let (subject, sender) = (seen.subject, seen.sender);
+            let cost = subject.len() + 64 + bytes.len() + FRAME_OVERHEAD;
+            let make = move || {
+                let d = Deliver { sub_id, topic: subject, sender, seq, payload: PayloadRef::Inline };
+                let head = encode_head(&d).ok()?;
+                // A whole 64 KiB payload, its event and the longest topic
+                // still fit one packet; if not, the excerpt would have.
+                if head.len() + bytes.len() > shmbus_proto::limits::MAX_PACKET {
+                    return None;
+                }
+                Some(OutFrame { head, payload: Some(bytes), shared_fd: None, control_fds: Vec::new() })
+            };
+            self.deliver(peer, sub_id, (cost, 0, None), make, now);
+        }
+    }
+
+    /// The `Sender` stamp of peer `id` (the broker's own if it is gone).
+    pub(crate) fn stamp(&self, id: PeerId) -> Sender {
+        match self.peers.get(&id) {
+            Some(p) => Sender { client_id: id, uid: p.cred.uid, gid: p.cred.gid, pid: p.cred.pid },
+            None => self.cfg.broker,
+        }
+    }
+}
