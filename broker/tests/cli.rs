@@ -365,3 +365,301 @@ fn ctl_names_lists_owners_queue_and_kinds() {
     let p = rows.iter().find(|r| r["name"] == "pool.work").unwrap();
     assert_eq!((p["shared"].as_bool(), p["owners"].as_array().map(Vec::len)), (Some(true), Some(2)));
 }
+
+// ------------------------------------------------------ administration --
+
+/// A long-running `shmbusctl` (a monitor), its stdout and stderr read line
+/// by line as they come; killed on drop.
+struct Watch {
+    _child: ChildGuard,
+    out: std::sync::mpsc::Receiver<String>,
+    err: std::sync::mpsc::Receiver<String>,
+    /// Lines of stdout read so far, for failure messages.
+    seen: Vec<String>,
+}
+
+impl Watch {
+    fn start(b: &Broker, args: &[&str]) -> Watch {
+        use std::io::BufRead;
+        let mut cmd = Command::new(SHMBUSCTL);
+        cmd.args(["--address", &b.address]).args(args);
+        let mut child = spawn_guarded(cmd);
+        let lines = |r: Box<dyn std::io::Read + Send>| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(r).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+            rx
+        };
+        let c = child.0.as_mut().unwrap();
+        let out = lines(Box::new(c.stdout.take().unwrap()));
+        let err = lines(Box::new(c.stderr.take().unwrap()));
+        Watch { _child: child, out, err, seen: Vec::new() }
+    }
+
+    /// Waits (bounded) until the monitor says it is live: the broker has
+    /// acknowledged it, so every later event reaches it.
+    fn wait_live(&self) {
+        let start = std::time::Instant::now();
+        loop {
+            let line = self
+                .err
+                .recv_timeout(PATIENCE.saturating_sub(start.elapsed()))
+                .expect("the monitor never said it was live");
+            if line.starts_with("shmbusctl: monitoring") {
+                return;
+            }
+        }
+    }
+
+    /// The next line of stdout for which `pick` holds (bounded); the
+    /// lines before it are kept in `seen`.
+    fn line_where(&mut self, what: &str, pick: impl Fn(&str) -> bool) -> String {
+        let start = std::time::Instant::now();
+        loop {
+            match self.out.recv_timeout(PATIENCE.saturating_sub(start.elapsed())) {
+                Ok(line) if pick(&line) => return line,
+                Ok(line) => self.seen.push(line),
+                Err(_) => panic!("the monitor never printed {what}; it printed {:#?}", self.seen),
+            }
+        }
+    }
+
+    /// Waits (bounded) for it to exit; its status, and what it printed
+    /// that was not read yet.
+    fn finish(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        let mut child = self._child.0.take().unwrap();
+        let status = wait_timeout(&mut child, PATIENCE).expect("the monitor did not exit");
+        let start = std::time::Instant::now();
+        let mut rest = Vec::new();
+        // Until its stdout ends.
+        while let Ok(line) = self.out.recv_timeout(PATIENCE.saturating_sub(start.elapsed())) {
+            rest.push(line);
+        }
+        (status, rest)
+    }
+
+    /// The next JSON event of `kind` on `subject`.
+    fn event(&mut self, kind: &str, subject: &str) -> serde_json::Value {
+        let line = self.line_where(&format!("a {kind} on {subject}"), |l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["kind"] == kind && v["subject"] == subject
+        });
+        serde_json::from_str(&line).unwrap()
+    }
+}
+
+fn sorted(mut v: Vec<u64>) -> Vec<u64> {
+    v.sort_unstable();
+    v
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u64> {
+    sorted(
+        v.as_array()
+            .unwrap_or_else(|| panic!("not a list: {v}"))
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect(),
+    )
+}
+
+#[test]
+fn ctl_monitor_json_sees_a_publish_with_its_receivers_and_a_call_with_its_answer() {
+    let b = Broker::start("monitor-json");
+    let mut mon = Watch::start(&b, &["--json", "monitor", "t.>", "svc.>"]);
+    mon.wait_live();
+
+    // A publish, with the subscribers it reached.
+    let (s1, s2, publisher) = (b.client(), b.client(), b.client());
+    let _sub1 = s1.subscribe("t.x").unwrap();
+    let _sub2 = s2.subscribe("t.*").unwrap();
+    publisher.publish("other.x", b"not watched").unwrap();
+    publisher.publish("t.x", b"21.5").unwrap();
+    publisher.publish("t.bin", &[0xff, 0x00, 0x01]).unwrap();
+    publisher.flush().unwrap();
+    let v = mon.event("publish", "t.x");
+    assert_eq!(v["sender"]["client_id"], publisher.id(), "{v}");
+    assert_eq!(v["sender"]["pid"], std::process::id(), "{v}");
+    assert_eq!(v["sender"]["uid"], rustix::process::getuid().as_raw(), "{v}");
+    assert_eq!(ids(&v["receivers"]), sorted(vec![s1.id(), s2.id()]), "{v}");
+    assert_eq!((v["payload"].as_str(), v["payload_encoding"].as_str()), (Some("21.5"), Some("utf8")), "{v}");
+    assert_eq!((v["payload_len"].as_u64(), v["memfd"].as_bool()), (Some(4), Some(false)), "{v}");
+    assert!(v["seq"].is_u64() && v["time_us"].is_u64(), "{v}");
+    let v = mon.event("publish", "t.bin");
+    assert_eq!((v["payload"].as_str(), v["payload_encoding"].as_str()), (Some("ff0001"), Some("hex")), "{v}");
+    assert_eq!(ids(&v["receivers"]), vec![s2.id()], "{v}");
+    assert!(
+        !mon.seen.iter().any(|l| l.contains("other.x")),
+        "a subject no pattern matches is not shown: {:#?}",
+        mon.seen
+    );
+
+    // A call: the request to the service, and its answer to the caller.
+    let (server, caller) = (b.client(), b.client());
+    let service = server.serve("svc.echo").unwrap();
+    let answering = std::thread::spawn(move || {
+        let request = service.recv_timeout(PATIENCE).unwrap().expect("a request");
+        assert_eq!(request.payload(), b"ping");
+        request.reply(b"pong").unwrap();
+        service
+    });
+    let reply = caller.request("svc.echo", b"ping", std::time::Duration::from_secs(10)).unwrap();
+    assert_eq!(reply.payload(), b"pong");
+    let _service = answering.join().unwrap();
+    let request = mon.event("request", "svc.echo");
+    assert_eq!(request["sender"]["client_id"], caller.id(), "{request}");
+    assert_eq!(ids(&request["receivers"]), vec![server.id()], "{request}");
+    assert_eq!(request["payload"], "ping", "{request}");
+    let answer = mon.event("answer", "svc.echo");
+    assert_eq!(answer["sender"]["client_id"], server.id(), "{answer}");
+    assert_eq!(ids(&answer["receivers"]), vec![caller.id()], "{answer}");
+    assert_eq!(answer["payload"], "pong", "{answer}");
+    assert!(answer["detail"].as_str().unwrap().contains("Reply"), "{answer}");
+
+    // A call nobody answers is answered by the broker itself.
+    let e = caller.request("svc.nobody", b"", std::time::Duration::from_secs(10)).unwrap_err();
+    assert!(matches!(e, shmbus::CallError::NoResponder { .. }), "{e}");
+    let answer = mon.event("answer", "svc.nobody");
+    assert_eq!(answer["sender"]["client_id"], 0, "{answer}");
+    assert!(answer["detail"].as_str().unwrap().contains("NoResponder"), "{answer}");
+}
+
+#[test]
+fn ctl_monitor_prints_one_line_per_event_cutting_payloads_unless_full() {
+    let b = Broker::start("monitor-text");
+    let mut mon = Watch::start(&b, &["monitor", "t.>"]);
+    mon.wait_live();
+    let mut full = Watch::start(&b, &["monitor", "--full", "t.long"]);
+    full.wait_live();
+    let p = b.client();
+    let (uid, pid) = (rustix::process::getuid().as_raw(), std::process::id());
+    let long = "a".repeat(300);
+    p.publish("t.x", b"21.5").unwrap();
+    p.publish("t.bin", &[0xff, 0x00, 0x01]).unwrap();
+    p.publish("t.long", long.as_bytes()).unwrap();
+    p.publish("t.big", &vec![7u8; 100_000]).unwrap();
+    p.publish("t.esc", b"line\nbreak\x1b[2J").unwrap();
+    p.flush().unwrap();
+
+    let line = mon.line_where("the publish on t.x", |l| l.contains(" publish t.x "));
+    // 12:00:01.123456, then the event.
+    let (time, rest) = line.split_once(' ').unwrap();
+    assert!(time.len() == 15 && time.as_bytes()[8] == b'.' && time.split([':', '.']).count() == 4, "{line}");
+    assert_eq!(
+        rest,
+        format!("publish t.x from client {} (uid {uid}, pid {pid}) to nobody 4 B \"21.5\"", p.id())
+    );
+    let line = mon.line_where("the publish on t.bin", |l| l.contains(" publish t.bin "));
+    assert!(line.ends_with(" 3 B hex ff0001"), "{line}");
+    let line = mon.line_where("the publish on t.long", |l| l.contains(" publish t.long "));
+    assert!(line.ends_with(&format!(" 300 B \"{}\"...", "a".repeat(64))), "cut to 64 characters: {line}");
+    let line = mon.line_where("the publish on t.big", |l| l.contains(" publish t.big "));
+    assert!(line.ends_with(" memfd 100000 B"), "{line}");
+    let line = mon.line_where("the publish on t.esc", |l| l.contains(" publish t.esc "));
+    assert!(line.ends_with(" 14 B \"line\\nbreak\\e[2J\""), "escaped, on one line: {line}");
+    // --full: the whole payload, uncut.
+    let line = full.line_where("the publish on t.long", |l| l.contains(" publish t.long "));
+    assert!(line.ends_with(&format!(" 300 B \"{long}\"")), "{line}");
+
+    // --count: it exits by itself after that many events.
+    let mut counted = Watch::start(&b, &["monitor", "t.count", "--count", "2"]);
+    counted.wait_live();
+    for i in 0..3 {
+        p.publish("t.count", format!("{i}").as_bytes()).unwrap();
+    }
+    p.flush().unwrap();
+    counted.line_where("the first event", |l| l.ends_with(" 1 B \"0\""));
+    counted.line_where("the second event", |l| l.ends_with(" 1 B \"1\""));
+    let (status, rest) = counted.finish();
+    assert!(status.success(), "{status:?}");
+    assert!(rest.is_empty(), "nothing after the second: {rest:?}");
+}
+
+#[test]
+fn ctl_policy_check_without_a_policy_file_allows_and_says_why() {
+    let b = Broker::start("policy-open");
+    let out = b.ctl(&["policy", "check", "--uid", "4321", "publish", "a.b"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let said = stdout(&out);
+    assert!(said.starts_with("allow: ") && said.contains("no policy file"), "{said}");
+    assert!(!said.starts_with("allow: allow"), "the verdict is said once: {said}");
+    let out =
+        b.ctl(&["--json", "policy", "check", "--uid", "4321", "--gid", "4321", "--gid", "10", "monitor"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(v["allowed"], true, "{v}");
+    assert_eq!(v["gids"], serde_json::json!([4321, 10]), "{v}");
+    assert!(v["explanation"].as_str().unwrap().contains("no policy file"), "{v}");
+
+    // What cannot be answered exits 2, saying why.
+    let out = b.ctl(&["policy", "check", "--uid", "4321", "fly", "a.b"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("unknown action"), "{}", stderr(&out));
+    assert!(out.stdout.is_empty());
+    let out = b.ctl(&["policy", "check", "--uid", "4321", "subscribe", "a..b"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let mut cmd = Command::new(SHMBUSCTL);
+    cmd.args(["--address", &unique_address("policy-nobody"), "policy", "check", "--uid", "1", "connect"]);
+    let out = run_bounded(cmd);
+    assert_eq!(out.status.code(), Some(2), "no bus: {}", stderr(&out));
+}
+
+#[test]
+fn ctl_policy_check_follows_the_policy_file_and_exits_by_verdict() {
+    let dir = std::env::temp_dir().join(format!("shmbus-cli-policy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("policy.toml");
+    std::fs::write(
+        &path,
+        r#"
+[[rule]]
+match = {}
+allow = ["connect"]
+
+[[rule]]
+match = { uid = 4321 }
+allow = ["publish a.>", "subscribe a.>"]
+deny = ["publish a.secret"]
+"#,
+    )
+    .unwrap();
+    let b = Broker::start_with("policy-file", &["--policy", path.to_str().unwrap()]);
+    let check = |args: &[&str]| {
+        let mut all = vec!["policy", "check"];
+        all.extend_from_slice(args);
+        let out = b.ctl(&all);
+        (out.status.code(), stdout(&out), stderr(&out))
+    };
+    let (code, said, err) = check(&["--uid", "4321", "publish", "a.b"]);
+    assert_eq!(code, Some(0), "{said} {err}");
+    assert!(said.starts_with("allow: ") && said.contains("line"), "names the rule: {said}");
+    let (code, said, err) = check(&["--uid", "4321", "publish", "a.secret"]);
+    assert_eq!(code, Some(1), "{said} {err}");
+    assert!(said.starts_with("deny: ") && said.contains("publish a.secret"), "{said}");
+    let (code, said, _) = check(&["--uid", "4322", "publish", "a.b"]);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.starts_with("deny: "), "{said}");
+    let (code, said, _) = check(&["--uid", "4321", "subscribe", "a.*"]);
+    assert_eq!(code, Some(0), "{said}");
+    let (code, said, _) = check(&["--uid", "4321", "subscribe", ">"]);
+    assert_eq!(code, Some(1), "a pattern wider than the rule: {said}");
+
+    // A client without the rights (root and the broker's uid have every
+    // right; another uid is needed, hence root).
+    if rustix::process::getuid().is_root() {
+        let out = b.ctl_as(&["policy", "check", "--uid", "4321", "publish", "a.b"], Some(4399));
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert!(stderr(&out).contains("denied"), "{}", stderr(&out));
+        let out = b.ctl_as(&["monitor"], Some(4399));
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        assert!(stderr(&out).contains("denied") && stderr(&out).contains("monitor"), "{}", stderr(&out));
+    } else {
+        eprintln!("skipped the refusals: needs root to run shmbusctl as another uid");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -69,6 +69,12 @@ pub enum ChannelError {
     BadGrant,
     #[error("the channel is closed (its publisher closed or died)")]
     Closed,
+    /// The broker closed the channel for every member because a reloaded
+    /// policy no longer allows this client (or another member) to use it;
+    /// the string is the broker's reason. Whoever may still use the topic
+    /// can open it again (and gets a new ring).
+    #[error("the channel was closed by the broker: {0}")]
+    Revoked(String),
     #[error("the ring holds data no honest publisher writes ({0}); skipped")]
     Corrupt(&'static str),
     #[error("no answer within {0:?}")]
@@ -83,11 +89,14 @@ impl ChannelError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             ChannelError::InvalidSubject(_) | ChannelError::TooLarge { .. } => ErrorKind::InvalidInput,
-            ChannelError::Refused { code: ErrorCode::BrokerResource, .. } => ErrorKind::Unavailable,
-            ChannelError::Refused { .. } => ErrorKind::Denied,
+            // As every other refusal: `Denied` (by policy, or a `$SYS`
+            // topic) is `Denied`, a quota `LimitExceeded`, a shortage in
+            // the broker `Unavailable`.
+            ChannelError::Refused { code, .. } => crate::error::code_kind(*code),
             ChannelError::Map(_) | ChannelError::Io(_) => ErrorKind::Io,
             ChannelError::BadGrant | ChannelError::Corrupt(_) => ErrorKind::Protocol,
             ChannelError::Closed | ChannelError::Disconnected(_) => ErrorKind::Disconnected,
+            ChannelError::Revoked(_) => ErrorKind::Denied,
             ChannelError::Timeout(_) => ErrorKind::Timeout,
         }
     }
@@ -98,6 +107,7 @@ impl From<RecvError> for ChannelError {
         match e {
             RecvError::Disconnected(d) => ChannelError::Disconnected(d),
             RecvError::Io(e) => ChannelError::Io(e),
+            RecvError::Revoked(r) => ChannelError::Revoked(r),
         }
     }
 }
@@ -132,8 +142,39 @@ fn open(client: &Client, topic: &str, role: ChannelRole) -> Result<Grant, Channe
     })();
     let mut st = inner.state.lock();
     st.awaiting_grant.remove(&req_id);
-    st.grants.remove(&req_id);
+    if let Some(Ok(late)) = st.grants.remove(&req_id) {
+        // Granted, and then the wait failed: the handle is not kept.
+        st.release_channel(late.frame.channel_id);
+    }
     result
+}
+
+/// What became of a ring this client saw closed: the broker's reason if
+/// it revoked the channel, else `None` (its publisher closed it or died).
+///
+/// The broker marks the ring closed and queues its `Revoked` notice in one
+/// step, so the notice may not have reached our socket yet when the mark
+/// is seen. A ping settles it: its `Pong` comes after every frame queued
+/// before the ping was handled, notice included. One round trip, once per
+/// closed handle.
+fn closure_reason(client: &Client, channel_id: u64) -> Option<String> {
+    let known = |c: &Client| c.inner.state.lock().revoked_channels.get(&channel_id).cloned();
+    if let Some(reason) = known(client) {
+        return Some(reason);
+    }
+    // A failed ping (the broker gone) leaves no notice to wait for.
+    let _ = client.ping();
+    known(client)
+}
+
+/// The error for a handle on a closed ring: [`ChannelError::Revoked`] if
+/// the broker revoked it, else [`ChannelError::Closed`]. `closure` caches
+/// what [`closure_reason`] found.
+fn closed_error(client: &Client, channel_id: u64, closure: &mut Option<Option<String>>) -> ChannelError {
+    match closure.get_or_insert_with(|| closure_reason(client, channel_id)) {
+        Some(reason) => ChannelError::Revoked(reason.clone()),
+        None => ChannelError::Closed,
+    }
 }
 
 /// Writes one ring channel.
@@ -148,6 +189,9 @@ pub struct ChannelPublisher {
     applied: u32,
     /// Times it read its socket for news of readers.
     news_checks: u64,
+    /// Once the ring is seen closed (only the broker closes it under a
+    /// live publisher: a revocation): the broker's reason, if it gave one.
+    closure: Option<Option<String>>,
 }
 
 impl std::fmt::Debug for ChannelPublisher {
@@ -186,7 +230,10 @@ impl ChannelPublisher {
             Ok(m) => m,
             Err(e) => {
                 // Give the channel back rather than hold it open unusable.
-                client.inner.state.lock().reader_events.remove(&g.channel_id);
+                let mut st = client.inner.state.lock();
+                st.reader_events.remove(&g.channel_id);
+                st.release_channel(g.channel_id);
+                drop(st);
                 let _ = client.inner.send(&ChannelClose { channel_id: g.channel_id, reader_id: 0 }, &[]);
                 return Err(e);
             }
@@ -200,6 +247,7 @@ impl ChannelPublisher {
             readers: Vec::new(),
             applied: 0,
             news_checks: 0,
+            closure: None,
         })
     }
 
@@ -293,8 +341,20 @@ impl ChannelPublisher {
         Ok(())
     }
 
+    /// Fails if the ring was closed under us: the broker revoked the
+    /// channel ([`ChannelError::Revoked`]). One load, no system call,
+    /// while it is open.
+    fn check_open(&mut self) -> Result<(), ChannelError> {
+        if !self.map.is_closed() {
+            return Ok(());
+        }
+        Err(closed_error(&self.client, self.channel_id, &mut self.closure))
+    }
+
     /// Block mode: waits until the next slot is free of every live reader.
+    /// Either mode: fails if the ring was closed.
     fn wait_for_room(&mut self) -> Result<(), ChannelError> {
+        self.check_open()?;
         self.catch_up()?;
         if !self.block {
             return Ok(());
@@ -311,6 +371,8 @@ impl ChannelPublisher {
             };
             protocol::end_publisher_wait(&self.map);
             slept?;
+            // Readers stop for good once the ring is closed.
+            self.check_open()?;
             // A reader may have left (or joined).
             self.catch_up()?;
         }
@@ -321,7 +383,9 @@ impl ChannelPublisher {
         let _ = futex::wake_all(&self.map.signal().wake);
     }
 
-    /// Publishes `bytes` (at most the slot size).
+    /// Publishes `bytes` (at most the slot size). Fails with
+    /// [`ChannelError::Revoked`] once the broker closed the channel by
+    /// policy.
     pub fn publish(&mut self, bytes: &[u8]) -> Result<(), ChannelError> {
         let slot_size = self.map.geometry().slot_size;
         if bytes.len() > slot_size as usize {
@@ -351,8 +415,12 @@ impl ChannelPublisher {
 impl Drop for ChannelPublisher {
     fn drop(&mut self) {
         self.map.close();
-        // Forget the channel's news, and any cursor fds still queued in it.
-        self.client.inner.state.lock().reader_events.remove(&self.channel_id);
+        {
+            // Forget the channel's news, and any cursor fds still queued in it.
+            let mut st = self.client.inner.state.lock();
+            st.reader_events.remove(&self.channel_id);
+            st.release_channel(self.channel_id);
+        }
         let _ = self.client.inner.send(&ChannelClose { channel_id: self.channel_id, reader_id: 0 }, &[]);
     }
 }
@@ -418,6 +486,9 @@ pub struct ChannelSubscriber {
     spin: u32,
     /// Where each message is copied (checked, then handed to the caller).
     buf: Vec<u8>,
+    /// Once the ring is seen closed and drained: the broker's reason if it
+    /// revoked the channel, `None` if its publisher closed it.
+    closure: Option<Option<String>>,
 }
 
 impl std::fmt::Debug for ChannelSubscriber {
@@ -448,6 +519,7 @@ impl ChannelSubscriber {
                 // Leave the cursor set, so a block-mode publisher does not
                 // wait for a reader that never came.
                 let close = ChannelClose { channel_id: g.channel_id, reader_id: g.reader_id };
+                client.inner.state.lock().release_channel(g.channel_id);
                 let _ = client.inner.send(&close, &[]);
                 return Err(e);
             }
@@ -468,6 +540,7 @@ impl ChannelSubscriber {
             block: g.overflow == ChannelOverflow::Block,
             spin: SPIN,
             buf: vec![0; g.slot_size as usize],
+            closure: None,
         })
     }
 
@@ -499,6 +572,11 @@ impl ChannelSubscriber {
     /// message's and cannot change while it looks at them. A message
     /// overwritten while being copied is counted as missed and `read` is
     /// not called. Corruption is reported as an error and skipped.
+    ///
+    /// Once the ring is closed and every message before the close is read:
+    /// [`ChannelError::Closed`], or [`ChannelError::Revoked`] with the
+    /// broker's reason if it closed the channel by policy (the first time,
+    /// this costs one round trip to the broker to be sure of it).
     pub fn try_recv<R>(
         &mut self,
         read: impl FnMut(&[u8]) -> R,
@@ -509,7 +587,9 @@ impl ChannelSubscriber {
                 if self.map.is_closed() {
                     // One more look: the last messages before the close.
                     return match protocol::try_read(&self.map, &mut self.state, &mut self.buf, &mut read) {
-                        ReadOutcome::Empty => Err(ChannelError::Closed),
+                        ReadOutcome::Empty => {
+                            Err(closed_error(&self.client, self.channel_id, &mut self.closure))
+                        }
                         other => self.outcome(other),
                     };
                 }
@@ -630,7 +710,183 @@ impl ChannelSubscriber {
 
 impl Drop for ChannelSubscriber {
     fn drop(&mut self) {
+        self.client.inner.state.lock().release_channel(self.channel_id);
         let close = ChannelClose { channel_id: self.channel_id, reader_id: self.reader_id };
         let _ = self.client.inner.send(&close, &[]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+    use std::sync::mpsc;
+    use std::sync::Arc;
+
+    use shmbus_proto::frame::{
+        decode_client, encode_head, Body, ChannelGranted, ClientFrame, Limits, Pong, Revocation, Revoked,
+    };
+    use shmbus_proto::ring::shm::{create_ring, join_reader};
+    use shmbus_proto::sys::memfd;
+    use shmbus_proto::sys::socket::{self, OutPacket, PeerCred, RecvBatch};
+
+    use super::*;
+    use crate::connection::Inner;
+
+    /// What the test tells its fake broker to do with channel `id`.
+    enum Order {
+        /// Close the ring and send a `Revoked` notice with this reason.
+        Revoke(u64, &'static str),
+        /// Close the ring with no notice (as when its publisher's
+        /// connection ends).
+        Close(u64),
+    }
+
+    /// A broker that opens rings (channel ids from 1, one per topic, as
+    /// publisher or reader), answers pings, and closes a ring when told.
+    fn ring_broker(fd: OwnedFd, orders: mpsc::Receiver<Order>) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            let mut rings: Vec<(String, OwnedFd, OwnedFd, RingMap)> = Vec::new();
+            let mut batch = RecvBatch::new(8);
+            let send = |body: &dyn Fn() -> Vec<u8>, fds: &[BorrowedFd<'_>]| {
+                let head = body();
+                let _ = socket::send_packet(fd.as_fd(), OutPacket { head: &head, payload: &[], fds }, false);
+            };
+            fn head<B: Body>(b: &B) -> Vec<u8> {
+                encode_head(b).unwrap()
+            }
+            loop {
+                while let Ok(order) = orders.try_recv() {
+                    let (id, reason) = match order {
+                        Order::Revoke(id, reason) => (id, Some(reason)),
+                        Order::Close(id) => (id, None),
+                    };
+                    rings[id as usize - 1].3.close();
+                    if let Some(reason) = reason {
+                        let r = Revoked { what: Revocation::Channel { channel_id: id }, reason };
+                        send(&|| head(&r), &[]);
+                    }
+                }
+                match socket::wait_readable(fd.as_fd(), Some(Duration::from_millis(5))) {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(_) => return,
+                }
+                let Ok(n) = batch.recv(fd.as_fd(), true) else { continue };
+                for i in 0..n {
+                    let (data, _, _) = batch.packet(i);
+                    if data.is_empty() {
+                        return;
+                    }
+                    match decode_client(data).unwrap() {
+                        ClientFrame::Ping(p) => send(&|| head(&Pong { token: p.token }), &[]),
+                        ClientFrame::ChannelOpen(o) => {
+                            let g = Geometry { slot_size: 64, slot_count: 8 };
+                            let grant = |channel_id, reader_id| ChannelGranted {
+                                req_id: o.req_id,
+                                channel_id,
+                                reader_id,
+                                slot_size: g.slot_size,
+                                slot_count: g.slot_count,
+                                overflow: ChannelOverflow::Overwrite,
+                            };
+                            match o.role {
+                                ChannelRole::Publish { .. } => {
+                                    let (ring, signal, map) = create_ring(g, false).unwrap();
+                                    rings.push((o.topic.to_owned(), ring, signal, map));
+                                    let (_, ring, signal, _) = rings.last().unwrap();
+                                    let id = rings.len() as u64;
+                                    send(&|| head(&grant(id, 0)), &[ring.as_fd(), signal.as_fd()]);
+                                }
+                                ChannelRole::Subscribe => {
+                                    let at = rings.iter().position(|r| r.0 == o.topic).unwrap();
+                                    let (_, ring, signal, map) = &rings[at];
+                                    let (_, cursor, _) = join_reader(map).unwrap();
+                                    let ro = memfd::reopen_read_only(ring.as_fd()).unwrap();
+                                    let fds = [ro.as_fd(), signal.as_fd(), cursor.as_fd()];
+                                    send(&|| head(&grant(at as u64 + 1, 1)), &fds);
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        })
+    }
+
+    fn client_with_ring_broker() -> (Client, mpsc::Sender<Order>, std::thread::JoinHandle<()>) {
+        let (ours, theirs) = socket::pair().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let broker = ring_broker(theirs, rx);
+        let limits = Limits {
+            max_packet: 65536,
+            max_inline_payload: 65536,
+            queue_bytes: 1 << 20,
+            queue_frames: 1024,
+            max_subscriptions: 100,
+            fd_window: 64,
+            max_depth: 32,
+        };
+        let inner = Inner::new(ours, 1, limits, PeerCred { pid: 1, uid: 0, gid: 0 }, "test".into(), 16);
+        (Client::for_tests(Arc::new(inner)), tx, broker)
+    }
+
+    #[test]
+    fn a_revoked_channel_fails_its_publisher_and_ends_its_reader_with_the_reason() {
+        let (client, orders, broker) = client_with_ring_broker();
+        let mut publisher = client.channel_publisher("cam", ChannelConfig::default()).unwrap();
+        let mut reader = client.channel_subscriber("cam").unwrap();
+        publisher.publish(b"before").unwrap();
+        let reason = "policy reloaded: channel closed for every member: denied by policy: channel-read cam";
+        orders.send(Order::Revoke(1, reason)).unwrap();
+        // What was published before the close is still read; then the
+        // reader learns why it ended, every time.
+        let got = reader.recv_vec_timeout(Duration::from_secs(20)).unwrap();
+        assert_eq!(got, Some(ChannelEvent::Message { seq: 0, value: b"before".to_vec() }));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let e = loop {
+            match reader.try_recv_vec() {
+                Ok(None) => {
+                    assert!(Instant::now() < deadline, "the close was never seen");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Ok(Some(other)) => panic!("{other:?}"),
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(&e, ChannelError::Revoked(r) if r == reason), "{e}");
+        assert_eq!(e.kind(), ErrorKind::Denied);
+        assert!(matches!(reader.try_recv_vec(), Err(ChannelError::Revoked(_))));
+        // The publisher too.
+        let e = publisher.publish(b"after").unwrap_err();
+        assert!(matches!(&e, ChannelError::Revoked(r) if r == reason), "{e}");
+        assert!(matches!(publisher.loan(), Err(ChannelError::Revoked(_))));
+        assert!(client.inner.state.lock().revoked_channels.contains_key(&1));
+        // With the last handle, the channel is forgotten.
+        drop(publisher);
+        assert!(client.inner.state.lock().revoked_channels.contains_key(&1));
+        drop(reader);
+        assert!(client.inner.state.lock().revoked_channels.is_empty());
+        assert!(client.inner.state.lock().held_channels.is_empty());
+
+        // A ring closed with no notice (its publisher went away) is just
+        // closed.
+        let mut publisher = client.channel_publisher("cam2", ChannelConfig::default()).unwrap();
+        let mut reader = client.channel_subscriber("cam2").unwrap();
+        orders.send(Order::Close(2)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match reader.try_recv_vec() {
+                Ok(None) => {
+                    assert!(Instant::now() < deadline, "the close was never seen");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(ChannelError::Closed) => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(matches!(publisher.publish(b"x"), Err(ChannelError::Closed)));
+        drop((publisher, reader, client));
+        broker.join().unwrap();
     }
 }

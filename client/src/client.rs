@@ -9,8 +9,9 @@ use serde::Serialize;
 
 use shmbus_proto::frame::encode_head_into;
 use shmbus_proto::frame::{
-    decode_broker, encode_head, BrokerFrame, ClientInfo, Hello, Limits, Overflow, PayloadRef, Ping, Publish,
-    Query, QueryItemBody, QueryKind, Stats, Subscribe, TopicInfo, PROTOCOL_VERSION,
+    decode_broker, encode_head, BrokerFrame, ClientInfo, Hello, Limits, Monitor as MonitorFrame, Overflow,
+    PayloadRef, Ping, PolicyCheck, PolicyVerdict, Publish, Query, QueryItemBody, QueryKind, Stats, Subscribe,
+    TopicInfo, PROTOCOL_VERSION,
 };
 use shmbus_proto::subject::{validate_pattern, validate_subject};
 use shmbus_proto::sys::socket::{self, OutPacket, PeerCred, RecvBatch, MAX_BATCH};
@@ -19,9 +20,10 @@ use shmbus_proto::Address;
 use crate::channel::{ChannelConfig, ChannelError, ChannelPublisher, ChannelSubscriber};
 use crate::connection::{Inner, LocalBounds, QuerySlot, State};
 use crate::error::{
-    ConnectError, Disconnect, FlushError, LoanError, PublishError, RequestError, SubscribeError,
+    ConnectError, Disconnect, FlushError, LoanError, PublishError, RecvError, RequestError, SubscribeError,
 };
 use crate::loan::Loan;
+use crate::monitor::Monitor;
 use crate::subscription::Subscription;
 use shmbus_proto::frame::ChannelInfo;
 use shmbus_proto::frame::{ErrorCode, Unsubscribe};
@@ -502,6 +504,43 @@ impl Client {
     /// Subscribes with an explicit overflow policy.
     pub fn subscribe_with(&self, pattern: &str, overflow: Overflow) -> Result<Subscription, SubscribeError> {
         validate_pattern(pattern)?;
+        self.open_subscription(pattern.to_owned(), |sub_id| {
+            self.inner.send(&Subscribe { sub_id, pattern, overflow }, &[])
+        })
+    }
+
+    /// Watches what passes through the broker: every publish, request,
+    /// answer, refusal, connect and disconnect, subscription and name
+    /// change whose subject matches one of `patterns` (all of them when
+    /// `patterns` is empty; events without a subject, such as connects,
+    /// only then). Needs the broker's `monitor` right (a refusal is
+    /// [`SubscribeError::Refused`] with [`ErrorCode::Denied`], of kind
+    /// [`crate::ErrorKind::Denied`]). Payloads come cut to their first 256
+    /// bytes unless `full`; memfd payloads only as their length.
+    ///
+    /// Returns once the broker has the monitor: every later event reaches
+    /// it. A monitor that falls behind loses events, reported as
+    /// [`MonitorItem::Gap`](crate::MonitorItem::Gap); the bus never waits
+    /// for it. Dropping it stops it.
+    pub fn monitor(&self, patterns: &[&str], full: bool) -> Result<Monitor, SubscribeError> {
+        for p in patterns {
+            validate_pattern(p)?;
+        }
+        let sub = self.open_subscription(patterns.join(" "), |sub_id| {
+            self.inner.send(&MonitorFrame { sub_id, patterns: patterns.to_vec(), full }, &[])
+        })?;
+        Ok(Monitor::new(sub, patterns.iter().map(|&p| p.to_owned()).collect(), full))
+    }
+
+    /// Makes a subscription (or a monitor, which the broker answers the
+    /// same way): a fresh id, its queue, the frame `send` sends under that
+    /// id, and the broker's answer. `label` is what
+    /// [`Subscription::pattern`] says.
+    fn open_subscription(
+        &self,
+        label: String,
+        send: impl FnOnce(u32) -> Result<(), RecvError>,
+    ) -> Result<Subscription, SubscribeError> {
         let sub_id = {
             let mut st = self.inner.state.lock();
             if let Some(d) = &st.closed {
@@ -522,7 +561,7 @@ impl Client {
             st.awaiting_ack.remove(&sub_id);
             st.acks.remove(&sub_id);
         };
-        if let Err(e) = self.inner.send(&Subscribe { sub_id, pattern, overflow }, &[]) {
+        if let Err(e) = send(sub_id) {
             let mut st = self.inner.state.lock();
             cleanup(&mut st);
             // Nothing was sent (a packet goes whole or not at all).
@@ -531,7 +570,7 @@ impl Client {
         }
         let deadline = Instant::now() + self.timeout;
         match self.inner.wait_for(Some(deadline), |st| st.acks.remove(&sub_id)) {
-            Ok(Some(Ok(()))) => Ok(Subscription::new(self.inner.clone(), sub_id, pattern.to_owned())),
+            Ok(Some(Ok(()))) => Ok(Subscription::new(self.inner.clone(), sub_id, label)),
             Ok(Some(Err((code, message)))) => {
                 cleanup(&mut self.inner.state.lock());
                 Err(SubscribeError::Refused { code, message })
@@ -608,12 +647,22 @@ impl Client {
         what: QueryKind,
         after: Option<&str>,
     ) -> Result<(Vec<QueryItemBody>, Option<String>), RequestError> {
+        self.query_with(|req_id| self.inner.send(&Query { req_id, what, after }, &[]))
+    }
+
+    /// Sends the frame `send` builds under a new query id, and collects
+    /// the answer the broker gives it as one page of a `Query`'s: its
+    /// items, and the `after` of the next page.
+    fn query_with(
+        &self,
+        send: impl FnOnce(u32) -> Result<(), RecvError>,
+    ) -> Result<(Vec<QueryItemBody>, Option<String>), RequestError> {
         let req_id = self.inner.state.lock().new_query().ok_or_else(|| RequestError::Refused {
             code: ErrorCode::LimitExceeded,
             message: "every request id is in use".into(),
         })?;
         let result = (|| {
-            if let Err(e) = self.inner.send(&Query { req_id, what, after }, &[]) {
+            if let Err(e) = send(req_id) {
                 // Nothing was sent: no answer will come.
                 self.inner.state.lock().query_ids.answered(req_id);
                 return Err(e.into());
@@ -740,6 +789,44 @@ impl Client {
             code: shmbus_proto::frame::ErrorCode::Unsupported,
             message: "the broker answered without stats".into(),
         })
+    }
+}
+
+impl Client {
+    /// What the broker's policy decides for a peer of `uid` and groups
+    /// `gids` (the primary gid first; empty: the gid numbered like the
+    /// uid) doing `action` on `subject`, and why. `action` is one of the
+    /// policy file's words: `connect`, `publish`, `subscribe`, `own`,
+    /// `call`, `channel-publish`, `channel-read`, `monitor`, `introspect`;
+    /// `subject` is a subject or pattern for those that take one, else
+    /// empty. Without a policy file the broker allows everything it
+    /// admits, and says so.
+    ///
+    /// Needs the broker's `introspect` right: else [`RequestError::Refused`]
+    /// with [`ErrorCode::Denied`]. An unknown action is refused with
+    /// [`ErrorCode::Unsupported`], a bad subject with
+    /// [`ErrorCode::InvalidSubject`].
+    pub fn policy_check(
+        &self,
+        uid: u32,
+        gids: &[u32],
+        action: &str,
+        subject: &str,
+    ) -> Result<PolicyVerdict, RequestError> {
+        let (items, _) = self.query_with(|req_id| {
+            let check = PolicyCheck { req_id, uid, gids: gids.to_vec(), action, subject };
+            self.inner.send(&check, &[])
+        })?;
+        items
+            .into_iter()
+            .find_map(|i| match i {
+                QueryItemBody::Verdict(v) => Some(v),
+                _ => None,
+            })
+            .ok_or_else(|| RequestError::Refused {
+                code: ErrorCode::Unsupported,
+                message: "the broker answered the policy check without a verdict".into(),
+            })
     }
 }
 

@@ -87,7 +87,7 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 use shmbus_proto::frame::PayloadRef;
 use shmbus_proto::frame::{
     decode_broker, encode_head_into, Body, BrokerFrame, ErrorCode, FdAck, GoodbyeCode, Limits, Op,
-    QueryItemBody, Reply, ReplyStatus,
+    QueryItemBody, Reply, ReplyStatus, Revocation,
 };
 use shmbus_proto::sys::memfd;
 use shmbus_proto::sys::socket::{self, OutPacket, PeerCred, RecvBatch, RecvStatus};
@@ -95,7 +95,7 @@ use std::sync::Arc;
 
 use crate::error::{Disconnect, PublishRefused, RecvError, SendRefused};
 use crate::message::{Body as Payload, Event, MemfdPayload, Message};
-use crate::service::{AutoReply, CallSlot, NameAnswer, NameStatus, ServiceQueue};
+use crate::service::{AutoReply, CallSlot, NameAnswer, NameStatus, RevokedName, ServiceQueue};
 
 /// Packets per receive batch in a client.
 const RECV_SLOTS: usize = 64;
@@ -190,6 +190,10 @@ pub(crate) struct SubQueue {
     pub local_missed: u64,
     /// What `events` holds, summed.
     pub charge: Charge,
+    /// The broker ended this subscription (a policy reload): the arrival
+    /// number of its notice and the broker's reason. The events before it
+    /// are still taken; nothing after it is queued.
+    pub revoked: Option<(u64, String)>,
 }
 
 /// Past this capacity, a queue that empties gives its memory back.
@@ -386,6 +390,8 @@ pub(crate) struct State {
     /// three), and their answers as they come.
     pub name_ids: IdSpace,
     pub name_ops: HashMap<u32, Option<NameAnswer>>,
+    /// The name of each name request awaiting its answer, by id.
+    pub name_requests: HashMap<u32, String>,
     /// Calls waiting for their answer, by call id (see `service`).
     pub calls: HashMap<u64, CallSlot>,
     /// The last call id handed out (it never wraps).
@@ -400,6 +406,16 @@ pub(crate) struct State {
     /// Answers to send on a service's behalf (see `service`), by whoever
     /// sends the next due ack.
     pub auto_replies: Vec<AutoReply>,
+    /// Names the broker released by policy, oldest first, at most
+    /// [`crate::service::MAX_REVOKED_NAMES`] (see `service`).
+    pub revoked_names: VecDeque<RevokedName>,
+    /// Handles this client holds on each ring channel (a publisher and
+    /// readers), counted from the broker's grant until the handle drops:
+    /// only these channels' revocations are kept.
+    pub held_channels: HashMap<u64, u32>,
+    /// Why the broker closed a held channel by policy, by channel id
+    /// (forgotten with the channel's last handle).
+    pub revoked_channels: HashMap<u64, String>,
 }
 
 impl State {
@@ -452,6 +468,11 @@ impl State {
     fn admit(&mut self, sub_id: u32, c: Charge) -> bool {
         let (b, total) = (self.bounds, self.queued);
         let Some(q) = self.subs.get_mut(&sub_id) else { return false };
+        if q.revoked.is_some() {
+            // The broker said nothing more comes: a broker that sends
+            // more anyway is not heard.
+            return false;
+        }
         let fits = q.events.len() < b.messages
             && q.charge.fits(c, b.bytes, b.fds)
             && total.fits(c, b.total_bytes, b.total_fds);
@@ -483,6 +504,9 @@ impl State {
     /// right after another adds to it, so gaps never outnumber messages.
     fn push_gap(&mut self, sub_id: u32, arrival: u64, missed: u64) {
         let Some(q) = self.subs.get_mut(&sub_id) else { return };
+        if q.revoked.is_some() {
+            return;
+        }
         let missed = missed.saturating_add(std::mem::take(&mut q.local_missed));
         if missed == 0 {
             return;
@@ -498,12 +522,67 @@ impl State {
     }
 
     /// Arrival number of the next event of `id`; a trailing local gap
-    /// (drops with nothing after them yet) sorts last.
+    /// (drops with nothing after them yet) sorts last; once the queue is
+    /// empty, a revocation sorts where its notice arrived.
     pub fn peek_arrival(&self, id: u32) -> Option<u64> {
         let q = self.subs.get(&id)?;
-        match q.events.front() {
-            Some(e) => Some(e.arrival),
-            None => (q.local_missed > 0).then_some(u64::MAX),
+        match (q.events.front(), &q.revoked) {
+            (Some(e), _) => Some(e.arrival),
+            (None, _) if q.local_missed > 0 => Some(u64::MAX),
+            (None, Some((arrival, _))) => Some(*arrival),
+            (None, None) => None,
+        }
+    }
+
+    /// The next event of `id` as [`State::take_event`] gives it; once
+    /// there is none and the broker revoked the subscription, its reason
+    /// (every time: nothing more will come).
+    pub fn take_or_revoked(&mut self, id: u32) -> Option<Result<(u64, Event), String>> {
+        if let Some(e) = self.take_event(id) {
+            return Some(Ok(e));
+        }
+        Some(Err(self.subs.get(&id)?.revoked.as_ref()?.1.clone()))
+    }
+
+    /// Why the broker revoked subscription `id`, if it did.
+    pub fn revocation(&self, id: u32) -> Option<String> {
+        Some(self.subs.get(&id)?.revoked.as_ref()?.1.clone())
+    }
+
+    /// A `Revoked` notice: marks what it names, if this client holds it
+    /// (a notice for anything else is dropped).
+    fn on_revoked(&mut self, what: Revocation<'_>, reason: &str, arrival: u64) {
+        match what {
+            Revocation::Subscription { sub_id } => {
+                if let Some(q) = self.subs.get_mut(&sub_id) {
+                    q.revoked.get_or_insert_with(|| (arrival, reason.to_owned()));
+                }
+            }
+            Revocation::Name { name } => self.on_name_revoked(name, reason),
+            Revocation::Channel { channel_id } => {
+                if self.held_channels.contains_key(&channel_id) {
+                    self.revoked_channels.entry(channel_id).or_insert_with(|| reason.to_owned());
+                }
+            }
+        }
+    }
+
+    /// One more handle on channel `channel_id` (its grant arrived).
+    fn hold_channel(&mut self, channel_id: u64) {
+        let n = self.held_channels.entry(channel_id).or_default();
+        *n = n.saturating_add(1);
+    }
+
+    /// A handle on channel `channel_id` is given back; with the last one,
+    /// the channel's revocation, if any, is forgotten.
+    pub fn release_channel(&mut self, channel_id: u64) {
+        match self.held_channels.get_mut(&channel_id) {
+            Some(n) if *n > 1 => *n -= 1,
+            Some(_) => {
+                self.held_channels.remove(&channel_id);
+                self.revoked_channels.remove(&channel_id);
+            }
+            None => {}
         }
     }
 
@@ -1174,6 +1253,7 @@ fn apply(
         BrokerFrame::ChannelGranted(g) => {
             st.channel_ids.answered(g.req_id);
             if st.awaiting_grant.remove(&g.req_id) {
+                st.hold_channel(g.channel_id);
                 if g.reader_id == 0 {
                     // We publish this channel: from now on keep its news.
                     st.reader_events.entry(g.channel_id).or_default();
@@ -1207,6 +1287,7 @@ fn apply(
         }
         BrokerFrame::Serve(r, inline) => st.on_serve(&r, inline, memfd),
         BrokerFrame::Answer(a, inline) => st.on_answer(&a, inline, memfd),
+        BrokerFrame::Revoked(r) => st.on_revoked(r.what, r.reason, arrival),
         // Several frames in one packet (`dispatch` saw to it that no fds
         // came with it): each handled as if it had come alone, or, if the
         // batch is damaged, none of them.
@@ -1234,7 +1315,7 @@ mod tests {
     use super::*;
     use shmbus_proto::frame::{
         decode_client, encode_head, ChannelGranted, ChannelOverflow, ClientFrame, Deliver, Gap, OpError,
-        Pong, QueryEnd, Sender, Subscribed,
+        Pong, QueryEnd, Revoked, Sender, Subscribed,
     };
 
     #[test]
@@ -1872,5 +1953,194 @@ mod tests {
         apply(&mut st, BrokerFrame::Pong(Pong { token: t }), None, Vec::new());
         assert!(st.pings.is_empty());
         assert_ne!(st.new_ping(), t);
+    }
+
+    // ------------------------------------------------------ revocations --
+
+    fn revoke(st: &mut State, what: Revocation<'_>, reason: &str) {
+        apply(st, BrokerFrame::Revoked(Revoked { what, reason }), None, Vec::new());
+    }
+
+    /// What `take_or_revoked` gives, shortly.
+    fn next_of(st: &mut State, id: u32) -> Option<Result<Ev, String>> {
+        st.take_or_revoked(id).map(|r| {
+            r.map(|(_, e)| match e {
+                Event::Message(m) => Ev::M(m.seq()),
+                Event::Gap { missed } => Ev::G(missed),
+            })
+        })
+    }
+
+    #[test]
+    fn a_revoked_subscription_yields_what_came_before_then_its_reason_every_time() {
+        let mut st = state_with(WIDE, &[1, 2]);
+        deliver_inline(&mut st, 1, 1, b"a");
+        deliver_inline(&mut st, 2, 2, b"b");
+        // The broker sends a gap it owes before the notice.
+        apply(&mut st, BrokerFrame::Gap(Gap { sub_id: 1, missed: 3 }), None, Vec::new());
+        revoke(&mut st, Revocation::Subscription { sub_id: 1 }, "policy reloaded: no");
+        deliver_inline(&mut st, 2, 3, b"c");
+        // Nothing after the notice is heard, and a second notice keeps the
+        // first reason.
+        deliver_inline(&mut st, 1, 4, b"late");
+        apply(&mut st, BrokerFrame::Gap(Gap { sub_id: 1, missed: 9 }), None, Vec::new());
+        revoke(&mut st, Revocation::Subscription { sub_id: 1 }, "another");
+        assert_eq!(st.revocation(1).as_deref(), Some("policy reloaded: no"));
+        assert_eq!(st.revocation(2), None);
+        // In arrival order across both: 1's message, 2's, 1's gap, 1's
+        // revocation, 2's last message.
+        assert_eq!((st.peek_arrival(1), st.peek_arrival(2)), (Some(1), Some(2)));
+        assert_eq!(next_of(&mut st, 1), Some(Ok(Ev::M(1))));
+        assert_eq!(next_of(&mut st, 1), Some(Ok(Ev::G(3))));
+        assert_eq!(st.peek_arrival(1), Some(4), "where the notice arrived");
+        for _ in 0..3 {
+            assert_eq!(next_of(&mut st, 1), Some(Err("policy reloaded: no".into())), "every time");
+        }
+        assert_eq!(drain(&mut st, 2), [Ev::M(2), Ev::M(3)]);
+        assert_eq!(next_of(&mut st, 2), None, "a live subscription just has nothing");
+        assert_eq!(st.queued, Charge::default(), "the late message was never queued");
+        // A notice for a subscription we do not have changes nothing.
+        revoke(&mut st, Revocation::Subscription { sub_id: 77 }, "x");
+        assert!(!st.subs.contains_key(&77));
+        assert_eq!(next_of(&mut st, 77), None);
+    }
+
+    #[test]
+    fn local_drops_before_a_revocation_are_reported_before_it() {
+        let bounds = LocalBounds { messages: 1, ..WIDE };
+        let mut st = state_with(bounds, &[1]);
+        deliver_inline(&mut st, 1, 1, b"x");
+        deliver_inline(&mut st, 1, 2, b"x"); // dropped here
+        revoke(&mut st, Revocation::Subscription { sub_id: 1 }, "gone");
+        assert_eq!(next_of(&mut st, 1), Some(Ok(Ev::M(1))));
+        assert_eq!(next_of(&mut st, 1), Some(Ok(Ev::G(1))));
+        assert_eq!(next_of(&mut st, 1), Some(Err("gone".into())));
+    }
+
+    /// The broker sends `body` (and `payload`) to the client.
+    fn broker_sends<B: Body>(broker: &OwnedFd, body: &B, payload: &[u8]) {
+        let head = encode_head(body).unwrap();
+        socket::send_packet(broker.as_fd(), OutPacket { head: &head, payload, fds: &[] }, false).unwrap();
+    }
+
+    /// What the client sent the broker, shortly.
+    fn client_sent(broker: &OwnedFd) -> Vec<String> {
+        let mut batch = RecvBatch::new(8);
+        let mut out = Vec::new();
+        loop {
+            match batch.recv(broker.as_fd(), true) {
+                Ok(n) => {
+                    for i in 0..n {
+                        let (data, _, _) = batch.packet(i);
+                        out.push(match decode_client(data).unwrap() {
+                            ClientFrame::Unsubscribe(u) => format!("unsubscribe {}", u.sub_id),
+                            ClientFrame::FdAck(a) => format!("ack {}", a.fds),
+                            other => format!("{other:?}"),
+                        });
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return out,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    /// A subscription the broker acknowledged, on `inner`.
+    fn live_subscription(inner: &Arc<Inner>, pattern: &str) -> crate::subscription::Subscription {
+        let id = {
+            let mut st = inner.state.lock();
+            let id = st.new_sub_id().unwrap();
+            st.add_sub(id);
+            st.sub_ids.answered(id);
+            id
+        };
+        crate::subscription::Subscription::new(inner.clone(), id, pattern.to_owned())
+    }
+
+    #[test]
+    fn a_revoked_subscription_ends_every_receive_and_drops_without_an_unsubscribe() {
+        use crate::subscription::Subscription;
+        let (inner, broker) = connected(8);
+        let inner = Arc::new(inner);
+        let keep = live_subscription(&inner, "keep.>");
+        let gone = live_subscription(&inner, "gone.>");
+        let deliver =
+            |sub_id, seq| Deliver { sub_id, topic: "t", sender: SENDER, seq, payload: PayloadRef::Inline };
+        let reason = "policy reloaded: denied by policy: subscribe gone.>: no rule allows it";
+        broker_sends(&broker, &deliver(gone.id(), 1), b"one");
+        broker_sends(&broker, &Revoked { what: Revocation::Subscription { sub_id: gone.id() }, reason }, &[]);
+        broker_sends(&broker, &deliver(keep.id(), 2), b"two");
+
+        // In the order the broker sent them: the message, then the
+        // revocation, which `recv_any` reports until it is left out.
+        let t = Some(Duration::from_secs(20));
+        let (i, ev) = Subscription::recv_any(&[&keep, &gone], t).unwrap().unwrap();
+        assert_eq!((i, ev.message().map(|m| m.seq())), (1, Some(1)));
+        for _ in 0..2 {
+            let e = Subscription::recv_any(&[&keep, &gone], t).unwrap_err();
+            assert!(matches!(&e, RecvError::Revoked(r) if r == reason), "{e}");
+        }
+        assert_eq!(gone.revocation().as_deref(), Some(reason));
+        assert_eq!(keep.revocation(), None);
+        let (i, ev) = Subscription::recv_any(&[&keep], t).unwrap().unwrap();
+        assert_eq!((i, ev.message().map(|m| m.seq())), (0, Some(2)));
+
+        // Every way of receiving says so, every time, with the reason.
+        let e = gone.recv().unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Denied);
+        assert!(e.to_string().contains("revoked") && e.to_string().contains(reason), "{e}");
+        assert!(matches!(gone.try_recv(), Err(RecvError::Revoked(_))));
+        assert!(matches!(gone.recv_timeout(Duration::from_secs(20)), Err(RecvError::Revoked(_))));
+        let mut it = gone.iter();
+        assert!(matches!(it.next(), Some(Err(RecvError::Revoked(_)))));
+        assert!(it.next().is_none(), "the iterator yields it once and ends");
+        // A live one just has nothing.
+        assert!(keep.try_recv().unwrap().is_none());
+
+        // Dropped: no unsubscribe (the broker forgot it), nothing owed, so
+        // its id is free at once.
+        let (gone_id, keep_id) = (gone.id(), keep.id());
+        drop(gone);
+        assert_eq!(client_sent(&broker), Vec::<String>::new());
+        {
+            let mut st = inner.state.lock();
+            assert!(!st.sub_ids.owes(gone_id) && !st.subs.contains_key(&gone_id));
+            st.sub_ids.set_next(gone_id);
+            assert_eq!(st.new_sub_id(), Some(gone_id));
+        }
+        // A live one unsubscribes, and its id stays owed until answered.
+        drop(keep);
+        assert_eq!(client_sent(&broker), [format!("unsubscribe {keep_id}")]);
+        assert!(inner.state.lock().sub_ids.owes(keep_id));
+    }
+
+    #[test]
+    fn channel_revocations_are_kept_only_while_a_handle_is_held() {
+        let mut st = State::default();
+        let grant = |req_id, channel_id, reader_id| ChannelGranted {
+            req_id,
+            channel_id,
+            reader_id,
+            slot_size: 64,
+            slot_count: 4,
+            overflow: ChannelOverflow::Overwrite,
+        };
+        // Two handles on channel 5 (publisher and reader), granted as asked.
+        for (req_id, reader_id) in [(1, 0), (2, 1)] {
+            st.awaiting_grant.insert(req_id);
+            apply(&mut st, BrokerFrame::ChannelGranted(grant(req_id, 5, reader_id)), None, Vec::new());
+        }
+        // A grant nobody waits for holds nothing.
+        apply(&mut st, BrokerFrame::ChannelGranted(grant(3, 6, 0)), None, Vec::new());
+        revoke(&mut st, Revocation::Channel { channel_id: 6 }, "not ours");
+        revoke(&mut st, Revocation::Channel { channel_id: 5 }, "closed for every member");
+        assert_eq!(st.revoked_channels.len(), 1);
+        assert_eq!(st.revoked_channels[&5], "closed for every member");
+        st.release_channel(5);
+        assert!(st.revoked_channels.contains_key(&5), "one handle is left");
+        st.release_channel(5);
+        assert!(st.revoked_channels.is_empty() && st.held_channels.is_empty());
+        st.release_channel(5);
+        assert!(st.held_channels.is_empty(), "a release too many changes nothing");
     }
 }

@@ -236,6 +236,12 @@ pub enum RecvError {
     Disconnected(Disconnect),
     #[error("receive failed: {0}")]
     Io(#[from] io::Error),
+    /// The broker ended this subscription (or the name this service
+    /// served) because a reloaded policy no longer allows it; the string
+    /// is the broker's reason. Whatever came before is taken first; then
+    /// every receive fails with this, and nothing more will come.
+    #[error("revoked by the broker: {0}")]
+    Revoked(String),
 }
 
 impl RecvError {
@@ -243,8 +249,61 @@ impl RecvError {
         match self {
             RecvError::Disconnected(d) => d.kind(),
             RecvError::Io(_) => ErrorKind::Io,
+            RecvError::Revoked(_) => ErrorKind::Denied,
         }
     }
+}
+
+/// Why a [`crate::Monitor`] yielded no item.
+#[derive(Debug, thiserror::Error)]
+pub enum MonitorError {
+    /// The broker sent an event this client cannot read (its payload is
+    /// not a monitor event). Only this one event is lost: the monitor goes
+    /// on, and its iterator does not end here.
+    #[error("monitor event #{seq} cannot be read: {detail}")]
+    Malformed { seq: u64, detail: String },
+    /// The broker ended the monitor because a reloaded policy no longer
+    /// gives this client the `monitor` right; the string is its reason.
+    /// Every receive fails with this once the events before it are taken.
+    #[error("the monitor was revoked by the broker: {0}")]
+    Revoked(String),
+    #[error("{0}")]
+    Disconnected(Disconnect),
+    #[error("receive failed: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl MonitorError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            MonitorError::Malformed { .. } => ErrorKind::Protocol,
+            MonitorError::Revoked(_) => ErrorKind::Denied,
+            MonitorError::Disconnected(d) => d.kind(),
+            MonitorError::Io(_) => ErrorKind::Io,
+        }
+    }
+
+    /// Whether the monitor is over: every error but a malformed event.
+    pub fn ends_monitor(&self) -> bool {
+        !matches!(self, MonitorError::Malformed { .. })
+    }
+}
+
+impl From<RecvError> for MonitorError {
+    fn from(e: RecvError) -> Self {
+        match e {
+            RecvError::Disconnected(d) => MonitorError::Disconnected(d),
+            RecvError::Io(e) => MonitorError::Io(e),
+            RecvError::Revoked(r) => MonitorError::Revoked(r),
+        }
+    }
+}
+
+/// A revocation where the operation cannot meet one (sending, waiting for
+/// an answer: only a subscription's or a service's receive is ever told
+/// of one), as an i/o error rather than a panic.
+pub(crate) fn stray_revocation(reason: String) -> io::Error {
+    io::Error::other(format!("revoked by the broker: {reason}"))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -309,6 +368,7 @@ impl From<RecvError> for PublishError {
         match e {
             RecvError::Disconnected(d) => PublishError::Disconnected(d),
             RecvError::Io(e) => PublishError::Io(e),
+            RecvError::Revoked(r) => PublishError::Io(stray_revocation(r)),
         }
     }
 }
@@ -318,6 +378,7 @@ impl From<RecvError> for RequestError {
         match e {
             RecvError::Disconnected(d) => RequestError::Disconnected(d),
             RecvError::Io(e) => RequestError::Io(e),
+            RecvError::Revoked(r) => RequestError::Io(stray_revocation(r)),
         }
     }
 }
@@ -327,6 +388,7 @@ impl From<RecvError> for SubscribeError {
         match e {
             RecvError::Disconnected(d) => SubscribeError::Disconnected(d),
             RecvError::Io(e) => SubscribeError::Io(e),
+            RecvError::Revoked(r) => SubscribeError::Io(stray_revocation(r)),
         }
     }
 }
@@ -380,6 +442,7 @@ impl From<RecvError> for NameError {
         match e {
             RecvError::Disconnected(d) => NameError::Disconnected(d),
             RecvError::Io(e) => NameError::Io(e),
+            RecvError::Revoked(r) => NameError::Io(stray_revocation(r)),
         }
     }
 }
@@ -537,6 +600,7 @@ impl From<RecvError> for CallError {
         match e {
             RecvError::Disconnected(d) => CallError::Disconnected(d),
             RecvError::Io(e) => CallError::Io(e),
+            RecvError::Revoked(r) => CallError::Io(stray_revocation(r)),
         }
     }
 }
@@ -586,6 +650,7 @@ impl From<RecvError> for ReplyError {
         match e {
             RecvError::Disconnected(d) => ReplyError::Disconnected(d),
             RecvError::Io(e) => ReplyError::Io(e),
+            RecvError::Revoked(r) => ReplyError::Io(stray_revocation(r)),
         }
     }
 }

@@ -28,6 +28,13 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
+//! Administration: [`Client::monitor`] watches what passes through the
+//! broker, [`Client::policy_check`] asks how its policy decides an action.
+//! When a reloaded policy takes something back, the handle says so: a
+//! [`Subscription`] or [`Service`] ends with [`RecvError::Revoked`], a ring
+//! channel with [`ChannelError::Revoked`], and [`Client::revoked_names`]
+//! lists names owned without a `Service`.
+//!
 //! Layering: this crate speaks the wire protocol of `shmbus-proto` over
 //! its socket layer and holds no `unsafe` of its own. A [`Client`] is one
 //! connection; [`Subscription`]s share it (see `connection` for how one
@@ -44,6 +51,7 @@ mod error;
 pub mod fuzzing;
 mod loan;
 mod message;
+mod monitor;
 mod service;
 mod subscription;
 
@@ -52,21 +60,24 @@ pub use channel::{
 };
 pub use client::{Client, ConnectOptions, DEFAULT_LOCAL_QUEUE, DEFAULT_MEMFD_THRESHOLD, DEFAULT_TIMEOUT};
 pub use error::{
-    CallError, ConnectError, Disconnect, ErrorKind, FlushError, LoanError, NameError, PublishError,
-    PublishRefused, RecvError, ReplyError, RequestError, SendRefused, ServeError, SubscribeError,
+    CallError, ConnectError, Disconnect, ErrorKind, FlushError, LoanError, MonitorError, NameError,
+    PublishError, PublishRefused, RecvError, ReplyError, RequestError, SendRefused, ServeError,
+    SubscribeError,
 };
 pub use loan::Loan;
 pub use message::{Event, Message, Sender};
+pub use monitor::{BusEvent, Monitor, MonitorItem, MonitorIter};
 pub use service::{
-    reply_code, Incoming, NameFlagsExt, NameStatus, PendingCall, Reply, Request, Service, MAX_ERROR_MESSAGE,
+    reply_code, Incoming, NameFlagsExt, NameStatus, PendingCall, Reply, Request, RevokedName, Service,
+    MAX_ERROR_MESSAGE,
 };
 pub use shmbus_proto::sys::memfd::MemfdError;
 pub use subscription::{Iter, Subscription};
 
 /// Wire-level types a client may need to name.
 pub use shmbus_proto::frame::{
-    ChannelInfo, ChannelOverflow, ClientInfo, ErrorCode, GoodbyeCode, Limits, NameFlags, NameInfo,
-    NameOwnerChanged, NameResult, Overflow, Stats, TopicInfo,
+    ChannelInfo, ChannelOverflow, ClientInfo, ErrorCode, GoodbyeCode, Limits, MonitorKind, NameFlags,
+    NameInfo, NameOwnerChanged, NameResult, Overflow, PolicyVerdict, Stats, TopicInfo,
 };
 pub use shmbus_proto::sys::socket::PeerCred;
 pub use shmbus_proto::Address;

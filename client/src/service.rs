@@ -347,7 +347,24 @@ pub(crate) struct ServiceQueue {
     /// Requests answered `OVERLOADED` (or dropped, if fire-and-forget)
     /// because a bound was reached or their memfd was lost.
     turned_away: u64,
+    /// The broker released the name by policy: why. The requests queued
+    /// before are still served; then the service's receive fails.
+    revoked: Option<String>,
 }
+
+/// A name the broker took back from this client because a reloaded
+/// policy no longer lets it own the name (or wait for it): see
+/// [`Client::revoked_names`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokedName {
+    pub name: String,
+    /// The broker's reason (it names the policy rule).
+    pub reason: String,
+}
+
+/// Most revoked names [`Client::revoked_names`] remembers (the oldest go
+/// first): a broker could otherwise grow the list without end.
+pub(crate) const MAX_REVOKED_NAMES: usize = 256;
 
 /// An answer the library sends on a service's behalf, from the reader
 /// (see the module notes).
@@ -380,8 +397,37 @@ impl State {
         (self.sends, SEND_BIT | self.sends)
     }
 
+    /// The broker released `name` by policy: its service, if any, ends
+    /// after its queued requests, and the name is listed as revoked.
+    pub fn on_name_revoked(&mut self, name: &str, reason: &str) {
+        if let Some(q) = self.services.get_mut(name) {
+            q.revoked = Some(reason.to_owned());
+        }
+        self.revoked_names.retain(|r| r.name != name);
+        if self.revoked_names.len() >= MAX_REVOKED_NAMES {
+            self.revoked_names.pop_front();
+        }
+        self.revoked_names.push_back(RevokedName { name: name.to_owned(), reason: reason.to_owned() });
+    }
+
+    /// `name` was granted again (owned or queued for): no longer revoked.
+    fn on_name_granted(&mut self, name: &str) {
+        self.revoked_names.retain(|r| r.name != name);
+        if let Some(q) = self.services.get_mut(name) {
+            q.revoked = None;
+        }
+    }
+
     pub fn on_name_answer(&mut self, req_id: u32, answer: NameAnswer) {
         self.name_ids.answered(req_id);
+        if let Some(name) = self.name_requests.remove(&req_id) {
+            if let NameAnswer::Result(
+                NameResult::PrimaryOwner | NameResult::InQueue | NameResult::AlreadyOwner,
+            ) = answer
+            {
+                self.on_name_granted(&name);
+            }
+        }
         if let Some(slot @ None) = self.name_ops.get_mut(&req_id) {
             *slot = Some(answer);
         }
@@ -872,9 +918,26 @@ impl Service {
         }
     }
 
+    /// The next request, or, once none is queued and the broker released
+    /// the name by policy, [`RecvError::Revoked`].
     fn next(&self, deadline: Option<Instant>) -> Result<Option<Request>, RecvError> {
         let name = &*self.name;
-        Ok(self.client.inner.wait_for(deadline, |st| st.take_request(name))?.map(|q| self.wrap(q)))
+        let got = self.client.inner.wait_for(deadline, |st| match st.take_request(name) {
+            Some(q) => Some(Ok(q)),
+            None => st.services.get(name)?.revoked.clone().map(Err),
+        })?;
+        match got {
+            Some(Ok(q)) => Ok(Some(self.wrap(q))),
+            Some(Err(reason)) => Err(RecvError::Revoked(reason)),
+            None => Ok(None),
+        }
+    }
+
+    /// Why the broker took the name back, if it did (a policy reload no
+    /// longer lets this client own it). The requests queued before are
+    /// still received; then receiving fails with [`RecvError::Revoked`].
+    pub fn revocation(&self) -> Option<String> {
+        self.client.inner.state.lock().services.get(&*self.name)?.revoked.clone()
     }
 
     /// Waits for the next request.
@@ -896,8 +959,9 @@ impl Service {
         self.next(Some(Instant::now()))
     }
 
-    /// Requests until the connection ends. The iterator yields the error
-    /// that ended it, then stops.
+    /// Requests until the connection ends or the broker takes the name
+    /// back ([`RecvError::Revoked`]). The iterator yields the error that
+    /// ended it, then stops.
     pub fn iter(&self) -> Incoming<'_> {
         Incoming { service: self, done: false }
     }
@@ -981,6 +1045,7 @@ impl Client {
         if let Err(e) = send(req_id) {
             let mut st = self.inner.state.lock();
             st.name_ops.remove(&req_id);
+            st.name_requests.remove(&req_id);
             // Nothing was sent: no answer will come.
             st.name_ids.answered(req_id);
             return Err(e);
@@ -1010,7 +1075,12 @@ impl Client {
     /// (a release is sent) and `Timeout` returned.
     pub fn request_name(&self, name: &str, flags: NameFlags) -> Result<NameResult, NameError> {
         validate_subject(name)?;
-        let answer = self.name_op(|req_id| self.inner.send(&NameRequest { req_id, name, flags }, &[]))?;
+        let answer = self.name_op(|req_id| {
+            // Named, so that a grant clears the name's revocation as it
+            // arrives, in order with a revocation after it.
+            self.inner.state.lock().name_requests.insert(req_id, name.to_owned());
+            self.inner.send(&NameRequest { req_id, name, flags }, &[])
+        })?;
         match answer {
             Some(NameAnswer::Result(r)) => Ok(r),
             Some(NameAnswer::Refused(code, message)) => Err(NameError::Refused { code, message }),
@@ -1198,6 +1268,16 @@ impl Client {
         }
         self.inner.send(&frame, payload)?;
         Ok(())
+    }
+
+    /// Names the broker took back from this client because a reloaded
+    /// policy no longer lets it own them (or wait in their queue), oldest
+    /// first: those owned with [`Client::request_name`] as well as those a
+    /// [`Service`] served (whose receive then fails with
+    /// [`RecvError::Revoked`]). A name is listed until it is granted
+    /// again; at most the last 256 are kept.
+    pub fn revoked_names(&self) -> Vec<RevokedName> {
+        self.inner.state.lock().revoked_names.iter().cloned().collect()
     }
 
     /// Replies the broker refused on this connection so far (a reply
@@ -1581,6 +1661,82 @@ mod tests {
         drop(service);
         assert_eq!(sent(&broker), [Sent::Release("svc".into()), Sent::Reply(4, Err(reply_code::UNANSWERED))]);
         assert!(inner.state.lock().services.is_empty());
+    }
+
+    #[test]
+    fn a_revoked_name_ends_its_service_after_the_queued_requests_and_is_listed() {
+        use shmbus_proto::frame::{Revocation, Revoked};
+        let (inner, broker) = connected();
+        let client = Client::for_tests(inner.clone());
+        inner.state.lock().services.insert("svc".into(), ServiceQueue::default());
+        let service = Service {
+            client: client.clone(),
+            name: "svc".into(),
+            result: NameResult::PrimaryOwner,
+            released: false,
+        };
+        let revoked = |name| {
+            let reason = format!("policy reloaded: denied by policy: own {name}: no rule allows it");
+            let head = shmbus_proto::frame::encode_head(&Revoked {
+                what: Revocation::Name { name },
+                reason: &reason,
+            })
+            .unwrap();
+            socket::send_packet(broker.as_fd(), OutPacket { head: &head, payload: &[], fds: &[] }, false)
+                .unwrap();
+            reason
+        };
+        // A request queued before the notice is still served; then the
+        // service says why it ends, every time.
+        broker_sends(&broker, &serve_frame("svc", 1, false, PayloadRef::Inline), b"one", None);
+        let svc_reason = revoked("svc");
+        let plain_reason = revoked("plain.name");
+        let req = service.recv_timeout(Duration::from_secs(20)).unwrap().expect("the queued request");
+        req.reply(b"ok").unwrap();
+        let e = service.recv().unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Denied);
+        assert!(matches!(&e, RecvError::Revoked(r) if *r == svc_reason), "{e}");
+        assert!(matches!(service.try_recv(), Err(RecvError::Revoked(_))));
+        assert!(matches!(service.recv_timeout(Duration::from_secs(20)), Err(RecvError::Revoked(_))));
+        let mut it = service.iter();
+        assert!(matches!(it.next(), Some(Err(RecvError::Revoked(_)))));
+        assert!(it.next().is_none());
+        assert_eq!(service.revocation(), Some(svc_reason.clone()));
+        // Both names are listed, the one owned without a service too.
+        let listed: Vec<(String, String)> =
+            client.revoked_names().into_iter().map(|r| (r.name, r.reason)).collect();
+        assert_eq!(listed, [("svc".to_owned(), svc_reason), ("plain.name".to_owned(), plain_reason)]);
+        // A name granted again is no longer revoked (the grant is matched
+        // to its request as it arrives).
+        {
+            let mut st = inner.state.lock();
+            let id = st.new_name_op().unwrap();
+            st.name_requests.insert(id, "svc".into());
+            st.on_name_answer(id, NameAnswer::Result(NameResult::PrimaryOwner));
+        }
+        assert_eq!(service.revocation(), None);
+        assert_eq!(client.revoked_names().len(), 1);
+        assert_eq!(sent(&broker), [Sent::Reply(1, Ok(b"ok".to_vec()))]);
+    }
+
+    #[test]
+    fn revoked_names_are_bounded() {
+        let mut st = State::default();
+        for i in 0..MAX_REVOKED_NAMES + 10 {
+            st.on_name_revoked(&format!("n.{i}"), "r");
+        }
+        // Revoked twice: listed once, as the latest.
+        st.on_name_revoked("n.20", "again");
+        assert_eq!(st.revoked_names.len(), MAX_REVOKED_NAMES);
+        assert_eq!(
+            st.revoked_names.front().map(|r| r.name.as_str()),
+            Some("n.10"),
+            "its old place is not counted twice"
+        );
+        assert_eq!(
+            st.revoked_names.back().map(|r| (r.name.as_str(), r.reason.as_str())),
+            Some(("n.20", "again"))
+        );
     }
 
     #[test]

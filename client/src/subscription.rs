@@ -37,13 +37,23 @@ impl Subscription {
         self.id
     }
 
-    fn take(&self) -> impl FnMut(&mut State) -> Option<Event> + '_ {
-        move |st| st.take_event(self.id).map(|(_, ev)| ev)
+    fn take(&self) -> impl FnMut(&mut State) -> Option<Result<Event, RecvError>> + '_ {
+        move |st| st.take_or_revoked(self.id).map(|r| r.map(|(_, ev)| ev).map_err(RecvError::Revoked))
+    }
+
+    /// Why the broker ended this subscription, if it did (a policy reload
+    /// no longer allows it). Events it delivered before are still taken
+    /// first; after them every receive fails with [`RecvError::Revoked`].
+    pub fn revocation(&self) -> Option<String> {
+        self.inner.state.lock().revocation(self.id)
     }
 
     /// Waits up to `timeout` (`None`: forever) for the next event on any of
     /// `subs`, which must share one `Client`. Events come in the order the
     /// broker sent them. Returns the index of the subscription and the event.
+    /// A revoked subscription, once its events are taken, makes this fail
+    /// with [`RecvError::Revoked`] where its notice arrived, every time:
+    /// find it with [`Subscription::revocation`] and leave it out.
     pub fn recv_any(
         subs: &[&Subscription],
         timeout: Option<Duration>,
@@ -56,31 +66,42 @@ impl Subscription {
             )));
         }
         let deadline = timeout.map(|t| Instant::now() + t);
-        first.inner.wait_for(deadline, |st| {
-            let next =
-                subs.iter().enumerate().filter_map(|(i, s)| st.peek_arrival(s.id).map(|a| (a, i))).min()?;
-            st.take_event(subs[next.1].id).map(|(_, ev)| (next.1, ev))
-        })
+        first
+            .inner
+            .wait_for(deadline, |st| {
+                let next = subs
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, s)| st.peek_arrival(s.id).map(|a| (a, i)))
+                    .min()?;
+                st.take_or_revoked(subs[next.1].id).map(|r| r.map(|(_, ev)| (next.1, ev)))
+            })?
+            .transpose()
+            .map_err(RecvError::Revoked)
     }
 
     /// Waits for the next event.
     pub fn recv(&self) -> Result<Event, RecvError> {
-        Ok(self.inner.wait_for(None, self.take())?.expect("no deadline"))
+        self.inner.wait_for(None, self.take())?.expect("no deadline")
     }
 
     /// Waits up to `timeout` for the next event; `Ok(None)` if none came.
     pub fn recv_timeout(&self, timeout: Duration) -> Result<Option<Event>, RecvError> {
-        self.inner.wait_for(Some(Instant::now() + timeout), self.take())
+        match Instant::now().checked_add(timeout) {
+            Some(deadline) => self.inner.wait_for(Some(deadline), self.take())?.transpose(),
+            None => self.recv().map(Some),
+        }
     }
 
     /// The next event if one is ready, reading what the socket holds
     /// without waiting.
     pub fn try_recv(&self) -> Result<Option<Event>, RecvError> {
-        self.inner.wait_for(Some(Instant::now()), self.take())
+        self.inner.wait_for(Some(Instant::now()), self.take())?.transpose()
     }
 
-    /// Events until the connection ends. The iterator yields the error
-    /// that ended it, then stops.
+    /// Events until the connection ends or the broker revokes the
+    /// subscription. The iterator yields the error that ended it, then
+    /// stops.
     pub fn iter(&self) -> Iter<'_> {
         Iter { sub: self, done: false }
     }
@@ -115,10 +136,18 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         {
             let mut st = self.inner.state.lock();
-            // Its queue goes now (closing any fds in it); its id stays in
-            // use until the broker answers the unsubscribe, since
-            // deliveries sent before it may still arrive.
+            let revoked = st.revocation(self.id).is_some();
+            // Its queue goes now (closing any fds in it).
             st.remove_sub(self.id);
+            if revoked {
+                // The broker forgot it already, and sends nothing more
+                // under its id: nothing to unsubscribe, nothing owed, so
+                // the id is free now.
+                return;
+            }
+            // Its id stays in use until the broker answers the
+            // unsubscribe, since deliveries sent before it may still
+            // arrive.
             st.sub_ids.owe(self.id);
         }
         // Best effort: if the connection is gone, so is the subscription.

@@ -11,6 +11,12 @@
 //! name and answers every request (echoing, or running a shell command per
 //! request), `names` lists the names. See `call --help` and `serve --help`
 //! for their exit codes and what a command run by `serve --exec` gets.
+//!
+//! Administration: `monitor` prints every event the broker sees (publishes,
+//! requests, answers, refusals, connects...) as it happens, and `policy
+//! check` asks how the broker's policy decides an action for a uid. Both
+//! need the broker's rights (`monitor`, `introspect`); without a policy
+//! file everyone admitted has them.
 
 #![forbid(unsafe_code)]
 
@@ -27,9 +33,9 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 use serde_json::json;
 use shmbus::{
-    reply_code, Address, CallError, ChannelEvent, ChannelInfo, Client, ClientInfo, Event, Message, NameFlags,
-    NameFlagsExt, NameInfo, Reply, ReplyError, Request, RequestError, Service, Stats, Subscription,
-    TopicInfo,
+    reply_code, Address, BusEvent, CallError, ChannelEvent, ChannelInfo, Client, ClientInfo, ErrorCode,
+    Event, Message, MonitorError, MonitorItem, MonitorKind, NameFlags, NameFlagsExt, NameInfo, RecvError,
+    Reply, ReplyError, Request, RequestError, Service, Stats, SubscribeError, Subscription, TopicInfo,
 };
 use shmbus_proto::text::escape;
 
@@ -160,6 +166,76 @@ enum Cmd {
     },
     /// Names, their owners (client ids, see `clients`), queue and flags.
     Names,
+    /// Print every event the broker sees, one line each, until interrupted.
+    ///
+    /// Events: publish, request, answer, error (a refusal), connect,
+    /// disconnect, subscribe, unsubscribe, name-change; with PATTERNs, only
+    /// those whose subject (topic, name or pattern) matches one of them.
+    /// Each line: the time (UTC, to the microsecond), the kind, the
+    /// subject, who caused it, whom it reached, and the payload:
+    ///
+    ///   12:00:01.123456 publish sensors.kitchen.temp from client 4 (uid 1000, pid 77) to [5, 9] 4 B "21.5"
+    ///
+    /// A payload is shown as quoted text (escaped) if it is UTF-8, else as
+    /// `hex 0a1b...`, cut to 64 characters (`...` marks a cut) unless
+    /// --full; one that travelled as a memfd as `memfd N B` (the broker
+    /// never reads those). A publish that reached no one says `to nobody`.
+    /// The broker's word on the event (an answer's outcome, a refusal)
+    /// ends the line in parentheses. Lost events (the monitor fell behind)
+    /// show as `-- N events lost: the monitor fell behind --`.
+    ///
+    /// --json: one object per event with kind, subject, sender (client_id,
+    /// uid, gid, pid), receivers, detail, payload_len, memfd, payload (as
+    /// the broker sent it: text, or a hex string), payload_encoding ("utf8"
+    /// or "hex"), payload_cut, seq and time_us (microseconds since the
+    /// epoch); lost events as {"gap": N}.
+    ///
+    /// Needs the broker's `monitor` right: refused, it exits with status 1.
+    Monitor {
+        /// Subject patterns (`*` one token, `>` the rest); none: everything.
+        patterns: Vec<String>,
+        /// Whole inline payloads, rather than their first 256 bytes (as
+        /// the broker sends them) cut again to 64 characters.
+        #[arg(long)]
+        full: bool,
+        /// Exit after this many events.
+        #[arg(long, short = 'c')]
+        count: Option<u64>,
+    },
+    /// Ask the broker about its policy.
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCmd {
+    /// How the broker's policy decides ACTION on SUBJECT for a peer with
+    /// --uid and --gid, and why.
+    ///
+    /// Prints `allow: <why>` or `deny: <why>` (--json: an object with
+    /// `allowed` and `explanation`). ACTION is one of the policy file's
+    /// words: connect, publish, subscribe, own, call, channel-publish,
+    /// channel-read, monitor, introspect; SUBJECT is the subject, pattern
+    /// or name it is about (none for connect, monitor and introspect).
+    ///
+    /// Exit status: 0 allowed; 1 denied; 2 the question could not be
+    /// answered (no bus, an unknown action, a bad subject, or no
+    /// `introspect` right to ask).
+    Check {
+        /// The peer's uid.
+        #[arg(long, value_name = "UID")]
+        uid: u32,
+        /// Its groups, the primary one first (repeat for each; none: the
+        /// group numbered like the uid).
+        #[arg(long = "gid", value_name = "GID")]
+        gids: Vec<u32>,
+        /// What it would do.
+        action: String,
+        /// What it would do it on.
+        subject: Option<String>,
+    },
 }
 
 /// Seconds, fractions allowed: more than 0, and finite.
@@ -171,8 +247,16 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// Exit status of `policy check` when it cannot answer (0 and 1 are its
+/// verdicts).
+const EXIT_POLICY_ERROR: u8 = 2;
+
 fn main() -> ExitCode {
     let args = Args::parse();
+    let failure = match args.cmd {
+        Cmd::Policy { .. } => ExitCode::from(EXIT_POLICY_ERROR),
+        _ => ExitCode::FAILURE,
+    };
     match run(args) {
         Ok(code) => code,
         // The reader of our output went away (`shmbusctl sub x | head`):
@@ -186,7 +270,7 @@ fn main() -> ExitCode {
         Err(e) => {
             // Errors may quote the broker, which may quote a client.
             eprintln!("shmbusctl: {}", escape(&e.to_string()));
-            ExitCode::FAILURE
+            failure
         }
     }
 }
@@ -281,6 +365,13 @@ fn run(args: Args) -> Fallible<ExitCode> {
             return serve(&client, name, flags, how, *count, *jobs);
         }
         Cmd::Names => print_names(&mut std::io::stdout().lock(), &client, args.json)?,
+        Cmd::Monitor { patterns, full, count } => {
+            return monitor(&client, patterns, *full, *count, args.json)
+        }
+        Cmd::Policy { cmd: PolicyCmd::Check { uid, gids, action, subject } } => {
+            let subject = subject.as_deref().unwrap_or("");
+            return policy_check(&client, *uid, gids, action, subject, args.json);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -296,11 +387,25 @@ fn subscribe(
     for p in patterns {
         subs.push(client.subscribe(p)?);
     }
-    let refs: Vec<&Subscription> = subs.iter().collect();
+    let mut refs: Vec<&Subscription> = subs.iter().collect();
     let mut out = std::io::stdout().lock();
     let mut seen = 0u64;
     while count.is_none_or(|c| seen < c) {
-        let Some((i, ev)) = Subscription::recv_any(&refs, None)? else { continue };
+        let (i, ev) = match Subscription::recv_any(&refs, None) {
+            Ok(Some(got)) => got,
+            Ok(None) => continue,
+            // The broker ended one (a policy reload): go on with the
+            // others, if any are left.
+            Err(e @ RecvError::Revoked(_)) => {
+                refs.retain(|s| s.revocation().is_none());
+                if refs.is_empty() {
+                    return Err(e.into());
+                }
+                eprintln!("shmbusctl: {}", escape(&e.to_string()));
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         match ev {
             Event::Message(m) => {
                 seen += 1;
@@ -1011,4 +1116,195 @@ fn print_names(out: &mut impl Write, client: &Client, json: bool) -> Fallible<()
             out.flush()
         },
     )
+}
+
+// ------------------------------------------------------ administration --
+
+/// How the broker's policy decides one action: printed, and the verdict as
+/// the exit status.
+fn policy_check(
+    client: &Client,
+    uid: u32,
+    gids: &[u32],
+    action: &str,
+    subject: &str,
+    json: bool,
+) -> Fallible<ExitCode> {
+    let verdict = client.policy_check(uid, gids, action, subject).map_err(|e| match e {
+        RequestError::Refused { code: ErrorCode::Denied, message } => {
+            format!(
+                "denied: this client may not ask about the policy (it needs the introspect right): {message}"
+            )
+        }
+        other => format!("cannot check the policy: {other}"),
+    })?;
+    let word = if verdict.allowed { "allow" } else { "deny" };
+    let mut out = std::io::stdout().lock();
+    if json {
+        let v = json!({
+            "uid": uid, "gids": gids, "action": action, "subject": subject,
+            "allowed": verdict.allowed, "explanation": verdict.explanation,
+        });
+        writeln!(out, "{v}")?;
+    } else {
+        // The broker may say the verdict itself ("allow: rule 2 ..."):
+        // not twice.
+        let why = verdict.explanation.strip_prefix(word).and_then(|r| r.strip_prefix(": "));
+        writeln!(out, "{word}: {}", escape(why.unwrap_or(&verdict.explanation)))?;
+    }
+    out.flush()?;
+    Ok(if verdict.allowed { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// Characters of a payload `monitor` shows unless --full.
+const MONITOR_SHOWN: usize = 64;
+
+fn monitor(
+    client: &Client,
+    patterns: &[String],
+    full: bool,
+    count: Option<u64>,
+    json: bool,
+) -> Fallible<ExitCode> {
+    let refs: Vec<&str> = patterns.iter().map(String::as_str).collect();
+    let monitor = client.monitor(&refs, full).map_err(|e| match e {
+        SubscribeError::Refused { code: ErrorCode::Denied, message } => {
+            format!("denied: this client may not monitor the bus (it needs the monitor right): {message}")
+        }
+        other => format!("cannot start the monitor: {other}"),
+    })?;
+    let what =
+        if patterns.is_empty() { "everything".to_owned() } else { escape(&refs.join(" ")).into_owned() };
+    eprintln!("shmbusctl: monitoring {what}");
+    let mut out = std::io::stdout().lock();
+    let mut seen = 0u64;
+    while count.is_none_or(|c| seen < c) {
+        match monitor.recv() {
+            Ok(MonitorItem::Event(e)) => {
+                seen += 1;
+                write_event(&mut out, &e, full, json)?;
+            }
+            Ok(MonitorItem::Gap { missed }) => {
+                if json {
+                    writeln!(out, "{}", json!({ "gap": missed }))?;
+                } else {
+                    writeln!(out, "-- {missed} events lost: the monitor fell behind --")?;
+                }
+            }
+            // One event lost to a broker we cannot read; the rest goes on.
+            Err(e @ MonitorError::Malformed { .. }) => eprintln!("shmbusctl: {}", escape(&e.to_string())),
+            Err(e) => return Err(e.into()),
+        }
+        out.flush()?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn kind_word(kind: MonitorKind) -> &'static str {
+    match kind {
+        MonitorKind::Publish => "publish",
+        MonitorKind::Request => "request",
+        MonitorKind::Answer => "answer",
+        MonitorKind::Error => "error",
+        MonitorKind::Connect => "connect",
+        MonitorKind::Disconnect => "disconnect",
+        MonitorKind::Subscribe => "subscribe",
+        MonitorKind::Unsubscribe => "unsubscribe",
+        MonitorKind::NameChange => "name-change",
+    }
+}
+
+/// A monitor event's payload bytes as text if they are UTF-8, else `None`.
+/// An excerpt the broker cut in the middle of a character is text up to
+/// that character.
+fn payload_text(e: &BusEvent) -> Option<&str> {
+    match std::str::from_utf8(&e.payload) {
+        Ok(t) => Some(t),
+        Err(bad) if e.payload_is_cut() && bad.error_len().is_none() => {
+            std::str::from_utf8(&e.payload[..bad.valid_up_to()]).ok()
+        }
+        Err(_) => None,
+    }
+}
+
+/// A payload for people: `N B` and then the bytes, quoted and escaped if
+/// they are text, else in hex after `hex`; at most `limit` characters of
+/// either (`...` marks a cut, here or the broker's). A memfd payload is
+/// `memfd N B`.
+fn shown_payload(e: &BusEvent, limit: Option<usize>) -> String {
+    if e.memfd {
+        return format!("memfd {} B", e.payload_len);
+    }
+    if e.payload_len == 0 {
+        return "0 B".to_owned();
+    }
+    let cut_by_broker = e.payload_is_cut();
+    let (shown, cut_here) = match payload_text(e) {
+        Some(text) => {
+            let end = limit.and_then(|l| text.char_indices().nth(l)).map_or(text.len(), |(i, _)| i);
+            (format!("\"{}\"", escape(&text[..end])), end < text.len())
+        }
+        None => {
+            let bytes = limit.map_or(e.payload.len(), |l| (l / 2).min(e.payload.len()));
+            let hex: String = e.payload[..bytes].iter().map(|b| format!("{b:02x}")).collect();
+            (format!("hex {hex}"), bytes < e.payload.len())
+        }
+    };
+    let more = if cut_here || cut_by_broker { "..." } else { "" };
+    format!("{} B {shown}{more}", e.payload_len)
+}
+
+/// Now, as the time of day in UTC to the microsecond, and as microseconds
+/// since the epoch.
+fn timestamp() -> (String, u64) {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let us = since.as_micros() as u64;
+    let day = since.as_secs() % 86_400;
+    let clock =
+        format!("{:02}:{:02}:{:02}.{:06}", day / 3600, day / 60 % 60, day % 60, since.subsec_micros());
+    (clock, us)
+}
+
+fn write_event(out: &mut impl Write, e: &BusEvent, full: bool, json: bool) -> std::io::Result<()> {
+    let (clock, time_us) = timestamp();
+    let s = e.sender;
+    if json {
+        let (payload, encoding) = match payload_text(e) {
+            Some(t) => (t.to_owned(), "utf8"),
+            None => (e.payload.iter().map(|b| format!("{b:02x}")).collect(), "hex"),
+        };
+        let v = json!({
+            "time_us": time_us, "kind": kind_word(e.kind), "subject": e.subject,
+            "sender": {"client_id": s.client_id, "uid": s.uid, "gid": s.gid, "pid": s.pid},
+            "receivers": e.receivers, "detail": e.detail, "payload_len": e.payload_len, "memfd": e.memfd,
+            "payload": payload, "payload_encoding": encoding, "payload_cut": e.payload_is_cut(), "seq": e.seq,
+        });
+        return writeln!(out, "{v}");
+    }
+    let mut line = format!("{clock} {}", kind_word(e.kind));
+    if !e.subject.is_empty() {
+        line.push(' ');
+        line.push_str(&escape(&e.subject));
+    }
+    if s.client_id == 0 {
+        line.push_str(&format!(" from the broker (pid {})", s.pid));
+    } else {
+        line.push_str(&format!(" from client {} (uid {}, pid {})", s.client_id, s.uid, s.pid));
+    }
+    let carries = matches!(e.kind, MonitorKind::Publish | MonitorKind::Request | MonitorKind::Answer);
+    if !e.receivers.is_empty() {
+        let to: Vec<String> = e.receivers.iter().map(u64::to_string).collect();
+        line.push_str(&format!(" to [{}]", to.join(", ")));
+    } else if carries {
+        // A publish no subscription matched.
+        line.push_str(" to nobody");
+    }
+    if carries || e.payload_len > 0 {
+        line.push(' ');
+        line.push_str(&shown_payload(e, (!full).then_some(MONITOR_SHOWN)));
+    }
+    if !e.detail.is_empty() {
+        line.push_str(&format!(" ({})", escape(&e.detail)));
+    }
+    writeln!(out, "{line}")
 }
