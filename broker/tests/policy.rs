@@ -281,6 +281,8 @@ fn each_action_is_allowed_or_denied_by_uid_and_supplementary_group() {
     assert!(e.contains("subscribe >"), "the refusal names action and pattern: {e}");
     reader.denied("sub s sensors.>");
     reader.denied("sub pp *.news");
+    // `$SYS` events are subjects like any other.
+    reader.denied("sub sys $SYS.name.>");
 
     // Publishing, with a deny carved out of the group's allow.
     sensor.ok("sub s sensors.>");
@@ -557,4 +559,77 @@ fn a_bad_policy_file_stops_the_broker_at_start_with_its_line() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("line 3"), "{}", stderr(&out));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A monitor that does not read loses events, counted as gaps; the bus
+/// does not wait for it and nobody else loses anything.
+#[test]
+fn a_slow_monitor_loses_events_as_gaps_and_the_bus_goes_on() {
+    const ROUNDS: u64 = 40;
+    const PER_ROUND: u64 = 500;
+    let b = Broker::start_with("policy-slow-monitor", &["--queue-frames", "4096"]);
+    let watcher = b.client();
+    let monitor = watcher.monitor(&["flood.>"], false).unwrap();
+    let sub_client = b.client();
+    let sub = sub_client.subscribe("flood.>").unwrap();
+    let publisher = b.client();
+    let mut got = 0u64;
+    for round in 0..ROUNDS {
+        for i in 0..PER_ROUND {
+            publisher.publish("flood.x", &(round * PER_ROUND + i).to_le_bytes()).unwrap();
+        }
+        publisher.flush().unwrap();
+        for _ in 0..PER_ROUND {
+            match next_event(&sub) {
+                Event::Message(m) => assert_eq!(m.payload(), &got.to_le_bytes(), "in order, none lost"),
+                Event::Gap { missed } => panic!("the subscriber lost {missed} because of the monitor"),
+            }
+            got += 1;
+        }
+    }
+    // Now read the monitor: every publish is an event or counted in a gap.
+    let (mut events, mut missed) = (0u64, 0u64);
+    while events + missed < ROUNDS * PER_ROUND {
+        match monitor.recv_timeout(PATIENCE).unwrap().expect("the monitor's events or gaps") {
+            // The subscriber's own subscription shows too.
+            shmbus::MonitorItem::Event(e) if e.kind == shmbus::MonitorKind::Subscribe => {}
+            shmbus::MonitorItem::Event(e) => {
+                assert_eq!(e.kind, shmbus::MonitorKind::Publish);
+                assert_eq!(e.subject, "flood.x");
+                assert_eq!(e.receivers, vec![sub_client.id()]);
+                events += 1;
+            }
+            shmbus::MonitorItem::Gap { missed: m } => missed += m,
+        }
+    }
+    assert_eq!(events + missed, ROUNDS * PER_ROUND);
+    assert!(missed > 0, "a monitor that never read must have lost events");
+    assert!(events >= 4000, "its queue's worth arrived: {events}");
+}
+
+fn next_event(sub: &shmbus::Subscription) -> Event {
+    sub.recv_timeout(PATIENCE).unwrap().expect("a message within PATIENCE")
+}
+
+/// The commented default policy the system unit ships loads, and says
+/// what it says: everyone may connect and follow name events, not more.
+#[test]
+fn the_shipped_system_policy_loads_and_holds() {
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/policy.toml");
+    let b = Broker::start_with("policy-shipped", &["--policy", shipped.to_str().unwrap()]);
+    let root = b.client();
+    let verdict = root.policy_check(4242, &[], "connect", "").unwrap();
+    assert!(verdict.allowed, "{verdict:?}");
+    let verdict = root.policy_check(4242, &[], "subscribe", "$SYS.name.>").unwrap();
+    assert!(verdict.allowed, "{verdict:?}");
+    for (action, subject) in [("subscribe", ">"), ("publish", "a.b"), ("own", "pub.x"), ("monitor", "")] {
+        let verdict = root.policy_check(4242, &[], action, subject).unwrap();
+        assert!(!verdict.allowed, "{action} {subject}: {verdict:?}");
+    }
+    if is_root() {
+        let mut a = Agent::spawn(&b, READER, READER, &[]);
+        a.ok("sub sys $SYS.name.>");
+        a.denied("sub all >");
+        a.denied("pub a.b 1");
+    }
 }

@@ -505,3 +505,35 @@ fn expand_filter(item: &str) -> std::collections::BTreeSet<String> {
     }
     out
 }
+
+/// `SIGHUP` (what `systemctl reload` sends) reads the policy file again,
+/// announced as `RELOADING=1` with `MONOTONIC_USEC=` and ended with
+/// `READY=1`, whether the new file loads or not.
+#[test]
+fn a_policy_reload_is_announced_reloading_then_ready() {
+    let dir = tempdir("reload");
+    let notify = Notify::new(&dir);
+    let policy = dir.join("policy.toml");
+    std::fs::write(&policy, "[[rule]]\nmatch = {}\nallow = [\"connect\"]\n").unwrap();
+    let addr = unique_address("reload");
+    let mut cmd = tool("systemd-socket-activate");
+    cmd.args(["--seqpacket", "-l", &addr, "--fdname=bus", "-E", "NOTIFY_SOCKET"])
+        .env("NOTIFY_SOCKET", &notify.path)
+        .arg(SHMBUSD)
+        .arg("--policy")
+        .arg(&policy);
+    let _guard = spawn_guarded(cmd);
+    let c = connect_with_retry(&addr);
+    c.ping().unwrap();
+    notify.expect("READY=1");
+    let pid = rustix::process::Pid::from_raw(c.broker_cred().pid as i32).unwrap();
+    for text in ["[[rule]]\nmatch = {}\nallow = [\"connect\", \"subscribe a.>\"]\n", "[[rule]\n"] {
+        std::fs::write(&policy, text).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+        let reloading = notify.expect("RELOADING=1");
+        assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
+        notify.expect("READY=1");
+        c.ping().unwrap();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

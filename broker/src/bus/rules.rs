@@ -592,6 +592,40 @@ impl fmt::Display for Verdict {
 
 #[cfg(test)]
 mod tests {
+    /// The README's worked example, checked row by row against its table.
+    #[test]
+    fn the_readme_example_decides_as_its_table_says() {
+        let readme = include_str!("../../../README.md");
+        let policy = readme.split("## Policy").nth(1).expect("a Policy section");
+        let block = policy.split("```toml\n").nth(1).and_then(|b| b.split("```").next()).expect("a toml block");
+        let accounts = super::Accounts::parse(
+            "thermo:x:990:990::/:/bin/false\nlogbook:x:991:991::/:/bin/false\n",
+            "video:x:44:\nusers:x:100:\n",
+        );
+        let rules = super::Rules::parse(block, &accounts).unwrap();
+        let desktop = rules.snapshot(1000, &[1000, 100], 0);
+        let thermo = rules.snapshot(990, &[990], 0);
+        let video = rules.snapshot(1001, &[1001, 44], 0);
+        let logbook = rules.snapshot(991, &[991], 0);
+        let nobody = rules.snapshot(65534, &[65534], 0);
+        use super::Action::*;
+        assert!(desktop.decide_pattern(Subscribe, "sensors.kitchen.>").allowed);
+        let v = desktop.decide_pattern(Subscribe, "sensors.>");
+        assert!(!v.allowed);
+        assert_eq!(v.to_string(), "deny: rule 4 (line 20): deny subscribe sensors.calibration.>");
+        assert!(!desktop.decide_pattern(Subscribe, ">").allowed);
+        assert!(desktop.decide(Call, "pub.thermo.now").allowed);
+        assert!(thermo.decide(Publish, "sensors.calibration.t0").allowed);
+        assert!(!thermo.decide(ChannelPublish, "video.front").allowed);
+        assert!(video.decide(ChannelPublish, "video.front").allowed);
+        assert!(desktop.decide_pattern(ChannelRead, "video.front").allowed);
+        assert!(logbook.decide_pattern(Subscribe, "sensors.>").allowed);
+        assert!(nobody.decide(Connect, "").allowed);
+        assert!(!nobody.decide_pattern(Subscribe, "sensors.kitchen.>").allowed);
+        assert!(nobody.decide_pattern(Subscribe, "$SYS.name.>").allowed);
+    }
+
+
     use super::*;
 
     const PASSWD: &str = "\
