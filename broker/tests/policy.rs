@@ -633,3 +633,26 @@ fn the_shipped_system_policy_loads_and_holds() {
         a.denied("pub a.b 1");
     }
 }
+
+/// Without a policy file, monitoring (which shows requests and replies
+/// between other clients) is for root and the broker's uid only; another
+/// admitted uid may still do everything else.
+#[test]
+fn without_a_policy_file_only_the_privileged_may_monitor() {
+    if !is_root() {
+        eprintln!("skipped: needs root to run clients as other uids");
+        return;
+    }
+    let b = Broker::start_with("policy-none-monitor", &["--allow-uid", "4001"]);
+    let refused = b.ctl_as(&["monitor"], Some(READER));
+    assert!(!refused.status.success());
+    assert!(stderr(&refused).contains("only root and the broker's uid may monitor"), "{}", stderr(&refused));
+    let mut a = Agent::spawn(&b, READER, READER, &[]);
+    a.denied("monitor");
+    a.ok("sub all >");
+    a.ok("introspect");
+    a.ok("pub x.y 1");
+    let root = b.client();
+    let m = root.monitor(&[], false).unwrap();
+    drop(m);
+}

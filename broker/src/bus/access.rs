@@ -9,7 +9,8 @@
 //! stream costs a hash lookup, and fan-out costs no policy lookup at all
 //! (every subscription was checked when it was made). Without a policy
 //! file a connection is [`Access::open`]: admission by uid is the only
-//! gate, as before.
+//! gate, as before, but for monitoring, which shows requests and replies
+//! between other clients and so needs root or the broker's uid.
 //!
 //! Invariant: a refusal names the action, the subject and the rule that
 //! decided, so an administrator can find the line to change.
@@ -35,27 +36,31 @@ use super::{bump, Bus};
 /// How many subject bytes of publish verdicts one peer keeps before the
 /// table starts over: bounds the memory a publisher cycling through
 /// subjects can make the broker hold.
-const PUBLISH_VERDICT_BYTES: usize = 64 * 1024;
+const PUBLISH_VERDICT_BYTES: usize = 16 * 1024;
 
 /// One connection's rights.
 #[derive(Debug, Clone)]
 pub struct Access {
-    /// `None`: no policy file; everything is allowed.
+    /// `None`: no policy file; everything is allowed but monitoring,
+    /// which only a privileged peer may do.
     snapshot: Option<Snapshot>,
+    privileged: bool,
     /// Publish verdicts by subject, and the bytes of their keys.
     publish: HashMap<Box<str>, bool>,
     publish_bytes: usize,
 }
 
 impl Access {
-    /// No policy file: every admitted peer may do everything.
-    pub fn open() -> Access {
-        Access { snapshot: None, publish: HashMap::new(), publish_bytes: 0 }
+    /// No policy file: every admitted peer may do everything but
+    /// monitor; a `privileged` one (root, the broker's uid) that too.
+    pub fn open(privileged: bool) -> Access {
+        Access { snapshot: None, privileged, publish: HashMap::new(), publish_bytes: 0 }
     }
 
     /// The rights a compiled snapshot gives.
     pub fn of(snapshot: Snapshot) -> Access {
-        Access { snapshot: Some(snapshot), publish: HashMap::new(), publish_bytes: 0 }
+        let privileged = snapshot.is_privileged();
+        Access { snapshot: Some(snapshot), privileged, publish: HashMap::new(), publish_bytes: 0 }
     }
 
     /// Whether a policy file governs this peer.
@@ -66,7 +71,12 @@ impl Access {
     /// `action` on a concrete `subject` (a topic, a name, or "" for
     /// connect, monitor and introspect): `Err` with the refusal's text.
     pub fn check(&self, action: Action, subject: &str) -> Result<(), String> {
-        let Some(s) = &self.snapshot else { return Ok(()) };
+        let Some(s) = &self.snapshot else {
+            if action == Action::Monitor && !self.privileged {
+                return Err("denied: without a policy file only root and the broker's uid may monitor".into());
+            }
+            return Ok(());
+        };
         let verdict = s.decide(action, subject);
         if verdict.allowed {
             Ok(())
@@ -114,6 +124,9 @@ impl Access {
 
 // ------------------------------------------------------- the bus's side --
 
+/// Most groups a `PolicyCheck` may name (a check costs rules × groups).
+const MAX_CHECK_GIDS: usize = 1024;
+
 /// What a reload ended.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Revocations {
@@ -126,7 +139,7 @@ impl Bus {
     /// The rights of a peer with these credentials under the current rules.
     pub(crate) fn access_for(&self, cred: &PeerCred, groups: &[u32]) -> Access {
         match &self.cfg.rules {
-            None => Access::open(),
+            None => Access::open(cred.uid == 0 || cred.uid == self.cfg.broker.uid),
             Some(rules) => Access::of(rules.snapshot(cred.uid, groups, self.cfg.broker.uid)),
         }
     }
@@ -265,6 +278,10 @@ impl Bus {
             let msg = format!("invalid subject {:?}: {e}", escape(c.subject));
             return self.op_error(id, op, ErrorCode::InvalidSubject, &msg, now);
         }
+        if c.gids.len() > MAX_CHECK_GIDS {
+            let msg = format!("at most {MAX_CHECK_GIDS} groups per check");
+            return self.op_error(id, op, ErrorCode::LimitExceeded, &msg, now);
+        }
         let gid = c.gids.first().copied().unwrap_or(c.uid);
         let cred = PeerCred { pid: 0, uid: c.uid, gid };
         let mut gids = c.gids.clone();
@@ -327,9 +344,11 @@ deny = ["publish a.secret"]
 
     #[test]
     fn open_access_allows_everything() {
-        let mut a = Access::open();
+        let mut a = Access::open(false);
         assert!(!a.governed());
-        assert!(a.check(Action::Monitor, "").is_ok());
+        assert!(a.check(Action::Monitor, "").is_err(), "monitoring needs privilege without a policy");
+        assert!(Access::open(true).check(Action::Monitor, "").is_ok());
+        assert!(a.check(Action::Introspect, "").is_ok());
         assert!(a.check_pattern(Action::Subscribe, ">").is_ok());
         assert!(a.check_publish("x").is_ok());
     }

@@ -35,6 +35,8 @@ use super::Bus;
 
 /// Most patterns one monitor may filter on.
 pub const MAX_MONITOR_PATTERNS: usize = 64;
+/// Most monitors one connection may hold: each costs every event a look.
+pub const MAX_MONITORS_PER_CONNECTION: usize = 4;
 
 #[derive(Debug)]
 struct MonitorSub {
@@ -104,6 +106,11 @@ impl Bus {
             ))
         } else if m.patterns.len() > MAX_MONITOR_PATTERNS {
             Some((ErrorCode::LimitExceeded, format!("at most {MAX_MONITOR_PATTERNS} patterns per monitor")))
+        } else if self.monitors.of(id).len() >= MAX_MONITORS_PER_CONNECTION {
+            Some((
+                ErrorCode::LimitExceeded,
+                format!("at most {MAX_MONITORS_PER_CONNECTION} monitors per connection"),
+            ))
         } else if p.subs.contains_key(&m.sub_id) {
             Some((ErrorCode::DuplicateSubscription, format!("subscription id {} is in use", m.sub_id)))
         } else if p.subs.len() >= max {
@@ -187,6 +194,8 @@ impl Bus {
                 })
                 .clone();
             self.monitors.seq += 1;
+            // Counted as a delivery: a busy monitor is work like any other.
+            self.work = self.work.wrapping_add(1);
             let seq = self.monitors.seq;
             let (subject, sender) = (seen.subject, seen.sender);
             let cost = subject.len() + 64 + bytes.len() + FRAME_OVERHEAD;

@@ -597,7 +597,8 @@ mod tests {
     fn the_readme_example_decides_as_its_table_says() {
         let readme = include_str!("../../../README.md");
         let policy = readme.split("## Policy").nth(1).expect("a Policy section");
-        let block = policy.split("```toml\n").nth(1).and_then(|b| b.split("```").next()).expect("a toml block");
+        let block =
+            policy.split("```toml\n").nth(1).and_then(|b| b.split("```").next()).expect("a toml block");
         let accounts = super::Accounts::parse(
             "thermo:x:990:990::/:/bin/false\nlogbook:x:991:991::/:/bin/false\n",
             "video:x:44:\nusers:x:100:\n",
@@ -624,7 +625,6 @@ mod tests {
         assert!(!nobody.decide_pattern(Subscribe, "sensors.kitchen.>").allowed);
         assert!(nobody.decide_pattern(Subscribe, "$SYS.name.>").allowed);
     }
-
 
     use super::*;
 
