@@ -45,6 +45,7 @@
 mod channel;
 mod client;
 mod connection;
+mod core;
 mod error;
 /// For the fuzz targets in `fuzz/`; not an API.
 #[doc(hidden)]
