@@ -23,6 +23,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let s = m.sender();
                 println!("{}: {:.1} °C (from pid {} uid {}, #{})", r.room, r.celsius, s.pid, s.uid, m.seq());
             }
+            Event::Reconnected => panic!("unexpected reconnection"),
             Event::Gap { missed } => println!("fell behind: {missed} readings missed"),
         }
     }

@@ -64,8 +64,9 @@ fn watch(client: &Client) -> Result<(), Box<dyn std::error::Error>> {
                 let change: NameOwnerChanged = m.decode()?;
                 println!("{}: {} -> {}", change.name, who(change.old_owner), who(change.new_owner));
             }
-            Event::Gap { missed } => {
-                println!("missed {missed} changes; owner now: {}", who(client.name_owner("thermo.kitchen")?))
+            // Changes went by unseen: ask again.
+            Event::Gap { .. } | Event::Reconnected => {
+                println!("missed some changes; owner now: {}", who(client.name_owner("thermo.kitchen")?))
             }
         }
     }

@@ -642,6 +642,7 @@ pub(crate) fn tp_broker(size: usize, batched: bool) -> (f64, u64) {
         match s.recv_timeout(Duration::from_secs(30)).unwrap().expect("stream stalled") {
             Event::Message(_) => got += 1,
             Event::Gap { missed: m } => missed += m,
+            Event::Reconnected => panic!("the broker restarted mid-bench"),
         }
         start.get_or_insert_with(Instant::now);
     }

@@ -113,6 +113,7 @@ impl BusRig {
             match self.acks.recv_timeout(Duration::from_secs(60)).unwrap().expect("ack") {
                 Event::Message(m) => last = last.max(u64::from_le_bytes(m.payload().try_into().unwrap())),
                 Event::Gap { .. } => panic!("an ack was lost"),
+                Event::Reconnected => panic!("the broker restarted mid-bench"),
             }
         }
         last

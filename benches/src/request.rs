@@ -82,6 +82,7 @@ impl Rig {
         match self.pong.recv().unwrap() {
             Event::Message(_) => {}
             Event::Gap { missed } => panic!("{missed} pongs lost"),
+            Event::Reconnected => panic!("the broker restarted mid-bench"),
         }
     }
 

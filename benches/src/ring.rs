@@ -225,6 +225,7 @@ fn ring_throughput(readers: usize) -> (f64, u64) {
                 missed += u64::from_le_bytes(b[8..16].try_into().unwrap());
             }
             Event::Gap { .. } => panic!("a result was lost"),
+            Event::Reconnected => panic!("the broker restarted mid-bench"),
         }
     }
     (slowest, missed)

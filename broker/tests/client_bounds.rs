@@ -89,6 +89,7 @@ fn helper_process() {
     while seen < warm {
         match ctl.recv_timeout(PATIENCE).unwrap() {
             Some(Event::Message(_)) => seen += 1,
+            Some(Event::Reconnected) => panic!("unexpected reconnection"),
             Some(Event::Gap { missed }) => seen += missed,
             None => panic!("warm-up: {seen} of {warm} after {PATIENCE:?}"),
         }
@@ -113,6 +114,7 @@ fn helper_process() {
                     assert!(m.payload().iter().all(|&b| b == m.seq() as u8), "payload {} intact", m.seq());
                     ('M', 1)
                 }
+                Event::Reconnected => panic!("unexpected reconnection"),
                 Event::Gap { missed } => ('G', missed),
             };
             match runs.last_mut() {

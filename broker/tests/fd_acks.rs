@@ -70,6 +70,7 @@ impl Tally {
                 self.next = got + 1;
                 self.messages += 1;
             }
+            Event::Reconnected => panic!("unexpected reconnection"),
             Event::Gap { missed } => {
                 self.next += missed;
                 self.gaps += missed;
@@ -210,6 +211,7 @@ fn drain(sub: &Subscription) -> String {
     while let Some(ev) = sub.try_recv().unwrap() {
         let (kind, n) = match ev {
             Event::Message(_) => ('M', 1),
+            Event::Reconnected => panic!("unexpected reconnection"),
             Event::Gap { missed } => ('G', missed),
         };
         match runs.last_mut() {

@@ -190,6 +190,7 @@ fn ten_thousand_memfd_publishes_leave_no_fd_behind() {
                     assert_eq!(m.payload()[8191], 1);
                     got += 1;
                 }
+                Event::Reconnected => panic!("unexpected reconnection"),
                 Event::Gap { missed } => got += missed,
             }
         }
@@ -264,6 +265,7 @@ fn quota_bounds_what_one_uid_keeps_in_the_broker() {
                 assert_eq!(m.payload(), &[5; 100][..]);
                 seen += 1;
             }
+            Some(shmbus::Event::Reconnected) => panic!("unexpected reconnection"),
             Some(shmbus::Event::Gap { missed }) => {
                 seen += missed;
                 gaps += missed;
@@ -344,6 +346,7 @@ fn client_refuses_an_unsealed_fd_even_from_its_broker() {
     let c = shmbus::Client::connect_to(&addr).unwrap();
     let s = c.subscribe("x").unwrap();
     match s.recv_timeout(PATIENCE).unwrap().unwrap() {
+        Event::Reconnected => panic!("unexpected reconnection"),
         Event::Gap { missed } => assert_eq!(missed, 1),
         Event::Message(m) => panic!("an unsealed fd reached the app: seq {}", m.seq()),
     }
@@ -426,6 +429,7 @@ fn unmappable_memfds_are_refused_by_the_broker_and_the_client() {
     let c = shmbus::Client::connect_to(&addr).unwrap();
     let s = c.subscribe("x").unwrap();
     match s.recv_timeout(PATIENCE).unwrap().unwrap() {
+        Event::Reconnected => panic!("unexpected reconnection"),
         Event::Gap { missed } => assert_eq!(missed, n),
         Event::Message(m) => panic!("an unmappable fd reached the app: seq {}", m.seq()),
     }

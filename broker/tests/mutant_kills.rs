@@ -330,6 +330,7 @@ mod client_fds {
                     assert_eq!(missed, 1);
                     false
                 }
+                Event::Reconnected => panic!("no reconnection here"),
             }
         })
     }

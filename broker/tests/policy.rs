@@ -77,6 +77,7 @@ fn agent_process() {
                     format!("ok {} {}", m.topic(), String::from_utf8_lossy(m.payload()))
                 }
                 Ok(Some(Event::Gap { missed })) => format!("ok gap {missed}"),
+                Ok(Some(Event::Reconnected)) => "ok reconnected".into(),
                 Ok(None) => "ok none".into(),
                 Err(e) => verdict!(Err::<(), _>(e)),
             },
@@ -583,6 +584,7 @@ fn a_slow_monitor_loses_events_as_gaps_and_the_bus_goes_on() {
             match next_event(&sub) {
                 Event::Message(m) => assert_eq!(m.payload(), &got.to_le_bytes(), "in order, none lost"),
                 Event::Gap { missed } => panic!("the subscriber lost {missed} because of the monitor"),
+                Event::Reconnected => panic!("no reconnection here"),
             }
             got += 1;
         }
@@ -600,6 +602,7 @@ fn a_slow_monitor_loses_events_as_gaps_and_the_bus_goes_on() {
                 events += 1;
             }
             shmbus::MonitorItem::Gap { missed: m } => missed += m,
+            shmbus::MonitorItem::Reconnected => panic!("no reconnection here"),
         }
     }
     assert_eq!(events + missed, ROUNDS * PER_ROUND);

@@ -233,6 +233,7 @@ fn slow_subscriber_gets_exact_gap_notice_and_publisher_is_not_blocked() {
             panic!("stream ended early: expect_next {expect_next} received {received} missed {missed_total} pending {pending_gap}; stats {:?}; clients {:?}", p.stats().unwrap(), p.clients().unwrap());
         };
         match ev {
+            Event::Reconnected => panic!("unexpected reconnection"),
             Event::Gap { missed } => {
                 pending_gap += missed;
                 missed_total += missed;
@@ -278,6 +279,7 @@ fn gap_owed_at_the_end_of_a_burst_is_still_delivered() {
     while got + missed < 5000 {
         match sub.recv_timeout(PATIENCE).unwrap().expect("the owed gap never came") {
             Event::Message(_) => got += 1,
+            Event::Reconnected => panic!("unexpected reconnection"),
             Event::Gap { missed: m } => missed += m,
         }
     }
@@ -309,6 +311,7 @@ fn disconnect_policy_flushes_then_disconnects_with_reason() {
                 );
                 got += 1;
             }
+            Ok(Some(Event::Reconnected)) => panic!("unexpected reconnection"),
             Ok(Some(Event::Gap { .. })) => panic!("a Disconnect subscription never gets gaps"),
             Ok(None) => panic!("no disconnect within PATIENCE"),
             Err(e) => break e,

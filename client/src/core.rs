@@ -927,6 +927,7 @@ pub(crate) mod tests {
     enum Ev {
         M(u64),
         G(u64),
+        R,
     }
 
     fn drain(st: &mut State, id: u32) -> Vec<Ev> {
@@ -934,6 +935,7 @@ pub(crate) mod tests {
             .map(|(_, e)| match e {
                 Event::Message(m) => Ev::M(m.seq()),
                 Event::Gap { missed } => Ev::G(missed),
+                Event::Reconnected => Ev::R,
             })
             .collect()
     }
@@ -1165,6 +1167,7 @@ pub(crate) mod tests {
             r.map(|(_, e)| match e {
                 Event::Message(m) => Ev::M(m.seq()),
                 Event::Gap { missed } => Ev::G(missed),
+                Event::Reconnected => Ev::R,
             })
         })
     }

@@ -153,6 +153,11 @@ pub enum Event {
     /// it failed this client's own check (a readable, sealed shmem memfd of
     /// the declared size).
     Gap { missed: u64 },
+    /// The connection to the broker was lost and made again, and this
+    /// subscription was renewed: messages published in between may have
+    /// been missed, and how many cannot be known. (Only with reconnection
+    /// on, the default: `ConnectOptions::reconnect`.)
+    Reconnected,
 }
 
 impl Event {
@@ -160,7 +165,7 @@ impl Event {
     pub fn message(self) -> Option<Message> {
         match self {
             Event::Message(m) => Some(m),
-            Event::Gap { .. } => None,
+            Event::Gap { .. } | Event::Reconnected => None,
         }
     }
 }

@@ -85,6 +85,9 @@ pub enum MonitorItem {
     Gap {
         missed: u64,
     },
+    /// The connection was lost and made again, and the monitor renewed:
+    /// events in between were not seen.
+    Reconnected,
 }
 
 /// A live monitor, from [`crate::Client::monitor`]. Dropping it stops it.
@@ -126,6 +129,7 @@ impl Monitor {
         match ev {
             Event::Message(m) => BusEvent::from_message(&m).map(MonitorItem::Event),
             Event::Gap { missed } => Ok(MonitorItem::Gap { missed }),
+            Event::Reconnected => Ok(MonitorItem::Reconnected),
         }
     }
 

@@ -419,6 +419,16 @@ fn subscribe(
                 }
                 eprintln!("shmbusctl: fell behind on {}: {missed} messages missed", escape(pattern));
             }
+            Event::Reconnected => {
+                let pattern = refs[i].pattern();
+                if json {
+                    writeln!(out, "{}", json!({"reconnected": true, "pattern": pattern}))?;
+                }
+                eprintln!(
+                    "shmbusctl: reconnected to the broker; messages on {} in between may have been missed",
+                    escape(pattern)
+                );
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -1190,6 +1200,12 @@ fn monitor(
                 } else {
                     writeln!(out, "-- {missed} events lost: the monitor fell behind --")?;
                 }
+            }
+            Ok(MonitorItem::Reconnected) => {
+                if json {
+                    writeln!(out, "{}", json!({ "reconnected": true }))?;
+                }
+                eprintln!("shmbusctl: reconnected to the broker; events in between were not seen");
             }
             // One event lost to a broker we cannot read; the rest goes on.
             Err(e @ MonitorError::Malformed { .. }) => eprintln!("shmbusctl: {}", escape(&e.to_string())),

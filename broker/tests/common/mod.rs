@@ -444,6 +444,7 @@ pub fn next_message(sub: &shmbus::Subscription) -> shmbus::Message {
     match sub.recv_timeout(PATIENCE).expect("recv").expect("a message within PATIENCE") {
         shmbus::Event::Message(m) => m,
         shmbus::Event::Gap { missed } => panic!("unexpected gap of {missed}"),
+        shmbus::Event::Reconnected => panic!("unexpected reconnection"),
     }
 }
 
