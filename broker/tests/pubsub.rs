@@ -290,7 +290,8 @@ fn gap_owed_at_the_end_of_a_burst_is_still_delivered() {
 #[test]
 fn disconnect_policy_flushes_then_disconnects_with_reason() {
     let b = Broker::start_with("slowdc", &["--queue-frames", "32"]);
-    let slow = b.client();
+    // A client that does not come back: this is about the disconnect.
+    let slow = b.options().reconnect(shmbus::ReconnectPolicy::never()).connect().unwrap();
     let sub = slow.subscribe_with("flood", Overflow::Disconnect).unwrap();
     let p = b.client();
     let p2 = p.clone();
@@ -345,7 +346,8 @@ fn unsubscribe_stops_delivery() {
 #[test]
 fn sigterm_flushes_and_exits_zero() {
     let mut b = Broker::start("term");
-    let c = b.client();
+    // A client that does not come back: this is about the goodbye.
+    let c = b.options().reconnect(shmbus::ReconnectPolicy::never()).connect().unwrap();
     let s = c.subscribe("bye").unwrap();
     let p = b.client();
     for i in 0..100u32 {

@@ -133,8 +133,9 @@ fn open(client: &Client, topic: &str, role: ChannelRole) -> Result<Grant, Channe
     };
     let result = (|| {
         inner.send(&ChannelOpen { req_id, topic, role }, &[])?;
+        let epoch = inner.state.lock().epoch;
         let deadline = Instant::now() + client.timeout();
-        match inner.wait_for(Some(deadline), |st| st.grants.remove(&req_id))? {
+        match inner.wait_answer(Some(deadline), epoch, |st| st.grants.remove(&req_id))? {
             Some(Ok(grant)) => Ok(grant),
             Some(Err((code, message))) => Err(ChannelError::Refused { code, message }),
             None => Err(ChannelError::Timeout(client.timeout())),
@@ -421,7 +422,7 @@ impl Drop for ChannelPublisher {
             st.reader_events.remove(&self.channel_id);
             st.release_channel(self.channel_id);
         }
-        let _ = self.client.inner.send(&ChannelClose { channel_id: self.channel_id, reader_id: 0 }, &[]);
+        let _ = self.client.inner.send_once(&ChannelClose { channel_id: self.channel_id, reader_id: 0 });
     }
 }
 
@@ -712,8 +713,49 @@ impl Drop for ChannelSubscriber {
     fn drop(&mut self) {
         self.client.inner.state.lock().release_channel(self.channel_id);
         let close = ChannelClose { channel_id: self.channel_id, reader_id: self.reader_id };
-        let _ = self.client.inner.send(&close, &[]);
+        let _ = self.client.inner.send_once(&close);
     }
+}
+
+/// For the tokio driver (`crate::asynch`): a futex cannot be awaited, so
+/// an async reader waits on a blocking thread, without reading there (a
+/// cancelled wait then loses nothing).
+#[cfg(feature = "tokio")]
+impl ChannelSubscriber {
+    /// Whether a read would find something: a message, or the close.
+    fn ready(&self) -> bool {
+        use shmbus_proto::ring::protocol::RingView;
+        // Acquire: pairs with the publisher's Release store of `head`.
+        self.map.header().head.load(Ordering::Acquire) > self.state.next || self.map.is_closed()
+    }
+
+    /// Waits (spinning as [`ChannelSubscriber::set_spin`] says, then on
+    /// the futex) until a read would find something, or `max` passes;
+    /// reads nothing. If the wait was for nothing, fails when the
+    /// connection to the broker has ended, as `recv` does.
+    pub(crate) fn wait_ready(&self, max: Duration) -> Result<(), ChannelError> {
+        let start = Instant::now();
+        for i in 0..self.spin {
+            if self.ready() {
+                return Ok(());
+            }
+            std::hint::spin_loop();
+            if i % 1024 == 1023 && start.elapsed() >= max {
+                return Ok(());
+            }
+        }
+        let left = max.saturating_sub(start.elapsed());
+        if !left.is_zero() {
+            self.sleep(left)?;
+        }
+        if !self.ready() && start.elapsed() >= max {
+            self.check_broker()?;
+        }
+        Ok(())
+    }
+
+    /// The longest a blocking helper waits before it hands the reader back.
+    pub(crate) const ASYNC_WAIT: Duration = MAX_SLEEP;
 }
 
 #[cfg(test)]

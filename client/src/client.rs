@@ -18,7 +18,7 @@ use shmbus_proto::sys::socket::{self, OutPacket, PeerCred, RecvBatch, MAX_BATCH}
 use shmbus_proto::Address;
 
 use crate::channel::{ChannelConfig, ChannelError, ChannelPublisher, ChannelSubscriber};
-use crate::connection::{Inner, LocalBounds, QuerySlot, State};
+use crate::connection::{Dialed, Inner, LocalBounds, QuerySlot, Redial, State};
 use crate::error::{
     ConnectError, Disconnect, FlushError, LoanError, PublishError, RecvError, RequestError, SubscribeError,
 };
@@ -58,6 +58,44 @@ enum Trust {
     Anyone,
 }
 
+/// What a client does when its connection to the broker is lost (the
+/// broker restarted, shut down, or cut it off as too slow): make it again,
+/// with exponential backoff from `initial_delay` up to `max_delay`, at most
+/// `max_attempts` times in a row (`None`: until it succeeds). The default:
+/// 50 ms doubling to 2 s, forever. A goodbye that says not to come back
+/// (a protocol violation, a refusal) ends the connection all the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReconnectPolicy {
+    pub initial_delay: Duration,
+    pub max_delay: Duration,
+    pub max_attempts: Option<u32>,
+}
+
+impl Default for ReconnectPolicy {
+    fn default() -> Self {
+        ReconnectPolicy {
+            initial_delay: Duration::from_millis(50),
+            max_delay: Duration::from_secs(2),
+            max_attempts: None,
+        }
+    }
+}
+
+impl ReconnectPolicy {
+    /// Never reconnect: a lost connection is closed for good, and every
+    /// operation then fails with `Disconnected` (the behaviour before
+    /// reconnection existed).
+    pub fn never() -> ReconnectPolicy {
+        ReconnectPolicy { max_attempts: Some(0), ..ReconnectPolicy::default() }
+    }
+
+    /// The wait after failed attempt `n` (0-based).
+    pub(crate) fn delay(&self, n: u32) -> Duration {
+        let factor = 1u32.checked_shl(n.min(20)).unwrap_or(u32::MAX);
+        self.initial_delay.saturating_mul(factor).min(self.max_delay)
+    }
+}
+
 /// How to connect. `Client::connect*` cover the usual cases.
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
@@ -68,6 +106,7 @@ pub struct ConnectOptions {
     timeout: Duration,
     local: LocalBounds,
     memfd_threshold: usize,
+    reconnect: ReconnectPolicy,
 }
 
 impl Default for ConnectOptions {
@@ -80,6 +119,7 @@ impl Default for ConnectOptions {
             timeout: DEFAULT_TIMEOUT,
             local: LocalBounds::default(),
             memfd_threshold: DEFAULT_MEMFD_THRESHOLD,
+            reconnect: ReconnectPolicy::default(),
         }
     }
 }
@@ -134,6 +174,23 @@ impl ConnectOptions {
     /// abstract name could then read everything this client sends.
     pub fn trust_any_broker(mut self) -> Self {
         self.trust = Trust::Anyone;
+        self
+    }
+
+    /// What to do when the connection is lost (default: reconnect, see
+    /// [`ReconnectPolicy`]; [`ReconnectPolicy::never`] to end with it).
+    ///
+    /// While the connection is being made again, operations wait (a send
+    /// up to the client's timeout, then it fails with `Disconnected`;
+    /// nothing is dropped silently). Once it is made, every subscription
+    /// is renewed and gets one [`Event::Reconnected`](crate::Event) (what
+    /// was published in between is missed, and how much cannot be known),
+    /// names owned or queued for are asked for again, and a channel handle
+    /// opens its channel again where its publisher is back. A request or
+    /// query whose answer was due on the lost connection fails with
+    /// `Disconnected`; none is sent again behind the caller's back.
+    pub fn reconnect(mut self, policy: ReconnectPolicy) -> Self {
+        self.reconnect = policy;
         self
     }
 
@@ -213,6 +270,22 @@ impl ConnectOptions {
     }
 
     pub fn connect(self) -> Result<Client, ConnectError> {
+        let d = self.dial()?;
+        let shown = self.resolve()?.to_string();
+        let redial = (self.reconnect.max_attempts != Some(0)).then(|| {
+            let opts = self.clone();
+            Redial { dial: Box::new(move || opts.dial()), policy: self.reconnect }
+        });
+        let limits = d.limits;
+        let inner =
+            Inner::with_bounds(d.fd, d.client_id, limits, d.broker, shown, self.local, redial, self.timeout);
+        let memfd_threshold = self.memfd_threshold.min(limits.max_inline_payload as usize);
+        Ok(Client { inner: Arc::new(inner), timeout: self.timeout, memfd_threshold })
+    }
+
+    /// Connects, checks the broker's credentials and says hello: a
+    /// connection, or why not.
+    pub(crate) fn dial(&self) -> Result<Dialed, ConnectError> {
         let address = self.resolve()?;
         let shown = address.to_string();
         let fd = socket::connect(&address)
@@ -234,9 +307,7 @@ impl ConnectOptions {
         // goodbye is still waiting for us, so a failed send is not the end.
         let _ = socket::send_packet(fd.as_fd(), OutPacket { head: &head, payload: &[], fds: &[] }, false);
         let (client_id, limits) = handshake(&fd, self.timeout)?;
-        let inner = Inner::with_bounds(fd, client_id, limits, broker, shown, self.local);
-        let memfd_threshold = self.memfd_threshold.min(limits.max_inline_payload as usize);
-        Ok(Client { inner: Arc::new(inner), timeout: self.timeout, memfd_threshold })
+        Ok(Dialed { fd, broker, client_id, limits })
     }
 }
 
@@ -291,10 +362,7 @@ pub struct Client {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client")
-            .field("address", &self.inner.address)
-            .field("client_id", &self.inner.client_id)
-            .finish()
+        f.debug_struct("Client").field("address", &self.inner.address).field("client_id", &self.id()).finish()
     }
 }
 
@@ -359,7 +427,8 @@ impl Client {
 
     /// Our id on the bus, as stamped on what we send.
     pub fn id(&self) -> u64 {
-        self.inner.client_id
+        // Relaxed: a plain value, changed only by a reconnection.
+        self.inner.client_id.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The limits the broker announced.
@@ -369,7 +438,7 @@ impl Client {
 
     /// The broker's credentials, as the kernel reports them.
     pub fn broker_cred(&self) -> PeerCred {
-        self.inner.broker
+        *self.inner.broker.lock()
     }
 
     /// Publishes `payload` to `topic`. Up to the memfd threshold it goes
@@ -505,7 +574,7 @@ impl Client {
     pub fn subscribe_with(&self, pattern: &str, overflow: Overflow) -> Result<Subscription, SubscribeError> {
         validate_pattern(pattern)?;
         self.open_subscription(pattern.to_owned(), |sub_id| {
-            self.inner.send(&Subscribe { sub_id, pattern, overflow }, &[])
+            encode_head(&Subscribe { sub_id, pattern, overflow })
         })
     }
 
@@ -527,21 +596,21 @@ impl Client {
             validate_pattern(p)?;
         }
         let sub = self.open_subscription(patterns.join(" "), |sub_id| {
-            self.inner.send(&MonitorFrame { sub_id, patterns: patterns.to_vec(), full }, &[])
+            encode_head(&MonitorFrame { sub_id, patterns: patterns.to_vec(), full })
         })?;
         Ok(Monitor::new(sub, patterns.iter().map(|&p| p.to_owned()).collect(), full))
     }
 
     /// Makes a subscription (or a monitor, which the broker answers the
-    /// same way): a fresh id, its queue, the frame `send` sends under that
-    /// id, and the broker's answer. `label` is what
-    /// [`Subscription::pattern`] says.
+    /// same way): a fresh id, its queue, the frame `frame` encodes for that
+    /// id (kept, to renew the subscription after a reconnection), and the
+    /// broker's answer. `label` is what [`Subscription::pattern`] says.
     fn open_subscription(
         &self,
         label: String,
-        send: impl FnOnce(u32) -> Result<(), RecvError>,
+        frame: impl FnOnce(u32) -> Result<Vec<u8>, shmbus_proto::frame::EncodeError>,
     ) -> Result<Subscription, SubscribeError> {
-        let sub_id = {
+        let (sub_id, head) = {
             let mut st = self.inner.state.lock();
             if let Some(d) = &st.closed {
                 return Err(SubscribeError::Disconnected(d.clone()));
@@ -552,24 +621,35 @@ impl Client {
                     message: "every subscription id is in use".into(),
                 });
             };
-            st.add_sub(id);
+            let head = match frame(id) {
+                Ok(h) => h,
+                Err(e) => {
+                    st.sub_ids.answered(id);
+                    return Err(SubscribeError::Io(std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        e.to_string(),
+                    )));
+                }
+            };
+            st.add_sub(id, head.clone());
             st.awaiting_ack.insert(id);
-            id
+            (id, head)
         };
         let cleanup = |st: &mut State| {
             st.remove_sub(sub_id);
             st.awaiting_ack.remove(&sub_id);
             st.acks.remove(&sub_id);
         };
-        if let Err(e) = send(sub_id) {
+        if let Err(e) = self.inner.send_frame(&head) {
             let mut st = self.inner.state.lock();
             cleanup(&mut st);
             // Nothing was sent (a packet goes whole or not at all).
             st.sub_ids.answered(sub_id);
             return Err(e.into());
         }
+        let epoch = self.inner.state.lock().epoch;
         let deadline = Instant::now() + self.timeout;
-        match self.inner.wait_for(Some(deadline), |st| st.acks.remove(&sub_id)) {
+        match self.inner.wait_answer(Some(deadline), epoch, |st| st.acks.remove(&sub_id)) {
             Ok(Some(Ok(()))) => Ok(Subscription::new(self.inner.clone(), sub_id, label)),
             Ok(Some(Err((code, message)))) => {
                 cleanup(&mut self.inner.state.lock());
@@ -602,6 +682,7 @@ impl Client {
         let start = Instant::now();
         let result = (|| {
             self.inner.send(&Ping { token }, &[])?;
+            let epoch = self.inner.state.lock().epoch;
             let deadline = start + self.timeout;
             let came = |st: &mut State| {
                 if st.pings.get(&token) == Some(&true) {
@@ -611,7 +692,7 @@ impl Client {
                     None
                 }
             };
-            match self.inner.wait_for(Some(deadline), came)? {
+            match self.inner.wait_answer(Some(deadline), epoch, came)? {
                 Some(()) => Ok(start.elapsed()),
                 None => Err(RequestError::Timeout(self.timeout)),
             }
@@ -667,8 +748,9 @@ impl Client {
                 self.inner.state.lock().query_ids.answered(req_id);
                 return Err(e.into());
             }
+            let epoch = self.inner.state.lock().epoch;
             let deadline = Instant::now() + self.timeout;
-            let done = self.inner.wait_for(Some(deadline), |st| {
+            let done = self.inner.wait_answer(Some(deadline), epoch, |st| {
                 if st.queries.get(&req_id).is_some_and(|q| q.done) {
                     st.queries.remove(&req_id)
                 } else {

@@ -123,12 +123,38 @@ pub(crate) struct SendState {
     pub published: u64,
 }
 
-pub(crate) struct Inner {
+/// A connection made by [`Redial::dial`]: the socket after a successful
+/// handshake, and what the broker said and is.
+pub(crate) struct Dialed {
     pub fd: OwnedFd,
+    pub broker: PeerCred,
     pub client_id: u64,
     pub limits: Limits,
-    pub broker: PeerCred,
+}
+
+/// How to make the connection again when it is lost.
+pub(crate) struct Redial {
+    /// Connects, checks the broker, says hello: `ConnectOptions::connect`'s
+    /// first steps.
+    pub dial: Box<dyn Fn() -> Result<Dialed, crate::error::ConnectError> + Send + Sync>,
+    pub policy: crate::client::ReconnectPolicy,
+}
+
+pub(crate) struct Inner {
+    /// The socket. On a reconnection the new socket takes this very fd
+    /// number (`dup3`), so everyone who holds it reaches the new one.
+    pub fd: OwnedFd,
+    /// Changes on a reconnection: the broker names each connection anew.
+    pub client_id: std::sync::atomic::AtomicU64,
+    pub limits: Limits,
+    pub broker: Mutex<PeerCred>,
     pub address: String,
+    /// `None`: a lost connection is closed for good.
+    pub redial: Option<Redial>,
+    /// How long a send waits for a lost connection to be made again.
+    pub timeout: Duration,
+    /// Failed reconnection attempts since the connection was lost.
+    attempts: std::sync::atomic::AtomicU32,
     /// Taken through [`Inner::lock_send`] only, so that whoever lets go of
     /// it sends a due `FdAck`.
     send: Mutex<SendState>,
@@ -141,6 +167,9 @@ pub(crate) struct Inner {
     /// Makes [`Inner::fd_table_full`] say yes, for tests.
     #[cfg(test)]
     fake_fd_table_full: AtomicBool,
+    /// Tasks of an async driver waiting for the state to change: woken
+    /// (and forgotten) wherever blocked waiters are notified.
+    wakers: Mutex<Vec<std::task::Waker>>,
 }
 
 /// The `send` lock. Letting go of it sends an `FdAck` that came due while
@@ -181,9 +210,10 @@ impl Inner {
         local_limit: usize,
     ) -> Inner {
         let bounds = LocalBounds { messages: local_limit, ..LocalBounds::default() };
-        Inner::with_bounds(fd, client_id, limits, broker, address, bounds)
+        Inner::with_bounds(fd, client_id, limits, broker, address, bounds, None, Duration::from_secs(5))
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub fn with_bounds(
         fd: OwnedFd,
         client_id: u64,
@@ -191,13 +221,18 @@ impl Inner {
         broker: PeerCred,
         address: String,
         bounds: LocalBounds,
+        redial: Option<Redial>,
+        timeout: Duration,
     ) -> Inner {
         Inner {
             fd,
-            client_id,
+            client_id: std::sync::atomic::AtomicU64::new(client_id),
             limits,
-            broker,
+            broker: Mutex::new(broker),
             address,
+            redial,
+            timeout,
+            attempts: std::sync::atomic::AtomicU32::new(0),
             send: Mutex::new(SendState { head: Vec::with_capacity(256), heads: Vec::new(), published: 0 }),
             state: Mutex::new(State { bounds, fd_acks: FdAcks::new(limits.fd_window), ..State::default() }),
             reader: Mutex::new(ReaderState::default()),
@@ -205,6 +240,28 @@ impl Inner {
             ack_due: AtomicBool::new(false),
             #[cfg(test)]
             fake_fd_table_full: AtomicBool::new(false),
+            wakers: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Wakes every waiter: threads on the condvar (call with `state`
+    /// held, as the condvar's rule is) and async tasks.
+    pub(crate) fn notify_all(&self) {
+        self.cond.notify_all();
+        let wakers = std::mem::take(&mut *self.wakers.lock());
+        for w in wakers {
+            w.wake();
+        }
+    }
+
+    /// An async task waits for the state to change: it is woken at the
+    /// next [`Inner::notify_all`]. Register before the last look at the
+    /// state, so no change between the look and the wait is missed.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn register_waker(&self, waker: &std::task::Waker) {
+        let mut wakers = self.wakers.lock();
+        if !wakers.iter().any(|w| w.will_wake(waker)) {
+            wakers.push(waker.clone());
         }
     }
 
@@ -239,7 +296,8 @@ impl Inner {
             if !self.ack_due.load(Ordering::Relaxed) {
                 return;
             }
-            let Some(mut s) = self.send.try_lock() else { return };
+            // Held while these go, so that they go in one piece.
+            let Some(held) = self.send.try_lock() else { return };
             let (due, replies) = {
                 let mut st = self.state.lock();
                 // Relaxed: `ack_due` is only written under `state`.
@@ -251,17 +309,22 @@ impl Inner {
                     (st.fd_acks.take_due(), std::mem::take(&mut st.auto_replies))
                 }
             };
+            // Never across a reconnection: they belong to this connection.
             if let Some(fds) = due {
                 // A failure means the connection is gone, and acks with it.
-                let _ = self.send_locked(&mut s, &FdAck { fds }, &[]);
+                if let Ok(head) = shmbus_proto::frame::encode_head(&FdAck { fds }) {
+                    let _ = self.send_encoded(&head, &[], &[], false);
+                }
             }
             for r in replies {
                 let status = ReplyStatus::Error { code: r.code, message: r.message };
                 let reply = Reply { serial: r.serial, status, payload: PayloadRef::Inline };
                 // Likewise: the broker then answers the caller itself.
-                let _ = self.send_locked(&mut s, &reply, &[]);
+                if let Ok(head) = shmbus_proto::frame::encode_head(&reply) {
+                    let _ = self.send_encoded(&head, &[], &[], false);
+                }
             }
-            drop(s);
+            drop(held);
             // Loop: an ack may have come due while we held `send`.
         }
     }
@@ -288,6 +351,9 @@ impl Inner {
         self.send_locked_with_fds(s, body, payload, &[])
     }
 
+    /// Sends one frame. If the connection turns out lost and reconnection
+    /// is on, waits (up to the client's timeout) for it to be made again
+    /// and sends it there.
     pub fn send_locked_with_fds<B: Body>(
         &self,
         s: &mut SendState,
@@ -297,13 +363,250 @@ impl Inner {
     ) -> Result<(), RecvError> {
         encode_head_into(&mut s.head, body)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-        let packet = OutPacket { head: &s.head, payload, fds };
+        self.send_encoded(&s.head, payload, fds, true)
+    }
+
+    /// Sends one frame, never across a reconnection: for what belongs to
+    /// this connection only (an `FdAck`, a reply for its requests, an
+    /// unsubscribe of what a reconnection would not renew anyway).
+    pub fn send_once<B: Body>(&self, body: &B) -> Result<(), RecvError> {
+        let head = shmbus_proto::frame::encode_head(body)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let _s = self.lock_send();
+        self.send_encoded(&head, &[], &[], false)
+    }
+
+    /// Sends an encoded frame (`send`'s rules, reconnection included).
+    pub fn send_frame(&self, head: &[u8]) -> Result<(), RecvError> {
+        let _s = self.lock_send();
+        self.send_encoded(head, &[], &[], true)
+    }
+
+    fn send_encoded(
+        &self,
+        head: &[u8],
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+        across_reconnection: bool,
+    ) -> Result<(), RecvError> {
+        let packet = OutPacket { head, payload, fds };
         loop {
             match socket::send_packet(self.fd.as_fd(), packet, false) {
                 Ok(()) => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if across_reconnection && self.recover(&e) => {}
                 Err(e) => return Err(self.send_error(e)),
             }
+        }
+    }
+
+    // ------------------------------------------------------ reconnection --
+
+    /// After a send failed with `e`: if it means the connection is lost
+    /// and reconnection is on, waits up to the client's timeout for the
+    /// connection to be made again. True: it was, send again.
+    pub(crate) fn recover(&self, e: &io::Error) -> bool {
+        if self.redial.is_none()
+            || !matches!(
+                e.kind(),
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::NotConnected
+            )
+        {
+            return false;
+        }
+        // A goodbye may be waiting: it says whether to come back.
+        if let Some(mut reader) = self.reader.try_lock() {
+            let _ = self.read_once(&mut reader, Some(Duration::ZERO));
+        }
+        {
+            let mut st = self.state.lock();
+            self.settle_loss(&mut st);
+            if st.closed.is_some() {
+                return false;
+            }
+            st.connection_lost(Disconnect {
+                code: None,
+                reason: "the connection to the broker was lost".into(),
+            });
+            self.notify_all();
+        }
+        self.await_reconnect(Instant::now() + self.timeout)
+    }
+
+    /// A connection that ended in a way worth coming back from (the broker
+    /// closed, restarted or shut down, or cut us off as too slow) counts as
+    /// lost, not closed, when reconnection is on.
+    fn settle_loss(&self, st: &mut State) {
+        let comes_back = |d: &Disconnect| {
+            matches!(d.code, None | Some(GoodbyeCode::Shutdown) | Some(GoodbyeCode::SlowConsumer))
+        };
+        if self.redial.is_some() && st.closed.as_ref().is_some_and(comes_back) {
+            let why = st.closed.take().expect("checked");
+            st.connection_lost(why);
+        }
+    }
+
+    /// Waits until the lost connection is made again (true), it is closed
+    /// for good, or `deadline` passes (false). Whoever can become the
+    /// reader makes the attempts; the others wait for it.
+    pub(crate) fn await_reconnect(&self, deadline: Instant) -> bool {
+        loop {
+            let mut st = self.state.lock();
+            if st.closed.is_some() {
+                return false;
+            }
+            if st.lost.is_none() {
+                return true;
+            }
+            match self.reader.try_lock() {
+                Some(mut reader) => {
+                    drop(st);
+                    let made = self.reconnect(&mut reader, Some(deadline));
+                    drop(reader);
+                    let _st = self.state.lock();
+                    self.notify_all();
+                    if made {
+                        return true;
+                    }
+                    if Instant::now() >= deadline {
+                        return false;
+                    }
+                }
+                None => {
+                    if self.cond.wait_until(&mut st, deadline).timed_out() {
+                        return st.lost.is_none() && st.closed.is_none();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Makes the lost connection again, `reader` held: attempts with
+    /// backoff until one succeeds (true), the policy gives up or the
+    /// broker refuses us (the connection is then closed for good), or
+    /// `deadline` passes (false; the next waiter goes on trying).
+    fn reconnect(&self, reader: &mut ReaderState, deadline: Option<Instant>) -> bool {
+        let Some(redial) = &self.redial else { return false };
+        loop {
+            if self.state.lock().lost.is_none() {
+                return true;
+            }
+            // Relaxed: only the holder of `reader` counts attempts.
+            let n = self.attempts.fetch_add(1, Ordering::Relaxed);
+            if redial.policy.max_attempts.is_some_and(|max| n >= max) {
+                let mut st = self.state.lock();
+                let why = st.lost.take().map_or_else(String::new, |d| d.reason);
+                st.closed = Some(Disconnect {
+                    code: None,
+                    reason: format!("{why}; gave up reconnecting after {n} attempts"),
+                });
+                self.notify_all();
+                return false;
+            }
+            match (redial.dial)() {
+                Ok(d) => {
+                    if self.install(reader, d).is_ok() {
+                        self.attempts.store(0, Ordering::Relaxed);
+                        return true;
+                    }
+                }
+                Err(crate::error::ConnectError::Refused(d)) if d.code == Some(GoodbyeCode::Denied) => {
+                    // The broker no longer admits us: no use coming back.
+                    let mut st = self.state.lock();
+                    st.lost = None;
+                    st.closed = Some(d);
+                    self.notify_all();
+                    return false;
+                }
+                Err(_) => {}
+            }
+            let delay = redial.policy.delay(n);
+            let now = Instant::now();
+            if let Some(d) = deadline {
+                if now + delay >= d {
+                    std::thread::sleep(d.saturating_duration_since(now));
+                    return false;
+                }
+            }
+            std::thread::sleep(delay);
+        }
+    }
+
+    /// Puts the new connection in place of the lost one and renews what
+    /// lived on it: subscriptions and monitors (each then gets one
+    /// `Reconnected` event), names owned or queued for. Sent without the
+    /// `send` lock, whose holder may be waiting for this very moment; a
+    /// frame goes whole, so the two never mix.
+    fn install(&self, reader: &mut ReaderState, d: Dialed) -> io::Result<()> {
+        socket::replace_fd(self.fd.as_fd(), d.fd)?;
+        *reader = ReaderState::default();
+        // Relaxed: read by `Client::id` only, no ordering needed.
+        self.client_id.store(d.client_id, Ordering::Relaxed);
+        *self.broker.lock() = d.broker;
+        let (renew, names) = {
+            let mut st = self.state.lock();
+            // Relaxed: `ack_due` is only written under `state`.
+            self.ack_due.store(false, Ordering::Relaxed);
+            let renew = st.reconnected(d.limits.fd_window);
+            let held: Vec<(String, shmbus_proto::frame::NameFlags)> =
+                st.held_names.iter().map(|(n, f)| (n.clone(), *f)).collect();
+            let mut names = Vec::new();
+            for (name, flags) in held {
+                let Some(req_id) = st.name_ids.alloc(|_| false) else { break };
+                st.name_requests.insert(req_id, name.clone());
+                names.push((req_id, name, flags));
+            }
+            (renew, names)
+        };
+        for (_, head) in renew {
+            let _ = self.send_encoded(&head, &[], &[], false);
+        }
+        for (req_id, name, flags) in names {
+            let request = shmbus_proto::frame::NameRequest { req_id, name: &name, flags };
+            let sent = shmbus_proto::frame::encode_head(&request)
+                .map_err(|e| io::Error::other(e.to_string()))
+                .and_then(|h| {
+                    self.send_encoded(&h, &[], &[], false).map_err(|e| io::Error::other(e.to_string()))
+                });
+            if sent.is_err() {
+                let mut st = self.state.lock();
+                st.name_requests.remove(&req_id);
+                st.name_ids.answered(req_id);
+            }
+        }
+        let _st = self.state.lock();
+        self.notify_all();
+        Ok(())
+    }
+
+    /// Like [`Inner::wait_for`], for an answer to something sent when the
+    /// connection's `epoch` was `since`: if the connection is lost before
+    /// the answer comes, the answer never will, and this fails with
+    /// `Disconnected` rather than wait for its deadline.
+    pub fn wait_answer<T>(
+        &self,
+        deadline: Option<Instant>,
+        since: u64,
+        mut check: impl FnMut(&mut State) -> Option<T>,
+    ) -> Result<Option<T>, RecvError> {
+        let got = self.wait_for(deadline, |st| {
+            if let Some(v) = check(st) {
+                return Some(Ok(v));
+            }
+            (st.epoch != since).then(|| {
+                Err(st.lost.clone().unwrap_or(Disconnect {
+                    code: None,
+                    reason: "the connection to the broker was lost before the answer came".into(),
+                }))
+            })
+        })?;
+        match got {
+            Some(Ok(v)) => Ok(Some(v)),
+            Some(Err(d)) => Err(RecvError::Disconnected(Disconnect {
+                code: d.code,
+                reason: format!("{} before the answer came (the client is reconnecting)", d.reason),
+            })),
+            None => Ok(None),
         }
     }
 
@@ -350,13 +653,33 @@ impl Inner {
             let now = Instant::now();
             let remaining = deadline.map(|d| d.saturating_duration_since(now));
             match self.reader.try_lock() {
+                Some(mut reader) if st.lost.is_some() => {
+                    // Lost: make the connection again before reading.
+                    drop(st);
+                    let made = self.reconnect(&mut reader, deadline);
+                    drop(reader);
+                    let _st = self.state.lock();
+                    self.notify_all();
+                    drop(_st);
+                    if !made && deadline.is_some_and(|d| Instant::now() >= d) {
+                        let mut st = self.state.lock();
+                        return match check(&mut st) {
+                            Some(v) => Ok(Some(v)),
+                            None => match &st.closed {
+                                Some(d) => Err(RecvError::Disconnected(d.clone())),
+                                None => Ok(None),
+                            },
+                        };
+                    }
+                }
                 Some(mut reader) => {
                     drop(st);
                     let got = self.read_once(&mut reader, remaining);
                     drop(reader);
-                    let _st = self.state.lock();
-                    self.cond.notify_all();
-                    drop(_st);
+                    let mut st = self.state.lock();
+                    self.settle_loss(&mut st);
+                    self.notify_all();
+                    drop(st);
                     // Before anyone reads again, acknowledge the fds taken.
                     self.send_fd_ack();
                     match got {
@@ -540,6 +863,46 @@ impl Inner {
     }
 }
 
+// ------------------------------------------------------- async driver --
+
+/// What the tokio driver (`crate::asynch`) needs of the connection: the
+/// reader's and the sender's steps without waiting, so that a task never
+/// blocks its executor; the waiting itself is done there, on the socket's
+/// readiness and on [`Inner::register_waker`].
+#[cfg(feature = "tokio")]
+impl Inner {
+    /// Becomes the reader if no one is, and reads one batch if the socket
+    /// holds one, without waiting; then does what [`Inner::wait_for`] does
+    /// after a read (a loss settled, every waiter woken, due acks sent).
+    /// `None`: someone else is the reader (it wakes everyone when done).
+    /// `Some(Ok(false))`: the socket was empty, and every fd taken is
+    /// acknowledged (or left to the holder of `send`), so the caller may
+    /// wait for the socket.
+    pub(crate) fn read_nonblocking(&self) -> Option<io::Result<bool>> {
+        let mut reader = self.reader.try_lock()?;
+        let got = self.read_once(&mut reader, Some(Duration::ZERO));
+        drop(reader);
+        let mut st = self.state.lock();
+        self.settle_loss(&mut st);
+        self.notify_all();
+        drop(st);
+        self.send_fd_ack();
+        Some(got)
+    }
+
+    /// Before a task waits for another reader: every fd taken is made due
+    /// for an ack and sent (see [`Inner::ack_everything`]). Call with no
+    /// lock held.
+    pub(crate) fn ack_before_waiting(&self) {
+        self.ack_everything();
+    }
+
+    /// The `send` lock if it is free.
+    pub(crate) fn try_lock_send(&self) -> Option<SendGuard<'_>> {
+        Some(SendGuard { inner: self, guard: Some(self.send.try_lock()?) })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -622,7 +985,7 @@ mod tests {
     #[test]
     fn fds_are_acknowledged_at_half_the_window_while_more_is_read() {
         let (inner, broker) = connected(8);
-        inner.state.lock().add_sub(99);
+        inner.state.lock().add_sub(99, Vec::new());
         deliver_memfds(&broker, 3);
         assert!(take(&inner, 99).message().is_some());
         assert_eq!(acks_received(&broker), Vec::<u32>::new(), "3 < 4, and the reader did not wait: not due");
@@ -680,7 +1043,7 @@ mod tests {
     #[test]
     fn one_who_waits_for_the_reader_acknowledges_what_was_taken() {
         let (inner, broker) = connected(8);
-        inner.state.lock().add_sub(99);
+        inner.state.lock().add_sub(99, Vec::new());
         deliver_memfds(&broker, 3);
         assert!(take(&inner, 99).message().is_some());
         assert_eq!(acks_received(&broker), Vec::<u32>::new());
@@ -800,7 +1163,7 @@ mod tests {
     #[test]
     fn fds_lost_to_a_full_fd_table_are_a_gap_and_the_connection_stays() {
         let (inner, broker) = connected(8);
-        inner.state.lock().add_sub(99);
+        inner.state.lock().add_sub(99, Vec::new());
         inner.fake_fd_table_full.store(true, Ordering::Relaxed);
         deliver_with_fds(&broker, 99, 1, 5);
         deliver_with_fds(&broker, 99, 2, 1);
@@ -818,7 +1181,7 @@ mod tests {
     #[test]
     fn fds_truncated_otherwise_are_a_protocol_violation() {
         let (inner, broker) = connected(8);
-        inner.state.lock().add_sub(99);
+        inner.state.lock().add_sub(99, Vec::new());
         deliver_with_fds(&broker, 99, 1, 5);
         let got = inner.wait_for(Some(Instant::now() + Duration::from_secs(20)), |st| st.take_event(99));
         match got {
@@ -896,7 +1259,7 @@ mod tests {
         let id = {
             let mut st = inner.state.lock();
             let id = st.new_sub_id().unwrap();
-            st.add_sub(id);
+            st.add_sub(id, Vec::new());
             st.sub_ids.answered(id);
             id
         };

@@ -128,6 +128,13 @@ pub(crate) struct SubQueue {
     /// number of its notice and the broker's reason. The events before it
     /// are still taken; nothing after it is queued.
     pub revoked: Option<(u64, String)>,
+    /// The frame that made it (a `Subscribe` or a `Monitor`), sent again
+    /// to renew it after a reconnection.
+    pub renew: Vec<u8>,
+    /// The broker acknowledged it: only a live subscription is renewed
+    /// (one still waiting is sent again by its maker, on the new
+    /// connection).
+    pub live: bool,
 }
 
 /// Past this capacity, a queue that empties gives its memory back.
@@ -310,6 +317,17 @@ pub(crate) struct State {
     pub reader_events: HashMap<u64, VecDeque<ReaderEvent>>,
     pub refused_publishes: Vec<PublishRefused>,
     pub closed: Option<Disconnect>,
+    /// The connection is lost and being made again (reconnection is on):
+    /// why it was lost. `closed` stays `None` meanwhile, so waiters wait.
+    pub lost: Option<Disconnect>,
+    /// Connections lost so far: an answer awaited across a loss never
+    /// comes, so its waiter fails when this moves.
+    pub epoch: u64,
+    /// Connections made again so far.
+    pub generation: u64,
+    /// Names owned or queued for, with their flags: asked for again after
+    /// a reconnection.
+    pub held_names: std::collections::BTreeMap<String, shmbus_proto::frame::NameFlags>,
     pub sub_ids: IdSpace,
     pub query_ids: IdSpace,
     pub channel_ids: IdSpace,
@@ -383,10 +401,53 @@ impl State {
     }
 
     /// Starts the queue of subscription `id`.
-    pub fn add_sub(&mut self, id: u32) {
-        if let Some(old) = self.subs.insert(id, SubQueue::default()) {
+    pub fn add_sub(&mut self, id: u32, renew: Vec<u8>) {
+        if let Some(old) = self.subs.insert(id, SubQueue { renew, ..SubQueue::default() }) {
             self.queued.sub(old.charge);
         }
+    }
+
+    /// The connection is lost: remember why, and fail what awaits an
+    /// answer on it (see `epoch`). Once per loss.
+    pub(crate) fn connection_lost(&mut self, why: Disconnect) {
+        if self.lost.is_some() {
+            return;
+        }
+        // Calls in flight fail, distinctly: their answers were due on the
+        // lost connection, and none is sent again behind the caller's back.
+        for slot in self.calls.values_mut() {
+            if slot.answer.is_none() {
+                let d = Disconnect {
+                    code: why.code,
+                    reason: format!("{}; the call's answer was lost with it", why.reason),
+                };
+                slot.answer = Some(Err(crate::error::CallError::Disconnected(d)));
+            }
+        }
+        self.lost = Some(why);
+        self.epoch += 1;
+    }
+
+    /// A new connection is made: every live subscription is to be renewed
+    /// (the frames to send again are returned, by subscription id) and
+    /// gets one `Reconnected` event, in order after what it has queued.
+    pub(crate) fn reconnected(&mut self, fd_window: u32) -> Vec<(u32, Vec<u8>)> {
+        self.lost = None;
+        self.closed = None;
+        self.generation += 1;
+        self.fd_acks = FdAcks::new(fd_window);
+        self.arrivals += 1;
+        let arrival = self.arrivals;
+        let mut renew = Vec::new();
+        for (&id, q) in self.subs.iter_mut() {
+            if q.revoked.is_some() || q.renew.is_empty() || !q.live {
+                continue;
+            }
+            q.events.push_back(Queued { arrival, event: Event::Reconnected, charge: Charge::default() });
+            renew.push((id, q.renew.clone()));
+        }
+        renew.sort_unstable_by_key(|(id, _)| *id);
+        renew
     }
 
     /// Ends the queue of subscription `id`, releasing what it held.
@@ -485,7 +546,7 @@ impl State {
 
     /// A `Revoked` notice: marks what it names, if this client holds it
     /// (a notice for anything else is dropped).
-    fn on_revoked(&mut self, what: Revocation<'_>, reason: &str, arrival: u64) {
+    pub(crate) fn on_revoked(&mut self, what: Revocation<'_>, reason: &str, arrival: u64) {
         match what {
             Revocation::Subscription { sub_id } => {
                 if let Some(q) = self.subs.get_mut(&sub_id) {
@@ -701,6 +762,9 @@ pub(crate) fn apply(
             st.sub_ids.answered(s.sub_id);
             if st.awaiting_ack.remove(&s.sub_id) {
                 st.acks.insert(s.sub_id, Ok(()));
+                if let Some(q) = st.subs.get_mut(&s.sub_id) {
+                    q.live = true;
+                }
             }
         }
         BrokerFrame::OpError(e) => match e.op {
@@ -708,6 +772,11 @@ pub(crate) fn apply(
                 st.sub_ids.answered(sub_id);
                 if st.awaiting_ack.remove(&sub_id) {
                     st.acks.insert(sub_id, Err((e.code, e.message.to_owned())));
+                } else if matches!(e.op, Op::Subscribe { .. }) {
+                    // Renewing it after a reconnection failed: it ends,
+                    // with the broker's reason.
+                    let why = format!("not renewed after reconnecting: {}", e.message);
+                    st.on_revoked(Revocation::Subscription { sub_id }, &why, arrival);
                 }
             }
             Op::Query { req_id } => {
@@ -907,7 +976,7 @@ pub(crate) mod tests {
     fn state_with(bounds: LocalBounds, subs: &[u32]) -> State {
         let mut st = State { bounds, ..State::default() };
         for &id in subs {
-            st.add_sub(id);
+            st.add_sub(id, Vec::new());
         }
         st
     }
@@ -1034,7 +1103,7 @@ pub(crate) mod tests {
         assert_eq!(drain(&mut st, 2), [Ev::M(11), Ev::G(2), Ev::M(14)]);
         // Fds, likewise.
         let name = format!("bound-total-fds-{}", std::process::id());
-        st.add_sub(1);
+        st.add_sub(1, Vec::new());
         for seq in 1..=3 {
             deliver_memfd(&mut st, 1, seq, memfd::from_bytes(&name, b"abc").unwrap());
         }
@@ -1098,7 +1167,7 @@ pub(crate) mod tests {
     fn a_subscription_id_is_reused_only_after_the_broker_answered_its_unsubscribe() {
         let mut st = state_with(WIDE, &[]);
         let id = st.new_sub_id().unwrap();
-        st.add_sub(id);
+        st.add_sub(id, Vec::new());
         st.awaiting_ack.insert(id);
         apply(&mut st, BrokerFrame::Subscribed(Subscribed { sub_id: id }), None, Vec::new());
         assert_eq!(st.acks.remove(&id), Some(Ok(())));

@@ -50,14 +50,23 @@ pub fn connection(
     };
     let cred = PeerCred { pid: 0, uid: 0, gid: 0 };
     let bounds = LocalBounds { messages, bytes, fds, total_bytes: 2 * bytes, total_fds: 2 * fds };
-    let inner = Arc::new(Inner::with_bounds(ours, 1, limits, cred, "fuzz".into(), bounds));
+    let inner = Arc::new(Inner::with_bounds(
+        ours,
+        1,
+        limits,
+        cred,
+        "fuzz".into(),
+        bounds,
+        None,
+        std::time::Duration::from_secs(5),
+    ));
     let mut subs = Vec::new();
     {
         // As `Client` sets them up when it asks.
         let mut st = inner.state.lock();
         for _ in 1..=IDS {
             let id = st.new_sub_id().expect("ids are free");
-            st.add_sub(id);
+            st.add_sub(id, Vec::new());
             st.awaiting_ack.insert(id);
             subs.push(Subscription::new(inner.clone(), id, format!("fuzz.{id}")));
             st.new_query().expect("ids are free");

@@ -42,6 +42,8 @@
 
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "tokio")]
+mod asynch;
 mod channel;
 mod client;
 mod connection;
@@ -59,7 +61,9 @@ mod subscription;
 pub use channel::{
     ChannelConfig, ChannelError, ChannelEvent, ChannelLoan, ChannelPublisher, ChannelSubscriber,
 };
-pub use client::{Client, ConnectOptions, DEFAULT_LOCAL_QUEUE, DEFAULT_MEMFD_THRESHOLD, DEFAULT_TIMEOUT};
+pub use client::{
+    Client, ConnectOptions, ReconnectPolicy, DEFAULT_LOCAL_QUEUE, DEFAULT_MEMFD_THRESHOLD, DEFAULT_TIMEOUT,
+};
 pub use error::{
     CallError, ConnectError, Disconnect, ErrorKind, FlushError, LoanError, MonitorError, NameError,
     PublishError, PublishRefused, RecvError, ReplyError, RequestError, SendRefused, ServeError,
@@ -74,6 +78,10 @@ pub use service::{
 };
 pub use shmbus_proto::sys::memfd::MemfdError;
 pub use subscription::{Iter, Subscription};
+
+/// The async API, on tokio (cargo feature `tokio`): see [`AsyncClient`].
+#[cfg(feature = "tokio")]
+pub use asynch::{AsyncChannelSubscriber, AsyncClient, AsyncService, AsyncSubscription};
 
 /// Wire-level types a client may need to name.
 pub use shmbus_proto::frame::{

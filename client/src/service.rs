@@ -330,11 +330,11 @@ pub(crate) enum NameAnswer {
 /// answered, if need be, by whoever takes it out, outside the state lock).
 #[derive(Debug)]
 pub(crate) struct QueuedRequest {
-    serial: u64,
+    pub(crate) serial: u64,
     sender: Sender,
     timeout: Duration,
     received: Instant,
-    no_reply: bool,
+    pub(crate) no_reply: bool,
     payload: Payload,
     charge: Charge,
 }
@@ -349,7 +349,7 @@ pub(crate) struct ServiceQueue {
     turned_away: u64,
     /// The broker released the name by policy: why. The requests queued
     /// before are still served; then the service's receive fails.
-    revoked: Option<String>,
+    pub(crate) revoked: Option<String>,
 }
 
 /// A name the broker took back from this client because a reloaded
@@ -400,6 +400,7 @@ impl State {
     /// The broker released `name` by policy: its service, if any, ends
     /// after its queued requests, and the name is listed as revoked.
     pub fn on_name_revoked(&mut self, name: &str, reason: &str) {
+        self.held_names.remove(name);
         if let Some(q) = self.services.get_mut(name) {
             q.revoked = Some(reason.to_owned());
         }
@@ -421,11 +422,18 @@ impl State {
     pub fn on_name_answer(&mut self, req_id: u32, answer: NameAnswer) {
         self.name_ids.answered(req_id);
         if let Some(name) = self.name_requests.remove(&req_id) {
-            if let NameAnswer::Result(
-                NameResult::PrimaryOwner | NameResult::InQueue | NameResult::AlreadyOwner,
-            ) = answer
-            {
-                self.on_name_granted(&name);
+            match &answer {
+                NameAnswer::Result(
+                    NameResult::PrimaryOwner | NameResult::InQueue | NameResult::AlreadyOwner,
+                ) => self.on_name_granted(&name),
+                // Asked for again after a reconnection, and not given
+                // back (taken meanwhile, or refused): as good as revoked,
+                // and said so.
+                other if self.held_names.contains_key(&name) && !self.name_ops.contains_key(&req_id) => {
+                    let why = format!("not given back after reconnecting: {other:?}");
+                    self.on_name_revoked(&name, &why);
+                }
+                _ => {}
             }
         }
         if let Some(slot @ None) = self.name_ops.get_mut(&req_id) {
@@ -517,7 +525,7 @@ impl State {
     }
 
     /// The next request queued for `name`, releasing what it held.
-    fn take_request(&mut self, name: &str) -> Option<QueuedRequest> {
+    pub(crate) fn take_request(&mut self, name: &str) -> Option<QueuedRequest> {
         let q = self.services.get_mut(name)?;
         let r = q.requests.pop_front()?;
         q.charge.sub(r.charge);
@@ -572,7 +580,7 @@ fn answer_unserved(inner: &Inner, queued: VecDeque<QueuedRequest>, message: &str
 }
 
 /// `message`, cut to [`MAX_ERROR_MESSAGE`] bytes at a character boundary.
-fn cut(message: &str) -> &str {
+pub(crate) fn cut(message: &str) -> &str {
     if message.len() <= MAX_ERROR_MESSAGE {
         return message;
     }
@@ -585,7 +593,7 @@ fn cut(message: &str) -> &str {
 
 /// A timeout as the wire carries it: whole milliseconds, rounded up, at
 /// least 1 (0 would mean the broker's maximum), at most `u32::MAX`.
-fn timeout_ms(timeout: Duration) -> u32 {
+pub(crate) fn timeout_ms(timeout: Duration) -> u32 {
     let ms = timeout.as_nanos().div_ceil(1_000_000).max(1);
     u32::try_from(ms).unwrap_or(u32::MAX)
 }
@@ -706,11 +714,11 @@ impl Drop for PendingCall {
 /// fire-and-forget request ([`Request::expects_reply`] is false) needs no
 /// answer; replying to one does nothing.
 pub struct Request {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
     name: Arc<str>,
-    memfd_threshold: usize,
-    q: QueuedRequest,
-    answered: bool,
+    pub(crate) memfd_threshold: usize,
+    pub(crate) q: QueuedRequest,
+    pub(crate) answered: bool,
 }
 
 impl std::fmt::Debug for Request {
@@ -908,7 +916,7 @@ impl Service {
         self.client.inner.state.lock().services.get(&*self.name).map_or(0, |q| q.turned_away)
     }
 
-    fn wrap(&self, q: QueuedRequest) -> Request {
+    pub(crate) fn wrap(&self, q: QueuedRequest) -> Request {
         Request {
             inner: self.client.inner.clone(),
             name: self.name.clone(),
@@ -1019,8 +1027,15 @@ impl Drop for Service {
 /// Sends `NameRelease` without waiting for the answer (its id stays in use
 /// until the answer comes).
 fn release_quietly(inner: &Inner, name: &str) {
-    let Some(req_id) = inner.state.lock().name_ids.alloc(|_| false) else { return };
-    if inner.send(&NameRelease { req_id, name }, &[]).is_err() {
+    let req_id = {
+        let mut st = inner.state.lock();
+        st.held_names.remove(name);
+        let Some(req_id) = st.name_ids.alloc(|_| false) else { return };
+        req_id
+    };
+    // Not across a reconnection: a name let go meanwhile is not asked for
+    // again, so there is nothing to release.
+    if inner.send_once(&NameRelease { req_id, name }).is_err() {
         // Nothing was sent: no answer will come.
         inner.state.lock().name_ids.answered(req_id);
     }
@@ -1035,12 +1050,13 @@ impl Client {
         &self,
         send: impl FnOnce(u32) -> Result<(), RecvError>,
     ) -> Result<Option<NameAnswer>, RecvError> {
-        let req_id = {
+        let (req_id, epoch) = {
             let mut st = self.inner.state.lock();
             if let Some(d) = &st.closed {
                 return Err(RecvError::Disconnected(d.clone()));
             }
-            st.new_name_op().ok_or_else(|| io::Error::other("every name request id is in use"))?
+            let id = st.new_name_op().ok_or_else(|| io::Error::other("every name request id is in use"))?;
+            (id, st.epoch)
         };
         if let Err(e) = send(req_id) {
             let mut st = self.inner.state.lock();
@@ -1051,7 +1067,7 @@ impl Client {
             return Err(e);
         }
         let deadline = Instant::now() + self.timeout();
-        let got = self.inner.wait_for(Some(deadline), |st| match st.name_ops.get(&req_id) {
+        let got = self.inner.wait_answer(Some(deadline), epoch, |st| match st.name_ops.get(&req_id) {
             Some(Some(_)) => st.name_ops.remove(&req_id).flatten(),
             _ => None,
         });
@@ -1082,7 +1098,13 @@ impl Client {
             self.inner.send(&NameRequest { req_id, name, flags }, &[])
         })?;
         match answer {
-            Some(NameAnswer::Result(r)) => Ok(r),
+            Some(NameAnswer::Result(r)) => {
+                if matches!(r, NameResult::PrimaryOwner | NameResult::InQueue | NameResult::AlreadyOwner) {
+                    // Asked for again after a reconnection.
+                    self.inner.state.lock().held_names.insert(name.to_owned(), flags);
+                }
+                Ok(r)
+            }
             Some(NameAnswer::Refused(code, message)) => Err(NameError::Refused { code, message }),
             Some(NameAnswer::Owner(_)) => Err(unexpected_answer()),
             None => {
@@ -1097,6 +1119,7 @@ impl Client {
     /// [`Service`] on the name stays, and gets no more requests.
     pub fn release_name(&self, name: &str) -> Result<NameResult, NameError> {
         validate_subject(name)?;
+        self.inner.state.lock().held_names.remove(name);
         let answer = self.name_op(|req_id| self.inner.send(&NameRelease { req_id, name }, &[]))?;
         match answer {
             Some(NameAnswer::Result(r)) => Ok(r),
@@ -1546,7 +1569,19 @@ mod tests {
         };
         let cred = PeerCred { pid: 1, uid: 0, gid: 0 };
         let bounds = LocalBounds { messages: 1, ..LocalBounds::default() };
-        (Arc::new(Inner::with_bounds(ours, 1, limits, cred, "test".into(), bounds)), broker)
+        (
+            Arc::new(Inner::with_bounds(
+                ours,
+                1,
+                limits,
+                cred,
+                "test".into(),
+                bounds,
+                None,
+                Duration::from_secs(5),
+            )),
+            broker,
+        )
     }
 
     fn broker_sends(broker: &OwnedFd, serve: &Serve<'_>, payload: &[u8], fd: Option<BorrowedFd<'_>>) {

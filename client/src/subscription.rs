@@ -151,7 +151,9 @@ impl Drop for Subscription {
             st.sub_ids.owe(self.id);
         }
         // Best effort: if the connection is gone, so is the subscription.
-        if self.inner.send(&Unsubscribe { sub_id: self.id }, &[]).is_err() {
+        // Not across a reconnection: a subscription dropped meanwhile is
+        // not renewed, so there is nothing to unsubscribe.
+        if self.inner.send_once(&Unsubscribe { sub_id: self.id }).is_err() {
             // Nothing was sent (a packet goes whole or not at all).
             self.inner.state.lock().sub_ids.answered(self.id);
         }

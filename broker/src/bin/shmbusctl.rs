@@ -53,6 +53,11 @@ struct Args {
     /// Machine-readable output: one JSON object per line.
     #[arg(long, global = true)]
     json: bool,
+    /// End when the connection to the broker is lost, instead of making
+    /// it again (`sub`, `serve` and `monitor` otherwise keep going across
+    /// a broker restart, with a notice on stderr).
+    #[arg(long, global = true)]
+    no_reconnect: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -279,6 +284,9 @@ type Fallible<T> = Result<T, Box<dyn std::error::Error>>;
 
 fn connect(args: &Args) -> Fallible<Client> {
     let mut opts = Client::options().name("shmbusctl");
+    if args.no_reconnect {
+        opts = opts.reconnect(shmbus::ReconnectPolicy::never());
+    }
     if let Some(a) = &args.address {
         opts = opts.address(a.clone());
     } else if args.system {

@@ -193,6 +193,8 @@ pub struct Bus {
     /// Deliveries attempted so far (wrapping): the daemon's measure of
     /// work, to bound one peer's share of a loop turn.
     work: u64,
+    /// `shutdown` began: no more answers for calls in flight.
+    shutting_down: bool,
 }
 
 impl Bus {
@@ -218,6 +220,7 @@ impl Bus {
             log: RateLimit::new(20, Duration::from_secs(10)),
             matches: Vec::new(),
             work: 0,
+            shutting_down: false,
         }
     }
 
@@ -481,6 +484,10 @@ impl Bus {
 
     /// Starts the shutdown: every peer gets a goodbye.
     pub fn shutdown(&mut self, now: Instant) {
+        // Every caller goes too: a call in flight ends with the caller's
+        // connection (the client says `Disconnected`), not with a
+        // `ResponderGone` for a service that did not go anywhere.
+        self.shutting_down = true;
         let ids: Vec<PeerId> = self.peers.keys().copied().collect();
         for id in ids {
             self.begin_close(id, GoodbyeCode::Shutdown, "the broker is shutting down", now);

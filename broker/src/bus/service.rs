@@ -261,6 +261,10 @@ impl Bus {
         }
         for serial in owed {
             if let Some(slot) = self.replies.take(serial) {
+                if self.shutting_down {
+                    // Its caller goes too, and learns it so.
+                    continue;
+                }
                 self.answer(
                     slot.name.as_deref(),
                     slot.caller,

@@ -34,6 +34,8 @@ pub struct Broker {
     pub uid: Option<u32>,
     /// The broker's stderr, when [`Launch::capture_log`] asked for it.
     log: Option<Arc<Mutex<Vec<u8>>>>,
+    /// How it was started, for [`Broker::restart`].
+    launch: Launch,
 }
 
 /// How to start a broker, beyond its address: for tests that run it as
@@ -94,7 +96,26 @@ impl Broker {
 
     /// Spawns the broker as `launch` says.
     pub fn launch(tag: &str, launch: Launch) -> Broker {
-        let address = unique_address(tag);
+        Broker::launch_at(unique_address(tag), launch)
+    }
+
+    /// Stops the broker with `signal` (bounded wait), then starts a new
+    /// one as before, on the same address.
+    pub fn restart(&mut self, signal: rustix::process::Signal) {
+        if let Some(mut c) = self.child.take() {
+            let pid = rustix::process::Pid::from_raw(c.id() as i32).unwrap();
+            let _ = rustix::process::kill_process(pid, signal);
+            if wait_timeout(&mut c, PATIENCE).is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("the broker did not stop on {signal:?}");
+            }
+        }
+        let again = Broker::launch_at(self.address.clone(), self.launch.clone());
+        *self = again;
+    }
+
+    fn launch_at(address: String, launch: Launch) -> Broker {
         let shmbusd = match launch.uid {
             Some(_) => world_readable_copy(SHMBUSD),
             None => std::path::PathBuf::from(SHMBUSD),
@@ -134,7 +155,8 @@ impl Broker {
             });
             log
         });
-        let mut b = Broker { child: Some(child), address, uid: launch.uid, log };
+        let uid = launch.uid;
+        let mut b = Broker { child: Some(child), address, uid, log, launch };
         b.wait_ready();
         b
     }

@@ -154,6 +154,28 @@ pub fn peer_groups(fd: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
     }
 }
 
+/// Puts the socket `with` in place of `target`: the same fd number now
+/// refers to `with`'s socket (close-on-exec), and `target`'s old socket is
+/// closed unless something else holds it. So every holder of the number
+/// (an app's event loop included) reaches the new connection. `with` is
+/// closed here (its number is not needed any more).
+pub fn replace_fd(target: BorrowedFd<'_>, with: OwnedFd) -> io::Result<()> {
+    loop {
+        // SAFETY: both are open fds for the duration of the call (`target`
+        // is borrowed, `with` owned); dup3 atomically closes what `target`
+        // referred to and makes its number refer to `with`'s file, which
+        // the owner of `target` goes on owning. `with` drops afterwards.
+        let r = unsafe { libc::dup3(with.as_raw_fd(), target.as_raw_fd(), libc::O_CLOEXEC) };
+        if r >= 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 /// The address a socket is bound to, if it is an AF_UNIX one with a name.
 pub fn local_address(fd: BorrowedFd<'_>) -> io::Result<Option<Address>> {
     let any = rustix::net::getsockname(fd)?;
@@ -463,6 +485,21 @@ impl std::fmt::Debug for RecvBatch {
 mod tests {
     use super::*;
     use std::os::fd::AsFd;
+
+    #[test]
+    fn a_replaced_fd_reaches_the_new_socket() {
+        let (a, _b) = pair().unwrap();
+        let (c, d) = pair().unwrap();
+        let number = a.as_raw_fd();
+        replace_fd(a.as_fd(), c).unwrap();
+        assert_eq!(a.as_raw_fd(), number);
+        send_packet(a.as_fd(), OutPacket { head: b"new", payload: &[], fds: &[] }, false).unwrap();
+        let mut batch = RecvBatch::new(1);
+        assert_eq!(batch.recv(d.as_fd(), true).unwrap(), 1);
+        assert_eq!(batch.packet(0).0, b"new");
+        let flags = rustix::io::fcntl_getfd(&a).unwrap();
+        assert!(flags.contains(rustix::io::FdFlags::CLOEXEC));
+    }
 
     #[test]
     fn peer_groups_are_this_process_supplementary_groups() {
