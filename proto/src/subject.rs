@@ -136,9 +136,15 @@ pub fn pattern_matches(pattern: &str, subject: &str) -> bool {
 /// whatever non-empty tail `inner` has left. Running out of tokens on both
 /// sides at once covers; on one side only does not. Nothing is allocated.
 pub fn pattern_covers(outer: &str, inner: &str) -> bool {
-    if validate_pattern(outer).is_err() || validate_pattern(inner).is_err() {
-        return false;
-    }
+    validate_pattern(outer).is_ok() && validate_pattern(inner).is_ok() && pattern_covers_valid(outer, inner)
+}
+
+/// [`pattern_covers`] for patterns the caller has already validated (a
+/// policy's entries, checked once when the file was loaded): no
+/// validation, so its cost is the tokens it compares, at most until the
+/// first difference. On invalid input the answer is meaningless (but it
+/// never panics).
+pub fn pattern_covers_valid(outer: &str, inner: &str) -> bool {
     let mut o = outer.split('.');
     let mut i = inner.split('.');
     loop {
@@ -160,9 +166,12 @@ pub fn pattern_covers(outer: &str, inner: &str) -> bool {
 /// left (that tail, being a valid pattern, matches at least one subject).
 /// Both running out at once intersects; one only does not.
 pub fn patterns_intersect(a: &str, b: &str) -> bool {
-    if validate_pattern(a).is_err() || validate_pattern(b).is_err() {
-        return false;
-    }
+    validate_pattern(a).is_ok() && validate_pattern(b).is_ok() && patterns_intersect_valid(a, b)
+}
+
+/// [`patterns_intersect`] for patterns the caller has already validated,
+/// as [`pattern_covers_valid`].
+pub fn patterns_intersect_valid(a: &str, b: &str) -> bool {
     let mut a = a.split('.');
     let mut b = b.split('.');
     loop {

@@ -23,7 +23,8 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use shmbus_proto::frame::{
-    ErrorCode, Gap, Op, PolicyCheck, PolicyVerdict, QueryEnd, QueryItem, QueryItemBody, Revocation, Revoked,
+    decode_broker, BrokerFrame, ErrorCode, Gap, Op, PolicyCheck, PolicyVerdict, QueryEnd, QueryItem,
+    QueryItemBody, Revocation, Revoked,
 };
 use shmbus_proto::subject::validate_pattern;
 use shmbus_proto::sys::socket::PeerCred;
@@ -83,6 +84,13 @@ impl Access {
         } else {
             Err(refusal(action, subject, &verdict.to_string()))
         }
+    }
+
+    /// What deciding a pattern for `action` may cost, in policy entries
+    /// looked at: counted as work, so a peer flooding refused
+    /// subscriptions gets no bigger share of the broker than any other.
+    pub fn pattern_cost(&self, action: Action) -> u64 {
+        self.snapshot.as_ref().map_or(0, |s| s.entry_count(action) as u64)
     }
 
     /// `action` (subscribe, channel-read) on a `pattern`: allowed only if
@@ -206,6 +214,7 @@ impl Bus {
                 done.subscriptions += 1;
             }
             for (name, why) in names {
+                self.unserve_revoked(id, &name, now);
                 let (_, change) = self.names.release(&name, id);
                 if let Some(p) = self.peers.get_mut(&id) {
                     p.names.retain(|n| *n != name);
@@ -229,15 +238,51 @@ impl Bus {
     fn revoke_subscription(&mut self, id: PeerId, sub_id: u32, why: &str, now: Instant) {
         let Some(p) = self.peers.get_mut(&id) else { return };
         let Some(sub) = p.subs.remove(&sub_id) else { return };
-        if !self.monitors.remove(id, sub_id) {
+        // What was queued for it and not yet sent is not sent: the new
+        // rules apply at once. It is counted in the gap before the notice.
+        let unsent = p
+            .queue
+            .take_where(
+                |f| matches!(decode_broker(&f.head), Ok(BrokerFrame::Deliver(d, _)) if d.sub_id == sub_id),
+            )
+            .len() as u64;
+        let missed = sub.state.missed + unsent;
+        if self.monitors.remove(id, sub_id) {
+            // A monitor's end is no event.
+        } else {
             self.router.remove(&sub.state.pattern, (id, sub_id));
+            self.monitor_subscription(
+                id,
+                shmbus_proto::frame::MonitorKind::Unsubscribe,
+                &sub.state.pattern,
+                now,
+            );
         }
-        if sub.state.missed > 0 {
-            self.control(id, &Gap { sub_id, missed: sub.state.missed }, now);
+        if missed > 0 {
+            self.control(id, &Gap { sub_id, missed }, now);
             bump(&mut self.counters.gap_notices, 1);
         }
         let reason = format!("policy reloaded: {why}");
         self.control(id, &Revoked { what: Revocation::Subscription { sub_id }, reason: &reason }, now);
+    }
+
+    /// Requests for `name` queued for `id` and not yet sent are not sent:
+    /// their callers are answered `ResponderGone` now (the service may no
+    /// longer have them), and their reply slots go.
+    fn unserve_revoked(&mut self, id: PeerId, name: &str, now: Instant) {
+        let Some(p) = self.peers.get_mut(&id) else { return };
+        let serials: Vec<u64> = p
+            .queue
+            .take_where(|f| matches!(decode_broker(&f.head), Ok(BrokerFrame::Serve(r, _)) if r.name == name))
+            .iter()
+            .filter_map(|f| match decode_broker(&f.head) {
+                Ok(BrokerFrame::Serve(r, _)) => Some(r.serial),
+                _ => None,
+            })
+            .collect();
+        for serial in serials {
+            self.drop_request(id, serial, now);
+        }
     }
 
     /// Closes ring channel `channel_id` for every member, each told why.
@@ -273,7 +318,14 @@ impl Bus {
             let msg = format!("unknown action {:?}: one of {}", escape(c.action), names.join(", "));
             return self.op_error(id, op, ErrorCode::Unsupported, &msg, now);
         };
-        let valid = if action.takes_pattern() { validate_pattern(c.subject) } else { Ok(()) };
+        // A pattern only where the action takes one (a subscription, a
+        // channel read); a publish, a name or a channel is one subject, and
+        // a wildcard there would be answered as if it were literal.
+        let valid = match action {
+            Action::Subscribe | Action::ChannelRead => validate_pattern(c.subject),
+            a if a.takes_pattern() => shmbus_proto::subject::validate_subject(c.subject),
+            _ => Ok(()),
+        };
         if let Err(e) = valid {
             let msg = format!("invalid subject {:?}: {e}", escape(c.subject));
             return self.op_error(id, op, ErrorCode::InvalidSubject, &msg, now);

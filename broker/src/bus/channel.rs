@@ -170,6 +170,9 @@ impl Bus {
             ChannelRole::Publish { .. } => Action::ChannelPublish,
             ChannelRole::Subscribe => Action::ChannelRead,
         };
+        if let Some(p) = self.peers.get(&id) {
+            self.work = self.work.wrapping_add(p.access.pattern_cost(action));
+        }
         let denied = self.peers.get(&id).and_then(|p| p.access.check_pattern(action, topic).err());
         if let Some(msg) = denied {
             self.denial(id, &msg);

@@ -198,6 +198,9 @@ impl Bus {
         let max = self.cfg.max_subscriptions as usize;
         let op = Op::Subscribe { sub_id: s.sub_id };
         let Some(p) = self.peers.get(&id) else { return };
+        // Deciding it against the policy is work like a delivery.
+        self.work = self.work.wrapping_add(p.access.pattern_cost(Action::Subscribe));
+        let Some(p) = self.peers.get(&id) else { return };
         let refusal = if let Err(e) = validate_pattern(s.pattern) {
             Some((ErrorCode::InvalidSubject, format!("invalid pattern {:?}: {e}", s.pattern)))
         } else if let Err(e) = p.access.check_pattern(Action::Subscribe, s.pattern) {
@@ -236,7 +239,13 @@ impl Bus {
     }
 
     /// Tells monitors of a subscription made or ended.
-    fn monitor_subscription(&mut self, id: PeerId, kind: MonitorKind, pattern: &str, now: Instant) {
+    pub(crate) fn monitor_subscription(
+        &mut self,
+        id: PeerId,
+        kind: MonitorKind,
+        pattern: &str,
+        now: Instant,
+    ) {
         if self.monitors.is_empty() {
             return;
         }

@@ -233,6 +233,23 @@ impl OutQueue {
         }
     }
 
+    /// Takes out every queued frame `pick` chooses (what a revocation
+    /// ends), releasing what each cost; returns them, in order.
+    pub fn take_where(&mut self, mut pick: impl FnMut(&OutFrame) -> bool) -> Vec<OutFrame> {
+        let mut taken = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.frames.len());
+        for f in std::mem::take(&mut self.frames) {
+            if pick(&f) {
+                self.charge(&f, false);
+                taken.push(f);
+            } else {
+                kept.push_back(f);
+            }
+        }
+        self.frames = kept;
+        taken
+    }
+
     /// Drops every frame but the last (the goodbye of a closing peer that
     /// can no longer take what is queued).
     pub fn keep_last_only(&mut self) {

@@ -52,7 +52,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use toml::Spanned;
 
-use shmbus_proto::subject::{pattern_covers, patterns_intersect, validate_pattern};
+use shmbus_proto::subject::{pattern_covers_valid, patterns_intersect_valid, validate_pattern};
 
 #[cfg(test)]
 use shmbus_proto::subject::pattern_matches;
@@ -455,6 +455,12 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// How many entries of `action` apply to this peer: what deciding a
+    /// pattern for it may cost, in entries looked at.
+    pub fn entry_count(&self, action: Action) -> usize {
+        (self.starts[action.index() + 1] - self.starts[action.index()]) as usize
+    }
+
     /// Root or the broker's own uid: everything is allowed.
     pub fn is_privileged(&self) -> bool {
         self.privileged
@@ -522,16 +528,22 @@ impl Snapshot {
         if !action.takes_pattern() {
             return self.decide(action, pattern);
         }
+        // Validated once here; the entries were when the file was loaded.
+        // So each entry costs the tokens compared up to the first
+        // difference, not a validation of both patterns.
+        if validate_pattern(pattern).is_err() {
+            return Verdict::NO_RULE;
+        }
         let mut overlapped = false;
         for e in self.entries(action) {
             let Some(p) = e.pattern.as_deref() else { continue };
             if !e.allow {
-                if patterns_intersect(p, pattern) {
+                if patterns_intersect_valid(p, pattern) {
                     return e.verdict();
                 }
-            } else if pattern_covers(p, pattern) {
+            } else if pattern_covers_valid(p, pattern) {
                 return e.verdict();
-            } else if !overlapped && patterns_intersect(p, pattern) {
+            } else if !overlapped && patterns_intersect_valid(p, pattern) {
                 overlapped = true;
             }
         }

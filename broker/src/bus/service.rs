@@ -57,8 +57,7 @@ pub struct Slot {
     call_id: u64,
     responder: PeerId,
     deadline: Instant,
-    /// The name called, kept only while someone monitors (for the
-    /// answer's event).
+    /// The name called (for the answer's monitor event).
     name: Option<Box<str>>,
     _charge: Charge,
 }
@@ -397,7 +396,9 @@ impl Bus {
         }
 
         bump(&mut self.counters.requests, 1);
-        let name = (!self.monitors.is_empty()).then(|| r.name.into());
+        // Kept for the answer's monitor event (a monitor may start while
+        // the call is pending): one boxed name per pending call.
+        let name = Some(r.name.into());
         if !r.no_reply {
             rp.calls_in.insert(serial);
             let deadline = now + timeout;
@@ -478,6 +479,24 @@ impl Bus {
             Some(payload),
             now,
         );
+    }
+
+    /// A request queued for service `id` will not reach it (its name was
+    /// revoked): its caller is answered `ResponderGone`, its slot goes.
+    pub(crate) fn drop_request(&mut self, id: PeerId, serial: u64, now: Instant) {
+        if self.replies.slots.get(&serial).is_none_or(|s| s.responder != id) {
+            // Fire and forget, or answered already: nobody waits.
+            return;
+        }
+        let slot = self.replies.take(serial).expect("checked above");
+        if let Some(p) = self.peers.get_mut(&id) {
+            p.calls_in.remove(&serial);
+        }
+        if let Some(p) = slot.caller.and_then(|c| self.peers.get_mut(&c)) {
+            p.calls_out.remove(&serial);
+        }
+        let name = slot.name.as_deref();
+        self.answer(name, slot.caller, slot.call_id, Outcome::ResponderGone, None, None, now);
     }
 
     /// A request the broker could not take (its fd was lost to the

@@ -665,3 +665,91 @@ mod services {
         assert_eq!(w.bus.held(10, Resource::Names), 0);
     }
 }
+
+// ------------------------------------------------------------- policy --
+
+fn rules(text: &str) -> super::rules::Rules {
+    super::rules::Rules::parse(text, &super::rules::Accounts::parse("", "")).unwrap()
+}
+
+/// A reload ends a subscription at once: what was queued for it and not
+/// yet sent is not sent, and counts in the gap before the notice; a
+/// service's queued requests for a revoked name are not sent either, and
+/// their callers are answered.
+#[test]
+fn a_reload_drops_what_was_queued_for_what_it_revokes() {
+    let mut cfg = config();
+    cfg.rules = Some(rules(
+        "[[rule]]\nmatch = {}\nallow = [\"connect\", \"subscribe secret.>\", \"subscribe open.>\", \"own svc.>\", \"call svc.>\"]\n",
+    ));
+    let mut w = World::new(cfg);
+    let (reader, root, service, caller) = (w.join(1000), w.join(0), w.join(1001), w.join(1002));
+    w.subscribe(reader, 1, "secret.>");
+    w.subscribe(reader, 2, "open.>");
+    w.send(
+        service,
+        &shmbus_proto::frame::NameRequest { req_id: 1, name: "svc.s", flags: Default::default() },
+    );
+    assert_eq!(w.take(reader).len(), 2);
+    assert_eq!(w.take(service).len(), 1);
+    for i in 0..100u32 {
+        w.publish(root, "secret.x", &i.to_le_bytes());
+    }
+    w.publish(root, "open.x", b"still");
+    for call_id in 0..3 {
+        let r = shmbus_proto::frame::Request {
+            call_id,
+            name: "svc.s",
+            timeout_ms: 10_000,
+            no_reply: false,
+            payload: PayloadRef::Inline,
+        };
+        w.bus.receive(caller, &encode_frame(&r, b"q").unwrap(), Vec::new(), w.now);
+    }
+    // Nothing of this has been sent yet; the rules change.
+    let done = w.bus.reload_policy(
+        Some(rules("[[rule]]\nmatch = {}\nallow = [\"connect\", \"subscribe open.>\", \"call svc.>\"]\n")),
+        w.now,
+    );
+    assert_eq!((done.subscriptions, done.names), (1, 1));
+    let got = w.take(reader);
+    let delivered_secret =
+        got.iter().filter(|f| matches!(f, BrokerFrame::Deliver(d, _) if d.sub_id == 1)).count();
+    assert_eq!(delivered_secret, 0, "nothing queued for the revoked subscription is sent: {got:?}");
+    assert!(
+        got.iter().any(|f| matches!(f, BrokerFrame::Gap(g) if g.sub_id == 1 && g.missed == 100)),
+        "{got:?}"
+    );
+    assert!(got.iter().any(|f| matches!(f, BrokerFrame::Revoked(_))), "{got:?}");
+    assert!(got.iter().any(|f| matches!(f, BrokerFrame::Deliver(d, p) if d.sub_id == 2 && *p == b"still")));
+    let served = w.take(service);
+    assert!(!served.iter().any(|f| matches!(f, BrokerFrame::Serve(..))), "{served:?}");
+    let answers: Vec<_> = w
+        .take(caller)
+        .into_iter()
+        .filter_map(|f| match f {
+            BrokerFrame::Answer(a, _) => Some(a.outcome),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(answers.len(), 3, "each queued call is answered");
+    assert!(answers.iter().all(|o| matches!(o, shmbus_proto::frame::Outcome::ResponderGone)), "{answers:?}");
+}
+
+/// Deciding a refused subscription against many rules is counted as work,
+/// so the reactor's budget caps one peer's share of a loop turn.
+#[test]
+fn policy_decisions_count_as_work() {
+    let mut text = String::from("[[rule]]\nmatch = {}\nallow = [\"connect\"]\n");
+    for i in 0..1000 {
+        text.push_str(&format!("[[rule]]\nmatch = {{}}\nallow = [\"subscribe app{i}.>\"]\n"));
+    }
+    let mut cfg = config();
+    cfg.rules = Some(rules(&text));
+    let mut w = World::new(cfg);
+    let a = w.join(1000);
+    let before = w.bus.work();
+    w.subscribe(a, 1, "x.y.z");
+    assert!(matches!(w.take(a).as_slice(), [BrokerFrame::OpError(e)] if e.code == ErrorCode::Denied));
+    assert!(w.bus.work().wrapping_sub(before) >= 1000, "{}", w.bus.work().wrapping_sub(before));
+}
