@@ -167,6 +167,7 @@ pub(crate) fn helper_sink(addr: &str, n: u64) {
     while got + missed < n {
         match s.recv_timeout(Duration::from_secs(30), |b| b.len()).unwrap() {
             Some(ChannelEvent::Message { .. }) => got += 1,
+            Some(ChannelEvent::Reconnected) => panic!("unexpected reconnection"),
             Some(ChannelEvent::Missed(k)) => missed += k,
             None => break,
         }

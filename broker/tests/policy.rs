@@ -137,6 +137,7 @@ fn agent_process() {
                     Some(Ok(Some(shmbus::ChannelEvent::Message { value, .. }))) => {
                         format!("ok {}", String::from_utf8_lossy(&value))
                     }
+                    Some(Ok(Some(shmbus::ChannelEvent::Reconnected))) => panic!("unexpected reconnection"),
                     Some(Ok(Some(shmbus::ChannelEvent::Missed(n)))) => format!("ok missed {n}"),
                     Some(Ok(None)) => "ok none".into(),
                     Some(Err(e)) => verdict!(Err::<(), _>(e)),

@@ -288,3 +288,42 @@ fn a_socket_activated_restart_is_never_a_refusal() {
     // ping racing the old broker's shutdown could have lost its answer).
     late.ping().unwrap();
 }
+
+/// Ring channels need no broker while it is away; once it is back, the
+/// publisher opens its channel again at its next publish, and the reader
+/// follows it to the new ring, told by `ChannelEvent::Reconnected`.
+#[test]
+fn channel_handles_open_again_once_their_publisher_is_back() {
+    use shmbus::{ChannelConfig, ChannelEvent};
+    let mut b = Broker::start("reconnect-channel");
+    let pc = b.client();
+    let rc = b.client();
+    let mut publisher = pc.channel_publisher("cam", ChannelConfig::default()).unwrap();
+    let mut reader = rc.channel_subscriber("cam").unwrap();
+    publisher.publish(b"before").unwrap();
+    assert!(matches!(
+        reader.recv_vec_timeout(PATIENCE).unwrap(),
+        Some(ChannelEvent::Message { value, .. }) if value == b"before"
+    ));
+    b.restart(Signal::TERM);
+    pc.ping().unwrap();
+    // Reopens on the new broker (and closes the old ring).
+    publisher.publish(b"on the new ring").unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match reader.recv_vec_timeout(Duration::from_millis(100)).unwrap() {
+            Some(ChannelEvent::Reconnected) => break,
+            Some(ChannelEvent::Message { .. }) | Some(ChannelEvent::Missed(_)) | None => {
+                assert!(Instant::now() < deadline, "the reader never followed its publisher")
+            }
+        }
+    }
+    publisher.publish(b"again").unwrap();
+    assert!(matches!(
+        reader.recv_vec_timeout(PATIENCE).unwrap(),
+        Some(ChannelEvent::Message { value, .. }) if value == b"again"
+    ));
+    let info = pc.channels().unwrap();
+    assert_eq!(info.len(), 1, "the new broker knows the channel: {info:?}");
+    assert_eq!(info[0].readers, 1);
+}

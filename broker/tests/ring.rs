@@ -138,6 +138,7 @@ fn stress(role: &str, count: u64) {
                 last = Some(seq);
                 got += 1;
             }
+            Some(ChannelEvent::Reconnected) => panic!("unexpected reconnection"),
             Some(ChannelEvent::Missed(k)) => missed += k,
             None => panic!("no message within PATIENCE at {got} + {missed}"),
         }
@@ -305,6 +306,7 @@ fn garbage_in_the_ring_is_reported_without_panics() {
             b.len()
         }) {
             Ok(Some(ChannelEvent::Message { .. })) => messages += 1,
+            Ok(Some(ChannelEvent::Reconnected)) => panic!("unexpected reconnection"),
             Ok(Some(ChannelEvent::Missed(_))) => missed += 1,
             Ok(None) => {}
             Err(ChannelError::Corrupt(_)) => corrupt += 1,
@@ -485,6 +487,7 @@ fn an_abandoned_loan_is_counted_missed_never_misread() {
                     assert!(value.0 && value.1 == seq, "message {seq} read wrong: {value:?}");
                     ChannelEvent::Message { seq, value: () }
                 }
+                ChannelEvent::Reconnected => panic!("unexpected reconnection"),
                 ChannelEvent::Missed(k) => ChannelEvent::Missed(k),
             });
         }
@@ -529,6 +532,7 @@ fn block_mode_late_joiners_miss_nothing() {
                     assert_eq!(value, seq.to_le_bytes(), "round {round}: wrong bytes for {seq}");
                     expect += 1;
                 }
+                Some(ChannelEvent::Reconnected) => panic!("unexpected reconnection"),
                 Some(ChannelEvent::Missed(k)) => {
                     panic!("round {round}: block mode lost {k} messages at {expect} to a late joiner")
                 }

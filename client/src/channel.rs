@@ -23,6 +23,16 @@
 //! Everything read from shared memory is bounds-checked against the
 //! geometry the broker announced; a hostile publisher can make a reader
 //! report misses or corruption, never read out of bounds or panic.
+//!
+//! Across a reconnection (the broker restarted): the ring needs no broker,
+//! so while the broker is away both ends go on with it. Once the client
+//! has made its connection again, a publisher opens its channel anew on
+//! the new broker at its next publish (a new ring; dropping the old one
+//! closes it), and a reader that finds its ring closed, or sits idle,
+//! opens the topic again once its publisher is back, telling the caller
+//! with [`ChannelEvent::Reconnected`] (messages in between are missed, and
+//! how many cannot be known). A reader waits for the publisher up to the
+//! client's timeout after the reconnection, then ends as `Closed`.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -120,6 +130,18 @@ pub enum ChannelEvent<R> {
     Message { seq: u64, value: R },
     /// This many messages were overwritten before they could be read.
     Missed(u64),
+    /// The connection to the broker was made again and the channel opened
+    /// anew (its publisher came back): what was published in between was
+    /// missed, and how much cannot be known.
+    Reconnected,
+}
+
+/// What a reader does after a reconnection (see `ChannelSubscriber::follow`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Follow {
+    Stay,
+    Waiting,
+    Moved,
 }
 
 fn open(client: &Client, topic: &str, role: ChannelRole) -> Result<Grant, ChannelError> {
@@ -181,6 +203,10 @@ fn closed_error(client: &Client, channel_id: u64, closure: &mut Option<Option<St
 /// Writes one ring channel.
 pub struct ChannelPublisher {
     client: Client,
+    topic: String,
+    config: ChannelConfig,
+    /// The connection generation it was opened on (see the module notes).
+    generation: u64,
     channel_id: u64,
     map: RingMap,
     state: WriterState,
@@ -193,6 +219,9 @@ pub struct ChannelPublisher {
     /// Once the ring is seen closed (only the broker closes it under a
     /// live publisher: a revocation): the broker's reason, if it gave one.
     closure: Option<Option<String>>,
+    /// Replaced after a reconnection: its handle belonged to the old
+    /// broker, and the new one may use the same ids for others.
+    stale: bool,
 }
 
 impl std::fmt::Debug for ChannelPublisher {
@@ -219,6 +248,7 @@ impl ChannelPublisher {
             slot_count: config.slot_count,
             overflow: config.overflow,
         };
+        let generation = client.inner.generation.load(Ordering::Relaxed);
         let grant = open(client, topic, role)?;
         let g = grant.frame;
         let mapped = <[OwnedFd; 2]>::try_from(grant.fds).map_err(|_| ChannelError::BadGrant).and_then(
@@ -241,6 +271,9 @@ impl ChannelPublisher {
         };
         Ok(ChannelPublisher {
             client: client.clone(),
+            topic: topic.to_owned(),
+            config,
+            generation,
             channel_id: g.channel_id,
             map,
             state: WriterState::default(),
@@ -249,6 +282,7 @@ impl ChannelPublisher {
             applied: 0,
             news_checks: 0,
             closure: None,
+            stale: false,
         })
     }
 
@@ -355,6 +389,14 @@ impl ChannelPublisher {
     /// Block mode: waits until the next slot is free of every live reader.
     /// Either mode: fails if the ring was closed.
     fn wait_for_room(&mut self) -> Result<(), ChannelError> {
+        // Relaxed: a hint; `open` asks the connection itself.
+        if self.client.inner.generation.load(Ordering::Relaxed) != self.generation {
+            // The connection was made again: open the channel on the new
+            // broker. The old ring closes as this one drops, and its
+            // readers follow.
+            let new = ChannelPublisher::open(&self.client, &self.topic, self.config)?;
+            std::mem::replace(self, new).stale = true;
+        }
         self.check_open()?;
         self.catch_up()?;
         if !self.block {
@@ -416,6 +458,12 @@ impl ChannelPublisher {
 impl Drop for ChannelPublisher {
     fn drop(&mut self) {
         self.map.close();
+        if self.stale {
+            // Its ids are the old broker's; the new one may have given
+            // them to its successor.
+            self.client.inner.state.lock().release_channel(self.channel_id);
+            return;
+        }
         {
             // Forget the channel's news, and any cursor fds still queued in it.
             let mut st = self.client.inner.state.lock();
@@ -476,6 +524,12 @@ impl Drop for ChannelLoan<'_> {
 /// Reads one ring channel.
 pub struct ChannelSubscriber {
     client: Client,
+    topic: String,
+    /// The connection generation it was opened on.
+    generation: u64,
+    /// Since when it has waited for its publisher to come back after a
+    /// reconnection.
+    following_since: Option<Instant>,
     ring_fd: OwnedFd,
     signal_fd: OwnedFd,
     channel_id: u64,
@@ -490,6 +544,8 @@ pub struct ChannelSubscriber {
     /// Once the ring is seen closed and drained: the broker's reason if it
     /// revoked the channel, `None` if its publisher closed it.
     closure: Option<Option<String>>,
+    /// Replaced after a reconnection (as a publisher's `stale`).
+    stale: bool,
 }
 
 impl std::fmt::Debug for ChannelSubscriber {
@@ -504,6 +560,7 @@ impl std::fmt::Debug for ChannelSubscriber {
 
 impl ChannelSubscriber {
     pub(crate) fn open(client: &Client, topic: &str) -> Result<Self, ChannelError> {
+        let generation = client.inner.generation.load(Ordering::Relaxed);
         let grant = open(client, topic, ChannelRole::Subscribe)?;
         let g = grant.frame;
         let mapped = <[OwnedFd; 3]>::try_from(grant.fds).map_err(|_| ChannelError::BadGrant).and_then(
@@ -531,6 +588,9 @@ impl ChannelSubscriber {
         let next = cursor.cursor().next.load(Ordering::Acquire);
         Ok(ChannelSubscriber {
             client: client.clone(),
+            topic: topic.to_owned(),
+            generation,
+            following_since: None,
             ring_fd: ring,
             signal_fd: signal,
             channel_id: g.channel_id,
@@ -542,6 +602,7 @@ impl ChannelSubscriber {
             spin: SPIN,
             buf: vec![0; g.slot_size as usize],
             closure: None,
+            stale: false,
         })
     }
 
@@ -588,9 +649,13 @@ impl ChannelSubscriber {
                 if self.map.is_closed() {
                     // One more look: the last messages before the close.
                     return match protocol::try_read(&self.map, &mut self.state, &mut self.buf, &mut read) {
-                        ReadOutcome::Empty => {
-                            Err(closed_error(&self.client, self.channel_id, &mut self.closure))
-                        }
+                        ReadOutcome::Empty => match self.follow()? {
+                            Follow::Moved => Ok(Some(ChannelEvent::Reconnected)),
+                            Follow::Waiting => Ok(None),
+                            Follow::Stay => {
+                                Err(closed_error(&self.client, self.channel_id, &mut self.closure))
+                            }
+                        },
                         other => self.outcome(other),
                     };
                 }
@@ -658,6 +723,12 @@ impl ChannelSubscriber {
             // that died after its broker leaves the ring open for ever.)
             if idle_since.elapsed() >= MAX_SLEEP {
                 self.check_broker()?;
+                // Made again meanwhile: the publisher may have moved.
+                if self.client.inner.generation.load(Ordering::Relaxed) != self.generation
+                    && self.follow()? == Follow::Moved
+                {
+                    return Ok(Some(ChannelEvent::Reconnected));
+                }
                 idle_since = Instant::now();
             }
         }
@@ -679,6 +750,41 @@ impl ChannelSubscriber {
         match self.client.inner.wait_for(Some(Instant::now()), |st| st.closed.clone())? {
             Some(d) => Err(ChannelError::Disconnected(d)),
             None => Ok(()),
+        }
+    }
+
+    /// After a reconnection, opens the topic again on the new broker if
+    /// its publisher is back ([`Follow::Moved`]: this reader now reads the
+    /// new ring), else says to wait ([`Follow::Waiting`]), up to the
+    /// client's timeout; without a reconnection, or past that, stays.
+    fn follow(&mut self) -> Result<Follow, ChannelError> {
+        if self.client.inner.redial.is_none() {
+            return Ok(Follow::Stay);
+        }
+        // Read what the socket holds: a lost connection is noticed (and
+        // made again) here.
+        let _ = self.client.inner.wait_for(Some(Instant::now()), |_| None::<()>);
+        if self.client.inner.generation.load(Ordering::Relaxed) == self.generation {
+            return Ok(Follow::Stay);
+        }
+        let since = *self.following_since.get_or_insert_with(Instant::now);
+        match ChannelSubscriber::open(&self.client, &self.topic) {
+            Ok(mut new) => {
+                new.spin = self.spin;
+                std::mem::replace(self, new).stale = true;
+                Ok(Follow::Moved)
+            }
+            Err(ChannelError::Refused { code: ErrorCode::NoSuchChannel, .. })
+                if since.elapsed() < self.client.timeout() =>
+            {
+                Ok(Follow::Waiting)
+            }
+            Err(ChannelError::Refused { code: ErrorCode::NoSuchChannel, .. }) => {
+                // The publisher did not come back: this ring's end is the end.
+                self.generation = self.client.inner.generation.load(Ordering::Relaxed);
+                Ok(Follow::Stay)
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -712,6 +818,9 @@ impl ChannelSubscriber {
 impl Drop for ChannelSubscriber {
     fn drop(&mut self) {
         self.client.inner.state.lock().release_channel(self.channel_id);
+        if self.stale {
+            return;
+        }
         let close = ChannelClose { channel_id: self.channel_id, reader_id: self.reader_id };
         let _ = self.client.inner.send_once(&close);
     }

@@ -26,7 +26,7 @@ use crate::loan::Loan;
 use crate::monitor::Monitor;
 use crate::subscription::Subscription;
 use shmbus_proto::frame::ChannelInfo;
-use shmbus_proto::frame::{ErrorCode, Unsubscribe};
+use shmbus_proto::frame::{ErrorCode, GoodbyeCode, Unsubscribe};
 use shmbus_proto::sys::memfd;
 
 /// How long to wait for the broker's answer to a handshake, subscribe or
@@ -270,7 +270,21 @@ impl ConnectOptions {
     }
 
     pub fn connect(self) -> Result<Client, ConnectError> {
-        let d = self.dial()?;
+        // A broker that is shutting down (being restarted behind its
+        // socket) is not a refusal to give up on, when reconnecting is on.
+        let deadline = Instant::now() + self.timeout;
+        let d = loop {
+            match self.dial() {
+                Err(ConnectError::Refused(d))
+                    if d.code == Some(GoodbyeCode::Shutdown)
+                        && self.reconnect.max_attempts != Some(0)
+                        && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(self.reconnect.initial_delay);
+                }
+                r => break r?,
+            }
+        };
         let shown = self.resolve()?.to_string();
         let redial = (self.reconnect.max_attempts != Some(0)).then(|| {
             let opts = self.clone();

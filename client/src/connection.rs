@@ -155,6 +155,9 @@ pub(crate) struct Inner {
     pub timeout: Duration,
     /// Failed reconnection attempts since the connection was lost.
     attempts: std::sync::atomic::AtomicU32,
+    /// `State::generation`, readable without `state` (one load on a
+    /// channel publisher's hot path).
+    pub generation: std::sync::atomic::AtomicU64,
     /// Taken through [`Inner::lock_send`] only, so that whoever lets go of
     /// it sends a due `FdAck`.
     send: Mutex<SendState>,
@@ -233,6 +236,7 @@ impl Inner {
             redial,
             timeout,
             attempts: std::sync::atomic::AtomicU32::new(0),
+            generation: std::sync::atomic::AtomicU64::new(0),
             send: Mutex::new(SendState { head: Vec::with_capacity(256), heads: Vec::new(), published: 0 }),
             state: Mutex::new(State { bounds, fd_acks: FdAcks::new(limits.fd_window), ..State::default() }),
             reader: Mutex::new(ReaderState::default()),
@@ -548,6 +552,8 @@ impl Inner {
             // Relaxed: `ack_due` is only written under `state`.
             self.ack_due.store(false, Ordering::Relaxed);
             let renew = st.reconnected(d.limits.fd_window);
+            // Relaxed: a hint to channel handles, which then ask `state`.
+            self.generation.store(st.generation, Ordering::Relaxed);
             let held: Vec<(String, shmbus_proto::frame::NameFlags)> =
                 st.held_names.iter().map(|(n, f)| (n.clone(), *f)).collect();
             let mut names = Vec::new();

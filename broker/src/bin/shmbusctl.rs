@@ -474,6 +474,10 @@ fn read_channel(
             Ok(ChannelEvent::Missed(k)) => {
                 eprintln!("shmbusctl: fell behind on channel {shown}: {k} messages missed")
             }
+            Ok(ChannelEvent::Reconnected) => eprintln!(
+                "shmbusctl: reconnected to the broker; channel {shown} opened again (messages in between may \
+                 have been missed)"
+            ),
             Err(shmbus::ChannelError::Corrupt(what)) => {
                 eprintln!("shmbusctl: channel {shown}: skipped corrupt slot ({what})")
             }
