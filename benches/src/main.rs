@@ -21,6 +21,7 @@
 
 #![forbid(unsafe_code)]
 
+mod async_ring;
 mod payload;
 mod policy;
 mod request;
@@ -158,6 +159,7 @@ fn main() {
         "payload" => payload::payload(&mut report),
         "fanout" => payload::fanout(&mut report),
         "ring" => ring::ring(&mut report),
+        "async_ring" => async_ring::async_ring(&mut report),
         "router" => router::router(&mut report),
         "request" => request::request(&mut report),
         "policy" => policy::policy(&mut report),

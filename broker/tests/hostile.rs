@@ -579,9 +579,13 @@ fn non_reading_connections_are_bounded_per_uid_not_per_connection() {
         grew as f64 / MIB as f64
     );
     assert_eq!(theirs.len(), CONNS);
+    // Deliveries stop at the bound; the control frames that report their
+    // loss (a gap notice per subscription, a few dozen bytes each) may go
+    // past it, up to the hard bound, so that no loss goes unreported.
+    let notices = CONNS as u64 * 1024;
     assert!(
-        queued <= PER_UID,
-        "uid {NOBODY}'s connections hold {queued} bytes, over --uid-queue-bytes {PER_UID}"
+        queued <= PER_UID + notices,
+        "uid {NOBODY}'s connections hold {queued} bytes, over --uid-queue-bytes {PER_UID} and its notices"
     );
     assert!(stats.dropped > 0, "nothing was dropped: the flood fit, so it proves nothing");
     let bound = 24 * MIB;

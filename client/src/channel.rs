@@ -828,7 +828,9 @@ impl Drop for ChannelSubscriber {
 
 /// For the tokio driver (`crate::asynch`): a futex cannot be awaited, so
 /// an async reader waits on a blocking thread, without reading there (a
-/// cancelled wait then loses nothing).
+/// cancelled wait then loses nothing); and what a read may wait for (a
+/// closed ring: the broker's reason, or its publisher back after a
+/// reconnection) is read there too.
 #[cfg(feature = "tokio")]
 impl ChannelSubscriber {
     /// Whether a read would find something: a message, or the close.
@@ -838,19 +840,30 @@ impl ChannelSubscriber {
         self.map.header().head.load(Ordering::Acquire) > self.state.next || self.map.is_closed()
     }
 
+    /// Whether a read may wait for the broker: the ring is closed (a read
+    /// then asks why, or follows a reconnection).
+    pub(crate) fn read_may_block(&self) -> bool {
+        self.map.is_closed()
+    }
+
     /// Waits (spinning as [`ChannelSubscriber::set_spin`] says, then on
     /// the futex) until a read would find something, or `max` passes;
-    /// reads nothing. If the wait was for nothing, fails when the
-    /// connection to the broker has ended, as `recv` does.
-    pub(crate) fn wait_ready(&self, max: Duration) -> Result<(), ChannelError> {
+    /// reads nothing. A wait for nothing then does what an idle `recv`
+    /// does: fails if the connection to the broker has ended, and follows
+    /// a reconnection (`Some(Reconnected)`: this reader moved to the new
+    /// ring).
+    pub(crate) fn wait_ready(
+        &mut self,
+        max: Duration,
+    ) -> Result<Option<ChannelEvent<Vec<u8>>>, ChannelError> {
         let start = Instant::now();
         for i in 0..self.spin {
             if self.ready() {
-                return Ok(());
+                return Ok(None);
             }
             std::hint::spin_loop();
             if i % 1024 == 1023 && start.elapsed() >= max {
-                return Ok(());
+                return Ok(None);
             }
         }
         let left = max.saturating_sub(start.elapsed());
@@ -859,8 +872,14 @@ impl ChannelSubscriber {
         }
         if !self.ready() && start.elapsed() >= max {
             self.check_broker()?;
+            // Made again meanwhile: the publisher may have moved.
+            if self.client.inner.generation.load(Ordering::Relaxed) != self.generation
+                && self.follow()? == Follow::Moved
+            {
+                return Ok(Some(ChannelEvent::Reconnected));
+            }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// The longest a blocking helper waits before it hands the reader back.

@@ -426,6 +426,8 @@ impl Inner {
             let mut st = self.state.lock();
             self.settle_loss(&mut st);
             if st.closed.is_some() {
+                // Closed for good: waiters learn it now.
+                self.notify_all();
                 return false;
             }
             st.connection_lost(Disconnect {

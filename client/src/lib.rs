@@ -9,6 +9,7 @@
 //! match sub.recv()? {
 //!     Event::Message(m) => println!("{} from pid {}: {:?}", m.topic(), m.sender().pid, m.payload()),
 //!     Event::Gap { missed } => eprintln!("fell behind, missed {missed}"),
+//!     Event::Reconnected => eprintln!("the broker restarted; some messages may have been missed"),
 //! }
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
@@ -34,6 +35,10 @@
 //! [`Subscription`] or [`Service`] ends with [`RecvError::Revoked`], a ring
 //! channel with [`ChannelError::Revoked`], and [`Client::revoked_names`]
 //! lists names owned without a `Service`.
+//!
+//! Async: with the cargo feature `tokio`, `AsyncClient` offers the same
+//! API to tokio tasks (streams of events and requests, cancel-safe
+//! futures), on the same connection as the blocking API.
 //!
 //! Layering: this crate speaks the wire protocol of `shmbus-proto` over
 //! its socket layer and holds no `unsafe` of its own. A [`Client`] is one

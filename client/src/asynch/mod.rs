@@ -72,7 +72,9 @@
 //! helper spins and sleeps on the futex as the blocking reader does and
 //! returns when a read would find something; the task then reads. This
 //! costs one thread hop on the wake-up path (see the `async_ring`
-//! benchmark).
+//! benchmark). A read of a closed ring, which may ask the broker why or
+//! follow a reconnection to the new ring, is made on the blocking pool as
+//! well, its event handed back to the task.
 //!
 //! Differences from the blocking API:
 //! - `Request::reply*` may block (briefly, while the socket is full or a
@@ -89,6 +91,8 @@ mod channel;
 mod driver;
 mod service;
 mod subscription;
+#[cfg(test)]
+mod tests;
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -127,7 +131,6 @@ use driver::Shared;
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-/// use futures_core::Stream;
 /// use shmbus::{AsyncClient, Event};
 ///
 /// let client = AsyncClient::connect().await?;

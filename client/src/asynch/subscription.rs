@@ -42,6 +42,12 @@ impl AsyncSubscription {
         AsyncSubscription { shared, id, pattern, waiter, done: false }
     }
 
+    /// The subscription id on the wire.
+    #[cfg(test)]
+    pub(crate) fn id(&self) -> u32 {
+        self.id
+    }
+
     pub fn pattern(&self) -> &str {
         &self.pattern
     }
