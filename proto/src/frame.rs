@@ -379,6 +379,8 @@ pub struct Stats {
     pub replies_dropped: u64,
     /// Requests answered `Timeout` by the broker.
     pub request_timeouts: u64,
+    /// Operations the policy file refused.
+    pub policy_denials: u64,
 }
 
 /// One ring channel, as introspection shows it.

@@ -624,8 +624,8 @@ fn print_stats(out: &mut impl Write, s: &Stats, json: bool) -> std::io::Result<(
     )?;
     writeln!(
         out,
-        "  refusals       {:>12}   by quota, {} broker short of fds or memory",
-        s.quota_refusals, s.broker_resource_errors
+        "  refusals       {:>12}   by quota, {} by policy, {} broker short of fds or memory",
+        s.quota_refusals, s.policy_denials, s.broker_resource_errors
     )?;
     if s.log_suppressed > 0 {
         writeln!(out, "  log lines left out by the rate limit: {}", s.log_suppressed)?;

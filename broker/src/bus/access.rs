@@ -30,6 +30,7 @@ use shmbus_proto::subject::validate_pattern;
 use shmbus_proto::sys::socket::PeerCred;
 use shmbus_proto::text::escape;
 
+use super::name::OwnerChange;
 use super::peer::PeerId;
 use super::rules::{Action, Rules, Snapshot};
 use super::{bump, Bus};
@@ -171,6 +172,11 @@ impl Bus {
         self.log.see(now);
         self.cfg.rules = rules;
         let mut done = Revocations::default();
+        // Owner changes, announced once every revocation is made: a name
+        // handed to a queued peer that loses it in the same reload is
+        // announced going to its final owner, never to one the new rules
+        // do not allow.
+        let mut changes: Vec<OwnerChange> = Vec::new();
         let ids: Vec<PeerId> = self.peers.keys().copied().collect();
         for id in ids {
             let Some(p) = self.peers.get(&id) else { continue };
@@ -221,13 +227,25 @@ impl Bus {
                 }
                 let reason = format!("policy reloaded: {why}");
                 self.control(id, &Revoked { what: Revocation::Name { name: &name }, reason: &reason }, now);
-                self.announce(change, now);
+                changes.extend(change);
                 done.names += 1;
             }
             for (channel_id, why) in channels {
                 if self.revoke_channel(channel_id, &why, now) {
                     done.channels += 1;
                 }
+            }
+        }
+        let mut last: Vec<OwnerChange> = Vec::new();
+        for c in changes {
+            match last.iter_mut().find(|l| l.name == c.name) {
+                Some(l) => l.new = c.new,
+                None => last.push(c),
+            }
+        }
+        for c in last {
+            if c.old != c.new {
+                self.announce(Some(c), now);
             }
         }
         done

@@ -752,6 +752,7 @@ impl Bus {
             replies_refused: c.replies_refused,
             replies_dropped: c.replies_dropped,
             request_timeouts: c.request_timeouts,
+            policy_denials: c.policy_denials,
         }
     }
 }

@@ -753,3 +753,37 @@ fn policy_decisions_count_as_work() {
     assert!(matches!(w.take(a).as_slice(), [BrokerFrame::OpError(e)] if e.code == ErrorCode::Denied));
     assert!(w.bus.work().wrapping_sub(before) >= 1000, "{}", w.bus.work().wrapping_sub(before));
 }
+
+/// A reload that takes a name from its owner and from the peer queued
+/// behind it announces one change, to the final owner (nobody), never a
+/// hand-over to a peer the new rules do not allow.
+#[test]
+fn a_reload_announces_only_the_final_owner_of_a_revoked_name() {
+    let mut cfg = config();
+    cfg.rules =
+        Some(rules("[[rule]]\nmatch = {}\nallow = [\"connect\", \"own svc.>\", \"subscribe $SYS.>\"]\n"));
+    let mut w = World::new(cfg);
+    let (watcher, a, b) = (w.join(0), w.join(1000), w.join(1001));
+    w.subscribe(watcher, 1, "$SYS.name.>");
+    for (id, req_id) in [(a, 1), (b, 2)] {
+        w.send(id, &shmbus_proto::frame::NameRequest { req_id, name: "svc.x", flags: Default::default() });
+    }
+    let events = |w: &mut World| -> Vec<(Option<u64>, Option<u64>)> {
+        w.take(watcher)
+            .into_iter()
+            .filter_map(|f| match f {
+                BrokerFrame::Deliver(_, p) => {
+                    let c = shmbus_proto::frame::NameOwnerChanged::from_bytes(p).unwrap();
+                    Some((c.old_owner, c.new_owner))
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(events(&mut w), vec![(None, Some(a))]);
+    w.bus.reload_policy(
+        Some(rules("[[rule]]\nmatch = {}\nallow = [\"connect\", \"subscribe $SYS.>\"]\n")),
+        w.now,
+    );
+    assert_eq!(events(&mut w), vec![(Some(a), None)], "one change, to the final owner");
+}
