@@ -136,6 +136,14 @@ pub enum ChannelEvent<R> {
     Reconnected,
 }
 
+/// Gives a handle back to the broker that granted it (connection
+/// `generation`), never to another.
+fn give_back(client: &Client, generation: u64, channel_id: u64, reader_id: u32) {
+    if let Ok(head) = shmbus_proto::frame::encode_head(&ChannelClose { channel_id, reader_id }) {
+        let _ = client.inner.send_frame_on(generation, &head, &[], &[]);
+    }
+}
+
 /// What a reader does after a reconnection (see `ChannelSubscriber::follow`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Follow {
@@ -154,10 +162,9 @@ fn open(client: &Client, topic: &str, role: ChannelRole) -> Result<Grant, Channe
         id
     };
     let result = (|| {
-        inner.send(&ChannelOpen { req_id, topic, role }, &[])?;
-        let epoch = inner.state.lock().epoch;
+        let sent_on = inner.send(&ChannelOpen { req_id, topic, role }, &[])?;
         let deadline = Instant::now() + client.timeout();
-        match inner.wait_answer(Some(deadline), epoch, |st| st.grants.remove(&req_id))? {
+        match inner.wait_answer(Some(deadline), sent_on, |st| st.grants.remove(&req_id))? {
             Some(Ok(grant)) => Ok(grant),
             Some(Err((code, message))) => Err(ChannelError::Refused { code, message }),
             None => Err(ChannelError::Timeout(client.timeout())),
@@ -248,8 +255,10 @@ impl ChannelPublisher {
             slot_count: config.slot_count,
             overflow: config.overflow,
         };
-        let generation = client.inner.generation.load(Ordering::Relaxed);
         let grant = open(client, topic, role)?;
+        // The grant's own: a reconnection during the open must not leave
+        // this handle believing it belongs to an older broker.
+        let generation = grant.generation;
         let g = grant.frame;
         let mapped = <[OwnedFd; 2]>::try_from(grant.fds).map_err(|_| ChannelError::BadGrant).and_then(
             |[ring, signal]| {
@@ -265,7 +274,7 @@ impl ChannelPublisher {
                 st.reader_events.remove(&g.channel_id);
                 st.release_channel(g.channel_id);
                 drop(st);
-                let _ = client.inner.send(&ChannelClose { channel_id: g.channel_id, reader_id: 0 }, &[]);
+                give_back(client, generation, g.channel_id, 0);
                 return Err(e);
             }
         };
@@ -458,7 +467,9 @@ impl ChannelPublisher {
 impl Drop for ChannelPublisher {
     fn drop(&mut self) {
         self.map.close();
-        if self.stale {
+        // Relaxed: a hint; a handle of an older connection has nothing to
+        // give back to the broker of this one, which may use its ids.
+        if self.stale || self.generation != self.client.inner.generation.load(Ordering::Relaxed) {
             // Its ids are the old broker's; the new one may have given
             // them to its successor.
             self.client.inner.state.lock().release_channel(self.channel_id);
@@ -560,8 +571,8 @@ impl std::fmt::Debug for ChannelSubscriber {
 
 impl ChannelSubscriber {
     pub(crate) fn open(client: &Client, topic: &str) -> Result<Self, ChannelError> {
-        let generation = client.inner.generation.load(Ordering::Relaxed);
         let grant = open(client, topic, ChannelRole::Subscribe)?;
+        let generation = grant.generation;
         let g = grant.frame;
         let mapped = <[OwnedFd; 3]>::try_from(grant.fds).map_err(|_| ChannelError::BadGrant).and_then(
             |[ring, signal, cursor]| {
@@ -578,7 +589,8 @@ impl ChannelSubscriber {
                 // wait for a reader that never came.
                 let close = ChannelClose { channel_id: g.channel_id, reader_id: g.reader_id };
                 client.inner.state.lock().release_channel(g.channel_id);
-                let _ = client.inner.send(&close, &[]);
+                let _ = close;
+                give_back(client, generation, g.channel_id, g.reader_id);
                 return Err(e);
             }
         };
@@ -745,11 +757,23 @@ impl ChannelSubscriber {
     }
 
     /// Fails if the connection to the broker has ended (reading whatever
-    /// it holds, without blocking).
+    /// it holds, without blocking; while it is lost, waiting up to
+    /// `MAX_SLEEP` so that a reconnection attempt can be made).
     fn check_broker(&self) -> Result<(), ChannelError> {
-        match self.client.inner.wait_for(Some(Instant::now()), |st| st.closed.clone())? {
+        match self.client.inner.wait_for(Some(self.poke_deadline()), |st| st.closed.clone())? {
             Some(d) => Err(ChannelError::Disconnected(d)),
             None => Ok(()),
+        }
+    }
+
+    /// How long a look at the connection may take: nothing while it is
+    /// well (a reader's wake-ups must not wait on it), `MAX_SLEEP` while
+    /// it is lost (room for a reconnection attempt's handshake).
+    fn poke_deadline(&self) -> Instant {
+        if self.client.inner.state.lock().lost.is_some() {
+            Instant::now() + MAX_SLEEP
+        } else {
+            Instant::now()
         }
     }
 
@@ -763,11 +787,17 @@ impl ChannelSubscriber {
         }
         // Read what the socket holds: a lost connection is noticed (and
         // made again) here.
-        let _ = self.client.inner.wait_for(Some(Instant::now()), |_| None::<()>);
-        if self.client.inner.generation.load(Ordering::Relaxed) == self.generation {
+        let _ = self.client.inner.wait_for(Some(self.poke_deadline()), |_| None::<()>);
+        let lost = self.client.inner.state.lock().lost.is_some();
+        let moved = self.client.inner.generation.load(Ordering::Relaxed) != self.generation;
+        if !moved && !lost {
             return Ok(Follow::Stay);
         }
         let since = *self.following_since.get_or_insert_with(Instant::now);
+        if !moved {
+            // Still being made again: wait for it, as for the publisher.
+            return Ok(if since.elapsed() < self.client.timeout() { Follow::Waiting } else { Follow::Stay });
+        }
         match ChannelSubscriber::open(&self.client, &self.topic) {
             Ok(mut new) => {
                 new.spin = self.spin;
@@ -818,7 +848,8 @@ impl ChannelSubscriber {
 impl Drop for ChannelSubscriber {
     fn drop(&mut self) {
         self.client.inner.state.lock().release_channel(self.channel_id);
-        if self.stale {
+        // As the publisher's: never a close for another broker's ids.
+        if self.stale || self.generation != self.client.inner.generation.load(Ordering::Relaxed) {
             return;
         }
         let close = ChannelClose { channel_id: self.channel_id, reader_id: self.reader_id };

@@ -288,7 +288,7 @@ impl ConnectOptions {
         let shown = self.resolve()?.to_string();
         let redial = (self.reconnect.max_attempts != Some(0)).then(|| {
             let opts = self.clone();
-            Redial { dial: Box::new(move || opts.dial()), policy: self.reconnect }
+            Redial { dial: Box::new(move |deadline| opts.dial_until(deadline)), policy: self.reconnect }
         });
         let limits = d.limits;
         let inner =
@@ -300,6 +300,22 @@ impl ConnectOptions {
     /// Connects, checks the broker's credentials and says hello: a
     /// connection, or why not.
     pub(crate) fn dial(&self) -> Result<Dialed, ConnectError> {
+        self.dial_until(None)
+    }
+
+    /// [`ConnectOptions::dial`], its handshake waiting no later than
+    /// `deadline` (nor longer than the client's timeout).
+    pub(crate) fn dial_until(&self, deadline: Option<Instant>) -> Result<Dialed, ConnectError> {
+        let wait = match deadline {
+            None => self.timeout,
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now()).min(self.timeout);
+                if left.is_zero() {
+                    return Err(ConnectError::Timeout(Duration::ZERO));
+                }
+                left
+            }
+        };
         let address = self.resolve()?;
         let shown = address.to_string();
         let fd = socket::connect(&address)
@@ -320,7 +336,7 @@ impl ConnectOptions {
         // The broker may refuse before reading our hello and close; its
         // goodbye is still waiting for us, so a failed send is not the end.
         let _ = socket::send_packet(fd.as_fd(), OutPacket { head: &head, payload: &[], fds: &[] }, false);
-        let (client_id, limits) = handshake(&fd, self.timeout)?;
+        let (client_id, limits) = handshake(&fd, wait)?;
         Ok(Dialed { fd, broker, client_id, limits })
     }
 }
@@ -553,12 +569,14 @@ impl Client {
                 .collect();
             let mut sent = 0;
             while sent < packets.len() {
-                match socket::send_packets(self.inner.fd.as_fd(), &packets[sent..], false) {
-                    Ok(n) => {
+                match self.inner.on_socket(None, |fd| socket::send_packets(fd, &packets[sent..], false)) {
+                    Ok((n, _)) => {
                         sent += n;
                         s.published += n as u64;
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    // Lost: the rest goes on the next connection, once made.
+                    Err(e) if self.inner.recover(&e) => {}
                     Err(e) => {
                         result = Err(self.inner.send_error(e).into());
                         break;
@@ -654,16 +672,18 @@ impl Client {
             st.awaiting_ack.remove(&sub_id);
             st.acks.remove(&sub_id);
         };
-        if let Err(e) = self.inner.send_frame(&head) {
-            let mut st = self.inner.state.lock();
-            cleanup(&mut st);
-            // Nothing was sent (a packet goes whole or not at all).
-            st.sub_ids.answered(sub_id);
-            return Err(e.into());
-        }
-        let epoch = self.inner.state.lock().epoch;
+        let sent_on = match self.inner.send_frame(&head) {
+            Ok(g) => g,
+            Err(e) => {
+                let mut st = self.inner.state.lock();
+                cleanup(&mut st);
+                // Nothing was sent (a packet goes whole or not at all).
+                st.sub_ids.answered(sub_id);
+                return Err(e.into());
+            }
+        };
         let deadline = Instant::now() + self.timeout;
-        match self.inner.wait_answer(Some(deadline), epoch, |st| st.acks.remove(&sub_id)) {
+        match self.inner.wait_answer(Some(deadline), sent_on, |st| st.acks.remove(&sub_id)) {
             Ok(Some(Ok(()))) => Ok(Subscription::new(self.inner.clone(), sub_id, label)),
             Ok(Some(Err((code, message)))) => {
                 cleanup(&mut self.inner.state.lock());
@@ -695,8 +715,7 @@ impl Client {
         let token = self.inner.state.lock().new_ping();
         let start = Instant::now();
         let result = (|| {
-            self.inner.send(&Ping { token }, &[])?;
-            let epoch = self.inner.state.lock().epoch;
+            let sent_on = self.inner.send(&Ping { token }, &[])?;
             let deadline = start + self.timeout;
             let came = |st: &mut State| {
                 if st.pings.get(&token) == Some(&true) {
@@ -706,7 +725,7 @@ impl Client {
                     None
                 }
             };
-            match self.inner.wait_answer(Some(deadline), epoch, came)? {
+            match self.inner.wait_answer(Some(deadline), sent_on, came)? {
                 Some(()) => Ok(start.elapsed()),
                 None => Err(RequestError::Timeout(self.timeout)),
             }
@@ -750,21 +769,23 @@ impl Client {
     /// items, and the `after` of the next page.
     fn query_with(
         &self,
-        send: impl FnOnce(u32) -> Result<(), RecvError>,
+        send: impl FnOnce(u32) -> Result<u64, RecvError>,
     ) -> Result<(Vec<QueryItemBody>, Option<String>), RequestError> {
         let req_id = self.inner.state.lock().new_query().ok_or_else(|| RequestError::Refused {
             code: ErrorCode::LimitExceeded,
             message: "every request id is in use".into(),
         })?;
         let result = (|| {
-            if let Err(e) = send(req_id) {
-                // Nothing was sent: no answer will come.
-                self.inner.state.lock().query_ids.answered(req_id);
-                return Err(e.into());
-            }
-            let epoch = self.inner.state.lock().epoch;
+            let sent_on = match send(req_id) {
+                Ok(g) => g,
+                Err(e) => {
+                    // Nothing was sent: no answer will come.
+                    self.inner.state.lock().query_ids.answered(req_id);
+                    return Err(e.into());
+                }
+            };
             let deadline = Instant::now() + self.timeout;
-            let done = self.inner.wait_answer(Some(deadline), epoch, |st| {
+            let done = self.inner.wait_answer(Some(deadline), sent_on, |st| {
                 if st.queries.get(&req_id).is_some_and(|q| q.done) {
                     st.queries.remove(&req_id)
                 } else {

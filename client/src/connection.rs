@@ -115,6 +115,18 @@ pub(crate) struct ReaderState {
 /// trip (`cargo run --release -p shmbus-benches -- request`).
 const RCV_TICK: Duration = Duration::from_millis(500);
 
+/// Which connection a send may go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// This one, or if it is lost the next (waiting for it up to the
+    /// client's timeout): what the app sends.
+    Across,
+    /// Whatever it is now; fail if it is lost.
+    Current,
+    /// Generation `g` only: what belongs to that connection.
+    Only(u64),
+}
+
 pub(crate) struct SendState {
     pub head: Vec<u8>,
     /// Encoded heads of a `publish_many` batch, reused between calls.
@@ -136,7 +148,8 @@ pub(crate) struct Dialed {
 pub(crate) struct Redial {
     /// Connects, checks the broker, says hello: `ConnectOptions::connect`'s
     /// first steps.
-    pub dial: Box<dyn Fn() -> Result<Dialed, crate::error::ConnectError> + Send + Sync>,
+    /// `deadline`: the handshake waits no longer (nor the client's timeout).
+    pub dial: Box<dyn Fn(Option<Instant>) -> Result<Dialed, crate::error::ConnectError> + Send + Sync>,
     pub policy: crate::client::ReconnectPolicy,
 }
 
@@ -156,8 +169,17 @@ pub(crate) struct Inner {
     /// Failed reconnection attempts since the connection was lost.
     attempts: std::sync::atomic::AtomicU32,
     /// `State::generation`, readable without `state` (one load on a
-    /// channel publisher's hot path).
+    /// channel publisher's hot path). Written with `swap` held.
     pub generation: std::sync::atomic::AtomicU64,
+    /// Held shared by every send for its system call, and exclusively by a
+    /// reconnection while it puts the new socket in place and renews what
+    /// lived on the old one: so a send goes whole to one connection, knows
+    /// which (`generation`), and comes after the renewals. Lock order:
+    /// `send` and `reader` before `swap` before `state`.
+    swap: parking_lot::RwLock<()>,
+    /// When the next reconnection attempt may be made (backoff holds for
+    /// every waiter, not only the one that failed last).
+    next_attempt: Mutex<Option<Instant>>,
     /// Taken through [`Inner::lock_send`] only, so that whoever lets go of
     /// it sends a due `FdAck`.
     send: Mutex<SendState>,
@@ -237,6 +259,8 @@ impl Inner {
             timeout,
             attempts: std::sync::atomic::AtomicU32::new(0),
             generation: std::sync::atomic::AtomicU64::new(0),
+            swap: parking_lot::RwLock::new(()),
+            next_attempt: Mutex::new(None),
             send: Mutex::new(SendState { head: Vec::with_capacity(256), heads: Vec::new(), published: 0 }),
             state: Mutex::new(State { bounds, fd_acks: FdAcks::new(limits.fd_window), ..State::default() }),
             reader: Mutex::new(ReaderState::default()),
@@ -274,8 +298,9 @@ impl Inner {
         SendGuard { inner: self, guard: Some(self.send.lock()) }
     }
 
-    /// Sends one frame (blocking while the socket buffer is full).
-    pub fn send<B: Body>(&self, body: &B, payload: &[u8]) -> Result<(), RecvError> {
+    /// Sends one frame (blocking while the socket buffer is full): the
+    /// connection generation it went on.
+    pub fn send<B: Body>(&self, body: &B, payload: &[u8]) -> Result<u64, RecvError> {
         let mut s = self.lock_send();
         self.send_locked(&mut s, body, payload)
     }
@@ -302,22 +327,26 @@ impl Inner {
             }
             // Held while these go, so that they go in one piece.
             let Some(held) = self.send.try_lock() else { return };
-            let (due, replies) = {
+            let (due, replies, generation) = {
                 let mut st = self.state.lock();
                 // Relaxed: `ack_due` is only written under `state`.
                 self.ack_due.store(false, Ordering::Relaxed);
-                if st.closed.is_some() {
+                if st.closed.is_some() || st.lost.is_some() {
+                    // What they acknowledge or answer went with the
+                    // connection (a reconnection starts them afresh).
                     st.auto_replies.clear();
-                    (None, Vec::new())
+                    (None, Vec::new(), st.generation)
                 } else {
-                    (st.fd_acks.take_due(), std::mem::take(&mut st.auto_replies))
+                    (st.fd_acks.take_due(), std::mem::take(&mut st.auto_replies), st.generation)
                 }
             };
-            // Never across a reconnection: they belong to this connection.
+            // Only on the connection they belong to: an ack or a reply
+            // meant for the old one would wrong the new one.
+            let on = Route::Only(generation);
             if let Some(fds) = due {
                 // A failure means the connection is gone, and acks with it.
                 if let Ok(head) = shmbus_proto::frame::encode_head(&FdAck { fds }) {
-                    let _ = self.send_encoded(&head, &[], &[], false);
+                    let _ = self.send_encoded(&head, &[], &[], on);
                 }
             }
             for r in replies {
@@ -325,7 +354,7 @@ impl Inner {
                 let reply = Reply { serial: r.serial, status, payload: PayloadRef::Inline };
                 // Likewise: the broker then answers the caller itself.
                 if let Ok(head) = shmbus_proto::frame::encode_head(&reply) {
-                    let _ = self.send_encoded(&head, &[], &[], false);
+                    let _ = self.send_encoded(&head, &[], &[], on);
                 }
             }
             drop(held);
@@ -351,7 +380,12 @@ impl Inner {
         self.send_fd_ack();
     }
 
-    pub fn send_locked<B: Body>(&self, s: &mut SendState, body: &B, payload: &[u8]) -> Result<(), RecvError> {
+    pub fn send_locked<B: Body>(
+        &self,
+        s: &mut SendState,
+        body: &B,
+        payload: &[u8],
+    ) -> Result<u64, RecvError> {
         self.send_locked_with_fds(s, body, payload, &[])
     }
 
@@ -364,26 +398,78 @@ impl Inner {
         body: &B,
         payload: &[u8],
         fds: &[BorrowedFd<'_>],
-    ) -> Result<(), RecvError> {
+    ) -> Result<u64, RecvError> {
         encode_head_into(&mut s.head, body)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-        self.send_encoded(&s.head, payload, fds, true)
+        self.send_encoded(&s.head, payload, fds, Route::Across)
     }
 
-    /// Sends one frame, never across a reconnection: for what belongs to
-    /// this connection only (an `FdAck`, a reply for its requests, an
-    /// unsubscribe of what a reconnection would not renew anyway).
+    /// Sends one frame of the connection as it is, never across a
+    /// reconnection, and never waiting for one: for a `Drop` (an
+    /// unsubscribe, a release, a channel handle given back), which must
+    /// return at once, and has nothing to do on a lost connection (what it
+    /// ends is not renewed).
     pub fn send_once<B: Body>(&self, body: &B) -> Result<(), RecvError> {
         let head = shmbus_proto::frame::encode_head(body)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-        let _s = self.lock_send();
-        self.send_encoded(&head, &[], &[], false)
+        let gone = || {
+            RecvError::Disconnected(Disconnect {
+                code: None,
+                reason: "the connection to the broker is lost".into(),
+            })
+        };
+        // `send` may be held by a sender waiting out an outage: never wait
+        // for it then.
+        let _s = loop {
+            if self.state.lock().lost.is_some() {
+                return Err(gone());
+            }
+            if let Some(s) = self.send.try_lock_for(Duration::from_millis(10)) {
+                break s;
+            }
+        };
+        self.send_encoded(&head, &[], &[], Route::Current).map(drop)
     }
 
-    /// Sends an encoded frame (`send`'s rules, reconnection included).
-    pub fn send_frame(&self, head: &[u8]) -> Result<(), RecvError> {
+    /// Sends an encoded frame (`send`'s rules, reconnection included):
+    /// the connection generation it went on.
+    pub fn send_frame(&self, head: &[u8]) -> Result<u64, RecvError> {
         let _s = self.lock_send();
-        self.send_encoded(head, &[], &[], true)
+        self.send_encoded(head, &[], &[], Route::Across)
+    }
+
+    /// Sends an encoded frame on connection `generation` only (a reply to
+    /// a request that came on it): fails if that connection is gone.
+    pub fn send_frame_on(
+        &self,
+        generation: u64,
+        head: &[u8],
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), RecvError> {
+        let _s = self.lock_send();
+        self.send_encoded(head, payload, fds, Route::Only(generation)).map(drop)
+    }
+
+    /// Runs `f` on the socket with `swap` held shared: the connection
+    /// cannot change under it. `only`: fail (`NotConnected`) unless the
+    /// connection is generation `only`. Returns `f`'s result and the
+    /// generation it ran on.
+    pub(crate) fn on_socket<T>(
+        &self,
+        only: Option<u64>,
+        f: impl FnOnce(BorrowedFd<'_>) -> io::Result<T>,
+    ) -> io::Result<(T, u64)> {
+        let _g = self.swap.read();
+        // Relaxed: written only with `swap` held exclusively.
+        let generation = self.generation.load(Ordering::Relaxed);
+        if only.is_some_and(|g| g != generation) {
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the connection it belonged to was lost (the client reconnected since)",
+            ));
+        }
+        Ok((f(self.fd.as_fd())?, generation))
     }
 
     fn send_encoded(
@@ -391,14 +477,18 @@ impl Inner {
         head: &[u8],
         payload: &[u8],
         fds: &[BorrowedFd<'_>],
-        across_reconnection: bool,
-    ) -> Result<(), RecvError> {
+        route: Route,
+    ) -> Result<u64, RecvError> {
         let packet = OutPacket { head, payload, fds };
+        let only = match route {
+            Route::Only(g) => Some(g),
+            Route::Across | Route::Current => None,
+        };
         loop {
-            match socket::send_packet(self.fd.as_fd(), packet, false) {
-                Ok(()) => return Ok(()),
+            match self.on_socket(only, |fd| socket::send_packet(fd, packet, false)) {
+                Ok(((), generation)) => return Ok(generation),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if across_reconnection && self.recover(&e) => {}
+                Err(e) if route == Route::Across && self.recover(&e) => {}
                 Err(e) => return Err(self.send_error(e)),
             }
         }
@@ -509,10 +599,24 @@ impl Inner {
                 self.notify_all();
                 return false;
             }
-            match (redial.dial)() {
+            // Backoff holds for every waiter: a poll does not hurry it.
+            let now = Instant::now();
+            if let Some(at) = *self.next_attempt.lock() {
+                if at > now {
+                    if deadline.is_some_and(|d| d <= at) {
+                        std::thread::sleep(deadline.expect("checked").saturating_duration_since(now));
+                        // Not an attempt.
+                        self.attempts.fetch_sub(1, Ordering::Relaxed);
+                        return false;
+                    }
+                    std::thread::sleep(at - now);
+                }
+            }
+            match (redial.dial)(deadline) {
                 Ok(d) => {
                     if self.install(reader, d).is_ok() {
                         self.attempts.store(0, Ordering::Relaxed);
+                        *self.next_attempt.lock() = None;
                         return true;
                     }
                 }
@@ -526,15 +630,10 @@ impl Inner {
                 }
                 Err(_) => {}
             }
-            let delay = redial.policy.delay(n);
-            let now = Instant::now();
-            if let Some(d) = deadline {
-                if now + delay >= d {
-                    std::thread::sleep(d.saturating_duration_since(now));
-                    return false;
-                }
+            *self.next_attempt.lock() = Some(Instant::now() + redial.policy.delay(n));
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return false;
             }
-            std::thread::sleep(delay);
         }
     }
 
@@ -544,6 +643,10 @@ impl Inner {
     /// `send` lock, whose holder may be waiting for this very moment; a
     /// frame goes whole, so the two never mix.
     fn install(&self, reader: &mut ReaderState, d: Dialed) -> io::Result<()> {
+        // Exclusive: no send is in a system call, and none starts until
+        // the renewals are out (an unsubscribe made meanwhile then comes
+        // after the subscribe it undoes, never before).
+        let swapping = self.swap.write();
         socket::replace_fd(self.fd.as_fd(), d.fd)?;
         *reader = ReaderState::default();
         // Relaxed: read by `Client::id` only, no ordering needed.
@@ -554,7 +657,8 @@ impl Inner {
             // Relaxed: `ack_due` is only written under `state`.
             self.ack_due.store(false, Ordering::Relaxed);
             let renew = st.reconnected(d.limits.fd_window);
-            // Relaxed: a hint to channel handles, which then ask `state`.
+            // Relaxed: read under `swap` (held here exclusively), or as a
+            // hint by channel handles, which then ask `state`.
             self.generation.store(st.generation, Ordering::Relaxed);
             let held: Vec<(String, shmbus_proto::frame::NameFlags)> =
                 st.held_names.iter().map(|(n, f)| (n.clone(), *f)).collect();
@@ -566,45 +670,49 @@ impl Inner {
             }
             (renew, names)
         };
+        // The socket is ours alone here (`swap`): straight to it.
+        let raw = |head: &[u8]| {
+            socket::send_packet(self.fd.as_fd(), OutPacket { head, payload: &[], fds: &[] }, false)
+        };
         for (_, head) in renew {
-            let _ = self.send_encoded(&head, &[], &[], false);
+            let _ = raw(&head);
         }
         for (req_id, name, flags) in names {
             let request = shmbus_proto::frame::NameRequest { req_id, name: &name, flags };
             let sent = shmbus_proto::frame::encode_head(&request)
                 .map_err(|e| io::Error::other(e.to_string()))
-                .and_then(|h| {
-                    self.send_encoded(&h, &[], &[], false).map_err(|e| io::Error::other(e.to_string()))
-                });
+                .and_then(|h| raw(&h));
             if sent.is_err() {
                 let mut st = self.state.lock();
                 st.name_requests.remove(&req_id);
                 st.name_ids.answered(req_id);
             }
         }
+        drop(swapping);
         let _st = self.state.lock();
         self.notify_all();
         Ok(())
     }
 
-    /// Like [`Inner::wait_for`], for an answer to something sent when the
-    /// connection's `epoch` was `since`: if the connection is lost before
-    /// the answer comes, the answer never will, and this fails with
-    /// `Disconnected` rather than wait for its deadline.
+    /// Like [`Inner::wait_for`], for an answer to something sent on
+    /// connection generation `sent_on` (what the send returned): if that
+    /// connection is lost before the answer comes, the answer never will,
+    /// and this fails with `Disconnected` rather than wait for its
+    /// deadline.
     pub fn wait_answer<T>(
         &self,
         deadline: Option<Instant>,
-        since: u64,
+        sent_on: u64,
         mut check: impl FnMut(&mut State) -> Option<T>,
     ) -> Result<Option<T>, RecvError> {
         let got = self.wait_for(deadline, |st| {
             if let Some(v) = check(st) {
                 return Some(Ok(v));
             }
-            (st.epoch != since).then(|| {
+            (st.generation != sent_on || st.lost.is_some()).then(|| {
                 Err(st.lost.clone().unwrap_or(Disconnect {
                     code: None,
-                    reason: "the connection to the broker was lost before the answer came".into(),
+                    reason: "the connection to the broker was lost".into(),
                 }))
             })
         })?;
@@ -612,7 +720,10 @@ impl Inner {
             Some(Ok(v)) => Ok(Some(v)),
             Some(Err(d)) => Err(RecvError::Disconnected(Disconnect {
                 code: d.code,
-                reason: format!("{} before the answer came (the client is reconnecting)", d.reason),
+                reason: format!(
+                    "{}; the answer was lost with the connection (the client reconnects)",
+                    d.reason
+                ),
             })),
             None => Ok(None),
         }
@@ -835,6 +946,9 @@ impl Inner {
         if st.closed.is_none() {
             st.closed = Some(Disconnect { code, reason });
         }
+        // Under the same lock: nobody sees `closed` for a loss that a
+        // reconnection will repair.
+        self.settle_loss(&mut st);
     }
 
     fn dispatch(&self, batch: &mut RecvBatch, held: &mut Vec<(RecvStatus, Vec<OwnedFd>)>, n: usize) {
@@ -861,6 +975,9 @@ impl Inner {
                 self.ack_due.store(true, Ordering::Relaxed);
             }
         }
+        // Under the same lock as the packets: nobody sees `closed` for a
+        // loss that a reconnection will repair.
+        self.settle_loss(&mut st);
         if !st.auto_replies.is_empty() && st.closed.is_none() {
             // Relaxed: `send_fd_ack`'s fence orders it before the reader
             // tries `send`.

@@ -208,6 +208,8 @@ impl IdSpace {
 pub(crate) struct Grant {
     pub frame: shmbus_proto::frame::ChannelGranted,
     pub fds: Vec<OwnedFd>,
+    /// The connection generation it came on (its ids are that broker's).
+    pub generation: u64,
 }
 
 /// A reader joined (with its cursor page) or left a channel we publish.
@@ -415,8 +417,10 @@ impl State {
         }
         // Calls in flight fail, distinctly: their answers were due on the
         // lost connection, and none is sent again behind the caller's back.
+        let lost_generation = self.generation;
         for slot in self.calls.values_mut() {
-            if slot.answer.is_none() {
+            // A call not sent yet goes on the next connection.
+            if slot.answer.is_none() && slot.sent_on == Some(lost_generation) {
                 let d = Disconnect {
                     code: why.code,
                     reason: format!("{}; the call's answer was lost with it", why.reason),
@@ -424,6 +428,15 @@ impl State {
                 slot.answer = Some(Err(crate::error::CallError::Disconnected(d)));
             }
         }
+        // What came on the lost connection cannot be answered on another
+        // (a serial names a request of one broker only): requests queued
+        // for services go, and the answers the reader owed with them.
+        // Their callers were answered by the broker, or went with it.
+        for q in self.services.values_mut() {
+            let dropped = q.drain_requests();
+            self.queued.sub(dropped);
+        }
+        self.auto_replies.clear();
         self.lost = Some(why);
         self.epoch += 1;
     }
@@ -435,6 +448,7 @@ impl State {
         self.lost = None;
         self.closed = None;
         self.generation += 1;
+        self.auto_replies.clear();
         self.fd_acks = FdAcks::new(fd_window);
         self.arrivals += 1;
         let arrival = self.arrivals;
@@ -836,7 +850,8 @@ pub(crate) fn apply(
                     // We publish this channel: from now on keep its news.
                     st.reader_events.entry(g.channel_id).or_default();
                 }
-                st.grants.insert(g.req_id, Ok(Grant { frame: g, fds }));
+                let generation = st.generation;
+                st.grants.insert(g.req_id, Ok(Grant { frame: g, fds, generation }));
             }
         }
         BrokerFrame::ChannelReader(r) => {

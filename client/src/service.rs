@@ -316,6 +316,9 @@ pub(crate) fn outcome_result(
 pub(crate) struct CallSlot {
     pub timeout: Duration,
     pub answer: Option<Result<Reply, CallError>>,
+    /// The connection generation its request went on, once sent: if that
+    /// connection is lost, so is the answer.
+    pub sent_on: Option<u64>,
 }
 
 /// What the broker answered to a name operation.
@@ -337,6 +340,9 @@ pub(crate) struct QueuedRequest {
     pub(crate) no_reply: bool,
     payload: Payload,
     charge: Charge,
+    /// The connection generation it came on: its reply goes on that one
+    /// or nowhere.
+    pub(crate) generation: u64,
 }
 
 /// One service's queue.
@@ -350,6 +356,15 @@ pub(crate) struct ServiceQueue {
     /// The broker released the name by policy: why. The requests queued
     /// before are still served; then the service's receive fails.
     pub(crate) revoked: Option<String>,
+}
+
+impl ServiceQueue {
+    /// Drops every queued request (their memfds close); returns what they
+    /// held, for the connection's totals.
+    pub(crate) fn drain_requests(&mut self) -> Charge {
+        self.requests.clear();
+        std::mem::take(&mut self.charge)
+    }
 }
 
 /// A name the broker took back from this client because a reloaded
@@ -387,8 +402,25 @@ impl State {
     /// A new call id, with a slot for its answer.
     pub fn new_call(&mut self, timeout: Duration) -> u64 {
         self.last_call = (self.last_call + 1) & !SEND_BIT;
-        self.calls.insert(self.last_call, CallSlot { timeout, answer: None });
+        self.calls.insert(self.last_call, CallSlot { timeout, answer: None, sent_on: None });
         self.last_call
+    }
+
+    /// Call `call_id`'s request went on connection `generation`: if that
+    /// one is lost already, so is its answer.
+    pub fn call_sent(&mut self, call_id: u64, generation: u64) {
+        let gone = self.lost.clone().filter(|_| self.generation == generation).or_else(|| {
+            (self.generation != generation).then(|| crate::error::Disconnect {
+                code: None,
+                reason: "the connection to the broker was lost".into(),
+            })
+        });
+        if let Some(slot) = self.calls.get_mut(&call_id) {
+            slot.sent_on = Some(generation);
+            if let (Some(d), None) = (gone, &slot.answer) {
+                slot.answer = Some(Err(CallError::Disconnected(d)));
+            }
+        }
     }
 
     /// The number and call id of a new fire-and-forget send.
@@ -519,6 +551,7 @@ impl State {
             no_reply: s.no_reply,
             payload,
             charge,
+            generation: self.generation,
         });
         q.charge.add(charge);
         self.queued.add(charge);
@@ -549,24 +582,25 @@ impl State {
 
 /// Sends `Reply { serial }` with `status` and the payload inline or as
 /// `fd` (a sealed memfd of `len` bytes).
+/// Sends a reply on the connection its request came on (`generation`)
+/// only: on another, its serial would name another caller's request.
 fn send_reply(
     inner: &Inner,
+    generation: u64,
     serial: u64,
     status: ReplyStatus<'_>,
     inline: &[u8],
     fd: Option<(BorrowedFd<'_>, u64)>,
 ) -> Result<(), RecvError> {
-    let mut s = inner.lock_send();
-    match fd {
-        None => {
-            let body = ReplyFrame { serial, status, payload: PayloadRef::Inline };
-            inner.send_locked(&mut s, &body, inline)
-        }
-        Some((fd, len)) => {
-            let body = ReplyFrame { serial, status, payload: PayloadRef::Memfd { len } };
-            inner.send_locked_with_fds(&mut s, &body, &[], &[fd])
-        }
-    }
+    let (payload, fds): (_, Vec<BorrowedFd<'_>>) = match fd {
+        None => (PayloadRef::Inline, Vec::new()),
+        Some((fd, len)) => (PayloadRef::Memfd { len }, vec![fd]),
+    };
+    let body = ReplyFrame { serial, status, payload };
+    let head = shmbus_proto::frame::encode_head(&body)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let inline = if fds.is_empty() { inline } else { &[] };
+    inner.send_frame_on(generation, &head, inline, &fds)
 }
 
 /// Answers queued requests that will not be served (fire-and-forget ones
@@ -575,7 +609,7 @@ fn answer_unserved(inner: &Inner, queued: VecDeque<QueuedRequest>, message: &str
     for r in queued.into_iter().filter(|r| !r.no_reply) {
         let status = ReplyStatus::Error { code: reply_code::UNANSWERED, message };
         // A failure means the connection is gone: the broker answers.
-        let _ = send_reply(inner, r.serial, status, &[], None);
+        let _ = send_reply(inner, r.generation, r.serial, status, &[], None);
     }
 }
 
@@ -815,7 +849,7 @@ impl Request {
             return self.finish(ReplyStatus::Ok, Some((fd.as_fd(), payload.len() as u64)));
         }
         let serial = self.q.serial;
-        send_reply(&self.inner, serial, ReplyStatus::Ok, payload, None)?;
+        send_reply(&self.inner, self.q.generation, serial, ReplyStatus::Ok, payload, None)?;
         self.answered = true;
         Ok(())
     }
@@ -860,7 +894,7 @@ impl Request {
         status: ReplyStatus<'_>,
         fd: Option<(BorrowedFd<'_>, u64)>,
     ) -> Result<(), ReplyError> {
-        send_reply(&self.inner, self.q.serial, status, &[], fd)?;
+        send_reply(&self.inner, self.q.generation, self.q.serial, status, &[], fd)?;
         self.answered = true;
         Ok(())
     }
@@ -874,7 +908,7 @@ impl Drop for Request {
                 message: "the service dropped the request without answering it",
             };
             // A failure means the connection is gone: the broker answers.
-            let _ = send_reply(&self.inner, self.q.serial, status, &[], None);
+            let _ = send_reply(&self.inner, self.q.generation, self.q.serial, status, &[], None);
         }
     }
 }
@@ -1048,26 +1082,28 @@ impl Client {
     /// for the broker's answer: `Ok(None)` on timeout.
     fn name_op(
         &self,
-        send: impl FnOnce(u32) -> Result<(), RecvError>,
+        send: impl FnOnce(u32) -> Result<u64, RecvError>,
     ) -> Result<Option<NameAnswer>, RecvError> {
-        let (req_id, epoch) = {
+        let req_id = {
             let mut st = self.inner.state.lock();
             if let Some(d) = &st.closed {
                 return Err(RecvError::Disconnected(d.clone()));
             }
-            let id = st.new_name_op().ok_or_else(|| io::Error::other("every name request id is in use"))?;
-            (id, st.epoch)
+            st.new_name_op().ok_or_else(|| io::Error::other("every name request id is in use"))?
         };
-        if let Err(e) = send(req_id) {
-            let mut st = self.inner.state.lock();
-            st.name_ops.remove(&req_id);
-            st.name_requests.remove(&req_id);
-            // Nothing was sent: no answer will come.
-            st.name_ids.answered(req_id);
-            return Err(e);
-        }
+        let sent_on = match send(req_id) {
+            Ok(g) => g,
+            Err(e) => {
+                let mut st = self.inner.state.lock();
+                st.name_ops.remove(&req_id);
+                st.name_requests.remove(&req_id);
+                // Nothing was sent: no answer will come.
+                st.name_ids.answered(req_id);
+                return Err(e);
+            }
+        };
         let deadline = Instant::now() + self.timeout();
-        let got = self.inner.wait_answer(Some(deadline), epoch, |st| match st.name_ops.get(&req_id) {
+        let got = self.inner.wait_answer(Some(deadline), sent_on, |st| match st.name_ops.get(&req_id) {
             Some(Some(_)) => st.name_ops.remove(&req_id).flatten(),
             _ => None,
         });
@@ -1241,10 +1277,14 @@ impl Client {
             st.new_call(timeout)
         };
         let sent = Instant::now();
-        if let Err(e) = self.send_request(call_id, name, payload, timeout_ms(timeout), false) {
-            self.inner.state.lock().calls.remove(&call_id);
-            return Err(e);
-        }
+        let sent_on = match self.send_request(call_id, name, payload, timeout_ms(timeout), false) {
+            Ok(g) => g,
+            Err(e) => {
+                self.inner.state.lock().calls.remove(&call_id);
+                return Err(e);
+            }
+        };
+        self.inner.state.lock().call_sent(call_id, sent_on);
         Ok(PendingCall {
             inner: self.inner.clone(),
             call_id,
@@ -1280,17 +1320,15 @@ impl Client {
         payload: &[u8],
         timeout_ms: u32,
         no_reply: bool,
-    ) -> Result<(), CallError> {
+    ) -> Result<u64, CallError> {
         let mut frame = RequestFrame { call_id, name, timeout_ms, no_reply, payload: PayloadRef::Inline };
         if payload.len() > self.memfd_threshold() {
             let fd = memfd::from_bytes("shmbus-request", payload).map_err(CallError::Memfd)?;
             frame.payload = PayloadRef::Memfd { len: payload.len() as u64 };
             let mut s = self.inner.lock_send();
-            self.inner.send_locked_with_fds(&mut s, &frame, &[], &[fd.as_fd()])?;
-            return Ok(());
+            return Ok(self.inner.send_locked_with_fds(&mut s, &frame, &[], &[fd.as_fd()])?);
         }
-        self.inner.send(&frame, payload)?;
-        Ok(())
+        Ok(self.inner.send(&frame, payload)?)
     }
 
     /// Names the broker took back from this client because a reloaded

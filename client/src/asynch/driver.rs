@@ -4,7 +4,7 @@
 
 use std::future::{poll_fn, Future};
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -495,10 +495,11 @@ fn send_failure(shared: &Arc<Shared>, e: io::Error) -> RecvError {
 }
 
 /// Sends one packet without waiting: whether it went (`false`: no room).
-fn try_packet(inner: &Inner, packet: OutPacket<'_>) -> io::Result<bool> {
+/// `only`: on that connection generation only (see `Inner::on_socket`).
+fn try_packet_on(inner: &Inner, only: Option<u64>, packet: OutPacket<'_>) -> io::Result<bool> {
     loop {
-        match socket::send_packet(inner.fd.as_fd(), packet, true) {
-            Ok(()) => return Ok(true),
+        match inner.on_socket(only, |fd| socket::send_packet(fd, packet, true)) {
+            Ok(((), _)) => return Ok(true),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
@@ -538,8 +539,8 @@ pub(crate) async fn send_packets(
     packets: &[OutPacket<'_>],
 ) -> Result<usize, RecvError> {
     send_with(shared, false, |inner, s| loop {
-        match socket::send_packets(inner.fd.as_fd(), packets, true) {
-            Ok(n) => {
+        match inner.on_socket(None, |fd| socket::send_packets(fd, packets, true)) {
+            Ok((n, _)) => {
                 s.published += n as u64;
                 return Ok(Some(n));
             }
@@ -555,12 +556,25 @@ pub(crate) async fn send_packets(
 /// whether it went. Anything else (taken, full, failed) is for the caller
 /// to hand to the blocking path ([`off_executor`], [`blocking`]), which
 /// waits, or reports the failure, as the blocking API does.
-pub(crate) fn send_now<B: Body>(inner: &Inner, body: &B, payload: &[u8], fds: &[BorrowedFd<'_>]) -> bool {
+/// `only`: on that connection generation only (a reply to a request that
+/// came on it).
+pub(crate) fn send_now<B: Body>(
+    inner: &Inner,
+    only: Option<u64>,
+    body: &B,
+    payload: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> bool {
     let Some(mut s) = inner.try_lock_send() else { return false };
     if encode_into(&mut s, body).is_err() {
         return false;
     }
-    matches!(try_packet(inner, OutPacket { head: &s.head, payload, fds }), Ok(true))
+    matches!(try_packet_on(inner, only, OutPacket { head: &s.head, payload, fds }), Ok(true))
+}
+
+/// Sends one packet without waiting, on whatever connection is current.
+fn try_packet(inner: &Inner, packet: OutPacket<'_>) -> io::Result<bool> {
+    try_packet_on(inner, None, packet)
 }
 
 /// Runs `f`, which may block, where it cannot block an executor: on

@@ -256,7 +256,7 @@ impl Request {
         }
         let frame =
             ReplyFrame { serial: self.q.serial, status: ReplyStatus::Ok, payload: PayloadRef::Inline };
-        if driver::send_now(&self.inner, &frame, payload, &[]) {
+        if driver::send_now(&self.inner, Some(self.q.generation), &frame, payload, &[]) {
             self.answered = true;
             return Ok(());
         }
@@ -272,7 +272,7 @@ impl Request {
         }
         let status = ReplyStatus::Error { code, message: cut(message) };
         let frame = ReplyFrame { serial: self.q.serial, status, payload: PayloadRef::Inline };
-        if driver::send_now(&self.inner, &frame, &[], &[]) {
+        if driver::send_now(&self.inner, Some(self.q.generation), &frame, &[], &[]) {
             self.answered = true;
             return Ok(());
         }
@@ -303,7 +303,7 @@ impl Request {
     async fn reply_fd(mut self, fd: std::os::fd::OwnedFd, len: u64) -> Result<(), ReplyError> {
         let frame =
             ReplyFrame { serial: self.q.serial, status: ReplyStatus::Ok, payload: PayloadRef::Memfd { len } };
-        if driver::send_now(&self.inner, &frame, &[], &[fd.as_fd()]) {
+        if driver::send_now(&self.inner, Some(self.q.generation), &frame, &[], &[fd.as_fd()]) {
             self.answered = true;
             return Ok(());
         }

@@ -125,7 +125,7 @@ impl Drop for AsyncSubscription {
 /// it can go without waiting, else from the blocking pool. Not across a
 /// reconnection: a subscription dropped meanwhile is not renewed.
 fn unsubscribe(inner: &Arc<Inner>, id: u32) {
-    if driver::send_now(inner, &Unsubscribe { sub_id: id }, &[], &[]) {
+    if driver::send_now(inner, None, &Unsubscribe { sub_id: id }, &[], &[]) {
         return;
     }
     let inner = inner.clone();
