@@ -327,3 +327,36 @@ fn channel_handles_open_again_once_their_publisher_is_back() {
     assert_eq!(info.len(), 1, "the new broker knows the channel: {info:?}");
     assert_eq!(info[0].readers, 1);
 }
+
+/// An app that only polls (an event loop calling `try_recv`, never
+/// blocking in the library) reconnects too.
+#[test]
+fn a_client_that_only_polls_reconnects() {
+    let mut b = Broker::start("reconnect-poll");
+    let c = b.client();
+    let sub = c.subscribe("p.>").unwrap();
+    b.restart(Signal::TERM);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match sub.try_recv().unwrap() {
+            Some(Event::Reconnected) => break,
+            Some(other) => panic!("{other:?}"),
+            None => {
+                assert!(Instant::now() < deadline, "a polling client never reconnected");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+    let p = b.client();
+    p.publish("p.x", b"polled").unwrap();
+    p.flush().unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(Event::Message(m)) = sub.try_recv().unwrap() {
+            assert_eq!(m.payload(), b"polled");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the renewed subscription got nothing");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

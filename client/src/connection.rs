@@ -115,6 +115,9 @@ pub(crate) struct ReaderState {
 /// trip (`cargo run --release -p shmbus-benches -- request`).
 const RCV_TICK: Duration = Duration::from_millis(500);
 
+/// The handshake a reconnection attempt made by a poll may wait for.
+const POLL_DIAL: Duration = Duration::from_millis(20);
+
 /// Which connection a send may go on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Route {
@@ -612,7 +615,11 @@ impl Inner {
                     std::thread::sleep(at - now);
                 }
             }
-            match (redial.dial)(deadline) {
+            // A poll (a deadline already here) still makes a real attempt,
+            // with a short handshake: an app that only polls reconnects
+            // too, and no poll waits out the client's whole timeout.
+            let dial_by = deadline.map(|d| d.max(Instant::now() + POLL_DIAL));
+            match (redial.dial)(dial_by) {
                 Ok(d) => {
                     if self.install(reader, d).is_ok() {
                         self.attempts.store(0, Ordering::Relaxed);
