@@ -222,20 +222,20 @@ fn socket_holder_process() {
     use std::os::fd::AsRawFd;
     let addr = std::env::var(HOLDER).expect("set by the parent");
     let listener = shmbus_proto::sys::socket::listen(&shmbus::Address::parse(&addr).unwrap(), 128).unwrap();
-    // The socket goes to each broker as fd 3, as systemd passes it.
-    let fd3 = if listener.as_raw_fd() == 3 {
-        listener
+    // The socket goes to each broker as fd 3, as systemd passes it: the
+    // shell puts it there (`exec 3<&N`, a dup2), whatever this process
+    // inherited as fd 3 (a `time -o` file, a make jobserver pipe), and
+    // closes the number it had.
+    rustix::io::fcntl_setfd(&listener, rustix::io::FdFlags::empty()).unwrap();
+    let n = listener.as_raw_fd();
+    let script = if n == 3 {
+        "export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=bus; exec \"$0\"".to_owned()
     } else {
-        let fd = rustix::io::fcntl_dupfd_cloexec(&listener, 3).unwrap();
-        drop(listener);
-        fd
+        format!("exec 3<&{n} {n}<&-; export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=bus; exec \"$0\"")
     };
-    assert_eq!(fd3.as_raw_fd(), 3, "fd 3 was free");
-    rustix::io::fcntl_setfd(&fd3, rustix::io::FdFlags::empty()).unwrap();
     let start = || {
         let mut cmd = Command::new("sh");
-        cmd.args(["-c", "export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=bus; exec \"$0\"", SHMBUSD])
-            .stdin(Stdio::null());
+        cmd.args(["-c", &script, SHMBUSD]).stdin(Stdio::null());
         cmd.spawn().unwrap()
     };
     let mut broker = start();
