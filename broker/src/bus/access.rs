@@ -360,6 +360,11 @@ impl Bus {
         }
         let verdict = match &self.cfg.rules {
             Some(rules) => {
+                // A snapshot looks at each rule's groups against these:
+                // work like deliveries, so a flood of checks gets no bigger
+                // share of a loop turn than any other peer.
+                let cost = rules.rule_count() as u64 * (1 + gids.len() as u64 / 64);
+                self.work = self.work.wrapping_add(cost);
                 let snapshot = rules.snapshot(c.uid, &gids, self.cfg.broker.uid);
                 let v = if matches!(action, Action::Subscribe | Action::ChannelRead) {
                     snapshot.decide_pattern(action, c.subject)
