@@ -39,7 +39,8 @@ use shmbus_proto::frame::{
 };
 use shmbus_proto::sys::socket::PeerCred;
 
-use crate::{percentiles, Report, Row};
+use crate::router::per_call;
+use crate::{Report, Row};
 
 /// Both peers' uid: not root, not the broker's, so the rules are asked.
 const PEER_UID: u32 = 5000;
@@ -50,33 +51,6 @@ const SIZE: usize = 16;
 /// Width of the subject's counter: `bench.s.000000000`.
 const DIGITS: usize = 9;
 const BUDGET_MS: u64 = 1_500;
-
-/// `(p50, p99)` ns per call of `f`, in batches sized so a batch takes at
-/// least ~2 µs, for about `budget_ms` in all (as in `router`, but sized by
-/// the mean of 100 warm calls: a first call, run cold, took 2-3 times a
-/// warm one here and halved the batch).
-fn per_call(budget_ms: u64, mut f: impl FnMut()) -> (u64, u64) {
-    f();
-    let t = Instant::now();
-    for _ in 0..100 {
-        f();
-    }
-    let one = (t.elapsed().as_nanos() as u64 / 100).max(1);
-    let batch = (2_000 / one).clamp(1, 1_000);
-    let samples = (budget_ms * 1_000_000 / (one * batch)).clamp(21, 20_000) as usize;
-    for _ in 0..(samples / 10).max(2) * batch as usize {
-        f();
-    }
-    let mut v = Vec::with_capacity(samples);
-    for _ in 0..samples {
-        let t = Instant::now();
-        for _ in 0..batch {
-            f();
-        }
-        v.push(t.elapsed().as_nanos() as u64 / batch);
-    }
-    percentiles(v)
-}
 
 /// The policy file: rule 1 allows connecting and everything under
 /// `bench`; rules 2..=1000 each allow (even) or deny (odd) publishing

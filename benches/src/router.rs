@@ -39,11 +39,16 @@ type Key = (u64, u32);
 type Shape = (&'static str, Vec<(&'static str, String)>);
 
 /// `(p50, p99)` ns per call of `f`, in batches sized so a batch takes at
-/// least ~2 µs, for about `budget_ms` in all.
-fn per_call(budget_ms: u64, mut f: impl FnMut()) -> (u64, u64) {
-    let t = Instant::now();
+/// least ~2 µs, for about `budget_ms` in all. The batch is sized by the
+/// mean of 100 warm calls: a first call, run cold, can take 2-3 times a
+/// warm one and would halve the batch. (Also used by `policy`.)
+pub(crate) fn per_call(budget_ms: u64, mut f: impl FnMut()) -> (u64, u64) {
     f();
-    let one = (t.elapsed().as_nanos() as u64).max(1);
+    let t = Instant::now();
+    for _ in 0..100 {
+        f();
+    }
+    let one = (t.elapsed().as_nanos() as u64 / 100).max(1);
     let batch = (2_000 / one).clamp(1, 1_000);
     let samples = (budget_ms * 1_000_000 / (one * batch)).clamp(21, 20_000) as usize;
     for _ in 0..(samples / 10).max(2) * batch as usize {

@@ -199,27 +199,17 @@ impl Bus {
         let op = Op::Subscribe { sub_id: s.sub_id };
         let Some(p) = self.peers.get(&id) else { return };
         // Deciding it against the policy is work like a delivery.
-        self.work = self.work.wrapping_add(p.access.pattern_cost(Action::Subscribe));
-        let Some(p) = self.peers.get(&id) else { return };
+        let cost = p.access.pattern_cost(Action::Subscribe);
+        self.work = self.work.wrapping_add(cost);
         let refusal = if let Err(e) = validate_pattern(s.pattern) {
             Some((ErrorCode::InvalidSubject, format!("invalid pattern {:?}: {e}", s.pattern)))
         } else if let Err(e) = p.access.check_pattern(Action::Subscribe, s.pattern) {
             Some((ErrorCode::Denied, e))
-        } else if p.subs.contains_key(&s.sub_id) {
-            Some((ErrorCode::DuplicateSubscription, format!("subscription id {} is in use", s.sub_id)))
-        } else if p.subs.len() >= max {
-            Some((
-                ErrorCode::LimitExceeded,
-                format!("at most {max} subscriptions per connection (raise it with --max-subscriptions)"),
-            ))
         } else {
-            None
+            p.sub_id_refusal(s.sub_id, max)
         };
         if let Some((code, message)) = refusal {
-            if code == ErrorCode::Denied {
-                self.denial(id, &message);
-            }
-            return self.op_error(id, op, code, &message, now);
+            return self.refuse_subscription(id, op, code, &message, now);
         }
         let cost = super::router::cost(s.pattern);
         let charge =
@@ -236,6 +226,21 @@ impl Bus {
         p.subs.insert(s.sub_id, Subscription { state, charge });
         self.control(id, &Subscribed { sub_id: s.sub_id }, now);
         self.monitor_subscription(id, MonitorKind::Subscribe, s.pattern, now);
+    }
+
+    /// Refuses a subscription (or monitor): a policy refusal is logged too.
+    pub(crate) fn refuse_subscription(
+        &mut self,
+        id: PeerId,
+        op: Op,
+        code: ErrorCode,
+        message: &str,
+        now: Instant,
+    ) {
+        if code == ErrorCode::Denied {
+            self.denial(id, message);
+        }
+        self.op_error(id, op, code, message, now);
     }
 
     /// Tells monitors of a subscription made or ended.

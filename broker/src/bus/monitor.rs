@@ -97,13 +97,9 @@ impl Bus {
         let op = Op::Subscribe { sub_id: m.sub_id };
         let max = self.cfg.max_subscriptions as usize;
         let Some(p) = self.peers.get(&id) else { return };
+        // Cheap checks first: the count bounds the validation below.
         let refusal = if let Err(e) = p.access.check(Action::Monitor, "") {
             Some((ErrorCode::Denied, e))
-        } else if let Some(bad) = m.patterns.iter().find(|pat| validate_pattern(pat).is_err()) {
-            Some((
-                ErrorCode::InvalidSubject,
-                format!("invalid pattern {:?}", shmbus_proto::text::escape(bad)),
-            ))
         } else if m.patterns.len() > MAX_MONITOR_PATTERNS {
             Some((ErrorCode::LimitExceeded, format!("at most {MAX_MONITOR_PATTERNS} patterns per monitor")))
         } else if self.monitors.of(id).len() >= MAX_MONITORS_PER_CONNECTION {
@@ -111,21 +107,16 @@ impl Bus {
                 ErrorCode::LimitExceeded,
                 format!("at most {MAX_MONITORS_PER_CONNECTION} monitors per connection"),
             ))
-        } else if p.subs.contains_key(&m.sub_id) {
-            Some((ErrorCode::DuplicateSubscription, format!("subscription id {} is in use", m.sub_id)))
-        } else if p.subs.len() >= max {
+        } else if let Some(bad) = m.patterns.iter().find(|pat| validate_pattern(pat).is_err()) {
             Some((
-                ErrorCode::LimitExceeded,
-                format!("at most {max} subscriptions per connection (raise it with --max-subscriptions)"),
+                ErrorCode::InvalidSubject,
+                format!("invalid pattern {:?}", shmbus_proto::text::escape(bad)),
             ))
         } else {
-            None
+            p.sub_id_refusal(m.sub_id, max)
         };
         if let Some((code, message)) = refusal {
-            if code == ErrorCode::Denied {
-                self.denial(id, &message);
-            }
-            return self.op_error(id, op, code, &message, now);
+            return self.refuse_subscription(id, op, code, &message, now);
         }
         let bytes: usize = m.patterns.iter().map(|p| p.len() + 16).sum();
         let charge = match charge_usage(

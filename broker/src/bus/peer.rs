@@ -25,6 +25,7 @@ use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::time::Instant;
 
+use shmbus_proto::frame::ErrorCode;
 use shmbus_proto::sys::socket::PeerCred;
 
 use super::access::Access;
@@ -106,6 +107,21 @@ impl Peer {
             self.cred.pid,
             escape(&self.command)
         )
+    }
+
+    /// Why a new subscription (or monitor) `sub_id` may not be made on
+    /// this connection, holding at most `max`, if it may not.
+    pub fn sub_id_refusal(&self, sub_id: u32, max: usize) -> Option<(ErrorCode, String)> {
+        if self.subs.contains_key(&sub_id) {
+            Some((ErrorCode::DuplicateSubscription, format!("subscription id {sub_id} is in use")))
+        } else if self.subs.len() >= max {
+            Some((
+                ErrorCode::LimitExceeded,
+                format!("at most {max} subscriptions per connection (raise it with --max-subscriptions)"),
+            ))
+        } else {
+            None
+        }
     }
 
     /// Closing or lingering: out of routing, input ignored but for `FdAck`.
