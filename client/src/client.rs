@@ -341,6 +341,36 @@ impl ConnectOptions {
     }
 }
 
+/// Encodes the next batch of `publish_many` (blocking or async): up to
+/// `MAX_BATCH` inline publishes from `iter`, each head in `heads` and its
+/// payload in `payloads` (cleared first). On a bad message, the batch holds
+/// those before it and the error says why; nothing is sent here.
+pub(crate) fn fill_publish_batch<'a>(
+    iter: &mut impl Iterator<Item = (&'a str, &'a [u8])>,
+    max: usize,
+    heads: &mut Vec<Vec<u8>>,
+    payloads: &mut Vec<&'a [u8]>,
+) -> Result<(), PublishError> {
+    payloads.clear();
+    for (topic, payload) in iter {
+        validate_subject(topic)?;
+        if payload.len() > max {
+            return Err(PublishError::PayloadTooLarge { len: payload.len(), max });
+        }
+        if heads.len() <= payloads.len() {
+            heads.push(Vec::with_capacity(64));
+        }
+        let body = Publish { topic, payload: PayloadRef::Inline };
+        encode_head_into(&mut heads[payloads.len()], &body)
+            .map_err(|e| PublishError::Encode(e.to_string()))?;
+        payloads.push(payload);
+        if payloads.len() == MAX_BATCH {
+            break;
+        }
+    }
+    Ok(())
+}
+
 fn handshake(fd: &std::os::fd::OwnedFd, timeout: Duration) -> Result<(u64, Limits), ConnectError> {
     let deadline = Instant::now() + timeout;
     let mut batch = RecvBatch::new(1);
@@ -539,29 +569,7 @@ impl Client {
         let mut result = Ok(());
         let mut iter = messages.into_iter().peekable();
         while iter.peek().is_some() && result.is_ok() {
-            payloads.clear();
-            for (topic, payload) in iter.by_ref() {
-                if let Err(e) = validate_subject(topic) {
-                    result = Err(e.into());
-                    break;
-                }
-                if payload.len() > max {
-                    result = Err(PublishError::PayloadTooLarge { len: payload.len(), max });
-                    break;
-                }
-                if heads.len() <= payloads.len() {
-                    heads.push(Vec::with_capacity(64));
-                }
-                let body = Publish { topic, payload: PayloadRef::Inline };
-                if let Err(e) = encode_head_into(&mut heads[payloads.len()], &body) {
-                    result = Err(PublishError::Encode(e.to_string()));
-                    break;
-                }
-                payloads.push(payload);
-                if payloads.len() == MAX_BATCH {
-                    break;
-                }
-            }
+            result = fill_publish_batch(&mut iter, max, &mut heads, &mut payloads);
             let packets: Vec<OutPacket<'_>> = heads
                 .iter()
                 .zip(&payloads)

@@ -256,29 +256,7 @@ impl AsyncClient {
         let mut result = Ok(());
         let mut iter = messages.into_iter().peekable();
         while iter.peek().is_some() && result.is_ok() {
-            payloads.clear();
-            for (topic, payload) in iter.by_ref() {
-                if let Err(e) = validate_subject(topic) {
-                    result = Err(e.into());
-                    break;
-                }
-                if payload.len() > max {
-                    result = Err(PublishError::PayloadTooLarge { len: payload.len(), max });
-                    break;
-                }
-                if heads.len() <= payloads.len() {
-                    heads.push(Vec::with_capacity(64));
-                }
-                let body = Publish { topic, payload: PayloadRef::Inline };
-                if let Err(e) = shmbus_proto::frame::encode_head_into(&mut heads[payloads.len()], &body) {
-                    result = Err(PublishError::Encode(e.to_string()));
-                    break;
-                }
-                payloads.push(payload);
-                if payloads.len() == MAX_BATCH {
-                    break;
-                }
-            }
+            result = crate::client::fill_publish_batch(&mut iter, max, &mut heads, &mut payloads);
             let packets: Vec<OutPacket<'_>> = heads
                 .iter()
                 .zip(&payloads)
