@@ -18,6 +18,7 @@
 //! their length. Inline payloads are cut to `MONITOR_EXCERPT` bytes
 //! unless the monitor asked for them whole. No I/O.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -25,13 +26,15 @@ use shmbus_proto::frame::{
     encode_head, Deliver, ErrorCode, Monitor, MonitorEvent, MonitorKind, Op, Overflow, PayloadRef, Sender,
     Subscribed, MONITOR_EXCERPT,
 };
-use shmbus_proto::subject::{pattern_matches, validate_pattern};
+use shmbus_proto::subject::validate_pattern;
 
 use super::peer::{PeerId, Subscription};
 use super::queue::{OutFrame, SubState, FRAME_OVERHEAD};
 use super::quota::{charge_usage, Resource};
+use super::router::Router;
 use super::rules::Action;
 use super::Bus;
+use super::SubKey;
 
 /// Most patterns one monitor may filter on.
 pub const MAX_MONITOR_PATTERNS: usize = 64;
@@ -40,16 +43,19 @@ pub const MAX_MONITORS_PER_CONNECTION: usize = 4;
 
 #[derive(Debug)]
 struct MonitorSub {
-    peer: PeerId,
-    sub_id: u32,
     patterns: Vec<Box<str>>,
     full: bool,
 }
 
-/// Every live monitor.
+/// Every live monitor. Their patterns sit in a router trie of their own,
+/// so an event costs one walk whatever the number of monitors and
+/// patterns, as a publish does.
 #[derive(Debug, Default)]
 pub struct Monitors {
-    subs: Vec<MonitorSub>,
+    subs: BTreeMap<SubKey, MonitorSub>,
+    /// Monitors without patterns: every event.
+    everything: Vec<SubKey>,
+    router: Router<SubKey>,
     /// Events offered so far: the `seq` of each monitor delivery.
     seq: u64,
 }
@@ -59,21 +65,52 @@ impl Monitors {
         self.subs.is_empty()
     }
 
+    fn add(&mut self, key: SubKey, m: MonitorSub) {
+        if m.patterns.is_empty() {
+            self.everything.push(key);
+        }
+        for p in &m.patterns {
+            // Valid patterns of at most MAX_SUBJECT_DEPTH tokens, which
+            // the router always holds.
+            self.router.insert(p, key);
+        }
+        self.subs.insert(key, m);
+    }
+
     /// Forgets monitor `sub_id` of `peer`; whether it was one.
     pub fn remove(&mut self, peer: PeerId, sub_id: u32) -> bool {
-        let before = self.subs.len();
-        self.subs.retain(|m| (m.peer, m.sub_id) != (peer, sub_id));
-        self.subs.len() != before
+        let key = (peer, sub_id);
+        let Some(m) = self.subs.remove(&key) else { return false };
+        for p in &m.patterns {
+            self.router.remove(p, key);
+        }
+        self.everything.retain(|k| *k != key);
+        true
     }
 
     /// Forgets every monitor of `peer`.
     pub fn remove_peer(&mut self, peer: PeerId) {
-        self.subs.retain(|m| m.peer != peer);
+        for sub_id in self.of(peer) {
+            self.remove(peer, sub_id);
+        }
     }
 
     /// The monitors `peer` holds, by subscription id.
     pub fn of(&self, peer: PeerId) -> Vec<u32> {
-        self.subs.iter().filter(|m| m.peer == peer).map(|m| m.sub_id).collect()
+        self.subs.range((peer, 0)..=(peer, u32::MAX)).map(|(&(_, sub_id), _)| sub_id).collect()
+    }
+
+    /// The monitors that want an event on `subject` ("" for events without
+    /// one), each once, with whether it wants payloads whole.
+    fn wanting(&self, subject: &str, out: &mut Vec<SubKey>) -> Vec<(SubKey, bool)> {
+        out.clear();
+        if !subject.is_empty() {
+            self.router.matches(subject, out);
+        }
+        out.extend_from_slice(&self.everything);
+        out.sort_unstable();
+        out.dedup();
+        out.iter().filter_map(|k| self.subs.get(k).map(|m| (*k, m.full))).collect()
     }
 }
 
@@ -118,25 +155,19 @@ impl Bus {
         if let Some((code, message)) = refusal {
             return self.refuse_subscription(id, op, code, &message, now);
         }
-        let bytes: usize = m.patterns.iter().map(|p| p.len() + 16).sum();
-        let charge = match charge_usage(
-            &p.usage,
-            &[(Resource::Subscriptions, 1), (Resource::RouterBytes, bytes as u64)],
-        ) {
-            Ok(c) => c,
-            Err(e) => return self.quota_refusal(id, op, &e, now),
-        };
+        let bytes: u64 = m.patterns.iter().map(|p| super::router::cost(p)).sum();
+        let charge =
+            match charge_usage(&p.usage, &[(Resource::Subscriptions, 1), (Resource::RouterBytes, bytes)]) {
+                Ok(c) => c,
+                Err(e) => return self.quota_refusal(id, op, &e, now),
+            };
         // Never in the router: "" is no valid pattern, so no delivery of a
         // publish can name this subscription.
         let state = SubState { pattern: "".into(), overflow: Overflow::Gap, missed: 0 };
         let Some(p) = self.peers.get_mut(&id) else { return };
         p.subs.insert(m.sub_id, Subscription { state, charge });
-        self.monitors.subs.push(MonitorSub {
-            peer: id,
-            sub_id: m.sub_id,
-            patterns: m.patterns.iter().map(|&p| p.into()).collect(),
-            full: m.full,
-        });
+        let sub = MonitorSub { patterns: m.patterns.iter().map(|&p| p.into()).collect(), full: m.full };
+        self.monitors.add((id, m.sub_id), sub);
         self.control(id, &Subscribed { sub_id: m.sub_id }, now);
     }
 
@@ -145,18 +176,9 @@ impl Bus {
         if self.monitors.is_empty() {
             return;
         }
-        let wanted: Vec<(PeerId, u32, bool)> = self
-            .monitors
-            .subs
-            .iter()
-            .filter(|m| {
-                if m.patterns.is_empty() {
-                    return true;
-                }
-                !seen.subject.is_empty() && m.patterns.iter().any(|p| pattern_matches(p, seen.subject))
-            })
-            .map(|m| (m.peer, m.sub_id, m.full))
-            .collect();
+        let mut keys = std::mem::take(&mut self.matches);
+        let wanted = self.monitors.wanting(seen.subject, &mut keys);
+        self.matches = keys;
         if wanted.is_empty() {
             return;
         }
@@ -175,7 +197,7 @@ impl Bus {
         };
         // At most two encodings: the excerpt and the whole.
         let mut encoded: [Option<Arc<[u8]>>; 2] = [None, None];
-        for (peer, sub_id, full) in wanted {
+        for ((peer, sub_id), full) in wanted {
             let bytes = encoded[usize::from(full)]
                 .get_or_insert_with(|| {
                     let take =
