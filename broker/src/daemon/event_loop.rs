@@ -35,7 +35,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tracing::{debug, info, warn};
 
 use shmbus_proto::frame::{self, encode_head, Batch, Goodbye, GoodbyeCode, Kind};
-use shmbus_proto::sys::socket::{self, OutPacket, RecvBatch, MAX_BATCH};
+use shmbus_proto::sys::socket::{self, OutPacket, RecvBatch, RecvStatus, MAX_BATCH};
 
 use super::config::Config;
 use super::signals::SignalPipe;
@@ -78,6 +78,10 @@ struct Conn {
     /// Registered for writable events: its socket was full at the last
     /// flush. Cleared once the queue drains.
     wants_write: bool,
+    /// Packets received but not yet handed to the bus: the work budget ran
+    /// out in the middle of a batch (each packet is checked against it).
+    /// Handed over first at its next turn, before any new read.
+    pending: std::collections::VecDeque<(Vec<u8>, RecvStatus, Vec<OwnedFd>)>,
 }
 
 struct Reactor {
@@ -279,7 +283,7 @@ impl Reactor {
             self.bus.take_effects();
             return;
         }
-        self.conns.insert(id, Conn { fd, wants_write: false });
+        self.conns.insert(id, Conn { fd, wants_write: false, pending: Default::default() });
         // Data may already be waiting; the edge for it may have been missed.
         self.read_again.push(id);
     }
@@ -287,9 +291,26 @@ impl Reactor {
     // -------------------------------------------------------------- read --
 
     fn read_conn(&mut self, id: PeerId) {
+        let work_start = self.bus.work();
+        // What the budget left over last time goes first, in order.
+        while let Some((data, status, fds)) = self.conns.get_mut(&id).and_then(|c| c.pending.pop_front()) {
+            if self.bus.peer(id).is_none() {
+                return;
+            }
+            if data.is_empty() {
+                // End of stream: the client left.
+                return self.bus.hangup(id);
+            }
+            self.hand_over(id, &data, status, fds);
+            if self.bus.work().wrapping_sub(work_start) >= WORK_BUDGET {
+                if self.bus.peer(id).is_some() {
+                    self.read_again.push(id);
+                }
+                return;
+            }
+        }
         let mut batch = self.batch.take().unwrap_or_else(|| RecvBatch::new(RECV_SLOTS));
         let mut drained = false;
-        let work_start = self.bus.work();
         'budget: for _ in 0..READ_BUDGET {
             let Some(conn) = self.conns.get(&id) else {
                 drained = true;
@@ -322,27 +343,28 @@ impl Reactor {
                     drained = true;
                     break 'budget;
                 }
+                if self.bus.work().wrapping_sub(work_start) >= WORK_BUDGET {
+                    // Spent: the rest of this batch waits for the next turn,
+                    // so costly packets cannot take a whole batch's time.
+                    let rest: Vec<_> = (i..n)
+                        .map(|j| {
+                            let (data, status, fds) = batch.packet(j);
+                            (data.to_vec(), status, fds)
+                        })
+                        .collect();
+                    if let Some(c) = self.conns.get_mut(&id) {
+                        c.pending.extend(rest);
+                    }
+                    break 'budget;
+                }
                 let (data, status, fds) = batch.packet(i);
-                let now = Instant::now();
                 if data.is_empty() {
                     // End of stream: the client left.
                     self.bus.hangup(id);
                     drained = true;
                     break 'budget;
                 }
-                if status.truncated {
-                    self.bus.receive_damaged(id, Damage::Truncated, data, now);
-                } else if status.fds_truncated {
-                    drop(fds);
-                    let damage = if fd_table_full(conn_fd(&self.conns, id)) {
-                        Damage::BrokerOutOfFds
-                    } else {
-                        Damage::TooManyFds
-                    };
-                    self.bus.receive_damaged(id, damage, data, now);
-                } else {
-                    self.bus.receive(id, data, fds, now);
-                }
+                self.hand_over(id, data, status, fds);
             }
             if n < RECV_SLOTS {
                 drained = true;
@@ -356,6 +378,24 @@ impl Reactor {
     }
 
     // ------------------------------------------------------------ output --
+
+    /// Hands one received packet to the bus, damaged or not.
+    fn hand_over(&mut self, id: PeerId, data: &[u8], status: RecvStatus, fds: Vec<OwnedFd>) {
+        let now = Instant::now();
+        if status.truncated {
+            self.bus.receive_damaged(id, Damage::Truncated, data, now);
+        } else if status.fds_truncated {
+            drop(fds);
+            let damage = if fd_table_full(conn_fd(&self.conns, id)) {
+                Damage::BrokerOutOfFds
+            } else {
+                Damage::TooManyFds
+            };
+            self.bus.receive_damaged(id, damage, data, now);
+        } else {
+            self.bus.receive(id, data, fds, now);
+        }
+    }
 
     fn apply_effects(&mut self) {
         loop {
