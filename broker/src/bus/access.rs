@@ -366,6 +366,8 @@ impl Bus {
                 let cost = rules.rule_count() as u64 * (1 + gids.len() as u64 / 64);
                 self.work = self.work.wrapping_add(cost);
                 let snapshot = rules.snapshot(c.uid, &gids, self.cfg.broker.uid);
+                // And deciding looks at each entry of the action that applies.
+                self.work = self.work.wrapping_add(snapshot.entry_count(action) as u64);
                 let v = if matches!(action, Action::Subscribe | Action::ChannelRead) {
                     snapshot.decide_pattern(action, c.subject)
                 } else {
