@@ -133,8 +133,9 @@ impl Access {
 
 // ------------------------------------------------------- the bus's side --
 
-/// Most groups a `PolicyCheck` may name (a check costs rules × groups).
-const MAX_CHECK_GIDS: usize = 1024;
+/// Most groups a `PolicyCheck` may name (a check costs rules × groups;
+/// a real user has a few dozen).
+const MAX_CHECK_GIDS: usize = 64;
 
 /// What a reload ended.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
