@@ -41,7 +41,7 @@ use crate::limits::MAX_PACKET;
 /// First two bytes of every frame (little-endian "SB" as in shmbus).
 pub const MAGIC: u16 = 0x4253;
 /// Wire protocol version, in every header and in `Hello`.
-pub const PROTOCOL_VERSION: u8 = 3;
+pub const PROTOCOL_VERSION: u8 = 4;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 8;
 
@@ -66,6 +66,9 @@ pub enum Kind {
     Reply = 14,
     Monitor = 15,
     PolicyCheck = 16,
+    Attach = 17,
+    /// Both directions: "look at the shared-memory link" (see `link`).
+    Doorbell = 18,
     Welcome = 64,
     Goodbye = 65,
     Deliver = 66,
@@ -83,6 +86,7 @@ pub enum Kind {
     Answer = 78,
     Batch = 79,
     Revoked = 80,
+    Attached = 81,
 }
 
 impl Kind {
@@ -105,6 +109,8 @@ impl Kind {
             14 => Reply,
             15 => Monitor,
             16 => PolicyCheck,
+            17 => Attach,
+            18 => Doorbell,
             64 => Welcome,
             65 => Goodbye,
             66 => Deliver,
@@ -122,6 +128,7 @@ impl Kind {
             78 => Answer,
             79 => Batch,
             80 => Revoked,
+            81 => Attached,
             _ => return None,
         })
     }
@@ -529,6 +536,33 @@ body! {
     PolicyCheck<'a> => PolicyCheck, Monitor<'a> => Monitor, Revoked<'a> => Revoked,
 }
 
+/// Asks for the shared-memory transport (`link`): the client's first frame
+/// after `Welcome`, and only then. `capacity`: bytes per direction, 0 for
+/// the broker's default. Answered by `Attached`, or an `OpError` for
+/// `Op::Attach` (the connection then goes on over the socket alone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attach {
+    pub capacity: u32,
+}
+
+/// The shared-memory transport is set up: two fds, a read-write one to the
+/// client half and a read-only one to the broker half, each
+/// `link::layout::half_len(capacity)` bytes. Every frame after this one
+/// travels in the rings, except frames with fds, which stay on the socket
+/// with a marker in the ring at their place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attached {
+    pub capacity: u32,
+}
+
+/// Either direction, on the socket of a connection with a link: the other
+/// side's ring has news (records, or room) and it had said it sleeps. No
+/// content; any number of them may be merged or dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Doorbell;
+
+body! { Attach => Attach, Attached => Attached, Doorbell => Doorbell }
+
 /// One item of an introspection answer; a `QueryEnd` follows the last.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueryItem {
@@ -583,6 +617,7 @@ pub enum Op {
     Reply {
         serial: u64,
     },
+    Attach,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -1081,6 +1116,8 @@ pub enum ClientFrame<'a> {
     Reply(Reply<'a>, &'a [u8]),
     Monitor(Monitor<'a>),
     PolicyCheck(PolicyCheck<'a>),
+    Attach(Attach),
+    Doorbell,
 }
 
 /// Decodes a packet a client sent. Never panics.
@@ -1103,6 +1140,11 @@ pub fn decode_client(packet: &[u8]) -> Result<ClientFrame<'_>, DecodeError> {
         Kind::Reply => ClientFrame::Reply(body(kind, b)?, payload),
         Kind::Monitor => ClientFrame::Monitor(body(kind, b)?),
         Kind::PolicyCheck => ClientFrame::PolicyCheck(body(kind, b)?),
+        Kind::Attach => ClientFrame::Attach(body(kind, b)?),
+        Kind::Doorbell => {
+            let Doorbell = body(kind, b)?;
+            ClientFrame::Doorbell
+        }
         other => return Err(DecodeError::WrongDirection(other)),
     })
 }
@@ -1127,6 +1169,8 @@ pub enum BrokerFrame<'a> {
     Answer(Answer<'a>, &'a [u8]),
     Batch(Batch, &'a [u8]),
     Revoked(Revoked<'a>),
+    Attached(Attached),
+    Doorbell,
 }
 
 /// Decodes a packet the broker sent. Never panics.
@@ -1150,6 +1194,11 @@ pub fn decode_broker(packet: &[u8]) -> Result<BrokerFrame<'_>, DecodeError> {
         Kind::Answer => BrokerFrame::Answer(body(kind, b)?, payload),
         Kind::Batch => BrokerFrame::Batch(body(kind, b)?, payload),
         Kind::Revoked => BrokerFrame::Revoked(body(kind, b)?),
+        Kind::Attached => BrokerFrame::Attached(body(kind, b)?),
+        Kind::Doorbell => {
+            let Doorbell = body(kind, b)?;
+            BrokerFrame::Doorbell
+        }
         other => return Err(DecodeError::WrongDirection(other)),
     })
 }
@@ -1353,9 +1402,9 @@ mod tests {
         let packet = batch_of(&[pong(1), pong(2)], 2);
         #[rustfmt::skip]
         let documented = [
-            0x53, 0x42, 3, 0x4f, 1, 0, 0, 0, 2,
-            9, 0, 0, 0, 0x53, 0x42, 3, 0x45, 1, 0, 0, 0, 1,
-            9, 0, 0, 0, 0x53, 0x42, 3, 0x45, 1, 0, 0, 0, 2,
+            0x53, 0x42, 4, 0x4f, 1, 0, 0, 0, 2,
+            9, 0, 0, 0, 0x53, 0x42, 4, 0x45, 1, 0, 0, 0, 1,
+            9, 0, 0, 0, 0x53, 0x42, 4, 0x45, 1, 0, 0, 0, 2,
         ];
         assert_eq!(packet, documented);
     }

@@ -10,6 +10,7 @@
 pub mod address;
 pub mod frame;
 pub mod limits;
+pub mod link;
 pub mod ring;
 pub mod subject;
 pub mod sync;

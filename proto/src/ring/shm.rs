@@ -73,7 +73,7 @@ impl Geometry {
 
 /// A mapping, unmapped on drop.
 #[derive(Debug)]
-struct Region {
+pub(crate) struct Region {
     ptr: NonNull<u8>,
     len: usize,
 }
@@ -85,7 +85,7 @@ unsafe impl Send for Region {}
 unsafe impl Sync for Region {}
 
 impl Region {
-    fn map(fd: BorrowedFd<'_>, len: usize, writable: bool) -> Result<Region, RingMapError> {
+    pub(crate) fn map(fd: BorrowedFd<'_>, len: usize, writable: bool) -> Result<Region, RingMapError> {
         // Seals first, then the size: once sealed the size cannot change,
         // while an unsealed memfd could shrink right after a size check.
         let seals = rustix::fs::fcntl_get_seals(fd).map_err(|_| RingMapError::NotSealed)?;
@@ -111,11 +111,27 @@ impl Region {
     /// # Safety
     /// `T` must be made of atomics (valid for any bit pattern, shareable),
     /// `offset + size_of::<T>() <= len`, and `offset` aligned for `T`.
-    unsafe fn at<T>(&self, offset: usize) -> &T {
+    pub(crate) unsafe fn at<T>(&self, offset: usize) -> &T {
         debug_assert!(offset + std::mem::size_of::<T>() <= self.len);
         debug_assert!((self.ptr.as_ptr() as usize + offset).is_multiple_of(std::mem::align_of::<T>()));
         // SAFETY: per the caller's promise.
         unsafe { &*self.ptr.as_ptr().add(offset).cast::<T>() }
+    }
+}
+
+impl Region {
+    /// `count` atomic words from `offset`, or a panic if they do not lie
+    /// inside the mapping or `offset` is not 8-aligned.
+    pub(crate) fn words(&self, offset: usize, count: usize) -> &[AtomicU64] {
+        assert!(offset.is_multiple_of(8) && offset.checked_add(count * 8).is_some_and(|end| end <= self.len));
+        // SAFETY: offset .. offset + 8 * count lies inside the mapping
+        // (checked above) and is 8-aligned (page-aligned base, offset a
+        // multiple of 8). AtomicU64 has u64's size and alignment, is valid
+        // for every bit pattern, and may be changed through shared
+        // references, so a shared slice of them over memory another
+        // process writes is sound; a store through a read-only mapping
+        // would fault, and callers store only into their own half.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(offset).cast::<AtomicU64>(), count) }
     }
 }
 
@@ -303,7 +319,7 @@ impl CursorMap {
     }
 }
 
-fn sealed_memfd(name: &str, len: usize) -> io::Result<OwnedFd> {
+pub(crate) fn sealed_memfd(name: &str, len: usize) -> io::Result<OwnedFd> {
     let fd = memfd::create(name, len as u64)?;
     rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
     Ok(fd)

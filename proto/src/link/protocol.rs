@@ -1,0 +1,530 @@
+//! The link protocol: one producer, one consumer, a byte ring of records.
+//!
+//! Written on plain references to the shared atomics so the same functions
+//! run on a real mapping and, under `--cfg loom`, on a heap model where
+//! loom explores every interleaving (`link::model`). Callers add only the
+//! doorbells (a socket packet, a futex wake) and the sleeping.
+//!
+//! Producer, for a record of `n` bytes (`rec = 8 + n` rounded up to 8):
+//! 1. if `tail + pad + rec - head_seen > capacity`, load the consumer's
+//!    `head` (Acquire: pairs with the consumer's Release store of `head`,
+//!    so its reads of the bytes it gave back happened before we overwrite
+//!    them); still no room: report full;
+//! 2. write the record's words (Relaxed), and a `Pad` first if it would
+//!    not fit before the end;
+//! 3. [`Producer::publish`]: `tail` (Release: pairs with the consumer's
+//!    Acquire load of `tail`, so the words are visible before the position
+//!    that covers them);
+//! 4. [`Producer::must_ring`]: a SeqCst fence, then load the consumer's
+//!    `consumer_sleep`: pairs with the fence in [`Consumer::prepare_sleep`]
+//!    (store flag, fence, load `tail`), the store-buffering pattern: either
+//!    we see the raised flag and ring, or the consumer sees our `tail` and
+//!    does not sleep. Rung once per raise (the flag's value), so a sleeper
+//!    costs one doorbell however many records follow.
+//!
+//! Consumer:
+//! 1. `tail` (Acquire), checked: it never moves back and is never more
+//!    than `capacity` ahead of `head`;
+//! 2. the record header word at `head % capacity`, checked against *our*
+//!    capacity and the largest record: a length or kind that cannot be is
+//!    [`LinkError::Corrupt`], never a read out of bounds;
+//! 3. the record's words copied out (Relaxed atomic loads: the producer is
+//!    another process, and a hostile one may be writing them right now, so
+//!    they are never borrowed as `&[u8]`);
+//! 4. [`Consumer::commit`]: `head` (Release, pairs with step 1 above);
+//! 5. [`Consumer::must_ring_room`]: a SeqCst fence, then the producer's
+//!    `producer_wait`: pairs with the fence in [`Producer::prepare_wait`]
+//!    (store flag, fence, load `head`). Rung once per raise, and only when
+//!    the ring is down to half, so a blocked producer wakes to room for
+//!    many records, not one.
+//!
+//! A hostile peer can only make these functions return errors: every index
+//! is reduced by our own capacity and every length bounded by it.
+
+use crate::link::layout::{HalfHeader, KIND_FRAME, KIND_MARKER, KIND_PAD, RECORD_HEADER};
+use crate::sync::{fence, AtomicU64, Ordering};
+
+/// What a peer did that the protocol does not allow.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LinkError {
+    #[error("a {len}-byte frame is larger than the link carries ({max} bytes)")]
+    TooLarge { len: usize, max: usize },
+    #[error("the peer corrupted the shared-memory link: {0}")]
+    Corrupt(&'static str),
+}
+
+/// What a record holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordKind {
+    /// A frame, exactly as a socket packet would carry it.
+    Frame,
+    /// The next frame travels on the socket (it carries fds); this keeps
+    /// its place in the order.
+    Marker,
+}
+
+fn record_len(len: usize) -> u64 {
+    (RECORD_HEADER + len.next_multiple_of(8)) as u64
+}
+
+/// Largest frame a ring of `capacity` bytes carries: half of it, so that a
+/// record always fits after a `Pad`.
+pub fn max_frame(capacity: u64) -> usize {
+    (capacity / 2) as usize - RECORD_HEADER
+}
+
+fn header_word(kind: u32, len: u32) -> u64 {
+    (u64::from(kind) << 32) | u64::from(len)
+}
+
+/// Writes the concatenation of `parts` into `words` (Relaxed stores, one
+/// per 8 bytes, the last padded with zeros).
+fn write_words(words: &[AtomicU64], parts: &[&[u8]]) {
+    let mut at = 0;
+    let mut acc = [0u8; 8];
+    let mut fill = 0;
+    for part in parts {
+        let mut bytes: &[u8] = part;
+        if fill > 0 {
+            let take = (8 - fill).min(bytes.len());
+            acc[fill..fill + take].copy_from_slice(&bytes[..take]);
+            fill += take;
+            bytes = &bytes[take..];
+            if fill == 8 {
+                // Relaxed: published by the Release store of `tail`.
+                words[at].store(u64::from_le_bytes(acc), Ordering::Relaxed);
+                at += 1;
+            } else {
+                // The part ended inside the word.
+                continue;
+            }
+        }
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            // Relaxed: as above.
+            words[at].store(u64::from_le_bytes(c.try_into().expect("8 bytes")), Ordering::Relaxed);
+            at += 1;
+        }
+        let rest = chunks.remainder();
+        acc[..rest.len()].copy_from_slice(rest);
+        fill = rest.len();
+    }
+    if fill > 0 {
+        acc[fill..].fill(0);
+        // Relaxed: as above.
+        words[at].store(u64::from_le_bytes(acc), Ordering::Relaxed);
+    }
+}
+
+/// Appends `len` bytes read from `words` (Relaxed loads) to `out`.
+fn read_words(words: &[AtomicU64], len: usize, out: &mut Vec<u8>) {
+    out.reserve(len);
+    let (full, rest) = (len / 8, len % 8);
+    for w in &words[..full] {
+        // Relaxed: ordered by the Acquire load of `tail`.
+        out.extend_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
+    }
+    if rest > 0 {
+        // Relaxed: as above.
+        out.extend_from_slice(&words[full].load(Ordering::Relaxed).to_le_bytes()[..rest]);
+    }
+}
+
+/// The writing side of one ring. Its positions are private; shared memory
+/// only ever receives them.
+#[derive(Debug)]
+pub struct Producer {
+    capacity: u64,
+    tail: u64,
+    published: u64,
+    head_seen: u64,
+    /// The consumer's `consumer_sleep` value last rung for.
+    rung: u32,
+    /// Our `producer_wait` value.
+    wait: u32,
+}
+
+impl Producer {
+    pub fn new(capacity: u32) -> Producer {
+        Producer { capacity: u64::from(capacity), tail: 0, published: 0, head_seen: 0, rung: 0, wait: 0 }
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Largest frame this ring carries.
+    pub fn max_frame(&self) -> usize {
+        max_frame(self.capacity)
+    }
+
+    /// Bytes a record of `len` takes, with the `Pad` it may need first.
+    fn need(&self, len: usize) -> u64 {
+        let rec = record_len(len);
+        let off = self.tail % self.capacity;
+        if off + rec > self.capacity {
+            self.capacity - off + rec
+        } else {
+            rec
+        }
+    }
+
+    /// Loads the consumer's `head`, checked.
+    fn refresh(&mut self, peer: &HalfHeader) -> Result<(), LinkError> {
+        // Acquire: pairs with the consumer's Release store in `commit`.
+        let h = peer.head.v.load(Ordering::Acquire);
+        if h < self.head_seen || h > self.tail {
+            return Err(LinkError::Corrupt("the reader's position moved back or past the end"));
+        }
+        self.head_seen = h;
+        Ok(())
+    }
+
+    /// Whether a record of `len` bytes fits now (loads the consumer's
+    /// position only when the last one seen leaves too little room).
+    pub fn has_room(&mut self, peer: &HalfHeader, len: usize) -> Result<bool, LinkError> {
+        let need = self.need(len);
+        if self.tail + need - self.head_seen <= self.capacity {
+            return Ok(true);
+        }
+        self.refresh(peer)?;
+        Ok(self.tail + need - self.head_seen <= self.capacity)
+    }
+
+    /// Writes one record of the concatenated `parts`; not yet visible to
+    /// the consumer (see [`Producer::publish`]). `Ok(false)`: no room.
+    pub fn try_push(
+        &mut self,
+        peer: &HalfHeader,
+        data: &[AtomicU64],
+        kind: RecordKind,
+        parts: &[&[u8]],
+    ) -> Result<bool, LinkError> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len > self.max_frame() {
+            return Err(LinkError::TooLarge { len, max: self.max_frame() });
+        }
+        if !self.has_room(peer, len)? {
+            return Ok(false);
+        }
+        let mut off = (self.tail % self.capacity) as usize;
+        let rec = record_len(len);
+        if off as u64 + rec > self.capacity {
+            let pad = self.capacity as usize - off;
+            // Relaxed: published by the Release store of `tail`.
+            data[off / 8].store(header_word(KIND_PAD, (pad - RECORD_HEADER) as u32), Ordering::Relaxed);
+            self.tail += pad as u64;
+            off = 0;
+        }
+        let k = match kind {
+            RecordKind::Frame => KIND_FRAME,
+            RecordKind::Marker => KIND_MARKER,
+        };
+        // Relaxed: as above.
+        data[off / 8].store(header_word(k, len as u32), Ordering::Relaxed);
+        let words = &data[off / 8 + 1..off / 8 + rec as usize / 8];
+        write_words(words, parts);
+        self.tail += rec;
+        Ok(true)
+    }
+
+    /// Whether records were written since the last [`Producer::publish`].
+    pub fn unpublished(&self) -> bool {
+        self.published != self.tail
+    }
+
+    /// Makes every record written so far visible to the consumer.
+    pub fn publish(&mut self, mine: &HalfHeader) {
+        if self.published != self.tail {
+            // Release: pairs with the consumer's Acquire load of `tail`.
+            mine.tail.v.store(self.tail, Ordering::Release);
+            self.published = self.tail;
+        }
+    }
+
+    /// After [`Producer::publish`]: whether the consumer is asleep and must
+    /// be rung (once per time it fell asleep).
+    pub fn must_ring(&mut self, peer: &HalfHeader) -> bool {
+        // SeqCst: pairs with the fence in `Consumer::prepare_sleep`.
+        fence(Ordering::SeqCst);
+        // Relaxed: ordered by the fence.
+        let s = peer.consumer_sleep.v.load(Ordering::Relaxed);
+        if s & 1 == 1 && s != self.rung {
+            self.rung = s;
+            return true;
+        }
+        false
+    }
+
+    /// Before sleeping for room for a record of `len`: raises our
+    /// `producer_wait` and looks again. `Ok(true)`: still full, sleep (the
+    /// consumer rings once it has read the ring down to half); `Ok(false)`:
+    /// room now, the flag is lowered again.
+    pub fn prepare_wait(&mut self, mine: &HalfHeader, peer: &HalfHeader, len: usize) -> Result<bool, LinkError> {
+        if self.wait & 1 == 0 {
+            self.wait = self.wait.wrapping_add(1);
+            // Relaxed: ordered by the fence below.
+            mine.producer_wait.v.store(self.wait, Ordering::Relaxed);
+        }
+        // SeqCst: pairs with the fence in `Consumer::must_ring_room`.
+        fence(Ordering::SeqCst);
+        self.refresh(peer)?;
+        if self.tail + self.need(len) - self.head_seen <= self.capacity {
+            self.end_wait(mine);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Lowers our `producer_wait` flag (no-op if it is down).
+    pub fn end_wait(&mut self, mine: &HalfHeader) {
+        if self.wait & 1 == 1 {
+            self.wait = self.wait.wrapping_add(1);
+            // Relaxed: only tells the consumer it need not ring.
+            mine.producer_wait.v.store(self.wait, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The reading side of one ring.
+#[derive(Debug)]
+pub struct Consumer {
+    capacity: u64,
+    head: u64,
+    committed: u64,
+    tail_seen: u64,
+    /// Our `consumer_sleep` value.
+    sleep: u32,
+    /// The producer's `producer_wait` value last rung for.
+    rung: u32,
+}
+
+impl Consumer {
+    pub fn new(capacity: u32) -> Consumer {
+        Consumer { capacity: u64::from(capacity), head: 0, committed: 0, tail_seen: 0, sleep: 0, rung: 0 }
+    }
+
+    /// Loads the producer's `tail`, checked.
+    fn refresh(&mut self, peer: &HalfHeader) -> Result<(), LinkError> {
+        // Acquire: pairs with the producer's Release store in `publish`.
+        let t = peer.tail.v.load(Ordering::Acquire);
+        if t < self.tail_seen || t - self.head > self.capacity {
+            return Err(LinkError::Corrupt("the writer's position moved back or past the reader by more than the ring"));
+        }
+        self.tail_seen = t;
+        Ok(())
+    }
+
+    /// Whether a record is waiting (loads the producer's position if the
+    /// last one seen is used up).
+    pub fn is_empty(&mut self, peer: &HalfHeader) -> Result<bool, LinkError> {
+        if self.head == self.tail_seen {
+            self.refresh(peer)?;
+        }
+        Ok(self.head == self.tail_seen)
+    }
+
+    /// The next record, its bytes appended to `out`. `Ok(None)`: the ring
+    /// is empty. Not given back to the producer until [`Consumer::commit`].
+    pub fn next(
+        &mut self,
+        peer: &HalfHeader,
+        data: &[AtomicU64],
+        out: &mut Vec<u8>,
+    ) -> Result<Option<RecordKind>, LinkError> {
+        loop {
+            if self.is_empty(peer)? {
+                return Ok(None);
+            }
+            let off = (self.head % self.capacity) as usize;
+            // Relaxed: ordered by the Acquire load of `tail`.
+            let w = data[off / 8].load(Ordering::Relaxed);
+            let (kind, len) = ((w >> 32) as u32, w as u32 as usize);
+            let end = self.capacity as usize - off;
+            let kind = match kind {
+                KIND_PAD => {
+                    if len + RECORD_HEADER != end || self.head + end as u64 > self.tail_seen {
+                        return Err(LinkError::Corrupt("a pad record that does not end the ring"));
+                    }
+                    self.head += end as u64;
+                    continue;
+                }
+                KIND_FRAME => RecordKind::Frame,
+                KIND_MARKER => RecordKind::Marker,
+                _ => return Err(LinkError::Corrupt("a record of an unknown kind")),
+            };
+            let rec = record_len(len);
+            if len > max_frame(self.capacity) || rec as usize > end || self.head + rec > self.tail_seen {
+                return Err(LinkError::Corrupt("a record longer than the ring or than what was written"));
+            }
+            read_words(&data[off / 8 + 1..off / 8 + rec as usize / 8], len, out);
+            self.head += rec;
+            return Ok(Some(kind));
+        }
+    }
+
+    /// Gives every record read so far back to the producer.
+    pub fn commit(&mut self, mine: &HalfHeader) {
+        if self.committed != self.head {
+            // Release: pairs with the producer's Acquire load of `head`.
+            mine.head.v.store(self.head, Ordering::Release);
+            self.committed = self.head;
+        }
+    }
+
+    /// After [`Consumer::commit`]: whether the producer waits for room and
+    /// must be rung (once per wait, when the ring is down to half).
+    pub fn must_ring_room(&mut self, peer: &HalfHeader) -> bool {
+        // SeqCst: pairs with the fence in `Producer::prepare_wait`.
+        fence(Ordering::SeqCst);
+        // Relaxed: ordered by the fence.
+        let s = peer.producer_wait.v.load(Ordering::Relaxed);
+        if s & 1 == 1 && s != self.rung && self.tail_seen - self.committed <= self.capacity / 2 {
+            self.rung = s;
+            return true;
+        }
+        false
+    }
+
+    /// Before sleeping: raises our `consumer_sleep` and looks again.
+    /// `Ok(true)`: still empty, sleep (the producer rings once); `Ok(false)`:
+    /// something came, the flag is lowered again.
+    pub fn prepare_sleep(&mut self, mine: &HalfHeader, peer: &HalfHeader) -> Result<bool, LinkError> {
+        if self.sleep & 1 == 0 {
+            self.sleep = self.sleep.wrapping_add(1);
+            // Relaxed: ordered by the fence below.
+            mine.consumer_sleep.v.store(self.sleep, Ordering::Relaxed);
+        }
+        // SeqCst: pairs with the fence in `Producer::must_ring`.
+        fence(Ordering::SeqCst);
+        self.refresh(peer)?;
+        if self.head != self.tail_seen {
+            self.wake(mine);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Whether our `consumer_sleep` flag is raised.
+    pub fn sleeping(&self) -> bool {
+        self.sleep & 1 == 1
+    }
+
+    /// Lowers our `consumer_sleep` flag (no-op if it is down).
+    pub fn wake(&mut self, mine: &HalfHeader) {
+        if self.sleep & 1 == 1 {
+            self.sleep = self.sleep.wrapping_add(1);
+            // Relaxed: only tells the producer it need not ring.
+            mine.consumer_sleep.v.store(self.sleep, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    const CAP: u32 = 256;
+
+    fn ring() -> (HalfHeader, HalfHeader, Vec<AtomicU64>) {
+        (HalfHeader::default(), HalfHeader::default(), (0..CAP / 8).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    #[test]
+    fn records_round_trip_across_the_end_in_order() {
+        let (p_half, c_half, data) = ring();
+        let (mut p, mut c) = (Producer::new(CAP), Consumer::new(CAP));
+        let mut out = Vec::new();
+        for i in 0..200u32 {
+            let body = vec![i as u8; (i % 37) as usize];
+            let head = i.to_le_bytes();
+            assert!(p.try_push(&c_half, &data, RecordKind::Frame, &[&head, &body]).unwrap());
+            p.publish(&p_half);
+            out.clear();
+            assert_eq!(c.next(&p_half, &data, &mut out).unwrap(), Some(RecordKind::Frame));
+            assert_eq!(&out[..4], &head);
+            assert_eq!(&out[4..], &body[..]);
+            c.commit(&c_half);
+            assert_eq!(c.next(&p_half, &data, &mut out).unwrap(), None);
+        }
+    }
+
+    #[test]
+    fn a_full_ring_says_so_and_frees_room_as_read() {
+        let (p_half, c_half, data) = ring();
+        let (mut p, mut c) = (Producer::new(CAP), Consumer::new(CAP));
+        let mut n = 0;
+        while p.try_push(&c_half, &data, RecordKind::Marker, &[&[1u8; 20]]).unwrap() {
+            n += 1;
+        }
+        assert_eq!(n, CAP as usize / 32);
+        p.publish(&p_half);
+        // Waiting for room: the flag goes up, and the consumer rings once,
+        // when it has read down to half.
+        assert!(p.prepare_wait(&p_half, &c_half, 20).unwrap());
+        let mut out = Vec::new();
+        let mut rings = 0;
+        for _ in 0..n {
+            assert_eq!(c.next(&p_half, &data, &mut out).unwrap(), Some(RecordKind::Marker));
+            c.commit(&c_half);
+            rings += usize::from(c.must_ring_room(&p_half));
+        }
+        assert_eq!(rings, 1);
+        assert!(!p.prepare_wait(&p_half, &c_half, 20).unwrap());
+        assert!(p.try_push(&c_half, &data, RecordKind::Frame, &[b"x"]).unwrap());
+    }
+
+    #[test]
+    fn a_sleeper_is_rung_once_per_sleep() {
+        let (p_half, c_half, data) = ring();
+        let (mut p, mut c) = (Producer::new(CAP), Consumer::new(CAP));
+        assert!(c.prepare_sleep(&c_half, &p_half).unwrap());
+        let mut rings = 0;
+        for _ in 0..3 {
+            assert!(p.try_push(&c_half, &data, RecordKind::Frame, &[b"ab"]).unwrap());
+            p.publish(&p_half);
+            rings += usize::from(p.must_ring(&c_half));
+        }
+        assert_eq!(rings, 1);
+        c.wake(&c_half);
+        assert!(!c.prepare_sleep(&c_half, &p_half).unwrap(), "records wait: no sleep");
+        assert!(!p.must_ring(&c_half));
+    }
+
+    #[test]
+    fn lies_are_errors_not_reads_out_of_bounds() {
+        let (p_half, c_half, data) = ring();
+        let mut c = Consumer::new(CAP);
+        let mut out = Vec::new();
+        // A tail more than the ring ahead.
+        p_half.tail.v.store(u64::from(CAP) + 8, Ordering::Relaxed);
+        assert!(c.next(&p_half, &data, &mut out).is_err());
+        // Lengths and kinds that cannot be.
+        for w in [header_word(KIND_FRAME, u32::MAX), header_word(9, 1), header_word(KIND_PAD, 3), header_word(KIND_FRAME, 64)]
+        {
+            let mut c = Consumer::new(CAP);
+            data[0].store(w, Ordering::Relaxed);
+            p_half.tail.v.store(16, Ordering::Relaxed);
+            assert!(c.next(&p_half, &data, &mut out).is_err(), "{w:#x}");
+        }
+        // A tail that moves back.
+        let mut c = Consumer::new(CAP);
+        data[0].store(header_word(KIND_FRAME, 1), Ordering::Relaxed);
+        p_half.tail.v.store(16, Ordering::Relaxed);
+        assert!(c.next(&p_half, &data, &mut out).unwrap().is_some());
+        p_half.tail.v.store(8, Ordering::Relaxed);
+        assert!(c.next(&p_half, &data, &mut out).is_err());
+        // A reader position that runs ahead of what was written.
+        let mut p = Producer::new(CAP);
+        c_half.head.v.store(1 << 40, Ordering::Relaxed);
+        assert!(p.prepare_wait(&p_half, &c_half, 8).is_err());
+    }
+
+    #[test]
+    fn too_large_is_refused() {
+        let (_, c_half, data) = ring();
+        let mut p = Producer::new(CAP);
+        let big = vec![0u8; max_frame(u64::from(CAP)) + 1];
+        assert!(matches!(p.try_push(&c_half, &data, RecordKind::Frame, &[&big]), Err(LinkError::TooLarge { .. })));
+    }
+}
