@@ -9,9 +9,9 @@ use serde::Serialize;
 
 use shmbus_proto::frame::encode_head_into;
 use shmbus_proto::frame::{
-    decode_broker, encode_head, BrokerFrame, ClientInfo, Hello, Limits, Monitor as MonitorFrame, Overflow,
-    PayloadRef, Ping, PolicyCheck, PolicyVerdict, Publish, Query, QueryItemBody, QueryKind, Stats, Subscribe,
-    TopicInfo, PROTOCOL_VERSION,
+    decode_broker, encode_head, Attach, BrokerFrame, ClientInfo, Hello, Limits, Monitor as MonitorFrame, Op,
+    Overflow, PayloadRef, Ping, PolicyCheck, PolicyVerdict, Publish, Query, QueryItemBody, QueryKind, Stats,
+    Subscribe, TopicInfo, PROTOCOL_VERSION,
 };
 use shmbus_proto::subject::{validate_pattern, validate_subject};
 use shmbus_proto::sys::socket::{self, OutPacket, PeerCred, RecvBatch, MAX_BATCH};
@@ -22,6 +22,7 @@ use crate::connection::{Dialed, Inner, LocalBounds, QuerySlot, Redial, State};
 use crate::error::{
     ConnectError, Disconnect, FlushError, LoanError, PublishError, RecvError, RequestError, SubscribeError,
 };
+use crate::link::{Attachment, Transport};
 use crate::loan::Loan;
 use crate::monitor::Monitor;
 use crate::subscription::Subscription;
@@ -107,6 +108,7 @@ pub struct ConnectOptions {
     local: LocalBounds,
     memfd_threshold: usize,
     reconnect: ReconnectPolicy,
+    shared_memory: bool,
 }
 
 impl Default for ConnectOptions {
@@ -120,6 +122,7 @@ impl Default for ConnectOptions {
             local: LocalBounds::default(),
             memfd_threshold: DEFAULT_MEMFD_THRESHOLD,
             reconnect: ReconnectPolicy::default(),
+            shared_memory: true,
         }
     }
 }
@@ -259,6 +262,28 @@ impl ConnectOptions {
         self
     }
 
+    /// Whether to ask the broker for the shared-memory transport (default
+    /// on): frames then travel in a pair of shared-memory rings instead of
+    /// a system call each (see [`Client::transport`]). A broker that
+    /// declines leaves the connection on its socket alone. The environment
+    /// variable `SHMBUS_TRANSPORT=socket` turns it off whatever this says
+    /// (`shm`, or unset, leaves it to this).
+    pub fn shared_memory(mut self, on: bool) -> Self {
+        self.shared_memory = on;
+        self
+    }
+
+    /// `Ok`: ask for the link; `Err`: why not.
+    fn link_wanted(&self) -> Result<(), String> {
+        if !self.shared_memory {
+            return Err("shared memory turned off by ConnectOptions::shared_memory(false)".into());
+        }
+        if !transport_env_allows_link(std::env::var_os(TRANSPORT_ENV).as_deref()) {
+            return Err(format!("shared memory turned off by {TRANSPORT_ENV}=socket"));
+        }
+        Ok(())
+    }
+
     fn resolve(&self) -> Result<Address, ConnectError> {
         if let Some(a) = &self.address {
             return Ok(a.clone());
@@ -293,6 +318,7 @@ impl ConnectOptions {
         let limits = d.limits;
         let inner =
             Inner::with_bounds(d.fd, d.client_id, limits, d.broker, shown, self.local, redial, self.timeout);
+        inner.attach(d.link);
         let memfd_threshold = self.memfd_threshold.min(limits.max_inline_payload as usize);
         Ok(Client { inner: Arc::new(inner), timeout: self.timeout, memfd_threshold })
     }
@@ -336,9 +362,21 @@ impl ConnectOptions {
         // The broker may refuse before reading our hello and close; its
         // goodbye is still waiting for us, so a failed send is not the end.
         let _ = socket::send_packet(fd.as_fd(), OutPacket { head: &head, payload: &[], fds: &[] }, false);
-        let (client_id, limits) = handshake(&fd, wait)?;
-        Ok(Dialed { fd, broker, client_id, limits })
+        let (client_id, limits, link) = handshake(&fd, wait, self.link_wanted())?;
+        Ok(Dialed { fd, broker, client_id, limits, link })
     }
+}
+
+/// The environment variable that may turn the shared-memory transport off
+/// for every client of a process: `socket` turns it off, `shm` (or unset)
+/// leaves it to [`ConnectOptions::shared_memory`].
+pub const TRANSPORT_ENV: &str = "SHMBUS_TRANSPORT";
+
+/// Whether `$SHMBUS_TRANSPORT` (its value, if set) lets a client ask for
+/// the link: anything but `socket` does (an unknown value is no reason to
+/// lose the faster transport).
+fn transport_env_allows_link(value: Option<&std::ffi::OsStr>) -> bool {
+    !matches!(value, Some(v) if v == "socket")
 }
 
 /// Encodes the next batch of `publish_many` (blocking or async): up to
@@ -371,22 +409,17 @@ pub(crate) fn fill_publish_batch<'a>(
     Ok(())
 }
 
-fn handshake(fd: &std::os::fd::OwnedFd, timeout: Duration) -> Result<(u64, Limits), ConnectError> {
+/// The broker's side of the handshake: its `Welcome` (or refusal) to our
+/// `Hello`, then, if `link` is `Ok`, our `Attach` and its answer: the link
+/// set up, or declined (the connection then goes on over the socket).
+fn handshake(
+    fd: &std::os::fd::OwnedFd,
+    timeout: Duration,
+    link: Result<(), String>,
+) -> Result<(u64, Limits, Attachment), ConnectError> {
     let deadline = Instant::now() + timeout;
     let mut batch = RecvBatch::new(1);
-    let mut resets = 0;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || !socket::wait_readable(fd.as_fd(), Some(left))? {
-            return Err(ConnectError::Timeout(timeout));
-        }
-        match batch.recv(fd.as_fd(), true) {
-            Ok(_) => break,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && resets < 2 => resets += 1,
-            Err(e) => return Err(e.into()),
-        }
-    }
+    next_packet(fd, &mut batch, deadline, timeout)?;
     let (data, _, fds) = batch.packet(0);
     if !fds.is_empty() {
         return Err(ConnectError::Protocol("the broker sent an fd in its handshake".into()));
@@ -394,13 +427,89 @@ fn handshake(fd: &std::os::fd::OwnedFd, timeout: Duration) -> Result<(u64, Limit
     if data.is_empty() {
         return Err(ConnectError::Protocol("the broker closed the connection without a word".into()));
     }
+    let (client_id, limits) = match decode_broker(data) {
+        Ok(BrokerFrame::Welcome(w)) => (w.client_id, w.limits),
+        Ok(BrokerFrame::Goodbye(g)) => {
+            return Err(ConnectError::Refused(Disconnect { code: Some(g.code), reason: g.reason.to_owned() }))
+        }
+        Ok(other) => return Err(ConnectError::Protocol(format!("unexpected first frame {other:?}"))),
+        Err(e) => return Err(ConnectError::Protocol(e.to_string())),
+    };
+    let link = match link {
+        Ok(()) => attach(fd, &mut batch, deadline, timeout)?,
+        Err(why) => Attachment::SocketOnly(why),
+    };
+    Ok((client_id, limits, link))
+}
+
+/// Asks for the shared-memory link (`Attach`, our very next frame after
+/// `Hello`) and maps what `Attached` carries. The broker's `OpError` for
+/// it is a decline, not a failure; anything else fails the handshake (the
+/// broker may already have switched to the link, so there is no going on
+/// over the socket then).
+fn attach(
+    fd: &std::os::fd::OwnedFd,
+    batch: &mut RecvBatch,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<Attachment, ConnectError> {
+    let head = encode_head(&Attach { capacity: 0 }).map_err(|e| ConnectError::Protocol(e.to_string()))?;
+    // A failed send is not the end: the broker's goodbye may be waiting.
+    let _ = socket::send_packet(fd.as_fd(), OutPacket { head: &head, payload: &[], fds: &[] }, false);
+    next_packet(fd, batch, deadline, timeout)?;
+    let (data, status, fds) = batch.packet(0);
+    if data.is_empty() {
+        return Err(ConnectError::Protocol("the broker closed the connection during the handshake".into()));
+    }
+    if status.truncated || status.fds_truncated {
+        return Err(ConnectError::Protocol(
+            "the broker's answer to Attach came truncated (is this process out of fds?)".into(),
+        ));
+    }
     match decode_broker(data) {
-        Ok(BrokerFrame::Welcome(w)) => Ok((w.client_id, w.limits)),
+        Ok(BrokerFrame::Attached(a)) => {
+            let [mine, theirs] = &fds[..] else {
+                return Err(ConnectError::Protocol(format!("Attached came with {} fds, not 2", fds.len())));
+            };
+            // The fds close here; the mappings keep the memory.
+            match shmbus_proto::link::shm::attach(a.capacity, mine.as_fd(), theirs.as_fd()) {
+                Ok(map) => Ok(Attachment::Linked(map)),
+                Err(e) => Err(ConnectError::Protocol(format!(
+                    "the broker's shared-memory link cannot be used: {e}"
+                ))),
+            }
+        }
+        Ok(BrokerFrame::OpError(e)) if e.op == Op::Attach && fds.is_empty() => Ok(Attachment::SocketOnly(
+            format!("the broker declined the shared-memory link ({:?}): {}", e.code, e.message),
+        )),
         Ok(BrokerFrame::Goodbye(g)) => {
             Err(ConnectError::Refused(Disconnect { code: Some(g.code), reason: g.reason.to_owned() }))
         }
-        Ok(other) => Err(ConnectError::Protocol(format!("unexpected first frame {other:?}"))),
+        Ok(other) => Err(ConnectError::Protocol(format!("unexpected answer to Attach: {other:?}"))),
         Err(e) => Err(ConnectError::Protocol(e.to_string())),
+    }
+}
+
+/// Waits (until `deadline`) for the broker's next handshake packet, into
+/// `batch`'s one slot.
+fn next_packet(
+    fd: &std::os::fd::OwnedFd,
+    batch: &mut RecvBatch,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<(), ConnectError> {
+    let mut resets = 0;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || !socket::wait_readable(fd.as_fd(), Some(left))? {
+            return Err(ConnectError::Timeout(timeout));
+        }
+        match batch.recv(fd.as_fd(), true) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && resets < 2 => resets += 1,
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 
@@ -422,7 +531,13 @@ pub struct Client {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").field("address", &self.inner.address).field("client_id", &self.id()).finish()
+        let mut d = f.debug_struct("Client");
+        d.field("address", &self.inner.address).field("client_id", &self.id());
+        d.field("transport", &self.transport());
+        if let Some(why) = self.inner.transport_note() {
+            d.field("socket_only_because", &why);
+        }
+        d.finish()
     }
 }
 
@@ -445,6 +560,14 @@ impl Client {
     /// Options for anything else.
     pub fn options() -> ConnectOptions {
         ConnectOptions::new()
+    }
+
+    /// Which transport the connection uses now: the shared-memory link,
+    /// or the socket alone (turned off, or declined by the broker; see
+    /// [`ConnectOptions::shared_memory`]). May change when the client
+    /// reconnects (to a broker that decides otherwise).
+    pub fn transport(&self) -> Transport {
+        self.inner.transport()
     }
 
     /// The deadline for acknowledged requests.
@@ -555,7 +678,8 @@ impl Client {
     }
 
     /// Publishes several messages with as few system calls as possible
-    /// (`sendmmsg`, up to 64 frames per call). Same semantics as calling
+    /// (`sendmmsg`, up to 64 frames per call; on the shared-memory link,
+    /// up to 64 records and at most one doorbell). Same semantics as calling
     /// [`Client::publish`] for each, in order; on an error, the messages
     /// before the failing one have been sent.
     pub fn publish_many<'a>(
@@ -577,8 +701,10 @@ impl Client {
                 .collect();
             let mut sent = 0;
             while sent < packets.len() {
-                match self.inner.on_socket(None, |fd| socket::send_packets(fd, &packets[sent..], false)) {
+                match self.inner.on_port(None, |port| port.send(&packets[sent..], true)) {
                     Ok((n, _)) => {
+                        // Waiting, at least one went.
+                        let n = n.unwrap_or(0);
                         sent += n;
                         s.published += n as u64;
                     }

@@ -90,6 +90,7 @@ use shmbus_proto::sys::socket::{self, OutPacket, PeerCred, RecvBatch, RecvStatus
 
 pub(crate) use crate::core::*;
 use crate::error::{Disconnect, RecvError};
+use crate::link::{Attachment, LinkRx, Port, Transport, Wire};
 
 /// Packets per receive batch in a client.
 const RECV_SLOTS: usize = 64;
@@ -106,6 +107,9 @@ pub(crate) struct ReaderState {
     held: Vec<(RecvStatus, Vec<OwnedFd>)>,
     /// `SO_RCVTIMEO` is set to [`RCV_TICK`] on the socket.
     rcv_tick: bool,
+    /// The reading side of the connection's shared-memory link, if it has
+    /// one: then frames are read there (`link`), not in `batch`.
+    pub link: Option<LinkRx>,
 }
 
 /// A timed wait longer than this blocks in the receive itself, which wakes
@@ -145,6 +149,8 @@ pub(crate) struct Dialed {
     pub broker: PeerCred,
     pub client_id: u64,
     pub limits: Limits,
+    /// The shared-memory link the handshake set up, or why not.
+    pub link: Attachment,
 }
 
 /// How to make the connection again when it is lost.
@@ -174,12 +180,17 @@ pub(crate) struct Inner {
     /// `State::generation`, readable without `state` (one load on a
     /// channel publisher's hot path). Written with `swap` held.
     pub generation: std::sync::atomic::AtomicU64,
-    /// Held shared by every send for its system call, and exclusively by a
-    /// reconnection while it puts the new socket in place and renews what
-    /// lived on the old one: so a send goes whole to one connection, knows
-    /// which (`generation`), and comes after the renewals. Lock order:
-    /// `send` and `reader` before `swap` before `state`.
-    swap: parking_lot::RwLock<()>,
+    /// Held shared by every send for its system call (or its push into the
+    /// link), and exclusively by a reconnection while it puts the new
+    /// socket and link in place and renews what lived on the old one: so a
+    /// send goes whole to one connection, knows which (`generation`), and
+    /// comes after the renewals. Lock order: `send` and `reader` before
+    /// `swap` (then its link's mutex) before `state`.
+    swap: parking_lot::RwLock<Wire>,
+    /// Whether the connection has a link (`swap`'s), readable without a
+    /// lock: the async driver's hint that news may wait in the ring while
+    /// the socket is quiet.
+    linked: AtomicBool,
     /// When the next reconnection attempt may be made (backoff holds for
     /// every waiter, not only the one that failed last).
     next_attempt: Mutex<Option<Instant>>,
@@ -262,7 +273,8 @@ impl Inner {
             timeout,
             attempts: std::sync::atomic::AtomicU32::new(0),
             generation: std::sync::atomic::AtomicU64::new(0),
-            swap: parking_lot::RwLock::new(()),
+            swap: parking_lot::RwLock::new(Wire::default()),
+            linked: AtomicBool::new(false),
             next_attempt: Mutex::new(None),
             send: Mutex::new(SendState { head: Vec::with_capacity(256), heads: Vec::new(), published: 0 }),
             state: Mutex::new(State { bounds, fd_acks: FdAcks::new(limits.fd_window), ..State::default() }),
@@ -370,7 +382,7 @@ impl Inner {
     /// `send`, who sends it as it lets go (see [`Inner::send_fd_ack`]).
     /// Takes `state`, then `send` only with `try_lock`, so it may be called
     /// holding `reader`, or `send` (that ack then goes as we let go).
-    fn ack_everything(&self) {
+    pub(crate) fn ack_everything(&self) {
         {
             let mut st = self.state.lock();
             if !st.fd_acks.request_all() {
@@ -454,16 +466,17 @@ impl Inner {
         self.send_encoded(head, payload, fds, Route::Only(generation)).map(drop)
     }
 
-    /// Runs `f` on the socket with `swap` held shared: the connection
-    /// cannot change under it. `only`: fail (`NotConnected`) unless the
-    /// connection is generation `only`. Returns `f`'s result and the
-    /// generation it ran on.
-    pub(crate) fn on_socket<T>(
+    /// Runs `f` on the connection's way out (its socket, and its link if
+    /// it has one) with `swap` held shared: the connection cannot change
+    /// under it. `only`: fail (`NotConnected`) unless the connection is
+    /// generation `only`. Returns `f`'s result and the generation it ran
+    /// on.
+    pub(crate) fn on_port<T>(
         &self,
         only: Option<u64>,
-        f: impl FnOnce(BorrowedFd<'_>) -> io::Result<T>,
+        f: impl FnOnce(&mut Port<'_>) -> io::Result<T>,
     ) -> io::Result<(T, u64)> {
-        let _g = self.swap.read();
+        let wire = self.swap.read();
         // Relaxed: written only with `swap` held exclusively.
         let generation = self.generation.load(Ordering::Relaxed);
         if only.is_some_and(|g| g != generation) {
@@ -472,7 +485,48 @@ impl Inner {
                 "the connection it belonged to was lost (the client reconnected since)",
             ));
         }
-        Ok((f(self.fd.as_fd())?, generation))
+        let mut tx = wire.link.as_ref().map(|m| m.lock());
+        let mut port = Port { fd: self.fd.as_fd(), link: tx.as_deref_mut(), inner: self };
+        Ok((f(&mut port)?, generation))
+    }
+
+    /// Puts the transport the handshake made in place (a new connection,
+    /// `reader` and `swap` held).
+    fn set_transport(&self, reader: &mut ReaderState, wire: &mut Wire, a: Attachment) {
+        let (w, rx) = crate::link::split(a);
+        *wire = w;
+        reader.link = rx;
+        // Relaxed: a hint (see the field); written with `swap` held
+        // exclusively, before the new generation is published under
+        // `state`, whose lock orders it for whoever read that.
+        self.linked.store(wire.link.is_some(), Ordering::Relaxed);
+    }
+
+    /// Gives the first connection its transport (before it is shared).
+    pub(crate) fn attach(&self, a: Attachment) {
+        let mut reader = self.reader.lock();
+        let mut wire = self.swap.write();
+        self.set_transport(&mut reader, &mut wire, a);
+    }
+
+    /// Which transport the connection uses now.
+    pub(crate) fn transport(&self) -> Transport {
+        match self.swap.read().link {
+            Some(_) => Transport::SharedMemory,
+            None => Transport::Socket,
+        }
+    }
+
+    /// Why the connection has no shared-memory link, if it has none.
+    pub(crate) fn transport_note(&self) -> Option<String> {
+        self.swap.read().note.clone()
+    }
+
+    /// Whether the connection has a link: a hint, see the field.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn linked(&self) -> bool {
+        // Relaxed: see the field.
+        self.linked.load(Ordering::Relaxed)
     }
 
     fn send_encoded(
@@ -488,8 +542,8 @@ impl Inner {
             Route::Across | Route::Current => None,
         };
         loop {
-            match self.on_socket(only, |fd| socket::send_packet(fd, packet, false)) {
-                Ok(((), generation)) => return Ok(generation),
+            match self.on_port(only, |port| port.send(&[packet], true)) {
+                Ok((_, generation)) => return Ok(generation),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if route == Route::Across && self.recover(&e) => {}
                 Err(e) => return Err(self.send_error(e)),
@@ -653,9 +707,10 @@ impl Inner {
         // Exclusive: no send is in a system call, and none starts until
         // the renewals are out (an unsubscribe made meanwhile then comes
         // after the subscribe it undoes, never before).
-        let swapping = self.swap.write();
+        let mut swapping = self.swap.write();
         socket::replace_fd(self.fd.as_fd(), d.fd)?;
         *reader = ReaderState::default();
+        self.set_transport(reader, &mut *swapping, d.link);
         // Relaxed: read by `Client::id` only, no ordering needed.
         self.client_id.store(d.client_id, Ordering::Relaxed);
         *self.broker.lock() = d.broker;
@@ -677,9 +732,11 @@ impl Inner {
             }
             (renew, names)
         };
-        // The socket is ours alone here (`swap`): straight to it.
-        let raw = |head: &[u8]| {
-            socket::send_packet(self.fd.as_fd(), OutPacket { head, payload: &[], fds: &[] }, false)
+        // The connection is ours alone here (`swap`): straight to it.
+        let mut tx = swapping.link.as_mut().map(|m| m.get_mut());
+        let mut raw = |head: &[u8]| {
+            let mut port = Port { fd: self.fd.as_fd(), link: tx.as_deref_mut(), inner: self };
+            port.send(&[OutPacket { head, payload: &[], fds: &[] }], true).map(drop)
         };
         for (_, head) in renew {
             let _ = raw(&head);
@@ -858,13 +915,16 @@ impl Inner {
     /// one, it acknowledges every fd taken ([`Inner::ack_everything`]);
     /// while the socket has more, the half-window threshold applies.
     fn read_once(&self, reader: &mut ReaderState, timeout: Option<Duration>) -> io::Result<bool> {
+        if let Some(rx) = reader.link.as_mut() {
+            return self.read_link(rx, timeout);
+        }
         let nonblocking = timeout.is_some_and(|t| t.is_zero());
         // A receive that does not wait comes first when the last batch
         // filled every slot (more is probably waiting), when we may not
         // wait anyway, and when fds are unacknowledged: they are
         // acknowledged once the socket is found empty, not before.
         let mut try_first = reader.backlog || nonblocking || self.state.lock().fd_acks.pending();
-        let ReaderState { batch, backlog, held, rcv_tick } = reader;
+        let ReaderState { batch, backlog, held, rcv_tick, .. } = reader;
         let batch = batch.get_or_insert_with(|| RecvBatch::new(RECV_SLOTS));
         let mut resets = 0;
         loop {
@@ -936,7 +996,7 @@ impl Inner {
     /// Whether this process's fd table is full: duplicating an fd we hold
     /// fails with `EMFILE` or `ENFILE`. A packet that lost its fds
     /// (`MSG_CTRUNC`) is then our own shortage, not the broker's doing.
-    fn fd_table_full(&self) -> bool {
+    pub(crate) fn fd_table_full(&self) -> bool {
         #[cfg(test)]
         if self.fake_fd_table_full.load(Ordering::Relaxed) {
             return true;
@@ -948,7 +1008,7 @@ impl Inner {
         }
     }
 
-    fn close(&self, code: Option<GoodbyeCode>, reason: String) {
+    pub(crate) fn close(&self, code: Option<GoodbyeCode>, reason: String) {
         let mut st = self.state.lock();
         if st.closed.is_none() {
             st.closed = Some(Disconnect { code, reason });
@@ -976,22 +1036,40 @@ impl Inner {
             }
             let (status, fds) = std::mem::take(slot);
             let (data, _, _) = batch.packet(i);
-            if st.receive_packet(data, status, fds, short_of_fds) {
-                // Relaxed: `send_fd_ack`'s fence orders it before the
-                // reader tries `send`.
-                self.ack_due.store(true, Ordering::Relaxed);
-            }
+            self.deliver(&mut st, data, status, fds, short_of_fds);
         }
+        self.dispatched(&mut st);
+        // Fds of packets not dispatched (the connection closed) close here.
+        held.clear();
+    }
+
+    /// One packet from the broker into the state (by whichever transport
+    /// it came), `state` held.
+    pub(crate) fn deliver(
+        &self,
+        st: &mut State,
+        data: &[u8],
+        status: RecvStatus,
+        fds: Vec<OwnedFd>,
+        short_of_fds: bool,
+    ) {
+        if st.receive_packet(data, status, fds, short_of_fds) {
+            // Relaxed: `send_fd_ack`'s fence orders it before the
+            // reader tries `send`.
+            self.ack_due.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// After a batch of packets, `state` still held.
+    pub(crate) fn dispatched(&self, st: &mut State) {
         // Under the same lock as the packets: nobody sees `closed` for a
         // loss that a reconnection will repair.
-        self.settle_loss(&mut st);
+        self.settle_loss(st);
         if !st.auto_replies.is_empty() && st.closed.is_none() {
             // Relaxed: `send_fd_ack`'s fence orders it before the reader
             // tries `send`.
             self.ack_due.store(true, Ordering::Relaxed);
         }
-        // Fds of packets not dispatched (the connection closed) close here.
-        held.clear();
     }
 }
 

@@ -41,7 +41,9 @@
 //! futures), on the same connection as the blocking API.
 //!
 //! Layering: this crate speaks the wire protocol of `shmbus-proto` over
-//! its socket layer and holds no `unsafe` of its own. A [`Client`] is one
+//! its socket layer, and over its shared-memory link where the broker
+//! offers one (see [`Client::transport`]), and holds no `unsafe` of its
+//! own. A [`Client`] is one
 //! connection; [`Subscription`]s share it (see `connection` for how one
 //! socket feeds many consumers without a background thread).
 
@@ -57,6 +59,7 @@ mod error;
 /// For the fuzz targets in `fuzz/`; not an API.
 #[doc(hidden)]
 pub mod fuzzing;
+mod link;
 mod loan;
 mod message;
 mod monitor;
@@ -68,12 +71,14 @@ pub use channel::{
 };
 pub use client::{
     Client, ConnectOptions, ReconnectPolicy, DEFAULT_LOCAL_QUEUE, DEFAULT_MEMFD_THRESHOLD, DEFAULT_TIMEOUT,
+    TRANSPORT_ENV,
 };
 pub use error::{
     CallError, ConnectError, Disconnect, ErrorKind, FlushError, LoanError, MonitorError, NameError,
     PublishError, PublishRefused, RecvError, ReplyError, RequestError, SendRefused, ServeError,
     SubscribeError,
 };
+pub use link::Transport;
 pub use loan::Loan;
 pub use message::{Event, Message, Sender};
 pub use monitor::{BusEvent, Monitor, MonitorItem, MonitorIter};

@@ -17,11 +17,12 @@ use tokio::io::Interest;
 use tokio::time::Sleep;
 
 use shmbus_proto::frame::{encode_head_into, Body};
-use shmbus_proto::sys::socket::{self, OutPacket};
+use shmbus_proto::sys::socket::OutPacket;
 
 use crate::client::Client;
 use crate::connection::{Inner, SendState, State};
 use crate::error::{Disconnect, RecvError};
+use crate::link::Full;
 
 /// Batches one poll reads before it yields to the executor, so that a
 /// busy socket cannot starve the other tasks.
@@ -30,6 +31,12 @@ const READS_PER_POLL: u32 = 16;
 /// How soon a sender that finds `send` taken by a thread (a blocking
 /// sender, which wakes no task as it lets go) tries again.
 const SEND_LOCK_RETRY: Duration = Duration::from_millis(1);
+
+/// How soon a sender that finds the shared-memory link's ring full tries
+/// again: the broker's "room" is a futex wake, which no reactor sees, so a
+/// task looks again on a timer (a full ring is backpressure: the broker is
+/// behind by a whole ring).
+const RING_FULL_RETRY: Duration = Duration::from_millis(1);
 
 /// What the async handles of one connection share: the blocking client
 /// (the connection itself), the socket's registration with the reactor,
@@ -181,6 +188,27 @@ impl Waiter {
                     // The reactor wakes us when something arrives. Nothing
                     // taken stays unacknowledged while we wait.
                     self.holds_slot = true;
+                    if inner.linked() {
+                        // With a shared-memory link the broker rings the
+                        // socket only once we have said we sleep: frames
+                        // may wait in the ring while it is quiet. Look
+                        // there; a read that finds nothing leaves the flag
+                        // raised, so the next frame makes the socket
+                        // readable, and the reactor (registered just now)
+                        // wakes us.
+                        match inner.read_nonblocking() {
+                            None | Some(Ok(false)) => {}
+                            Some(Ok(true)) => {
+                                budget -= 1;
+                                if budget == 0 {
+                                    cx.waker().wake_by_ref();
+                                    return Poll::Pending;
+                                }
+                                continue;
+                            }
+                            Some(Err(e)) => return Poll::Ready(Err(self.fail(RecvError::Io(e)))),
+                        }
+                    }
                     inner.ack_before_waiting();
                     return Poll::Pending;
                 }
@@ -332,39 +360,65 @@ pub(crate) fn try_now<T>(
 
 // ------------------------------------------------------------ sending --
 
-/// One try at a send, `send` held: `Ok(Some(_))` sent, `Ok(None)` the
-/// socket has no room.
+/// What one attempt at a send (`send` held) found: `Ok(Ok(_))` sent,
+/// `Ok(Err(_))` no room (in the socket, or in the link's ring).
+type Attempt<R> = io::Result<Result<R, Full>>;
+
+/// One try at a send.
 enum Step<R> {
     Done(io::Result<R>),
     /// `send` is taken; the task is registered to try again.
     Busy,
-    Full,
+    Full(Full),
 }
 
 /// One task sending: takes `send` only if it is free, sends without
 /// waiting, and waits for room in the socket on the reactor (with the
-/// same hand-over of the reactor's one waker as [`Waiter`]).
+/// same hand-over of the reactor's one waker as [`Waiter`]), or for room
+/// in the link's ring on a timer.
 struct SendWaiter {
     shared: Arc<Shared>,
     holds_slot: bool,
-    /// The socket was found full: try again only once it is writable.
-    full: bool,
+    /// Found full: try again only once there is room.
+    full: Option<Full>,
     retry: Option<Pin<Box<Sleep>>>,
+    ring_retry: Option<Pin<Box<Sleep>>>,
 }
 
 impl SendWaiter {
     fn poll<R>(
         &mut self,
         cx: &mut Context<'_>,
-        attempt: &mut impl FnMut(&Inner, &mut SendState) -> io::Result<Option<R>>,
+        attempt: &mut impl FnMut(&Inner, &mut SendState) -> Attempt<R>,
     ) -> Poll<io::Result<R>> {
-        if !self.full {
-            match self.step(cx, attempt) {
-                Step::Done(r) => return Poll::Ready(r),
-                Step::Busy => return Poll::Pending,
-                Step::Full => self.full = true,
+        loop {
+            match self.full {
+                None => match self.step(cx, attempt) {
+                    Step::Done(r) => return Poll::Ready(r),
+                    Step::Busy => return Poll::Pending,
+                    Step::Full(f) => self.full = Some(f),
+                },
+                Some(Full::Ring) => {
+                    let t =
+                        self.ring_retry.get_or_insert_with(|| Box::pin(tokio::time::sleep(RING_FULL_RETRY)));
+                    if t.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    self.ring_retry = None;
+                    self.full = None;
+                }
+                Some(Full::Socket) => return self.poll_socket(cx, attempt),
             }
         }
+    }
+
+    /// The socket was found full: waits until it is writable and tries
+    /// again.
+    fn poll_socket<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        attempt: &mut impl FnMut(&Inner, &mut SendState) -> Attempt<R>,
+    ) -> Poll<io::Result<R>> {
         let generation = self.shared.inner().state.lock().generation;
         let io = match self.shared.io(generation) {
             Ok(io) => io,
@@ -389,7 +443,12 @@ impl SendWaiter {
             match self.step(cx, attempt) {
                 Step::Done(r) => return Poll::Ready(r),
                 Step::Busy => return Poll::Pending,
-                Step::Full => ready.clear_ready(),
+                Step::Full(Full::Socket) => ready.clear_ready(),
+                Step::Full(Full::Ring) => {
+                    // The socket took the packet; its marker found no room.
+                    self.full = Some(Full::Ring);
+                    return self.poll(cx, attempt);
+                }
             }
         }
     }
@@ -397,7 +456,7 @@ impl SendWaiter {
     fn step<R>(
         &mut self,
         cx: &mut Context<'_>,
-        attempt: &mut impl FnMut(&Inner, &mut SendState) -> io::Result<Option<R>>,
+        attempt: &mut impl FnMut(&Inner, &mut SendState) -> Attempt<R>,
     ) -> Step<R> {
         let inner = self.shared.inner().clone();
         loop {
@@ -417,11 +476,11 @@ impl SendWaiter {
             drop(s);
             self.shared.wake_senders();
             return match r {
-                Ok(Some(v)) => {
+                Ok(Ok(v)) => {
                     self.hand_over();
                     Step::Done(Ok(v))
                 }
-                Ok(None) => Step::Full,
+                Ok(Err(f)) => Step::Full(f),
                 Err(e) => {
                     self.hand_over();
                     Step::Done(Err(e))
@@ -450,18 +509,24 @@ fn lost_connection(e: &io::Error) -> bool {
     )
 }
 
-/// Sends with `attempt` (called with `send` held; `Ok(None)`: the socket
-/// is full), never blocking the executor. With `across_reconnection`, a
+/// Sends with `attempt` (called with `send` held; `Ok(Err(_))`: no room),
+/// never blocking the executor. With `across_reconnection`, a
 /// connection found lost is made again (as the blocking send does, on a
 /// blocking thread) and the send tried there.
 pub(crate) async fn send_with<R>(
     shared: &Arc<Shared>,
     across_reconnection: bool,
-    mut attempt: impl FnMut(&Inner, &mut SendState) -> io::Result<Option<R>>,
+    mut attempt: impl FnMut(&Inner, &mut SendState) -> Attempt<R>,
 ) -> Result<R, RecvError> {
     let inner = shared.inner();
     loop {
-        let mut sender = SendWaiter { shared: shared.clone(), holds_slot: false, full: false, retry: None };
+        let mut sender = SendWaiter {
+            shared: shared.clone(),
+            holds_slot: false,
+            full: None,
+            retry: None,
+            ring_retry: None,
+        };
         let r = poll_fn(|cx| sender.poll(cx, &mut attempt)).await;
         drop(sender);
         match r {
@@ -494,17 +559,22 @@ fn send_failure(shared: &Arc<Shared>, e: io::Error) -> RecvError {
     )
 }
 
-/// Sends one packet without waiting: whether it went (`false`: no room).
-/// `only`: on that connection generation only (see `Inner::on_socket`).
-fn try_packet_on(inner: &Inner, only: Option<u64>, packet: OutPacket<'_>) -> io::Result<bool> {
+/// Sends packets without waiting: how many went, or where there was no
+/// room. `only`: on that connection generation only (see
+/// `Inner::on_port`).
+fn try_packets_on(inner: &Inner, only: Option<u64>, packets: &[OutPacket<'_>]) -> Attempt<usize> {
     loop {
-        match inner.on_socket(only, |fd| socket::send_packet(fd, packet, true)) {
-            Ok(((), _)) => return Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+        match inner.on_port(only, |port| port.send(packets, false)) {
+            Ok((sent, _)) => return Ok(sent),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
+}
+
+/// Sends one packet without waiting.
+fn try_packet_on(inner: &Inner, only: Option<u64>, packet: OutPacket<'_>) -> Attempt<()> {
+    Ok(try_packets_on(inner, only, &[packet])?.map(drop))
 }
 
 fn encode_into<B: Body>(s: &mut SendState, body: &B) -> io::Result<()> {
@@ -524,10 +594,10 @@ pub(crate) async fn send_frame<B: Body>(
     send_with(shared, true, |inner, s| {
         encode_into(s, body)?;
         let sent = try_packet(inner, OutPacket { head: &s.head, payload, fds })?;
-        if sent && published {
+        if sent.is_ok() && published {
             s.published += 1;
         }
-        Ok(sent.then_some(()))
+        Ok(sent)
     })
     .await
 }
@@ -538,16 +608,12 @@ pub(crate) async fn send_packets(
     shared: &Arc<Shared>,
     packets: &[OutPacket<'_>],
 ) -> Result<usize, RecvError> {
-    send_with(shared, false, |inner, s| loop {
-        match inner.on_socket(None, |fd| socket::send_packets(fd, packets, true)) {
-            Ok((n, _)) => {
-                s.published += n as u64;
-                return Ok(Some(n));
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+    send_with(shared, false, |inner, s| {
+        let sent = try_packets_on(inner, None, packets)?;
+        if let Ok(n) = sent {
+            s.published += n as u64;
         }
+        Ok(sent)
     })
     .await
 }
@@ -569,11 +635,11 @@ pub(crate) fn send_now<B: Body>(
     if encode_into(&mut s, body).is_err() {
         return false;
     }
-    matches!(try_packet_on(inner, only, OutPacket { head: &s.head, payload, fds }), Ok(true))
+    matches!(try_packet_on(inner, only, OutPacket { head: &s.head, payload, fds }), Ok(Ok(())))
 }
 
 /// Sends one packet without waiting, on whatever connection is current.
-fn try_packet(inner: &Inner, packet: OutPacket<'_>) -> io::Result<bool> {
+fn try_packet(inner: &Inner, packet: OutPacket<'_>) -> Attempt<()> {
     try_packet_on(inner, None, packet)
 }
 
@@ -599,8 +665,5 @@ pub(crate) async fn blocking<R: Send + 'static>(f: impl FnOnce() -> R + Send + '
 
 /// Sends one frame encoded already.
 pub(crate) async fn send_encoded(shared: &Arc<Shared>, head: &[u8]) -> Result<(), RecvError> {
-    send_with(shared, true, |inner, _| {
-        Ok(try_packet(inner, OutPacket { head, payload: &[], fds: &[] })?.then_some(()))
-    })
-    .await
+    send_with(shared, true, |inner, _| try_packet(inner, OutPacket { head, payload: &[], fds: &[] })).await
 }

@@ -196,6 +196,11 @@ impl AsyncClient {
         self.client().limits()
     }
 
+    /// Which transport the connection uses now, as [`Client::transport`].
+    pub fn transport(&self) -> crate::Transport {
+        self.client().transport()
+    }
+
     /// Publishes `payload` to `topic`, as [`Client::publish`]: inline up to
     /// the memfd threshold, above it copied once into a sealed memfd.
     /// Returns once the frame is handed to the kernel (waiting, without

@@ -1,0 +1,651 @@
+//! The client side of the shared-memory transport (see
+//! `shmbus_proto::link` for the rings themselves).
+//!
+//! Model. A connection that attached at its handshake has, beside its
+//! socket, a pair of rings: the broker writes every frame for us into the
+//! broker half, we write every frame for it into the client half. A frame
+//! with fds still travels on the socket, and a *marker* record holds its
+//! place in the ring. So the ring is the one ordered stream of frames, and
+//! the socket carries only what memory cannot: fds, doorbells, and the end
+//! of the connection (EOF). Readiness stays the socket's: a sleeping side
+//! raises its `consumer_sleep` flag, and the other side rings it with a
+//! `Doorbell` packet, once per raise, so `Client::as_fd` and the tokio
+//! driver go on waiting for the socket as before.
+//!
+//! Reading ([`LinkRx`], under the connection's `reader` lock, where the
+//! socket-only reader keeps its batch):
+//! - records are read in order, up to a batch, copied out of the shared
+//!   memory, given back (`commit`) before they are dispatched, and the
+//!   broker is rung for room if it waits for it;
+//! - a marker takes the front of the FIFO of socket packets read ahead of
+//!   their markers (reading the socket if it is empty: the broker sends the
+//!   packet before it writes the marker, so it is there). A marker with no
+//!   packet, or more than [`FIFO_MAX`] packets waiting for markers, is the
+//!   broker breaking the protocol, and so is a corrupt ring: the
+//!   connection is closed with the reason, never a panic;
+//! - an empty ring: spin a little (adaptively, no system call), then raise
+//!   the flag and look again (`prepare_sleep`, the store-buffering pair of
+//!   the broker's `must_ring`), then wait for the socket. The flag is
+//!   lowered (`wake`) whenever a doorbell may have been spent on it: the
+//!   socket was found readable, or a doorbell was read. Otherwise it stays
+//!   up across reads, so a busy reader costs the broker one doorbell per
+//!   sleep, not one per record. Invariant: whenever a read returns
+//!   "nothing" the flag is up, so the socket becomes readable when
+//!   anything comes (the contract of `AsFd` and of the async driver);
+//! - EOF (or a reset) on the socket ends the connection only once the ring
+//!   is drained: the broker writes its last records (its `Goodbye`) before
+//!   it closes.
+//!
+//! Sending ([`LinkTx`], under the `swap` lock's [`Wire`], so a frame goes
+//! whole to one connection and a reconnection replaces the link with the
+//! socket): a frame is a record; a frame with fds is its socket packet
+//! then a marker (room for the marker is made sure of *before* the packet
+//! goes, so the two are never split). After publishing, the broker is rung
+//! if it sleeps. A full ring is waited out on the `room` futex word of the
+//! broker half (spinning a few µs first), in naps of [`ROOM_NAP`] between
+//! which the connection is checked, so a dead broker cannot hang a sender.
+//!
+//! Everything the broker's memory says is checked by the proto layer's
+//! functions; what they reject becomes a closed connection here.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use shmbus_proto::frame::{decode_broker, encode_head, BrokerFrame, Doorbell, GoodbyeCode};
+use shmbus_proto::link::shm::LinkMap;
+use shmbus_proto::link::{Consumer, LinkError, Producer, RecordKind};
+use shmbus_proto::sys::futex;
+use shmbus_proto::sys::socket::{self, OutPacket, RecvBatch, RecvStatus};
+
+use crate::connection::Inner;
+use crate::error::Disconnect;
+
+/// Which transport a connection uses (see [`crate::Client::transport`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Every frame is a packet on the connection's socket.
+    Socket,
+    /// Frames travel in a pair of shared-memory rings; the socket carries
+    /// fds and doorbells only.
+    SharedMemory,
+}
+
+/// What the handshake made of the link.
+#[derive(Debug)]
+pub(crate) enum Attachment {
+    Linked(LinkMap),
+    /// Socket only, and why (turned off, or declined by the broker).
+    SocketOnly(String),
+}
+
+/// Socket packets read ahead of their markers at most; more is a broker
+/// that sends packets without markers.
+pub(crate) const FIFO_MAX: usize = 1024;
+/// Records one read dispatches at most (as many as a socket batch), and
+/// bytes: then the others get their turn and acks go out.
+const RECORDS_PER_READ: usize = 64;
+const BYTES_PER_READ: usize = 1 << 20;
+/// Socket packets one receive takes on a link (doorbells, fd frames).
+const SOCKET_SLOTS: usize = 4;
+/// The reader's spin before it sleeps: where it starts, its bounds, and
+/// how it moves (doubled when a sleep ended sooner than the longest spin
+/// with records to read, halved when a spin ran out).
+const SPIN_START: Duration = Duration::from_micros(20);
+const SPIN_MAX: Duration = Duration::from_micros(100);
+const SPIN_STEP: Duration = Duration::from_micros(2);
+/// A sender's spin on a full ring before it sleeps on the futex.
+const ROOM_SPIN: Duration = Duration::from_micros(5);
+/// A sender waiting for room looks at the connection this often.
+pub(crate) const ROOM_NAP: Duration = Duration::from_millis(50);
+
+/// The `Doorbell` packet, encoded once.
+pub(crate) fn doorbell() -> &'static [u8] {
+    static HEAD: OnceLock<Vec<u8>> = OnceLock::new();
+    HEAD.get_or_init(|| encode_head(&Doorbell).expect("a doorbell encodes"))
+}
+
+fn is_doorbell(data: &[u8]) -> bool {
+    matches!(decode_broker(data), Ok(BrokerFrame::Doorbell))
+}
+
+/// Whether the other end of `fd` is gone (hangup or error), without
+/// waiting.
+fn hung_up(fd: BorrowedFd<'_>) -> bool {
+    use rustix::event::{PollFd, PollFlags};
+    let mut fds = [PollFd::new(&fd, PollFlags::empty())];
+    let zero = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
+    match rustix::event::poll(&mut fds, Some(&zero)) {
+        Ok(_) => fds[0].revents().intersects(PollFlags::HUP | PollFlags::ERR),
+        Err(_) => false,
+    }
+}
+
+// ------------------------------------------------------------ sending --
+
+/// What a send that may not wait found full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Full {
+    /// The socket's buffer: wait until it is writable.
+    Socket,
+    /// The ring: wait until the broker has read some of it.
+    Ring,
+}
+
+/// The sending side of a link: the client half's ring. Used only with
+/// `swap` held (shared, then under its own mutex; or exclusively).
+#[derive(Debug)]
+pub(crate) struct LinkTx {
+    map: Arc<LinkMap>,
+    producer: Producer,
+}
+
+/// The transport as senders see it, under the connection's `swap` lock.
+#[derive(Debug, Default)]
+pub(crate) struct Wire {
+    /// `None`: socket only. The mutex is never contended for long:
+    /// senders are serialised by `send` already; it lets a shared `swap`
+    /// hand out the producer.
+    pub link: Option<Mutex<LinkTx>>,
+    /// Why this connection has no link.
+    pub note: Option<String>,
+}
+
+/// One connection's way out, for one send: its socket, and its link if it
+/// has one.
+pub(crate) struct Port<'a> {
+    pub fd: BorrowedFd<'a>,
+    pub link: Option<&'a mut LinkTx>,
+    pub inner: &'a Inner,
+}
+
+impl Port<'_> {
+    /// Sends `packets` in order, as many as go (at least one), waiting for
+    /// room if `wait`; not waiting, finding no room for the first one is
+    /// `Ok(Err(_))`. Socket only: exactly the socket send it always was.
+    pub fn send(&mut self, packets: &[OutPacket<'_>], wait: bool) -> io::Result<Result<usize, Full>> {
+        let Some(tx) = self.link.as_deref_mut() else {
+            return match socket::send_packets(self.fd, packets, !wait) {
+                Ok(n) if n > 0 || packets.is_empty() => Ok(Ok(n)),
+                Ok(_) => Ok(Err(Full::Socket)),
+                Err(e) if !wait && e.kind() == io::ErrorKind::WouldBlock => Ok(Err(Full::Socket)),
+                Err(e) => Err(e),
+            };
+        };
+        let sent = tx.send(self.fd, self.inner, packets, wait);
+        // Whatever was written goes out, even if a later packet failed.
+        tx.publish_and_ring(self.fd);
+        sent
+    }
+}
+
+impl LinkTx {
+    fn new(map: Arc<LinkMap>) -> LinkTx {
+        let producer = Producer::new(map.capacity());
+        LinkTx { map, producer }
+    }
+
+    fn send(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        inner: &Inner,
+        packets: &[OutPacket<'_>],
+        wait: bool,
+    ) -> io::Result<Result<usize, Full>> {
+        let mut n = 0;
+        for p in packets {
+            // A frame with fds takes a marker (no bytes) in the ring.
+            let len = if p.fds.is_empty() { p.head.len() + p.payload.len() } else { 0 };
+            if !self.has_room(inner, len)? {
+                if n > 0 {
+                    break;
+                }
+                // The broker makes room only for what it can see.
+                self.publish_and_ring(fd);
+                if !wait {
+                    connection_ended(fd, inner)?;
+                    return Ok(Err(Full::Ring));
+                }
+                self.wait_room(fd, inner, len)?;
+            }
+            if p.fds.is_empty() {
+                self.push(inner, RecordKind::Frame, &[p.head, p.payload])?;
+            } else {
+                if n > 0 {
+                    // Alone: what the ring holds is published before the
+                    // socket send, which may wait.
+                    break;
+                }
+                match socket::send_packet(fd, *p, !wait) {
+                    Err(e) if !wait && e.kind() == io::ErrorKind::WouldBlock => return Ok(Err(Full::Socket)),
+                    r => r?,
+                }
+                // Room for it was made sure of above, and only we write.
+                self.push(inner, RecordKind::Marker, &[])?;
+            }
+            n += 1;
+        }
+        Ok(Ok(n))
+    }
+
+    fn has_room(&mut self, inner: &Inner, len: usize) -> io::Result<bool> {
+        self.producer.has_room(self.map.peer(), len).map_err(|e| link_failed(inner, e))
+    }
+
+    fn push(&mut self, inner: &Inner, kind: RecordKind, parts: &[&[u8]]) -> io::Result<()> {
+        match self.producer.try_push(self.map.peer(), self.map.my_data(), kind, parts) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(io::Error::other("no room in the shared-memory link after room was found")),
+            Err(e) => Err(link_failed(inner, e)),
+        }
+    }
+
+    /// Makes what was written visible, and rings the broker if it sleeps
+    /// (not waiting: a full socket means the broker has packets to read,
+    /// and it looks at the ring then).
+    fn publish_and_ring(&mut self, fd: BorrowedFd<'_>) {
+        self.producer.publish(self.map.mine());
+        if self.producer.must_ring(self.map.peer()) {
+            let _ = socket::send_packet(fd, OutPacket { head: doorbell(), payload: &[], fds: &[] }, true);
+        }
+    }
+
+    /// Waits until a record of `len` bytes fits, or the connection ends.
+    fn wait_room(&mut self, fd: BorrowedFd<'_>, inner: &Inner, len: usize) -> io::Result<()> {
+        let spin_until = Instant::now() + ROOM_SPIN;
+        loop {
+            if self.has_room(inner, len)? {
+                return Ok(());
+            }
+            if Instant::now() < spin_until {
+                std::hint::spin_loop();
+                continue;
+            }
+            connection_ended(fd, inner)?;
+            let (mine, peer) = (self.map.mine(), self.map.peer());
+            // Acquire: pairs with the broker's bump of `room` after it gave
+            // room back; only the futex's expected value: the room itself
+            // is read again (Acquire on `head`) in `prepare_wait`.
+            let r = peer.room.v.load(Ordering::Acquire);
+            let sleep = self.producer.prepare_wait(mine, peer, len).map_err(|e| link_failed(inner, e))?;
+            if sleep {
+                futex::wait(&peer.room.v, r, Some(ROOM_NAP))?;
+            }
+            self.producer.end_wait(mine);
+        }
+    }
+}
+
+/// Whether a sender should stop waiting for room: the broker hung up, or
+/// the connection was closed or lost (by the reader, say).
+fn connection_ended(fd: BorrowedFd<'_>, inner: &Inner) -> io::Result<()> {
+    if hung_up(fd) {
+        return Err(io::Error::from(io::ErrorKind::BrokenPipe));
+    }
+    let st = inner.state.lock();
+    if st.closed.is_some() || st.lost.is_some() {
+        return Err(io::Error::new(io::ErrorKind::NotConnected, "the connection to the broker ended"));
+    }
+    Ok(())
+}
+
+/// A send refused by the link: too large for it (cannot happen with the
+/// packet limit, but said), or the broker's memory makes no sense (the
+/// connection is closed for it).
+fn link_failed(inner: &Inner, e: LinkError) -> io::Error {
+    match e {
+        LinkError::TooLarge { .. } => io::Error::new(io::ErrorKind::InvalidInput, e.to_string()),
+        LinkError::Corrupt(_) => {
+            inner.close(
+                Some(GoodbyeCode::ProtocolViolation),
+                format!("the broker broke the shared-memory link: {e}"),
+            );
+            io::Error::new(io::ErrorKind::NotConnected, e.to_string())
+        }
+    }
+}
+
+// ------------------------------------------------------------ reading --
+
+/// A socket packet taken ahead of its marker.
+struct Packet {
+    data: Vec<u8>,
+    status: RecvStatus,
+    fds: Vec<OwnedFd>,
+}
+
+/// One frame of a read, in order.
+enum Item {
+    /// Bytes `start..end` of the read's buffer.
+    Ring(usize, usize),
+    Socket(Packet),
+}
+
+/// What went wrong on a link read.
+enum Broken {
+    Io(io::Error),
+    /// The broker broke the protocol: the connection closes, with this.
+    Violation(String),
+}
+
+/// A close for breaking the protocol.
+fn violation(reason: String) -> Disconnect {
+    Disconnect { code: Some(GoodbyeCode::ProtocolViolation), reason }
+}
+
+impl From<LinkError> for Broken {
+    fn from(e: LinkError) -> Broken {
+        Broken::Violation(format!("the broker broke the shared-memory link: {e}"))
+    }
+}
+
+/// The reading side of a link, kept with the reader (`reader` lock).
+pub(crate) struct LinkRx {
+    map: Arc<LinkMap>,
+    consumer: Consumer,
+    fifo: VecDeque<Packet>,
+    batch: Option<RecvBatch>,
+    /// The bytes of this read's records, and the read's frames.
+    buf: Vec<u8>,
+    items: Vec<Item>,
+    spin: Duration,
+    /// The socket said EOF (or was reset more than once).
+    eof: bool,
+    resets: u32,
+}
+
+impl LinkRx {
+    fn new(map: Arc<LinkMap>) -> LinkRx {
+        let consumer = Consumer::new(map.capacity());
+        LinkRx {
+            map,
+            consumer,
+            fifo: VecDeque::new(),
+            batch: None,
+            buf: Vec::new(),
+            items: Vec::new(),
+            spin: SPIN_START,
+            eof: false,
+            resets: 0,
+        }
+    }
+}
+
+/// Both sides of a new connection's link, or none.
+pub(crate) fn split(a: Attachment) -> (Wire, Option<LinkRx>) {
+    match a {
+        Attachment::Linked(map) => {
+            let map = Arc::new(map);
+            let wire = Wire { link: Some(Mutex::new(LinkTx::new(map.clone()))), note: None };
+            (wire, Some(LinkRx::new(map)))
+        }
+        Attachment::SocketOnly(why) => (Wire { link: None, note: Some(why) }, None),
+    }
+}
+
+impl Inner {
+    /// `read_once` on a connection with a link: reads one batch of
+    /// records, waiting up to `timeout` (`None`: forever; zero: not at
+    /// all) for one. Whether anything was dispatched (or the connection
+    /// closed). Returning `false`, the flag is up (see the essay).
+    pub(crate) fn read_link(&self, rx: &mut LinkRx, timeout: Option<Duration>) -> io::Result<bool> {
+        let start = Instant::now();
+        let deadline = timeout.and_then(|t| start.checked_add(t));
+        let nonblocking = timeout == Some(Duration::ZERO);
+        let mut slept: Option<Instant> = None;
+        let (mut drained, mut spun) = (false, false);
+        loop {
+            let broken = self.take_records(rx);
+            if !rx.items.is_empty() {
+                if slept.is_some_and(|at| at.elapsed() < SPIN_MAX) {
+                    // A longer spin would have caught it.
+                    rx.spin = (rx.spin * 2).clamp(SPIN_STEP, SPIN_MAX);
+                }
+                let close = broken.map(|b| self.broken(b)).transpose()?;
+                self.dispatch_link(rx, close);
+                return Ok(true);
+            }
+            if let Some(b) = broken {
+                let why = self.broken(b)?;
+                self.dispatch_link(rx, Some(why));
+                return Ok(true);
+            }
+            if rx.eof {
+                // Drained to the end: what the socket still holds (a
+                // goodbye sent there, say) in order, then the close.
+                rx.items.extend(rx.fifo.drain(..).map(Item::Socket));
+                let reason = if rx.resets > 2 {
+                    "connection reset by the broker"
+                } else {
+                    "the broker closed the connection"
+                };
+                self.dispatch_link(rx, Some(Disconnect { code: None, reason: reason.into() }));
+                return Ok(true);
+            }
+            if nonblocking && !drained {
+                // Whoever waits for readiness next (the async driver, an
+                // app's poll) needs the socket empty, and an EOF seen.
+                drained = true;
+                if let Err(b) = self.drain_socket(rx) {
+                    let why = self.broken(b)?;
+                    self.dispatch_link(rx, Some(why));
+                    return Ok(true);
+                }
+                continue;
+            }
+            let (mine, peer) = (rx.map.mine(), rx.map.peer());
+            if !nonblocking && !spun && !rx.spin.is_zero() {
+                spun = true;
+                let left = deadline.map_or(rx.spin, |d| d.saturating_duration_since(Instant::now()));
+                match spin(&mut rx.consumer, peer, rx.spin.min(left)) {
+                    Ok(true) => continue,
+                    Ok(false) => {
+                        rx.spin /= 2;
+                        if rx.spin < SPIN_STEP / 2 {
+                            rx.spin = Duration::ZERO;
+                        }
+                    }
+                    Err(e) => {
+                        let why = self.broken(e.into())?;
+                        self.dispatch_link(rx, Some(why));
+                        return Ok(true);
+                    }
+                }
+            }
+            match rx.consumer.prepare_sleep(mine, peer) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    let why = self.broken(e.into())?;
+                    self.dispatch_link(rx, Some(why));
+                    return Ok(true);
+                }
+            }
+            // Nothing taken stays unacknowledged while we wait.
+            self.ack_everything();
+            if nonblocking {
+                return Ok(false);
+            }
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if left == Some(Duration::ZERO) {
+                return Ok(false);
+            }
+            slept = Some(Instant::now());
+            if !socket::wait_readable(self.fd.as_fd(), left)? {
+                return Ok(false);
+            }
+            // A doorbell may be spent on this raise: the next sleep raises
+            // the flag anew.
+            rx.consumer.wake(mine);
+            if let Err(b) = self.drain_socket(rx) {
+                let why = self.broken(b)?;
+                self.dispatch_link(rx, Some(why));
+                return Ok(true);
+            }
+        }
+    }
+
+    /// A broken read: an i/o error goes to the caller, a violation closes
+    /// the connection (how, returned).
+    fn broken(&self, b: Broken) -> io::Result<Disconnect> {
+        match b {
+            Broken::Io(e) => Err(e),
+            Broken::Violation(why) => Ok(violation(why)),
+        }
+    }
+
+    /// Reads up to a batch of records into `rx.items` (markers resolved to
+    /// their socket packets), gives them back to the broker, and rings it
+    /// for room if it waits. What stopped the read early, if anything.
+    fn take_records(&self, rx: &mut LinkRx) -> Option<Broken> {
+        rx.buf.clear();
+        rx.items.clear();
+        let mut broken = None;
+        while rx.items.len() < RECORDS_PER_READ && rx.buf.len() < BYTES_PER_READ {
+            let start = rx.buf.len();
+            match rx.consumer.next(rx.map.peer(), rx.map.peer_data(), &mut rx.buf) {
+                Err(e) => {
+                    broken = Some(e.into());
+                    break;
+                }
+                Ok(None) => break,
+                Ok(Some(RecordKind::Frame)) if rx.buf.len() == start => {
+                    broken = Some(Broken::Violation(
+                        "the broker wrote an empty frame in the shared-memory link".into(),
+                    ));
+                    break;
+                }
+                Ok(Some(RecordKind::Frame)) => rx.items.push(Item::Ring(start, rx.buf.len())),
+                Ok(Some(RecordKind::Marker)) => {
+                    // A marker carries nothing; bytes a broker put in one
+                    // are not read as a frame.
+                    rx.buf.truncate(start);
+                    if rx.fifo.is_empty() {
+                        if let Err(b) = self.drain_socket(rx) {
+                            broken = Some(b);
+                            break;
+                        }
+                    }
+                    match rx.fifo.pop_front() {
+                        Some(p) => rx.items.push(Item::Socket(p)),
+                        None => {
+                            broken = Some(Broken::Violation(
+                                "the broker's shared-memory link announced a frame with fds that is not on the socket"
+                                    .into(),
+                            ));
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        if !rx.items.is_empty() {
+            let (mine, peer) = (rx.map.mine(), rx.map.peer());
+            rx.consumer.commit(mine);
+            if rx.consumer.must_ring_room(peer) {
+                // Straight to the socket, without `swap`: we hold `reader`,
+                // and a reconnection needs it to replace the socket. Not
+                // waiting: a full socket means the broker has packets to
+                // read, and it looks at the ring then.
+                let bell = OutPacket { head: doorbell(), payload: &[], fds: &[] };
+                let _ = socket::send_packet(self.fd.as_fd(), bell, true);
+            }
+        }
+        broken
+    }
+
+    /// Takes whatever the socket holds, without waiting: doorbells are
+    /// dropped (and the flag lowered: one may have been spent on it),
+    /// other packets wait in the FIFO for their markers, EOF is noted.
+    fn drain_socket(&self, rx: &mut LinkRx) -> Result<(), Broken> {
+        let batch = rx.batch.get_or_insert_with(|| RecvBatch::new(SOCKET_SLOTS));
+        while !rx.eof {
+            let n = match batch.recv(self.fd.as_fd(), true) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // The broker closed while our data was unread: reported
+                // once, and what it sent before is still readable.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                    rx.resets += 1;
+                    if rx.resets > 2 {
+                        rx.eof = true;
+                    }
+                    continue;
+                }
+                Err(e) => return Err(Broken::Io(e)),
+            };
+            for i in 0..n {
+                let (data, status, fds) = batch.packet(i);
+                if data.is_empty() {
+                    rx.eof = true;
+                    break;
+                }
+                if fds.is_empty() && !status.truncated && is_doorbell(data) {
+                    rx.consumer.wake(rx.map.mine());
+                    continue;
+                }
+                if rx.fifo.len() >= FIFO_MAX {
+                    return Err(Broken::Violation(format!(
+                        "the broker sent more than {FIFO_MAX} packets on the socket of a shared-memory link \
+                         without their markers"
+                    )));
+                }
+                rx.fifo.push_back(Packet { data: data.to_vec(), status, fds });
+            }
+            if n < SOCKET_SLOTS {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Dispatches the read's frames in order, then closes the connection
+    /// with `close` if given (unless a frame closed it first).
+    fn dispatch_link(&self, rx: &mut LinkRx, close: Option<Disconnect>) {
+        let short_of_fds = rx.items.iter().any(|i| matches!(i, Item::Socket(p) if p.status.fds_truncated))
+            && self.fd_table_full();
+        let mut st = self.state.lock();
+        for item in rx.items.drain(..) {
+            if st.closed.is_some() {
+                break;
+            }
+            match item {
+                Item::Ring(a, b) => {
+                    self.deliver(&mut st, &rx.buf[a..b], RecvStatus::default(), Vec::new(), false)
+                }
+                Item::Socket(p) => self.deliver(&mut st, &p.data, p.status, p.fds, short_of_fds),
+            }
+        }
+        if let Some(d) = close {
+            st.closed.get_or_insert(d);
+        }
+        self.dispatched(&mut st);
+    }
+}
+
+/// Busy-checks the ring for up to `limit`, with no system call: whether a
+/// record came.
+fn spin(
+    consumer: &mut Consumer,
+    peer: &shmbus_proto::link::layout::HalfHeader,
+    limit: Duration,
+) -> Result<bool, LinkError> {
+    let until = Instant::now() + limit;
+    loop {
+        for _ in 0..32 {
+            if !consumer.is_empty(peer)? {
+                return Ok(true);
+            }
+            std::hint::spin_loop();
+        }
+        if Instant::now() >= until {
+            return Ok(false);
+        }
+    }
+}
