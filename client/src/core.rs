@@ -823,7 +823,11 @@ pub(crate) fn apply(
             // channel closed first): our side is already gone, and no
             // one waits for an answer.
             Op::ChannelClose { .. } => {}
+            // Answered during the handshake, never here.
+            Op::Attach => {}
         },
+        // Handshake and transport frames: not the core's.
+        BrokerFrame::Attached(_) | BrokerFrame::Doorbell => {}
         BrokerFrame::Pong(p) => {
             // A pong nobody waits for (its ping timed out) is dropped.
             if let Some(came) = st.pings.get_mut(&p.token) {
