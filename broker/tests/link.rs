@@ -165,3 +165,29 @@ fn expect_goodbye(l: &mut RawLink, needle: &str) {
     }
     assert!(l.next_packet().is_eof(), "closed after the goodbye");
 }
+
+#[test]
+fn an_idle_bus_with_links_puts_every_ring_to_sleep_and_costs_no_cpu() {
+    let b = Broker::start("link-idle");
+    let mut links: Vec<RawLink> = (0..4).map(|i| RawLink::attach(&b, &format!("idle{i}"))).collect();
+    for (i, l) in links.iter_mut().enumerate() {
+        subscribe(l, 1, "x", Overflow::Gap);
+        ping(l, i as u64);
+    }
+    // Each ring goes to sleep once quiet: the broker's flag for it is up
+    // (odd), so the client knows to ring.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    for l in &links {
+        while l.map.peer().consumer_sleep.v.load(std::sync::atomic::Ordering::Acquire) & 1 == 0 {
+            assert!(std::time::Instant::now() < deadline, "a quiet ring never went to sleep");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    let before = b.cpu_ticks();
+    std::thread::sleep(Duration::from_millis(1500));
+    let spent = b.cpu_ticks() - before;
+    // A spinning broker would have used ~150 ticks.
+    assert!(spent <= 3, "an idle broker used {spent} ticks of CPU in 1.5 s");
+    // And it still wakes at once for a ring that has news.
+    ping(&mut links[0], 42);
+}
