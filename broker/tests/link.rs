@@ -191,3 +191,84 @@ fn an_idle_bus_with_links_puts_every_ring_to_sleep_and_costs_no_cpu() {
     // And it still wakes at once for a ring that has news.
     ping(&mut links[0], 42);
 }
+
+const ROLE: &str = "SHMBUS_LINK_ROLE";
+const ADDR: &str = "SHMBUS_LINK_ADDR";
+const SAY: &str = "LINK:";
+
+/// Not a test on its own: the body of the helper processes, run only when
+/// a test spawns this binary with `--ignored --exact helper_process`.
+#[test]
+#[ignore = "helper process body, spawned by the other tests"]
+fn helper_process() {
+    let role = std::env::var(ROLE).expect("run as a helper by another test");
+    let addr = std::env::var(ADDR).unwrap();
+    match role.as_str() {
+        // A linked publisher and a linked subscriber of its messages, as
+        // busy as they can be, fds on the socket now and then, until killed.
+        "busy" => {
+            let mut sub = RawLink::attach_at(&addr, "busy-sub");
+            subscribe(&mut sub, 1, "busy", Overflow::Gap);
+            let mut publ = RawLink::attach_at(&addr, "busy-pub");
+            println!("{SAY}ready");
+            for i in 0u64.. {
+                if i % 50 == 0 {
+                    let fd = shmbus_proto::sys::memfd::from_bytes("p", &i.to_le_bytes()).unwrap();
+                    publ.send_with_fds(
+                        &Publish { topic: "busy", payload: PayloadRef::Memfd { len: 8 } },
+                        &[fd.as_fd()],
+                    );
+                } else {
+                    publ.send_body(&Publish { topic: "busy", payload: PayloadRef::Inline }, &i.to_le_bytes());
+                }
+                // Read some, not all: the subscriber's ring and queue stay busy.
+                if i % 3 == 0 {
+                    let _ = sub.recv_packet(Duration::ZERO);
+                }
+            }
+        }
+        other => panic!("unknown role {other}"),
+    }
+}
+
+fn helper(role: &str, address: &str) -> Helper {
+    let exe = std::env::current_exe().unwrap();
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["--exact", "helper_process", "--ignored", "--nocapture", "--test-threads=1"])
+        .env(ROLE, role)
+        .env(ADDR, address)
+        .stdin(std::process::Stdio::null());
+    Helper::spawn(&mut cmd, SAY)
+}
+
+/// Mappings of link memfds in the broker.
+fn link_mappings(b: &Broker) -> usize {
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", b.pid())).unwrap();
+    maps.lines().filter(|l| l.contains("shmbus-link")).count()
+}
+
+#[test]
+fn clients_killed_at_random_moments_leave_nothing_behind() {
+    let b = Broker::start("link-kill");
+    let mut bystander = RawLink::attach(&b, "bystander");
+    let base_fds = b.baseline_fds();
+    let base_maps = link_mappings(&b);
+    let mut seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    for round in 0..8 {
+        let mut h = helper("busy", &b.address);
+        h.expect("ready");
+        // A moment somewhere in a busy stream: mid-record, mid-marker,
+        // with fds in flight, with the broker's ring to it full.
+        seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        std::thread::sleep(Duration::from_millis(u64::from(seed % 40)));
+        drop(h); // SIGKILL, and reaped
+        ping(&mut bystander, round);
+    }
+    b.wait_fd_count(base_fds);
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while link_mappings(&b) != base_maps {
+        assert!(std::time::Instant::now() < deadline, "link mappings left behind");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    ping(&mut bystander, 100);
+}
