@@ -823,9 +823,11 @@ pub(crate) fn apply(
             // channel closed first): our side is already gone, and no
             // one waits for an answer.
             Op::ChannelClose { .. } => {}
-            // Answered during the handshake, never after: nothing waits.
+            // Answered during the handshake, never here.
             Op::Attach => {}
         },
+        // Handshake and transport frames: not the core's.
+        BrokerFrame::Attached(_) | BrokerFrame::Doorbell => {}
         BrokerFrame::Pong(p) => {
             // A pong nobody waits for (its ping timed out) is dropped.
             if let Some(came) = st.pings.get_mut(&p.token) {
@@ -883,16 +885,6 @@ pub(crate) fn apply(
         BrokerFrame::Serve(r, inline) => st.on_serve(&r, inline, memfd),
         BrokerFrame::Answer(a, inline) => st.on_answer(&a, inline, memfd),
         BrokerFrame::Revoked(r) => st.on_revoked(r.what, r.reason, arrival),
-        // "Look at the shared-memory link": the link's driver acts on it
-        // (see `link`) before frames get here; one that comes through
-        // anyway asks nothing of the state.
-        BrokerFrame::Doorbell => {}
-        BrokerFrame::Attached(_) => {
-            st.closed = Some(Disconnect {
-                code: Some(GoodbyeCode::ProtocolViolation),
-                reason: "the broker sent Attached outside the handshake".into(),
-            });
-        }
         // Several frames in one packet (`dispatch` saw to it that no fds
         // came with it): each handled as if it had come alone, or, if the
         // batch is damaged, none of them.

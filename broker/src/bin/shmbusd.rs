@@ -56,6 +56,15 @@ struct Args {
     /// Readers one uid may have on one ring channel.
     #[arg(long, value_name = "N", default_value_t = l::DEFAULT_MAX_READERS_PER_CHANNEL_PER_UID)]
     max_readers_per_channel_per_uid: u32,
+    /// Serve every connection over the socket alone: refuse the
+    /// shared-memory transport clients ask for at the handshake.
+    #[arg(long)]
+    no_shared_memory: bool,
+    /// Bytes per direction of a connection's shared-memory transport (a
+    /// power of two, 256 KiB to 16 MiB; both directions count against
+    /// --uid-ring-bytes while the connection lives).
+    #[arg(long, value_name = "BYTES", default_value_t = shmbus_proto::link::layout::DEFAULT_CAPACITY, value_parser = parse_link_capacity)]
+    link_capacity: u32,
     /// Milliseconds a new connection has to say Hello.
     #[arg(long, value_name = "MS", default_value_t = l::DEFAULT_HELLO_TIMEOUT_MS)]
     hello_timeout_ms: u64,
@@ -164,6 +173,7 @@ fn main() -> ExitCode {
     bus.max_readers_per_channel = args.max_readers_per_channel;
     bus.max_readers_per_channel_per_uid = args.max_readers_per_channel_per_uid;
     bus.hello_timeout = Duration::from_millis(args.hello_timeout_ms);
+    bus.link_capacity = (!args.no_shared_memory).then_some(args.link_capacity);
     let limits = &mut bus.uid_limits;
     limits.set(Resource::Connections, args.max_connections_per_uid.into());
     limits.set(Resource::QueuedBytes, args.uid_queue_bytes);
@@ -199,5 +209,14 @@ fn raise_nofile_limit() {
         if let Err(e) = setrlimit(Resource::Nofile, lim) {
             tracing::warn!("cannot raise the fd limit: {e}");
         }
+    }
+}
+
+fn parse_link_capacity(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|e| format!("{e}"))?;
+    if shmbus_proto::link::layout::valid_capacity(n) {
+        Ok(n)
+    } else {
+        Err("a power of two from 262144 (256 KiB) to 16777216 (16 MiB)".into())
     }
 }

@@ -26,7 +26,7 @@ use shmbus_proto::limits::{MAX_CLIENT_NAME, MAX_INLINE_PAYLOAD, MAX_PACKET, MAX_
 use shmbus_proto::subject::validate_pattern;
 
 use super::monitor::Seen;
-use super::peer::{PeerId, PeerState, Subscription};
+use super::peer::{LinkPhase, PeerId, PeerState, Subscription};
 use super::queue::SubState;
 use super::quota::{charge_usage, Resource};
 use super::rules::Action;
@@ -81,7 +81,13 @@ impl Bus {
                 return self.violation(id, &format!("unexpected fd attached to a {what} frame"), now);
             }
         }
-        let state = self.peers[&id].state;
+        let p = self.peers.get_mut(&id).expect("looked up above");
+        let state = p.state;
+        // `Attach` is only for the frame right after `Hello`.
+        let may_attach = matches!(p.link, LinkPhase::Offerable);
+        if may_attach {
+            p.link = LinkPhase::Closed;
+        }
         match (state, frame) {
             (PeerState::AwaitHello, ClientFrame::Hello(h)) => self.hello(id, h.version, h.name, now),
             (PeerState::AwaitHello, f) => {
@@ -106,6 +112,9 @@ impl Bus {
             (_, ClientFrame::Reply(r, payload)) => self.reply(id, r, payload, fds, now),
             (_, ClientFrame::Monitor(m)) => self.monitor_start(id, m, now),
             (_, ClientFrame::PolicyCheck(c)) => self.policy_check(id, c, now),
+            (_, ClientFrame::Attach(a)) => self.attach(id, a, may_attach, now),
+            // The daemon answers doorbells; one that reaches here is moot.
+            (_, ClientFrame::Doorbell) => {}
         }
     }
 
@@ -177,6 +186,7 @@ impl Bus {
         let Some(p) = self.peers.get_mut(&id) else { return };
         p.name = name.to_owned();
         p.state = PeerState::Ready;
+        p.link = LinkPhase::Offerable;
         debug!("{} said hello as {}", p.who(), shmbus_proto::text::escape(name));
         self.control(id, &Welcome { client_id: id, limits }, now);
         if !self.monitors.is_empty() {
@@ -341,5 +351,7 @@ pub(crate) fn frame_name(f: &ClientFrame<'_>) -> &'static str {
         ClientFrame::Reply(..) => "Reply",
         ClientFrame::Monitor(_) => "Monitor",
         ClientFrame::PolicyCheck(_) => "PolicyCheck",
+        ClientFrame::Attach(_) => "Attach",
+        ClientFrame::Doorbell => "Doorbell",
     }
 }

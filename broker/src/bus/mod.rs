@@ -35,6 +35,7 @@ pub mod access;
 pub mod channel;
 pub mod driver;
 pub mod introspect;
+pub mod link;
 pub mod monitor;
 pub mod name;
 pub mod peer;
@@ -81,6 +82,9 @@ pub enum Effect {
     /// The peer lingers (see `peer.rs`): shut its socket down for writing,
     /// keep it open and readable.
     Shutdown(PeerId),
+    /// The peer may have the shared-memory transport, with this capacity:
+    /// make it and send `Attached` (or report [`Bus::attach_failed`]).
+    Attach(PeerId, u32),
 }
 
 /// What the bus is told at start.
@@ -108,6 +112,9 @@ pub struct BusConfig {
     pub broker: Sender,
     /// How long a closing connection may take to flush its queue.
     pub close_grace: Duration,
+    /// Bytes per direction of a shared-memory link when the client asks
+    /// for the default; `None`: no links (`--no-shared-memory`).
+    pub link_capacity: Option<u32>,
 }
 
 impl BusConfig {
@@ -136,6 +143,7 @@ impl BusConfig {
                 pid: rustix::process::getpid().as_raw_nonzero().get() as u32,
             },
             close_grace: Duration::from_secs(2),
+            link_capacity: Some(shmbus_proto::link::layout::DEFAULT_CAPACITY),
         }
     }
 }
@@ -357,6 +365,7 @@ impl Bus {
             command,
             name: String::new(),
             state: PeerState::AwaitHello,
+            link: peer::LinkPhase::Closed,
             subs: HashMap::new(),
             queue: queue::OutQueue::new(self.cfg.queue, usage.clone()),
             channels: Vec::new(),

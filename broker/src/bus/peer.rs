@@ -46,6 +46,17 @@ pub enum PeerState {
     Lingering,
 }
 
+/// Where a peer stands with the shared-memory transport (`link.rs`).
+#[derive(Debug)]
+pub enum LinkPhase {
+    /// May ask for one: `Hello` was its last frame.
+    Offerable,
+    /// Socket only, for good.
+    Closed,
+    /// Has one; its memory is charged here.
+    Attached(Charge),
+}
+
 /// A subscription and what it costs its uid.
 #[derive(Debug)]
 pub struct Subscription {
@@ -67,6 +78,7 @@ pub struct Peer {
     /// The name the client gave in `Hello`. Raw, like `command`.
     pub name: String,
     pub state: PeerState,
+    pub link: LinkPhase,
     pub subs: HashMap<u32, Subscription>,
     pub queue: OutQueue,
     /// Channel handles: (channel id, reader id; 0 for the publisher).

@@ -787,3 +787,87 @@ fn a_reload_announces_only_the_final_owner_of_a_revoked_name() {
     );
     assert_eq!(events(&mut w), vec![(Some(a), None)], "one change, to the final owner");
 }
+
+// ------------------------------------------------------------- links --
+
+fn attach_effects(w: &mut World) -> Vec<(PeerId, u32)> {
+    w.bus
+        .take_effects()
+        .into_iter()
+        .filter_map(|e| match e {
+            Effect::Attach(id, cap) => Some((id, cap)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_link_is_granted_only_right_after_hello_and_is_charged_as_ring_bytes() {
+    use shmbus_proto::frame::{Attach, Op, Ping};
+    use shmbus_proto::link::layout::DEFAULT_CAPACITY;
+    use shmbus_proto::link::shm::link_bytes;
+    let mut w = World::new(config());
+    let a = w.join(1000);
+    w.send(a, &Attach { capacity: 0 });
+    assert_eq!(attach_effects(&mut w), vec![(a, DEFAULT_CAPACITY)]);
+    assert!(w.bus.is_linked(a));
+    assert_eq!(w.bus.held(1000, Resource::RingBytes), link_bytes(DEFAULT_CAPACITY));
+    // A second Attach, or one after any other frame, is refused and the
+    // connection stays.
+    w.send(a, &Attach { capacity: 0 });
+    let b = w.join(1000);
+    w.send(b, &Ping { token: 1 });
+    w.send(b, &Attach { capacity: 0 });
+    assert!(attach_effects(&mut w).is_empty());
+    for id in [a, b] {
+        let frames = w.take(id);
+        assert!(
+            frames.iter().any(|f| matches!(f, BrokerFrame::OpError(e) if e.op == Op::Attach && e.code == ErrorCode::Unsupported)),
+            "{frames:?}"
+        );
+    }
+    assert!(!w.bus.is_linked(b));
+    // The charge goes with the connection.
+    w.bus.hangup(a);
+    w.bus.take_effects();
+    assert_eq!(w.bus.held(1000, Resource::RingBytes), 0);
+}
+
+#[test]
+fn a_link_past_the_uid_ring_quota_or_of_a_bad_size_is_refused_and_the_socket_goes_on() {
+    use shmbus_proto::frame::{Attach, Op};
+    use shmbus_proto::link::layout::DEFAULT_CAPACITY;
+    use shmbus_proto::link::shm::link_bytes;
+    let mut cfg = config();
+    cfg.uid_limits.set(Resource::RingBytes, link_bytes(DEFAULT_CAPACITY) + 1);
+    let mut w = World::new(cfg);
+    let a = w.join(7);
+    w.send(a, &Attach { capacity: 0 });
+    assert_eq!(attach_effects(&mut w).len(), 1);
+    let b = w.join(7);
+    w.send(b, &Attach { capacity: 0 });
+    let c = w.join(7);
+    w.send(c, &Attach { capacity: 300_000 });
+    assert!(attach_effects(&mut w).is_empty());
+    let refused = |frames: &[BrokerFrame<'_>], code: ErrorCode| {
+        frames.iter().any(|f| matches!(f, BrokerFrame::OpError(e) if e.op == Op::Attach && e.code == code))
+    };
+    let fb = w.take(b);
+    assert!(refused(&fb, ErrorCode::LimitExceeded), "{fb:?}");
+    assert!(format!("{fb:?}").contains("--uid-ring-bytes"), "{fb:?}");
+    assert!(refused(&w.take(c), ErrorCode::Unsupported));
+    // The daemon could not make it: the charge is given back.
+    w.bus.attach_failed(a, "no memory", w.now);
+    assert!(!w.bus.is_linked(a));
+    assert_eq!(w.bus.held(7, Resource::RingBytes), 0);
+    assert!(refused(&w.take(a), ErrorCode::BrokerResource));
+    // A broker without links says so.
+    let mut cfg = config();
+    cfg.link_capacity = None;
+    let mut w = World::new(cfg);
+    let d = w.join(7);
+    w.send(d, &Attach { capacity: 0 });
+    assert!(attach_effects(&mut w).is_empty());
+    let fd = w.take(d);
+    assert!(format!("{fd:?}").contains("--no-shared-memory"), "{fd:?}");
+}

@@ -34,10 +34,16 @@ use mio::{Events, Interest, Poll, Token};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tracing::{debug, info, warn};
 
-use shmbus_proto::frame::{self, encode_head, Batch, Goodbye, GoodbyeCode, Kind};
+use shmbus_proto::frame::{
+    self, decode_client, encode_head, Attached, Batch, ClientFrame, Doorbell, Goodbye, GoodbyeCode, Kind,
+};
+use shmbus_proto::link::{shm as link_shm, LinkError, RecordKind};
+use shmbus_proto::sync::Ordering;
+use shmbus_proto::sys::futex;
 use shmbus_proto::sys::socket::{self, OutPacket, RecvBatch, RecvStatus, MAX_BATCH};
 
 use super::config::Config;
+use super::link::{self, ConnLink};
 use super::signals::SignalPipe;
 use super::systemd::Notifier;
 use crate::bus::driver::Damage;
@@ -82,6 +88,16 @@ struct Conn {
     /// out in the middle of a batch (each packet is checked against it).
     /// Handed over first at its next turn, before any new read.
     pending: std::collections::VecDeque<(Vec<u8>, RecvStatus, Vec<OwnedFd>)>,
+    /// The shared-memory transport, once attached (`daemon/link.rs`).
+    link: Option<ConnLink>,
+}
+
+/// Why a flush into a link stopped early.
+enum Stop {
+    /// The ring has no room for a record of this many bytes.
+    Full(usize),
+    Corrupt(LinkError),
+    Socket(io::Error),
 }
 
 struct Reactor {
@@ -99,6 +115,12 @@ struct Reactor {
     shutdown_deadline: Option<Instant>,
     notifier: Notifier,
     policy_path: Option<std::path::PathBuf>,
+    /// Linked connections whose ring is read every turn (see
+    /// `daemon/link.rs`); the others sleep until their client rings.
+    hot: Vec<PeerId>,
+    last_poll: Instant,
+    poll_every: Duration,
+    doorbell: Vec<u8>,
 }
 
 impl Reactor {
@@ -136,6 +158,10 @@ impl Reactor {
             shutdown_deadline: None,
             notifier: Notifier::from_env(),
             policy_path: cfg.policy_path,
+            hot: Vec::new(),
+            last_poll: Instant::now(),
+            poll_every: link::POLL_WHILE_SPINNING,
+            doorbell: encode_head(&Doorbell).expect("a doorbell encodes"),
         })
     }
 
@@ -144,11 +170,21 @@ impl Reactor {
         let status = self.bus.status_line();
         self.notifier.ready(status);
         loop {
-            let timeout = self.next_timeout();
-            match self.poll.poll(&mut events, timeout) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
+            // While rings are hot the kernel is asked for events only now
+            // and then, so a busy link costs no system call per message.
+            let spinning = !self.hot.is_empty();
+            if !spinning || self.last_poll.elapsed() >= self.poll_every {
+                let timeout = if spinning { Some(Duration::ZERO) } else { self.next_timeout() };
+                match self.poll.poll(&mut events, timeout) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                }
+                self.last_poll = Instant::now();
+                self.poll_every =
+                    if events.is_empty() { link::POLL_WHILE_SPINNING } else { link::POLL_AFTER_EVENTS };
+            } else {
+                events.clear();
             }
             for ev in events.iter() {
                 match ev.token() {
@@ -163,6 +199,10 @@ impl Reactor {
                             self.reload();
                         }
                     }
+                    Token(t) if self.linked(t as PeerId) => {
+                        let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
+                        self.link_socket_event(t as PeerId, readable);
+                    }
                     Token(t) => {
                         let id = t as PeerId;
                         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
@@ -173,6 +213,9 @@ impl Reactor {
                         }
                     }
                 }
+            }
+            if !self.hot.is_empty() {
+                self.service_links();
             }
             let now = Instant::now();
             if self.accept_retry_at.is_some_and(|t| now >= t) {
@@ -283,7 +326,7 @@ impl Reactor {
             self.bus.take_effects();
             return;
         }
-        self.conns.insert(id, Conn { fd, wants_write: false, pending: Default::default() });
+        self.conns.insert(id, Conn { fd, wants_write: false, pending: Default::default(), link: None });
         // Data may already be waiting; the edge for it may have been missed.
         self.read_again.push(id);
     }
@@ -291,6 +334,9 @@ impl Reactor {
     // -------------------------------------------------------------- read --
 
     fn read_conn(&mut self, id: PeerId) {
+        if self.linked(id) {
+            return self.link_socket_event(id, true);
+        }
         let work_start = self.bus.work();
         // What the budget left over last time goes first, in order.
         while let Some((data, status, fds)) = self.conns.get_mut(&id).and_then(|c| c.pending.pop_front()) {
@@ -407,6 +453,7 @@ impl Reactor {
                 match e {
                     Effect::Flush(id) => self.flush(id),
                     Effect::Close(id) => self.close(id),
+                    Effect::Attach(id, capacity) => self.attach_link(id, capacity),
                     Effect::Shutdown(id) => {
                         // Keep the socket (the fds the peer holds unread are
                         // charged to us until it closes); stop writing.
@@ -420,6 +467,9 @@ impl Reactor {
     }
 
     fn flush(&mut self, id: PeerId) {
+        if self.linked(id) {
+            return self.flush_link(id);
+        }
         loop {
             let Some(conn) = self.conns.get_mut(&id) else { return };
             let frames = self.bus.sendable(id, MAX_BATCH * FRAMES_PER_PACKET);
@@ -518,6 +568,398 @@ impl Reactor {
         }
     }
 
+    // -------------------------------------------------------------- link --
+
+    fn linked(&self, id: PeerId) -> bool {
+        self.conns.get(&id).is_some_and(|c| c.link.is_some())
+    }
+
+    fn conn_link(&mut self, id: PeerId) -> Option<&mut ConnLink> {
+        self.conns.get_mut(&id).and_then(|c| c.link.as_mut())
+    }
+
+    /// The bus allowed `id` a link: make it and send `Attached` on the
+    /// socket, or tell the bus why not.
+    fn attach_link(&mut self, id: PeerId, capacity: u32) {
+        let now = Instant::now();
+        // `Attach` came right after `Hello`: the queue holds at most the
+        // `Welcome`, which goes first, on the socket.
+        self.flush(id);
+        if self.bus.peer(id).is_none_or(|p| !p.queue.is_empty()) {
+            return self.bus.attach_failed(id, "frames were still waiting to go on the socket", now);
+        }
+        let Some(conn) = self.conns.get_mut(&id) else { return };
+        let made = match link_shm::create(capacity) {
+            Ok(m) => m,
+            Err(e) => return self.bus.attach_failed(id, &e.to_string(), now),
+        };
+        let head = encode_head(&Attached { capacity }).expect("Attached encodes");
+        let fds = [made.client_half.as_fd(), made.broker_half_ro.as_fd()];
+        let packet = OutPacket { head: &head, payload: &[], fds: &fds };
+        if let Err(e) = socket::send_packet(conn.fd.as_fd(), packet, true) {
+            return self.bus.attach_failed(id, &format!("sending its fds failed: {e}"), now);
+        }
+        // Our copies of the client's fds close here; the mappings stay.
+        conn.link = Some(ConnLink::new(made.map, now));
+        self.hot.push(id);
+        debug!("client {id}: shared-memory transport attached, {capacity} bytes each way");
+    }
+
+    /// A socket event on a linked connection: doorbells, packets with fds,
+    /// the hang-up, or room to send. The ring is looked at, and sending
+    /// tried, whatever it was.
+    fn link_socket_event(&mut self, id: PeerId, readable: bool) {
+        let now = Instant::now();
+        if readable {
+            self.wake_link(id, now);
+            self.read_link_socket(id);
+            self.read_link_ring(id, now);
+        }
+        self.flush(id);
+    }
+
+    /// Makes `id`'s ring hot: its sleep flag down, read every turn.
+    fn wake_link(&mut self, id: PeerId, now: Instant) {
+        let Some(link) = self.conn_link(id) else { return };
+        if link.broken {
+            return;
+        }
+        if link.slept_at.is_some() || link.consumer.sleeping() {
+            link.consumer.wake(link.map.mine());
+            link.woke(now);
+        }
+        if !self.hot.contains(&id) {
+            self.hot.push(id);
+        }
+    }
+
+    /// Reads what the socket of a linked connection holds: doorbells are
+    /// dropped, packets with fds kept for their markers, a hang-up noted.
+    fn read_link_socket(&mut self, id: PeerId) {
+        let mut batch = self.batch.take().unwrap_or_else(|| RecvBatch::new(RECV_SLOTS));
+        let mut violation = None;
+        'reads: for _ in 0..READ_BUDGET {
+            let Some(conn) = self.conns.get_mut(&id) else { break };
+            let Some(link) = conn.link.as_mut() else { break };
+            if link.eof {
+                break;
+            }
+            let n = match batch.recv(conn.fd.as_fd(), true) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    debug!("client {id}: receive failed: {e}");
+                    link.eof = true;
+                    break;
+                }
+            };
+            for i in 0..n {
+                let (data, status, fds) = batch.packet(i);
+                if data.is_empty() && !status.truncated {
+                    // End of stream: the ring is read to its end first.
+                    link.eof = true;
+                    break 'reads;
+                }
+                if !status.truncated && !status.fds_truncated && fds.is_empty() {
+                    if matches!(decode_client(data), Ok(ClientFrame::Doorbell)) {
+                        continue;
+                    }
+                    violation = Some(
+                        "a frame without fds on the socket of a connection with a shared-memory link \
+                         (they go in the ring)",
+                    );
+                    break 'reads;
+                }
+                if let Err(why) = link.keep_ahead((data.to_vec(), status, fds)) {
+                    violation = Some(why);
+                    break 'reads;
+                }
+            }
+            if n < RECV_SLOTS {
+                break;
+            }
+        }
+        self.batch = Some(batch);
+        if let Some(why) = violation {
+            self.link_broken(id, why);
+        }
+    }
+
+    /// The client broke the link's rules: its ring is read no more, and
+    /// the connection ends with the reason.
+    fn link_broken(&mut self, id: PeerId, why: &str) {
+        if let Some(link) = self.conn_link(id) {
+            link.broken = true;
+        }
+        self.hot.retain(|&h| h != id);
+        self.bus.violation(id, why, Instant::now());
+    }
+
+    /// The client lied about how far it read our ring: nothing more can
+    /// be written there (its goodbye included); the connection ends.
+    fn link_mute(&mut self, id: PeerId, e: LinkError) {
+        if let Some(link) = self.conn_link(id) {
+            link.mute = true;
+        }
+        self.link_broken(id, &e.to_string());
+    }
+
+    /// Hands the records waiting in `id`'s ring to the bus, up to a turn's
+    /// budget; gives the room back and rings a client waiting for it.
+    /// Returns how many records there were.
+    fn read_link_ring(&mut self, id: PeerId, now: Instant) -> usize {
+        let work_start = self.bus.work();
+        let mut records = 0;
+        loop {
+            if self.bus.peer(id).is_none() {
+                return records;
+            }
+            if records >= link::RECORDS_PER_TURN || self.bus.work().wrapping_sub(work_start) >= WORK_BUDGET {
+                break;
+            }
+            let Some(link) = self.conn_link(id) else { return records };
+            if link.broken {
+                return records;
+            }
+            let mut buf = std::mem::take(&mut link.buf);
+            buf.clear();
+            match link.consumer.next(link.map.peer(), link.map.peer_data(), &mut buf) {
+                Ok(None) => {
+                    link.buf = buf;
+                    break;
+                }
+                Ok(Some(RecordKind::Frame)) => {
+                    records += 1;
+                    self.bus.receive(id, &buf, Vec::new(), now);
+                    if let Some(link) = self.conn_link(id) {
+                        link.buf = buf;
+                    }
+                }
+                Ok(Some(RecordKind::Marker)) => {
+                    records += 1;
+                    link.buf = buf;
+                    let mut packet = link.take_ahead();
+                    if packet.is_none() {
+                        // Sent before the marker was written: it is in the
+                        // socket, unless the client lies.
+                        self.read_link_socket(id);
+                        packet = self.conn_link(id).and_then(|l| l.take_ahead());
+                    }
+                    match packet {
+                        Some((data, status, fds)) => self.hand_over(id, &data, status, fds),
+                        None => {
+                            self.link_broken(
+                                id,
+                                "a marker in the shared-memory ring with no packet on the socket",
+                            );
+                            return records;
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.link_broken(id, &e.to_string());
+                    return records;
+                }
+            }
+        }
+        let Some(link) = self.conn_link(id) else { return records };
+        link.consumer.commit(link.map.mine());
+        if link.consumer.must_ring_room(link.map.peer()) {
+            let room = &link.map.mine().room.v;
+            // Release: pairs with the client's Acquire load of `room`
+            // before it sleeps on the word.
+            room.fetch_add(1, Ordering::Release);
+            let _ = futex::wake_all(room);
+        }
+        if records > 0 {
+            link.last_record = now;
+        }
+        let ended =
+            link.eof && link.ahead.is_empty() && link.consumer.is_empty(link.map.peer()).unwrap_or(true);
+        if ended {
+            // The client left and everything it wrote before is read.
+            self.hot.retain(|&h| h != id);
+            self.bus.hangup(id);
+        }
+        records
+    }
+
+    /// One turn over the hot rings: read each; put to sleep those quiet
+    /// for their spin window (flag raised, looked at once more).
+    fn service_links(&mut self) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.hot.len() {
+            let id = self.hot[i];
+            let got = self.read_link_ring(id, now);
+            let mut broken = None;
+            let keep = match self.conn_link(id) {
+                None => false,
+                Some(link) if link.broken => false,
+                Some(_) if got > 0 => true,
+                Some(link) if now.saturating_duration_since(link.last_record) < link.spin => true,
+                Some(link) => match link.consumer.prepare_sleep(link.map.mine(), link.map.peer()) {
+                    Ok(true) => {
+                        link.slept(now);
+                        false
+                    }
+                    Ok(false) => true,
+                    Err(e) => {
+                        broken = Some(e);
+                        false
+                    }
+                },
+            };
+            if let Some(e) = broken {
+                self.link_broken(id, &e.to_string());
+            }
+            match self.hot.get(i) {
+                Some(&h) if h == id && !keep => {
+                    self.hot.swap_remove(i);
+                }
+                Some(&h) if h == id => i += 1,
+                // Removed meanwhile (closed, broken): look at whatever
+                // took its place.
+                _ => {}
+            }
+        }
+    }
+
+    /// Moves `id`'s sendable frames into its ring (frames with fds on the
+    /// socket, a marker in the ring); rings the client if it sleeps.
+    fn flush_link(&mut self, id: PeerId) {
+        let now = Instant::now();
+        let mut wrote = false;
+        loop {
+            let Some(conn) = self.conns.get_mut(&id) else { return };
+            let Some(link) = conn.link.as_mut() else { return };
+            if link.mute {
+                return;
+            }
+            link.producer.end_wait(link.map.mine());
+            let frames = self.bus.sendable(id, MAX_BATCH * FRAMES_PER_PACKET);
+            if frames.is_empty() {
+                if conn.wants_write {
+                    conn.wants_write = false;
+                    let _ = self.poll.registry().reregister(
+                        &mut SourceFd(&conn.fd.as_raw_fd()),
+                        Token(id as usize),
+                        Interest::READABLE,
+                    );
+                }
+                break;
+            }
+            let total = frames.len();
+            let (mut sent, mut stop) = (0, None);
+            for f in &frames {
+                let payload = f.payload.as_deref().unwrap_or(&[]);
+                if f.fd_count() > 0 {
+                    // Room for the marker first: a packet sent must get it.
+                    match link.producer.has_room(link.map.peer(), 0) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            stop = Some(Stop::Full(0));
+                            break;
+                        }
+                        Err(e) => {
+                            stop = Some(Stop::Corrupt(e));
+                            break;
+                        }
+                    }
+                    let fds: Vec<BorrowedFd<'_>> = f
+                        .shared_fd
+                        .iter()
+                        .map(|s| s.fd.as_fd())
+                        .chain(f.control_fds.iter().map(|fd| fd.as_fd()))
+                        .collect();
+                    let packet = OutPacket { head: &f.head, payload, fds: &fds };
+                    if let Err(e) = socket::send_packet(conn.fd.as_fd(), packet, true) {
+                        stop = Some(Stop::Socket(e));
+                        break;
+                    }
+                    let marked =
+                        link.producer.try_push(link.map.peer(), link.map.my_data(), RecordKind::Marker, &[]);
+                    debug_assert!(matches!(marked, Ok(true)), "room was checked");
+                } else {
+                    let parts: [&[u8]; 2] = [&f.head, payload];
+                    match link.producer.try_push(
+                        link.map.peer(),
+                        link.map.my_data(),
+                        RecordKind::Frame,
+                        &parts,
+                    ) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            stop = Some(Stop::Full(f.head.len() + payload.len()));
+                            break;
+                        }
+                        Err(e) => {
+                            stop = Some(Stop::Corrupt(e));
+                            break;
+                        }
+                    }
+                }
+                sent += 1;
+            }
+            link.producer.publish(link.map.mine());
+            drop(frames);
+            if sent > 0 {
+                wrote = true;
+                self.bus.sent(id, sent, now);
+            }
+            match stop {
+                None if sent == total => {}
+                None => break,
+                Some(Stop::Full(len)) => {
+                    let Some(link) = self.conn_link(id) else { return };
+                    match link.producer.prepare_wait(link.map.mine(), link.map.peer(), len) {
+                        // The client rings once it has read the ring down.
+                        Ok(true) => break,
+                        // Room came meanwhile.
+                        Ok(false) => {}
+                        Err(e) => return self.link_mute(id, e),
+                    }
+                }
+                Some(Stop::Corrupt(e)) => return self.link_mute(id, e),
+                Some(Stop::Socket(e)) => {
+                    if e.raw_os_error() == Some(rustix::io::Errno::TOOMANYREFS.raw_os_error()) {
+                        self.bus.note_broker_short();
+                        self.flush_retry_at = Some(Instant::now() + FLUSH_RETRY);
+                        if !self.flush_retry.contains(&id) {
+                            self.flush_retry.push(id);
+                        }
+                    } else if e.kind() == io::ErrorKind::WouldBlock {
+                        let Some(conn) = self.conns.get_mut(&id) else { return };
+                        if !conn.wants_write {
+                            conn.wants_write = true;
+                            let _ = self.poll.registry().reregister(
+                                &mut SourceFd(&conn.fd.as_raw_fd()),
+                                Token(id as usize),
+                                Interest::READABLE | Interest::WRITABLE,
+                            );
+                        }
+                    } else {
+                        debug!("client {id}: send failed: {e}");
+                        self.bus.hangup(id);
+                        return;
+                    }
+                    break;
+                }
+            }
+        }
+        if wrote {
+            let Some(conn) = self.conns.get_mut(&id) else { return };
+            let Some(link) = conn.link.as_mut() else { return };
+            if link.producer.must_ring(link.map.peer()) {
+                // A full socket already holds news for the client; a
+                // doorbell that does not fit is not needed.
+                let packet = OutPacket { head: &self.doorbell, payload: &[], fds: &[] };
+                let _ = socket::send_packet(conn.fd.as_fd(), packet, true);
+            }
+        }
+    }
+
     /// `SIGHUP`: reads the policy file again. A file that fails to load
     /// leaves the rules in force; a good one is applied at once, and the
     /// bus ends what it no longer allows.
@@ -548,6 +990,7 @@ impl Reactor {
     /// The bus has forgotten `id`: close its socket.
     fn close(&mut self, id: PeerId) {
         let Some(conn) = self.conns.remove(&id) else { return };
+        self.hot.retain(|&h| h != id);
         let _ = self.poll.registry().deregister(&mut SourceFd(&conn.fd.as_raw_fd()));
         // Unread input would make the peer's next read fail with
         // ECONNRESET before it sees our goodbye; discard it first.

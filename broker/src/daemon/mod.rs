@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod event_loop;
+pub mod link;
 pub mod policy_file;
 pub mod signals;
 pub mod systemd;

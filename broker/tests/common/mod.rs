@@ -754,3 +754,152 @@ impl Helper {
         );
     }
 }
+
+/// A client on the shared-memory transport, speaking it by hand: to check
+/// the broker's side of the contract, and to misbehave on purpose. Frames
+/// come out one per record (a marker's frame from the socket, in its
+/// place); doorbells are answered as the contract says.
+pub struct RawLink {
+    pub raw: Raw,
+    pub map: shmbus_proto::link::shm::LinkMap,
+    pub producer: shmbus_proto::link::Producer,
+    pub consumer: shmbus_proto::link::Consumer,
+    /// Socket packets (with fds) read before their marker came up.
+    ahead: std::collections::VecDeque<Packet>,
+    eof: bool,
+    /// Doorbells the broker sent.
+    pub doorbells: u64,
+}
+
+impl RawLink {
+    /// Hello, then Attach: the broker must grant the link.
+    pub fn attach(b: &Broker, name: &str) -> RawLink {
+        RawLink::attach_at(&b.address, name)
+    }
+
+    pub fn attach_at(address: &str, name: &str) -> RawLink {
+        use shmbus_proto::frame::Attach;
+        let (mut raw, _) = Raw::hello_at(address, name);
+        raw.send_body(&Attach { capacity: 0 }, &[]);
+        let p = raw.next_packet();
+        let capacity = match p.frame() {
+            Some(BrokerFrame::Attached(a)) => a.capacity,
+            other => panic!("expected Attached, got {other:?}"),
+        };
+        assert_eq!(p.fds.len(), 2, "Attached carries two fds");
+        let map = shmbus_proto::link::shm::attach(capacity, p.fds[0].as_fd(), p.fds[1].as_fd()).unwrap();
+        RawLink {
+            raw,
+            map,
+            producer: shmbus_proto::link::Producer::new(capacity),
+            consumer: shmbus_proto::link::Consumer::new(capacity),
+            ahead: Default::default(),
+            eof: false,
+            doorbells: 0,
+        }
+    }
+
+    /// Writes a frame into the ring (spinning while it is full, bounded)
+    /// and rings the broker if it sleeps.
+    pub fn send_frame(&mut self, head: &[u8], payload: &[u8]) {
+        use shmbus_proto::link::RecordKind;
+        let deadline = Instant::now() + PATIENCE;
+        while !self
+            .producer
+            .try_push(self.map.peer(), self.map.my_data(), RecordKind::Frame, &[head, payload])
+            .unwrap()
+        {
+            assert!(Instant::now() < deadline, "the broker never read its ring");
+            std::thread::yield_now();
+        }
+        self.publish();
+    }
+
+    pub fn send_body<B: Body>(&mut self, body: &B, payload: &[u8]) {
+        self.send_frame(&encode_head(body).unwrap(), payload);
+    }
+
+    /// A frame with fds: the packet on the socket, then a marker.
+    pub fn send_with_fds<B: Body>(&mut self, body: &B, fds: &[std::os::fd::BorrowedFd<'_>]) {
+        use shmbus_proto::link::RecordKind;
+        self.raw.send_body(body, fds);
+        assert!(self
+            .producer
+            .try_push(self.map.peer(), self.map.my_data(), RecordKind::Marker, &[])
+            .unwrap());
+        self.publish();
+    }
+
+    /// Makes what was written visible; rings if the broker sleeps.
+    pub fn publish(&mut self) {
+        self.producer.publish(self.map.mine());
+        if self.producer.must_ring(self.map.peer()) {
+            self.raw.send_body(&shmbus_proto::frame::Doorbell, &[]);
+        }
+    }
+
+    /// Reads the socket once (waiting up to `timeout`): doorbells counted
+    /// and dropped, other packets kept for their markers.
+    fn read_socket(&mut self, timeout: Duration) {
+        if let Some(p) = self.raw.recv_packet(timeout) {
+            if p.is_eof() {
+                self.eof = true;
+            } else if matches!(p.frame(), Some(BrokerFrame::Doorbell)) {
+                self.doorbells += 1;
+            } else {
+                self.ahead.push_back(p);
+            }
+        }
+    }
+
+    /// The next frame (a marker's comes from the socket with its fds), or
+    /// `None` if nothing came within `timeout`; an EOF packet at the end.
+    pub fn recv_packet(&mut self, timeout: Duration) -> Option<Packet> {
+        use shmbus_proto::link::RecordKind;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut buf = Vec::new();
+            match self.consumer.next(self.map.peer(), self.map.peer_data(), &mut buf).unwrap() {
+                Some(RecordKind::Frame) => {
+                    self.give_back();
+                    return Some(Packet { data: buf, fds: Vec::new(), status: RecvStatus::default() });
+                }
+                Some(RecordKind::Marker) => {
+                    self.give_back();
+                    while self.ahead.is_empty() {
+                        assert!(!self.eof, "a marker without its packet");
+                        self.read_socket(PATIENCE);
+                    }
+                    return self.ahead.pop_front();
+                }
+                None => {}
+            }
+            if self.eof {
+                return Some(Packet { data: Vec::new(), fds: Vec::new(), status: RecvStatus::default() });
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self.consumer.prepare_sleep(self.map.mine(), self.map.peer()).unwrap() {
+                if left.is_zero() {
+                    self.consumer.wake(self.map.mine());
+                    return None;
+                }
+                self.read_socket(left);
+                self.consumer.wake(self.map.mine());
+            }
+        }
+    }
+
+    /// Gives read records back; rings the broker if it waits for room.
+    fn give_back(&mut self) {
+        self.consumer.commit(self.map.mine());
+        if self.consumer.must_ring_room(self.map.peer()) {
+            self.raw.send_body(&shmbus_proto::frame::Doorbell, &[]);
+        }
+    }
+
+    /// The next frame, which must come within PATIENCE (decoded by the
+    /// caller from the packet's bytes).
+    pub fn next_packet(&mut self) -> Packet {
+        self.recv_packet(PATIENCE).expect("broker went silent")
+    }
+}

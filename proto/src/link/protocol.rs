@@ -260,7 +260,12 @@ impl Producer {
     /// `producer_wait` and looks again. `Ok(true)`: still full, sleep (the
     /// consumer rings once it has read the ring down to half); `Ok(false)`:
     /// room now, the flag is lowered again.
-    pub fn prepare_wait(&mut self, mine: &HalfHeader, peer: &HalfHeader, len: usize) -> Result<bool, LinkError> {
+    pub fn prepare_wait(
+        &mut self,
+        mine: &HalfHeader,
+        peer: &HalfHeader,
+        len: usize,
+    ) -> Result<bool, LinkError> {
         if self.wait & 1 == 0 {
             self.wait = self.wait.wrapping_add(1);
             // Relaxed: ordered by the fence below.
@@ -309,7 +314,9 @@ impl Consumer {
         // Acquire: pairs with the producer's Release store in `publish`.
         let t = peer.tail.v.load(Ordering::Acquire);
         if t < self.tail_seen || t - self.head > self.capacity {
-            return Err(LinkError::Corrupt("the writer's position moved back or past the reader by more than the ring"));
+            return Err(LinkError::Corrupt(
+                "the writer's position moved back or past the reader by more than the ring",
+            ));
         }
         self.tail_seen = t;
         Ok(())
@@ -500,8 +507,12 @@ mod tests {
         p_half.tail.v.store(u64::from(CAP) + 8, Ordering::Relaxed);
         assert!(c.next(&p_half, &data, &mut out).is_err());
         // Lengths and kinds that cannot be.
-        for w in [header_word(KIND_FRAME, u32::MAX), header_word(9, 1), header_word(KIND_PAD, 3), header_word(KIND_FRAME, 64)]
-        {
+        for w in [
+            header_word(KIND_FRAME, u32::MAX),
+            header_word(9, 1),
+            header_word(KIND_PAD, 3),
+            header_word(KIND_FRAME, 64),
+        ] {
             let mut c = Consumer::new(CAP);
             data[0].store(w, Ordering::Relaxed);
             p_half.tail.v.store(16, Ordering::Relaxed);
@@ -525,6 +536,9 @@ mod tests {
         let (_, c_half, data) = ring();
         let mut p = Producer::new(CAP);
         let big = vec![0u8; max_frame(u64::from(CAP)) + 1];
-        assert!(matches!(p.try_push(&c_half, &data, RecordKind::Frame, &[&big]), Err(LinkError::TooLarge { .. })));
+        assert!(matches!(
+            p.try_push(&c_half, &data, RecordKind::Frame, &[&big]),
+            Err(LinkError::TooLarge { .. })
+        ));
     }
 }

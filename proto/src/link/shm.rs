@@ -99,7 +99,11 @@ pub fn create(capacity: u32) -> Result<NewLink, RingMapError> {
 
 /// Maps the halves `Attached` carried, with the capacity it announced.
 /// Client side. Checks seals, sizes and identity words.
-pub fn attach(capacity: u32, client_half: BorrowedFd<'_>, broker_half: BorrowedFd<'_>) -> Result<LinkMap, RingMapError> {
+pub fn attach(
+    capacity: u32,
+    client_half: BorrowedFd<'_>,
+    broker_half: BorrowedFd<'_>,
+) -> Result<LinkMap, RingMapError> {
     if !valid_capacity(capacity) {
         return Err(RingMapError::Geometry("link capacity must be a power of two, 256 KiB to 16 MiB"));
     }

@@ -1,0 +1,138 @@
+//! One connection's shared-memory transport, as the reactor drives it
+//! (the layout and algorithm are `shmbus_proto::link`; who may have one
+//! and what it costs is `bus/link.rs`).
+//!
+//! Model: the client's ring is read in the loop like a socket, but with
+//! no system call: while a connection is *hot* (records came within its
+//! spin window), the reactor looks at its ring every turn and polls the
+//! kernel only now and then ([`POLL_WHILE_SPINNING`]); once every hot ring
+//! has been quiet for its window, the reactor raises each one's sleep flag
+//! and blocks in `epoll` like any idle broker, costing nothing until a
+//! client rings (a `Doorbell` packet on its socket). Frames to the client
+//! go into the broker's ring; when it is full they wait in the bus's queue
+//! for that peer, where the overflow policy applies as it does for a full
+//! socket, and the client rings once it has read the ring down to half.
+//!
+//! Invariants:
+//! - The client's half is hostile memory. Every record is copied out
+//!   before it is decoded; every position is checked against the capacity
+//!   agreed at `Attach`, never the one in memory; nothing here ever waits
+//!   on a word the client writes. A lie ends the connection with a reason.
+//! - Frames with fds go on the socket, alone, and a marker record holds
+//!   their place: the broker sends the packet before it writes the
+//!   marker, and checks the ring has room for the marker before it sends.
+//!   The client does the same the other way, so a marker always finds its
+//!   packet already in the socket ([`ConnLink::ahead`] holds packets read
+//!   before their marker came up).
+//! - On the socket of a linked connection a client may send only
+//!   doorbells and frames with fds; anything else is a protocol violation.
+
+use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
+use std::time::{Duration, Instant};
+
+use shmbus_proto::link::shm::LinkMap;
+use shmbus_proto::link::{Consumer, Producer};
+use shmbus_proto::sys::socket::RecvStatus;
+
+/// How often the reactor asks the kernel for events while it spins on hot
+/// rings: often enough that socket-only clients and sleeping rings wait at
+/// most this long behind a busy one, rarely enough to stay far below one
+/// system call per thousand messages at millions of messages a second.
+pub const POLL_WHILE_SPINNING: Duration = Duration::from_micros(1000);
+/// The same, right after a poll that found events: more may follow soon.
+pub const POLL_AFTER_EVENTS: Duration = Duration::from_micros(50);
+/// Bounds of a ring's spin window: how long it stays hot after its last
+/// record. Adaptive: doubled when the client rang soon after the ring was
+/// put to sleep (sleeping there cost a doorbell and a wake-up for nothing),
+/// halved when it slept long.
+pub const MIN_SPIN: Duration = Duration::from_micros(10);
+pub const START_SPIN: Duration = Duration::from_micros(50);
+pub const MAX_SPIN: Duration = Duration::from_micros(400);
+/// Records read from one ring per turn before the next connection's turn.
+pub const RECORDS_PER_TURN: usize = 256;
+/// Socket packets a client may have sent ahead of their markers.
+pub const MAX_AHEAD: usize = 256;
+pub const MAX_AHEAD_BYTES: usize = 1 << 20;
+
+/// A received packet: bytes, how it arrived, its fds.
+pub type Packet = (Vec<u8>, RecvStatus, Vec<OwnedFd>);
+
+pub struct ConnLink {
+    pub map: LinkMap,
+    /// Broker → client: our ring.
+    pub producer: Producer,
+    /// Client → broker: its ring.
+    pub consumer: Consumer,
+    /// Packets with fds read from the socket before their marker.
+    pub ahead: VecDeque<Packet>,
+    ahead_bytes: usize,
+    /// The client hung up; the ring is read to its end first.
+    pub eof: bool,
+    /// The last time a record came (or the ring was woken).
+    pub last_record: Instant,
+    /// When the ring was put to sleep; `None` while hot.
+    pub slept_at: Option<Instant>,
+    pub spin: Duration,
+    /// Reused for each record copied out.
+    pub buf: Vec<u8>,
+    /// The client broke the link's rules: its ring is never read again.
+    pub broken: bool,
+    /// The client lied about our ring: it is never written again.
+    pub mute: bool,
+}
+
+impl ConnLink {
+    pub fn new(map: LinkMap, now: Instant) -> ConnLink {
+        let capacity = map.capacity();
+        ConnLink {
+            map,
+            producer: Producer::new(capacity),
+            consumer: Consumer::new(capacity),
+            ahead: VecDeque::new(),
+            ahead_bytes: 0,
+            eof: false,
+            last_record: now,
+            slept_at: None,
+            spin: START_SPIN,
+            buf: Vec::with_capacity(256),
+            broken: false,
+            mute: false,
+        }
+    }
+
+    /// Keeps a packet that came before its marker. `Err`: too many.
+    pub fn keep_ahead(&mut self, p: Packet) -> Result<(), &'static str> {
+        self.ahead_bytes += p.0.len();
+        self.ahead.push_back(p);
+        if self.ahead.len() > MAX_AHEAD || self.ahead_bytes > MAX_AHEAD_BYTES {
+            return Err("too many packets on the socket ahead of their markers in the shared-memory ring");
+        }
+        Ok(())
+    }
+
+    pub fn take_ahead(&mut self) -> Option<Packet> {
+        let p = self.ahead.pop_front()?;
+        self.ahead_bytes -= p.0.len();
+        Some(p)
+    }
+
+    /// The ring goes to sleep: from now the client rings.
+    pub fn slept(&mut self, now: Instant) {
+        self.slept_at = Some(now);
+    }
+
+    /// The ring is hot again (a doorbell or other socket event): adapts
+    /// the spin window to how long it slept.
+    pub fn woke(&mut self, now: Instant) {
+        if let Some(at) = self.slept_at.take() {
+            let slept = now.saturating_duration_since(at);
+            self.spin = if slept < self.spin * 4 {
+                (self.spin * 2).min(MAX_SPIN)
+            } else {
+                (self.spin / 2).max(MIN_SPIN)
+            };
+        }
+        self.last_record = now;
+    }
+}

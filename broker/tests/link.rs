@@ -1,0 +1,274 @@
+//! The shared-memory transport, from the broker's side of the contract:
+//! clients that speak it by hand (`RawLink`), so the broker is checked
+//! against the protocol, not against our own client library. Order across
+//! ring records and socket packets, a full ring's exact gaps, and hostile
+//! clients that scribble their half.
+
+mod common;
+
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use common::*;
+use shmbus_proto::frame::{
+    decode_broker, BrokerFrame, GoodbyeCode, Overflow, PayloadRef, Ping, Publish, Subscribe,
+};
+
+fn subscribe(l: &mut RawLink, sub_id: u32, pattern: &str, overflow: Overflow) {
+    l.send_body(&Subscribe { sub_id, pattern, overflow }, &[]);
+    let p = l.next_packet();
+    match p.frame() {
+        Some(BrokerFrame::Subscribed(s)) => assert_eq!(s.sub_id, sub_id),
+        other => panic!("expected Subscribed, got {other:?}"),
+    }
+}
+
+fn ping(l: &mut RawLink, token: u64) {
+    l.send_body(&Ping { token }, &[]);
+    let p = l.next_packet();
+    match p.frame() {
+        Some(BrokerFrame::Pong(p)) => assert_eq!(p.token, token),
+        other => panic!("expected Pong, got {other:?}"),
+    }
+}
+
+#[test]
+fn ring_frames_and_socket_frames_keep_one_order_both_ways() {
+    let b = Broker::start("link-order");
+    let mut sub = RawLink::attach(&b, "sub");
+    subscribe(&mut sub, 1, "t.>", Overflow::Gap);
+    let mut publ = RawLink::attach(&b, "pub");
+    // Inline publishes through the ring, and every seventh a memfd payload
+    // on the socket with a marker in the ring at its place.
+    let n = 700u64;
+    for i in 0..n {
+        let body = i.to_le_bytes();
+        if i % 7 == 3 {
+            let fd = shmbus_proto::sys::memfd::from_bytes("p", &body).unwrap();
+            publ.send_with_fds(
+                &Publish { topic: "t.x", payload: PayloadRef::Memfd { len: 8 } },
+                &[fd.as_fd()],
+            );
+        } else {
+            publ.send_body(&Publish { topic: "t.x", payload: PayloadRef::Inline }, &body);
+        }
+    }
+    let mut taken = 0u32;
+    for i in 0..n {
+        let p = sub.next_packet();
+        let (seq, payload, fds) = match decode_broker(&p.data).unwrap() {
+            BrokerFrame::Deliver(d, payload) => (d.seq, payload.to_vec(), p.fds.len()),
+            other => panic!("expected a delivery, got {other:?}"),
+        };
+        assert_eq!(seq, i + 1, "in order");
+        if i % 7 == 3 {
+            assert_eq!(fds, 1, "message {i} comes with its memfd");
+            let len = shmbus_proto::sys::memfd::sealed_len(p.fds[0].as_fd()).unwrap();
+            assert_eq!(len, 8);
+        } else {
+            assert_eq!(fds, 0);
+            assert_eq!(payload, i.to_le_bytes());
+        }
+        taken += fds as u32;
+        if taken >= 8 {
+            // Acknowledge the fds taken, as a client must.
+            sub.send_body(&shmbus_proto::frame::FdAck { fds: taken }, &[]);
+            taken = 0;
+        }
+    }
+    ping(&mut publ, 9);
+}
+
+#[test]
+fn a_full_ring_then_a_full_queue_gives_exact_gaps() {
+    // A subscriber that does not read: its ring fills, then its queue in
+    // the broker; what does not fit is counted, and told in one gap.
+    let b = Broker::start_with("link-gaps", &["--queue-frames", "100"]);
+    let mut sub = RawLink::attach(&b, "sub");
+    subscribe(&mut sub, 1, "g", Overflow::Gap);
+    let mut publ = RawLink::attach(&b, "pub");
+    let n = 20_000u64;
+    for i in 0..n {
+        publ.send_body(&Publish { topic: "g", payload: PayloadRef::Inline }, &i.to_le_bytes());
+    }
+    ping(&mut publ, 1);
+    // Everything the publisher sent has been routed.
+    let (mut delivered, mut missed, mut last) = (0u64, 0u64, 0u64);
+    while delivered + missed < n {
+        let p = sub.next_packet();
+        match decode_broker(&p.data).unwrap() {
+            BrokerFrame::Deliver(d, payload) => {
+                assert!(d.seq > last, "in order");
+                assert_eq!(payload, (d.seq - 1).to_le_bytes());
+                last = d.seq;
+                delivered += 1;
+            }
+            BrokerFrame::Gap(g) => missed += g.missed,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(delivered + missed, n, "every message delivered or counted");
+    assert!(missed > 0, "the ring and the queue cannot hold 20,000");
+    eprintln!("delivered {delivered}, missed {missed}");
+    assert!(sub.recv_packet(Duration::from_millis(200)).is_none(), "nothing more");
+}
+
+#[test]
+fn a_client_that_scribbles_its_ring_is_cut_off_and_no_one_else_notices() {
+    let b = Broker::start("link-scribble");
+    let mut bystander = RawLink::attach(&b, "bystander");
+    subscribe(&mut bystander, 1, "calm", Overflow::Gap);
+    let words = [u64::MAX, 0x0000_0009_0000_0010, 0x0000_0001_ffff_fff0, 0x0000_0003_0000_0005];
+    for (i, &w) in words.iter().enumerate() {
+        let mut evil = RawLink::attach(&b, "evil");
+        // A record header that cannot be, and a tail that covers it.
+        evil.map.my_data()[0].store(w, std::sync::atomic::Ordering::Relaxed);
+        evil.map.mine().tail.v.store(64, std::sync::atomic::Ordering::Release);
+        evil.raw.send_body(&shmbus_proto::frame::Doorbell, &[]);
+        eprintln!("case {i}");
+        // It hears why, in its ring, and is cut off.
+        expect_goodbye(&mut evil, "corrupt");
+        ping(&mut bystander, i as u64);
+    }
+    // Lies about positions: a tail far ahead, then a reader position
+    // beyond what the broker wrote.
+    let mut evil = RawLink::attach(&b, "evil");
+    evil.map.mine().tail.v.store(1 << 40, std::sync::atomic::Ordering::Release);
+    evil.raw.send_body(&shmbus_proto::frame::Doorbell, &[]);
+    expect_goodbye(&mut evil, "position");
+    let mut liar = RawLink::attach(&b, "liar");
+    subscribe(&mut liar, 1, "flood", Overflow::Gap);
+    liar.map.mine().head.v.store(1 << 40, std::sync::atomic::Ordering::Release);
+    // The lie is harmless until the broker needs room in the liar's ring:
+    // then it finds it, can no longer use that ring, and closes the socket.
+    let mut flood = RawLink::attach(&b, "flood");
+    for i in 0..4000u32 {
+        flood.send_body(&Publish { topic: "flood", payload: PayloadRef::Inline }, &[i as u8; 100]);
+    }
+    loop {
+        let p = liar.raw.next_packet();
+        if p.is_eof() {
+            break;
+        }
+    }
+    ping(&mut bystander, 99);
+}
+
+fn expect_goodbye(l: &mut RawLink, needle: &str) {
+    let p = l.next_packet();
+    match p.frame() {
+        Some(BrokerFrame::Goodbye(g)) => {
+            assert_eq!(g.code, GoodbyeCode::ProtocolViolation, "{}", g.reason);
+            assert!(g.reason.contains(needle), "{:?} lacks {needle:?}", g.reason);
+        }
+        other => panic!("expected a goodbye, got {other:?}"),
+    }
+    assert!(l.next_packet().is_eof(), "closed after the goodbye");
+}
+
+#[test]
+fn an_idle_bus_with_links_puts_every_ring_to_sleep_and_costs_no_cpu() {
+    let b = Broker::start("link-idle");
+    let mut links: Vec<RawLink> = (0..4).map(|i| RawLink::attach(&b, &format!("idle{i}"))).collect();
+    for (i, l) in links.iter_mut().enumerate() {
+        subscribe(l, 1, "x", Overflow::Gap);
+        ping(l, i as u64);
+    }
+    // Each ring goes to sleep once quiet: the broker's flag for it is up
+    // (odd), so the client knows to ring.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    for l in &links {
+        while l.map.peer().consumer_sleep.v.load(std::sync::atomic::Ordering::Acquire) & 1 == 0 {
+            assert!(std::time::Instant::now() < deadline, "a quiet ring never went to sleep");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    let before = b.cpu_ticks();
+    std::thread::sleep(Duration::from_millis(1500));
+    let spent = b.cpu_ticks() - before;
+    // A spinning broker would have used ~150 ticks.
+    assert!(spent <= 3, "an idle broker used {spent} ticks of CPU in 1.5 s");
+    // And it still wakes at once for a ring that has news.
+    ping(&mut links[0], 42);
+}
+
+const ROLE: &str = "SHMBUS_LINK_ROLE";
+const ADDR: &str = "SHMBUS_LINK_ADDR";
+const SAY: &str = "LINK:";
+
+/// Not a test on its own: the body of the helper processes, run only when
+/// a test spawns this binary with `--ignored --exact helper_process`.
+#[test]
+#[ignore = "helper process body, spawned by the other tests"]
+fn helper_process() {
+    let role = std::env::var(ROLE).expect("run as a helper by another test");
+    let addr = std::env::var(ADDR).unwrap();
+    match role.as_str() {
+        // A linked publisher and a linked subscriber of its messages, as
+        // busy as they can be, fds on the socket now and then, until killed.
+        "busy" => {
+            let mut sub = RawLink::attach_at(&addr, "busy-sub");
+            subscribe(&mut sub, 1, "busy", Overflow::Gap);
+            let mut publ = RawLink::attach_at(&addr, "busy-pub");
+            println!("{SAY}ready");
+            for i in 0u64.. {
+                if i % 50 == 0 {
+                    let fd = shmbus_proto::sys::memfd::from_bytes("p", &i.to_le_bytes()).unwrap();
+                    publ.send_with_fds(
+                        &Publish { topic: "busy", payload: PayloadRef::Memfd { len: 8 } },
+                        &[fd.as_fd()],
+                    );
+                } else {
+                    publ.send_body(&Publish { topic: "busy", payload: PayloadRef::Inline }, &i.to_le_bytes());
+                }
+                // Read some, not all: the subscriber's ring and queue stay busy.
+                if i % 3 == 0 {
+                    let _ = sub.recv_packet(Duration::ZERO);
+                }
+            }
+        }
+        other => panic!("unknown role {other}"),
+    }
+}
+
+fn helper(role: &str, address: &str) -> Helper {
+    let exe = std::env::current_exe().unwrap();
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["--exact", "helper_process", "--ignored", "--nocapture", "--test-threads=1"])
+        .env(ROLE, role)
+        .env(ADDR, address)
+        .stdin(std::process::Stdio::null());
+    Helper::spawn(&mut cmd, SAY)
+}
+
+/// Mappings of link memfds in the broker.
+fn link_mappings(b: &Broker) -> usize {
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", b.pid())).unwrap();
+    maps.lines().filter(|l| l.contains("shmbus-link")).count()
+}
+
+#[test]
+fn clients_killed_at_random_moments_leave_nothing_behind() {
+    let b = Broker::start("link-kill");
+    let mut bystander = RawLink::attach(&b, "bystander");
+    let base_fds = b.baseline_fds();
+    let base_maps = link_mappings(&b);
+    let mut seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    for round in 0..8 {
+        let mut h = helper("busy", &b.address);
+        h.expect("ready");
+        // A moment somewhere in a busy stream: mid-record, mid-marker,
+        // with fds in flight, with the broker's ring to it full.
+        seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        std::thread::sleep(Duration::from_millis(u64::from(seed % 40)));
+        drop(h); // SIGKILL, and reaped
+        ping(&mut bystander, round);
+    }
+    b.wait_fd_count(base_fds);
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while link_mappings(&b) != base_maps {
+        assert!(std::time::Instant::now() < deadline, "link mappings left behind");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    ping(&mut bystander, 100);
+}
