@@ -1367,4 +1367,210 @@ mod tests {
         drop(client);
         assert_eq!(broker.join().unwrap(), ["sub 1", "unsub 1"]);
     }
+
+    /// What a fake broker does with the frame after `Hello`.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum OnAttach {
+        /// Expect `Attach`, and set the link up.
+        Link,
+        /// Expect `Attach`, and decline it.
+        Decline,
+        /// Answer `Attach` with a frame that is neither.
+        Garble,
+    }
+
+    fn unique_address() -> String {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("@shmbus-client-test-{}-{n}", std::process::id())
+    }
+
+    /// A broker for one connection: welcomes it, does `on` with what comes
+    /// next, then answers pings (in the link's ring, or on the socket)
+    /// until the client hangs up. Returns the frames it saw after `Hello`.
+    fn handshake_broker(on: OnAttach) -> (String, std::thread::JoinHandle<Vec<String>>) {
+        use shmbus_proto::frame::{Attached, ErrorCode, OpError, Pong, Welcome};
+        use shmbus_proto::link::{layout::DEFAULT_CAPACITY, shm, Consumer, Producer, RecordKind};
+        let addr = unique_address();
+        let listener = socket::listen(&Address::parse(&addr).unwrap(), 4).unwrap();
+        let broker = std::thread::spawn(move || {
+            socket::set_nonblocking(listener.as_fd(), false).unwrap();
+            let fd = rustix::net::accept(&listener).unwrap();
+            let mut batch = RecvBatch::new(4);
+            let mut seen = Vec::new();
+            let send = |head: &[u8], fds: &[BorrowedFd<'_>]| {
+                socket::send_packet(fd.as_fd(), OutPacket { head, payload: &[], fds }, false).unwrap();
+            };
+            batch.recv(fd.as_fd(), false).unwrap();
+            assert!(matches!(decode_client(batch.packet(0).0), Ok(ClientFrame::Hello(_))));
+            let limits = Limits {
+                max_packet: 73728,
+                max_inline_payload: 65536,
+                queue_bytes: 1 << 20,
+                queue_frames: 100,
+                max_subscriptions: 10,
+                fd_window: 128,
+                max_depth: 32,
+            };
+            send(&encode_head(&Welcome { client_id: 7, limits }).unwrap(), &[]);
+            let mut link: Option<(shm::LinkMap, Producer, Consumer)> = None;
+            loop {
+                let n = if link.is_some() {
+                    match batch.recv(fd.as_fd(), true) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+                        Err(_) => return seen,
+                    }
+                } else {
+                    match batch.recv(fd.as_fd(), false) {
+                        Ok(n) => n,
+                        Err(_) => return seen,
+                    }
+                };
+                let mut frames: Vec<Vec<u8>> = Vec::new();
+                for i in 0..n {
+                    let data = batch.packet(i).0;
+                    if data.is_empty() {
+                        return seen;
+                    }
+                    frames.push(data.to_vec());
+                }
+                if let Some((map, _, consumer)) = &mut link {
+                    let mut buf = Vec::new();
+                    while consumer.next(map.peer(), map.peer_data(), &mut buf).unwrap()
+                        == Some(RecordKind::Frame)
+                    {
+                        frames.push(std::mem::take(&mut buf));
+                    }
+                    consumer.commit(map.mine());
+                    if frames.is_empty() {
+                        std::thread::sleep(Duration::from_millis(1));
+                        continue;
+                    }
+                }
+                for data in frames {
+                    let frame = decode_client(&data).unwrap();
+                    seen.push(match &frame {
+                        ClientFrame::Attach(a) => format!("attach {}", a.capacity),
+                        ClientFrame::Ping(_) => "ping".to_owned(),
+                        ClientFrame::Doorbell => "doorbell".to_owned(),
+                        other => format!("{other:?}"),
+                    });
+                    match frame {
+                        ClientFrame::Attach(_) => match on {
+                            OnAttach::Link => {
+                                let made = shm::create(DEFAULT_CAPACITY).unwrap();
+                                let fds = [made.client_half.as_fd(), made.broker_half_ro.as_fd()];
+                                send(&encode_head(&Attached { capacity: DEFAULT_CAPACITY }).unwrap(), &fds);
+                                let producer = Producer::new(DEFAULT_CAPACITY);
+                                let consumer = Consumer::new(DEFAULT_CAPACITY);
+                                link = Some((made.map, producer, consumer));
+                            }
+                            OnAttach::Decline => {
+                                let e = OpError {
+                                    op: Op::Attach,
+                                    code: ErrorCode::LimitExceeded,
+                                    message: "no room",
+                                };
+                                send(&encode_head(&e).unwrap(), &[]);
+                            }
+                            OnAttach::Garble => send(&encode_head(&Pong { token: 1 }).unwrap(), &[]),
+                        },
+                        ClientFrame::Ping(p) => {
+                            let head = encode_head(&Pong { token: p.token }).unwrap();
+                            match &mut link {
+                                Some((map, producer, _)) => {
+                                    assert!(producer
+                                        .try_push(map.peer(), map.my_data(), RecordKind::Frame, &[&head])
+                                        .unwrap());
+                                    producer.publish(map.mine());
+                                    if producer.must_ring(map.peer()) {
+                                        send(crate::link::doorbell(), &[]);
+                                    }
+                                }
+                                None => send(&head, &[]),
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        });
+        (addr, broker)
+    }
+
+    /// Whether `$SHMBUS_TRANSPORT` lets these tests ask for the link.
+    fn link_allowed() -> bool {
+        transport_env_allows_link(std::env::var_os(TRANSPORT_ENV).as_deref())
+    }
+
+    fn options(addr: &str) -> ConnectOptions {
+        Client::options().address(Address::parse(addr).unwrap()).reconnect(crate::ReconnectPolicy::never())
+    }
+
+    #[test]
+    fn the_link_is_asked_for_after_hello_and_used() {
+        if !link_allowed() {
+            return;
+        }
+        let (addr, broker) = handshake_broker(OnAttach::Link);
+        let c = options(&addr).connect().unwrap();
+        assert_eq!(c.transport(), Transport::SharedMemory);
+        assert!(format!("{c:?}").contains("SharedMemory"));
+        for _ in 0..3 {
+            c.ping().unwrap();
+        }
+        drop(c);
+        let seen = broker.join().unwrap();
+        assert_eq!(seen[0], "attach 0");
+        assert_eq!(seen.iter().filter(|s| *s == "ping").count(), 3, "{seen:?}");
+    }
+
+    #[test]
+    fn a_declined_link_leaves_the_socket_and_says_why() {
+        if !link_allowed() {
+            return;
+        }
+        let (addr, broker) = handshake_broker(OnAttach::Decline);
+        let c = options(&addr).connect().unwrap();
+        assert_eq!(c.transport(), Transport::Socket);
+        let why = c.inner.transport_note().unwrap();
+        assert!(why.contains("declined") && why.contains("no room"), "{why}");
+        c.ping().unwrap();
+        drop(c);
+        assert_eq!(broker.join().unwrap(), ["attach 0", "ping"]);
+    }
+
+    #[test]
+    fn a_link_turned_off_is_not_asked_for() {
+        let (addr, broker) = handshake_broker(OnAttach::Link);
+        let c = options(&addr).shared_memory(false).connect().unwrap();
+        assert_eq!(c.transport(), Transport::Socket);
+        assert!(c.inner.transport_note().unwrap().contains("shared_memory(false)"));
+        c.ping().unwrap();
+        drop(c);
+        assert_eq!(broker.join().unwrap(), ["ping"]);
+    }
+
+    #[test]
+    fn any_other_answer_to_attach_fails_the_handshake() {
+        if !link_allowed() {
+            return;
+        }
+        let (addr, broker) = handshake_broker(OnAttach::Garble);
+        match options(&addr).connect() {
+            Err(ConnectError::Protocol(why)) => assert!(why.contains("Attach"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        broker.join().unwrap();
+    }
+
+    #[test]
+    fn only_shmbus_transport_socket_turns_the_link_off() {
+        use std::ffi::OsStr;
+        assert!(transport_env_allows_link(None));
+        assert!(transport_env_allows_link(Some(OsStr::new("shm"))));
+        assert!(transport_env_allows_link(Some(OsStr::new(""))));
+        assert!(!transport_env_allows_link(Some(OsStr::new("socket"))));
+    }
 }

@@ -710,7 +710,7 @@ impl Inner {
         let mut swapping = self.swap.write();
         socket::replace_fd(self.fd.as_fd(), d.fd)?;
         *reader = ReaderState::default();
-        self.set_transport(reader, &mut *swapping, d.link);
+        self.set_transport(reader, &mut swapping, d.link);
         // Relaxed: read by `Client::id` only, no ordering needed.
         self.client_id.store(d.client_id, Ordering::Relaxed);
         *self.broker.lock() = d.broker;

@@ -51,7 +51,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -103,6 +103,12 @@ const SPIN_STEP: Duration = Duration::from_micros(2);
 const ROOM_SPIN: Duration = Duration::from_micros(5);
 /// A sender waiting for room looks at the connection this often.
 pub(crate) const ROOM_NAP: Duration = Duration::from_millis(50);
+/// A sender asks the kernel whether the broker hung up at most this often
+/// (a record in a dead broker's ring fails nowhere, where a packet on its
+/// socket fails with `EPIPE`): so at most this long's worth of sends go
+/// into the ring of a broker that is gone without anyone knowing, as
+/// packets do into the socket buffer of one that is going.
+const ALIVE_CHECK: Duration = Duration::from_millis(10);
 
 /// The `Doorbell` packet, encoded once.
 pub(crate) fn doorbell() -> &'static [u8] {
@@ -143,6 +149,10 @@ pub(crate) enum Full {
 pub(crate) struct LinkTx {
     map: Arc<LinkMap>,
     producer: Producer,
+    /// Shared with the reader: the broker is known to be gone.
+    gone: Arc<AtomicBool>,
+    /// When to ask the kernel again whether it is (see [`ALIVE_CHECK`]).
+    next_check: Instant,
 }
 
 /// The transport as senders see it, under the connection's `swap` lock.
@@ -185,9 +195,29 @@ impl Port<'_> {
 }
 
 impl LinkTx {
-    fn new(map: Arc<LinkMap>) -> LinkTx {
+    fn new(map: Arc<LinkMap>, gone: Arc<AtomicBool>) -> LinkTx {
         let producer = Producer::new(map.capacity());
-        LinkTx { map, producer }
+        LinkTx { map, producer, gone, next_check: Instant::now() }
+    }
+
+    /// Fails (`BrokenPipe`, as the socket would) once the broker is known
+    /// to be gone, so the frame goes to the next connection instead.
+    fn check_alive(&mut self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        // Relaxed: a hint (the socket is the truth), set by the reader on
+        // EOF, by a doorbell that failed, or below.
+        if !self.gone.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            if now < self.next_check {
+                return Ok(());
+            }
+            self.next_check = now + ALIVE_CHECK;
+            if !hung_up(fd) {
+                return Ok(());
+            }
+            // Relaxed: as above.
+            self.gone.store(true, Ordering::Relaxed);
+        }
+        Err(io::Error::from(io::ErrorKind::BrokenPipe))
     }
 
     fn send(
@@ -197,6 +227,7 @@ impl LinkTx {
         packets: &[OutPacket<'_>],
         wait: bool,
     ) -> io::Result<Result<usize, Full>> {
+        self.check_alive(fd)?;
         let mut n = 0;
         for p in packets {
             // A frame with fds takes a marker (no bytes) in the ring.
@@ -251,7 +282,13 @@ impl LinkTx {
     fn publish_and_ring(&mut self, fd: BorrowedFd<'_>) {
         self.producer.publish(self.map.mine());
         if self.producer.must_ring(self.map.peer()) {
-            let _ = socket::send_packet(fd, OutPacket { head: doorbell(), payload: &[], fds: &[] }, true);
+            let bell = OutPacket { head: doorbell(), payload: &[], fds: &[] };
+            if let Err(e) = socket::send_packet(fd, bell, true) {
+                if matches!(e.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset) {
+                    // Relaxed: a hint, see `check_alive`.
+                    self.gone.store(true, Ordering::Relaxed);
+                }
+            }
         }
     }
 
@@ -357,10 +394,12 @@ pub(crate) struct LinkRx {
     /// The socket said EOF (or was reset more than once).
     eof: bool,
     resets: u32,
+    /// Shared with the sender: the broker is known to be gone.
+    gone: Arc<AtomicBool>,
 }
 
 impl LinkRx {
-    fn new(map: Arc<LinkMap>) -> LinkRx {
+    fn new(map: Arc<LinkMap>, gone: Arc<AtomicBool>) -> LinkRx {
         let consumer = Consumer::new(map.capacity());
         LinkRx {
             map,
@@ -372,6 +411,7 @@ impl LinkRx {
             spin: SPIN_START,
             eof: false,
             resets: 0,
+            gone,
         }
     }
 }
@@ -381,8 +421,9 @@ pub(crate) fn split(a: Attachment) -> (Wire, Option<LinkRx>) {
     match a {
         Attachment::Linked(map) => {
             let map = Arc::new(map);
-            let wire = Wire { link: Some(Mutex::new(LinkTx::new(map.clone()))), note: None };
-            (wire, Some(LinkRx::new(map)))
+            let gone = Arc::new(AtomicBool::new(false));
+            let wire = Wire { link: Some(Mutex::new(LinkTx::new(map.clone(), gone.clone()))), note: None };
+            (wire, Some(LinkRx::new(map, gone)))
         }
         Attachment::SocketOnly(why) => (Wire { link: None, note: Some(why) }, None),
     }
@@ -416,6 +457,8 @@ impl Inner {
                 return Ok(true);
             }
             if rx.eof {
+                // Relaxed: a hint for senders, see `LinkTx::check_alive`.
+                rx.gone.store(true, Ordering::Relaxed);
                 // Drained to the end: what the socket still holds (a
                 // goodbye sent there, say) in order, then the close.
                 rx.items.extend(rx.fifo.drain(..).map(Item::Socket));
@@ -647,5 +690,532 @@ fn spin(
         if Instant::now() >= until {
             return Ok(false);
         }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    //! The link against a fake broker: a socket pair and a real pair of
+    //! memfd halves, the broker's side driven by hand with the proto
+    //! layer's producer and consumer.
+
+    use super::*;
+    use crate::connection::State;
+    use crate::error::RecvError;
+    use crate::message::Event;
+    use shmbus_proto::frame::{
+        decode_client, Body, ClientFrame, Deliver, Goodbye, Limits, PayloadRef, Publish, Sender,
+    };
+    use shmbus_proto::link::layout::DEFAULT_CAPACITY;
+    use shmbus_proto::link::shm::{self, NewLink};
+    use shmbus_proto::sys::memfd;
+    use shmbus_proto::sys::socket::PeerCred;
+
+    const SENDER: Sender = Sender { client_id: 2, uid: 0, gid: 0, pid: 2 };
+    const PATIENCE: Duration = Duration::from_secs(20);
+
+    /// The broker's end: its socket, both halves (its own writable), its
+    /// producer (to the client) and consumer (from the client).
+    pub(crate) struct FakeBroker {
+        pub fd: OwnedFd,
+        pub link: NewLink,
+        pub producer: Producer,
+        pub consumer: Consumer,
+    }
+
+    pub(crate) fn limits(window: u32) -> Limits {
+        Limits {
+            max_packet: 65536,
+            max_inline_payload: 65536,
+            queue_bytes: 1 << 20,
+            queue_frames: 1024,
+            max_subscriptions: 100,
+            fd_window: window,
+            max_depth: 32,
+        }
+    }
+
+    /// A connection with a link (fd window `window`), and its broker.
+    pub(crate) fn linked_inner(window: u32) -> (Inner, FakeBroker) {
+        let (ours, theirs) = socket::pair().unwrap();
+        let cred = PeerCred { pid: 1, uid: 0, gid: 0 };
+        let inner = Inner::new(ours, 1, limits(window), cred, "test".into(), 1024);
+        let link = shm::create(DEFAULT_CAPACITY).unwrap();
+        let map =
+            shm::attach(DEFAULT_CAPACITY, link.client_half.as_fd(), link.broker_half_ro.as_fd()).unwrap();
+        inner.attach(Attachment::Linked(map));
+        let broker = FakeBroker {
+            fd: theirs,
+            link,
+            producer: Producer::new(DEFAULT_CAPACITY),
+            consumer: Consumer::new(DEFAULT_CAPACITY),
+        };
+        (inner, broker)
+    }
+
+    pub(crate) fn deliver(sub_id: u32, seq: u64) -> Deliver<'static> {
+        Deliver { sub_id, topic: "t.x", sender: SENDER, seq, payload: PayloadRef::Inline }
+    }
+
+    impl FakeBroker {
+        fn map(&self) -> &LinkMap {
+            &self.link.map
+        }
+
+        /// Writes a frame into the ring (not yet published).
+        pub fn push<B: Body>(&mut self, body: &B, payload: &[u8]) {
+            let head = encode_head(body).unwrap();
+            let map = &self.link.map;
+            assert!(self
+                .producer
+                .try_push(map.peer(), map.my_data(), RecordKind::Frame, &[&head, payload])
+                .unwrap());
+        }
+
+        /// Publishes what was written, and rings the client if it sleeps.
+        pub fn publish(&mut self) {
+            let map = &self.link.map;
+            self.producer.publish(map.mine());
+            if self.producer.must_ring(map.peer()) {
+                let bell = OutPacket { head: doorbell(), payload: &[], fds: &[] };
+                socket::send_packet(self.fd.as_fd(), bell, false).unwrap();
+            }
+        }
+
+        pub fn write<B: Body>(&mut self, body: &B, payload: &[u8]) {
+            self.push(body, payload);
+            self.publish();
+        }
+
+        /// A frame with fds: its packet on the socket, then its marker.
+        pub fn write_with_fds<B: Body>(&mut self, body: &B, fds: &[BorrowedFd<'_>]) {
+            self.send_socket(body, fds);
+            let map = &self.link.map;
+            assert!(self.producer.try_push(map.peer(), map.my_data(), RecordKind::Marker, &[]).unwrap());
+            self.publish();
+        }
+
+        pub fn send_socket<B: Body>(&self, body: &B, fds: &[BorrowedFd<'_>]) {
+            let head = encode_head(body).unwrap();
+            socket::send_packet(self.fd.as_fd(), OutPacket { head: &head, payload: &[], fds }, false)
+                .unwrap();
+        }
+
+        /// What came on the socket (without waiting): decoded frames, as
+        /// text, with their fd counts.
+        pub fn socket_packets(&self) -> Vec<(String, usize)> {
+            let mut batch = RecvBatch::new(8);
+            let mut out = Vec::new();
+            loop {
+                match batch.recv(self.fd.as_fd(), true) {
+                    Ok(n) => {
+                        for i in 0..n {
+                            let (data, _, fds) = batch.packet(i);
+                            out.push((describe(data), fds.len()));
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return out,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }
+
+        pub fn doorbells(&self) -> usize {
+            let packets = self.socket_packets();
+            assert!(packets.iter().all(|(p, _)| p == "doorbell"), "{packets:?}");
+            packets.len()
+        }
+
+        /// The client's records so far (read and given back), as text;
+        /// a marker is "marker".
+        pub fn records(&mut self) -> Vec<String> {
+            let mut out = Vec::new();
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                let map = &self.link.map;
+                match self.consumer.next(map.peer(), map.peer_data(), &mut buf).unwrap() {
+                    None => break,
+                    Some(RecordKind::Marker) => out.push("marker".to_owned()),
+                    Some(RecordKind::Frame) => out.push(describe(&buf)),
+                }
+            }
+            self.consumer.commit(self.link.map.mine());
+            out
+        }
+
+        /// Gives room back as the real broker does: commit, and if the
+        /// client waits for it, bump `room` and wake it.
+        pub fn make_room(&mut self) -> bool {
+            let map = &self.link.map;
+            self.consumer.commit(map.mine());
+            if self.consumer.must_ring_room(map.peer()) {
+                // Release: pairs with the client's Acquire load of `room`.
+                map.mine().room.v.fetch_add(1, Ordering::Release);
+                futex::wake_all(&map.mine().room.v).unwrap();
+                return true;
+            }
+            false
+        }
+    }
+
+    fn describe(data: &[u8]) -> String {
+        match decode_client(data) {
+            Ok(ClientFrame::Doorbell) => "doorbell".into(),
+            Ok(ClientFrame::Publish(p, payload)) => format!("publish {} {}", p.topic, payload.len()),
+            Ok(ClientFrame::FdAck(a)) => format!("ack {}", a.fds),
+            Ok(other) => format!("{other:?}"),
+            Err(e) => format!("undecodable: {e}"),
+        }
+    }
+
+    /// The next event of subscription `id`, reading as needed.
+    fn take(inner: &Inner, id: u32) -> Event {
+        let deadline = Some(Instant::now() + PATIENCE);
+        inner.wait_for(deadline, |st| st.take_event(id)).unwrap().expect("an event in time").1
+    }
+
+    fn seq(e: Event) -> u64 {
+        match e {
+            Event::Message(m) => m.seq(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Reads for a moment, taking nothing.
+    fn read_a_moment(inner: &Inner) -> Result<(), RecvError> {
+        inner.wait_for(Some(Instant::now() + Duration::from_millis(20)), |_| None::<()>).map(drop)
+    }
+
+    fn publish(inner: &Inner, topic: &str, payload: &[u8]) -> Result<u64, RecvError> {
+        inner.send(&Publish { topic, payload: PayloadRef::Inline }, payload)
+    }
+
+    fn closed(inner: &Inner) -> Disconnect {
+        inner.state.lock().closed.clone().expect("closed")
+    }
+
+    #[test]
+    fn frames_in_the_ring_are_dispatched_in_order() {
+        let (inner, mut broker) = linked_inner(8);
+        assert_eq!(inner.transport(), Transport::SharedMemory);
+        inner.state.lock().add_sub(1, Vec::new());
+        // Enough to go round the ring a few times, read as they come.
+        let payload = vec![7u8; 3000];
+        let writer = std::thread::spawn(move || {
+            for s in 1..=1000 {
+                let map = &broker.link.map;
+                let head = encode_head(&deliver(1, s)).unwrap();
+                while !broker
+                    .producer
+                    .try_push(map.peer(), map.my_data(), RecordKind::Frame, &[&head, &payload])
+                    .unwrap()
+                {
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+                broker.publish();
+            }
+            broker
+        });
+        for s in 1..=1000 {
+            match take(&inner, 1) {
+                Event::Message(m) => {
+                    assert_eq!(m.seq(), s);
+                    assert_eq!(m.payload().len(), 3000);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let broker = writer.join().unwrap();
+        // Nothing went on the socket but doorbells.
+        broker.doorbells();
+        assert!(inner.state.lock().closed.is_none());
+    }
+
+    #[test]
+    fn a_marker_takes_its_socket_packet_with_fds_in_order_between_ring_frames() {
+        let (inner, mut broker) = linked_inner(2);
+        inner.state.lock().add_sub(1, Vec::new());
+        broker.write(&deliver(1, 1), b"one");
+        let memfd = memfd::from_bytes("test", b"two").unwrap();
+        let d = Deliver { payload: PayloadRef::Memfd { len: 3 }, ..deliver(1, 2) };
+        broker.write_with_fds(&d, &[memfd.as_fd()]);
+        broker.write(&deliver(1, 3), b"three");
+        let payloads: Vec<Vec<u8>> = (1..=3)
+            .map(|s| match take(&inner, 1) {
+                Event::Message(m) => {
+                    assert_eq!(m.seq(), s);
+                    m.payload().to_vec()
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(payloads, [&b"one"[..], b"two", b"three"]);
+
+        // A packet read ahead of its marker (the client found the ring
+        // empty and drained the socket) waits for it.
+        let memfd = memfd::from_bytes("test", b"four").unwrap();
+        let d = Deliver { payload: PayloadRef::Memfd { len: 4 }, ..deliver(1, 4) };
+        broker.send_socket(&d, &[memfd.as_fd()]);
+        assert!(inner.wait_for(Some(Instant::now()), |st| st.take_event(1)).unwrap().is_none());
+        let map = &broker.link.map;
+        assert!(broker.producer.try_push(map.peer(), map.my_data(), RecordKind::Marker, &[]).unwrap());
+        broker.push(&deliver(1, 5), b"five");
+        broker.publish();
+        assert_eq!(seq(take(&inner, 1)), 4);
+        assert_eq!(seq(take(&inner, 1)), 5);
+
+        // Fds on the socket are counted for acks as ever (window 2: one
+        // is half), and the acks go in the ring.
+        read_a_moment(&inner).unwrap();
+        assert_eq!(broker.records(), ["ack 1", "ack 1"]);
+        assert!(inner.state.lock().closed.is_none());
+    }
+
+    #[test]
+    fn a_sleeping_broker_is_rung_once_and_a_waking_one_never() {
+        let (inner, mut broker) = linked_inner(8);
+        publish(&inner, "a.b", b"1").unwrap();
+        assert_eq!(broker.doorbells(), 0, "the broker is not asleep");
+        // The broker goes to sleep: one doorbell, however many follow.
+        let map = &broker.link.map;
+        assert!(!broker.consumer.prepare_sleep(map.mine(), map.peer()).unwrap(), "a record waits");
+        assert_eq!(broker.records(), ["publish a.b 1"]);
+        let map = &broker.link.map;
+        assert!(broker.consumer.prepare_sleep(map.mine(), map.peer()).unwrap());
+        publish(&inner, "a.b", b"2").unwrap();
+        publish(&inner, "a.b", b"3").unwrap();
+        assert_eq!(broker.doorbells(), 1);
+        assert_eq!(broker.records(), ["publish a.b 1", "publish a.b 1"]);
+        // Awake again: no doorbell.
+        broker.consumer.wake(broker.link.map.mine());
+        publish(&inner, "a.b", b"4").unwrap();
+        assert_eq!(broker.doorbells(), 0);
+        assert_eq!(broker.records(), ["publish a.b 1"]);
+    }
+
+    #[test]
+    fn a_reader_with_nothing_to_read_says_it_sleeps_and_is_woken_by_the_socket() {
+        let (inner, mut broker) = linked_inner(8);
+        inner.state.lock().add_sub(1, Vec::new());
+        // A read that does not wait leaves the flag up: the broker rings.
+        assert!(inner.wait_for(Some(Instant::now()), |st| st.take_event(1)).unwrap().is_none());
+        let map = &broker.link.map;
+        assert_eq!(map.peer().consumer_sleep.v.load(Ordering::Relaxed) & 1, 1);
+        broker.write(&deliver(1, 1), b"");
+        let map = &broker.link.map;
+        assert!(socket::wait_readable(inner.fd.as_fd(), Some(Duration::ZERO)).unwrap(), "rung");
+        assert_eq!(seq(take(&inner, 1)), 1);
+        // A reader blocked on the socket is woken by the doorbell.
+        let inner = Arc::new(inner);
+        let waiting = {
+            let inner = inner.clone();
+            std::thread::spawn(move || seq(take(&inner, 1)))
+        };
+        while map.peer().consumer_sleep.v.load(Ordering::Relaxed) & 1 == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        broker.write(&deliver(1, 2), b"");
+        assert_eq!(waiting.join().unwrap(), 2);
+    }
+
+    #[test]
+    fn a_broker_waiting_for_room_is_rung_once_the_ring_is_read_down_to_half() {
+        let (inner, mut broker) = linked_inner(8);
+        inner.state.lock().add_sub(1, Vec::new());
+        let payload = vec![1u8; 4000];
+        let mut n = 0;
+        loop {
+            let map = &broker.link.map;
+            let head = encode_head(&deliver(1, n + 1)).unwrap();
+            if !broker
+                .producer
+                .try_push(map.peer(), map.my_data(), RecordKind::Frame, &[&head, &payload])
+                .unwrap()
+            {
+                break;
+            }
+            n += 1;
+        }
+        broker.publish();
+        let map = &broker.link.map;
+        assert!(broker.producer.prepare_wait(map.mine(), map.peer(), 4100).unwrap());
+        for s in 1..=n {
+            assert_eq!(seq(take(&inner, 1)), s);
+        }
+        assert_eq!(broker.doorbells(), 1);
+    }
+
+    #[test]
+    fn a_full_ring_waits_and_resumes_when_the_broker_makes_room() {
+        let (inner, mut broker) = linked_inner(8);
+        let inner = Arc::new(inner);
+        let payload = vec![3u8; 10_000];
+        let total = 3 * DEFAULT_CAPACITY as usize / payload.len();
+        let publisher = {
+            let inner = inner.clone();
+            std::thread::spawn(move || {
+                for _ in 0..total {
+                    publish(&inner, "big", &payload).unwrap();
+                }
+            })
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!publisher.is_finished(), "the ring cannot hold them all");
+        let map = &broker.link.map;
+        assert_eq!(map.peer().producer_wait.v.load(Ordering::Relaxed) & 1, 1, "the sender says it waits");
+        let mut got = 0;
+        let mut rung = 0;
+        let deadline = Instant::now() + PATIENCE;
+        while got < total {
+            assert!(Instant::now() < deadline, "{got} of {total}");
+            // Reads a few at a time, giving room back as it goes.
+            let mut buf = Vec::new();
+            for _ in 0..4 {
+                buf.clear();
+                let map = &broker.link.map;
+                match broker.consumer.next(map.peer(), map.peer_data(), &mut buf).unwrap() {
+                    Some(RecordKind::Frame) => {
+                        assert_eq!(describe(&buf), "publish big 10000");
+                        got += 1;
+                    }
+                    Some(RecordKind::Marker) => panic!("a marker"),
+                    None => std::thread::sleep(Duration::from_millis(1)),
+                }
+            }
+            rung += usize::from(broker.make_room());
+        }
+        publisher.join().unwrap();
+        assert!(rung >= 1);
+        assert_eq!(broker.doorbells(), 0, "no doorbell: the room is a futex word");
+    }
+
+    #[test]
+    fn a_frame_with_fds_goes_on_the_socket_and_a_marker_keeps_its_place() {
+        let (inner, mut broker) = linked_inner(8);
+        publish(&inner, "a", b"before").unwrap();
+        let fd = memfd::from_bytes("test", b"xyz").unwrap();
+        {
+            let mut s = inner.lock_send();
+            let body = Publish { topic: "a", payload: PayloadRef::Memfd { len: 3 } };
+            inner.send_locked_with_fds(&mut s, &body, &[], &[fd.as_fd()]).unwrap();
+        }
+        publish(&inner, "a", b"after").unwrap();
+        assert_eq!(broker.socket_packets(), [("publish a 0".to_owned(), 1)]);
+        assert_eq!(broker.records(), ["publish a 6", "marker", "publish a 5"]);
+    }
+
+    #[test]
+    fn records_left_in_the_ring_at_eof_are_delivered_before_the_close() {
+        let (inner, mut broker) = linked_inner(8);
+        inner.state.lock().add_sub(1, Vec::new());
+        for s in 1..=3 {
+            broker.push(&deliver(1, s), b"x");
+        }
+        broker.publish();
+        let FakeBroker { fd, link, .. } = broker;
+        drop(fd);
+        for s in 1..=3 {
+            assert_eq!(seq(take(&inner, 1)), s);
+        }
+        match inner.wait_for(Some(Instant::now() + PATIENCE), |st| st.take_event(1)) {
+            Err(RecvError::Disconnected(d)) => assert_eq!(d.reason, "the broker closed the connection"),
+            other => panic!("{other:?}"),
+        }
+        // A send now fails as it would on the socket.
+        assert!(matches!(publish(&inner, "a", b""), Err(RecvError::Disconnected(_))));
+        drop(link);
+    }
+
+    #[test]
+    fn a_goodbye_in_the_ring_gives_the_reason() {
+        let (inner, mut broker) = linked_inner(8);
+        inner.state.lock().add_sub(1, Vec::new());
+        broker.push(&deliver(1, 1), b"x");
+        let bye = Goodbye { code: GoodbyeCode::Denied, reason: "go away" };
+        broker.push(&bye, b"");
+        broker.publish();
+        drop(broker);
+        assert_eq!(seq(take(&inner, 1)), 1);
+        assert!(inner.wait_for(Some(Instant::now() + PATIENCE), |st| st.take_event(1)).is_err());
+        assert_eq!(closed(&inner).reason, "go away");
+    }
+
+    #[test]
+    fn a_dead_broker_fails_a_send_instead_of_taking_it() {
+        let (inner, broker) = linked_inner(8);
+        publish(&inner, "a", b"").unwrap();
+        drop(broker);
+        std::thread::sleep(ALIVE_CHECK);
+        assert!(matches!(publish(&inner, "a", b""), Err(RecvError::Disconnected(_))));
+    }
+
+    #[test]
+    fn a_corrupt_ring_closes_the_connection_with_a_reason() {
+        let (inner, broker) = linked_inner(8);
+        inner.state.lock().add_sub(1, Vec::new());
+        // The broker's write position jumps more than the ring ahead.
+        broker.map().mine().tail.v.store(u64::from(DEFAULT_CAPACITY) + 8, Ordering::Release);
+        let got = inner.wait_for(Some(Instant::now() + PATIENCE), |st| st.take_event(1));
+        assert!(matches!(got, Err(RecvError::Disconnected(_))), "{got:?}");
+        let d = closed(&inner);
+        assert_eq!(d.code, Some(GoodbyeCode::ProtocolViolation));
+        assert!(d.reason.contains("shared-memory link"), "{}", d.reason);
+
+        // A record of a kind that cannot be.
+        let (inner, broker) = linked_inner(8);
+        broker.map().my_data()[0].store(9 << 32 | 8, Ordering::Relaxed);
+        broker.map().mine().tail.v.store(16, Ordering::Release);
+        assert!(read_a_moment(&inner).is_err());
+        assert!(closed(&inner).reason.contains("unknown kind"), "{:?}", closed(&inner));
+
+        // A reader position past what was written, seen by a sender.
+        let (inner, broker) = linked_inner(8);
+        broker.map().mine().head.v.store(1 << 40, Ordering::Release);
+        // Fills the ring until the sender looks at the broker's position.
+        let big = vec![0u8; 60_000];
+        let failed = (0..100).find_map(|_| publish(&inner, "a", &big).err());
+        assert!(matches!(failed, Some(RecvError::Disconnected(_))), "{failed:?}");
+        assert_eq!(closed(&inner).code, Some(GoodbyeCode::ProtocolViolation));
+    }
+
+    #[test]
+    fn a_marker_without_its_packet_is_a_violation() {
+        let (inner, mut broker) = linked_inner(8);
+        let map = &broker.link.map;
+        assert!(broker.producer.try_push(map.peer(), map.my_data(), RecordKind::Marker, &[]).unwrap());
+        broker.publish();
+        assert!(read_a_moment(&inner).is_err());
+        let d = closed(&inner);
+        assert_eq!(d.code, Some(GoodbyeCode::ProtocolViolation));
+        assert!(d.reason.contains("not on the socket"), "{}", d.reason);
+    }
+
+    #[test]
+    fn packets_without_markers_are_bounded() {
+        let (inner, broker) = linked_inner(8);
+        inner.state.lock().add_sub(1, Vec::new());
+        let sender = std::thread::spawn(move || {
+            for s in 0..=FIFO_MAX as u64 {
+                broker.send_socket(&deliver(1, s), &[]);
+            }
+            broker
+        });
+        let got = inner.wait_for(Some(Instant::now() + PATIENCE), |st| st.take_event(1));
+        assert!(matches!(got, Err(RecvError::Disconnected(_))), "{got:?}");
+        assert!(closed(&inner).reason.contains("without their markers"), "{:?}", closed(&inner));
+        drop(sender.join().unwrap());
+    }
+
+    #[test]
+    fn socket_only_when_not_attached() {
+        let (ours, _theirs) = socket::pair().unwrap();
+        let inner = Inner::new(ours, 1, limits(8), PeerCred { pid: 1, uid: 0, gid: 0 }, "t".into(), 16);
+        assert_eq!(inner.transport(), Transport::Socket);
+        inner.attach(Attachment::SocketOnly("declined".into()));
+        assert_eq!(inner.transport(), Transport::Socket);
+        assert_eq!(inner.transport_note().as_deref(), Some("declined"));
+        let _ = State::default();
     }
 }

@@ -224,3 +224,87 @@ async fn a_cancelled_subscribe_is_taken_back_and_its_id_kept_until_answered() {
         other => panic!("{other:?}"),
     }
 }
+
+// ------------------------------------------------- shared-memory link --
+
+/// An async client whose connection has a shared-memory link, and its
+/// fake broker.
+fn linked(window: u32) -> (AsyncClient, crate::link::tests::FakeBroker) {
+    let (inner, broker) = crate::link::tests::linked_inner(window);
+    (AsyncClient::from_blocking(Client::for_tests(Arc::new(inner))).unwrap(), broker)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_waiting_on_a_linked_connection_is_woken_by_the_doorbell() {
+    use crate::link::tests::deliver;
+    let (c, mut broker) = linked(8);
+    assert_eq!(c.transport(), crate::Transport::SharedMemory);
+    let sub = Arc::new(live_subscription(&c, "a"));
+    // In the ring before anyone waits: read without the socket readable.
+    broker.write(&deliver(sub.id(), 1), b"");
+    let ev = tokio::time::timeout(PATIENCE, sub.recv()).await.unwrap().unwrap();
+    assert_eq!(ev.message().map(|m| m.seq()), Some(1));
+    for seq in 2..50 {
+        let waiting = tokio::spawn({
+            let sub = sub.clone();
+            async move { sub.recv().await }
+        });
+        // Once the task sleeps (its flag raised), the broker's frame
+        // rings the socket and the reactor wakes it.
+        if seq % 2 == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        broker.write(&deliver(sub.id(), seq), b"");
+        let ev = tokio::time::timeout(PATIENCE, waiting).await.expect("woken").unwrap().unwrap();
+        assert_eq!(ev.message().map(|m| m.seq()), Some(seq));
+    }
+    // Nothing but the broker's doorbells and our ring records: the socket
+    // holds no frame of ours.
+    assert_eq!(client_sent(&broker.fd), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_publish_waits_for_room_in_the_ring_without_blocking() {
+    let (c, mut broker) = linked(8);
+    // Inline (below the tests' memfd threshold): records in the ring.
+    let payload = vec![5u8; 1000];
+    let mut sent = 0;
+    let pending = loop {
+        let mut fut = Box::pin(c.publish("t.x", &payload));
+        match poll_once(&mut fut).await {
+            Some(r) => {
+                r.unwrap();
+                sent += 1;
+                assert!(sent < 100_000, "the ring never filled");
+            }
+            None => break fut,
+        }
+    };
+    assert!(sent > 0);
+    assert_eq!(tokio::spawn(async { 7 }).await.unwrap(), 7);
+    // The broker reads the ring: the publish goes.
+    let reader = std::thread::spawn(move || {
+        let mut n = 0;
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while n < sent + 1 {
+            assert!(std::time::Instant::now() < deadline);
+            let got = broker.records();
+            assert!(got.iter().all(|r| r == "publish t.x 1000"), "{got:?}");
+            n += got.len();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        n
+    });
+    tokio::time::timeout(PATIENCE, pending).await.expect("tried again once there was room").unwrap();
+    assert_eq!(reader.join().unwrap(), sent + 1);
+}
+
+#[tokio::test]
+async fn publish_many_on_a_link_fills_the_ring_in_order() {
+    let (c, mut broker) = linked(8);
+    let topics: Vec<String> = (0..200).map(|i| format!("t.{i}")).collect();
+    c.publish_many(topics.iter().map(|t| (t.as_str(), &b"x"[..]))).await.unwrap();
+    let got = broker.records();
+    let want: Vec<String> = topics.iter().map(|t| format!("publish {t} 1")).collect();
+    assert_eq!(got, want);
+}
