@@ -442,19 +442,12 @@ impl Inner {
         let (mut drained, mut spun) = (false, false);
         loop {
             let broken = self.take_records(rx);
-            if !rx.items.is_empty() {
-                if slept.is_some_and(|at| at.elapsed() < SPIN_MAX) {
+            if !rx.items.is_empty() || broken.is_some() {
+                if !rx.items.is_empty() && slept.is_some_and(|at| at.elapsed() < SPIN_MAX) {
                     // A longer spin would have caught it.
                     rx.spin = (rx.spin * 2).clamp(SPIN_STEP, SPIN_MAX);
                 }
-                let close = broken.map(|b| self.broken(b)).transpose()?;
-                self.dispatch_link(rx, close);
-                return Ok(true);
-            }
-            if let Some(b) = broken {
-                let why = self.broken(b)?;
-                self.dispatch_link(rx, Some(why));
-                return Ok(true);
+                return self.finish(rx, broken);
             }
             if rx.eof {
                 // Relaxed: a hint for senders, see `LinkTx::check_alive`.
@@ -475,9 +468,7 @@ impl Inner {
                 // app's poll) needs the socket empty, and an EOF seen.
                 drained = true;
                 if let Err(b) = self.drain_socket(rx) {
-                    let why = self.broken(b)?;
-                    self.dispatch_link(rx, Some(why));
-                    return Ok(true);
+                    return self.finish(rx, Some(b));
                 }
                 continue;
             }
@@ -493,21 +484,13 @@ impl Inner {
                             rx.spin = Duration::ZERO;
                         }
                     }
-                    Err(e) => {
-                        let why = self.broken(e.into())?;
-                        self.dispatch_link(rx, Some(why));
-                        return Ok(true);
-                    }
+                    Err(e) => return self.finish(rx, Some(e.into())),
                 }
             }
             match rx.consumer.prepare_sleep(mine, peer) {
                 Ok(true) => {}
                 Ok(false) => continue,
-                Err(e) => {
-                    let why = self.broken(e.into())?;
-                    self.dispatch_link(rx, Some(why));
-                    return Ok(true);
-                }
+                Err(e) => return self.finish(rx, Some(e.into())),
             }
             // Nothing taken stays unacknowledged while we wait.
             self.ack_everything();
@@ -526,20 +509,24 @@ impl Inner {
             // the flag anew.
             rx.consumer.wake(mine);
             if let Err(b) = self.drain_socket(rx) {
-                let why = self.broken(b)?;
-                self.dispatch_link(rx, Some(why));
-                return Ok(true);
+                return self.finish(rx, Some(b));
             }
         }
     }
 
-    /// A broken read: an i/o error goes to the caller, a violation closes
-    /// the connection (how, returned).
-    fn broken(&self, b: Broken) -> io::Result<Disconnect> {
-        match b {
-            Broken::Io(e) => Err(e),
-            Broken::Violation(why) => Ok(violation(why)),
+    /// Ends a read that has frames or trouble: the frames are dispatched
+    /// either way; then a violation closes the connection, an i/o error
+    /// goes to the caller.
+    fn finish(&self, rx: &mut LinkRx, broken: Option<Broken>) -> io::Result<bool> {
+        match broken {
+            None => self.dispatch_link(rx, None),
+            Some(Broken::Violation(why)) => self.dispatch_link(rx, Some(violation(why))),
+            Some(Broken::Io(e)) => {
+                self.dispatch_link(rx, None);
+                return Err(e);
+            }
         }
+        Ok(true)
     }
 
     /// Reads up to a batch of records into `rx.items` (markers resolved to
