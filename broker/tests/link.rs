@@ -321,3 +321,24 @@ fn packets_with_fds_but_no_markers_stay_in_the_kernel_not_in_the_broker() {
     // The bystander's socket (a link's memfds are closed once mapped).
     b.wait_fd_count(base + 1);
 }
+
+#[test]
+fn a_scribbler_holding_unacknowledged_fds_is_forgotten_when_it_hangs_up() {
+    let b = Broker::start("link-linger");
+    let base = b.baseline_fds();
+    let mut evil = RawLink::attach(&b, "evil");
+    subscribe(&mut evil, 1, "f", Overflow::Gap);
+    let mut publ = RawLink::attach(&b, "pub");
+    let fd = shmbus_proto::sys::memfd::from_bytes("p", &[1; 8]).unwrap();
+    publ.send_with_fds(&Publish { topic: "f", payload: PayloadRef::Memfd { len: 8 } }, &[fd.as_fd()]);
+    let p = evil.next_packet();
+    assert_eq!(p.fds.len(), 1, "a payload it never acknowledges");
+    // Now it scribbles: cut off, and lingering for its unacknowledged fd.
+    evil.map.my_data()[0].store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
+    evil.map.mine().tail.v.store(64, std::sync::atomic::Ordering::Release);
+    evil.raw.send_body(&shmbus_proto::frame::Doorbell, &[]);
+    expect_goodbye(&mut evil, "corrupt");
+    drop(evil);
+    // Its hang-up ends it: only the publisher's socket is left.
+    b.wait_fd_count(base + 1);
+}

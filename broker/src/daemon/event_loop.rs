@@ -724,6 +724,11 @@ impl Reactor {
             }
             let Some(link) = self.conn_link(id) else { return records };
             if link.broken {
+                // Its ring is not read any more, but its hang-up still
+                // ends it (a lingering peer waits for nothing else).
+                if link.eof {
+                    self.bus.hangup(id);
+                }
                 return records;
             }
             let mut buf = std::mem::take(&mut link.buf);
