@@ -272,3 +272,73 @@ fn clients_killed_at_random_moments_leave_nothing_behind() {
     }
     ping(&mut bystander, 100);
 }
+
+#[test]
+fn packets_with_fds_but_no_markers_stay_in_the_kernel_not_in_the_broker() {
+    let b = Broker::start("link-ahead");
+    let base = b.baseline_fds();
+    let mut evil = RawLink::attach(&b, "evil");
+    // 64 payloads of 4 fds each on the socket, and never a marker; a
+    // doorbell after each, so the broker looks.
+    let fds: Vec<_> = (0..4).map(|i| shmbus_proto::sys::memfd::from_bytes("p", &[i; 8]).unwrap()).collect();
+    let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+    for _ in 0..64 {
+        evil.raw.send_body(&Publish { topic: "x", payload: PayloadRef::Memfd { len: 8 } }, &borrowed);
+        evil.raw.send_body(&shmbus_proto::frame::Doorbell, &[]);
+    }
+    let mut bystander = RawLink::attach(&b, "bystander");
+    ping(&mut bystander, 1);
+    // Two sockets (a link's memfds are closed once mapped) and one packet
+    // read ahead: at most 4 fds more than that, never 256.
+    let held = b.fd_count();
+    assert!(held <= base + 2 + 4, "the broker holds {held} fds (baseline {base})");
+    // A marker for each: they are all taken in order (and refused or
+    // routed; here nobody listens), and the connection goes on.
+    for _ in 0..64 {
+        assert!(evil
+            .producer
+            .try_push(evil.map.peer(), evil.map.my_data(), shmbus_proto::link::RecordKind::Marker, &[])
+            .unwrap());
+    }
+    evil.publish();
+    evil.raw.send_body(&shmbus_proto::frame::Doorbell, &[]);
+    evil.send_body(&Ping { token: 2 }, &[]);
+    let mut refused = 0;
+    loop {
+        let p = evil.next_packet();
+        match p.frame() {
+            Some(BrokerFrame::OpError(_)) => refused += 1,
+            Some(BrokerFrame::Pong(p)) => {
+                assert_eq!(p.token, 2);
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(refused, 64, "each payload taken in its place, and refused (4 fds for one memfd)");
+    drop(fds);
+    drop(evil);
+    // The bystander's socket (a link's memfds are closed once mapped).
+    b.wait_fd_count(base + 1);
+}
+
+#[test]
+fn a_scribbler_holding_unacknowledged_fds_is_forgotten_when_it_hangs_up() {
+    let b = Broker::start("link-linger");
+    let base = b.baseline_fds();
+    let mut evil = RawLink::attach(&b, "evil");
+    subscribe(&mut evil, 1, "f", Overflow::Gap);
+    let mut publ = RawLink::attach(&b, "pub");
+    let fd = shmbus_proto::sys::memfd::from_bytes("p", &[1; 8]).unwrap();
+    publ.send_with_fds(&Publish { topic: "f", payload: PayloadRef::Memfd { len: 8 } }, &[fd.as_fd()]);
+    let p = evil.next_packet();
+    assert_eq!(p.fds.len(), 1, "a payload it never acknowledges");
+    // Now it scribbles: cut off, and lingering for its unacknowledged fd.
+    evil.map.my_data()[0].store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
+    evil.map.mine().tail.v.store(64, std::sync::atomic::Ordering::Release);
+    evil.raw.send_body(&shmbus_proto::frame::Doorbell, &[]);
+    expect_goodbye(&mut evil, "corrupt");
+    drop(evil);
+    // Its hang-up ends it: only the publisher's socket is left.
+    b.wait_fd_count(base + 1);
+}

@@ -121,6 +121,8 @@ struct Reactor {
     last_poll: Instant,
     poll_every: Duration,
     doorbell: Vec<u8>,
+    /// One packet at a time, for linked connections' sockets.
+    link_batch: Option<RecvBatch>,
 }
 
 impl Reactor {
@@ -162,6 +164,7 @@ impl Reactor {
             last_poll: Instant::now(),
             poll_every: link::POLL_WHILE_SPINNING,
             doorbell: encode_head(&Doorbell).expect("a doorbell encodes"),
+            link_batch: Some(RecvBatch::new(1)),
         })
     }
 
@@ -201,6 +204,14 @@ impl Reactor {
                     }
                     Token(t) if self.linked(t as PeerId) => {
                         let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
+                        if ev.is_read_closed() || ev.is_error() {
+                            // Gone: once its ring is read to the end (a
+                            // packet it sent ahead of a marker it never
+                            // wrote must not keep it).
+                            if let Some(link) = self.conn_link(t as PeerId) {
+                                link.eof = true;
+                            }
+                        }
                         self.link_socket_event(t as PeerId, readable);
                     }
                     Token(t) => {
@@ -633,19 +644,20 @@ impl Reactor {
         }
     }
 
-    /// Reads what the socket of a linked connection holds: doorbells are
-    /// dropped, packets with fds kept for their markers, a hang-up noted.
+    /// Reads what the socket of a linked connection holds, one packet at
+    /// a time: doorbells are dropped, the hang-up noted, and reading stops
+    /// at a packet with fds, kept until its marker comes up.
     fn read_link_socket(&mut self, id: PeerId) {
-        let mut batch = self.batch.take().unwrap_or_else(|| RecvBatch::new(RECV_SLOTS));
+        let mut batch = self.link_batch.take().unwrap_or_else(|| RecvBatch::new(1));
         let mut violation = None;
-        'reads: for _ in 0..READ_BUDGET {
+        for _ in 0..link::SOCKET_READS {
             let Some(conn) = self.conns.get_mut(&id) else { break };
             let Some(link) = conn.link.as_mut() else { break };
-            if link.eof {
+            if link.ahead.is_some() {
                 break;
             }
-            let n = match batch.recv(conn.fd.as_fd(), true) {
-                Ok(n) => n,
+            match batch.recv(conn.fd.as_fd(), true) {
+                Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -653,34 +665,26 @@ impl Reactor {
                     link.eof = true;
                     break;
                 }
-            };
-            for i in 0..n {
-                let (data, status, fds) = batch.packet(i);
-                if data.is_empty() && !status.truncated {
-                    // End of stream: the ring is read to its end first.
-                    link.eof = true;
-                    break 'reads;
-                }
-                if !status.truncated && !status.fds_truncated && fds.is_empty() {
-                    if matches!(decode_client(data), Ok(ClientFrame::Doorbell)) {
-                        continue;
-                    }
-                    violation = Some(
-                        "a frame without fds on the socket of a connection with a shared-memory link \
-                         (they go in the ring)",
-                    );
-                    break 'reads;
-                }
-                if let Err(why) = link.keep_ahead((data.to_vec(), status, fds)) {
-                    violation = Some(why);
-                    break 'reads;
-                }
             }
-            if n < RECV_SLOTS {
+            let (data, status, fds) = batch.packet(0);
+            if data.is_empty() && !status.truncated {
+                // End of stream: the ring is read to its end first.
+                link.eof = true;
                 break;
             }
+            if !status.truncated && !status.fds_truncated && fds.is_empty() {
+                if matches!(decode_client(data), Ok(ClientFrame::Doorbell)) {
+                    continue;
+                }
+                violation = Some(
+                    "a frame without fds on the socket of a connection with a shared-memory link \
+                     (they go in the ring)",
+                );
+                break;
+            }
+            link.ahead = Some((data.to_vec(), status, fds));
         }
-        self.batch = Some(batch);
+        self.link_batch = Some(batch);
         if let Some(why) = violation {
             self.link_broken(id, why);
         }
@@ -720,6 +724,11 @@ impl Reactor {
             }
             let Some(link) = self.conn_link(id) else { return records };
             if link.broken {
+                // Its ring is not read any more, but its hang-up still
+                // ends it (a lingering peer waits for nothing else).
+                if link.eof {
+                    self.bus.hangup(id);
+                }
                 return records;
             }
             let mut buf = std::mem::take(&mut link.buf);
@@ -739,12 +748,12 @@ impl Reactor {
                 Ok(Some(RecordKind::Marker)) => {
                     records += 1;
                     link.buf = buf;
-                    let mut packet = link.take_ahead();
+                    let mut packet = link.ahead.take();
                     if packet.is_none() {
                         // Sent before the marker was written: it is in the
                         // socket, unless the client lies.
                         self.read_link_socket(id);
-                        packet = self.conn_link(id).and_then(|l| l.take_ahead());
+                        packet = self.conn_link(id).and_then(|l| l.ahead.take());
                     }
                     match packet {
                         Some((data, status, fds)) => self.hand_over(id, &data, status, fds),
@@ -775,8 +784,7 @@ impl Reactor {
         if records > 0 {
             link.last_record = now;
         }
-        let ended =
-            link.eof && link.ahead.is_empty() && link.consumer.is_empty(link.map.peer()).unwrap_or(true);
+        let ended = link.eof && link.consumer.is_empty(link.map.peer()).unwrap_or(true);
         if ended {
             // The client left and everything it wrote before is read.
             self.hot.retain(|&h| h != id);

@@ -22,12 +22,14 @@
 //!   their place: the broker sends the packet before it writes the
 //!   marker, and checks the ring has room for the marker before it sends.
 //!   The client does the same the other way, so a marker always finds its
-//!   packet already in the socket ([`ConnLink::ahead`] holds packets read
-//!   before their marker came up).
+//!   packet already in the socket. The socket is read one packet at a
+//!   time, and never past a packet with fds whose marker has not come up
+//!   ([`ConnLink::ahead`]): a client can make the broker hold at most one
+//!   packet's fds (4) it has not asked for yet; the rest wait in the
+//!   kernel, charged to the sender.
 //! - On the socket of a linked connection a client may send only
 //!   doorbells and frames with fds; anything else is a protocol violation.
 
-use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
@@ -51,9 +53,11 @@ pub const START_SPIN: Duration = Duration::from_micros(50);
 pub const MAX_SPIN: Duration = Duration::from_micros(400);
 /// Records read from one ring per turn before the next connection's turn.
 pub const RECORDS_PER_TURN: usize = 256;
-/// Socket packets a client may have sent ahead of their markers.
-pub const MAX_AHEAD: usize = 256;
-pub const MAX_AHEAD_BYTES: usize = 1 << 20;
+/// Socket packets read from a linked connection per event, at most:
+/// doorbells come at most once per time the broker's ring went to sleep,
+/// so more is a client ringing for nothing; the rest waits for the next
+/// event or marker.
+pub const SOCKET_READS: usize = 64;
 
 /// A received packet: bytes, how it arrived, its fds.
 pub type Packet = (Vec<u8>, RecvStatus, Vec<OwnedFd>);
@@ -64,9 +68,8 @@ pub struct ConnLink {
     pub producer: Producer,
     /// Client → broker: its ring.
     pub consumer: Consumer,
-    /// Packets with fds read from the socket before their marker.
-    pub ahead: VecDeque<Packet>,
-    ahead_bytes: usize,
+    /// A packet with fds read from the socket before its marker.
+    pub ahead: Option<Packet>,
     /// The client hung up; the ring is read to its end first.
     pub eof: bool,
     /// The last time a record came (or the ring was woken).
@@ -89,8 +92,7 @@ impl ConnLink {
             map,
             producer: Producer::new(capacity),
             consumer: Consumer::new(capacity),
-            ahead: VecDeque::new(),
-            ahead_bytes: 0,
+            ahead: None,
             eof: false,
             last_record: now,
             slept_at: None,
@@ -99,22 +101,6 @@ impl ConnLink {
             broken: false,
             mute: false,
         }
-    }
-
-    /// Keeps a packet that came before its marker. `Err`: too many.
-    pub fn keep_ahead(&mut self, p: Packet) -> Result<(), &'static str> {
-        self.ahead_bytes += p.0.len();
-        self.ahead.push_back(p);
-        if self.ahead.len() > MAX_AHEAD || self.ahead_bytes > MAX_AHEAD_BYTES {
-            return Err("too many packets on the socket ahead of their markers in the shared-memory ring");
-        }
-        Ok(())
-    }
-
-    pub fn take_ahead(&mut self) -> Option<Packet> {
-        let p = self.ahead.pop_front()?;
-        self.ahead_bytes -= p.0.len();
-        Some(p)
     }
 
     /// The ring goes to sleep: from now the client rings.

@@ -531,6 +531,35 @@ mod tests {
         assert!(p.prepare_wait(&p_half, &c_half, 8).is_err());
     }
 
+    proptest::proptest! {
+        /// Whatever a hostile producer writes (words and positions), the
+        /// consumer returns records within what it copied or an error, and
+        /// never panics or reads out of bounds.
+        #[test]
+        fn a_hostile_ring_never_makes_the_consumer_panic(
+            words in proptest::collection::vec(proptest::prelude::any::<u64>(), (CAP / 8) as usize),
+            tails in proptest::collection::vec(0u64..4 * u64::from(CAP), 1..8),
+        ) {
+            let (p_half, c_half, data) = ring();
+            for (w, v) in data.iter().zip(&words) {
+                w.store(*v, Ordering::Relaxed);
+            }
+            let mut c = Consumer::new(CAP);
+            let mut out = Vec::new();
+            for t in tails {
+                p_half.tail.v.store(t, Ordering::Relaxed);
+                for _ in 0..64 {
+                    out.clear();
+                    match c.next(&p_half, &data, &mut out) {
+                        Ok(Some(_)) => proptest::prop_assert!(out.len() <= max_frame(u64::from(CAP))),
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+                c.commit(&c_half);
+            }
+        }
+    }
+
     #[test]
     fn too_large_is_refused() {
         let (_, c_half, data) = ring();
