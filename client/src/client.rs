@@ -1104,7 +1104,10 @@ fn pick_channel(i: QueryItemBody) -> Option<ChannelInfo> {
 
 impl AsFd for Client {
     /// The connection's socket: readable when frames are waiting. Poll it
-    /// in your own loop, then drain subscriptions with `try_recv`.
+    /// in your own loop, then drain subscriptions with `try_recv`. (On the
+    /// shared-memory transport frames wait in memory, not in the socket;
+    /// a `try_recv` that finds nothing tells the broker so, and the broker
+    /// then makes the socket readable when the next frame comes.)
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.inner.fd.as_fd()
     }

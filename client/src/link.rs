@@ -342,6 +342,7 @@ fn link_failed(inner: &Inner, e: LinkError) -> io::Error {
                 Some(GoodbyeCode::ProtocolViolation),
                 format!("the broker broke the shared-memory link: {e}"),
             );
+            give_up(inner.fd.as_fd());
             io::Error::new(io::ErrorKind::NotConnected, e.to_string())
         }
     }
@@ -652,11 +653,24 @@ impl Inner {
                 Item::Socket(p) => self.deliver(&mut st, &p.data, p.status, p.fds, short_of_fds),
             }
         }
+        let broken = close.as_ref().is_some_and(|d| d.code == Some(GoodbyeCode::ProtocolViolation));
         if let Some(d) = close {
             st.closed.get_or_insert(d);
         }
         self.dispatched(&mut st);
+        drop(st);
+        if broken {
+            give_up(self.fd.as_fd());
+        }
     }
+}
+
+/// The broker broke the link: we close our side (PROTOCOL §15.8), so it
+/// lets go of the connection at once. The socket stays ours (its number
+/// may be taken by a reconnection, which a broken broker never gets: a
+/// violation is not a loss to come back from).
+fn give_up(fd: BorrowedFd<'_>) {
+    let _ = rustix::net::shutdown(fd, rustix::net::Shutdown::Both);
 }
 
 /// Busy-checks the ring for up to `limit`, with no system call: whether a
@@ -798,6 +812,10 @@ pub(crate) mod tests {
                     Ok(n) => {
                         for i in 0..n {
                             let (data, _, fds) = batch.packet(i);
+                            if data.is_empty() {
+                                // End of stream: what came before it.
+                                return out;
+                            }
                             out.push((describe(data), fds.len()));
                         }
                     }
@@ -1149,6 +1167,9 @@ pub(crate) mod tests {
         let d = closed(&inner);
         assert_eq!(d.code, Some(GoodbyeCode::ProtocolViolation));
         assert!(d.reason.contains("shared-memory link"), "{}", d.reason);
+        // And our side is closed, so the broker lets go.
+        assert!(broker.socket_packets().iter().all(|(p, _)| p == "doorbell"));
+        assert!(hung_up(broker.fd.as_fd()));
 
         // A record of a kind that cannot be.
         let (inner, broker) = linked_inner(8);
