@@ -1100,6 +1100,28 @@ impl Inner {
         Some(got)
     }
 
+    /// [`Inner::read_nonblocking`] for a task about to wait on the socket
+    /// of a connection with a link (whose frames may wait in the ring while
+    /// the socket is quiet): a read that finds nothing changes nothing, and
+    /// wakes no one, the caller included (it registered its waker: a wake
+    /// now would poll it again at once, and again, for ever).
+    pub(crate) fn read_nonblocking_quietly(&self) -> Option<io::Result<bool>> {
+        let mut reader = self.reader.try_lock()?;
+        let got = self.read_once(&mut reader, Some(Duration::ZERO));
+        drop(reader);
+        if matches!(got, Ok(false)) {
+            // Every fd taken is acknowledged already (`read_link` does it
+            // before it says it sleeps).
+            return Some(got);
+        }
+        let mut st = self.state.lock();
+        self.settle_loss(&mut st);
+        self.notify_all();
+        drop(st);
+        self.send_fd_ack();
+        Some(got)
+    }
+
     /// Before a task waits for another reader: every fd taken is made due
     /// for an ack and sent (see [`Inner::ack_everything`]). Call with no
     /// lock held.

@@ -196,7 +196,7 @@ impl Waiter {
                         // raised, so the next frame makes the socket
                         // readable, and the reactor (registered just now)
                         // wakes us.
-                        match inner.read_nonblocking() {
+                        match inner.read_nonblocking_quietly() {
                             None | Some(Ok(false)) => {}
                             Some(Ok(true)) => {
                                 budget -= 1;

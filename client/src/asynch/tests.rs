@@ -308,3 +308,23 @@ async fn publish_many_on_a_link_fills_the_ring_in_order() {
     let want: Vec<String> = topics.iter().map(|t| format!("publish {t} 1")).collect();
     assert_eq!(got, want);
 }
+
+#[tokio::test]
+async fn a_task_waiting_on_a_quiet_link_sleeps() {
+    use crate::link::tests::deliver;
+    let (c, mut broker) = linked(8);
+    let sub = live_subscription(&c, "a");
+    let mut polls = 0u32;
+    let mut recv = Box::pin(sub.recv());
+    let waiting = poll_fn(|cx| {
+        polls += 1;
+        recv.as_mut().poll(cx)
+    });
+    // Nothing comes for a while: the task is polled a few times, not in a
+    // loop.
+    assert!(tokio::time::timeout(Duration::from_millis(200), waiting).await.is_err());
+    assert!(polls < 10, "polled {polls} times while nothing came");
+    broker.write(&deliver(sub.id(), 1), b"");
+    let ev = tokio::time::timeout(PATIENCE, sub.recv()).await.unwrap().unwrap();
+    assert_eq!(ev.message().map(|m| m.seq()), Some(1));
+}
