@@ -9,6 +9,13 @@
 //! single-threaded app pays no thread hop, and a multi-threaded one still
 //! has every frame delivered.
 //!
+//! Transport: a connection whose handshake set up a shared-memory link
+//! (see `link`) reads its frames from the link's ring instead of socket
+//! batches (the reader's [`LinkRx`]), and sends through [`Port`], which
+//! writes records into the link or packets into the socket; everything
+//! here (fd acks, auto-replies, generations, reconnection) is the same on
+//! both, and a reconnection puts the new link in place with the socket.
+//!
 //! Lock order: `reader` before `state`, and `send` before `state`; the
 //! reader releases `reader` before it notifies, and waiters check-then-wait
 //! under `state`, so no wake-up is lost. Sending takes only `send`, so
