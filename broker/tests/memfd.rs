@@ -281,6 +281,17 @@ fn quota_bounds_what_one_uid_keeps_in_the_broker() {
     assert_eq!(next_message(&sub).payload(), &[5; 100][..]);
 }
 
+/// A client of the fake broker below, which speaks the socket transport
+/// only (these tests are about what the client accepts from its broker,
+/// whichever way it came).
+fn socket_client(addr: &str) -> shmbus::Client {
+    shmbus::ConnectOptions::new()
+        .address(shmbus::Address::parse(addr).unwrap())
+        .shared_memory(false)
+        .connect()
+        .unwrap()
+}
+
 /// A fake broker on its own thread: welcomes one client, acknowledges its
 /// subscription (sub id 1), delivers `payloads` (an fd and the length it
 /// declares for it) with seq 1, 2, …, then waits a moment.
@@ -343,7 +354,7 @@ fn client_refuses_an_unsealed_fd_even_from_its_broker() {
     let bad = memfd::create("evil", 64).unwrap();
     let good = memfd::from_bytes("ok", b"fine").unwrap();
     let (addr, fake) = fake_broker(vec![(bad, 64), (good, 4)]);
-    let c = shmbus::Client::connect_to(&addr).unwrap();
+    let c = socket_client(&addr);
     let s = c.subscribe("x").unwrap();
     match s.recv_timeout(PATIENCE).unwrap().unwrap() {
         Event::Reconnected => panic!("unexpected reconnection"),
@@ -426,7 +437,7 @@ fn unmappable_memfds_are_refused_by_the_broker_and_the_client() {
     let mut payloads: Vec<(OwnedFd, u64)> = cases.into_iter().map(|(_, fd, len)| (fd, len)).collect();
     payloads.push((good, 4));
     let (addr, fake) = fake_broker(payloads);
-    let c = shmbus::Client::connect_to(&addr).unwrap();
+    let c = socket_client(&addr);
     let s = c.subscribe("x").unwrap();
     // Each bad delivery is a missed message, reported as gaps before the
     // good one (one gap, or one per read when they came apart).

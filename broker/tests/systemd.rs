@@ -277,7 +277,19 @@ fn watchdog_pings_arrive_from_the_loop() {
     cmd.args(["-E", "NOTIFY_SOCKET", "-E", "WATCHDOG_USEC=200000"]).env("NOTIFY_SOCKET", &notify.path);
     cmd.arg(SHMBUSD);
     let tracer = spawn_guarded(cmd);
-    let c = connect_with_retry(&addr);
+    let start_wait = Instant::now();
+    // Over the socket: the stall is injected into the broker's first
+    // memfd_create, which must be the ring's below, not a link's.
+    let c = loop {
+        let opts = shmbus::ConnectOptions::new()
+            .address(shmbus::Address::parse(&addr).unwrap())
+            .shared_memory(false);
+        match opts.connect() {
+            Ok(c) => break c,
+            Err(e) if start_wait.elapsed() > PATIENCE => panic!("cannot connect to {addr}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
     c.ping().unwrap();
     notify.expect("READY=1");
     let start = Instant::now();

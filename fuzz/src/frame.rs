@@ -84,6 +84,8 @@ fn check_client(packet: &[u8], frame: &ClientFrame<'_>) {
             check_text(b.subject);
             reencode(packet, b, &[])
         }
+        ClientFrame::Attach(b) => reencode(packet, b, &[]),
+        ClientFrame::Doorbell => reencode(packet, &shmbus_proto::frame::Doorbell, &[]),
     };
     let again = decode_client(&bytes).expect("an encoded frame decodes");
     assert_eq!(&again, frame, "round trip");
@@ -126,6 +128,8 @@ fn check_broker(packet: &[u8], frame: &BrokerFrame<'_>) {
             reencode(packet, b, payload)
         }
         BrokerFrame::Revoked(b) => reencode(packet, b, &[]),
+        BrokerFrame::Attached(b) => reencode(packet, b, &[]),
+        BrokerFrame::Doorbell => reencode(packet, &shmbus_proto::frame::Doorbell, &[]),
     };
     let again = decode_broker(&bytes).expect("an encoded frame decodes");
     assert_eq!(&again, frame, "round trip");
