@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release -p shmbus-benches -- latency [--json]
 //! cargo run --release -p shmbus-benches -- throughput [--json]
+//! cargo run --release -p shmbus-benches -- link [--json]
 //! cargo run --release -p shmbus-benches -- router [--json]
 //! cargo run --release -p shmbus-benches -- request [--json]
 //! cargo run --release -p shmbus-benches -- policy [--json]
@@ -22,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 mod async_ring;
+mod link;
 mod payload;
 mod policy;
 mod request;
@@ -88,6 +90,10 @@ fn main() {
         "__ring-pub" => return ring::helper_pub(&args[1], args[2].parse().unwrap()),
         "__router-mem" => return router::helper_mem(&args[1]),
         "__service" => return request::helper_service(&args[1]),
+        "__link-pub" => {
+            return link::helper_pub_go(&args[1], args[2].parse().unwrap(), args[3].parse().unwrap())
+        }
+        "__link-echo" => return link::helper_echo(&args[1]),
         _ => {}
     }
     let mut report = Report { json, rows: Vec::new() };
@@ -159,6 +165,7 @@ fn main() {
         "payload" => payload::payload(&mut report),
         "fanout" => payload::fanout(&mut report),
         "ring" => ring::ring(&mut report),
+        "link" => link::link(&mut report),
         "async_ring" => async_ring::async_ring(&mut report),
         "router" => router::router(&mut report),
         "request" => request::request(&mut report),
@@ -169,13 +176,14 @@ fn main() {
             payload::payload(&mut report);
             payload::fanout(&mut report);
             ring::ring(&mut report);
+            link::link(&mut report);
             router::router(&mut report);
             request::request(&mut report);
             policy::policy(&mut report);
         }
         other => {
             eprintln!(
-                "unknown scenario {other:?}; try latency, throughput, payload, fanout, ring, router, request, policy or all"
+                "unknown scenario {other:?}; try latency, throughput, payload, fanout, ring, link, router, request, policy or all"
             );
             std::process::exit(2);
         }
@@ -663,7 +671,7 @@ pub(crate) fn tp_broker(size: usize, batched: bool) -> (f64, u64) {
 }
 
 /// utime + stime of a process, in clock ticks (100 Hz).
-fn cpu_ticks(pid: u32) -> u64 {
+pub(crate) fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<u64> = after.split_whitespace().filter_map(|x| x.parse().ok()).collect();

@@ -196,7 +196,7 @@ pub(crate) fn helper_pub(addr: &str, n: u64) {
     std::thread::sleep(Duration::from_secs(1));
 }
 
-fn ring_throughput(readers: usize) -> (f64, u64) {
+pub(crate) fn ring_throughput(readers: usize) -> (f64, u64) {
     const N: u64 = 5_000_000;
     let (_broker, addr) = start_broker("ringtp");
     let c: Client = connect_retry(&addr);

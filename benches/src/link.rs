@@ -1,0 +1,309 @@
+//! `link`: brokered messages over the shared-memory transport beside the
+//! socket transport, in the same run, every peer its own process.
+//!
+//! - throughput, 16 B and 1 KiB, one `publish()` per message, a publisher
+//!   process → broker process → this subscriber: the rate at the
+//!   subscriber, what it missed (gap-reported; the bench broker's queues
+//!   are deep, so none is expected), the CPU each process spent per
+//!   message, and the system calls each made per 1,000 messages over the
+//!   whole run (`perf stat -e raw_syscalls:sys_enter` attached to the three
+//!   processes before the first message; "n/a" without perf), beside a ring
+//!   channel's 1 → 1 rate (8 B, block mode) as the ceiling;
+//! - round trip A → broker → B → broker → A at 16 B: *busy* (back to back,
+//!   within every spin window) and *idle* (2 ms of sleep between round
+//!   trips, so every side has gone to sleep and is woken by a doorbell);
+//! - the broker's CPU over 2 s with linked clients connected and idle.
+//!
+//! The transport is chosen per process: `ConnectOptions::shared_memory`
+//! here, `SHMBUS_TRANSPORT` in the helpers; each side checks it got the
+//! one asked for.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use shmbus::{Client, ConnectOptions, Event, Transport};
+use shmbus_proto::Address;
+
+use crate::{cpu_ticks, start_broker, Helper, Report, Row};
+
+const TRANSPORTS: [&str; 2] = ["socket", "shm"];
+
+fn spawn_on(args: &[&str], transport: &str) -> Helper {
+    let exe = std::env::current_exe().expect("own path");
+    let child = Command::new(exe)
+        .args(args)
+        .env("SHMBUS_TRANSPORT", transport)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn helper");
+    Helper(child)
+}
+
+fn connect_on(addr: &str, transport: &str) -> Client {
+    let start = Instant::now();
+    let c = loop {
+        let opts =
+            ConnectOptions::new().address(Address::parse(addr).unwrap()).shared_memory(transport == "shm");
+        match opts.connect() {
+            Ok(c) => break c,
+            Err(e) if start.elapsed() > Duration::from_secs(10) => panic!("cannot connect to {addr}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    };
+    let want = if transport == "shm" { Transport::SharedMemory } else { Transport::Socket };
+    assert_eq!(c.transport(), want, "the client got the transport asked for");
+    c
+}
+
+fn check_transport(c: &Client) {
+    let want = match std::env::var("SHMBUS_TRANSPORT").as_deref() {
+        Ok("socket") => Transport::Socket,
+        _ => Transport::SharedMemory,
+    };
+    assert_eq!(c.transport(), want, "the helper got the transport asked for");
+}
+
+/// Publisher helper: waits for `bench.go`, then publishes `n` messages of
+/// `size` bytes on `bench.tp`, one `publish()` each.
+pub(crate) fn helper_pub_go(addr: &str, size: usize, n: u64) {
+    let c = crate::connect_retry(addr);
+    check_transport(&c);
+    let go = c.subscribe("bench.go").unwrap();
+    c.publish("bench.ready", b"").unwrap();
+    go.recv_timeout(Duration::from_secs(30)).unwrap().expect("go");
+    let payload = vec![0xa5u8; size];
+    for _ in 0..n {
+        c.publish("bench.tp", &payload).unwrap();
+    }
+    c.flush().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+}
+
+/// Echo helper: answers each `bench.ping` on `bench.pong`.
+pub(crate) fn helper_echo(addr: &str) {
+    let c = crate::connect_retry(addr);
+    check_transport(&c);
+    let sub = c.subscribe("bench.ping").unwrap();
+    c.publish("bench.ready", b"").unwrap();
+    while let Ok(Event::Message(m)) = sub.recv() {
+        if c.publish("bench.pong", m.payload()).is_err() {
+            return;
+        }
+    }
+}
+
+/// System calls made by a process, counted by `perf` attached to it.
+struct Syscalls(Vec<Child>);
+
+impl Syscalls {
+    fn attach(pids: &[u32]) -> Option<Syscalls> {
+        let mut children = Vec::new();
+        for pid in pids {
+            let child = Command::new("perf")
+                .args(["stat", "-x,", "-e", "raw_syscalls:sys_enter", "-p", &pid.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .ok()?;
+            children.push(child);
+        }
+        // perf needs a moment to attach before it counts.
+        std::thread::sleep(Duration::from_millis(500));
+        Some(Syscalls(children))
+    }
+
+    fn stop(self) -> Vec<Option<u64>> {
+        use std::io::Read;
+        self.0
+            .into_iter()
+            .map(|mut c| {
+                let pid = rustix::process::Pid::from_raw(c.id() as i32)?;
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
+                let mut err = String::new();
+                c.stderr.take()?.read_to_string(&mut err).ok()?;
+                let _ = c.wait();
+                err.lines()
+                    .find(|l| l.contains("raw_syscalls:sys_enter"))?
+                    .split(',')
+                    .next()?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    }
+}
+
+struct Tp {
+    rate: f64,
+    missed: u64,
+    /// System calls per 1,000 messages: broker, publisher, subscriber.
+    syscalls: Vec<Option<f64>>,
+    /// CPU µs per message: broker, publisher, subscriber.
+    cpu: [f64; 3],
+}
+
+fn tp(size: usize, transport: &str) -> Tp {
+    let n: u64 = if size <= 64 { 4_000_000 } else { 1_000_000 };
+    let (broker, addr) = start_broker("linktp");
+    let c = connect_on(&addr, transport);
+    let s = c.subscribe("bench.tp").unwrap();
+    let ready = c.subscribe("bench.ready").unwrap();
+    let publisher = spawn_on(&["__link-pub", &addr, &size.to_string(), &n.to_string()], transport);
+    ready.recv_timeout(Duration::from_secs(20)).unwrap().expect("publisher ready");
+    let pids = [broker.0.id(), publisher.0.id(), std::process::id()];
+    let perf = Syscalls::attach(&pids);
+    let cpu0 = pids.map(cpu_ticks);
+    c.publish("bench.go", b"").unwrap();
+    let (mut got, mut missed) = (0u64, 0u64);
+    let mut start = None;
+    while got + missed < n {
+        match s.recv_timeout(Duration::from_secs(60)).unwrap().expect("stream stalled") {
+            Event::Message(_) => got += 1,
+            Event::Gap { missed: m } => missed += m,
+            Event::Reconnected => panic!("the broker restarted mid-bench"),
+        }
+        start.get_or_insert_with(Instant::now);
+    }
+    let rate = got.saturating_sub(1) as f64 / start.unwrap().elapsed().as_secs_f64();
+    let cpu1 = pids.map(cpu_ticks);
+    let syscalls = match perf {
+        Some(p) => p.stop().into_iter().map(|c| c.map(|c| c as f64 * 1000.0 / n as f64)).collect(),
+        None => vec![None; 3],
+    };
+    let cpu = [0, 1, 2].map(|i| (cpu1[i] - cpu0[i]) as f64 * 10_000.0 / n as f64);
+    Tp { rate, missed, syscalls, cpu }
+}
+
+fn median3_tp(mut f: impl FnMut() -> Tp) -> Tp {
+    let mut runs = [f(), f(), f()];
+    runs.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+    let [_, mid, _] = runs;
+    mid
+}
+
+fn rtt(transport: &str, idle: bool) -> (u64, u64) {
+    let (_broker, addr) = start_broker("linkrtt");
+    let c = connect_on(&addr, transport);
+    let ready = c.subscribe("bench.ready").unwrap();
+    let pong = c.subscribe("bench.pong").unwrap();
+    let _echo = spawn_on(&["__link-echo", &addr], transport);
+    ready.recv_timeout(Duration::from_secs(10)).unwrap().expect("echo ready");
+    let msg = [1u8; 16];
+    let (warmup, iters) = if idle { (100, 2_000) } else { (2_000, 50_000) };
+    // The idle case times each round trip after a sleep that lets every
+    // side go to sleep.
+    if !idle {
+        return crate::timed(warmup, iters, || {
+            c.publish("bench.ping", &msg).unwrap();
+            let _ = pong.recv().unwrap();
+        });
+    }
+    let mut v = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        std::thread::sleep(Duration::from_millis(2));
+        let t = Instant::now();
+        c.publish("bench.ping", &msg).unwrap();
+        let _ = pong.recv().unwrap();
+        v.push(t.elapsed().as_nanos() as u64);
+    }
+    crate::percentiles(v)
+}
+
+/// Broker CPU (clock ticks of 10 ms) and system calls over 2 s with four
+/// linked clients connected, subscribed and quiet.
+fn idle_broker() -> (u64, Option<u64>) {
+    let (broker, addr) = start_broker("linkidle");
+    let clients: Vec<Client> = (0..4).map(|_| connect_on(&addr, "shm")).collect();
+    let subs: Vec<_> = clients.iter().map(|c| c.subscribe("bench.idle").unwrap()).collect();
+    for c in &clients {
+        c.ping().unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let perf = Syscalls::attach(&[broker.0.id()]);
+    let t0 = cpu_ticks(broker.0.id());
+    std::thread::sleep(Duration::from_secs(2));
+    let ticks = cpu_ticks(broker.0.id()) - t0;
+    let calls = perf.and_then(|p| p.stop().into_iter().next().flatten());
+    drop(subs);
+    (ticks, calls)
+}
+
+pub(crate) fn link(report: &mut Report) {
+    let ceiling = crate::ring::ring_throughput(1);
+    report.push(Row {
+        scenario: "link",
+        path: "ring_channel_1to1".into(),
+        size: 8,
+        subscribers: Some(1),
+        p50_ns: None,
+        p99_ns: None,
+        msgs_per_s: Some(ceiling.0),
+        floor: "ring_channel_1to1".into(),
+        ratio_to_floor: 1.0,
+        note: format!("the ceiling: no broker on the path; block mode, {} missed", ceiling.1),
+    });
+    for size in [16usize, 1024] {
+        for transport in TRANSPORTS {
+            let r = median3_tp(|| tp(size, transport));
+            let calls = |x: Option<f64>| x.map_or("n/a".to_string(), |x| format!("{x:.2}"));
+            report.push(Row {
+                scenario: "link",
+                path: format!("tp_{transport}"),
+                size,
+                subscribers: Some(1),
+                p50_ns: None,
+                p99_ns: None,
+                msgs_per_s: Some(r.rate),
+                floor: "ring_channel_1to1".into(),
+                ratio_to_floor: ceiling.0 / r.rate,
+                note: format!(
+                    "median of 3; {} missed; syscalls/1000 msgs broker {} pub {} sub {}; cpu µs/msg broker {:.2} pub {:.2} sub {:.2}",
+                    r.missed,
+                    calls(r.syscalls[0]),
+                    calls(r.syscalls[1]),
+                    calls(r.syscalls[2]),
+                    r.cpu[0],
+                    r.cpu[1],
+                    r.cpu[2]
+                ),
+            });
+        }
+    }
+    for idle in [false, true] {
+        let socket = rtt("socket", idle);
+        let shm = rtt("shm", idle);
+        let case = if idle { "idle" } else { "busy" };
+        for (transport, r) in [("socket", socket), ("shm", shm)] {
+            let mut row = Row::timed(
+                "link",
+                &format!("rtt_{case}_{transport}"),
+                16,
+                None,
+                r,
+                (&format!("rtt_{case}_socket"), socket.0),
+            );
+            row.note = if idle { "2 ms asleep before each round trip".into() } else { "back to back".into() };
+            report.push(row);
+        }
+    }
+    let (ticks, calls) = idle_broker();
+    report.push(Row {
+        scenario: "link",
+        path: "idle_broker".into(),
+        size: 0,
+        subscribers: Some(4),
+        p50_ns: None,
+        p99_ns: None,
+        msgs_per_s: None,
+        floor: "-".into(),
+        ratio_to_floor: 0.0,
+        note: format!(
+            "broker CPU over 2 s with 4 quiet linked clients: {} ms; system calls: {}",
+            ticks * 10,
+            calls.map_or("n/a".into(), |c| c.to_string())
+        ),
+    });
+}
