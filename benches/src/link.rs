@@ -12,6 +12,7 @@
 //! - round trip A → broker → B → broker → A at 16 B: *busy* (back to back,
 //!   within every spin window) and *idle* (2 ms of sleep between round
 //!   trips, so every side has gone to sleep and is woken by a doorbell);
+//! - round trip A → broker → A at 16 B, back to back (two processes);
 //! - the broker's CPU over 2 s with linked clients connected and idle.
 //!
 //! The transport is chosen per process: `ConnectOptions::shared_memory`
@@ -24,7 +25,19 @@ use std::time::{Duration, Instant};
 use shmbus::{Client, ConnectOptions, Event, Transport};
 use shmbus_proto::Address;
 
-use crate::{cpu_ticks, start_broker, Helper, Report, Row};
+use crate::{start_broker, Helper, Report, Row};
+
+/// CPU time a process's threads have run, in ns (the scheduler's own
+/// count, `/proc/<pid>/task/*/schedstat`: exact, where `stat`'s ticks are
+/// sampled and miss a process that spins without entering the kernel).
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
 
 const TRANSPORTS: [&str; 2] = ["socket", "shm"];
 
@@ -100,8 +113,19 @@ impl Syscalls {
     fn attach(pids: &[u32]) -> Option<Syscalls> {
         let mut children = Vec::new();
         for pid in pids {
+            // SHMBUS_BENCH_SYSCALLS=1: count each system call apart too
+            // (printed to stderr), to see which ones a path makes.
+            let events = if std::env::var_os("SHMBUS_BENCH_SYSCALLS").is_some() {
+                "raw_syscalls:sys_enter,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_futex,\
+                 syscalls:sys_enter_sendmsg,syscalls:sys_enter_recvmsg,syscalls:sys_enter_recvmmsg,\
+                 syscalls:sys_enter_sendmmsg,syscalls:sys_enter_ppoll,syscalls:sys_enter_poll,\
+                 syscalls:sys_enter_sched_yield,syscalls:sys_enter_nanosleep,syscalls:sys_enter_clock_nanosleep,\
+                 syscalls:sys_enter_read,syscalls:sys_enter_write,syscalls:sys_enter_mmap,syscalls:sys_enter_munmap"
+            } else {
+                "raw_syscalls:sys_enter"
+            };
             let child = Command::new("perf")
-                .args(["stat", "-x,", "-e", "raw_syscalls:sys_enter", "-p", &pid.to_string()])
+                .args(["stat", "-x,", "-e", events, "-p", &pid.to_string()])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
@@ -124,13 +148,15 @@ impl Syscalls {
                 let mut err = String::new();
                 c.stderr.take()?.read_to_string(&mut err).ok()?;
                 let _ = c.wait();
-                err.lines()
-                    .find(|l| l.contains("raw_syscalls:sys_enter"))?
-                    .split(',')
-                    .next()?
-                    .trim()
-                    .parse()
-                    .ok()
+                if std::env::var_os("SHMBUS_BENCH_SYSCALLS").is_some() {
+                    eprintln!("perf for one process:\n{err}");
+                }
+                let line = err.lines().find(|l| l.contains("raw_syscalls:sys_enter"))?;
+                if line.contains("<not counted>") {
+                    // The process never ran while perf watched.
+                    return Some(0);
+                }
+                line.split(',').next()?.trim().parse().ok()
             })
             .collect()
     }
@@ -155,7 +181,7 @@ fn tp(size: usize, transport: &str) -> Tp {
     ready.recv_timeout(Duration::from_secs(20)).unwrap().expect("publisher ready");
     let pids = [broker.0.id(), publisher.0.id(), std::process::id()];
     let perf = Syscalls::attach(&pids);
-    let cpu0 = pids.map(cpu_ticks);
+    let cpu0 = pids.map(cpu_ns);
     c.publish("bench.go", b"").unwrap();
     let (mut got, mut missed) = (0u64, 0u64);
     let mut start = None;
@@ -168,12 +194,12 @@ fn tp(size: usize, transport: &str) -> Tp {
         start.get_or_insert_with(Instant::now);
     }
     let rate = got.saturating_sub(1) as f64 / start.unwrap().elapsed().as_secs_f64();
-    let cpu1 = pids.map(cpu_ticks);
+    let cpu1 = pids.map(cpu_ns);
     let syscalls = match perf {
         Some(p) => p.stop().into_iter().map(|c| c.map(|c| c as f64 * 1000.0 / n as f64)).collect(),
         None => vec![None; 3],
     };
-    let cpu = [0, 1, 2].map(|i| (cpu1[i] - cpu0[i]) as f64 * 10_000.0 / n as f64);
+    let cpu = [0, 1, 2].map(|i| (cpu1[i] - cpu0[i]) as f64 / 1000.0 / n as f64);
     Tp { rate, missed, syscalls, cpu }
 }
 
@@ -212,9 +238,24 @@ fn rtt(transport: &str, idle: bool) -> (u64, u64) {
     crate::percentiles(v)
 }
 
-/// Broker CPU (clock ticks of 10 ms) and system calls over 2 s with four
+/// Round trip A → broker → A, back to back: two processes, so on two
+/// CPUs each side can spin on its own (the busy round trip between three
+/// processes cannot: one of them is always waiting for a CPU).
+fn rtt_self(transport: &str) -> (u64, u64) {
+    let (_broker, addr) = start_broker("linkself");
+    let c = connect_on(&addr, transport);
+    let s = c.subscribe("bench.self").unwrap();
+    let msg = [1u8; 16];
+    crate::timed(2_000, 50_000, || {
+        c.publish("bench.self", &msg).unwrap();
+        let _ = s.recv().unwrap();
+    })
+}
+
+/// Broker CPU (µs) and system calls over 2 s with four
 /// linked clients connected, subscribed and quiet.
 fn idle_broker() -> (u64, Option<u64>) {
+    // Returns CPU µs.
     let (broker, addr) = start_broker("linkidle");
     let clients: Vec<Client> = (0..4).map(|_| connect_on(&addr, "shm")).collect();
     let subs: Vec<_> = clients.iter().map(|c| c.subscribe("bench.idle").unwrap()).collect();
@@ -223,12 +264,32 @@ fn idle_broker() -> (u64, Option<u64>) {
     }
     std::thread::sleep(Duration::from_millis(200));
     let perf = Syscalls::attach(&[broker.0.id()]);
-    let t0 = cpu_ticks(broker.0.id());
+    let t0 = cpu_ns(broker.0.id());
     std::thread::sleep(Duration::from_secs(2));
-    let ticks = cpu_ticks(broker.0.id()) - t0;
+    let ns = cpu_ns(broker.0.id()) - t0;
     let calls = perf.and_then(|p| p.stop().into_iter().next().flatten());
     drop(subs);
-    (ticks, calls)
+    (ns / 1000, calls)
+}
+
+/// Diagnostic: one throughput run over the link at `size`, printed.
+pub(crate) fn diag_tp(size: usize, transport: &str) {
+    let r = tp(size, transport);
+    println!(
+        "{transport} {size} B: {:.0} msgs/s, {} missed, syscalls/1000 {:?}, cpu µs/msg {:?}",
+        r.rate, r.missed, r.syscalls, r.cpu
+    );
+}
+
+/// Diagnostic: one round-trip run, printed.
+pub(crate) fn diag_rtt(idle: bool, transport: &str) {
+    let (p50, p99) = rtt(transport, idle);
+    println!(
+        "{transport} {}: p50 {:.2} µs, p99 {:.2} µs",
+        if idle { "idle" } else { "busy" },
+        p50 as f64 / 1e3,
+        p99 as f64 / 1e3
+    );
 }
 
 pub(crate) fn link(report: &mut Report) {
@@ -289,7 +350,21 @@ pub(crate) fn link(report: &mut Report) {
             report.push(row);
         }
     }
-    let (ticks, calls) = idle_broker();
+    let self_socket = rtt_self("socket");
+    let self_shm = rtt_self("shm");
+    for (transport, r) in [("socket", self_socket), ("shm", self_shm)] {
+        let mut row = Row::timed(
+            "link",
+            &format!("rtt_self_{transport}"),
+            16,
+            None,
+            r,
+            ("rtt_self_socket", self_socket.0),
+        );
+        row.note = "A → broker → A, back to back: two processes".into();
+        report.push(row);
+    }
+    let (cpu_us, calls) = idle_broker();
     report.push(Row {
         scenario: "link",
         path: "idle_broker".into(),
@@ -301,8 +376,8 @@ pub(crate) fn link(report: &mut Report) {
         floor: "-".into(),
         ratio_to_floor: 0.0,
         note: format!(
-            "broker CPU over 2 s with 4 quiet linked clients: {} ms; system calls: {}",
-            ticks * 10,
+            "broker CPU over 2 s with 4 quiet linked clients: {} µs; system calls: {}",
+            cpu_us,
             calls.map_or("n/a".into(), |c| c.to_string())
         ),
     });

@@ -166,6 +166,16 @@ fn main() {
         "fanout" => payload::fanout(&mut report),
         "ring" => ring::ring(&mut report),
         "link" => link::link(&mut report),
+        "diag-link-rtt" => {
+            let idle = args.get(1).is_some_and(|a| a == "idle");
+            let transport = args.get(2).map_or("shm", String::as_str);
+            return link::diag_rtt(idle, transport);
+        }
+        "diag-link-tp" => {
+            let size = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(16);
+            let transport = args.get(2).map_or("shm", String::as_str);
+            return link::diag_tp(size, transport);
+        }
         "async_ring" => async_ring::async_ring(&mut report),
         "router" => router::router(&mut report),
         "request" => request::request(&mut report),
@@ -368,6 +378,10 @@ fn helper_broker(addr: &str) {
     cfg.bus.queue.frames = 1 << 20;
     cfg.bus.queue.bytes = 1 << 30;
     cfg.bus.uid_limits.set(shmbus_broker::bus::quota::Resource::QueuedBytes, 1 << 31);
+    // Diagnostic: SHMBUS_BENCH_LINK_CAPACITY sets the links' size.
+    if let Some(c) = std::env::var("SHMBUS_BENCH_LINK_CAPACITY").ok().and_then(|c| c.parse().ok()) {
+        cfg.bus.link_capacity = Some(c);
+    }
     shmbus_broker::daemon::run(cfg).unwrap();
 }
 

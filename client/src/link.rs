@@ -99,6 +99,15 @@ const SOCKET_SLOTS: usize = 4;
 const SPIN_START: Duration = Duration::from_micros(20);
 const SPIN_MAX: Duration = Duration::from_micros(100);
 const SPIN_STEP: Duration = Duration::from_micros(2);
+/// Within this of the last records, a reader that found the ring empty
+/// after its spin naps for [`NAP`] (one timed wait, its flag down, so the
+/// broker rings no doorbell) before it sleeps for real: under sustained
+/// load a pause costs the reader one system call and the broker none,
+/// where a sleep costs the reader two and the broker one.
+const STREAM: Duration = Duration::from_millis(1);
+const NAP: Duration = Duration::from_micros(200);
+/// Records one read must have found for the reader to call it a stream.
+const STREAM_BATCH: usize = 16;
 /// A sender's spin on a full ring before it sleeps on the futex.
 const ROOM_SPIN: Duration = Duration::from_micros(5);
 /// A sender waiting for room looks at the connection this often.
@@ -239,7 +248,8 @@ impl LinkTx {
                 // The broker makes room only for what it can see.
                 self.publish_and_ring(fd);
                 if !wait {
-                    connection_ended(fd, inner)?;
+                    self.check_alive(fd)?;
+                    connection_ended(inner)?;
                     return Ok(Err(Full::Ring));
                 }
                 self.wait_room(fd, inner, len)?;
@@ -303,7 +313,10 @@ impl LinkTx {
                 std::hint::spin_loop();
                 continue;
             }
-            connection_ended(fd, inner)?;
+            // At most every ALIVE_CHECK: a system call before each sleep
+            // would cost one per half ring under sustained load.
+            self.check_alive(fd)?;
+            connection_ended(inner)?;
             let (mine, peer) = (self.map.mine(), self.map.peer());
             // Acquire: pairs with the broker's bump of `room` after it gave
             // room back; only the futex's expected value: the room itself
@@ -318,12 +331,10 @@ impl LinkTx {
     }
 }
 
-/// Whether a sender should stop waiting for room: the broker hung up, or
-/// the connection was closed or lost (by the reader, say).
-fn connection_ended(fd: BorrowedFd<'_>, inner: &Inner) -> io::Result<()> {
-    if hung_up(fd) {
-        return Err(io::Error::from(io::ErrorKind::BrokenPipe));
-    }
+/// Whether a sender should stop waiting for room: the connection was
+/// closed or lost (by the reader, say). (Whether the broker hung up is
+/// [`LinkTx::check_alive`]'s.)
+fn connection_ended(inner: &Inner) -> io::Result<()> {
     let st = inner.state.lock();
     if st.closed.is_some() || st.lost.is_some() {
         return Err(io::Error::new(io::ErrorKind::NotConnected, "the connection to the broker ended"));
@@ -392,6 +403,13 @@ pub(crate) struct LinkRx {
     buf: Vec<u8>,
     items: Vec<Item>,
     spin: Duration,
+    /// When records last came: within [`STREAM`] of it, an empty ring is
+    /// a pause in a stream, and the reader naps instead of sleeping.
+    last_data: Instant,
+    /// Records the last read took: a nap is for a stream (a read that
+    /// found many), never for a request and its answer, which a nap would
+    /// only delay.
+    last_batch: usize,
     /// The socket said EOF (or was reset more than once).
     eof: bool,
     resets: u32,
@@ -410,6 +428,8 @@ impl LinkRx {
             buf: Vec::new(),
             items: Vec::new(),
             spin: SPIN_START,
+            last_data: Instant::now(),
+            last_batch: 0,
             eof: false,
             resets: 0,
             gone,
@@ -440,10 +460,12 @@ impl Inner {
         let deadline = timeout.and_then(|t| start.checked_add(t));
         let nonblocking = timeout == Some(Duration::ZERO);
         let mut slept: Option<Instant> = None;
-        let (mut drained, mut spun) = (false, false);
+        let (mut drained, mut spun, mut napped) = (false, false, false);
         loop {
             let broken = self.take_records(rx);
             if !rx.items.is_empty() || broken.is_some() {
+                rx.last_data = Instant::now();
+                rx.last_batch = rx.items.len();
                 if !rx.items.is_empty() && slept.is_some_and(|at| at.elapsed() < SPIN_MAX) {
                     // A longer spin would have caught it.
                     rx.spin = (rx.spin * 2).clamp(SPIN_STEP, SPIN_MAX);
@@ -486,6 +508,21 @@ impl Inner {
                         }
                     }
                     Err(e) => return self.finish(rx, Some(e.into())),
+                }
+            }
+            if !nonblocking && !napped && rx.last_batch >= STREAM_BATCH && rx.last_data.elapsed() < STREAM {
+                // A pause in a stream: a timed nap, no doorbell asked for.
+                napped = true;
+                let left = deadline.map_or(NAP, |d| d.saturating_duration_since(Instant::now()).min(NAP));
+                if !left.is_zero() {
+                    // Nothing taken stays unacknowledged while we wait.
+                    self.ack_everything();
+                    if socket::wait_readable(self.fd.as_fd(), Some(left))? {
+                        if let Err(b) = self.drain_socket(rx) {
+                            return self.finish(rx, Some(b));
+                        }
+                    }
+                    continue;
                 }
             }
             match rx.consumer.prepare_sleep(mine, peer) {

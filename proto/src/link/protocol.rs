@@ -386,7 +386,16 @@ impl Consumer {
         fence(Ordering::SeqCst);
         // Relaxed: ordered by the fence.
         let s = peer.producer_wait.v.load(Ordering::Relaxed);
-        if s & 1 == 1 && s != self.rung && self.tail_seen - self.committed <= self.capacity / 2 {
+        if s & 1 == 0 || s == self.rung {
+            return false;
+        }
+        // How full the ring is now: the `tail` we saw last may be long
+        // stale (it is loaded only when we catch up with it), and a
+        // producer woken to a ring that is still nearly full would wait
+        // again at once. Relaxed: only a measure; a value that moved back
+        // is as good as the last one seen (`next` reports the lie).
+        let tail = peer.tail.v.load(Ordering::Relaxed).max(self.tail_seen);
+        if tail.saturating_sub(self.committed) <= self.capacity / 2 {
             self.rung = s;
             return true;
         }
@@ -479,6 +488,30 @@ mod tests {
         assert_eq!(rings, 1);
         assert!(!p.prepare_wait(&p_half, &c_half, 20).unwrap());
         assert!(p.try_push(&c_half, &data, RecordKind::Frame, &[b"x"]).unwrap());
+    }
+
+    #[test]
+    fn room_is_rung_for_by_how_full_the_ring_is_now_not_when_last_looked() {
+        let (p_half, c_half, data) = ring();
+        let (mut p, mut c) = (Producer::new(CAP), Consumer::new(CAP));
+        let mut out = Vec::new();
+        let fill = |p: &mut Producer| {
+            while p.try_push(&c_half, &data, RecordKind::Frame, &[&[1u8; 20]]).unwrap() {}
+            p.publish(&p_half);
+        };
+        fill(&mut p);
+        while c.next(&p_half, &data, &mut out).unwrap().is_some() {}
+        c.commit(&c_half);
+        // The reader is caught up with the tail it saw; the writer fills
+        // the ring again behind its back and waits for room.
+        fill(&mut p);
+        assert!(p.prepare_wait(&p_half, &c_half, 20).unwrap());
+        assert!(!c.must_ring_room(&p_half), "the ring is full: waking the writer now wakes it for nothing");
+        for _ in 0..4 {
+            assert!(c.next(&p_half, &data, &mut out).unwrap().is_some());
+        }
+        c.commit(&c_half);
+        assert!(c.must_ring_room(&p_half), "read down to half");
     }
 
     #[test]
