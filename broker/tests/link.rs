@@ -342,3 +342,59 @@ fn a_scribbler_holding_unacknowledged_fds_is_forgotten_when_it_hangs_up() {
     // Its hang-up ends it: only the publisher's socket is left.
     b.wait_fd_count(base + 1);
 }
+
+#[test]
+fn a_broker_killed_at_random_moments_of_a_busy_linked_stream_hangs_no_client() {
+    use shmbus::{Event, Transport};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let mut b = Broker::start("link-broker-kill");
+    // The run over the socket alone (SHMBUS_TRANSPORT=socket) checks that
+    // path the same way.
+    let want = match std::env::var("SHMBUS_TRANSPORT").as_deref() {
+        Ok("socket") => Transport::Socket,
+        _ => Transport::SharedMemory,
+    };
+    let subscriber = b.client();
+    let publisher = b.client();
+    assert_eq!(publisher.transport(), want);
+    let sub = subscriber.subscribe("k").unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    // Publishes as fast as it can; every publish returns (delivered, or an
+    // error while the broker is away): a hang fails the join below.
+    let pump = {
+        let (stop, sent) = (stop.clone(), sent.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if publisher.publish("k", b"x").is_ok() {
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            publisher
+        })
+    };
+    let mut seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    for round in 0..4 {
+        seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        std::thread::sleep(Duration::from_millis(20 + u64::from(seed % 60)));
+        b.restart(rustix::process::Signal::KILL);
+        // The subscriber hears of it, then messages flow again.
+        let deadline = std::time::Instant::now() + PATIENCE;
+        let (mut reconnected, mut after) = (false, 0);
+        while after < 10 {
+            assert!(std::time::Instant::now() < deadline, "round {round}: the stream never came back");
+            match sub.recv_timeout(Duration::from_millis(200)).unwrap() {
+                Some(Event::Reconnected) => reconnected = true,
+                Some(Event::Message(_)) if reconnected => after += 1,
+                _ => {}
+            }
+        }
+        assert_eq!(subscriber.transport(), want, "the same transport after the restart");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let publisher = bounded("the publisher stops", move || pump.join().unwrap());
+    assert_eq!(publisher.transport(), want);
+    assert!(sent.load(Ordering::Relaxed) > 0);
+    publisher.ping().unwrap();
+}
