@@ -281,6 +281,24 @@ pub(crate) fn diag_tp(size: usize, transport: &str) {
     );
 }
 
+/// The broker's CPU while one linked client publishes a message every
+/// `every` for 2 s (nobody subscribed): what a trickle costs it.
+pub(crate) fn trickle_cpu(every: Duration) -> (f64, u64) {
+    let (broker, addr) = start_broker("linktrickle");
+    let c = connect_on(&addr, "shm");
+    c.ping().unwrap();
+    let t0 = cpu_ns(broker.0.id());
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < Duration::from_secs(2) {
+        c.publish("bench.trickle", b"x").unwrap();
+        n += 1;
+        std::thread::sleep(every);
+    }
+    let used = cpu_ns(broker.0.id()) - t0;
+    (used as f64 / start.elapsed().as_nanos() as f64, n)
+}
+
 /// Diagnostic: one round-trip run, printed.
 pub(crate) fn diag_rtt(idle: bool, transport: &str) {
     let (p50, p99) = rtt(transport, idle);

@@ -171,6 +171,13 @@ fn main() {
             let transport = args.get(2).map_or("shm", String::as_str);
             return link::diag_rtt(idle, transport);
         }
+        "diag-link-trickle" => {
+            for us in [20u64, 100, 300, 1000] {
+                let (share, n) = link::trickle_cpu(Duration::from_micros(us));
+                println!("a message every {us} µs ({n} sent): broker CPU {:.1}%", share * 100.0);
+            }
+            return;
+        }
         "diag-link-tp" => {
             let size = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(16);
             let transport = args.get(2).map_or("shm", String::as_str);

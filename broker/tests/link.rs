@@ -398,3 +398,26 @@ fn a_broker_killed_at_random_moments_of_a_busy_linked_stream_hangs_no_client() {
     assert!(sent.load(Ordering::Relaxed) > 0);
     publisher.ping().unwrap();
 }
+
+#[test]
+fn a_client_that_trickles_records_does_not_keep_the_broker_spinning() {
+    const GAP_US: u64 = 120;
+    // A record, then 120 µs of sleep (about 200 µs apart, with the
+    // sleep's slack): too far apart for spinning to pay. The broker used
+    // to stay hot for it, 98% of a CPU; its ring must sleep between
+    // records instead, woken by doorbells.
+    let b = Broker::start("link-trickle");
+    let mut l = RawLink::attach(&b, "trickle");
+    ping(&mut l, 0);
+    let (t0, start) = (b.cpu_ns(), std::time::Instant::now());
+    let mut sent = 0;
+    while start.elapsed() < Duration::from_secs(1) {
+        l.send_body(&Publish { topic: "t", payload: PayloadRef::Inline }, b"x");
+        sent += 1;
+        std::thread::sleep(Duration::from_micros(GAP_US));
+    }
+    let share = (b.cpu_ns() - t0) as f64 / start.elapsed().as_nanos() as f64;
+    eprintln!("{sent} records: broker CPU {:.1}%", share * 100.0);
+    assert!(share < 0.5, "a trickle of {sent} records kept the broker {:.0}% busy", share * 100.0);
+    ping(&mut l, 1);
+}

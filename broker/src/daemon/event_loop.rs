@@ -782,7 +782,7 @@ impl Reactor {
             let _ = futex::wake_all(room);
         }
         if records > 0 {
-            link.last_record = now;
+            link.records_at(now);
         }
         let ended = link.eof && link.consumer.is_empty(link.map.peer()).unwrap_or(true);
         if ended {
@@ -806,7 +806,7 @@ impl Reactor {
                 None => false,
                 Some(link) if link.broken => false,
                 Some(_) if got > 0 => true,
-                Some(link) if now.saturating_duration_since(link.last_record) < link.spin => true,
+                Some(link) if now.saturating_duration_since(link.active_at) < link.window() => true,
                 Some(link) => match link.consumer.prepare_sleep(link.map.mine(), link.map.peer()) {
                     Ok(true) => {
                         link.slept(now);

@@ -51,6 +51,12 @@ pub const POLL_AFTER_EVENTS: Duration = Duration::from_micros(50);
 pub const MIN_SPIN: Duration = Duration::from_micros(10);
 pub const START_SPIN: Duration = Duration::from_micros(50);
 pub const MAX_SPIN: Duration = Duration::from_micros(400);
+/// Spinning pays only for a dense stream: when records come further apart
+/// than this on average (a sleep and a doorbell cost about this much), the
+/// ring sleeps as soon as it is empty. Without this rule a client that
+/// trickles one record per few hundred µs would keep the broker spinning
+/// on a whole CPU for it.
+pub const DENSE_GAP: Duration = Duration::from_micros(100);
 /// Records read from one ring per turn before the next connection's turn.
 pub const RECORDS_PER_TURN: usize = 256;
 /// Socket packets read from a linked connection per event, at most:
@@ -72,11 +78,17 @@ pub struct ConnLink {
     pub ahead: Option<Packet>,
     /// The client hung up; the ring is read to its end first.
     pub eof: bool,
-    /// The last time a record came (or the ring was woken).
+    /// The last time a turn found records.
     pub last_record: Instant,
+    /// The last time records came or the ring was woken: its spin window
+    /// runs from here.
+    pub active_at: Instant,
     /// When the ring was put to sleep; `None` while hot.
     pub slept_at: Option<Instant>,
     pub spin: Duration,
+    /// Average time between the turns that found records (a moving
+    /// average, 1/8 per turn).
+    pub gap: Duration,
     /// Reused for each record copied out.
     pub buf: Vec<u8>,
     /// The client broke the link's rules: its ring is never read again.
@@ -95,11 +107,32 @@ impl ConnLink {
             ahead: None,
             eof: false,
             last_record: now,
+            active_at: now,
             slept_at: None,
             spin: START_SPIN,
+            gap: Duration::ZERO,
             buf: Vec::with_capacity(256),
             broken: false,
             mute: false,
+        }
+    }
+
+    /// A turn found records: the average gap moves toward the time since
+    /// the last one.
+    pub fn records_at(&mut self, now: Instant) {
+        let gap = now.saturating_duration_since(self.last_record);
+        self.gap = (self.gap * 7 + gap) / 8;
+        self.last_record = now;
+        self.active_at = now;
+    }
+
+    /// How long an empty ring stays hot: its adaptive window for a dense
+    /// stream, the least for a sparse one.
+    pub fn window(&self) -> Duration {
+        if self.gap > DENSE_GAP {
+            MIN_SPIN
+        } else {
+            self.spin
         }
     }
 
@@ -119,6 +152,6 @@ impl ConnLink {
                 (self.spin / 2).max(MIN_SPIN)
             };
         }
-        self.last_record = now;
+        self.active_at = now;
     }
 }

@@ -199,6 +199,14 @@ impl Broker {
         f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
     }
 
+    /// CPU time the broker has run, in ns: the scheduler's own count
+    /// (`schedstat`), exact even for a loop that never enters the kernel,
+    /// which `stat`'s sampled ticks may miss.
+    pub fn cpu_ns(&self) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/schedstat", self.pid())).unwrap();
+        s.split_whitespace().next().unwrap().parse().unwrap()
+    }
+
     fn wait_ready(&mut self) {
         let start = Instant::now();
         loop {
