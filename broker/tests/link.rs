@@ -421,3 +421,41 @@ fn a_client_that_trickles_records_does_not_keep_the_broker_spinning() {
     assert!(share < 0.5, "a trickle of {sent} records kept the broker {:.0}% busy", share * 100.0);
     ping(&mut l, 1);
 }
+
+// ------------------------------------------------------------ attacks --
+
+/// A client raising a fresh `producer_wait` value at every moment, while
+/// keeping its ring hot with cheap records (doorbells in the ring, which
+/// the broker ignores), must not make the broker bump `room` and
+/// `FUTEX_WAKE` once per turn of its loop: a system call per turn bought
+/// with a store to shared memory.
+#[test]
+fn attack_toggling_producer_wait_does_not_buy_a_wake_per_turn() {
+    use shmbus_proto::sync::Ordering;
+    let b = Broker::start("attack-wait-toggle");
+    let mut l = RawLink::attach(&b, "toggler");
+    ping(&mut l, 0);
+    let room0 = l.map.peer().room.v.load(Ordering::Acquire);
+    let (t0, start) = (b.cpu_ns(), std::time::Instant::now());
+    let mut flag: u32 = 1;
+    let mut records = 0u64;
+    let mut last_record = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(1) {
+        flag = flag.wrapping_add(2);
+        l.map.mine().producer_wait.v.store(flag, Ordering::Relaxed);
+        if last_record.elapsed() >= Duration::from_micros(50) {
+            l.send_body(&shmbus_proto::frame::Doorbell, &[]);
+            records += 1;
+            last_record = std::time::Instant::now();
+        }
+    }
+    let bumps = l.map.peer().room.v.load(Ordering::Acquire).wrapping_sub(room0);
+    let share = (b.cpu_ns() - t0) as f64 / start.elapsed().as_nanos() as f64;
+    eprintln!("{records} records, {bumps} room wake-ups, broker CPU {:.0}%", share * 100.0);
+    assert!(
+        u64::from(bumps) <= records,
+        "{bumps} futex wakes for {records} records: one per turn of the broker's loop"
+    );
+    l.map.mine().producer_wait.v.store(flag.wrapping_add(1), Ordering::Relaxed);
+    ping(&mut l, 1);
+}

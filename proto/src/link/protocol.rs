@@ -302,11 +302,21 @@ pub struct Consumer {
     sleep: u32,
     /// The producer's `producer_wait` value last rung for.
     rung: u32,
+    /// `committed` at the last [`Consumer::must_ring_room`] that looked.
+    room_seen: u64,
 }
 
 impl Consumer {
     pub fn new(capacity: u32) -> Consumer {
-        Consumer { capacity: u64::from(capacity), head: 0, committed: 0, tail_seen: 0, sleep: 0, rung: 0 }
+        Consumer {
+            capacity: u64::from(capacity),
+            head: 0,
+            committed: 0,
+            tail_seen: 0,
+            sleep: 0,
+            rung: 0,
+            room_seen: 0,
+        }
     }
 
     /// Loads the producer's `tail`, checked.
@@ -381,7 +391,18 @@ impl Consumer {
 
     /// After [`Consumer::commit`]: whether the producer waits for room and
     /// must be rung (once per wait, when the ring is down to half).
+    ///
+    /// Only a commit that gave room back looks: a producer that raised its
+    /// flag since we last looked re-checked `head` after (the fences below
+    /// and in `prepare_wait`) and saw all the room there is; if it still
+    /// waits, records remain for us to read, and the commit after them
+    /// looks. Without this, a hostile producer raising a fresh flag value
+    /// at every moment would buy a wake-up (a system call) per look.
     pub fn must_ring_room(&mut self, peer: &HalfHeader) -> bool {
+        if self.committed == self.room_seen {
+            return false;
+        }
+        self.room_seen = self.committed;
         // SeqCst: pairs with the fence in `Producer::prepare_wait`.
         fence(Ordering::SeqCst);
         // Relaxed: ordered by the fence.
