@@ -459,3 +459,62 @@ fn attack_toggling_producer_wait_does_not_buy_a_wake_per_turn() {
     l.map.mine().producer_wait.v.store(flag.wrapping_add(1), Ordering::Relaxed);
     ping(&mut l, 1);
 }
+
+/// A link client that writes one cheap record every ~50 µs keeps the
+/// broker spinning; socket clients' round trips must not suffer for it
+/// (the spinning broker asks the kernel for events only every 1 ms).
+#[test]
+fn attack_a_dense_trickle_does_not_slow_socket_clients() {
+    let b = Broker::start("attack-trickle-latency");
+    let rtt = |raw: &mut Raw, n: u64| -> Vec<Duration> {
+        let mut v = Vec::new();
+        for i in 0..n {
+            let t = std::time::Instant::now();
+            raw.send_body(&Ping { token: i }, &[]);
+            loop {
+                let p = raw.next_packet();
+                if matches!(p.frame(), Some(BrokerFrame::Pong(_))) {
+                    break;
+                }
+            }
+            v.push(t.elapsed());
+            std::thread::sleep(Duration::from_micros(300));
+        }
+        v.sort();
+        v
+    };
+    let mut raw = Raw::hello(&b);
+    let idle = rtt(&mut raw, 500);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (stop2, addr) = (stop.clone(), b.address.clone());
+    let t = std::thread::spawn(move || {
+        let mut l = RawLink::attach_at(&addr, "trickler");
+        let mut n = 0u64;
+        let start = std::time::Instant::now();
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            l.send_body(&shmbus_proto::frame::Doorbell, &[]);
+            n += 1;
+            std::thread::sleep(Duration::from_micros(1));
+        }
+        (n, start.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let (c0, s0) = (b.cpu_ns(), std::time::Instant::now());
+    let busy = rtt(&mut raw, 500);
+    let share = (b.cpu_ns() - c0) as f64 / s0.elapsed().as_nanos() as f64;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (n, el) = t.join().unwrap();
+    let pct = |v: &[Duration], p: usize| v[v.len() * p / 100];
+    eprintln!(
+        "trickle {n} records in {el:?}; broker CPU {:.0}%; socket RTT idle p50 {:?} p99 {:?}; with trickle p50 {:?} p99 {:?}",
+        share * 100.0,
+        pct(&idle, 50),
+        pct(&idle, 99),
+        pct(&busy, 50),
+        pct(&busy, 99)
+    );
+    assert!(
+        pct(&busy, 50) < pct(&idle, 50) * 3 + Duration::from_micros(200),
+        "a link client's cheap trickle slows every socket client's round trip"
+    );
+}

@@ -120,6 +120,10 @@ struct Reactor {
     hot: Vec<PeerId>,
     last_poll: Instant,
     poll_every: Duration,
+    /// The last turn over the hot rings found no records: the broker spins
+    /// with nothing to do, so a poll costs nothing to anyone and is made
+    /// sooner (`link::POLL_WHILE_IDLE`).
+    idle_turn: bool,
     doorbell: Vec<u8>,
     /// One packet at a time, for linked connections' sockets.
     link_batch: Option<RecvBatch>,
@@ -163,6 +167,7 @@ impl Reactor {
             hot: Vec::new(),
             last_poll: Instant::now(),
             poll_every: link::POLL_WHILE_SPINNING,
+            idle_turn: false,
             doorbell: encode_head(&Doorbell).expect("a doorbell encodes"),
             link_batch: Some(RecvBatch::new(1)),
         })
@@ -176,7 +181,9 @@ impl Reactor {
             // While rings are hot the kernel is asked for events only now
             // and then, so a busy link costs no system call per message.
             let spinning = !self.hot.is_empty();
-            if !spinning || self.last_poll.elapsed() >= self.poll_every {
+            let since = self.last_poll.elapsed();
+            let due = since >= self.poll_every || (self.idle_turn && since >= link::POLL_WHILE_IDLE);
+            if !spinning || due {
                 let timeout = if spinning { Some(Duration::ZERO) } else { self.next_timeout() };
                 match self.poll.poll(&mut events, timeout) {
                     Ok(()) => {}
@@ -226,7 +233,7 @@ impl Reactor {
                 }
             }
             if !self.hot.is_empty() {
-                self.service_links();
+                self.idle_turn = self.service_links() == 0;
             }
             let now = Instant::now();
             if self.accept_retry_at.is_some_and(|t| now >= t) {
@@ -794,13 +801,16 @@ impl Reactor {
     }
 
     /// One turn over the hot rings: read each; put to sleep those quiet
-    /// for their spin window (flag raised, looked at once more).
-    fn service_links(&mut self) {
+    /// for their spin window (flag raised, looked at once more). Returns
+    /// how many records there were.
+    fn service_links(&mut self) -> usize {
         let now = Instant::now();
+        let mut total = 0;
         let mut i = 0;
         while i < self.hot.len() {
             let id = self.hot[i];
             let got = self.read_link_ring(id, now);
+            total += got;
             let mut broken = None;
             let keep = match self.conn_link(id) {
                 None => false,
@@ -832,6 +842,7 @@ impl Reactor {
                 _ => {}
             }
         }
+        total
     }
 
     /// Moves `id`'s sendable frames into its ring (frames with fds on the
