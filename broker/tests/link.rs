@@ -518,3 +518,74 @@ fn attack_a_dense_trickle_does_not_slow_socket_clients() {
         "a link client's cheap trickle slows every socket client's round trip"
     );
 }
+
+/// Odd capacities are refused with a reason and the connection carries on
+/// over the socket; a second `Attach` (in the ring) is refused too; links
+/// beyond `--uid-ring-bytes` are refused and the charge comes back when a
+/// linked connection goes.
+#[test]
+fn attack_odd_attaches_and_the_ring_bytes_quota() {
+    use shmbus_proto::frame::{Attach, ErrorCode, Op};
+    let link = 2 * (4096 + 262_144);
+    let b = Broker::start_with("attack-attach", &["--uid-ring-bytes", &(2 * link).to_string()]);
+    for capacity in [1, 262_144 + 8, 1 << 25, u32::MAX, 1 << 31] {
+        let (mut raw, _) = Raw::hello_at(&b.address, "odd");
+        raw.send_body(&Attach { capacity }, &[]);
+        match raw.next_packet().frame() {
+            Some(BrokerFrame::OpError(e)) => {
+                assert_eq!((e.op, e.code), (Op::Attach, ErrorCode::Unsupported), "{capacity}")
+            }
+            other => panic!("{capacity}: {other:?}"),
+        }
+        raw.send_body(&Ping { token: 5 }, &[]);
+        assert!(matches!(raw.next_packet().frame(), Some(BrokerFrame::Pong(_))));
+    }
+    let mut a = RawLink::attach(&b, "a");
+    a.send_body(&Attach { capacity: 0 }, &[]);
+    match a.next_packet().frame() {
+        Some(BrokerFrame::OpError(e)) => assert_eq!((e.op, e.code), (Op::Attach, ErrorCode::Unsupported)),
+        other => panic!("{other:?}"),
+    }
+    ping(&mut a, 1);
+    let _b2 = RawLink::attach(&b, "b");
+    let (mut raw, _) = Raw::hello_at(&b.address, "c");
+    raw.send_body(&Attach { capacity: 0 }, &[]);
+    match raw.next_packet().frame() {
+        Some(BrokerFrame::OpError(e)) => assert_eq!((e.op, e.code), (Op::Attach, ErrorCode::LimitExceeded)),
+        other => panic!("{other:?}"),
+    }
+    drop(a);
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let (mut raw, _) = Raw::hello_at(&b.address, "d");
+        raw.send_body(&Attach { capacity: 0 }, &[]);
+        if matches!(raw.next_packet().frame(), Some(BrokerFrame::Attached(_))) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the charge never came back");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A client that corrupts its ring and hangs up at once, in one go: the
+/// broker must forget it as soon as it has read that (it waits for nothing
+/// else), not keep the connection, its socket and its mappings around.
+#[test]
+fn attack_scribble_and_hang_up_at_once_is_forgotten_promptly() {
+    let b = Broker::start("attack-scribble-close");
+    let base = b.baseline_fds();
+    let maps0 = link_mappings(&b);
+    for _ in 0..20 {
+        let evil = RawLink::attach(&b, "evil");
+        evil.map.my_data()[0].store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
+        evil.map.mine().tail.v.store(64, std::sync::atomic::Ordering::Release);
+        evil.raw.send_body(&shmbus_proto::frame::Doorbell, &[]);
+        drop(evil);
+    }
+    let start = std::time::Instant::now();
+    while (b.fd_count() > base || link_mappings(&b) > maps0) && start.elapsed() < PATIENCE {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!("forgotten after {:?}", start.elapsed());
+    assert!(start.elapsed() < Duration::from_millis(1000), "kept for {:?}", start.elapsed());
+}
