@@ -23,7 +23,9 @@
 //!   packet, or more than [`FIFO_MAX`] packets waiting for markers, is the
 //!   broker breaking the protocol, and so is a corrupt ring: the
 //!   connection is closed with the reason, never a panic;
-//! - an empty ring: spin a little (adaptively, no system call), then raise
+//! - an empty ring: spin a little (adaptively, no system call but a few
+//!   `sched_yield`s past the first 2 µs, so that on a machine with fewer
+//!   CPUs than busy processes the one that writes next can run), then raise
 //!   the flag and look again (`prepare_sleep`, the store-buffering pair of
 //!   the broker's `must_ring`), then wait for the socket. The flag is
 //!   lowered (`wake`) whenever a doorbell may have been spent on it: the
@@ -94,8 +96,13 @@ const BYTES_PER_READ: usize = 1 << 20;
 /// Socket packets one receive takes on a link (doorbells, fd frames).
 const SOCKET_SLOTS: usize = 4;
 /// The reader's spin before it sleeps: where it starts, its bounds, and
-/// how it moves (doubled when a sleep ended sooner than the longest spin
-/// with records to read, halved when a spin ran out).
+/// how it moves: when records came after the spin ran out, within
+/// `SPIN_MAX` of the start of the wait, the spin grows to one and a half
+/// times that wait (so the next one is caught spinning); when they came
+/// later, or not at all, it halves. (Halving at every spin that ran out,
+/// and doubling at every short sleep, kept it at a few µs: in a busy
+/// request/answer exchange every wait was a sleep, a round trip of 40 µs
+/// instead of 10.)
 const SPIN_START: Duration = Duration::from_micros(20);
 const SPIN_MAX: Duration = Duration::from_micros(100);
 const SPIN_STEP: Duration = Duration::from_micros(2);
@@ -108,6 +115,10 @@ const STREAM: Duration = Duration::from_millis(1);
 const NAP: Duration = Duration::from_micros(200);
 /// Records one read must have found for the reader to call it a stream.
 const STREAM_BATCH: usize = 16;
+/// The reader's spin yields its CPU after this long, at most this many
+/// times per spin.
+const PURE_SPIN: Duration = Duration::from_micros(2);
+const SPIN_YIELDS: u32 = 16;
 /// A sender's spin on a full ring before it sleeps on the futex.
 const ROOM_SPIN: Duration = Duration::from_micros(5);
 /// A sender waiting for room looks at the connection this often.
@@ -466,9 +477,17 @@ impl Inner {
             if !rx.items.is_empty() || broken.is_some() {
                 rx.last_data = Instant::now();
                 rx.last_batch = rx.items.len();
-                if !rx.items.is_empty() && slept.is_some_and(|at| at.elapsed() < SPIN_MAX) {
-                    // A longer spin would have caught it.
-                    rx.spin = (rx.spin * 2).clamp(SPIN_STEP, SPIN_MAX);
+                if !rx.items.is_empty() && slept.is_some() {
+                    // The spin ran out before the records came: a spin as
+                    // long as this wait (and a half) would have caught
+                    // them, if that is short enough to be worth it; if not,
+                    // spin less next time.
+                    let waited = start.elapsed();
+                    rx.spin = if waited < SPIN_MAX {
+                        (waited + waited / 2 + SPIN_STEP).clamp(rx.spin, SPIN_MAX)
+                    } else {
+                        shrink(rx.spin)
+                    };
                 }
                 return self.finish(rx, broken);
             }
@@ -501,12 +520,8 @@ impl Inner {
                 let left = deadline.map_or(rx.spin, |d| d.saturating_duration_since(Instant::now()));
                 match spin(&mut rx.consumer, peer, rx.spin.min(left)) {
                     Ok(true) => continue,
-                    Ok(false) => {
-                        rx.spin /= 2;
-                        if rx.spin < SPIN_STEP / 2 {
-                            rx.spin = Duration::ZERO;
-                        }
-                    }
+                    // How long the wait turns out to be decides (above).
+                    Ok(false) => {}
                     Err(e) => return self.finish(rx, Some(e.into())),
                 }
             }
@@ -541,6 +556,8 @@ impl Inner {
             }
             slept = Some(Instant::now());
             if !socket::wait_readable(self.fd.as_fd(), left)? {
+                // Nothing came at all: a long wait; spin less.
+                rx.spin = shrink(rx.spin);
                 return Ok(false);
             }
             // A doorbell may be spent on this raise: the next sleep raises
@@ -710,6 +727,16 @@ fn give_up(fd: BorrowedFd<'_>) {
     let _ = rustix::net::shutdown(fd, rustix::net::Shutdown::Both);
 }
 
+/// A spin window halved (zero once it is too short to catch anything).
+fn shrink(spin: Duration) -> Duration {
+    let half = spin / 2;
+    if half < SPIN_STEP / 2 {
+        Duration::ZERO
+    } else {
+        half
+    }
+}
+
 /// Busy-checks the ring for up to `limit`, with no system call: whether a
 /// record came.
 fn spin(
@@ -717,7 +744,9 @@ fn spin(
     peer: &shmbus_proto::link::layout::HalfHeader,
     limit: Duration,
 ) -> Result<bool, LinkError> {
-    let until = Instant::now() + limit;
+    let start = Instant::now();
+    let until = start + limit;
+    let mut yields = 0;
     loop {
         for _ in 0..32 {
             if !consumer.is_empty(peer)? {
@@ -725,8 +754,16 @@ fn spin(
             }
             std::hint::spin_loop();
         }
-        if Instant::now() >= until {
+        let now = Instant::now();
+        if now >= until {
             return Ok(false);
+        }
+        // Past a short pure spin, give the CPU to whoever else is runnable
+        // here, a few times: with fewer CPUs than busy processes, the one
+        // that writes next may be waiting for this one.
+        if now - start > PURE_SPIN && yields < SPIN_YIELDS {
+            yields += 1;
+            std::thread::yield_now();
         }
     }
 }

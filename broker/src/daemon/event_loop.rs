@@ -124,6 +124,8 @@ struct Reactor {
     /// with nothing to do, so a poll costs nothing to anyone and is made
     /// sooner (`link::POLL_WHILE_IDLE`).
     idle_turn: bool,
+    /// Consecutive turns over hot rings that found nothing.
+    quiet_turns: u32,
     doorbell: Vec<u8>,
     /// One packet at a time, for linked connections' sockets.
     link_batch: Option<RecvBatch>,
@@ -170,6 +172,7 @@ impl Reactor {
             idle_turn: false,
             doorbell: encode_head(&Doorbell).expect("a doorbell encodes"),
             link_batch: Some(RecvBatch::new(1)),
+            quiet_turns: 0,
         })
     }
 
@@ -234,6 +237,7 @@ impl Reactor {
             }
             if !self.hot.is_empty() {
                 self.idle_turn = self.service_links() == 0;
+                self.spin_turn(self.idle_turn && events.is_empty());
             }
             let now = Instant::now();
             if self.accept_retry_at.is_some_and(|t| now >= t) {
@@ -803,6 +807,24 @@ impl Reactor {
     /// One turn over the hot rings: read each; put to sleep those quiet
     /// for their spin window (flag raised, looked at once more). Returns
     /// how many records there were.
+    /// After a turn over the hot rings: a turn that found nothing, after
+    /// [`link::PURE_SPIN_TURNS`] of them, gives the CPU to whoever else is
+    /// runnable here ([`link::YIELDS`] times at most per quiet stretch): on
+    /// a machine with fewer CPUs than busy processes, the client that will
+    /// write next may be waiting for this very CPU.
+    fn spin_turn(&mut self, quiet: bool) {
+        if !quiet {
+            self.quiet_turns = 0;
+            return;
+        }
+        self.quiet_turns += 1;
+        if self.quiet_turns > link::PURE_SPIN_TURNS
+            && self.quiet_turns <= link::PURE_SPIN_TURNS + link::YIELDS
+        {
+            std::thread::yield_now();
+        }
+    }
+
     fn service_links(&mut self) -> usize {
         let now = Instant::now();
         let mut total = 0;

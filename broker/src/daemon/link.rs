@@ -62,6 +62,11 @@ pub const MAX_SPIN: Duration = Duration::from_micros(400);
 /// trickles one record per few hundred µs would keep the broker spinning
 /// on a whole CPU for it.
 pub const DENSE_GAP: Duration = Duration::from_micros(100);
+/// Quiet turns over the hot rings spun before the broker starts giving its
+/// CPU away (`sched_yield`), and how many times it does so per quiet
+/// stretch; then it spins on until the windows run out.
+pub const PURE_SPIN_TURNS: u32 = 256;
+pub const YIELDS: u32 = 16;
 /// Records read from one ring per turn before the next connection's turn.
 pub const RECORDS_PER_TURN: usize = 256;
 /// Socket packets read from a linked connection per event, at most:
