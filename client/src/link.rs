@@ -104,7 +104,7 @@ const SOCKET_SLOTS: usize = 4;
 /// request/answer exchange every wait was a sleep, a round trip of 40 µs
 /// instead of 10.)
 const SPIN_START: Duration = Duration::from_micros(20);
-const SPIN_MAX: Duration = Duration::from_micros(100);
+const SPIN_MAX: Duration = Duration::from_micros(40);
 const SPIN_STEP: Duration = Duration::from_micros(2);
 /// Within this of the last records, a reader that found the ring empty
 /// after its spin naps for [`NAP`] (one timed wait, its flag down, so the
@@ -118,7 +118,7 @@ const STREAM_BATCH: usize = 16;
 /// The reader's spin yields its CPU after this long, at most this many
 /// times per spin.
 const PURE_SPIN: Duration = Duration::from_micros(2);
-const SPIN_YIELDS: u32 = 16;
+const SPIN_YIELDS: u32 = u32::MAX;
 /// A sender's spin on a full ring before it sleeps on the futex.
 const ROOM_SPIN: Duration = Duration::from_micros(5);
 /// A sender waiting for room looks at the connection this often.
@@ -555,6 +555,15 @@ impl Inner {
                 return Ok(false);
             }
             slept = Some(Instant::now());
+            if left.is_none() {
+                // No deadline: sleep in the receive itself.
+                let got = self.read_socket(rx, true);
+                rx.consumer.wake(rx.map.mine());
+                if let Err(b) = got {
+                    return self.finish(rx, Some(b));
+                }
+                continue;
+            }
             if !socket::wait_readable(self.fd.as_fd(), left)? {
                 // Nothing came at all: a long wait; spin less.
                 rx.spin = shrink(rx.spin);
@@ -648,10 +657,22 @@ impl Inner {
     /// dropped (and the flag lowered: one may have been spent on it),
     /// other packets wait in the FIFO for their markers, EOF is noted.
     fn drain_socket(&self, rx: &mut LinkRx) -> Result<(), Broken> {
+        self.read_socket(rx, false)
+    }
+
+    /// [`Inner::drain_socket`], but the first receive waits for a packet
+    /// (a doorbell, a frame with fds, the end): one system call to sleep
+    /// and wake, where waiting for readiness first takes two.
+    fn read_socket(&self, rx: &mut LinkRx, mut block: bool) -> Result<(), Broken> {
         let batch = rx.batch.get_or_insert_with(|| RecvBatch::new(SOCKET_SLOTS));
         while !rx.eof {
-            let n = match batch.recv(self.fd.as_fd(), true) {
+            let n = match batch.recv(self.fd.as_fd(), !block) {
                 Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && block => {
+                    // A receive timeout set on the socket ran out: look
+                    // again from the top.
+                    return Ok(());
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 // The broker closed while our data was unread: reported
@@ -665,6 +686,7 @@ impl Inner {
                 }
                 Err(e) => return Err(Broken::Io(e)),
             };
+            block = false;
             for i in 0..n {
                 let (data, status, fds) = batch.packet(i);
                 if data.is_empty() {
