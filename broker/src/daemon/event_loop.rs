@@ -171,7 +171,7 @@ impl Reactor {
             poll_every: link::POLL_WHILE_SPINNING,
             idle_turn: false,
             doorbell: encode_head(&Doorbell).expect("a doorbell encodes"),
-            link_batch: Some(RecvBatch::new(1)),
+            link_batch: Some(RecvBatch::new(link::SOCKET_SLOTS)),
             quiet_turns: 0,
         })
     }
@@ -655,20 +655,22 @@ impl Reactor {
         }
     }
 
-    /// Reads what the socket of a linked connection holds, one packet at
+    /// Reads what the socket of a linked connection holds, two packets at
     /// a time: doorbells are dropped, the hang-up noted, and reading stops
-    /// at a packet with fds, kept until its marker comes up.
+    /// once a packet with fds is held, kept until its marker comes up. (Two
+    /// slots, so a lone doorbell takes one receive, not a second that finds
+    /// the socket empty; so at most two packets with fds are held.)
     fn read_link_socket(&mut self, id: PeerId) {
-        let mut batch = self.link_batch.take().unwrap_or_else(|| RecvBatch::new(1));
+        let mut batch = self.link_batch.take().unwrap_or_else(|| RecvBatch::new(link::SOCKET_SLOTS));
         let mut violation = None;
-        for _ in 0..link::SOCKET_READS {
+        'reads: for _ in 0..link::SOCKET_READS {
             let Some(conn) = self.conns.get_mut(&id) else { break };
             let Some(link) = conn.link.as_mut() else { break };
-            if link.ahead.is_some() {
+            if !link.ahead.is_empty() {
                 break;
             }
-            match batch.recv(conn.fd.as_fd(), true) {
-                Ok(_) => {}
+            let n = match batch.recv(conn.fd.as_fd(), true) {
+                Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -676,24 +678,30 @@ impl Reactor {
                     link.eof = true;
                     break;
                 }
-            }
-            let (data, status, fds) = batch.packet(0);
-            if data.is_empty() && !status.truncated {
-                // End of stream: the ring is read to its end first.
-                link.eof = true;
-                break;
-            }
-            if !status.truncated && !status.fds_truncated && fds.is_empty() {
-                if matches!(decode_client(data), Ok(ClientFrame::Doorbell)) {
-                    continue;
+            };
+            for i in 0..n {
+                let (data, status, fds) = batch.packet(i);
+                if data.is_empty() && !status.truncated {
+                    // End of stream: the ring is read to its end first.
+                    link.eof = true;
+                    break 'reads;
                 }
-                violation = Some(
-                    "a frame without fds on the socket of a connection with a shared-memory link \
-                     (they go in the ring)",
-                );
+                if !status.truncated && !status.fds_truncated && fds.is_empty() {
+                    if matches!(decode_client(data), Ok(ClientFrame::Doorbell)) {
+                        continue;
+                    }
+                    violation = Some(
+                        "a frame without fds on the socket of a connection with a shared-memory link \
+                         (they go in the ring)",
+                    );
+                    break 'reads;
+                }
+                link.ahead.push_back((data.to_vec(), status, fds));
+            }
+            if n < link::SOCKET_SLOTS {
+                // The socket is empty.
                 break;
             }
-            link.ahead = Some((data.to_vec(), status, fds));
         }
         self.link_batch = Some(batch);
         if let Some(why) = violation {
@@ -759,12 +767,12 @@ impl Reactor {
                 Ok(Some(RecordKind::Marker)) => {
                     records += 1;
                     link.buf = buf;
-                    let mut packet = link.ahead.take();
+                    let mut packet = link.ahead.pop_front();
                     if packet.is_none() {
                         // Sent before the marker was written: it is in the
                         // socket, unless the client lies.
                         self.read_link_socket(id);
-                        packet = self.conn_link(id).and_then(|l| l.ahead.take());
+                        packet = self.conn_link(id).and_then(|l| l.ahead.pop_front());
                     }
                     match packet {
                         Some((data, status, fds)) => self.hand_over(id, &data, status, fds),

@@ -22,14 +22,15 @@
 //!   their place: the broker sends the packet before it writes the
 //!   marker, and checks the ring has room for the marker before it sends.
 //!   The client does the same the other way, so a marker always finds its
-//!   packet already in the socket. The socket is read one packet at a
-//!   time, and never past a packet with fds whose marker has not come up
-//!   ([`ConnLink::ahead`]): a client can make the broker hold at most one
-//!   packet's fds (4) it has not asked for yet; the rest wait in the
-//!   kernel, charged to the sender.
+//!   packet already in the socket. The socket is read two packets at a
+//!   time, and no further once a packet with fds is held whose marker has
+//!   not come up ([`ConnLink::ahead`]): a client can make the broker hold
+//!   at most two packets' fds (8) it has not asked for yet; the rest wait
+//!   in the kernel, charged to the sender.
 //! - On the socket of a linked connection a client may send only
 //!   doorbells and frames with fds; anything else is a protocol violation.
 
+use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
@@ -74,6 +75,8 @@ pub const RECORDS_PER_TURN: usize = 256;
 /// so more is a client ringing for nothing; the rest waits for the next
 /// event or marker.
 pub const SOCKET_READS: usize = 64;
+/// Packets one receive from a linked socket takes at most.
+pub const SOCKET_SLOTS: usize = 2;
 
 /// A received packet: bytes, how it arrived, its fds.
 pub type Packet = (Vec<u8>, RecvStatus, Vec<OwnedFd>);
@@ -84,8 +87,9 @@ pub struct ConnLink {
     pub producer: Producer,
     /// Client → broker: its ring.
     pub consumer: Consumer,
-    /// A packet with fds read from the socket before its marker.
-    pub ahead: Option<Packet>,
+    /// Packets with fds read from the socket before their markers (at
+    /// most [`SOCKET_SLOTS`]).
+    pub ahead: VecDeque<Packet>,
     /// The client hung up; the ring is read to its end first.
     pub eof: bool,
     /// The last time a turn found records.
@@ -114,7 +118,7 @@ impl ConnLink {
             map,
             producer: Producer::new(capacity),
             consumer: Consumer::new(capacity),
-            ahead: None,
+            ahead: VecDeque::new(),
             eof: false,
             last_record: now,
             active_at: now,
