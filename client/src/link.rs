@@ -734,6 +734,13 @@ impl Inner {
             st.closed.get_or_insert(d);
         }
         self.dispatched(&mut st);
+        if st.closed.is_some() || st.lost.is_some() {
+            // This connection is over (a goodbye in the ring, say): its
+            // senders fail from now on, as they would on a socket the
+            // broker closed, instead of writing into a ring nobody reads.
+            // Relaxed: a hint, see `LinkTx::check_alive`.
+            rx.gone.store(true, Ordering::Relaxed);
+        }
         drop(st);
         if broken {
             give_up(self.fd.as_fd());
