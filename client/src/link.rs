@@ -225,6 +225,13 @@ impl LinkTx {
     fn check_alive(&mut self, fd: BorrowedFd<'_>) -> io::Result<()> {
         // Relaxed: a hint (the socket is the truth), set by the reader on
         // EOF, by a doorbell that failed, or below.
+        if !self.gone.load(Ordering::Relaxed) && self.map.peer_closed() {
+            // The broker closed the connection (it marks its half so):
+            // known with one load, where the hang-up check below waits
+            // its turn.
+            // Relaxed: as above.
+            self.gone.store(true, Ordering::Relaxed);
+        }
         if !self.gone.load(Ordering::Relaxed) {
             let now = Instant::now();
             if now < self.next_check {

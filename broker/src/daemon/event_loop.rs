@@ -1040,6 +1040,12 @@ impl Reactor {
     fn close(&mut self, id: PeerId) {
         let Some(conn) = self.conns.remove(&id) else { return };
         self.hot.retain(|&h| h != id);
+        if let Some(link) = &conn.link {
+            // Tells the client's senders at their next send, without a
+            // system call, that nobody will read their ring any more (see
+            // `shmbus_proto::link::layout::CLOSED`).
+            link.map.mark_closed();
+        }
         let _ = self.poll.registry().deregister(&mut SourceFd(&conn.fd.as_raw_fd()));
         // Unread input would make the peer's next read fail with
         // ECONNRESET before it sees our goodbye; discard it first.

@@ -18,6 +18,13 @@ use crate::sync::{AtomicU32, AtomicU64};
 /// "shmblnk1".
 pub const MAGIC: u64 = u64::from_le_bytes(*b"shmblnk1");
 pub const VERSION: u32 = 1;
+/// What the broker writes over the magic of its own half when it closes
+/// the connection: a client's sender sees it at its next send (one load,
+/// no system call) and fails as a send on a socket the broker closed does,
+/// instead of writing into a ring nobody will read. (A broker that dies
+/// without closing leaves the magic alone; the client's hang-up check
+/// covers that.)
+pub const CLOSED: u64 = u64::from_le_bytes(*b"shmbclsd");
 
 /// Where the ring data starts in a half.
 pub const DATA_OFFSET: usize = 4096;

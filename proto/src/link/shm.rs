@@ -13,7 +13,7 @@
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use crate::link::layout::{half_len, valid_capacity, HalfHeader, DATA_OFFSET, MAGIC, VERSION};
+use crate::link::layout::{half_len, valid_capacity, HalfHeader, CLOSED, DATA_OFFSET, MAGIC, VERSION};
 use crate::ring::shm::{sealed_memfd, Region, RingMapError};
 use crate::sync::{AtomicU64, Ordering};
 use crate::sys::memfd;
@@ -42,6 +42,19 @@ impl LinkMap {
     pub fn peer(&self) -> &HalfHeader {
         // SAFETY: as for `mine`.
         unsafe { self.peer.at(0) }
+    }
+
+    /// Marks our half closed ([`CLOSED`]): the broker, as it closes the
+    /// connection.
+    pub fn mark_closed(&self) {
+        // Release: pairs with the peer's Acquire load in `peer_closed`.
+        self.mine().magic.v.store(CLOSED, Ordering::Release);
+    }
+
+    /// Whether the peer marked its half closed.
+    pub fn peer_closed(&self) -> bool {
+        // Acquire: pairs with the Release store in `mark_closed`.
+        self.peer().magic.v.load(Ordering::Acquire) == CLOSED
     }
 
     /// Our ring's data, which we write.
@@ -152,6 +165,15 @@ mod tests {
         // the fd the client got cannot be mapped writable.
         let rw = Region::map(link.broker_half_ro.as_fd(), half_len(DEFAULT_CAPACITY), true);
         assert!(rw.is_err());
+    }
+
+    #[test]
+    fn the_broker_closing_its_half_is_seen_by_the_client() {
+        let link = create(DEFAULT_CAPACITY).unwrap();
+        let client = attach(DEFAULT_CAPACITY, link.client_half.as_fd(), link.broker_half_ro.as_fd()).unwrap();
+        assert!(!client.peer_closed());
+        link.map.mark_closed();
+        assert!(client.peer_closed());
     }
 
     #[test]
