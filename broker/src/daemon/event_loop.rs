@@ -655,11 +655,10 @@ impl Reactor {
         }
     }
 
-    /// Reads what the socket of a linked connection holds, two packets at
-    /// a time: doorbells are dropped, the hang-up noted, and reading stops
-    /// once a packet with fds is held, kept until its marker comes up. (Two
-    /// slots, so a lone doorbell takes one receive, not a second that finds
-    /// the socket empty; so at most two packets with fds are held.)
+    /// Reads what the socket of a linked connection holds,
+    /// [`link::SOCKET_SLOTS`] packets per receive: doorbells are dropped,
+    /// the hang-up noted, and reading stops once a packet with fds is
+    /// held, kept until its marker comes up.
     fn read_link_socket(&mut self, id: PeerId) {
         let mut batch = self.link_batch.take().unwrap_or_else(|| RecvBatch::new(link::SOCKET_SLOTS));
         let mut violation = None;
@@ -759,7 +758,14 @@ impl Reactor {
                 }
                 Ok(Some(RecordKind::Frame)) => {
                     records += 1;
-                    self.bus.receive(id, &buf, Vec::new(), now);
+                    if buf.len() > shmbus_proto::limits::MAX_PACKET {
+                        // The ring carries up to half its capacity; a frame
+                        // is held to what a socket packet may be, as on the
+                        // socket.
+                        self.bus.receive_damaged(id, Damage::Truncated, &buf, now);
+                    } else {
+                        self.bus.receive(id, &buf, Vec::new(), now);
+                    }
                     if let Some(link) = self.conn_link(id) {
                         link.buf = buf;
                     }
