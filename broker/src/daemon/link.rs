@@ -22,10 +22,10 @@
 //!   their place: the broker sends the packet before it writes the
 //!   marker, and checks the ring has room for the marker before it sends.
 //!   The client does the same the other way, so a marker always finds its
-//!   packet already in the socket. The socket is read two packets at a
+//!   packet already in the socket. The socket is read one packet at a
 //!   time, and no further once a packet with fds is held whose marker has
 //!   not come up ([`ConnLink::ahead`]): a client can make the broker hold
-//!   at most two packets' fds (8) it has not asked for yet; the rest wait
+//!   at most one packet's fds (4) it has not asked for yet; the rest wait
 //!   in the kernel, charged to the sender.
 //! - On the socket of a linked connection a client may send only
 //!   doorbells and frames with fds; anything else is a protocol violation.
@@ -75,8 +75,11 @@ pub const RECORDS_PER_TURN: usize = 256;
 /// so more is a client ringing for nothing; the rest waits for the next
 /// event or marker.
 pub const SOCKET_READS: usize = 64;
-/// Packets one receive from a linked socket takes at most.
-pub const SOCKET_SLOTS: usize = 2;
+/// Packets one receive from a linked socket takes at most: one, so that a
+/// client can make the broker hold at most one packet's fds (4) ahead of
+/// their marker. (Two saved a receive per doorbell, but let a client park
+/// 8 fds per connection in the broker, 2,048 for a uid's 256 connections.)
+pub const SOCKET_SLOTS: usize = 1;
 
 /// A received packet: bytes, how it arrived, its fds.
 pub type Packet = (Vec<u8>, RecvStatus, Vec<OwnedFd>);
