@@ -1099,12 +1099,18 @@ impl Inner {
         let mut reader = self.reader.try_lock()?;
         let got = self.read_once(&mut reader, Some(Duration::ZERO));
         drop(reader);
+        self.after_nonblocking_read();
+        Some(got)
+    }
+
+    /// What [`Inner::wait_for`] does after a read: a loss settled, every
+    /// waiter woken, due acks sent.
+    fn after_nonblocking_read(&self) {
         let mut st = self.state.lock();
         self.settle_loss(&mut st);
         self.notify_all();
         drop(st);
         self.send_fd_ack();
-        Some(got)
     }
 
     /// [`Inner::read_nonblocking`] for a task about to wait on the socket
@@ -1121,11 +1127,7 @@ impl Inner {
             // before it says it sleeps).
             return Some(got);
         }
-        let mut st = self.state.lock();
-        self.settle_loss(&mut st);
-        self.notify_all();
-        drop(st);
-        self.send_fd_ack();
+        self.after_nonblocking_read();
         Some(got)
     }
 
@@ -1159,15 +1161,7 @@ mod tests {
 
     fn connected(window: u32) -> (Inner, OwnedFd) {
         let (ours, broker) = socket::pair().unwrap();
-        let limits = Limits {
-            max_packet: 65536,
-            max_inline_payload: 65536,
-            queue_bytes: 1 << 20,
-            queue_frames: 1024,
-            max_subscriptions: 100,
-            fd_window: window,
-            max_depth: 32,
-        };
+        let limits = crate::link::tests::limits(window);
         let cred = PeerCred { pid: 1, uid: 0, gid: 0 };
         (Inner::new(ours, 1, limits, cred, "test".into(), 16), broker)
     }

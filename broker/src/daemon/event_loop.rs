@@ -498,14 +498,7 @@ impl Reactor {
             if frames.is_empty() {
                 // Drained, or waiting for fd credit: stop asking for
                 // writability, or every read by the peer would wake us.
-                if conn.wants_write {
-                    conn.wants_write = false;
-                    let _ = self.poll.registry().reregister(
-                        &mut SourceFd(&conn.fd.as_raw_fd()),
-                        Token(id as usize),
-                        Interest::READABLE,
-                    );
-                }
+                want_writable(&self.poll, id, conn, false);
                 return;
             }
             // Frames without fds that are queued together share packets
@@ -571,14 +564,7 @@ impl Reactor {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // Socket full: resume on the writable edge.
-                    if !conn.wants_write {
-                        conn.wants_write = true;
-                        let _ = self.poll.registry().reregister(
-                            &mut SourceFd(&conn.fd.as_raw_fd()),
-                            Token(id as usize),
-                            Interest::READABLE | Interest::WRITABLE,
-                        );
-                    }
+                    want_writable(&self.poll, id, conn, true);
                     return;
                 }
                 Err(e) => {
@@ -895,14 +881,7 @@ impl Reactor {
             link.producer.end_wait(link.map.mine());
             let frames = self.bus.sendable(id, MAX_BATCH * FRAMES_PER_PACKET);
             if frames.is_empty() {
-                if conn.wants_write {
-                    conn.wants_write = false;
-                    let _ = self.poll.registry().reregister(
-                        &mut SourceFd(&conn.fd.as_raw_fd()),
-                        Token(id as usize),
-                        Interest::READABLE,
-                    );
-                }
+                want_writable(&self.poll, id, conn, false);
                 break;
             }
             let total = frames.len();
@@ -986,14 +965,7 @@ impl Reactor {
                         }
                     } else if e.kind() == io::ErrorKind::WouldBlock {
                         let Some(conn) = self.conns.get_mut(&id) else { return };
-                        if !conn.wants_write {
-                            conn.wants_write = true;
-                            let _ = self.poll.registry().reregister(
-                                &mut SourceFd(&conn.fd.as_raw_fd()),
-                                Token(id as usize),
-                                Interest::READABLE | Interest::WRITABLE,
-                            );
-                        }
+                        want_writable(&self.poll, id, conn, true);
                     } else {
                         debug!("client {id}: send failed: {e}");
                         self.bus.hangup(id);
@@ -1073,6 +1045,18 @@ impl Reactor {
         self.shutdown_deadline = Some(now + self.bus.config().close_grace);
         self.bus.shutdown(now);
     }
+}
+
+/// Asks for writable events on `conn`'s socket (its socket was full) or
+/// stops asking (its queue drained, or waits for fd credit: every read by
+/// the peer would wake us otherwise); a change only.
+fn want_writable(poll: &Poll, id: PeerId, conn: &mut Conn, on: bool) {
+    if conn.wants_write == on {
+        return;
+    }
+    conn.wants_write = on;
+    let interest = if on { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+    let _ = poll.registry().reregister(&mut SourceFd(&conn.fd.as_raw_fd()), Token(id as usize), interest);
 }
 
 fn conn_fd(conns: &HashMap<PeerId, Conn>, id: PeerId) -> Option<BorrowedFd<'_>> {

@@ -11,7 +11,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use shmbus_proto::frame::{
-    decode_client, encode_head, Body, ClientFrame, Deliver, Limits, PayloadRef, Sender, Subscribed,
+    decode_client, encode_head, Body, ClientFrame, Deliver, PayloadRef, Sender, Subscribed,
 };
 use shmbus_proto::sys::memfd;
 use shmbus_proto::sys::socket::{self, OutPacket, PeerCred, RecvBatch};
@@ -28,15 +28,7 @@ const SENDER: Sender = Sender { client_id: 2, uid: 0, gid: 0, pid: 2 };
 /// the other end, for the test to play the broker.
 fn connected(window: u32) -> (AsyncClient, OwnedFd) {
     let (ours, broker) = socket::pair().unwrap();
-    let limits = Limits {
-        max_packet: 65536,
-        max_inline_payload: 65536,
-        queue_bytes: 1 << 20,
-        queue_frames: 1024,
-        max_subscriptions: 100,
-        fd_window: window,
-        max_depth: 32,
-    };
+    let limits = crate::link::tests::limits(window);
     let cred = PeerCred { pid: 1, uid: 0, gid: 0 };
     let inner = Inner::new(ours, 1, limits, cred, "test".into(), 1024);
     (AsyncClient::from_blocking(Client::for_tests(Arc::new(inner))).unwrap(), broker)
