@@ -67,8 +67,12 @@ enum Trust {
 /// (a protocol violation, a refusal) ends the connection all the same.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReconnectPolicy {
+    /// The wait after the first failed attempt; it doubles after each.
     pub initial_delay: Duration,
+    /// The longest wait between attempts.
     pub max_delay: Duration,
+    /// Attempts in a row before giving up (`Some(0)`: never reconnect;
+    /// `None`: no limit).
     pub max_attempts: Option<u32>,
 }
 
@@ -139,6 +143,9 @@ impl ConnectOptions {
     /// soft limit of open files (1024).
     pub const DEFAULT_LOCAL_TOTAL_FDS: usize = 512;
 
+    /// The defaults: `$SHMBUS_ADDRESS` or the user bus, trusting a broker
+    /// run by root or this user, [`DEFAULT_TIMEOUT`], reconnecting, and
+    /// the shared-memory transport when the broker offers it.
     pub fn new() -> ConnectOptions {
         ConnectOptions::default()
     }
@@ -294,6 +301,10 @@ impl ConnectOptions {
         Ok(Address::default_user()?)
     }
 
+    /// Connects with these options: checks the broker's credentials,
+    /// says hello, and sets up the shared-memory link if wanted. A broker
+    /// that is shutting down is tried again until the timeout, when
+    /// reconnection is on.
     pub fn connect(self) -> Result<Client, ConnectError> {
         // A broker that is shutting down (being restarted behind its
         // socket) is not a refusal to give up on, when reconnecting is on.

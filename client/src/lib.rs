@@ -48,6 +48,7 @@
 //! socket feeds many consumers without a background thread).
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 #[cfg(feature = "tokio")]
 mod asynch;

@@ -115,6 +115,7 @@ impl Message {
         }
     }
 
+    /// Whether the payload is empty.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -167,11 +168,21 @@ impl Message {
 pub enum DecodeError {
     /// The payload is not a postcard encoding of the requested type.
     #[error("the {len}-byte payload is not a postcard encoding of the requested type ({reason}); was it sent with publish_value?")]
-    Format { len: usize, reason: String },
+    Format {
+        /// The payload's length, in bytes.
+        len: usize,
+        /// What postcard said.
+        reason: String,
+    },
     /// The value ended before the payload did: the payload holds something
     /// else (text, another type).
     #[error("the {len}-byte payload is not a postcard encoding of the requested type: {unused} bytes are left over after the value; was it sent with publish_value?")]
-    TrailingBytes { len: usize, unused: usize },
+    TrailingBytes {
+        /// The payload's length, in bytes.
+        len: usize,
+        /// The bytes left after the value.
+        unused: usize,
+    },
     /// The memfd payload could not be mapped.
     #[error("cannot map the memfd payload: {0}")]
     Memfd(MemfdError),
@@ -197,7 +208,10 @@ pub enum Event {
     /// process's per-subscription buffer), or, for a memfd payload, because
     /// it failed this client's own check (a readable, sealed shmem memfd of
     /// the declared size).
-    Gap { missed: u64 },
+    Gap {
+        /// How many messages were dropped.
+        missed: u64,
+    },
     /// The connection to the broker was lost and made again, and this
     /// subscription was renewed: messages published in between may have
     /// been missed, and how many cannot be known. (Only with reconnection

@@ -244,6 +244,7 @@ impl Reply {
         self.payload.len()
     }
 
+    /// Whether the payload is empty.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -373,6 +374,7 @@ impl ServiceQueue {
 /// [`Client::revoked_names`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RevokedName {
+    /// The name taken back.
     pub name: String,
     /// The broker's reason (it names the policy rule).
     pub reason: String,
@@ -824,6 +826,8 @@ impl Request {
         self.try_payload().unwrap_or_else(|e| panic!("cannot map a memfd payload: {e}"))
     }
 
+    /// [`Request::payload`], reporting a failed mapping instead of
+    /// panicking.
     pub fn try_payload(&self) -> Result<&[u8], MemfdError> {
         self.q.payload.bytes()
     }
@@ -833,6 +837,7 @@ impl Request {
         self.q.payload.len()
     }
 
+    /// Whether the payload is empty.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -941,6 +946,7 @@ impl std::fmt::Debug for Service {
 }
 
 impl Service {
+    /// The name served.
     pub fn name(&self) -> &str {
         &self.name
     }

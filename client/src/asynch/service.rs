@@ -181,6 +181,7 @@ impl AsyncService {
         self.service.as_ref().expect("taken only in drop")
     }
 
+    /// The name served.
     pub fn name(&self) -> &str {
         self.service().name()
     }
