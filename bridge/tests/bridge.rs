@@ -322,3 +322,27 @@ fn a_second_bridge_of_the_same_name_is_refused() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("another bridge named \"dup\""), "{err}");
 }
+
+#[test]
+fn the_systemd_unit_verifies() {
+    let unit = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/shmbus-bridge.service");
+    let text = std::fs::read_to_string(&unit).unwrap();
+    for key in
+        ["RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6", "NoNewPrivileges=yes", "User=shmbus-bridge"]
+    {
+        assert!(text.contains(key), "shmbus-bridge.service lacks {key}");
+    }
+    let dir = std::env::temp_dir().join(format!("shmbus-bridge-unit-{}", unique("u")));
+    std::fs::create_dir_all(&dir).unwrap();
+    let staged = dir.join("shmbus-bridge.service");
+    std::fs::write(&staged, text.replace("/usr/local/bin/shmbus-bridge", BRIDGE)).unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&staged)
+        .output()
+        .expect("systemd-analyze is missing: install Debian's systemd package (.ci/run does)");
+    let _ = std::fs::remove_dir_all(&dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let ours: Vec<&str> = err.lines().filter(|l| l.contains("shmbus-bridge")).collect();
+    assert!(out.status.success() && ours.is_empty(), "systemd-analyze verify: {err}");
+}
