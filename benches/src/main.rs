@@ -71,9 +71,11 @@ fn main() {
                 socket::send_packet(fd.as_fd(), OutPacket { head: b, payload: &[], fds: &[] }, false).unwrap()
             };
             send(&encode_head(&Hello { version: PROTOCOL_VERSION.into(), name: "rawpub" }).unwrap());
-            let frame =
-                encode_frame(&Publish { topic: "bench.tp", payload: PayloadRef::Inline }, &vec![0xa5; size])
-                    .unwrap();
+            let frame = encode_frame(
+                &Publish { topic: "bench.tp", origin: None, payload: PayloadRef::Inline },
+                &vec![0xa5; size],
+            )
+            .unwrap();
             for _ in 0..n {
                 send(&frame);
             }
@@ -110,7 +112,7 @@ fn main() {
             let payload = [0xa5u8; 16];
             let t = Instant::now();
             for _ in 0..n {
-                c.publish("bench.tp", &payload).unwrap();
+                c.publish("bench.tp", payload).unwrap();
             }
             c.flush().unwrap();
             println!("publish(): {:.0} ns each", t.elapsed().as_nanos() as f64 / n as f64);
@@ -125,8 +127,11 @@ fn main() {
                 })
                 .unwrap(),
             );
-            let frame =
-                encode_frame(&Publish { topic: "bench.tp", payload: PayloadRef::Inline }, &payload).unwrap();
+            let frame = encode_frame(
+                &Publish { topic: "bench.tp", origin: None, payload: PayloadRef::Inline },
+                &payload,
+            )
+            .unwrap();
             let t = Instant::now();
             for _ in 0..n {
                 send(&frame);
@@ -144,7 +149,7 @@ fn main() {
             for _ in 0..n {
                 shmbus_proto::frame::encode_head_into(
                     &mut buf,
-                    &Publish { topic: "bench.tp", payload: PayloadRef::Inline },
+                    &Publish { topic: "bench.tp", origin: None, payload: PayloadRef::Inline },
                 )
                 .unwrap();
                 std::hint::black_box(&buf);

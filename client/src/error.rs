@@ -5,7 +5,7 @@ use std::fmt;
 use std::io;
 
 use shmbus_proto::address::AddressError;
-use shmbus_proto::frame::{ErrorCode, GoodbyeCode};
+use shmbus_proto::frame::{ErrorCode, GoodbyeCode, OriginError};
 use shmbus_proto::subject::SubjectError;
 use shmbus_proto::sys::memfd::MemfdError;
 
@@ -20,6 +20,9 @@ pub enum ErrorKind {
     LimitExceeded,
     /// The connection is gone.
     Disconnected,
+    /// No broker could be reached at the address: nothing listens there,
+    /// there is no socket file, or its permissions do not admit this user.
+    Unreachable,
     /// A deadline passed.
     Timeout,
     /// The broker ran short of a resource of its own (file descriptors,
@@ -102,6 +105,7 @@ pub(crate) fn code_text(code: ErrorCode) -> &'static str {
             "no request waits for that reply (answered, timed out, or its caller left)"
         }
         ErrorCode::ReservedName => "that name is reserved",
+        ErrorCode::InvalidOrigin => "invalid origin (1 to 256 bytes, no control characters)",
     }
 }
 
@@ -121,7 +125,9 @@ impl fmt::Display for Refusal<'_> {
 
 pub(crate) fn code_kind(code: ErrorCode) -> ErrorKind {
     match code {
-        ErrorCode::InvalidSubject | ErrorCode::PayloadTooLarge => ErrorKind::InvalidInput,
+        ErrorCode::InvalidSubject | ErrorCode::PayloadTooLarge | ErrorCode::InvalidOrigin => {
+            ErrorKind::InvalidInput
+        }
         ErrorCode::Denied
         | ErrorCode::FdRefused
         | ErrorCode::NotMemfd
@@ -144,7 +150,8 @@ pub(crate) fn code_kind(code: ErrorCode) -> ErrorKind {
 pub enum ConnectError {
     #[error("bad bus address: {0}")]
     Address(#[from] AddressError),
-    #[error("cannot reach the bus at {address}: {source}")]
+    /// Connecting to the address failed; the message says what to do.
+    #[error("{}", UnreachableText(address, source))]
     Unreachable { address: String, source: io::Error },
     #[error("refusing to trust the broker at {address}: it runs as uid {uid} (pid {pid}), not root or our own uid")]
     UntrustedBroker { address: String, uid: u32, pid: u32 },
@@ -158,11 +165,45 @@ pub enum ConnectError {
     Io(#[from] io::Error),
 }
 
+/// Why a connect failed, and what to do about it, for people.
+struct UnreachableText<'a>(&'a str, &'a io::Error);
+
+impl fmt::Display for UnreachableText<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let UnreachableText(address, e) = *self;
+        let start = format!("start one with `shmbusd --address {address}`, or give the client the bus's address (--address, $SHMBUS_ADDRESS)");
+        let is_abstract = address.starts_with('@');
+        match e.kind() {
+            io::ErrorKind::ConnectionRefused if is_abstract => {
+                write!(f, "no broker listens at {address} (connection refused): {start}")
+            }
+            io::ErrorKind::ConnectionRefused => write!(
+                f,
+                "the socket file {address} exists but no broker listens on it (connection refused; a broker that \
+                 stopped leaves it behind): {start}"
+            ),
+            io::ErrorKind::NotFound => {
+                write!(f, "there is no socket file {address} (no such file or directory): {start}")?;
+                if !address.contains('/') {
+                    write!(f, ". An abstract address, as the default ones are, starts with '@': did you mean @{address}?")?;
+                }
+                Ok(())
+            }
+            io::ErrorKind::PermissionDenied => write!(
+                f,
+                "permission denied connecting to {address}: the socket file's mode or group does not admit \
+                 this user (the broker sets them with --socket-mode and --socket-group)"
+            ),
+            _ => write!(f, "cannot reach the bus at {address}: {e}"),
+        }
+    }
+}
+
 impl ConnectError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             ConnectError::Address(_) => ErrorKind::InvalidInput,
-            ConnectError::Unreachable { .. } => ErrorKind::Disconnected,
+            ConnectError::Unreachable { .. } => ErrorKind::Unreachable,
             ConnectError::UntrustedBroker { .. } => ErrorKind::Denied,
             ConnectError::Refused(d) => d.kind(),
             ConnectError::Timeout(_) => ErrorKind::Timeout,
@@ -176,6 +217,8 @@ impl ConnectError {
 pub enum PublishError {
     #[error("invalid subject: {0}")]
     InvalidSubject(#[from] SubjectError),
+    #[error("invalid origin: {0}")]
+    InvalidOrigin(#[from] OriginError),
     #[error("the payload fd is refused: {0}")]
     Fd(#[from] MemfdError),
     #[error("cannot put the payload in a memfd: {0}")]
@@ -194,6 +237,7 @@ impl PublishError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             PublishError::InvalidSubject(_)
+            | PublishError::InvalidOrigin(_)
             | PublishError::PayloadTooLarge { .. }
             | PublishError::Encode(_)
             | PublishError::Fd(_) => ErrorKind::InvalidInput,
@@ -517,6 +561,8 @@ name_phrase!(For => "for", Of => "of", From_ => "from", To => "to");
 pub enum CallError {
     #[error("invalid name: {0}")]
     InvalidName(#[from] SubjectError),
+    #[error("invalid origin: {0}")]
+    InvalidOrigin(#[from] OriginError),
     /// Nobody owns the name.
     #[error("no responder{}", For(name))]
     NoResponder { name: String },
@@ -559,9 +605,10 @@ pub enum CallError {
 impl CallError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            CallError::InvalidName(_) | CallError::Invalid { .. } | CallError::AlreadyTaken => {
-                ErrorKind::InvalidInput
-            }
+            CallError::InvalidName(_)
+            | CallError::InvalidOrigin(_)
+            | CallError::Invalid { .. }
+            | CallError::AlreadyTaken => ErrorKind::InvalidInput,
             CallError::NoResponder { .. } | CallError::ResponderGone { .. } => ErrorKind::NoResponder,
             CallError::Timeout { .. } => ErrorKind::Timeout,
             CallError::Denied { .. } => ErrorKind::Denied,
@@ -670,6 +717,25 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Unavailable);
         let e = SubscribeError::Refused { code: ErrorCode::Denied, message: String::new() };
         assert_eq!(e.to_string(), "the broker refused the subscription: denied by the broker's policy");
+    }
+
+    #[test]
+    fn an_unreachable_bus_says_what_to_do() {
+        let e = |address: &str, kind: io::ErrorKind| ConnectError::Unreachable {
+            address: address.into(),
+            source: io::Error::from(kind),
+        };
+        let refused = e("@nope", io::ErrorKind::ConnectionRefused);
+        assert_eq!(refused.kind(), ErrorKind::Unreachable);
+        let text = refused.to_string();
+        assert!(text.starts_with("no broker listens at @nope"), "{text}");
+        assert!(text.contains("shmbusd --address @nope"), "{text}");
+        let text = e("nope", io::ErrorKind::NotFound).to_string();
+        assert!(text.contains("no socket file nope") && text.contains("did you mean @nope?"), "{text}");
+        let text = e("/run/x.sock", io::ErrorKind::NotFound).to_string();
+        assert!(!text.contains("did you mean"), "{text}");
+        let text = e("/run/x.sock", io::ErrorKind::PermissionDenied).to_string();
+        assert!(text.contains("--socket-mode"), "{text}");
     }
 
     #[test]

@@ -80,7 +80,7 @@ pub use error::{
 };
 pub use link::Transport;
 pub use loan::Loan;
-pub use message::{Event, Message, Sender};
+pub use message::{DecodeError, Event, Message, Sender};
 pub use monitor::{BusEvent, Monitor, MonitorItem, MonitorIter};
 pub use service::{
     reply_code, Incoming, NameFlagsExt, NameStatus, PendingCall, Reply, Request, RevokedName, Service,
