@@ -166,20 +166,15 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "localhost".to_owned())
 }
 
-// The two call sites of the origin API (a local publish and a local call
-// that carry where a bridged message or call came from).
-//
-// ORIGIN-API: until `publish_with_origin` / `request_with_origin` land on
-// main, these two functions drop the origin; they are the only places to
-// change when it does.
+// The two call sites of the origin API: a local publish and a local call
+// that carry where a bridged message or call came from.
 async fn publish_local(
     local: &AsyncClient,
     subject: &str,
     payload: &[u8],
     origin: &str,
 ) -> Result<(), PublishError> {
-    let _ = origin;
-    local.publish(subject, payload).await
+    local.publish_with_origin(subject, payload, origin).await
 }
 
 async fn request_local(
@@ -189,8 +184,7 @@ async fn request_local(
     timeout: Duration,
     origin: &str,
 ) -> Result<Reply, CallError> {
-    let _ = origin;
-    local.request(name, payload, timeout).await
+    local.request_with_origin(name, payload, timeout, origin).await
 }
 
 /// Connects to NATS with the configuration's servers, credentials and TLS;

@@ -17,6 +17,17 @@ use common::*;
 use shmbus::CallError;
 use shmbus_bridge::code;
 
+/// Our uid, as the broker stamps it.
+fn own_uid() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("Uid: in /proc/self/status")
+}
+
 /// Not a test: the harness runs this binary with it to get a broker
 /// process (see `common::broker_process`); ignored in normal runs.
 #[test]
@@ -82,9 +93,19 @@ fn a_publish_crosses_exactly_once_and_never_echoes() {
     let want: Vec<String> = (0..N).map(|i| format!("m{i}")).collect();
     assert_eq!(payloads, want, "B sees each message once, in order");
 
-    // B's messages come from B's bridge, as its broker stamped them.
+    // B's messages come from B's bridge, as its broker stamped them, and
+    // their origin names A's bridge and the original sender.
     let b_status = h.b.status();
-    assert!(at_b.iter().all(|m| m.sender().client_id == b_status.shmbus.client_id));
+    let uid = own_uid();
+    for m in &at_b {
+        assert_eq!(m.sender().client_id, b_status.shmbus.client_id);
+        let origin = m.origin().expect("a bridged message carries its origin");
+        assert!(origin.starts_with("nats:hostA@"), "{origin}");
+        assert!(
+            origin.ends_with(&format!(" uid={uid} pid={} client={}", std::process::id(), ca.id())),
+            "{origin}"
+        );
+    }
 
     // A sees its own publishes once: nothing came back through B.
     let at_a = drain(&sa, Duration::from_millis(500));
@@ -127,6 +148,8 @@ fn calls_cross_with_application_errors_and_no_responder() {
         let mut n = 0;
         while n < 2 {
             if let Ok(Some(r)) = echo.recv_timeout(Duration::from_millis(50)) {
+                let origin = r.origin().expect("a bridged call carries its origin").to_owned();
+                assert!(origin.starts_with("nats:hostB@"), "{origin}");
                 let mut p = r.payload().to_vec();
                 p.reverse();
                 r.reply(&p).unwrap();
@@ -231,6 +254,10 @@ fn plain_nats_publishers_and_hostile_subjects() {
     }
     let topics: Vec<&str> = got.iter().map(|m| m.topic()).collect();
     assert_eq!(topics, ["t.hostile", "t.plain"]);
+    // A hostile header becomes a bounded, printable origin.
+    let hostile = got[0].origin().unwrap();
+    assert!(hostile.len() <= 200 && hostile.chars().all(|c| (' '..='~').contains(&c)), "{hostile}");
+    assert_eq!(got[1].origin(), Some("nats:t.plain"), "a plain NATS publisher is named by its subject");
     let s = h.b.wait_status("the deep subject counted", |s| s.nats_to_local.dropped["invalid-subject"] == 1);
     assert_eq!(s.nats_to_local.forwarded, 2);
 }
