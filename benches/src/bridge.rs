@@ -231,7 +231,7 @@ pub(crate) fn bridge(report: &mut Report) {
     let payload = [0xa5u8; 16];
     let start = Instant::now();
     for _ in 0..TP_MESSAGES {
-        rig.a.publish("bench.tp", &payload).unwrap();
+        rig.a.publish("bench.tp", payload).unwrap();
     }
     let (mut got, mut gaps) = (0u64, 0u64);
     let mut last = start;

@@ -215,14 +215,14 @@ fn over_max_payload_is_refused_and_counted() {
     let sb = cb.subscribe("t.>").unwrap();
     await_path(&ca, &sb, "t.probe");
     assert_eq!(h.a.status().nats.max_payload, 100_000);
-    ca.publish("t.big", &vec![7u8; 200_000]).unwrap();
+    ca.publish("t.big", vec![7u8; 200_000]).unwrap();
     ca.publish("t.after", b"small").unwrap();
     let m = next_message(&sb, "the small message after the refused one");
     assert_eq!(m.topic(), "t.after", "the large one never crossed, truncated or not");
     let s = h.a.wait_status("the refusal counted", |s| s.local_to_nats.dropped["too-large"] == 1);
     assert_eq!(s.local_to_nats.total_dropped(), 1);
     // A request too large for NATS is answered with an error, not cut.
-    match cb.request("svc.echo", &vec![1u8; 200_000], Duration::from_secs(5)) {
+    match cb.request("svc.echo", vec![1u8; 200_000], Duration::from_secs(5)) {
         Err(CallError::App { code, .. }) => assert_eq!(code, code::TOO_LARGE),
         other => panic!("expected too-large, got {other:?}"),
     }
