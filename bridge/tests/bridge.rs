@@ -234,6 +234,7 @@ fn plain_nats_publishers_and_hostile_subjects() {
     let h = two_hosts("plain", None);
     let cb = h.broker_b.client();
     let sb = cb.subscribe("t.>").unwrap();
+    let gaps = cb.subscribe(&shmbus_bridge::gap_subject("hostB")).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let url = h.nats.url();
     rt.block_on(async {
@@ -260,6 +261,12 @@ fn plain_nats_publishers_and_hostile_subjects() {
     assert_eq!(got[1].origin(), Some("nats:t.plain"), "a plain NATS publisher is named by its subject");
     let s = h.b.wait_status("the deep subject counted", |s| s.nats_to_local.dropped["invalid-subject"] == 1);
     assert_eq!(s.nats_to_local.forwarded, 2);
+    // The loss is told on the receiving side.
+    let notice = next_message(&gaps, "a gap notice");
+    let v: serde_json::Value = serde_json::from_slice(notice.payload()).unwrap();
+    assert_eq!(v["direction"], "nats-to-local");
+    assert_eq!(v["missed"], 1);
+    assert_eq!(v["bridge"], "hostB");
 }
 
 #[test]
