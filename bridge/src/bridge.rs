@@ -190,7 +190,11 @@ async fn request_local(
 /// Connects to NATS with the configuration's servers, credentials and TLS;
 /// returns at once (the first connection is retried in the background, as
 /// every later one), with connection events driving `counters`.
-async fn connect_nats(cfg: &Config, counters: Arc<Counters>) -> Result<async_nats::Client, StartError> {
+async fn connect_nats(
+    cfg: &Config,
+    counters: Arc<Counters>,
+    links: mpsc::UnboundedSender<()>,
+) -> Result<async_nats::Client, StartError> {
     let mut o = async_nats::ConnectOptions::new()
         .name(format!("shmbus-bridge:{}", cfg.name))
         .no_echo()
@@ -226,10 +230,13 @@ async fn connect_nats(cfg: &Config, counters: Arc<Counters>) -> Result<async_nat
     o = o.event_callback(move |event| {
         let counters = counters.clone();
         let ever = ever.clone();
+        let links = links.clone();
         async move {
             match event {
                 async_nats::Event::Connected => {
-                    counters.nats_connected.store(true, Ordering::Relaxed);
+                    // Connected only once our subscriptions are on the
+                    // server: `watch_nats` says so after a flush.
+                    let _ = links.send(());
                     if ever.swap(true, Ordering::Relaxed) {
                         counters.nats_reconnects.fetch_add(1, Ordering::Relaxed);
                         info!("nats: reconnected");
@@ -286,7 +293,8 @@ pub async fn run(cfg: Config, host: String, shutdown: impl Future<Output = ()>) 
     let counters = Arc::new(Counters::default());
     let local = connect_shmbus(&cfg, Duration::from_secs(30)).await?;
     info!("shmbus: connected as client {}", local.id());
-    let nats = connect_nats(&cfg, counters.clone()).await?;
+    let (links, linked) = mpsc::unbounded_channel();
+    let nats = connect_nats(&cfg, counters.clone(), links).await?;
     let address = cfg.shmbus.clone().unwrap_or_else(|| "(default)".to_owned());
     let shared = Arc::new(Shared {
         prefix: Prefix::new(&cfg.prefix),
@@ -358,10 +366,8 @@ pub async fn run(cfg: Config, host: String, shutdown: impl Future<Output = ()>) 
         }
         tasks.spawn(service_import(shared.clone(), svc));
     }
-    if shared.nats_up() {
-        // The subscriptions are on the server before we say we are ready.
-        let _ = tokio::time::timeout(Duration::from_secs(2), shared.nats.flush()).await;
-    }
+    // After every subscription was asked for: its flush follows them.
+    tasks.spawn(watch_nats(shared.clone(), linked));
     tasks.spawn(gaps(shared.clone()));
     tasks.spawn(serve_status(shared.clone(), status));
     info!(
@@ -379,6 +385,24 @@ pub async fn run(cfg: Config, host: String, shutdown: impl Future<Output = ()>) 
     while tasks.join_next().await.is_some() {}
     let _ = tokio::time::timeout(Duration::from_secs(2), shared.nats.flush()).await;
     Ok(())
+}
+
+/// Marks NATS connected once a flush after a (re)connection came back:
+/// async-nats sends the subscriptions, renewed ones included, before a
+/// later flush, so from then on what is published on NATS reaches us.
+async fn watch_nats(shared: Arc<Shared>, mut linked: mpsc::UnboundedReceiver<()>) {
+    while linked.recv().await.is_some() {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(2), shared.nats.flush()).await {
+                Ok(Ok(())) => {
+                    shared.counters.nats_connected.store(true, Ordering::Relaxed);
+                    break;
+                }
+                _ if shared.nats.connection_state() != async_nats::connection::State::Connected => break,
+                _ => {}
+            }
+        }
+    }
 }
 
 async fn watch_shmbus(shared: Arc<Shared>, events: shmbus::AsyncSubscription) {
