@@ -23,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 mod async_ring;
+mod bridge;
 mod link;
 mod payload;
 mod policy;
@@ -96,6 +97,7 @@ fn main() {
             return link::helper_pub_go(&args[1], args[2].parse().unwrap(), args[3].parse().unwrap())
         }
         "__link-echo" => return link::helper_echo(&args[1]),
+        "__bridge" => return bridge::helper_bridge(&args[1]),
         _ => {}
     }
     let mut report = Report { json, rows: Vec::new() };
@@ -192,6 +194,7 @@ fn main() {
         "router" => router::router(&mut report),
         "request" => request::request(&mut report),
         "policy" => policy::policy(&mut report),
+        "bridge" => bridge::bridge(&mut report),
         "all" => {
             latency(&mut report);
             throughput(&mut report);
