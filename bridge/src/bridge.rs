@@ -328,32 +328,32 @@ pub async fn run(cfg: Config, host: String, shutdown: impl Future<Output = ()>) 
 
     let (tx, rx) = mpsc::channel::<Outgoing>(shared.cfg.queue);
     tasks.spawn(writer(shared.clone(), rx));
-    for p in shared.cfg.export.clone() {
+    for (i, p) in shared.cfg.export.clone().into_iter().enumerate() {
         let sub = shared
             .local
             .subscribe(&p)
             .await
             .map_err(|source| StartError::Subscribe { pattern: p.clone(), source })?;
-        tasks.spawn(export(shared.clone(), sub, tx.clone()));
+        tasks.spawn(export(shared.clone(), sub, i, tx.clone()));
     }
     drop(tx);
-    for p in shared.cfg.import.clone() {
+    for (i, p) in shared.cfg.import.clone().into_iter().enumerate() {
         let subject = shared.prefix.to_nats(&p);
         let sub = shared
             .nats
             .subscribe(subject.clone())
             .await
             .map_err(|e| StartError::NatsSubscribe { subject, message: e.to_string() })?;
-        tasks.spawn(import(shared.clone(), sub));
+        tasks.spawn(import(shared.clone(), sub, i));
     }
-    for p in shared.cfg.services_export.clone() {
+    for (i, p) in shared.cfg.services_export.clone().into_iter().enumerate() {
         let subject = shared.prefix.to_nats(&p);
         let sub = shared
             .nats
             .subscribe(subject.clone())
             .await
             .map_err(|e| StartError::NatsSubscribe { subject, message: e.to_string() })?;
-        tasks.spawn(service_export(shared.clone(), sub));
+        tasks.spawn(service_export(shared.clone(), sub, i));
     }
     for name in shared.cfg.services_import.clone() {
         let svc = shared
@@ -421,7 +421,12 @@ async fn watch_shmbus(shared: Arc<Shared>, events: shmbus::AsyncSubscription) {
     }
 }
 
-async fn export(shared: Arc<Shared>, sub: shmbus::AsyncSubscription, tx: mpsc::Sender<Outgoing>) {
+async fn export(
+    shared: Arc<Shared>,
+    sub: shmbus::AsyncSubscription,
+    index: usize,
+    tx: mpsc::Sender<Outgoing>,
+) {
     let c = &shared.counters;
     // Our id as of the last `Reconnected` this subscription saw.
     let mut seen_id = shared.local.id();
@@ -447,6 +452,9 @@ async fn export(shared: Arc<Shared>, sub: shmbus::AsyncSubscription, tx: mpsc::S
                 continue;
             }
         };
+        if !mapping::first_match(&shared.cfg.export, index, m.topic()) {
+            continue; // an earlier, overlapping pattern forwards it
+        }
         let own = [shared.local.id(), seen_id];
         match stats::outbound(m.sender().client_id, &own, m.len(), shared.nats_limit(), shared.nats_up()) {
             Outbound::Loop => c.looped(Dir::LocalToNats),
@@ -498,9 +506,12 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Outgoing>) {
     }
 }
 
-async fn import(shared: Arc<Shared>, mut sub: async_nats::Subscriber) {
+async fn import(shared: Arc<Shared>, mut sub: async_nats::Subscriber, index: usize) {
     let c = &shared.counters;
     while let Some(m) = sub.next().await {
+        if !mapping::first_match(&shared.cfg.import, index, shared.prefix.strip(m.subject.as_str())) {
+            continue; // an earlier, overlapping pattern's task takes it
+        }
         let h = m.headers.as_ref();
         let bridge = header(h, H_BRIDGE);
         if mapping::is_own(bridge, &shared.cfg.name) {
@@ -547,9 +558,13 @@ async fn nats_reply(shared: &Shared, to: async_nats::Subject, result: Result<Byt
     }
 }
 
-async fn service_export(shared: Arc<Shared>, mut sub: async_nats::Subscriber) {
+async fn service_export(shared: Arc<Shared>, mut sub: async_nats::Subscriber, index: usize) {
     while let Some(m) = sub.next().await {
         let c = &shared.counters;
+        if !mapping::first_match(&shared.cfg.services_export, index, shared.prefix.strip(m.subject.as_str()))
+        {
+            continue; // an earlier, overlapping pattern's task takes it
+        }
         if mapping::is_own(header(m.headers.as_ref(), H_BRIDGE), &shared.cfg.name) {
             c.looped(Dir::NatsToLocal);
             continue;

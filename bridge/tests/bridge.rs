@@ -380,3 +380,70 @@ fn the_systemd_unit_verifies() {
     let ours: Vec<&str> = err.lines().filter(|l| l.contains("shmbus-bridge")).collect();
     assert!(out.status.success() && ours.is_empty(), "systemd-analyze verify: {err}");
 }
+
+/// Overlapping patterns in one bridge's lists (`t.>` and `t.a.*`) are two
+/// subscriptions on each side, and each side delivers a matching message
+/// once per subscription: the bridge must still forward it once, and call
+/// an exported service once per request.
+#[test]
+fn overlapping_patterns_in_one_config_forward_once() {
+    let nats = Nats::start(None);
+    let broker_a = Broker::start("overlap-a");
+    let broker_b = Broker::start("overlap-b");
+    let a = Bridge::start(
+        "ovA",
+        &broker_a,
+        &nats,
+        "export = [\"t.>\", \"t.a.*\", \"t.a.b\"]\nservices_export = [\"svc.>\", \"svc.*\"]\n",
+    );
+    let b = Bridge::start(
+        "ovB",
+        &broker_b,
+        &nats,
+        "import = [\"t.>\", \"t.a.*\"]\nservices_import = [\"svc.echo\"]\n",
+    );
+    let ca = broker_a.client();
+    let cb = broker_b.client();
+    let sb = cb.subscribe("t.>").unwrap();
+    await_path(&ca, &sb, "t.a.probe");
+    for i in 0..5 {
+        ca.publish("t.a.b", format!("m{i}").as_bytes()).unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < 5 {
+        got.push(next_message(&sb, "the messages at B"));
+    }
+    got.extend(drain(&sb, Duration::from_millis(700)));
+    let payloads: Vec<String> =
+        got.iter().map(|m| String::from_utf8_lossy(m.payload()).into_owned()).collect();
+    assert_eq!(payloads, ["m0", "m1", "m2", "m3", "m4"], "each message once at B");
+
+    // A plain NATS publisher on a subject both import patterns match.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let url = nats.url();
+    rt.block_on(async {
+        let nc = async_nats::connect(url).await.unwrap();
+        nc.publish("t.a.plain", "p".into()).await.unwrap();
+        nc.flush().await.unwrap();
+    });
+    let m = next_message(&sb, "the plain NATS message");
+    assert_eq!(m.topic(), "t.a.plain");
+    assert!(drain(&sb, Duration::from_millis(700)).is_empty(), "imported once");
+
+    // A request to a name both service patterns match: one local call.
+    let echo = ca.serve("svc.echo").unwrap();
+    let served = std::thread::spawn(move || {
+        let mut calls = 0;
+        while let Ok(Some(r)) = echo.recv_timeout(Duration::from_millis(1500)) {
+            calls += 1;
+            r.reply(b"pong").unwrap();
+        }
+        calls
+    });
+    let r = cb.request("svc.echo", b"ping", Duration::from_secs(10)).unwrap();
+    assert_eq!(r.payload(), b"pong");
+    assert_eq!(served.join().unwrap(), 1, "the service was called once");
+    let sa = a.status();
+    assert_eq!(sa.nats_to_local.calls_ok, 1, "{sa:?}");
+    drop(b);
+}
