@@ -84,6 +84,15 @@ pub enum StartError {
     NameTaken(String, String),
 }
 
+/// The most payload bytes the local-to-NATS queue holds, whatever its
+/// length in messages: `queue` messages of up to `max_payload` each could
+/// otherwise take gigabytes while NATS is slow.
+pub const QUEUE_BYTES: usize = 64 << 20;
+
+/// How many commands the NATS client buffers before its publishes wait
+/// (async-nats's default, 2048, is 2 GiB of 1 MiB messages).
+const NATS_CLIENT_CAPACITY: usize = 64;
+
 /// A local message on its way to NATS.
 struct Outgoing {
     subject: String,
@@ -101,6 +110,8 @@ struct Shared {
     nats: async_nats::Client,
     address: String,
     calls: Arc<Semaphore>,
+    /// Payload bytes in the local-to-NATS queue (at most [`QUEUE_BYTES`]).
+    queued: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -198,6 +209,7 @@ async fn connect_nats(
     let mut o = async_nats::ConnectOptions::new()
         .name(format!("shmbus-bridge:{}", cfg.name))
         .no_echo()
+        .client_capacity(NATS_CLIENT_CAPACITY)
         .retry_on_initial_connect()
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(5))
@@ -299,6 +311,7 @@ pub async fn run(cfg: Config, host: String, shutdown: impl Future<Output = ()>) 
     let shared = Arc::new(Shared {
         prefix: Prefix::new(&cfg.prefix),
         calls: Arc::new(Semaphore::new(cfg.max_inflight_requests)),
+        queued: Default::default(),
         cfg,
         host,
         counters,
@@ -463,9 +476,23 @@ async fn export(
                 debug!("dropped {} ({} B): {}", m.topic(), m.len(), why.label());
             }
             Outbound::Forward => {
+                // Room first, so that a full queue costs no copy.
+                let len = m.len();
+                let full = tx.capacity() == 0 || {
+                    let over = shared.queued.fetch_add(len, Ordering::AcqRel) + len > QUEUE_BYTES;
+                    if over {
+                        shared.queued.fetch_sub(len, Ordering::AcqRel);
+                    }
+                    over
+                };
+                if full {
+                    c.dropped(Dir::LocalToNats, DropReason::QueueFull, 1);
+                    continue;
+                }
                 let payload = match m.try_payload() {
                     Ok(p) => Bytes::copy_from_slice(p),
                     Err(e) => {
+                        shared.queued.fetch_sub(len, Ordering::AcqRel);
                         c.dropped(Dir::LocalToNats, DropReason::PublishError, 1);
                         warn!("cannot read the payload of {}: {e}", m.topic());
                         continue;
@@ -475,6 +502,7 @@ async fn export(
                 match tx.try_send(out) {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(_)) => {
+                        shared.queued.fetch_sub(len, Ordering::AcqRel);
                         c.dropped(Dir::LocalToNats, DropReason::QueueFull, 1)
                     }
                     Err(mpsc::error::TrySendError::Closed(_)) => return,
@@ -487,6 +515,7 @@ async fn export(
 async fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Outgoing>) {
     let c = &shared.counters;
     while let Some(out) = rx.recv().await {
+        shared.queued.fetch_sub(out.payload.len(), Ordering::AcqRel);
         if !shared.nats_up() {
             c.dropped(Dir::LocalToNats, DropReason::NatsDown, 1);
             continue;

@@ -447,3 +447,45 @@ fn overlapping_patterns_in_one_config_forward_once() {
     assert_eq!(sa.nats_to_local.calls_ok, 1, "{sa:?}");
     drop(b);
 }
+
+/// A stalled NATS server (stopped, its socket still open: the bridge sees
+/// no disconnection) and a local flood of large messages on an exported
+/// subject: the bridge keeps reading (the publisher is never held up),
+/// holds a bounded amount of memory, and counts what it cannot queue.
+#[test]
+fn a_stalled_nats_server_costs_bounded_memory_and_counted_drops() {
+    let h = two_hosts("stall", None);
+    let ca = h.broker_a.client();
+    let cb = h.broker_b.client();
+    let sb = cb.subscribe("t.>").unwrap();
+    await_path(&ca, &sb, "t.probe");
+    let before = h.a.status().local_to_nats;
+    signal(h.nats.pid(), "STOP");
+    struct Cont(u32);
+    impl Drop for Cont {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("kill").args(["-CONT", &self.0.to_string()]).status();
+        }
+    }
+    let _cont = Cont(h.nats.pid());
+    const N: u64 = 1200;
+    let big = vec![5u8; 512 * 1024];
+    for _ in 0..N {
+        ca.publish("t.big", &big).unwrap();
+    }
+    // Every message is accounted for: forwarded (handed to the NATS
+    // client), dropped with a reason, or still in the bridge's queue.
+    let accounted = |s: &shmbus_bridge::Status| {
+        let l = &s.local_to_nats;
+        (l.forwarded + l.total_dropped()) - (before.forwarded + before.total_dropped())
+    };
+    // (and one in the writer's hands, waiting for the NATS client)
+    let queue_room = (shmbus_bridge::bridge::QUEUE_BYTES / big.len()) as u64 + 1;
+    let s = h.a.wait_status("the large messages accounted for or queued", |s| accounted(s) + queue_room >= N);
+    let rss = h.a.rss();
+    assert!(rss < 220 << 20, "bridge A holds {} MiB for a stalled NATS: {s:?}", rss >> 20);
+    assert!(s.local_to_nats.dropped["queue-full"] > 0, "{s:?}");
+    // NATS back: what was queued goes on, and all of it is accounted for.
+    drop(_cont);
+    h.a.wait_status("every large message accounted for", |s| accounted(s) >= N);
+}
