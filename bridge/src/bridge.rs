@@ -11,11 +11,20 @@
 //! - **writer** (one): takes the queue and publishes on NATS with the
 //!   bridge's headers; what it cannot publish is counted.
 //! - **import** (one per `import` pattern): reads the NATS subscription and
-//!   publishes locally with the origin text. Its own messages never come
+//!   never waits on the broker: each message goes with `try_send` into a
+//!   second bounded queue (a full one is a counted `queue-full` drop), so
+//!   NATS never buffers for the bridge (its slow-consumer drops are counted
+//!   only as far as async-nats reports them). Its own messages never come
 //!   back (NATS `no_echo`), and one carrying its own `Shmbus-Bridge` name is
-//!   dropped as a loop all the same. If the broker is away the publish waits
-//!   for the reconnection; meanwhile NATS buffers the subscription up to its
-//!   capacity and reports a slow consumer past it (counted as `gap`).
+//!   dropped as a loop all the same.
+//! - **local writer** (one): takes that queue and publishes locally with the
+//!   origin text; if the broker is away the publish waits for the
+//!   reconnection, or fails and is counted (`shmbus-down`).
+//! - Both queues hold at most `queue` messages and [`QUEUE_BYTES`] of
+//!   payload.
+//! - Overlapping patterns in one list: each side delivers a message once
+//!   per matching subscription; only the task of the first matching pattern
+//!   forwards it.
 //! - **service export** (one per `services_export` pattern): each NATS
 //!   request becomes a local call, in a task of its own under a bound
 //!   (`max_inflight_requests`; past it the caller is answered
@@ -89,9 +98,22 @@ pub enum StartError {
 /// otherwise take gigabytes while NATS is slow.
 pub const QUEUE_BYTES: usize = 64 << 20;
 
+/// How many messages the NATS client buffers per subscription before it
+/// drops them (async-nats's default, 65536, is 64 GiB of 1 MiB messages).
+/// The bridge's tasks only move them into its own bounded queues, so this
+/// fills only if they are starved of CPU.
+const NATS_SUBSCRIPTION_CAPACITY: usize = 1024;
+
 /// How many commands the NATS client buffers before its publishes wait
 /// (async-nats's default, 2048, is 2 GiB of 1 MiB messages).
 const NATS_CLIENT_CAPACITY: usize = 64;
+
+/// A NATS message on its way to the local bus.
+struct Incoming {
+    subject: String,
+    payload: Bytes,
+    origin: String,
+}
 
 /// A local message on its way to NATS.
 struct Outgoing {
@@ -112,6 +134,8 @@ struct Shared {
     calls: Arc<Semaphore>,
     /// Payload bytes in the local-to-NATS queue (at most [`QUEUE_BYTES`]).
     queued: std::sync::atomic::AtomicUsize,
+    /// Payload bytes in the NATS-to-local queue (at most [`QUEUE_BYTES`]).
+    queued_in: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -210,6 +234,7 @@ async fn connect_nats(
         .name(format!("shmbus-bridge:{}", cfg.name))
         .no_echo()
         .client_capacity(NATS_CLIENT_CAPACITY)
+        .subscription_capacity(NATS_SUBSCRIPTION_CAPACITY)
         .retry_on_initial_connect()
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(5))
@@ -312,6 +337,7 @@ pub async fn run(cfg: Config, host: String, shutdown: impl Future<Output = ()>) 
         prefix: Prefix::new(&cfg.prefix),
         calls: Arc::new(Semaphore::new(cfg.max_inflight_requests)),
         queued: Default::default(),
+        queued_in: Default::default(),
         cfg,
         host,
         counters,
@@ -350,6 +376,8 @@ pub async fn run(cfg: Config, host: String, shutdown: impl Future<Output = ()>) 
         tasks.spawn(export(shared.clone(), sub, i, tx.clone()));
     }
     drop(tx);
+    let (tx, rx) = mpsc::channel::<Incoming>(shared.cfg.queue);
+    tasks.spawn(local_writer(shared.clone(), rx));
     for (i, p) in shared.cfg.import.clone().into_iter().enumerate() {
         let subject = shared.prefix.to_nats(&p);
         let sub = shared
@@ -357,7 +385,7 @@ pub async fn run(cfg: Config, host: String, shutdown: impl Future<Output = ()>) 
             .subscribe(subject.clone())
             .await
             .map_err(|e| StartError::NatsSubscribe { subject, message: e.to_string() })?;
-        tasks.spawn(import(shared.clone(), sub, i));
+        tasks.spawn(import(shared.clone(), sub, i, tx.clone()));
     }
     for (i, p) in shared.cfg.services_export.clone().into_iter().enumerate() {
         let subject = shared.prefix.to_nats(&p);
@@ -478,14 +506,7 @@ async fn export(
             Outbound::Forward => {
                 // Room first, so that a full queue costs no copy.
                 let len = m.len();
-                let full = tx.capacity() == 0 || {
-                    let over = shared.queued.fetch_add(len, Ordering::AcqRel) + len > QUEUE_BYTES;
-                    if over {
-                        shared.queued.fetch_sub(len, Ordering::AcqRel);
-                    }
-                    over
-                };
-                if full {
+                if tx.capacity() == 0 || !take_room(&shared.queued, len) {
                     c.dropped(Dir::LocalToNats, DropReason::QueueFull, 1);
                     continue;
                 }
@@ -535,7 +556,21 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Outgoing>) {
     }
 }
 
-async fn import(shared: Arc<Shared>, mut sub: async_nats::Subscriber, index: usize) {
+/// Takes `len` bytes of room under [`QUEUE_BYTES`] in `queued`, if there is.
+fn take_room(queued: &std::sync::atomic::AtomicUsize, len: usize) -> bool {
+    let over = queued.fetch_add(len, Ordering::AcqRel) + len > QUEUE_BYTES;
+    if over {
+        queued.fetch_sub(len, Ordering::AcqRel);
+    }
+    !over
+}
+
+async fn import(
+    shared: Arc<Shared>,
+    mut sub: async_nats::Subscriber,
+    index: usize,
+    tx: mpsc::Sender<Incoming>,
+) {
     let c = &shared.counters;
     while let Some(m) = sub.next().await {
         if !mapping::first_match(&shared.cfg.import, index, shared.prefix.strip(m.subject.as_str())) {
@@ -556,7 +591,28 @@ async fn import(shared: Arc<Shared>, mut sub: async_nats::Subscriber, index: usi
             }
         };
         let origin = mapping::origin(bridge, header(h, H_HOST), header(h, H_SENDER), m.subject.as_str());
-        match publish_local(&shared.local, local, &m.payload, &origin).await {
+        // Never wait for the broker here: NATS would buffer for us, without
+        // a bound in bytes, and count its drops only as it can.
+        let len = m.payload.len();
+        if tx.capacity() == 0 || !take_room(&shared.queued_in, len) {
+            c.dropped(Dir::NatsToLocal, DropReason::QueueFull, 1);
+            continue;
+        }
+        let inc = Incoming { subject: local.to_owned(), payload: m.payload, origin };
+        if tx.try_send(inc).is_err() {
+            shared.queued_in.fetch_sub(len, Ordering::AcqRel);
+            c.dropped(Dir::NatsToLocal, DropReason::QueueFull, 1);
+        }
+    }
+    warn!("nats: an import subscription ended");
+}
+
+/// Publishes imported messages locally, in the order they came.
+async fn local_writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Incoming>) {
+    let c = &shared.counters;
+    while let Some(inc) = rx.recv().await {
+        shared.queued_in.fetch_sub(inc.payload.len(), Ordering::AcqRel);
+        match publish_local(&shared.local, &inc.subject, &inc.payload, &inc.origin).await {
             Ok(()) => c.forwarded(Dir::NatsToLocal),
             Err(e) => {
                 let why = match e {
@@ -564,11 +620,10 @@ async fn import(shared: Arc<Shared>, mut sub: async_nats::Subscriber, index: usi
                     _ => DropReason::PublishError,
                 };
                 c.dropped(Dir::NatsToLocal, why, 1);
-                warn!("shmbus: cannot publish {local}: {e}");
+                warn!("shmbus: cannot publish {}: {e}", inc.subject);
             }
         }
     }
-    warn!("nats: an import subscription ended");
 }
 
 /// Publishes a NATS reply (a payload, or an error header); a failure only

@@ -489,3 +489,59 @@ fn a_stalled_nats_server_costs_bounded_memory_and_counted_drops() {
     drop(_cont);
     h.a.wait_status("every large message accounted for", |s| accounted(s) >= N);
 }
+
+/// A stalled local broker (stopped: the bridge's publishes wait for room
+/// on its socket) and a NATS flood of large messages on an imported
+/// subject: the bridge keeps reading NATS into a bounded queue, holds a
+/// bounded amount of memory, and counts what it cannot queue.
+#[test]
+fn a_stalled_broker_costs_bounded_memory_and_counted_drops() {
+    let h = two_hosts("stallb", None);
+    let cb = h.broker_b.client();
+    let sb = cb.subscribe("t.>").unwrap();
+    await_path(&h.broker_a.client(), &sb, "t.probe");
+    let before = h.b.status().nats_to_local;
+    let broker_pid = h.broker_b.pid();
+    signal(broker_pid, "STOP");
+    struct Cont(Option<u32>);
+    impl Drop for Cont {
+        fn drop(&mut self) {
+            if let Some(p) = self.0.take() {
+                let _ = std::process::Command::new("kill").args(["-CONT", &p.to_string()]).status();
+            }
+        }
+    }
+    let mut cont = Cont(Some(broker_pid));
+    const N: u64 = 1200;
+    let big = bytes::Bytes::from(vec![9u8; 512 * 1024]);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let url = h.nats.url();
+    rt.block_on(async {
+        let nc = async_nats::connect(url).await.unwrap();
+        for _ in 0..N {
+            nc.publish("t.flood", big.clone()).await.unwrap();
+        }
+        nc.flush().await.unwrap();
+    });
+    // Let the bridge read what NATS sends it (it cannot be asked: its
+    // broker is stopped), then measure.
+    let start = std::time::Instant::now();
+    let mut last = 0;
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let rss = h.b.rss();
+        if rss == last || start.elapsed() > PATIENCE {
+            break;
+        }
+        last = rss;
+    }
+    let rss = h.b.rss();
+    cont.0.take().map(|p| signal(p, "CONT"));
+    assert!(rss < 220 << 20, "bridge B holds {} MiB for a stalled broker", rss >> 20);
+    // Every message is forwarded or dropped with a reason.
+    let s = h.b.wait_status("every message accounted for", |s| {
+        let l = &s.nats_to_local;
+        (l.forwarded + l.total_dropped()) - (before.forwarded + before.total_dropped()) >= N
+    });
+    assert!(s.nats_to_local.dropped["queue-full"] > 0, "{s:?}");
+}

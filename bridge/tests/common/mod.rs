@@ -161,6 +161,11 @@ impl Broker {
         wait_for("the broker to accept", || Client::connect_to(&address).ok());
     }
 
+    /// The broker's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the broker runs").id()
+    }
+
     pub fn client(&self) -> Client {
         Client::connect_to(&self.address).expect("connect to the test broker")
     }
