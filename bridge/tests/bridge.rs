@@ -536,7 +536,9 @@ fn a_stalled_broker_costs_bounded_memory_and_counted_drops() {
         last = rss;
     }
     let rss = h.b.rss();
-    cont.0.take().map(|p| signal(p, "CONT"));
+    if let Some(p) = cont.0.take() {
+        signal(p, "CONT");
+    }
     assert!(rss < 220 << 20, "bridge B holds {} MiB for a stalled broker", rss >> 20);
     // Every message is forwarded or dropped with a reason.
     let s = h.b.wait_status("every message accounted for", |s| {
