@@ -275,7 +275,6 @@ async fn connect_nats(
                     // server: `watch_nats` says so after a flush.
                     let _ = links.send(());
                     if ever.swap(true, Ordering::Relaxed) {
-                        counters.nats_reconnects.fetch_add(1, Ordering::Relaxed);
                         info!("nats: reconnected");
                     } else {
                         info!("nats: connected");
@@ -431,16 +430,32 @@ pub async fn run(cfg: Config, host: String, shutdown: impl Future<Output = ()>) 
 /// Marks NATS connected once a flush after a (re)connection came back:
 /// async-nats sends the subscriptions, renewed ones included, before a
 /// later flush, so from then on what is published on NATS reaches us.
+///
+/// Woken by the `Connected` event, but it does not trust events alone:
+/// async-nats drops them when its 128-event queue is full (a burst of
+/// slow-consumer events does that), so it also looks at the connection's
+/// state and its count of connections every 200 ms. A lost `Connected`
+/// would otherwise leave the bridge dropping everything as `nats-down`
+/// until the next reconnection, a lost `Disconnected` counting messages
+/// as forwarded into a dead connection.
 async fn watch_nats(shared: Arc<Shared>, mut linked: mpsc::UnboundedReceiver<()>) {
-    while linked.recv().await.is_some() {
-        loop {
-            match tokio::time::timeout(Duration::from_secs(2), shared.nats.flush()).await {
-                Ok(Ok(())) => {
-                    shared.counters.nats_connected.store(true, Ordering::Relaxed);
-                    break;
-                }
-                _ if shared.nats.connection_state() != async_nats::connection::State::Connected => break,
-                _ => {}
+    let stats = shared.nats.statistics();
+    let mut flushed = 0;
+    loop {
+        let _ = tokio::time::timeout(Duration::from_millis(200), linked.recv()).await;
+        if shared.nats.connection_state() != async_nats::connection::State::Connected {
+            shared.counters.nats_connected.store(false, Ordering::Relaxed);
+            continue;
+        }
+        let connects = stats.connects.load(Ordering::Relaxed);
+        if connects == flushed {
+            continue;
+        }
+        if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(2), shared.nats.flush()).await {
+            flushed = connects;
+            shared.counters.nats_reconnects.store(connects.saturating_sub(1), Ordering::Relaxed);
+            if shared.nats.connection_state() == async_nats::connection::State::Connected {
+                shared.counters.nats_connected.store(true, Ordering::Relaxed);
             }
         }
     }
@@ -772,7 +787,12 @@ async fn call_nats(shared: &Shared, name: &str, req: &shmbus::Request) -> Result
     h.insert(H_TIMEOUT, value(&timeout.as_millis().to_string()));
     let request =
         async_nats::Request::new().payload(Bytes::copy_from_slice(payload)).headers(h).timeout(Some(timeout));
-    match shared.nats.send_request(shared.prefix.to_nats(name), request).await {
+    // async-nats's timeout covers the wait for the answer, not the publish
+    // of the request, which waits while its command buffer is full (NATS
+    // stalled, or reconnecting): bound the whole.
+    let sent = tokio::time::timeout(timeout, shared.nats.send_request(shared.prefix.to_nats(name), request));
+    let Ok(answer) = sent.await else { return Err(RemoteError::Timeout) };
+    match answer {
         Ok(m) => {
             if let Some(e) = header(m.headers.as_ref(), H_ERROR) {
                 return Err(RemoteError::parse(e));
