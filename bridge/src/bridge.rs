@@ -11,11 +11,20 @@
 //! - **writer** (one): takes the queue and publishes on NATS with the
 //!   bridge's headers; what it cannot publish is counted.
 //! - **import** (one per `import` pattern): reads the NATS subscription and
-//!   publishes locally with the origin text. Its own messages never come
+//!   never waits on the broker: each message goes with `try_send` into a
+//!   second bounded queue (a full one is a counted `queue-full` drop), so
+//!   NATS never buffers for the bridge (its slow-consumer drops are counted
+//!   only as far as async-nats reports them). Its own messages never come
 //!   back (NATS `no_echo`), and one carrying its own `Shmbus-Bridge` name is
-//!   dropped as a loop all the same. If the broker is away the publish waits
-//!   for the reconnection; meanwhile NATS buffers the subscription up to its
-//!   capacity and reports a slow consumer past it (counted as `gap`).
+//!   dropped as a loop all the same.
+//! - **local writer** (one): takes that queue and publishes locally with the
+//!   origin text; if the broker is away the publish waits for the
+//!   reconnection, or fails and is counted (`shmbus-down`).
+//! - Both queues hold at most `queue` messages and [`QUEUE_BYTES`] of
+//!   payload.
+//! - Overlapping patterns in one list: each side delivers a message once
+//!   per matching subscription; only the task of the first matching pattern
+//!   forwards it.
 //! - **service export** (one per `services_export` pattern): each NATS
 //!   request becomes a local call, in a task of its own under a bound
 //!   (`max_inflight_requests`; past it the caller is answered
@@ -84,6 +93,28 @@ pub enum StartError {
     NameTaken(String, String),
 }
 
+/// The most payload bytes the local-to-NATS queue holds, whatever its
+/// length in messages: `queue` messages of up to `max_payload` each could
+/// otherwise take gigabytes while NATS is slow.
+pub const QUEUE_BYTES: usize = 64 << 20;
+
+/// How many messages the NATS client buffers per subscription before it
+/// drops them (async-nats's default, 65536, is 64 GiB of 1 MiB messages).
+/// The bridge's tasks only move them into its own bounded queues, so this
+/// fills only if they are starved of CPU.
+const NATS_SUBSCRIPTION_CAPACITY: usize = 1024;
+
+/// How many commands the NATS client buffers before its publishes wait
+/// (async-nats's default, 2048, is 2 GiB of 1 MiB messages).
+const NATS_CLIENT_CAPACITY: usize = 64;
+
+/// A NATS message on its way to the local bus.
+struct Incoming {
+    subject: String,
+    payload: Bytes,
+    origin: String,
+}
+
 /// A local message on its way to NATS.
 struct Outgoing {
     subject: String,
@@ -101,6 +132,10 @@ struct Shared {
     nats: async_nats::Client,
     address: String,
     calls: Arc<Semaphore>,
+    /// Payload bytes in the local-to-NATS queue (at most [`QUEUE_BYTES`]).
+    queued: std::sync::atomic::AtomicUsize,
+    /// Payload bytes in the NATS-to-local queue (at most [`QUEUE_BYTES`]).
+    queued_in: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -198,6 +233,8 @@ async fn connect_nats(
     let mut o = async_nats::ConnectOptions::new()
         .name(format!("shmbus-bridge:{}", cfg.name))
         .no_echo()
+        .client_capacity(NATS_CLIENT_CAPACITY)
+        .subscription_capacity(NATS_SUBSCRIPTION_CAPACITY)
         .retry_on_initial_connect()
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(5))
@@ -238,7 +275,6 @@ async fn connect_nats(
                     // server: `watch_nats` says so after a flush.
                     let _ = links.send(());
                     if ever.swap(true, Ordering::Relaxed) {
-                        counters.nats_reconnects.fetch_add(1, Ordering::Relaxed);
                         info!("nats: reconnected");
                     } else {
                         info!("nats: connected");
@@ -299,6 +335,8 @@ pub async fn run(cfg: Config, host: String, shutdown: impl Future<Output = ()>) 
     let shared = Arc::new(Shared {
         prefix: Prefix::new(&cfg.prefix),
         calls: Arc::new(Semaphore::new(cfg.max_inflight_requests)),
+        queued: Default::default(),
+        queued_in: Default::default(),
         cfg,
         host,
         counters,
@@ -328,32 +366,34 @@ pub async fn run(cfg: Config, host: String, shutdown: impl Future<Output = ()>) 
 
     let (tx, rx) = mpsc::channel::<Outgoing>(shared.cfg.queue);
     tasks.spawn(writer(shared.clone(), rx));
-    for p in shared.cfg.export.clone() {
+    for (i, p) in shared.cfg.export.clone().into_iter().enumerate() {
         let sub = shared
             .local
             .subscribe(&p)
             .await
             .map_err(|source| StartError::Subscribe { pattern: p.clone(), source })?;
-        tasks.spawn(export(shared.clone(), sub, tx.clone()));
+        tasks.spawn(export(shared.clone(), sub, i, tx.clone()));
     }
     drop(tx);
-    for p in shared.cfg.import.clone() {
+    let (tx, rx) = mpsc::channel::<Incoming>(shared.cfg.queue);
+    tasks.spawn(local_writer(shared.clone(), rx));
+    for (i, p) in shared.cfg.import.clone().into_iter().enumerate() {
         let subject = shared.prefix.to_nats(&p);
         let sub = shared
             .nats
             .subscribe(subject.clone())
             .await
             .map_err(|e| StartError::NatsSubscribe { subject, message: e.to_string() })?;
-        tasks.spawn(import(shared.clone(), sub));
+        tasks.spawn(import(shared.clone(), sub, i, tx.clone()));
     }
-    for p in shared.cfg.services_export.clone() {
+    for (i, p) in shared.cfg.services_export.clone().into_iter().enumerate() {
         let subject = shared.prefix.to_nats(&p);
         let sub = shared
             .nats
             .subscribe(subject.clone())
             .await
             .map_err(|e| StartError::NatsSubscribe { subject, message: e.to_string() })?;
-        tasks.spawn(service_export(shared.clone(), sub));
+        tasks.spawn(service_export(shared.clone(), sub, i));
     }
     for name in shared.cfg.services_import.clone() {
         let svc = shared
@@ -390,16 +430,32 @@ pub async fn run(cfg: Config, host: String, shutdown: impl Future<Output = ()>) 
 /// Marks NATS connected once a flush after a (re)connection came back:
 /// async-nats sends the subscriptions, renewed ones included, before a
 /// later flush, so from then on what is published on NATS reaches us.
+///
+/// Woken by the `Connected` event, but it does not trust events alone:
+/// async-nats drops them when its 128-event queue is full (a burst of
+/// slow-consumer events does that), so it also looks at the connection's
+/// state and its count of connections every 200 ms. A lost `Connected`
+/// would otherwise leave the bridge dropping everything as `nats-down`
+/// until the next reconnection, a lost `Disconnected` counting messages
+/// as forwarded into a dead connection.
 async fn watch_nats(shared: Arc<Shared>, mut linked: mpsc::UnboundedReceiver<()>) {
-    while linked.recv().await.is_some() {
-        loop {
-            match tokio::time::timeout(Duration::from_secs(2), shared.nats.flush()).await {
-                Ok(Ok(())) => {
-                    shared.counters.nats_connected.store(true, Ordering::Relaxed);
-                    break;
-                }
-                _ if shared.nats.connection_state() != async_nats::connection::State::Connected => break,
-                _ => {}
+    let stats = shared.nats.statistics();
+    let mut flushed = 0;
+    loop {
+        let _ = tokio::time::timeout(Duration::from_millis(200), linked.recv()).await;
+        if shared.nats.connection_state() != async_nats::connection::State::Connected {
+            shared.counters.nats_connected.store(false, Ordering::Relaxed);
+            continue;
+        }
+        let connects = stats.connects.load(Ordering::Relaxed);
+        if connects == flushed {
+            continue;
+        }
+        if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(2), shared.nats.flush()).await {
+            flushed = connects;
+            shared.counters.nats_reconnects.store(connects.saturating_sub(1), Ordering::Relaxed);
+            if shared.nats.connection_state() == async_nats::connection::State::Connected {
+                shared.counters.nats_connected.store(true, Ordering::Relaxed);
             }
         }
     }
@@ -421,7 +477,12 @@ async fn watch_shmbus(shared: Arc<Shared>, events: shmbus::AsyncSubscription) {
     }
 }
 
-async fn export(shared: Arc<Shared>, sub: shmbus::AsyncSubscription, tx: mpsc::Sender<Outgoing>) {
+async fn export(
+    shared: Arc<Shared>,
+    sub: shmbus::AsyncSubscription,
+    index: usize,
+    tx: mpsc::Sender<Outgoing>,
+) {
     let c = &shared.counters;
     // Our id as of the last `Reconnected` this subscription saw.
     let mut seen_id = shared.local.id();
@@ -447,6 +508,9 @@ async fn export(shared: Arc<Shared>, sub: shmbus::AsyncSubscription, tx: mpsc::S
                 continue;
             }
         };
+        if !mapping::first_match(&shared.cfg.export, index, m.topic()) {
+            continue; // an earlier, overlapping pattern forwards it
+        }
         let own = [shared.local.id(), seen_id];
         match stats::outbound(m.sender().client_id, &own, m.len(), shared.nats_limit(), shared.nats_up()) {
             Outbound::Loop => c.looped(Dir::LocalToNats),
@@ -455,9 +519,16 @@ async fn export(shared: Arc<Shared>, sub: shmbus::AsyncSubscription, tx: mpsc::S
                 debug!("dropped {} ({} B): {}", m.topic(), m.len(), why.label());
             }
             Outbound::Forward => {
+                // Room first, so that a full queue costs no copy.
+                let len = m.len();
+                if tx.capacity() == 0 || !take_room(&shared.queued, len) {
+                    c.dropped(Dir::LocalToNats, DropReason::QueueFull, 1);
+                    continue;
+                }
                 let payload = match m.try_payload() {
                     Ok(p) => Bytes::copy_from_slice(p),
                     Err(e) => {
+                        shared.queued.fetch_sub(len, Ordering::AcqRel);
                         c.dropped(Dir::LocalToNats, DropReason::PublishError, 1);
                         warn!("cannot read the payload of {}: {e}", m.topic());
                         continue;
@@ -467,6 +538,7 @@ async fn export(shared: Arc<Shared>, sub: shmbus::AsyncSubscription, tx: mpsc::S
                 match tx.try_send(out) {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(_)) => {
+                        shared.queued.fetch_sub(len, Ordering::AcqRel);
                         c.dropped(Dir::LocalToNats, DropReason::QueueFull, 1)
                     }
                     Err(mpsc::error::TrySendError::Closed(_)) => return,
@@ -479,6 +551,7 @@ async fn export(shared: Arc<Shared>, sub: shmbus::AsyncSubscription, tx: mpsc::S
 async fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Outgoing>) {
     let c = &shared.counters;
     while let Some(out) = rx.recv().await {
+        shared.queued.fetch_sub(out.payload.len(), Ordering::AcqRel);
         if !shared.nats_up() {
             c.dropped(Dir::LocalToNats, DropReason::NatsDown, 1);
             continue;
@@ -498,9 +571,26 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Outgoing>) {
     }
 }
 
-async fn import(shared: Arc<Shared>, mut sub: async_nats::Subscriber) {
+/// Takes `len` bytes of room under [`QUEUE_BYTES`] in `queued`, if there is.
+fn take_room(queued: &std::sync::atomic::AtomicUsize, len: usize) -> bool {
+    let over = queued.fetch_add(len, Ordering::AcqRel) + len > QUEUE_BYTES;
+    if over {
+        queued.fetch_sub(len, Ordering::AcqRel);
+    }
+    !over
+}
+
+async fn import(
+    shared: Arc<Shared>,
+    mut sub: async_nats::Subscriber,
+    index: usize,
+    tx: mpsc::Sender<Incoming>,
+) {
     let c = &shared.counters;
     while let Some(m) = sub.next().await {
+        if !mapping::first_match(&shared.cfg.import, index, shared.prefix.strip(m.subject.as_str())) {
+            continue; // an earlier, overlapping pattern's task takes it
+        }
         let h = m.headers.as_ref();
         let bridge = header(h, H_BRIDGE);
         if mapping::is_own(bridge, &shared.cfg.name) {
@@ -516,7 +606,28 @@ async fn import(shared: Arc<Shared>, mut sub: async_nats::Subscriber) {
             }
         };
         let origin = mapping::origin(bridge, header(h, H_HOST), header(h, H_SENDER), m.subject.as_str());
-        match publish_local(&shared.local, local, &m.payload, &origin).await {
+        // Never wait for the broker here: NATS would buffer for us, without
+        // a bound in bytes, and count its drops only as it can.
+        let len = m.payload.len();
+        if tx.capacity() == 0 || !take_room(&shared.queued_in, len) {
+            c.dropped(Dir::NatsToLocal, DropReason::QueueFull, 1);
+            continue;
+        }
+        let inc = Incoming { subject: local.to_owned(), payload: m.payload, origin };
+        if tx.try_send(inc).is_err() {
+            shared.queued_in.fetch_sub(len, Ordering::AcqRel);
+            c.dropped(Dir::NatsToLocal, DropReason::QueueFull, 1);
+        }
+    }
+    warn!("nats: an import subscription ended");
+}
+
+/// Publishes imported messages locally, in the order they came.
+async fn local_writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Incoming>) {
+    let c = &shared.counters;
+    while let Some(inc) = rx.recv().await {
+        shared.queued_in.fetch_sub(inc.payload.len(), Ordering::AcqRel);
+        match publish_local(&shared.local, &inc.subject, &inc.payload, &inc.origin).await {
             Ok(()) => c.forwarded(Dir::NatsToLocal),
             Err(e) => {
                 let why = match e {
@@ -524,11 +635,10 @@ async fn import(shared: Arc<Shared>, mut sub: async_nats::Subscriber) {
                     _ => DropReason::PublishError,
                 };
                 c.dropped(Dir::NatsToLocal, why, 1);
-                warn!("shmbus: cannot publish {local}: {e}");
+                warn!("shmbus: cannot publish {}: {e}", inc.subject);
             }
         }
     }
-    warn!("nats: an import subscription ended");
 }
 
 /// Publishes a NATS reply (a payload, or an error header); a failure only
@@ -547,9 +657,13 @@ async fn nats_reply(shared: &Shared, to: async_nats::Subject, result: Result<Byt
     }
 }
 
-async fn service_export(shared: Arc<Shared>, mut sub: async_nats::Subscriber) {
+async fn service_export(shared: Arc<Shared>, mut sub: async_nats::Subscriber, index: usize) {
     while let Some(m) = sub.next().await {
         let c = &shared.counters;
+        if !mapping::first_match(&shared.cfg.services_export, index, shared.prefix.strip(m.subject.as_str()))
+        {
+            continue; // an earlier, overlapping pattern's task takes it
+        }
         if mapping::is_own(header(m.headers.as_ref(), H_BRIDGE), &shared.cfg.name) {
             c.looped(Dir::NatsToLocal);
             continue;
@@ -673,7 +787,12 @@ async fn call_nats(shared: &Shared, name: &str, req: &shmbus::Request) -> Result
     h.insert(H_TIMEOUT, value(&timeout.as_millis().to_string()));
     let request =
         async_nats::Request::new().payload(Bytes::copy_from_slice(payload)).headers(h).timeout(Some(timeout));
-    match shared.nats.send_request(shared.prefix.to_nats(name), request).await {
+    // async-nats's timeout covers the wait for the answer, not the publish
+    // of the request, which waits while its command buffer is full (NATS
+    // stalled, or reconnecting): bound the whole.
+    let sent = tokio::time::timeout(timeout, shared.nats.send_request(shared.prefix.to_nats(name), request));
+    let Ok(answer) = sent.await else { return Err(RemoteError::Timeout) };
+    match answer {
         Ok(m) => {
             if let Some(e) = header(m.headers.as_ref(), H_ERROR) {
                 return Err(RemoteError::parse(e));

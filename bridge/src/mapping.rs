@@ -27,7 +27,7 @@
 //! same way, so no peer input can make a header that async-nats refuses.
 
 use shmbus::{CallError, Sender};
-use shmbus_proto::subject::validate_subject;
+use shmbus_proto::subject::{pattern_matches, validate_subject};
 
 pub const H_BRIDGE: &str = "Shmbus-Bridge";
 pub const H_HOST: &str = "Shmbus-Host";
@@ -91,6 +91,12 @@ impl Prefix {
         format!("{}{local}", self.0)
     }
 
+    /// A NATS subject without the prefix (as it is if it lacks it), valid
+    /// or not: for matching it against local patterns.
+    pub fn strip<'a>(&self, nats: &'a str) -> &'a str {
+        nats.strip_prefix(self.0.as_str()).unwrap_or(nats)
+    }
+
     /// The local subject for a NATS subject, if it has one.
     pub fn to_local<'a>(&self, nats: &'a str) -> Result<&'a str, MapError> {
         let rest =
@@ -102,6 +108,15 @@ impl Prefix {
         }
         Ok(rest)
     }
+}
+
+/// Whether the subscription of `patterns[index]` is the one that forwards
+/// `subject` (a subject it matched, without the prefix): no earlier pattern of the
+/// same list matches it. Each side delivers a message once per matching
+/// subscription, so overlapping patterns in one list (`t.>` and `t.a.*`)
+/// would otherwise forward it once per pattern.
+pub fn first_match(patterns: &[String], index: usize, subject: &str) -> bool {
+    !patterns[..index.min(patterns.len())].iter().any(|p| pattern_matches(p, subject))
 }
 
 /// `s` with anything but printable ASCII made `?`, cut to `max` bytes.
@@ -293,6 +308,16 @@ mod tests {
         // The error text is printable and bounded whatever came in.
         let e = p.to_local(&format!("a.{}\u{0}", "é".repeat(3000))).unwrap_err().to_string();
         assert!(e.len() < 400 && e.chars().all(|c| (' '..='~').contains(&c)), "{e}");
+    }
+
+    #[test]
+    fn only_the_first_matching_pattern_forwards() {
+        let ps: Vec<String> = ["t.>", "t.a.*", "u.x"].iter().map(|s| s.to_string()).collect();
+        assert!(first_match(&ps, 0, "t.a.b"));
+        assert!(!first_match(&ps, 1, "t.a.b"));
+        assert!(first_match(&ps, 2, "u.x"));
+        let dup: Vec<String> = vec!["a.*".into(), "a.*".into()];
+        assert!(!first_match(&dup, 1, "a.b"));
     }
 
     #[test]

@@ -380,3 +380,170 @@ fn the_systemd_unit_verifies() {
     let ours: Vec<&str> = err.lines().filter(|l| l.contains("shmbus-bridge")).collect();
     assert!(out.status.success() && ours.is_empty(), "systemd-analyze verify: {err}");
 }
+
+/// Overlapping patterns in one bridge's lists (`t.>` and `t.a.*`) are two
+/// subscriptions on each side, and each side delivers a matching message
+/// once per subscription: the bridge must still forward it once, and call
+/// an exported service once per request.
+#[test]
+fn overlapping_patterns_in_one_config_forward_once() {
+    let nats = Nats::start(None);
+    let broker_a = Broker::start("overlap-a");
+    let broker_b = Broker::start("overlap-b");
+    let a = Bridge::start(
+        "ovA",
+        &broker_a,
+        &nats,
+        "export = [\"t.>\", \"t.a.*\", \"t.a.b\"]\nservices_export = [\"svc.>\", \"svc.*\"]\n",
+    );
+    let b = Bridge::start(
+        "ovB",
+        &broker_b,
+        &nats,
+        "import = [\"t.>\", \"t.a.*\"]\nservices_import = [\"svc.echo\"]\n",
+    );
+    let ca = broker_a.client();
+    let cb = broker_b.client();
+    let sb = cb.subscribe("t.>").unwrap();
+    await_path(&ca, &sb, "t.a.probe");
+    for i in 0..5 {
+        ca.publish("t.a.b", format!("m{i}").as_bytes()).unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < 5 {
+        got.push(next_message(&sb, "the messages at B"));
+    }
+    got.extend(drain(&sb, Duration::from_millis(700)));
+    let payloads: Vec<String> =
+        got.iter().map(|m| String::from_utf8_lossy(m.payload()).into_owned()).collect();
+    assert_eq!(payloads, ["m0", "m1", "m2", "m3", "m4"], "each message once at B");
+
+    // A plain NATS publisher on a subject both import patterns match.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let url = nats.url();
+    rt.block_on(async {
+        let nc = async_nats::connect(url).await.unwrap();
+        nc.publish("t.a.plain", "p".into()).await.unwrap();
+        nc.flush().await.unwrap();
+    });
+    let m = next_message(&sb, "the plain NATS message");
+    assert_eq!(m.topic(), "t.a.plain");
+    assert!(drain(&sb, Duration::from_millis(700)).is_empty(), "imported once");
+
+    // A request to a name both service patterns match: one local call.
+    let echo = ca.serve("svc.echo").unwrap();
+    let served = std::thread::spawn(move || {
+        let mut calls = 0;
+        while let Ok(Some(r)) = echo.recv_timeout(Duration::from_millis(1500)) {
+            calls += 1;
+            r.reply(b"pong").unwrap();
+        }
+        calls
+    });
+    let r = cb.request("svc.echo", b"ping", Duration::from_secs(10)).unwrap();
+    assert_eq!(r.payload(), b"pong");
+    assert_eq!(served.join().unwrap(), 1, "the service was called once");
+    let sa = a.status();
+    assert_eq!(sa.nats_to_local.calls_ok, 1, "{sa:?}");
+    drop(b);
+}
+
+/// A stalled NATS server (stopped, its socket still open: the bridge sees
+/// no disconnection) and a local flood of large messages on an exported
+/// subject: the bridge keeps reading (the publisher is never held up),
+/// holds a bounded amount of memory, and counts what it cannot queue.
+#[test]
+fn a_stalled_nats_server_costs_bounded_memory_and_counted_drops() {
+    let h = two_hosts("stall", None);
+    let ca = h.broker_a.client();
+    let cb = h.broker_b.client();
+    let sb = cb.subscribe("t.>").unwrap();
+    await_path(&ca, &sb, "t.probe");
+    let before = h.a.status().local_to_nats;
+    signal(h.nats.pid(), "STOP");
+    struct Cont(u32);
+    impl Drop for Cont {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("kill").args(["-CONT", &self.0.to_string()]).status();
+        }
+    }
+    let _cont = Cont(h.nats.pid());
+    const N: u64 = 1200;
+    let big = vec![5u8; 512 * 1024];
+    for _ in 0..N {
+        ca.publish("t.big", &big).unwrap();
+    }
+    // Every message is accounted for: forwarded (handed to the NATS
+    // client), dropped with a reason, or still in the bridge's queue.
+    let accounted = |s: &shmbus_bridge::Status| {
+        let l = &s.local_to_nats;
+        (l.forwarded + l.total_dropped()) - (before.forwarded + before.total_dropped())
+    };
+    // (and one in the writer's hands, waiting for the NATS client)
+    let queue_room = (shmbus_bridge::bridge::QUEUE_BYTES / big.len()) as u64 + 1;
+    let s = h.a.wait_status("the large messages accounted for or queued", |s| accounted(s) + queue_room >= N);
+    let rss = h.a.rss();
+    assert!(rss < 220 << 20, "bridge A holds {} MiB for a stalled NATS: {s:?}", rss >> 20);
+    assert!(s.local_to_nats.dropped["queue-full"] > 0, "{s:?}");
+    // NATS back: what was queued goes on, and all of it is accounted for.
+    drop(_cont);
+    h.a.wait_status("every large message accounted for", |s| accounted(s) >= N);
+}
+
+/// A stalled local broker (stopped: the bridge's publishes wait for room
+/// on its socket) and a NATS flood of large messages on an imported
+/// subject: the bridge keeps reading NATS into a bounded queue, holds a
+/// bounded amount of memory, and counts what it cannot queue.
+#[test]
+fn a_stalled_broker_costs_bounded_memory_and_counted_drops() {
+    let h = two_hosts("stallb", None);
+    let cb = h.broker_b.client();
+    let sb = cb.subscribe("t.>").unwrap();
+    await_path(&h.broker_a.client(), &sb, "t.probe");
+    let before = h.b.status().nats_to_local;
+    let broker_pid = h.broker_b.pid();
+    signal(broker_pid, "STOP");
+    struct Cont(Option<u32>);
+    impl Drop for Cont {
+        fn drop(&mut self) {
+            if let Some(p) = self.0.take() {
+                let _ = std::process::Command::new("kill").args(["-CONT", &p.to_string()]).status();
+            }
+        }
+    }
+    let mut cont = Cont(Some(broker_pid));
+    const N: u64 = 1200;
+    let big = bytes::Bytes::from(vec![9u8; 512 * 1024]);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let url = h.nats.url();
+    rt.block_on(async {
+        let nc = async_nats::connect(url).await.unwrap();
+        for _ in 0..N {
+            nc.publish("t.flood", big.clone()).await.unwrap();
+        }
+        nc.flush().await.unwrap();
+    });
+    // Let the bridge read what NATS sends it (it cannot be asked: its
+    // broker is stopped), then measure.
+    let start = std::time::Instant::now();
+    let mut last = 0;
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let rss = h.b.rss();
+        if rss == last || start.elapsed() > PATIENCE {
+            break;
+        }
+        last = rss;
+    }
+    let rss = h.b.rss();
+    if let Some(p) = cont.0.take() {
+        signal(p, "CONT");
+    }
+    assert!(rss < 220 << 20, "bridge B holds {} MiB for a stalled broker", rss >> 20);
+    // Every message is forwarded or dropped with a reason.
+    let s = h.b.wait_status("every message accounted for", |s| {
+        let l = &s.nats_to_local;
+        (l.forwarded + l.total_dropped()) - (before.forwarded + before.total_dropped()) >= N
+    });
+    assert!(s.nats_to_local.dropped["queue-full"] > 0, "{s:?}");
+}

@@ -80,6 +80,11 @@ impl Nats {
         n
     }
 
+    /// The server's process id (to stop and continue it).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("nats-server runs").id()
+    }
+
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
@@ -156,6 +161,11 @@ impl Broker {
         wait_for("the broker to accept", || Client::connect_to(&address).ok());
     }
 
+    /// The broker's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the broker runs").id()
+    }
+
     pub fn client(&self) -> Client {
         Client::connect_to(&self.address).expect("connect to the test broker")
     }
@@ -221,6 +231,22 @@ impl Bridge {
         };
         b.wait_status("NATS connected", |s| s.nats.connected);
         b
+    }
+
+    /// The bridge's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the bridge runs").id()
+    }
+
+    /// The bridge's resident memory, in bytes (from /proc).
+    pub fn rss(&self) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        s.lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .unwrap_or(0)
     }
 
     pub fn log(&self) -> String {
@@ -317,6 +343,12 @@ pub fn await_path(from: &Client, sub: &Subscription, subject: &str) {
         assert!(start.elapsed() < PATIENCE, "no probe on {subject} crossed the bridges");
     }
     drain(sub, Duration::from_millis(300));
+}
+
+/// Sends `sig` to `pid` (`kill -SIG pid`).
+pub fn signal(pid: u32, sig: &str) {
+    let st = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().expect("run kill");
+    assert!(st.success(), "kill -{sig} {pid}");
 }
 
 /// Runs a broker in this process when the harness asked for one.
