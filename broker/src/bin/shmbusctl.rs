@@ -92,7 +92,8 @@ enum Cmd {
     /// Publish DATA (or --file, or standard input) to TOPIC.
     ///
     /// With neither DATA nor --file, the payload is standard input, read
-    /// to its end (refused if standard input is a terminal). --file sends
+    /// to its end (refused if standard input is a terminal, unless
+    /// --channel). --file sends
     /// the file by sealed memfd, copied from the file a piece at a time, so
     /// even a huge file costs little memory; subscribers map the same pages.
     ///
@@ -483,7 +484,8 @@ fn run(args: Args) -> Fallible<ExitCode> {
             write_man_pages(out.as_deref())?;
             return Ok(ExitCode::SUCCESS);
         }
-        Cmd::Pub { data: None, file: None, .. } if std::io::stdin().is_terminal() => {
+        // (With --channel, lines typed are messages: that is fine.)
+        Cmd::Pub { data: None, file: None, channel: false, .. } if std::io::stdin().is_terminal() => {
             return Err(
                 "no DATA given and stdin is a terminal: give DATA, --file, or pipe the payload in".into()
             );
