@@ -130,7 +130,8 @@ enum Cmd {
         #[arg(long, value_name = "N", default_value_t = 0, requires = "channel")]
         wait_readers: usize,
         /// --channel: seconds to wait for --wait-readers.
-        #[arg(long, short = 't', value_name = "SECS", default_value = "30", value_parser = parse_secs)]
+        #[arg(long, short = 't', value_name = "SECS", default_value = "30", value_parser = parse_secs,
+              requires = "channel")]
         timeout: Duration,
     },
     /// Print messages matching PATTERN(s): `TOPIC PAYLOAD` per line.
