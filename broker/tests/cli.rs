@@ -678,7 +678,7 @@ fn ctl_no_broker_says_which_address_and_how_to_start_one() {
     let out = ctl_at(&address, &["ping"]);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
-    assert!(err.contains(&format!("no broker listens at {address}")), "{err}");
+    assert!(err.contains(&format!("cannot reach the bus at {address}: no broker listens there")), "{err}");
     assert!(err.contains(&format!("`shmbusd --address {address}`")), "{err}");
 
     // A path with no socket file (a forgotten `@`, say).
@@ -686,7 +686,7 @@ fn ctl_no_broker_says_which_address_and_how_to_start_one() {
     let out = ctl_at(&missing, &["ping"]);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
-    assert!(err.contains(&format!("no socket file at {missing}")), "{err}");
+    assert!(err.contains(&format!("cannot reach the bus at {missing}: no socket file there")), "{err}");
     assert!(err.contains("starts with `@`") && err.contains(&format!("--address @{missing}")), "{err}");
     assert!(!err.contains("os error"), "{err}");
 }

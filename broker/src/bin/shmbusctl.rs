@@ -457,16 +457,18 @@ fn connect_advice(e: &shmbus::ConnectError, args: &Args) -> Option<String> {
     use std::io::ErrorKind as K;
     Some(match source.kind() {
         K::ConnectionRefused => format!(
-            "no broker listens at {address}{whence}: the connection was refused. Start one with `{start}`"
+            "cannot reach the bus at {address}{whence}: no broker listens there (connection refused). Start \
+             one with `{start}`"
         ),
         K::NotFound if !address.starts_with('@') => format!(
-            "no socket file at {address}{whence}: no broker was started on that path. Start one with \
-             `{start}`; an abstract address (no file) starts with `@`, as in --address @{}",
+            "cannot reach the bus at {address}{whence}: no socket file there, so no broker was started on \
+             that path. Start one with `{start}`; an abstract address (no file) starts with `@`, as in \
+             --address @{}",
             address.trim_start_matches("./")
         ),
         K::PermissionDenied => format!(
-            "not allowed to connect to {address}{whence}: the socket file's mode or group keeps uid {} out \
-             (shmbusd --socket-mode and --socket-group set them)",
+            "cannot reach the bus at {address}{whence}: permission denied, the socket file's mode or group \
+             keeps uid {} out (shmbusd --socket-mode and --socket-group set them)",
             rustix::process::getuid().as_raw()
         ),
         _ => return None,
