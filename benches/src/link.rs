@@ -223,7 +223,7 @@ fn rtt(transport: &str, idle: bool) -> (u64, u64) {
     // side go to sleep.
     if !idle {
         return crate::timed(warmup, iters, || {
-            c.publish("bench.ping", &msg).unwrap();
+            c.publish("bench.ping", msg).unwrap();
             let _ = pong.recv().unwrap();
         });
     }
@@ -231,7 +231,7 @@ fn rtt(transport: &str, idle: bool) -> (u64, u64) {
     for _ in 0..iters {
         std::thread::sleep(Duration::from_millis(2));
         let t = Instant::now();
-        c.publish("bench.ping", &msg).unwrap();
+        c.publish("bench.ping", msg).unwrap();
         let _ = pong.recv().unwrap();
         v.push(t.elapsed().as_nanos() as u64);
     }
@@ -247,7 +247,7 @@ fn rtt_self(transport: &str) -> (u64, u64) {
     let s = c.subscribe("bench.self").unwrap();
     let msg = [1u8; 16];
     crate::timed(2_000, 50_000, || {
-        c.publish("bench.self", &msg).unwrap();
+        c.publish("bench.self", msg).unwrap();
         let _ = s.recv().unwrap();
     })
 }

@@ -20,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 mod async_ring;
+mod bridge;
 mod link;
 mod payload;
 mod policy;
@@ -100,6 +101,7 @@ const SCENARIOS: &[Scenario] = &[
     Scenario { name: "request", about: "calls through the broker beside pub/sub's four hops", in_all: true, run: |r, _| request::request(r) },
     Scenario { name: "policy", about: "a publish with 1,000 policy rules against none", in_all: true, run: |r, _| policy::policy(r) },
     Scenario { name: "async_ring", about: "waiting from async code against the blocking path", in_all: false, run: |r, _| async_ring::async_ring(r) },
+    Scenario { name: "bridge", about: "calls and messages between two brokers through shmbus-bridge and NATS, beside raw NATS", in_all: false, run: |r, _| bridge::bridge(r) },
     Scenario { name: "diag-publish-cost", about: "diagnostic: publish() against a raw send", in_all: false, run: |_, _| diag_publish_cost() },
     Scenario { name: "diag-raw-peers", about: "diagnostic: the broker between hand-written raw peers", in_all: false, run: |_, _| diag_raw_peers() },
     Scenario { name: "diag-link-rtt", about: "diagnostic: link round trips (--idle, --transport)", in_all: false, run: |_, c| link::diag_rtt(c.idle, c.transport.as_str()) },
@@ -202,9 +204,11 @@ fn helper(args: &[String]) {
                 socket::send_packet(fd.as_fd(), OutPacket { head: b, payload: &[], fds: &[] }, false).unwrap()
             };
             send(&encode_head(&Hello { version: PROTOCOL_VERSION.into(), name: "rawpub" }).unwrap());
-            let frame =
-                encode_frame(&Publish { topic: "bench.tp", payload: PayloadRef::Inline }, &vec![0xa5; size])
-                    .unwrap();
+            let frame = encode_frame(
+                &Publish { topic: "bench.tp", origin: None, payload: PayloadRef::Inline },
+                &vec![0xa5; size],
+            )
+            .unwrap();
             for _ in 0..n {
                 send(&frame);
             }
@@ -223,6 +227,7 @@ fn helper(args: &[String]) {
         "__service" => request::helper_service(&args[1]),
         "__link-pub" => link::helper_pub_go(&args[1], args[2].parse().unwrap(), args[3].parse().unwrap()),
         "__link-echo" => link::helper_echo(&args[1]),
+        "__bridge" => bridge::helper_bridge(&args[1]),
         other => panic!("unknown helper role {other}"),
     }
 }
@@ -236,7 +241,7 @@ fn diag_publish_cost() {
     let payload = [0xa5u8; 16];
     let t = Instant::now();
     for _ in 0..n {
-        c.publish("bench.tp", &payload).unwrap();
+        c.publish("bench.tp", payload).unwrap();
     }
     c.flush().unwrap();
     println!("publish(): {:.0} ns each", t.elapsed().as_nanos() as f64 / n as f64);
@@ -251,7 +256,9 @@ fn diag_publish_cost() {
         })
         .unwrap(),
     );
-    let frame = encode_frame(&Publish { topic: "bench.tp", payload: PayloadRef::Inline }, &payload).unwrap();
+    let frame =
+        encode_frame(&Publish { topic: "bench.tp", origin: None, payload: PayloadRef::Inline }, &payload)
+            .unwrap();
     let t = Instant::now();
     for _ in 0..n {
         send(&frame);
@@ -269,7 +276,7 @@ fn diag_publish_cost() {
     for _ in 0..n {
         shmbus_proto::frame::encode_head_into(
             &mut buf,
-            &Publish { topic: "bench.tp", payload: PayloadRef::Inline },
+            &Publish { topic: "bench.tp", origin: None, payload: PayloadRef::Inline },
         )
         .unwrap();
         std::hint::black_box(&buf);

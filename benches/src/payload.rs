@@ -47,7 +47,7 @@ pub(crate) fn helper_payload_sink(addr: &str, mode: &str) {
             read_all(bytes);
         }
         let t1 = mono_ns();
-        if c.publish("bench.ack", &t1.to_le_bytes()).is_err() {
+        if c.publish("bench.ack", t1.to_le_bytes()).is_err() {
             return;
         }
     }

@@ -97,8 +97,11 @@ impl Rig {
         let now = Instant::now();
         let bus = Bus::new(cfg, now);
         let subject = format!("bench.s.{}", "0".repeat(DIGITS));
-        let frame = encode_frame(&Publish { topic: &subject, payload: PayloadRef::Inline }, &[0xa5; SIZE])
-            .expect("encode publish");
+        let frame = encode_frame(
+            &Publish { topic: &subject, origin: None, payload: PayloadRef::Inline },
+            &[0xa5; SIZE],
+        )
+        .expect("encode publish");
         let at =
             frame.windows(subject.len()).position(|w| w == subject.as_bytes()).expect("subject in frame")
                 + subject.len()

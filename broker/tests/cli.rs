@@ -97,7 +97,7 @@ fn ctl_sub_many_patterns_json_and_binary_text() {
     wait_subscribers(&probe, "a.*", 1);
     wait_subscribers(&probe, "b.>", 1);
     probe.publish("a.1", b"text").unwrap();
-    probe.publish("b.2.3", &[0xff, 0x00]).unwrap();
+    probe.publish("b.2.3", [0xff, 0x00]).unwrap();
     let out = sub.wait_output();
     assert!(out.status.success(), "{}", stderr(&out));
     let rows: Vec<serde_json::Value> =
@@ -480,7 +480,7 @@ fn ctl_monitor_json_sees_a_publish_with_its_receivers_and_a_call_with_its_answer
     let _sub2 = s2.subscribe("t.*").unwrap();
     publisher.publish("other.x", b"not watched").unwrap();
     publisher.publish("t.x", b"21.5").unwrap();
-    publisher.publish("t.bin", &[0xff, 0x00, 0x01]).unwrap();
+    publisher.publish("t.bin", [0xff, 0x00, 0x01]).unwrap();
     publisher.flush().unwrap();
     let v = mon.event("publish", "t.x");
     assert_eq!(v["sender"]["client_id"], publisher.id(), "{v}");
@@ -540,9 +540,9 @@ fn ctl_monitor_prints_one_line_per_event_cutting_payloads_unless_full() {
     let (uid, pid) = (rustix::process::getuid().as_raw(), std::process::id());
     let long = "a".repeat(300);
     p.publish("t.x", b"21.5").unwrap();
-    p.publish("t.bin", &[0xff, 0x00, 0x01]).unwrap();
+    p.publish("t.bin", [0xff, 0x00, 0x01]).unwrap();
     p.publish("t.long", long.as_bytes()).unwrap();
-    p.publish("t.big", &vec![7u8; 100_000]).unwrap();
+    p.publish("t.big", vec![7u8; 100_000]).unwrap();
     p.publish("t.esc", b"line\nbreak\x1b[2J").unwrap();
     p.flush().unwrap();
 
@@ -717,7 +717,7 @@ fn ctl_sub_escapes_binary_payloads_and_hex_shows_every_byte() {
         let sub = spawn_guarded(cmd);
         wait_subscribers(&probe, topic, 1);
         probe.publish(topic, b"a\x00b\x1b[31m\nz").unwrap();
-        probe.publish(topic, &[0xff, 0xfe, b'\n', 0x07]).unwrap();
+        probe.publish(topic, [0xff, 0xfe, b'\n', 0x07]).unwrap();
         probe.flush().unwrap();
         let out = sub.wait_output();
         assert!(out.status.success(), "{}", stderr(&out));

@@ -164,11 +164,11 @@ fn pong(r: &mut Raw, token: u64) -> Vec<(Op, ErrorCode, String)> {
 }
 
 fn inline_publish(topic: &str, payload: &[u8]) -> Vec<u8> {
-    encode_frame(&Publish { topic, payload: PayloadRef::Inline }, payload).unwrap()
+    encode_frame(&Publish { topic, origin: None, payload: PayloadRef::Inline }, payload).unwrap()
 }
 
 fn memfd_publish(topic: &str, len: u64) -> Vec<u8> {
-    encode_head(&Publish { topic, payload: PayloadRef::Memfd { len } }).unwrap()
+    encode_head(&Publish { topic, origin: None, payload: PayloadRef::Memfd { len } }).unwrap()
 }
 
 /// A channel handle and its fds, or the refusal.
@@ -256,7 +256,7 @@ fn helper_process() {
             let c = shmbus::Client::connect_to(&addr).unwrap();
             let s = c.subscribe("honest").unwrap();
             for i in 0..count {
-                c.publish("honest", &payload(i, 200_000)).unwrap();
+                c.publish("honest", payload(i, 200_000)).unwrap();
             }
             for i in 0..count {
                 match s.recv_timeout(PATIENCE).unwrap() {

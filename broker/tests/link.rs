@@ -46,11 +46,11 @@ fn ring_frames_and_socket_frames_keep_one_order_both_ways() {
         if i % 7 == 3 {
             let fd = shmbus_proto::sys::memfd::from_bytes("p", &body).unwrap();
             publ.send_with_fds(
-                &Publish { topic: "t.x", payload: PayloadRef::Memfd { len: 8 } },
+                &Publish { topic: "t.x", origin: None, payload: PayloadRef::Memfd { len: 8 } },
                 &[fd.as_fd()],
             );
         } else {
-            publ.send_body(&Publish { topic: "t.x", payload: PayloadRef::Inline }, &body);
+            publ.send_body(&Publish { topic: "t.x", origin: None, payload: PayloadRef::Inline }, &body);
         }
     }
     let mut taken = 0u32;
@@ -89,7 +89,7 @@ fn a_full_ring_then_a_full_queue_gives_exact_gaps() {
     let mut publ = RawLink::attach(&b, "pub");
     let n = 20_000u64;
     for i in 0..n {
-        publ.send_body(&Publish { topic: "g", payload: PayloadRef::Inline }, &i.to_le_bytes());
+        publ.send_body(&Publish { topic: "g", origin: None, payload: PayloadRef::Inline }, &i.to_le_bytes());
     }
     ping(&mut publ, 1);
     // Everything the publisher sent has been routed.
@@ -143,7 +143,10 @@ fn a_client_that_scribbles_its_ring_is_cut_off_and_no_one_else_notices() {
     // then it finds it, can no longer use that ring, and closes the socket.
     let mut flood = RawLink::attach(&b, "flood");
     for i in 0..4000u32 {
-        flood.send_body(&Publish { topic: "flood", payload: PayloadRef::Inline }, &[i as u8; 100]);
+        flood.send_body(
+            &Publish { topic: "flood", origin: None, payload: PayloadRef::Inline },
+            &[i as u8; 100],
+        );
     }
     loop {
         let p = liar.raw.next_packet();
@@ -215,11 +218,14 @@ fn helper_process() {
                 if i % 50 == 0 {
                     let fd = shmbus_proto::sys::memfd::from_bytes("p", &i.to_le_bytes()).unwrap();
                     publ.send_with_fds(
-                        &Publish { topic: "busy", payload: PayloadRef::Memfd { len: 8 } },
+                        &Publish { topic: "busy", origin: None, payload: PayloadRef::Memfd { len: 8 } },
                         &[fd.as_fd()],
                     );
                 } else {
-                    publ.send_body(&Publish { topic: "busy", payload: PayloadRef::Inline }, &i.to_le_bytes());
+                    publ.send_body(
+                        &Publish { topic: "busy", origin: None, payload: PayloadRef::Inline },
+                        &i.to_le_bytes(),
+                    );
                 }
                 // Read some, not all: the subscriber's ring and queue stay busy.
                 if i % 3 == 0 {
@@ -283,7 +289,10 @@ fn packets_with_fds_but_no_markers_stay_in_the_kernel_not_in_the_broker() {
     let fds: Vec<_> = (0..4).map(|i| shmbus_proto::sys::memfd::from_bytes("p", &[i; 8]).unwrap()).collect();
     let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
     for _ in 0..64 {
-        evil.raw.send_body(&Publish { topic: "x", payload: PayloadRef::Memfd { len: 8 } }, &borrowed);
+        evil.raw.send_body(
+            &Publish { topic: "x", origin: None, payload: PayloadRef::Memfd { len: 8 } },
+            &borrowed,
+        );
         evil.raw.send_body(&shmbus_proto::frame::Doorbell, &[]);
     }
     let mut bystander = RawLink::attach(&b, "bystander");
@@ -330,7 +339,10 @@ fn a_scribbler_holding_unacknowledged_fds_is_forgotten_when_it_hangs_up() {
     subscribe(&mut evil, 1, "f", Overflow::Gap);
     let mut publ = RawLink::attach(&b, "pub");
     let fd = shmbus_proto::sys::memfd::from_bytes("p", &[1; 8]).unwrap();
-    publ.send_with_fds(&Publish { topic: "f", payload: PayloadRef::Memfd { len: 8 } }, &[fd.as_fd()]);
+    publ.send_with_fds(
+        &Publish { topic: "f", origin: None, payload: PayloadRef::Memfd { len: 8 } },
+        &[fd.as_fd()],
+    );
     let p = evil.next_packet();
     assert_eq!(p.fds.len(), 1, "a payload it never acknowledges");
     // Now it scribbles: cut off, and lingering for its unacknowledged fd.
@@ -412,7 +424,7 @@ fn a_client_that_trickles_records_does_not_keep_the_broker_spinning() {
     let (t0, start) = (b.cpu_ns(), std::time::Instant::now());
     let mut sent = 0;
     while start.elapsed() < Duration::from_secs(1) {
-        l.send_body(&Publish { topic: "t", payload: PayloadRef::Inline }, b"x");
+        l.send_body(&Publish { topic: "t", origin: None, payload: PayloadRef::Inline }, b"x");
         sent += 1;
         std::thread::sleep(Duration::from_micros(GAP_US));
     }
@@ -596,7 +608,7 @@ fn a_ring_frame_larger_than_a_socket_packet_is_refused_as_on_the_socket() {
     let mut l = RawLink::attach(&b, "big");
     // A publish of 100 KiB inline: fits the ring (half of 256 KiB), not a
     // packet (72 KiB).
-    l.send_body(&Publish { topic: "t", payload: PayloadRef::Inline }, &vec![1u8; 100 * 1024]);
+    l.send_body(&Publish { topic: "t", origin: None, payload: PayloadRef::Inline }, &vec![1u8; 100 * 1024]);
     let p = l.next_packet();
     match p.frame() {
         Some(BrokerFrame::Goodbye(g)) => {

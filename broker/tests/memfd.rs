@@ -138,7 +138,9 @@ fn broker_refuses_bad_fds_per_publish_and_keeps_the_connection() {
     let partly = memfd::create("p", 4096).unwrap();
     rustix::fs::fcntl_add_seals(&partly, rustix::fs::SealFlags::WRITE).unwrap();
     let good = memfd::from_bytes("g", &[7; 4096]).unwrap();
-    let publish = |len| encode_head(&Publish { topic: "ok", payload: PayloadRef::Memfd { len } }).unwrap();
+    let publish = |len| {
+        encode_head(&Publish { topic: "ok", origin: None, payload: PayloadRef::Memfd { len } }).unwrap()
+    };
 
     let cases: Vec<(&str, Vec<u8>, Vec<&OwnedFd>, ErrorCode)> = vec![
         ("pipe", publish(0), vec![&pipe_r], ErrorCode::NotMemfd),
@@ -160,7 +162,11 @@ fn broker_refuses_bad_fds_per_publish_and_keeps_the_connection() {
         }
     }
     // The same connection still publishes, inline and by memfd.
-    r.send(&encode_frame(&Publish { topic: "ok", payload: PayloadRef::Inline }, b"inline").unwrap(), &[]);
+    r.send(
+        &encode_frame(&Publish { topic: "ok", origin: None, payload: PayloadRef::Inline }, b"inline")
+            .unwrap(),
+        &[],
+    );
     r.send(&publish(4096), &[good.as_fd()]);
     r.send(&encode_head(&Ping { token: 3 }).unwrap(), &[]);
     assert!(matches!(r.recv(), Some(BrokerFrame::Pong(p)) if p.token == 3));
@@ -330,6 +336,7 @@ fn fake_broker(payloads: Vec<(OwnedFd, u64)>) -> (String, std::thread::JoinHandl
                 topic: "x",
                 sender,
                 seq: i as u64 + 1,
+                origin: None,
                 payload: PayloadRef::Memfd { len: *len },
             };
             send(&encode_head(&d).unwrap(), &[payload.as_fd()]);
@@ -410,7 +417,9 @@ fn unmappable_memfds_are_refused_by_the_broker_and_the_client() {
         None => eprintln!("note: no hugetlb memfd on this kernel; that case is skipped"),
     }
     let mut r = Raw::hello(&b);
-    let publish = |len| encode_head(&Publish { topic: "ok", payload: PayloadRef::Memfd { len } }).unwrap();
+    let publish = |len| {
+        encode_head(&Publish { topic: "ok", origin: None, payload: PayloadRef::Memfd { len } }).unwrap()
+    };
     for (i, (what, fd, len)) in cases.iter().enumerate() {
         r.send(&publish(*len), &[fd.as_fd()]);
         // A ping behind it: an accepted publish gets no answer, so the
@@ -425,7 +434,10 @@ fn unmappable_memfds_are_refused_by_the_broker_and_the_client() {
         }
         assert!(matches!(r.recv(), Some(BrokerFrame::Pong(p)) if p.token == i as u64));
     }
-    r.send(&encode_frame(&Publish { topic: "ok", payload: PayloadRef::Inline }, b"after").unwrap(), &[]);
+    r.send(
+        &encode_frame(&Publish { topic: "ok", origin: None, payload: PayloadRef::Inline }, b"after").unwrap(),
+        &[],
+    );
     assert_eq!(next_message(&s).payload(), b"after");
     let out = kid.wait_output();
     assert!(out.status.success(), "the subscriber process failed: {}", stderr(&out));
@@ -464,7 +476,9 @@ fn broker_refuses_an_fd_lacking_any_one_seal() {
     let watch = b.client();
     let s = watch.subscribe("ok").unwrap();
     let mut r = Raw::hello(&b);
-    let publish = |len| encode_head(&Publish { topic: "ok", payload: PayloadRef::Memfd { len } }).unwrap();
+    let publish = |len| {
+        encode_head(&Publish { topic: "ok", origin: None, payload: PayloadRef::Memfd { len } }).unwrap()
+    };
     let all = [
         ("shrink", SealFlags::SHRINK),
         ("grow", SealFlags::GROW),

@@ -303,8 +303,15 @@ mod client_fds {
     #[test]
     fn requests_and_answers_by_memfd_are_taken() {
         let payload = PayloadRef::Memfd { len: 100 };
-        let serve =
-            Serve { serial: 1, name: "svc.a", sender: SENDER, timeout_ms: 1000, no_reply: false, payload };
+        let serve = Serve {
+            serial: 1,
+            name: "svc.a",
+            sender: SENDER,
+            timeout_ms: 1000,
+            no_reply: false,
+            origin: None,
+            payload,
+        };
         assert_eq!(after(&serve, &[sealed(100)]), None, "a request by memfd");
         let answer = Answer { call_id: 1, outcome: Outcome::Reply, responder: Some(SENDER), payload };
         assert_eq!(after(&answer, &[sealed(100)]), None, "an answer by memfd");
@@ -314,7 +321,7 @@ mod client_fds {
     /// message, `Some(false)` for a gap, `None` for nothing.
     fn delivered(payload: PayloadRef, inline: &[u8], fds: &[OwnedFd]) -> Option<bool> {
         let (conn, broker) = fuzzing::connection(16, 1 << 20, 16, 8).unwrap();
-        let d = Deliver { sub_id: 1, topic: "a.b", sender: SENDER, seq: 1, payload };
+        let d = Deliver { sub_id: 1, topic: "a.b", sender: SENDER, seq: 1, origin: None, payload };
         let head = encode_frame(&d, inline).unwrap();
         let fds: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
         socket::send_packet(broker.as_fd(), OutPacket { head: &head, payload: &[], fds: &fds }, true)
@@ -416,7 +423,8 @@ mod client_fds {
         }
         let memfd = PayloadRef::Memfd { len: 8 };
         // A delivery by memfd: a gap; the connection stays.
-        let deliver = |payload| Deliver { sub_id: 1, topic: "a.b", sender: SENDER, seq: 1, payload };
+        let deliver =
+            |payload| Deliver { sub_id: 1, topic: "a.b", sender: SENDER, seq: 1, origin: None, payload };
         assert_eq!(lost(&deliver(memfd), 1), (None, 1), "a memfd delivery");
         // An inline delivery has no fds to lose: fds beside it are a violation.
         violation(lost(&deliver(PayloadRef::Inline), 1).0, "an inline delivery with lost fds");
@@ -427,6 +435,7 @@ mod client_fds {
             sender: SENDER,
             timeout_ms: 1000,
             no_reply: false,
+            origin: None,
             payload,
         };
         assert_eq!(lost(&serve(memfd), 1), (None, 1), "a memfd request");

@@ -579,7 +579,7 @@ fn a_slow_monitor_loses_events_as_gaps_and_the_bus_goes_on() {
     let mut got = 0u64;
     for round in 0..ROUNDS {
         for i in 0..PER_ROUND {
-            publisher.publish("flood.x", &(round * PER_ROUND + i).to_le_bytes()).unwrap();
+            publisher.publish("flood.x", (round * PER_ROUND + i).to_le_bytes()).unwrap();
         }
         publisher.flush().unwrap();
         for _ in 0..PER_ROUND {

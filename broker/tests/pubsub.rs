@@ -76,7 +76,10 @@ fn invalid_subjects_are_refused_locally_and_by_the_broker() {
     assert_eq!(c.publish("a..b", b"x").unwrap_err().kind(), ErrorKind::InvalidInput);
 
     let mut r = Raw::hello(&b);
-    r.send(&encode_frame(&Publish { topic: "a.*", payload: PayloadRef::Inline }, b"x").unwrap(), &[]);
+    r.send(
+        &encode_frame(&Publish { topic: "a.*", origin: None, payload: PayloadRef::Inline }, b"x").unwrap(),
+        &[],
+    );
     r.send_body(&Subscribe { sub_id: 7, pattern: "a.>.b", overflow: Overflow::Gap }, &[]);
     for op in [Op::Publish { seq: 1 }, Op::Subscribe { sub_id: 7 }] {
         match r.recv() {
@@ -106,7 +109,7 @@ fn per_publisher_order_and_broker_stamped_sender() {
     let p2 = p.clone();
     let local_pub = std::thread::spawn(move || {
         for i in 1..=N {
-            p2.publish("seq.local", &i.to_le_bytes()).unwrap();
+            p2.publish("seq.local", i.to_le_bytes()).unwrap();
         }
     });
     let mut pids: std::collections::HashMap<u32, u64> =
@@ -160,7 +163,7 @@ fn queued_frames_share_packets_and_arrive_whole_and_in_order() {
     let p = b.client();
     const N: u64 = 5000;
     for i in 1..=N {
-        p.publish("b.x", &i.to_le_bytes()).unwrap();
+        p.publish("b.x", i.to_le_bytes()).unwrap();
     }
     // Everything was routed once the ping comes back: the subscriber's
     // socket is full and the rest waits in the broker's queue.
@@ -216,7 +219,7 @@ fn slow_subscriber_gets_exact_gap_notice_and_publisher_is_not_blocked() {
     let p2 = p.clone();
     bounded("publishing past a stalled subscriber", move || {
         for i in 1..=N {
-            p2.publish("flood", &i.to_le_bytes()).unwrap();
+            p2.publish("flood", i.to_le_bytes()).unwrap();
         }
         p2.flush().unwrap();
     });
@@ -271,7 +274,7 @@ fn gap_owed_at_the_end_of_a_burst_is_still_delivered() {
     let sub = slow.subscribe("t").unwrap();
     let p = b.client();
     for i in 0..5000u32 {
-        p.publish("t", &i.to_le_bytes()).unwrap();
+        p.publish("t", i.to_le_bytes()).unwrap();
     }
     p.flush().unwrap();
     let mut got = 0u64;
@@ -297,7 +300,7 @@ fn disconnect_policy_flushes_then_disconnects_with_reason() {
     let p2 = p.clone();
     bounded("publishing", move || {
         for i in 0..5000u32 {
-            p2.publish("flood", &i.to_le_bytes()).unwrap();
+            p2.publish("flood", i.to_le_bytes()).unwrap();
         }
         p2.flush().unwrap();
     });
@@ -351,7 +354,7 @@ fn sigterm_flushes_and_exits_zero() {
     let s = c.subscribe("bye").unwrap();
     let p = b.client();
     for i in 0..100u32 {
-        p.publish("bye", &i.to_le_bytes()).unwrap();
+        p.publish("bye", i.to_le_bytes()).unwrap();
     }
     p.flush().unwrap();
     let status = b.terminate();
@@ -374,7 +377,7 @@ fn recv_any_keeps_broker_order_across_subscriptions() {
     let s2 = c.subscribe("two").unwrap();
     let p = b.client();
     for i in 0..200u32 {
-        p.publish(if i % 3 == 0 { "one" } else { "two" }, &i.to_le_bytes()).unwrap();
+        p.publish(if i % 3 == 0 { "one" } else { "two" }, i.to_le_bytes()).unwrap();
     }
     p.flush().unwrap();
     for i in 0..200u32 {
@@ -439,8 +442,11 @@ fn packets_left_over_by_the_work_budget_are_handled_later_in_order() {
     // subscriber's queue (90,000 frames).
     const N: u64 = 60;
     for i in 0..N {
-        let p =
-            encode_frame(&Publish { topic: "w.x", payload: PayloadRef::Inline }, &i.to_le_bytes()).unwrap();
+        let p = encode_frame(
+            &Publish { topic: "w.x", origin: None, payload: PayloadRef::Inline },
+            &i.to_le_bytes(),
+        )
+        .unwrap();
         raw.send(&p, &[]);
     }
     raw.send_body(&Ping { token: 7 }, &[]);

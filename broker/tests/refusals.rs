@@ -230,7 +230,11 @@ fn invalid_subjects_and_patterns_are_refused_by_the_broker() {
     let mut failures = Vec::new();
     for (seq, (subject, reason)) in (1u64..).zip(bad_subjects()) {
         let what = format!("Publish to {}", show(&subject));
-        r.send(&encode_frame(&Publish { topic: &subject, payload: PayloadRef::Inline }, b"x").unwrap(), &[]);
+        r.send(
+            &encode_frame(&Publish { topic: &subject, origin: None, payload: PayloadRef::Inline }, b"x")
+                .unwrap(),
+            &[],
+        );
         expect_invalid(ping(&mut r, &what), Op::Publish { seq }, reason, &what, &mut failures);
     }
     assert_none(&failures, "Publish");
@@ -262,7 +266,11 @@ fn invalid_subjects_and_patterns_are_refused_by_the_broker() {
     assert_eq!(longest.len(), MAX_SUBJECT_LEN);
     for subject in [&deepest, &longest] {
         let what = format!("Publish to {}", show(subject));
-        r.send(&encode_frame(&Publish { topic: subject, payload: PayloadRef::Inline }, b"ok").unwrap(), &[]);
+        r.send(
+            &encode_frame(&Publish { topic: subject, origin: None, payload: PayloadRef::Inline }, b"ok")
+                .unwrap(),
+            &[],
+        );
         let answers = ping(&mut r, &what);
         assert!(answers.is_empty(), "{what} is legal: {answers:?}");
     }
@@ -281,7 +289,8 @@ fn invalid_subjects_and_patterns_are_refused_by_the_broker() {
     // The connection is still served, and nothing invalid got through:
     // the watcher's first messages are the legal ones, then the marker.
     r.send(
-        &encode_frame(&Publish { topic: "refusals.end", payload: PayloadRef::Inline }, b"end").unwrap(),
+        &encode_frame(&Publish { topic: "refusals.end", origin: None, payload: PayloadRef::Inline }, b"end")
+            .unwrap(),
         &[],
     );
     for topic in [deepest.as_str(), longest.as_str(), "refusals.end"] {

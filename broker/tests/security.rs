@@ -265,7 +265,8 @@ fn garbage_and_stray_fds_disconnect_only_the_offender_and_leak_nothing() {
     // connection stays usable and the fd is closed.
     let mut r = Raw::hello(&b);
     let publish =
-        encode_head(&Publish { topic: "keep.going", payload: PayloadRef::Memfd { len: 4096 } }).unwrap();
+        encode_head(&Publish { topic: "keep.going", origin: None, payload: PayloadRef::Memfd { len: 4096 } })
+            .unwrap();
     r.send(&publish, &[x.as_fd()]);
     match r.recv() {
         Some(BrokerFrame::OpError(e)) => {
@@ -274,7 +275,8 @@ fn garbage_and_stray_fds_disconnect_only_the_offender_and_leak_nothing() {
         other => panic!("{other:?}"),
     }
     r.send(
-        &encode_frame(&Publish { topic: "keep.going", payload: PayloadRef::Inline }, b"after").unwrap(),
+        &encode_frame(&Publish { topic: "keep.going", origin: None, payload: PayloadRef::Inline }, b"after")
+            .unwrap(),
         &[],
     );
     r.send(&encode_head(&Ping { token: 9 }).unwrap(), &[]);
@@ -291,7 +293,7 @@ fn garbage_and_stray_fds_disconnect_only_the_offender_and_leak_nothing() {
         r.send(&encode_head(&Subscribe { sub_id: 1, pattern: ">", overflow: Overflow::Gap }).unwrap(), &[]);
         assert!(matches!(r.recv(), Some(BrokerFrame::Subscribed(_))));
         for _ in 0..2000 {
-            bystander.publish("keep.going.x", &[0; 512]).unwrap();
+            bystander.publish("keep.going.x", [0; 512]).unwrap();
         }
     }
 

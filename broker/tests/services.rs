@@ -258,8 +258,14 @@ fn every_outcome_reaches_the_caller() {
 fn malformed_requests_are_answered_invalid() {
     let b = Broker::start("svc-invalid");
     let (mut raw, _) = Raw::hello_named(&b, "raw-caller");
-    let bad_name =
-        Request { call_id: 1, name: "a..b", timeout_ms: 1000, no_reply: false, payload: PayloadRef::Inline };
+    let bad_name = Request {
+        call_id: 1,
+        name: "a..b",
+        timeout_ms: 1000,
+        no_reply: false,
+        origin: None,
+        payload: PayloadRef::Inline,
+    };
     raw.send_body(&bad_name, &[]);
     match raw.recv() {
         Some(BrokerFrame::Answer(a, _)) => {
@@ -274,6 +280,7 @@ fn malformed_requests_are_answered_invalid() {
         name: "svc.x",
         timeout_ms: 1000,
         no_reply: false,
+        origin: None,
         payload: PayloadRef::Memfd { len: 16 },
     };
     use std::os::fd::AsFd;
@@ -698,14 +705,14 @@ fn memfd_requests_and_replies_carry_every_byte() {
     // A caller with a lower threshold sends small payloads by memfd; the
     // service answers from a loan.
     let low = b.options().memfd_threshold(100).connect().unwrap();
-    let r = low.request("svc.memfd", &pattern(1000, 3), LONG).unwrap();
+    let r = low.request("svc.memfd", pattern(1000, 3), LONG).unwrap();
     assert_eq!(r.payload(), pattern(1000, 3).as_slice());
     let r = low.request("svc.memfd", b"loan:300000", LONG).unwrap();
     assert!(r.is_memfd());
     assert_eq!(r.into_payload().unwrap(), pattern(300_000, 9));
     // Many in flight at once, none lost.
     let calls: Vec<_> = (0..50u8)
-        .map(|i| (i, caller.request_async("svc.memfd", &pattern(100_000, i), LONG).unwrap()))
+        .map(|i| (i, caller.request_async("svc.memfd", pattern(100_000, i), LONG).unwrap()))
         .collect();
     for (i, call) in calls {
         assert!(call.wait().unwrap().payload() == pattern(100_000, i).as_slice());
@@ -738,7 +745,7 @@ fn fire_and_forget_sends_arrive_and_their_refusals_come_back_from_flush() {
     }
     caller.flush().unwrap();
     // A large send goes as a memfd like any payload.
-    assert_eq!(caller.send("svc.send", &pattern(1 << 20, 1)).unwrap(), 8);
+    assert_eq!(caller.send("svc.send", pattern(1 << 20, 1)).unwrap(), 8);
     caller.flush().unwrap();
     assert_eq!(caller.request("svc.send", b"notes", LONG).unwrap().payload(), b"7");
 }

@@ -56,6 +56,9 @@ pub struct ChannelConfig {
     pub slot_size: u32,
     /// Messages the ring holds.
     pub slot_count: u32,
+    /// What happens when the ring is full: overwrite the oldest message
+    /// (readers that fall behind are told how many they missed), or block
+    /// the publisher until the slowest reader has read it.
     pub overflow: ChannelOverflow,
 }
 
@@ -65,18 +68,45 @@ impl Default for ChannelConfig {
     }
 }
 
+/// Why a ring channel operation failed: opening a [`ChannelPublisher`] or
+/// [`ChannelSubscriber`], publishing, or reading.
 #[derive(Debug, thiserror::Error)]
 pub enum ChannelError {
+    /// The topic is not a valid subject. Nothing was sent.
     #[error("invalid channel subject: {0}")]
     InvalidSubject(#[from] SubjectError),
+    /// The broker would not open the channel: e.g. [`ErrorCode::ChannelBusy`]
+    /// (it already has a publisher), [`ErrorCode::NoSuchChannel`] (no
+    /// publisher to read from yet; retry once there is one), its policy,
+    /// or a quota.
     #[error("the broker refused: {}", crate::error::Refusal(*code, message))]
-    Refused { code: ErrorCode, message: String },
+    Refused {
+        /// The broker's reason.
+        code: ErrorCode,
+        /// The broker's own words; may be empty.
+        message: String,
+    },
+    /// The message is longer than the ring's slots; nothing was published.
     #[error("message of {len} bytes does not fit a {slot_size}-byte slot")]
-    TooLarge { len: usize, slot_size: u32 },
+    TooLarge {
+        /// The message's length, in bytes.
+        len: usize,
+        /// The ring's slot size, in bytes.
+        slot_size: u32,
+    },
+    /// The ring the broker granted could not be mapped (a bad geometry, a
+    /// memfd of the wrong size or unsealed, out of address space). The
+    /// channel is given back.
     #[error("cannot map the channel: {0}")]
     Map(#[from] RingMapError),
+    /// The broker's grant came with the wrong number of fds. The channel
+    /// is given back.
     #[error("the broker sent a malformed channel grant")]
     BadGrant,
+    /// The ring is closed and the broker gave no policy reason: its
+    /// publisher closed it or died (a reader sees this once it has read
+    /// every message before the close). Nothing more will come on this
+    /// handle; open the topic again for a new ring.
     #[error("the channel is closed (its publisher closed or died)")]
     Closed,
     /// The broker closed the channel for every member because a reloaded
@@ -85,17 +115,28 @@ pub enum ChannelError {
     /// can open it again (and gets a new ring).
     #[error("the channel was closed by the broker: {0}")]
     Revoked(String),
+    /// A slot held data no honest publisher writes (the string says
+    /// what); the slot is skipped, and reading may go on.
     #[error("the ring holds data no honest publisher writes ({0}); skipped")]
     Corrupt(&'static str),
+    /// No answer from the broker within the client's timeout (the
+    /// duration): to an open, or, in block mode, to news of a reader that
+    /// joined. Retrying may succeed.
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+    /// The connection to the broker ended for good; the
+    /// [`Disconnect`] says why.
     #[error("{0}")]
     Disconnected(Disconnect),
+    /// An operating-system error (on the connection, waiting on the
+    /// ring's futex), or every channel request id of this connection in
+    /// use.
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
 }
 
 impl ChannelError {
+    /// The class of the error.
     pub fn kind(&self) -> ErrorKind {
         match self {
             ChannelError::InvalidSubject(_) | ChannelError::TooLarge { .. } => ErrorKind::InvalidInput,
@@ -127,7 +168,12 @@ impl From<RecvError> for ChannelError {
 pub enum ChannelEvent<R> {
     /// Message `seq` (the publisher's count), and what the read closure
     /// made of its bytes.
-    Message { seq: u64, value: R },
+    Message {
+        /// The message's sequence number.
+        seq: u64,
+        /// What the read closure returned for it.
+        value: R,
+    },
     /// This many messages were overwritten before they could be read.
     Missed(u64),
     /// The connection to the broker was made again and the channel opened
@@ -295,6 +341,8 @@ impl ChannelPublisher {
         })
     }
 
+    /// The ring's slot size: the largest message it takes, in bytes (as
+    /// the broker granted it).
     pub fn slot_size(&self) -> usize {
         self.map.geometry().slot_size as usize
     }

@@ -7,12 +7,12 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use shmbus_proto::frame::encode_head_into;
 use shmbus_proto::frame::{
     decode_broker, encode_head, Attach, BrokerFrame, ClientInfo, Hello, Limits, Monitor as MonitorFrame, Op,
     Overflow, PayloadRef, Ping, PolicyCheck, PolicyVerdict, Publish, Query, QueryItemBody, QueryKind, Stats,
     Subscribe, TopicInfo, PROTOCOL_VERSION,
 };
+use shmbus_proto::frame::{encode_head_into, validate_origin};
 use shmbus_proto::subject::{validate_pattern, validate_subject};
 use shmbus_proto::sys::socket::{self, OutPacket, PeerCred, RecvBatch, MAX_BATCH};
 use shmbus_proto::Address;
@@ -67,8 +67,12 @@ enum Trust {
 /// (a protocol violation, a refusal) ends the connection all the same.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReconnectPolicy {
+    /// The wait after the first failed attempt; it doubles after each.
     pub initial_delay: Duration,
+    /// The longest wait between attempts.
     pub max_delay: Duration,
+    /// Attempts in a row before giving up (`Some(0)`: never reconnect;
+    /// `None`: no limit).
     pub max_attempts: Option<u32>,
 }
 
@@ -139,6 +143,9 @@ impl ConnectOptions {
     /// soft limit of open files (1024).
     pub const DEFAULT_LOCAL_TOTAL_FDS: usize = 512;
 
+    /// The defaults: `$SHMBUS_ADDRESS` or the user bus, trusting a broker
+    /// run by root or this user, [`DEFAULT_TIMEOUT`], reconnecting, and
+    /// the shared-memory transport when the broker offers it.
     pub fn new() -> ConnectOptions {
         ConnectOptions::default()
     }
@@ -294,6 +301,10 @@ impl ConnectOptions {
         Ok(Address::default_user()?)
     }
 
+    /// Connects with these options: checks the broker's credentials,
+    /// says hello, and sets up the shared-memory link if wanted. A broker
+    /// that is shutting down is tried again until the timeout, when
+    /// reconnection is on.
     pub fn connect(self) -> Result<Client, ConnectError> {
         // A broker that is shutting down (being restarted behind its
         // socket) is not a refusal to give up on, when reconnecting is on.
@@ -398,7 +409,7 @@ pub(crate) fn fill_publish_batch<'a>(
         if heads.len() <= payloads.len() {
             heads.push(Vec::with_capacity(64));
         }
-        let body = Publish { topic, payload: PayloadRef::Inline };
+        let body = Publish { topic, origin: None, payload: PayloadRef::Inline };
         encode_head_into(&mut heads[payloads.len()], &body)
             .map_err(|e| PublishError::Encode(e.to_string()))?;
         payloads.push(payload);
@@ -628,18 +639,38 @@ impl Client {
     /// inline; above, it is copied once into a sealed memfd that every
     /// subscriber then maps (any size). Returns once the frame is handed to
     /// the kernel; a refusal by the broker comes back from [`Client::flush`].
-    pub fn publish(&self, topic: &str, payload: &[u8]) -> Result<(), PublishError> {
+    pub fn publish(&self, topic: &str, payload: impl AsRef<[u8]>) -> Result<(), PublishError> {
+        self.publish_from(topic, payload.as_ref(), None)
+    }
+
+    /// Publishes as [`Client::publish`] does, with an origin: a short text
+    /// (1 to 256 bytes, no control characters) saying where the message
+    /// comes from, which subscribers read with [`crate::Message::origin`].
+    /// The broker still stamps [`crate::Message::sender`] with this
+    /// client's credentials; the origin is this client's claim beside it
+    /// (`shmbus-bridge` names the remote host and sender there).
+    pub fn publish_with_origin(
+        &self,
+        topic: &str,
+        payload: impl AsRef<[u8]>,
+        origin: &str,
+    ) -> Result<(), PublishError> {
+        validate_origin(origin)?;
+        self.publish_from(topic, payload.as_ref(), Some(origin))
+    }
+
+    fn publish_from(&self, topic: &str, payload: &[u8], origin: Option<&str>) -> Result<(), PublishError> {
         validate_subject(topic)?;
         if payload.len() > self.memfd_threshold {
             let fd = memfd::from_bytes("shmbus-payload", payload).map_err(PublishError::Memfd)?;
-            return self.send_memfd(topic, fd.as_fd(), payload.len() as u64);
+            return self.send_memfd(topic, fd.as_fd(), payload.len() as u64, origin);
         }
         let max = self.inner.limits.max_inline_payload as usize;
         if payload.len() > max {
             return Err(PublishError::PayloadTooLarge { len: payload.len(), max });
         }
         let mut s = self.inner.lock_send();
-        let body = Publish { topic, payload: PayloadRef::Inline };
+        let body = Publish { topic, origin, payload: PayloadRef::Inline };
         self.inner.send_locked(&mut s, &body, payload)?;
         s.published += 1;
         Ok(())
@@ -655,7 +686,7 @@ impl Client {
     pub fn publish_loan(&self, topic: &str, loan: Loan) -> Result<(), PublishError> {
         validate_subject(topic)?;
         let (fd, len) = loan.seal().map_err(PublishError::Memfd)?;
-        self.send_memfd(topic, fd.as_fd(), len)
+        self.send_memfd(topic, fd.as_fd(), len, None)
     }
 
     /// Publishes a memfd the caller already holds, which must carry the
@@ -666,12 +697,18 @@ impl Client {
     pub fn publish_fd(&self, topic: &str, fd: impl AsFd) -> Result<(), PublishError> {
         validate_subject(topic)?;
         let len = memfd::sealed_len(fd.as_fd())?;
-        self.send_memfd(topic, fd.as_fd(), len)
+        self.send_memfd(topic, fd.as_fd(), len, None)
     }
 
-    fn send_memfd(&self, topic: &str, fd: BorrowedFd<'_>, len: u64) -> Result<(), PublishError> {
+    fn send_memfd(
+        &self,
+        topic: &str,
+        fd: BorrowedFd<'_>,
+        len: u64,
+        origin: Option<&str>,
+    ) -> Result<(), PublishError> {
         let mut s = self.inner.lock_send();
-        let body = Publish { topic, payload: PayloadRef::Memfd { len } };
+        let body = Publish { topic, origin, payload: PayloadRef::Memfd { len } };
         self.inner.send_locked_with_fds(&mut s, &body, &[], &[fd])?;
         s.published += 1;
         Ok(())
@@ -682,16 +719,16 @@ impl Client {
     /// up to 64 records and at most one doorbell). Same semantics as calling
     /// [`Client::publish`] for each, in order; on an error, the messages
     /// before the failing one have been sent.
-    pub fn publish_many<'a>(
+    pub fn publish_many<'a, P: AsRef<[u8]> + ?Sized + 'a>(
         &self,
-        messages: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+        messages: impl IntoIterator<Item = (&'a str, &'a P)>,
     ) -> Result<(), PublishError> {
         let max = self.inner.limits.max_inline_payload as usize;
         let mut s = self.inner.lock_send();
         let mut heads = std::mem::take(&mut s.heads);
         let mut payloads: Vec<&[u8]> = Vec::with_capacity(MAX_BATCH);
         let mut result = Ok(());
-        let mut iter = messages.into_iter().peekable();
+        let mut iter = messages.into_iter().map(|(topic, payload)| (topic, payload.as_ref())).peekable();
         while iter.peek().is_some() && result.is_ok() {
             result = fill_publish_batch(&mut iter, max, &mut heads, &mut payloads);
             let packets: Vec<OutPacket<'_>> = heads
@@ -1259,6 +1296,7 @@ mod tests {
                                 topic: s.pattern,
                                 sender,
                                 seq: 1,
+                                origin: None,
                                 payload: PayloadRef::Inline,
                             };
                             send(encode_head(&d).unwrap(), s.pattern.as_bytes());

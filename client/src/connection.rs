@@ -1171,7 +1171,14 @@ mod tests {
     fn deliver_memfds(broker: &OwnedFd, n: usize) {
         let sender = Sender { client_id: 2, uid: 0, gid: 0, pid: 2 };
         for seq in 0..n as u64 {
-            let d = Deliver { sub_id: 99, topic: "a.b", sender, seq, payload: PayloadRef::Memfd { len: 3 } };
+            let d = Deliver {
+                sub_id: 99,
+                topic: "a.b",
+                sender,
+                seq,
+                origin: None,
+                payload: PayloadRef::Memfd { len: 3 },
+            };
             let head = encode_head(&d).unwrap();
             let fd = memfd::from_bytes("test", b"abc").unwrap();
             let fds = [fd.as_fd()];
@@ -1386,7 +1393,14 @@ mod tests {
     /// A delivery by memfd for `sub_id` whose packet carries `fds` memfds.
     fn deliver_with_fds(broker: &OwnedFd, sub_id: u32, seq: u64, fds: usize) {
         let sender = Sender { client_id: 2, uid: 0, gid: 0, pid: 2 };
-        let d = Deliver { sub_id, topic: "a.b", sender, seq, payload: PayloadRef::Memfd { len: 3 } };
+        let d = Deliver {
+            sub_id,
+            topic: "a.b",
+            sender,
+            seq,
+            origin: None,
+            payload: PayloadRef::Memfd { len: 3 },
+        };
         let head = encode_head(&d).unwrap();
         let owned: Vec<OwnedFd> = (0..fds).map(|_| memfd::from_bytes("test", b"abc").unwrap()).collect();
         let borrowed: Vec<BorrowedFd<'_>> = owned.iter().map(|f| f.as_fd()).collect();
@@ -1506,8 +1520,14 @@ mod tests {
         let inner = Arc::new(inner);
         let keep = live_subscription(&inner, "keep.>");
         let gone = live_subscription(&inner, "gone.>");
-        let deliver =
-            |sub_id, seq| Deliver { sub_id, topic: "t", sender: SENDER, seq, payload: PayloadRef::Inline };
+        let deliver = |sub_id, seq| Deliver {
+            sub_id,
+            topic: "t",
+            sender: SENDER,
+            seq,
+            origin: None,
+            payload: PayloadRef::Inline,
+        };
         let reason = "policy reloaded: denied by policy: subscribe gone.>: no rule allows it";
         broker_sends(&broker, &deliver(gone.id(), 1), b"one");
         broker_sends(&broker, &Revoked { what: Revocation::Subscription { sub_id: gone.id() }, reason }, &[]);

@@ -759,7 +759,8 @@ pub(crate) fn apply(
             };
             // Decided before anything is copied; a memfd refused here
             // drops with this frame, closing its fd at once.
-            let charge = Charge::of(d.topic.len(), memfd.is_some(), payload.len());
+            let charge =
+                Charge::of(d.topic.len() + d.origin.map_or(0, str::len), memfd.is_some(), payload.len());
             if !st.admit(d.sub_id, charge) {
                 return;
             }
@@ -767,7 +768,8 @@ pub(crate) fn apply(
                 None => Payload::Inline(payload.to_vec()),
                 Some(m) => Payload::Memfd(m),
             };
-            let m = Message { topic: d.topic.to_owned(), sender: d.sender, seq: d.seq, body };
+            let origin = d.origin.map(str::to_owned);
+            let m = Message { topic: d.topic.to_owned(), sender: d.sender, seq: d.seq, origin, body };
             st.push_message(d.sub_id, arrival, m, charge);
         }
         BrokerFrame::Gap(g) => st.push_gap(g.sub_id, arrival, g.missed),
@@ -1001,12 +1003,20 @@ pub(crate) mod tests {
     }
 
     fn deliver_inline(st: &mut State, sub_id: u32, seq: u64, payload: &[u8]) {
-        let d = Deliver { sub_id, topic: "t.x", sender: SENDER, seq, payload: PayloadRef::Inline };
+        let d =
+            Deliver { sub_id, topic: "t.x", sender: SENDER, seq, origin: None, payload: PayloadRef::Inline };
         apply(st, BrokerFrame::Deliver(d, payload), None, Vec::new());
     }
 
     fn deliver_memfd(st: &mut State, sub_id: u32, seq: u64, fd: OwnedFd) {
-        let d = Deliver { sub_id, topic: "t.x", sender: SENDER, seq, payload: PayloadRef::Memfd { len: 3 } };
+        let d = Deliver {
+            sub_id,
+            topic: "t.x",
+            sender: SENDER,
+            seq,
+            origin: None,
+            payload: PayloadRef::Memfd { len: 3 },
+        };
         apply(st, BrokerFrame::Deliver(d, &[]), Some(Ok((fd, 3))), Vec::new());
     }
 

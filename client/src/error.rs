@@ -5,7 +5,7 @@ use std::fmt;
 use std::io;
 
 use shmbus_proto::address::AddressError;
-use shmbus_proto::frame::{ErrorCode, GoodbyeCode};
+use shmbus_proto::frame::{ErrorCode, GoodbyeCode, OriginError};
 use shmbus_proto::subject::SubjectError;
 use shmbus_proto::sys::memfd::MemfdError;
 
@@ -20,6 +20,9 @@ pub enum ErrorKind {
     LimitExceeded,
     /// The connection is gone.
     Disconnected,
+    /// No broker could be reached at the address: nothing listens there,
+    /// there is no socket file, or its permissions do not admit this user.
+    Unreachable,
     /// A deadline passed.
     Timeout,
     /// The broker ran short of a resource of its own (file descriptors,
@@ -37,10 +40,18 @@ pub enum ErrorKind {
 }
 
 /// Why the connection ended, as far as we know.
+///
+/// An error carrying one means the connection is gone: closed for good
+/// (reconnection off with [`ReconnectPolicy::never`](crate::ReconnectPolicy::never),
+/// the policy gave up, or the broker said not to come back), or lost
+/// while the operation waited (a request whose answer was due on it, a
+/// send that waited out the client's timeout for a reconnection).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Disconnect {
     /// The broker's reason code, when it sent a goodbye.
     pub code: Option<GoodbyeCode>,
+    /// The broker's words from its goodbye, or this client's account of
+    /// how the connection ended (a reset, giving up on reconnecting).
     pub reason: String,
 }
 
@@ -102,6 +113,7 @@ pub(crate) fn code_text(code: ErrorCode) -> &'static str {
             "no request waits for that reply (answered, timed out, or its caller left)"
         }
         ErrorCode::ReservedName => "that name is reserved",
+        ErrorCode::InvalidOrigin => "invalid origin (1 to 256 bytes, no control characters)",
     }
 }
 
@@ -121,7 +133,9 @@ impl fmt::Display for Refusal<'_> {
 
 pub(crate) fn code_kind(code: ErrorCode) -> ErrorKind {
     match code {
-        ErrorCode::InvalidSubject | ErrorCode::PayloadTooLarge => ErrorKind::InvalidInput,
+        ErrorCode::InvalidSubject | ErrorCode::PayloadTooLarge | ErrorCode::InvalidOrigin => {
+            ErrorKind::InvalidInput
+        }
         ErrorCode::Denied
         | ErrorCode::FdRefused
         | ErrorCode::NotMemfd
@@ -140,29 +154,100 @@ pub(crate) fn code_kind(code: ErrorCode) -> ErrorKind {
     }
 }
 
+/// Why connecting ([`Client::connect`](crate::Client::connect) and the
+/// other ways to connect) gave no [`Client`](crate::Client).
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
+    /// The bus address (the one given, or `$SHMBUS_ADDRESS`) is not a
+    /// valid address. Fix it: retrying does not help.
     #[error("bad bus address: {0}")]
     Address(#[from] AddressError),
-    #[error("cannot reach the bus at {address}: {source}")]
-    Unreachable { address: String, source: io::Error },
+    /// Connecting to the address failed (nothing listens there, no socket
+    /// file, no permission); the message says what to do. Retrying helps
+    /// once a broker listens there.
+    #[error("{}", UnreachableText(address, source))]
+    Unreachable {
+        /// The address, as written.
+        address: String,
+        /// What connecting to it failed with.
+        source: io::Error,
+    },
+    /// The process listening at the address runs as a uid this client
+    /// does not trust (not root, not our own, not one added with
+    /// [`ConnectOptions::trust_broker_uid`](crate::ConnectOptions::trust_broker_uid));
+    /// nothing was sent to it. Retrying does not help while it holds the
+    /// address.
     #[error("refusing to trust the broker at {address}: it runs as uid {uid} (pid {pid}), not root or our own uid")]
-    UntrustedBroker { address: String, uid: u32, pid: u32 },
+    UntrustedBroker {
+        /// The address, as written.
+        address: String,
+        /// The uid the listening process runs as.
+        uid: u32,
+        /// Its pid.
+        pid: u32,
+    },
+    /// The broker said goodbye during the handshake (its policy does not
+    /// admit this client, another protocol version, shutting down...);
+    /// [`Disconnect::code`] says which. Retrying helps when the cause
+    /// passes (a broker shutting down, a connection limit), not for a
+    /// refusal by policy or a version mismatch.
     #[error("the broker refused the connection: {0}")]
     Refused(Disconnect),
+    /// The broker did not finish the handshake within the connection's
+    /// timeout (the duration). A busy broker may answer a later try.
     #[error("no answer to the handshake within {0:?}")]
     Timeout(std::time::Duration),
+    /// The broker's side of the handshake made no sense (an unexpected or
+    /// malformed frame, an unusable shared-memory link); the string says
+    /// what. Likely a mismatched broker: retrying rarely helps.
     #[error("protocol error during the handshake: {0}")]
     Protocol(String),
+    /// An operating-system error while reading the broker's credentials
+    /// or its handshake.
     #[error("i/o error during the handshake: {0}")]
     Io(#[from] io::Error),
 }
 
+/// Why a connect failed, and what to do about it, for people.
+struct UnreachableText<'a>(&'a str, &'a io::Error);
+
+impl fmt::Display for UnreachableText<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let UnreachableText(address, e) = *self;
+        let start = format!("start one with `shmbusd --address {address}`, or give the client the bus's address (--address, $SHMBUS_ADDRESS)");
+        let is_abstract = address.starts_with('@');
+        match e.kind() {
+            io::ErrorKind::ConnectionRefused if is_abstract => {
+                write!(f, "no broker listens at {address} (connection refused): {start}")
+            }
+            io::ErrorKind::ConnectionRefused => write!(
+                f,
+                "the socket file {address} exists but no broker listens on it (connection refused; a broker that \
+                 stopped leaves it behind): {start}"
+            ),
+            io::ErrorKind::NotFound => {
+                write!(f, "there is no socket file {address} (no such file or directory): {start}")?;
+                if !address.contains('/') {
+                    write!(f, ". An abstract address, as the default ones are, starts with '@': did you mean @{address}?")?;
+                }
+                Ok(())
+            }
+            io::ErrorKind::PermissionDenied => write!(
+                f,
+                "permission denied connecting to {address}: the socket file's mode or group does not admit \
+                 this user (the broker sets them with --socket-mode and --socket-group)"
+            ),
+            _ => write!(f, "cannot reach the bus at {address}: {e}"),
+        }
+    }
+}
+
 impl ConnectError {
+    /// The class of the error.
     pub fn kind(&self) -> ErrorKind {
         match self {
             ConnectError::Address(_) => ErrorKind::InvalidInput,
-            ConnectError::Unreachable { .. } => ErrorKind::Disconnected,
+            ConnectError::Unreachable { .. } => ErrorKind::Unreachable,
             ConnectError::UntrustedBroker { .. } => ErrorKind::Denied,
             ConnectError::Refused(d) => d.kind(),
             ConnectError::Timeout(_) => ErrorKind::Timeout,
@@ -172,28 +257,59 @@ impl ConnectError {
     }
 }
 
+/// Why a publish ([`Client::publish`](crate::Client::publish) and its
+/// kin) failed on this side. A refusal by the broker comes later, from
+/// [`Client::flush`](crate::Client::flush) as a [`PublishRefused`].
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
+    /// The topic is not a valid subject. Nothing was sent.
     #[error("invalid subject: {0}")]
     InvalidSubject(#[from] SubjectError),
+    /// The origin is not 1 to 256 bytes without control characters.
+    /// Nothing was sent.
+    #[error("invalid origin: {0}")]
+    InvalidOrigin(#[from] OriginError),
+    /// The fd passed to [`Client::publish_fd`](crate::Client::publish_fd)
+    /// is not a memfd with the required seals. Nothing was sent.
     #[error("the payload fd is refused: {0}")]
     Fd(#[from] MemfdError),
+    /// Creating, filling or sealing the memfd for a large payload (or
+    /// sealing a [`Loan`](crate::Loan)) failed, e.g. out of memory or fds.
+    /// Nothing was sent.
     #[error("cannot put the payload in a memfd: {0}")]
     Memfd(io::Error),
+    /// A payload for a path that only sends inline
+    /// ([`Client::publish_many`](crate::Client::publish_many)) is over the
+    /// broker's inline limit; publish it alone, which uses a memfd.
     #[error("payload of {len} bytes is over the {max}-byte inline limit")]
-    PayloadTooLarge { len: usize, max: usize },
+    PayloadTooLarge {
+        /// The payload's length, in bytes.
+        len: usize,
+        /// The broker's inline limit, in bytes.
+        max: usize,
+    },
+    /// [`Client::publish_value`](crate::Client::publish_value) could not
+    /// encode the value with postcard; the string says why.
     #[error("cannot encode the value: {0}")]
     Encode(String),
+    /// The connection to the broker ended; the [`Disconnect`] says why.
+    /// With reconnection on (the default) a later try may succeed once the
+    /// client has reconnected; if it is closed for good (see
+    /// [`Disconnect`]), connect anew.
     #[error("{0}")]
     Disconnected(Disconnect),
+    /// Sending failed with an operating-system error other than a lost
+    /// connection.
     #[error("send failed: {0}")]
     Io(#[from] io::Error),
 }
 
 impl PublishError {
+    /// The class of the error.
     pub fn kind(&self) -> ErrorKind {
         match self {
             PublishError::InvalidSubject(_)
+            | PublishError::InvalidOrigin(_)
             | PublishError::PayloadTooLarge { .. }
             | PublishError::Encode(_)
             | PublishError::Fd(_) => ErrorKind::InvalidInput,
@@ -204,21 +320,42 @@ impl PublishError {
     }
 }
 
+/// Why a subscription ([`Client::subscribe`](crate::Client::subscribe),
+/// [`Client::monitor`](crate::Client::monitor)) was not made.
 #[derive(Debug, thiserror::Error)]
 pub enum SubscribeError {
+    /// The pattern is not a valid subject pattern. Nothing was sent.
     #[error("invalid pattern: {0}")]
     InvalidPattern(#[from] SubjectError),
+    /// The broker refused the subscription (its policy, a quota; or every
+    /// subscription id of this connection is in use). Retrying helps only
+    /// for a passing shortage (`code` [`ErrorCode::BrokerResource`], or a
+    /// limit since freed).
     #[error("the broker refused the subscription: {}", Refusal(*code, message))]
-    Refused { code: ErrorCode, message: String },
+    Refused {
+        /// The broker's reason.
+        code: ErrorCode,
+        /// The broker's own words; may be empty.
+        message: String,
+    },
+    /// The broker did not acknowledge within the client's timeout (the
+    /// duration). The subscription is taken back, so retrying is safe.
     #[error("no acknowledgement within {0:?}")]
     Timeout(std::time::Duration),
+    /// The connection to the broker ended; the [`Disconnect`] says why.
+    /// With reconnection on (the default) a later try may succeed once the
+    /// client has reconnected; if it is closed for good (see
+    /// [`Disconnect`]), connect anew.
     #[error("{0}")]
     Disconnected(Disconnect),
+    /// An operating-system error on the connection (or a subscribe frame
+    /// that could not be encoded).
     #[error("i/o error: {0}")]
     Io(#[from] io::Error),
 }
 
 impl SubscribeError {
+    /// The class of the error.
     pub fn kind(&self) -> ErrorKind {
         match self {
             SubscribeError::InvalidPattern(_) => ErrorKind::InvalidInput,
@@ -230,10 +367,18 @@ impl SubscribeError {
     }
 }
 
+/// Why a receive (from a [`Subscription`](crate::Subscription) or a
+/// [`Service`](crate::Service)) yielded nothing. The handle's iterator
+/// (and stream, in the async API) stops after yielding one.
 #[derive(Debug, thiserror::Error)]
 pub enum RecvError {
+    /// The connection to the broker ended for good (reconnection off, the
+    /// policy gave up, or the broker said not to come back); the
+    /// [`Disconnect`] says why. Connect anew.
     #[error("{0}")]
     Disconnected(Disconnect),
+    /// Reading the connection failed with an operating-system error other
+    /// than a lost connection.
     #[error("receive failed: {0}")]
     Io(#[from] io::Error),
     /// The broker ended this subscription (or the name this service
@@ -245,6 +390,7 @@ pub enum RecvError {
 }
 
 impl RecvError {
+    /// The class of the error.
     pub fn kind(&self) -> ErrorKind {
         match self {
             RecvError::Disconnected(d) => d.kind(),
@@ -261,19 +407,29 @@ pub enum MonitorError {
     /// not a monitor event). Only this one event is lost: the monitor goes
     /// on, and its iterator does not end here.
     #[error("monitor event #{seq} cannot be read: {detail}")]
-    Malformed { seq: u64, detail: String },
+    Malformed {
+        /// The event's number, as [`BusEvent::seq`](crate::BusEvent::seq).
+        seq: u64,
+        /// What is wrong with it.
+        detail: String,
+    },
     /// The broker ended the monitor because a reloaded policy no longer
     /// gives this client the `monitor` right; the string is its reason.
     /// Every receive fails with this once the events before it are taken.
     #[error("the monitor was revoked by the broker: {0}")]
     Revoked(String),
+    /// The connection to the broker ended for good; the [`Disconnect`]
+    /// says why. Connect anew and start another monitor.
     #[error("{0}")]
     Disconnected(Disconnect),
+    /// Reading the connection failed with an operating-system error other
+    /// than a lost connection.
     #[error("receive failed: {0}")]
     Io(#[from] io::Error),
 }
 
 impl MonitorError {
+    /// The class of the error.
     pub fn kind(&self) -> ErrorKind {
         match self {
             MonitorError::Malformed { .. } => ErrorKind::Protocol,
@@ -306,19 +462,39 @@ pub(crate) fn stray_revocation(reason: String) -> io::Error {
     io::Error::other(format!("revoked by the broker: {reason}"))
 }
 
+/// Why a question to the broker (a ping, [`Client::flush`](crate::Client::flush),
+/// an introspection query such as [`Client::clients`](crate::Client::clients),
+/// a name query, a policy check) got no answer.
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
+    /// The broker refused the question (e.g. [`ErrorCode::Denied`] without
+    /// the `introspect` right), or this client could not ask it (every
+    /// request id in use, an invalid name) or make sense of the answer.
     #[error("the broker refused: {}", Refusal(*code, message))]
-    Refused { code: ErrorCode, message: String },
+    Refused {
+        /// The reason.
+        code: ErrorCode,
+        /// The broker's (or this client's) own words; may be empty.
+        message: String,
+    },
+    /// No answer within the client's timeout (the duration); a busy broker
+    /// may answer a later try.
     #[error("no answer within {0:?}")]
     Timeout(std::time::Duration),
+    /// The connection to the broker ended; the [`Disconnect`] says why.
+    /// With reconnection on (the default) a later try may succeed once the
+    /// client has reconnected; if it is closed for good (see
+    /// [`Disconnect`]), connect anew.
     #[error("{0}")]
     Disconnected(Disconnect),
+    /// An operating-system error on the connection other than a lost
+    /// connection.
     #[error("i/o error: {0}")]
     Io(#[from] io::Error),
 }
 
 impl RequestError {
+    /// The class of the error.
     pub fn kind(&self) -> ErrorKind {
         match self {
             RequestError::Refused { code, .. } => code_kind(*code),
@@ -336,12 +512,19 @@ impl RequestError {
 pub struct PublishRefused {
     /// The publish's number on this connection (1 for the first).
     pub seq: u64,
+    /// The broker's reason.
     pub code: ErrorCode,
+    /// The broker's own words; may be empty.
     pub message: String,
 }
 
+/// What [`Client::flush`](crate::Client::flush) reports: refusals of
+/// what was sent without waiting, or why the flush itself failed.
 #[derive(Debug, thiserror::Error)]
 pub enum FlushError {
+    /// Publishes the broker refused since the last flush, in the order
+    /// sent (never empty). They are not retried: publish them again if
+    /// the cause is gone.
     #[error("{} publish(es) refused; first: {}", .0.len(), .0[0])]
     Refused(Vec<PublishRefused>),
     /// Fire-and-forget sends the broker could not deliver, in the order
@@ -349,11 +532,15 @@ pub enum FlushError {
     /// the next one these.
     #[error("{} send(s) refused; first: {}", .0.len(), .0[0])]
     SendsRefused(Vec<SendRefused>),
+    /// The flush's own round trip to the broker failed; refusals, if any,
+    /// stay for the next flush.
     #[error(transparent)]
     Request(#[from] RequestError),
 }
 
 impl FlushError {
+    /// The class of the error (for a list of refusals, that of the
+    /// first).
     pub fn kind(&self) -> ErrorKind {
         match self {
             FlushError::Refused(r) => code_kind(r[0].code),
@@ -393,15 +580,20 @@ impl From<RecvError> for SubscribeError {
     }
 }
 
+/// Why [`Client::loan`](crate::Client::loan) gave no [`Loan`](crate::Loan).
 #[derive(Debug, thiserror::Error)]
 pub enum LoanError {
+    /// Creating or sizing the memfd failed (out of memory, out of fds,
+    /// a size the system refuses).
     #[error("cannot create a memfd: {0}")]
     Create(io::Error),
+    /// Mapping the memfd into this process failed (out of address space).
     #[error("cannot map the memfd: {0}")]
     Map(io::Error),
 }
 
 impl LoanError {
+    /// The class of the error: always [`ErrorKind::Io`].
     pub fn kind(&self) -> ErrorKind {
         ErrorKind::Io
     }
@@ -413,19 +605,36 @@ impl LoanError {
 /// [`NameResult`](crate::NameResult).
 #[derive(Debug, thiserror::Error)]
 pub enum NameError {
+    /// The name is not a valid subject. Nothing was sent.
     #[error("invalid name: {0}")]
     InvalidName(#[from] SubjectError),
+    /// The broker refused the operation: its policy, a reserved name, a
+    /// quota. Retrying helps only for a passing shortage.
     #[error("the broker refused: {}", Refusal(*code, message))]
-    Refused { code: ErrorCode, message: String },
+    Refused {
+        /// The broker's reason.
+        code: ErrorCode,
+        /// The broker's own words; may be empty.
+        message: String,
+    },
+    /// No answer within the client's timeout (the duration). A name
+    /// request that timed out is taken back, so retrying is safe.
     #[error("no answer within {0:?}")]
     Timeout(std::time::Duration),
+    /// The connection to the broker ended; the [`Disconnect`] says why.
+    /// With reconnection on (the default) a later try may succeed once the
+    /// client has reconnected; if it is closed for good (see
+    /// [`Disconnect`]), connect anew.
     #[error("{0}")]
     Disconnected(Disconnect),
+    /// An operating-system error on the connection, or an answer from the
+    /// broker that does not fit the question.
     #[error("i/o error: {0}")]
     Io(#[from] io::Error),
 }
 
 impl NameError {
+    /// The class of the error.
     pub fn kind(&self) -> ErrorKind {
         match self {
             NameError::InvalidName(_) => ErrorKind::InvalidInput,
@@ -450,28 +659,51 @@ impl From<RecvError> for NameError {
 /// Why [`crate::Client::serve`] gave no [`crate::Service`].
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    /// The name is not a valid subject. Nothing was sent.
     #[error("invalid name: {0}")]
     InvalidName(#[from] SubjectError),
+    /// The broker refused the name: its policy, a reserved name, a quota.
+    /// Retrying helps only for a passing shortage.
     #[error("the broker refused: {}", Refusal(*code, message))]
-    Refused { code: ErrorCode, message: String },
+    Refused {
+        /// The broker's reason.
+        code: ErrorCode,
+        /// The broker's own words; may be empty.
+        message: String,
+    },
     /// Another client owns the name, and the flags said not to wait for it
     /// (or it could not be replaced). A shared name asked for as
     /// exclusive, or the other way round, is this too.
     #[error("the name {name} is taken")]
-    Exists { name: String },
+    Exists {
+        /// The name asked for.
+        name: String,
+    },
     /// This client already serves the name (one `Service` per name per
     /// connection).
     #[error("this client already serves {name}")]
-    AlreadyServed { name: String },
+    AlreadyServed {
+        /// The name asked for.
+        name: String,
+    },
+    /// No answer within the client's timeout (the duration). The request
+    /// for the name is taken back, so retrying is safe.
     #[error("no answer within {0:?}")]
     Timeout(std::time::Duration),
+    /// The connection to the broker ended; the [`Disconnect`] says why.
+    /// With reconnection on (the default) a later try may succeed once the
+    /// client has reconnected; if it is closed for good (see
+    /// [`Disconnect`]), connect anew.
     #[error("{0}")]
     Disconnected(Disconnect),
+    /// An operating-system error on the connection, or an answer from the
+    /// broker that does not fit the question.
     #[error("i/o error: {0}")]
     Io(#[from] io::Error),
 }
 
 impl ServeError {
+    /// The class of the error.
     pub fn kind(&self) -> ErrorKind {
         match self {
             ServeError::InvalidName(_) | ServeError::AlreadyServed { .. } => ErrorKind::InvalidInput,
@@ -515,53 +747,100 @@ name_phrase!(For => "for", Of => "of", From_ => "from", To => "to");
 /// wrong on this side.
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
+    /// The service name is not a valid subject. Nothing was sent.
     #[error("invalid name: {0}")]
     InvalidName(#[from] SubjectError),
+    /// The origin is not 1 to 256 bytes without control characters.
+    /// Nothing was sent.
+    #[error("invalid origin: {0}")]
+    InvalidOrigin(#[from] OriginError),
     /// Nobody owns the name.
     #[error("no responder{}", For(name))]
-    NoResponder { name: String },
+    NoResponder {
+        /// The service name called (empty in a [`SendRefused`]).
+        name: String,
+    },
     /// The service went away (disconnected, crashed) with the request
     /// unanswered.
     #[error("the service{} went away without answering", Of(name))]
-    ResponderGone { name: String },
+    ResponderGone {
+        /// The service name called.
+        name: String,
+    },
     /// No answer within the call's timeout. The broker enforces it and
     /// answers this; the client gives up on its own only if the broker has
     /// not answered a grace period later (the connection's timeout).
     #[error("no answer{} within {timeout:?}", From_(name))]
-    Timeout { name: String, timeout: std::time::Duration },
+    Timeout {
+        /// The service name called.
+        name: String,
+        /// The call's timeout.
+        timeout: std::time::Duration,
+    },
     /// The broker's policy does not let this client call the name.
     #[error("call{} denied: {message}", To(name))]
-    Denied { name: String, message: String },
+    Denied {
+        /// The service name called (empty in a [`SendRefused`]).
+        name: String,
+        /// The broker's words; may be empty.
+        message: String,
+    },
     /// A limit refused the call: this uid's pending requests, the
     /// service's queue in the broker, or the service's own queue (a
     /// service replies [`reply_code::OVERLOADED`](crate::reply_code::OVERLOADED)).
     #[error("call{} refused, a limit was reached: {message}", To(name))]
-    LimitExceeded { name: String, message: String },
+    LimitExceeded {
+        /// The service name called (empty in a [`SendRefused`]).
+        name: String,
+        /// The broker's or the service's words; may be empty.
+        message: String,
+    },
     /// The service answered with an application error.
     #[error("the service{} answered error {code}: {message}", Of(name))]
-    App { name: String, code: u32, message: String },
+    App {
+        /// The service name called.
+        name: String,
+        /// The service's error code (see [`reply_code`](crate::reply_code)
+        /// for the codes the library itself uses).
+        code: u32,
+        /// The service's message.
+        message: String,
+    },
     /// The broker refused the request or the service's reply as malformed
     /// (a bad name, a bad fd).
     #[error("call{} refused as invalid: {message}", To(name))]
-    Invalid { name: String, message: String },
+    Invalid {
+        /// The service name called (empty in a [`SendRefused`]).
+        name: String,
+        /// The broker's words; may be empty.
+        message: String,
+    },
     /// The payload could not be put in a memfd.
     #[error("cannot put the payload in a memfd: {0}")]
     Memfd(io::Error),
     /// The answer was already taken from this [`crate::PendingCall`].
     #[error("the answer to this call was already taken")]
     AlreadyTaken,
+    /// The connection to the broker ended, or was lost while the answer
+    /// was due (a call is never sent again behind the caller's back); the
+    /// [`Disconnect`] says why. The service may or may not have handled
+    /// the request: retry only what is safe to repeat.
     #[error("{0}")]
     Disconnected(Disconnect),
+    /// An operating-system error on the connection other than a lost
+    /// connection.
     #[error("i/o error: {0}")]
     Io(#[from] io::Error),
 }
 
 impl CallError {
+    /// The class of the error.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            CallError::InvalidName(_) | CallError::Invalid { .. } | CallError::AlreadyTaken => {
-                ErrorKind::InvalidInput
-            }
+            CallError::InvalidName(_)
+            | CallError::InvalidOrigin(_)
+            | CallError::Invalid { .. }
+            | CallError::AlreadyTaken => ErrorKind::InvalidInput,
             CallError::NoResponder { .. } | CallError::ResponderGone { .. } => ErrorKind::NoResponder,
             CallError::Timeout { .. } => ErrorKind::Timeout,
             CallError::Denied { .. } => ErrorKind::Denied,
@@ -625,17 +904,26 @@ pub struct SendRefused {
 /// still gets exactly one answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplyError {
+    /// The fd given as the reply's payload is not a memfd with the
+    /// required seals.
     #[error("the payload fd is refused: {0}")]
     Fd(#[from] MemfdError),
+    /// Creating, filling or sealing the memfd for a large reply (or
+    /// sealing a [`Loan`](crate::Loan)) failed, e.g. out of memory or fds.
     #[error("cannot put the payload in a memfd: {0}")]
     Memfd(io::Error),
+    /// The connection to the broker ended; the [`Disconnect`] says why.
+    /// The broker answers the caller itself then.
     #[error("{0}")]
     Disconnected(Disconnect),
+    /// Sending failed with an operating-system error other than a lost
+    /// connection.
     #[error("send failed: {0}")]
     Io(#[from] io::Error),
 }
 
 impl ReplyError {
+    /// The class of the error.
     pub fn kind(&self) -> ErrorKind {
         match self {
             ReplyError::Fd(_) => ErrorKind::InvalidInput,
@@ -670,6 +958,25 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Unavailable);
         let e = SubscribeError::Refused { code: ErrorCode::Denied, message: String::new() };
         assert_eq!(e.to_string(), "the broker refused the subscription: denied by the broker's policy");
+    }
+
+    #[test]
+    fn an_unreachable_bus_says_what_to_do() {
+        let e = |address: &str, kind: io::ErrorKind| ConnectError::Unreachable {
+            address: address.into(),
+            source: io::Error::from(kind),
+        };
+        let refused = e("@nope", io::ErrorKind::ConnectionRefused);
+        assert_eq!(refused.kind(), ErrorKind::Unreachable);
+        let text = refused.to_string();
+        assert!(text.starts_with("no broker listens at @nope"), "{text}");
+        assert!(text.contains("shmbusd --address @nope"), "{text}");
+        let text = e("nope", io::ErrorKind::NotFound).to_string();
+        assert!(text.contains("no socket file nope") && text.contains("did you mean @nope?"), "{text}");
+        let text = e("/run/x.sock", io::ErrorKind::NotFound).to_string();
+        assert!(!text.contains("did you mean"), "{text}");
+        let text = e("/run/x.sock", io::ErrorKind::PermissionDenied).to_string();
+        assert!(text.contains("--socket-mode"), "{text}");
     }
 
     #[test]

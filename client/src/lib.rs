@@ -48,6 +48,7 @@
 //! socket feeds many consumers without a background thread).
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 #[cfg(feature = "tokio")]
 mod asynch;
@@ -80,7 +81,7 @@ pub use error::{
 };
 pub use link::Transport;
 pub use loan::Loan;
-pub use message::{Event, Message, Sender};
+pub use message::{DecodeError, Event, Message, Sender};
 pub use monitor::{BusEvent, Monitor, MonitorItem, MonitorIter};
 pub use service::{
     reply_code, Incoming, NameFlagsExt, NameStatus, PendingCall, Reply, Request, RevokedName, Service,

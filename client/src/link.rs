@@ -865,7 +865,7 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn deliver(sub_id: u32, seq: u64) -> Deliver<'static> {
-        Deliver { sub_id, topic: "t.x", sender: SENDER, seq, payload: PayloadRef::Inline }
+        Deliver { sub_id, topic: "t.x", sender: SENDER, seq, origin: None, payload: PayloadRef::Inline }
     }
 
     impl FakeBroker {
@@ -1003,7 +1003,7 @@ pub(crate) mod tests {
     }
 
     fn publish(inner: &Inner, topic: &str, payload: &[u8]) -> Result<u64, RecvError> {
-        inner.send(&Publish { topic, payload: PayloadRef::Inline }, payload)
+        inner.send(&Publish { topic, origin: None, payload: PayloadRef::Inline }, payload)
     }
 
     fn closed(inner: &Inner) -> Disconnect {
@@ -1213,7 +1213,7 @@ pub(crate) mod tests {
         let fd = memfd::from_bytes("test", b"xyz").unwrap();
         {
             let mut s = inner.lock_send();
-            let body = Publish { topic: "a", payload: PayloadRef::Memfd { len: 3 } };
+            let body = Publish { topic: "a", origin: None, payload: PayloadRef::Memfd { len: 3 } };
             inner.send_locked_with_fds(&mut s, &body, &[], &[fd.as_fd()]).unwrap();
         }
         publish(&inner, "a", b"after").unwrap();

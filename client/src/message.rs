@@ -53,6 +53,7 @@ pub struct Message {
     pub(crate) topic: String,
     pub(crate) sender: Sender,
     pub(crate) seq: u64,
+    pub(crate) origin: Option<String>,
     pub(crate) body: Body,
 }
 
@@ -72,6 +73,16 @@ impl Message {
     /// (1 for its first publish). Per sender, it only grows.
     pub fn seq(&self) -> u64 {
         self.seq
+    }
+
+    /// Where the message comes from, as its publisher claims it (see
+    /// [`crate::Client::publish_with_origin`]): `shmbus-bridge` names the
+    /// host and sender it forwards for here. Unlike [`Message::sender`],
+    /// the broker does not vouch for it: trust it as far as you trust the
+    /// sender. At most 256 bytes without control characters (the broker
+    /// checks); escape it before printing ([`shmbus_proto::text::escape`]).
+    pub fn origin(&self) -> Option<&str> {
+        self.origin.as_deref()
     }
 
     /// The payload bytes, however they travelled. A memfd payload is mapped
@@ -104,6 +115,7 @@ impl Message {
         }
     }
 
+    /// Whether the payload is empty.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -136,9 +148,53 @@ impl Message {
         }
     }
 
-    /// Decodes a payload written by [`crate::Client::publish_value`].
-    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, postcard::Error> {
-        postcard::from_bytes(self.try_payload().map_err(|_| postcard::Error::DeserializeUnexpectedEnd)?)
+    /// Decodes a payload written by [`crate::Client::publish_value`]
+    /// (postcard). The value must use every byte: a payload that is not
+    /// what `T` encodes to (say, the text `21.5` read as a `u32`) is an
+    /// error, not the value its first bytes happen to spell.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, DecodeError> {
+        let bytes = self.try_payload().map_err(DecodeError::Memfd)?;
+        let (value, rest) = postcard::take_from_bytes(bytes)
+            .map_err(|e| DecodeError::Format { len: bytes.len(), reason: e.to_string() })?;
+        if !rest.is_empty() {
+            return Err(DecodeError::TrailingBytes { len: bytes.len(), unused: rest.len() });
+        }
+        Ok(value)
+    }
+}
+
+/// Why [`Message::decode`] failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The payload is not a postcard encoding of the requested type.
+    #[error("the {len}-byte payload is not a postcard encoding of the requested type ({reason}); was it sent with publish_value?")]
+    Format {
+        /// The payload's length, in bytes.
+        len: usize,
+        /// What postcard said.
+        reason: String,
+    },
+    /// The value ended before the payload did: the payload holds something
+    /// else (text, another type).
+    #[error("the {len}-byte payload is not a postcard encoding of the requested type: {unused} bytes are left over after the value; was it sent with publish_value?")]
+    TrailingBytes {
+        /// The payload's length, in bytes.
+        len: usize,
+        /// The bytes left after the value.
+        unused: usize,
+    },
+    /// The memfd payload could not be mapped.
+    #[error("cannot map the memfd payload: {0}")]
+    Memfd(MemfdError),
+}
+
+impl DecodeError {
+    /// The class of the error.
+    pub fn kind(&self) -> crate::ErrorKind {
+        match self {
+            DecodeError::Format { .. } | DecodeError::TrailingBytes { .. } => crate::ErrorKind::InvalidInput,
+            DecodeError::Memfd(_) => crate::ErrorKind::Io,
+        }
     }
 }
 
@@ -152,7 +208,10 @@ pub enum Event {
     /// process's per-subscription buffer), or, for a memfd payload, because
     /// it failed this client's own check (a readable, sealed shmem memfd of
     /// the declared size).
-    Gap { missed: u64 },
+    Gap {
+        /// How many messages were dropped.
+        missed: u64,
+    },
     /// The connection to the broker was lost and made again, and this
     /// subscription was renewed: messages published in between may have
     /// been missed, and how many cannot be known. (Only with reconnection
@@ -176,7 +235,18 @@ mod tests {
 
     fn message(body: Body) -> Message {
         let sender = Sender { client_id: 1, uid: 0, gid: 0, pid: 1 };
-        Message { topic: "t".into(), sender, seq: 1, body }
+        Message { topic: "t".into(), sender, seq: 1, origin: None, body }
+    }
+
+    #[test]
+    fn decode_wants_the_whole_payload_to_be_the_value() {
+        let m = message(Body::Inline(b"21.5".to_vec()));
+        // postcard reads b'2' (50) as a u32 and would stop there.
+        assert!(matches!(m.decode::<u32>(), Err(DecodeError::TrailingBytes { len: 4, unused: 3 })));
+        let m = message(Body::Inline(postcard::to_allocvec(&21.5f32).unwrap()));
+        assert_eq!(m.decode::<f32>(), Ok(21.5));
+        let m = message(Body::Inline(Vec::new()));
+        assert!(matches!(m.decode::<u32>(), Err(DecodeError::Format { len: 0, .. })));
     }
 
     /// A memfd that cannot be mapped (here: a sealed one reopened

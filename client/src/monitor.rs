@@ -20,6 +20,8 @@ use crate::subscription::Subscription;
 /// One event the broker saw, as a monitor receives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BusEvent {
+    /// What happened: a publish, a request, an answer, a subscription, a
+    /// connection, a refusal...
     pub kind: MonitorKind,
     /// The topic of a publish, the name of a request, answer or name
     /// change, the pattern of a subscription; empty for events without
@@ -79,10 +81,12 @@ impl BusEvent {
 /// What a [`Monitor`] yields.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MonitorItem {
+    /// An event the broker saw.
     Event(BusEvent),
     /// `missed` events were lost at this point because the monitor fell
     /// behind (in the broker's queue, or this process's).
     Gap {
+        /// How many events were lost.
         missed: u64,
     },
     /// The connection was lost and made again, and the monitor renewed:

@@ -60,9 +60,9 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 
 use shmbus_proto::frame::{
-    Answer, ErrorCode, GetNameOwner, NameFlags, NameInfo, NameRelease, NameRequest, NameResult, Outcome,
-    PayloadRef, QueryItemBody, QueryKind, Reply as ReplyFrame, ReplyStatus, Request as RequestFrame, Sender,
-    Serve,
+    validate_origin, Answer, ErrorCode, GetNameOwner, NameFlags, NameInfo, NameRelease, NameRequest,
+    NameResult, Outcome, PayloadRef, QueryItemBody, QueryKind, Reply as ReplyFrame, ReplyStatus,
+    Request as RequestFrame, Sender, Serve,
 };
 use shmbus_proto::subject::validate_subject;
 use shmbus_proto::sys::memfd::{self, MemfdError};
@@ -244,6 +244,7 @@ impl Reply {
         self.payload.len()
     }
 
+    /// Whether the payload is empty.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -338,6 +339,7 @@ pub(crate) struct QueuedRequest {
     timeout: Duration,
     received: Instant,
     pub(crate) no_reply: bool,
+    origin: Option<String>,
     payload: Payload,
     charge: Charge,
     /// The connection generation it came on: its reply goes on that one
@@ -372,6 +374,7 @@ impl ServiceQueue {
 /// [`Client::revoked_names`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RevokedName {
+    /// The name taken back.
     pub name: String,
     /// The broker's reason (it names the policy rule).
     pub reason: String,
@@ -527,7 +530,7 @@ impl State {
                 return;
             }
         };
-        let charge = payload.charge(s.name.len());
+        let charge = payload.charge(s.name.len() + s.origin.map_or(0, str::len));
         let fits = q.requests.len() < bounds.messages
             && q.charge.fits(charge, bounds.bytes, bounds.fds)
             && total.fits(charge, bounds.total_bytes, bounds.total_fds);
@@ -549,6 +552,7 @@ impl State {
             timeout: Duration::from_millis(u64::from(s.timeout_ms)),
             received: Instant::now(),
             no_reply: s.no_reply,
+            origin: s.origin.map(str::to_owned),
             payload,
             charge,
             generation: self.generation,
@@ -774,6 +778,14 @@ impl Request {
         self.q.sender
     }
 
+    /// Where the request comes from, as the caller claims it (see
+    /// [`Client::request_with_origin`]): `shmbus-bridge` names the remote
+    /// host and caller here. The broker does not vouch for it, unlike
+    /// [`Request::sender`].
+    pub fn origin(&self) -> Option<&str> {
+        self.q.origin.as_deref()
+    }
+
     /// The name called.
     pub fn name(&self) -> &str {
         &self.name
@@ -814,6 +826,8 @@ impl Request {
         self.try_payload().unwrap_or_else(|e| panic!("cannot map a memfd payload: {e}"))
     }
 
+    /// [`Request::payload`], reporting a failed mapping instead of
+    /// panicking.
     pub fn try_payload(&self) -> Result<&[u8], MemfdError> {
         self.q.payload.bytes()
     }
@@ -823,6 +837,7 @@ impl Request {
         self.q.payload.len()
     }
 
+    /// Whether the payload is empty.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -931,6 +946,7 @@ impl std::fmt::Debug for Service {
 }
 
 impl Service {
+    /// The name served.
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -1254,8 +1270,27 @@ impl Client {
     /// answers [`CallError::Timeout`] once `timeout` passes (rounded up to
     /// whole milliseconds, and at most the broker's maximum, 60 s by
     /// default). Payloads above the memfd threshold go as a sealed memfd.
-    pub fn request(&self, name: &str, payload: &[u8], timeout: Duration) -> Result<Reply, CallError> {
+    pub fn request(
+        &self,
+        name: &str,
+        payload: impl AsRef<[u8]>,
+        timeout: Duration,
+    ) -> Result<Reply, CallError> {
         self.request_async(name, payload, timeout)?.wait()
+    }
+
+    /// Calls as [`Client::request`] does, with an origin the service reads
+    /// with [`Request::origin`]: where the call comes from, as this client
+    /// claims it (1 to 256 bytes, no control characters).
+    pub fn request_with_origin(
+        &self,
+        name: &str,
+        payload: impl AsRef<[u8]>,
+        timeout: Duration,
+        origin: &str,
+    ) -> Result<Reply, CallError> {
+        validate_origin(origin)?;
+        self.call(name, payload.as_ref(), timeout, Some(origin))?.wait()
     }
 
     /// Sends the call and returns at once with a handle on its answer, so
@@ -1265,8 +1300,18 @@ impl Client {
     pub fn request_async(
         &self,
         name: &str,
+        payload: impl AsRef<[u8]>,
+        timeout: Duration,
+    ) -> Result<PendingCall, CallError> {
+        self.call(name, payload.as_ref(), timeout, None)
+    }
+
+    fn call(
+        &self,
+        name: &str,
         payload: &[u8],
         timeout: Duration,
+        origin: Option<&str>,
     ) -> Result<PendingCall, CallError> {
         validate_subject(name)?;
         let call_id = {
@@ -1277,7 +1322,7 @@ impl Client {
             st.new_call(timeout)
         };
         let sent = Instant::now();
-        let sent_on = match self.send_request(call_id, name, payload, timeout_ms(timeout), false) {
+        let sent_on = match self.send_request(call_id, name, payload, timeout_ms(timeout), false, origin) {
             Ok(g) => g,
             Err(e) => {
                 self.inner.state.lock().calls.remove(&call_id);
@@ -1300,7 +1345,8 @@ impl Client {
     /// send's number on this connection (1 for the first). A send the
     /// broker could not deliver (no responder, a full queue) comes back
     /// from [`Client::flush`] as a [`SendRefused`] with that number.
-    pub fn send(&self, name: &str, payload: &[u8]) -> Result<u64, CallError> {
+    pub fn send(&self, name: &str, payload: impl AsRef<[u8]>) -> Result<u64, CallError> {
+        let payload = payload.as_ref();
         validate_subject(name)?;
         let (seq, call_id) = {
             let mut st = self.inner.state.lock();
@@ -1309,7 +1355,7 @@ impl Client {
             }
             st.new_send()
         };
-        self.send_request(call_id, name, payload, 0, true)?;
+        self.send_request(call_id, name, payload, 0, true, None)?;
         Ok(seq)
     }
 
@@ -1320,8 +1366,10 @@ impl Client {
         payload: &[u8],
         timeout_ms: u32,
         no_reply: bool,
+        origin: Option<&str>,
     ) -> Result<u64, CallError> {
-        let mut frame = RequestFrame { call_id, name, timeout_ms, no_reply, payload: PayloadRef::Inline };
+        let mut frame =
+            RequestFrame { call_id, name, timeout_ms, no_reply, origin, payload: PayloadRef::Inline };
         if payload.len() > self.memfd_threshold() {
             let fd = memfd::from_bytes("shmbus-request", payload).map_err(CallError::Memfd)?;
             frame.payload = PayloadRef::Memfd { len: payload.len() as u64 };
@@ -1446,7 +1494,7 @@ mod tests {
     }
 
     fn serve_frame(name: &str, serial: u64, no_reply: bool, payload: PayloadRef) -> Serve<'_> {
-        Serve { serial, name, sender: WHO, timeout_ms: 1000, no_reply, payload }
+        Serve { serial, name, sender: WHO, timeout_ms: 1000, no_reply, origin: None, payload }
     }
 
     /// Open fds of this process whose memfd is named `name`.

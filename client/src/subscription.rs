@@ -27,6 +27,7 @@ impl Subscription {
         Subscription { inner, id, pattern }
     }
 
+    /// The pattern subscribed to, as given.
     pub fn pattern(&self) -> &str {
         &self.pattern
     }
@@ -107,6 +108,8 @@ impl Subscription {
     }
 }
 
+/// The events of a [`Subscription`], from [`Subscription::iter`]: each
+/// waits for the next one; after an error, it ends.
 pub struct Iter<'a> {
     sub: &'a Subscription,
     done: bool,

@@ -30,7 +30,7 @@ def s(text):
 
 
 def frame(kind, body, payload=b""):
-    return struct.pack("<HBBI", 0x4253, 2, kind, len(body)) + body + payload
+    return struct.pack("<HBBI", 0x4253, 5, kind, len(body)) + body + payload
 
 
 V = varint
@@ -45,8 +45,8 @@ FRAMES = {
     "hello": frame(1, V(2) + s("app")),
     "subscribe": frame(2, V(1) + s("a.*.>") + V(0)),
     "unsubscribe": frame(3, V(1)),
-    "publish_inline": frame(4, s("a.b") + V(0), b"hi"),
-    "publish_memfd": frame(4, s("a.b") + V(1) + V(5)),
+    "publish_inline": frame(4, s("a.b") + b"\x01" + s("nats:host1") + V(0), b"hi"),
+    "publish_memfd": frame(4, s("a.b") + b"\x00" + V(1) + V(5)),
     "ping": frame(5, V(7)),
     "query": frame(6, V(1) + V(1) + b"\x01" + s("a")),
     "channel_open": frame(7, V(1) + s("cam.0") + V(0) + V(64) + V(4) + V(1)),
@@ -54,8 +54,8 @@ FRAMES = {
     "fd_ack": frame(9, V(3)),
     "welcome": frame(64, V(1) + LIMITS),
     "goodbye": frame(65, V(4) + s("bye")),
-    "deliver_inline": frame(66, V(1) + s("a.b") + SENDER + V(9) + V(0), b"xy"),
-    "deliver_memfd": frame(66, V(1) + s("a.b") + SENDER + V(9) + V(1) + V(5)),
+    "deliver_inline": frame(66, V(1) + s("a.b") + SENDER + V(9) + b"\x01" + s("nats:host1") + V(0), b"xy"),
+    "deliver_memfd": frame(66, V(1) + s("a.b") + SENDER + V(9) + b"\x00" + V(1) + V(5)),
     "gap": frame(67, V(1) + V(5)),
     "subscribed": frame(68, V(1)),
     "pong": frame(69, V(1)),
@@ -71,12 +71,12 @@ FRAMES = {
     "name_request": frame(10, V(1) + s("svc.a") + b"\x00\x01\x00\x00"),
     "name_release": frame(11, V(1) + s("svc.a")),
     "get_name_owner": frame(12, V(1) + s("svc.a")),
-    "request": frame(13, V(1) + s("svc.a") + V(1000) + b"\x00" + V(0), b"q"),
+    "request": frame(13, V(1) + s("svc.a") + V(1000) + b"\x00" + b"\x00" + V(0), b"q"),
     "reply": frame(14, V(1) + V(0) + V(0), b"r"),
     "reply_error": frame(14, V(1) + V(1) + V(5) + s("bad") + V(1) + V(3)),
     "name_reply": frame(75, V(1) + V(0)),
     "name_owner": frame(76, V(1) + b"\x01" + V(7) + V(1)),
-    "serve": frame(77, V(1) + s("svc.a") + SENDER + V(1000) + b"\x00" + V(0), b"q"),
+    "serve": frame(77, V(1) + s("svc.a") + SENDER + V(1000) + b"\x00" + b"\x01" + s("nats:h") + V(0), b"q"),
     "answer": frame(78, V(1) + V(1) + V(5) + s("bad") + b"\x01" + SENDER + V(0), b"r"),
     "answer_timeout": frame(78, V(1) + V(4) + b"\x00" + V(0)),
     # Not a frame: the payload of a delivery on $SYS.name.<name>.

@@ -234,7 +234,7 @@ fn make_packet(how: u8, input: &mut Input<'_>, first_fd_len: Option<u64>) -> Vec
                 1 => (PayloadRef::Memfd { len: first_fd_len.unwrap_or(0) }, &[][..]),
                 _ => (PayloadRef::Memfd { len: input.u64() }, &[][..]),
             };
-            let d = Deliver { sub_id, topic, sender, seq, payload };
+            let d = Deliver { sub_id, topic, sender, seq, origin: None, payload };
             encode_frame(&d, inline).expect("a small frame encodes")
         }
         _ => {

@@ -36,12 +36,12 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::limits::MAX_PACKET;
+use crate::limits::{MAX_ORIGIN_LEN, MAX_PACKET};
 
 /// First two bytes of every frame (little-endian "SB" as in shmbus).
 pub const MAGIC: u16 = 0x4253;
 /// Wire protocol version, in every header and in `Hello`.
-pub const PROTOCOL_VERSION: u8 = 4;
+pub const PROTOCOL_VERSION: u8 = 5;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 8;
 
@@ -258,7 +258,40 @@ pub enum PayloadRef {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Publish<'a> {
     pub topic: &'a str,
+    /// Where the message comes from, as its publisher claims it (a bridge
+    /// names the host and sender it forwards for). Text of at most
+    /// [`MAX_ORIGIN_LEN`] bytes without control characters; the broker
+    /// passes it on in `Deliver` as is. `sender` stays the broker's word.
+    #[serde(borrow)]
+    pub origin: Option<&'a str>,
     pub payload: PayloadRef,
+}
+
+/// Why an `origin` is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum OriginError {
+    #[error("an origin may not be empty (leave it out instead)")]
+    Empty,
+    #[error("an origin is at most {MAX_ORIGIN_LEN} bytes; this one has {0}")]
+    TooLong(usize),
+    #[error("an origin may not hold control characters")]
+    Control,
+}
+
+/// Checks an `origin` (of `Publish` or `Request`): 1 to [`MAX_ORIGIN_LEN`]
+/// bytes, no control characters. Receivers still print it escaped
+/// ([`crate::text::escape`]): it is the publisher's claim, not the broker's.
+pub fn validate_origin(origin: &str) -> Result<(), OriginError> {
+    if origin.is_empty() {
+        return Err(OriginError::Empty);
+    }
+    if origin.len() > MAX_ORIGIN_LEN {
+        return Err(OriginError::TooLong(origin.len()));
+    }
+    if origin.chars().any(char::is_control) {
+        return Err(OriginError::Control);
+    }
+    Ok(())
 }
 
 /// Who sent a message, as the broker saw it from `SO_PEERCRED`.
@@ -278,6 +311,9 @@ pub struct Deliver<'a> {
     pub topic: &'a str,
     pub sender: Sender,
     pub seq: u64,
+    /// The publisher's `Publish::origin`, unchanged.
+    #[serde(borrow)]
+    pub origin: Option<&'a str>,
     pub payload: PayloadRef,
 }
 
@@ -651,6 +687,9 @@ pub enum ErrorCode {
     NoSuchRequest,
     /// The name is reserved (`$SYS.>`), or may not be owned by this peer.
     ReservedName,
+    /// An `origin` longer than [`MAX_ORIGIN_LEN`] bytes, empty, or holding
+    /// a control character.
+    InvalidOrigin,
 }
 
 /// A refused operation. The connection stays usable.
@@ -827,6 +866,10 @@ pub struct Request<'a> {
     pub timeout_ms: u32,
     /// Fire and forget: no answer, no reply slot.
     pub no_reply: bool,
+    /// Where the request comes from, as the caller claims it; as
+    /// `Publish::origin`.
+    #[serde(borrow)]
+    pub origin: Option<&'a str>,
     pub payload: PayloadRef,
 }
 
@@ -841,6 +884,9 @@ pub struct Serve<'a> {
     /// many milliseconds after it queued the request for the service.
     pub timeout_ms: u32,
     pub no_reply: bool,
+    /// The caller's `Request::origin`, unchanged.
+    #[serde(borrow)]
+    pub origin: Option<&'a str>,
     pub payload: PayloadRef,
 }
 
@@ -1267,7 +1313,7 @@ mod tests {
 
     #[test]
     fn publish_roundtrip() {
-        let p = Publish { topic: "a.b", payload: PayloadRef::Inline };
+        let p = Publish { topic: "a.b", origin: None, payload: PayloadRef::Inline };
         let bytes = encode_frame(&p, b"hello").unwrap();
         assert_eq!(decode_client(&bytes).unwrap(), ClientFrame::Publish(p, b"hello"));
     }
@@ -1279,6 +1325,7 @@ mod tests {
             topic: "x.y",
             sender: Sender { client_id: 1, uid: 2, gid: 3, pid: 4 },
             seq: 99,
+            origin: None,
             payload: PayloadRef::Inline,
         };
         let bytes = encode_frame(&d, &[1, 2, 3]).unwrap();
@@ -1318,7 +1365,7 @@ mod tests {
 
     #[test]
     fn oversize_encode_is_refused() {
-        let p = Publish { topic: "a", payload: PayloadRef::Inline };
+        let p = Publish { topic: "a", origin: None, payload: PayloadRef::Inline };
         assert!(matches!(encode_frame(&p, &vec![0; MAX_PACKET]), Err(EncodeError::TooLong(_))));
     }
 
@@ -1379,6 +1426,7 @@ mod tests {
             topic: "a",
             sender: Sender { client_id: 1, uid: 2, gid: 3, pid: 4 },
             seq: 5,
+            origin: None,
             payload: PayloadRef::Inline,
         };
         let mut payload = Vec::new();
@@ -1397,14 +1445,66 @@ mod tests {
         );
     }
 
+    /// The examples of PROTOCOL.md §4 and its table, as bytes: a changed
+    /// encoding fails here until the page shows it.
+    #[test]
+    fn frames_are_the_bytes_protocol_md_shows() {
+        let hex = |bytes: Vec<u8>| bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ");
+        let doc = include_str!("../../docs/PROTOCOL.md");
+        let shown = |h: &str| assert!(doc.contains(h), "PROTOCOL.md does not show {h}");
+        let publish = Publish { topic: "a.b", origin: None, payload: PayloadRef::Inline };
+        let bytes = hex(encode_frame(&publish, b"hi").unwrap());
+        assert_eq!(bytes, "53 42 05 04 06 00 00 00 03 61 2e 62 00 00 68 69");
+        shown("53 42 05 04 06 00 00 00   kind 4 (Publish), body_len 6");
+        let memfd = Publish { topic: "a.b", origin: None, payload: PayloadRef::Memfd { len: 1_000_000 } };
+        assert_eq!(hex(encode_head(&memfd).unwrap()), "53 42 05 04 09 00 00 00 03 61 2e 62 00 01 c0 84 3d");
+        shown("53 42 05 04 09 00 00 00   kind 4, body_len 9");
+        let deliver = Deliver {
+            sub_id: 1,
+            topic: "a.b",
+            sender: Sender { client_id: 3, uid: 1000, gid: 1000, pid: 4242 },
+            seq: 1,
+            origin: Some("h1"),
+            payload: PayloadRef::Inline,
+        };
+        assert_eq!(
+            hex(encode_frame(&deliver, b"hi").unwrap()),
+            "53 42 05 42 12 00 00 00 01 03 61 2e 62 03 e8 07 e8 07 92 21 01 01 02 68 31 00 68 69"
+        );
+        shown("53 42 05 42 12 00 00 00   kind 66 (Deliver), body_len 18");
+        shown("01 02 68 31               origin: Some(\"h1\")");
+        let request = Request {
+            call_id: 1,
+            name: "svc",
+            timeout_ms: 1000,
+            no_reply: false,
+            origin: None,
+            payload: PayloadRef::Inline,
+        };
+        let bytes = hex(encode_frame(&request, b"q").unwrap());
+        assert_eq!(bytes, "53 42 05 0d 0a 00 00 00 01 03 73 76 63 e8 07 00 00 00 71");
+        shown("`53 42 05 0d 0a 00 00 00  01 03 73 76 63 e8 07 00 00 00 71`");
+    }
+
+    #[test]
+    fn origins_are_short_printable_text() {
+        assert_eq!(validate_origin("nats:host1 uid=1000 pid=42"), Ok(()));
+        assert_eq!(validate_origin("héllo ✓"), Ok(()));
+        assert_eq!(validate_origin(""), Err(OriginError::Empty));
+        assert_eq!(validate_origin(&"a".repeat(MAX_ORIGIN_LEN)), Ok(()));
+        assert_eq!(validate_origin(&"a".repeat(MAX_ORIGIN_LEN + 1)), Err(OriginError::TooLong(257)));
+        assert_eq!(validate_origin("a\nforged log line"), Err(OriginError::Control));
+        assert_eq!(validate_origin("\u{1b}[31m"), Err(OriginError::Control));
+    }
+
     #[test]
     fn a_batch_is_the_bytes_protocol_md_shows() {
         let packet = batch_of(&[pong(1), pong(2)], 2);
         #[rustfmt::skip]
         let documented = [
-            0x53, 0x42, 4, 0x4f, 1, 0, 0, 0, 2,
-            9, 0, 0, 0, 0x53, 0x42, 4, 0x45, 1, 0, 0, 0, 1,
-            9, 0, 0, 0, 0x53, 0x42, 4, 0x45, 1, 0, 0, 0, 2,
+            0x53, 0x42, 5, 0x4f, 1, 0, 0, 0, 2,
+            9, 0, 0, 0, 0x53, 0x42, 5, 0x45, 1, 0, 0, 0, 1,
+            9, 0, 0, 0, 0x53, 0x42, 5, 0x45, 1, 0, 0, 0, 2,
         ];
         assert_eq!(packet, documented);
     }
@@ -1438,6 +1538,7 @@ mod tests {
             topic: "a",
             sender: Sender { client_id: 1, uid: 2, gid: 3, pid: 4 },
             seq: 5,
+            origin: None,
             payload: PayloadRef::Memfd { len: 10 },
         };
         let with_fd = [encode_head(&memfd).unwrap()];

@@ -25,6 +25,9 @@ pub const MAX_SUBJECT_DEPTH: usize = 32;
 /// Longest client name sent in `Hello`, in bytes.
 pub const MAX_CLIENT_NAME: usize = 256;
 
+/// The longest `origin` a publish or request may carry (bytes of UTF-8).
+pub const MAX_ORIGIN_LEN: usize = 256;
+
 /// Most fds that may ride on one packet. The receive side sizes its
 /// control buffer for exactly this many; more is `MSG_CTRUNC`.
 pub const MAX_FDS_PER_PACKET: usize = 4;

@@ -97,7 +97,7 @@ impl Bus {
             (_, ClientFrame::Hello(_)) => self.violation(id, "second Hello", now),
             (_, ClientFrame::Subscribe(s)) => self.subscribe(id, s, now),
             (_, ClientFrame::Unsubscribe(u)) => self.unsubscribe(id, u.sub_id, now),
-            (_, ClientFrame::Publish(p, payload)) => self.publish(id, p.topic, p.payload, payload, fds, now),
+            (_, ClientFrame::Publish(p, payload)) => self.publish(id, &p, payload, fds, now),
             (_, ClientFrame::Ping(p)) => {
                 self.control(id, &Pong { token: p.token }, now);
             }

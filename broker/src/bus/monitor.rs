@@ -213,7 +213,14 @@ impl Bus {
             let (subject, sender) = (seen.subject, seen.sender);
             let cost = subject.len() + 64 + bytes.len() + FRAME_OVERHEAD;
             let make = move || {
-                let d = Deliver { sub_id, topic: subject, sender, seq, payload: PayloadRef::Inline };
+                let d = Deliver {
+                    sub_id,
+                    topic: subject,
+                    sender,
+                    seq,
+                    origin: None,
+                    payload: PayloadRef::Inline,
+                };
                 let head = encode_head(&d).ok()?;
                 // A whole 64 KiB payload, its event and the longest topic
                 // still fit one packet; if not, the excerpt would have.

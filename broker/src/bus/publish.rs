@@ -17,7 +17,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use shmbus_proto::frame::{
-    encode_head, Deliver, ErrorCode, GoodbyeCode, MonitorKind, Op, PayloadRef, Sender,
+    encode_head, validate_origin, Deliver, ErrorCode, GoodbyeCode, MonitorKind, Op, PayloadRef, Publish,
+    Sender,
 };
 use shmbus_proto::limits::MAX_INLINE_PAYLOAD;
 use shmbus_proto::subject::validate_subject;
@@ -33,12 +34,12 @@ impl Bus {
     pub(crate) fn publish(
         &mut self,
         id: PeerId,
-        topic: &str,
-        payload_ref: PayloadRef,
+        publish: &Publish<'_>,
         payload: &[u8],
         mut fds: Vec<OwnedFd>,
         now: Instant,
     ) {
+        let Publish { topic, origin, payload: payload_ref } = *publish;
         let Some(p) = self.peers.get_mut(&id) else { return };
         p.published += 1;
         let seq = p.published;
@@ -47,6 +48,10 @@ impl Bus {
         if let Err(e) = validate_subject(topic) {
             let msg = format!("invalid subject {topic:?}: {e}");
             return self.op_error(id, op, ErrorCode::InvalidSubject, &msg, now);
+        }
+        if let Some(Err(e)) = origin.map(validate_origin) {
+            let msg = format!("invalid origin for a publish on {topic:?}: {e}");
+            return self.op_error(id, op, ErrorCode::InvalidOrigin, &msg, now);
         }
         if topic.split('.').next() == Some(super::service::SYS_PREFIX) {
             let msg = format!(
@@ -99,7 +104,7 @@ impl Bus {
         };
         bump(&mut self.counters.msgs_in, 1);
         bump(&mut self.counters.bytes_in, bytes);
-        self.fan_out(topic, sender, seq, payload_ref, payload, shared, now);
+        self.fan_out(topic, sender, seq, origin, payload_ref, payload, shared, now);
         if !self.monitors.is_empty() {
             let mut receivers: Vec<u64> = self.matches.iter().map(|&(peer, _)| peer).collect();
             receivers.dedup();
@@ -123,6 +128,7 @@ impl Bus {
         topic: &str,
         sender: Sender,
         seq: u64,
+        origin: Option<&str>,
         payload_ref: PayloadRef,
         payload: &[u8],
         shared: Option<Rc<SharedFd>>,
@@ -135,12 +141,12 @@ impl Bus {
             let inline: Option<Arc<[u8]>> = (!payload.is_empty()).then(|| Arc::from(payload));
             // What each delivery will cost, before it is encoded: a head is
             // the topic, a few varints and the header.
-            let estimate = topic.len() + 64 + payload.len() + FRAME_OVERHEAD;
+            let estimate = topic.len() + origin.map_or(0, str::len) + 64 + payload.len() + FRAME_OVERHEAD;
             let memfd = shared.as_ref().map(|s| s.len);
             for &(target, sub_id) in &matches {
                 self.work = self.work.wrapping_add(1);
                 let make = || {
-                    let d = Deliver { sub_id, topic, sender, seq, payload: payload_ref };
+                    let d = Deliver { sub_id, topic, sender, seq, origin, payload: payload_ref };
                     let head = encode_head(&d).ok()?;
                     Some(OutFrame {
                         head,

@@ -28,8 +28,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shmbus_proto::frame::{
-    encode_head, Answer, ErrorCode, MonitorKind, NameFlags, NameOwner, NameOwnerChanged, NameReply,
-    NameResult, Op, Outcome, PayloadRef, Reply, ReplyStatus, Request, Sender, Serve,
+    encode_head, validate_origin, Answer, ErrorCode, MonitorKind, NameFlags, NameOwner, NameOwnerChanged,
+    NameReply, NameResult, Op, Outcome, PayloadRef, Reply, ReplyStatus, Request, Sender, Serve,
 };
 use shmbus_proto::limits::{MAX_INLINE_PAYLOAD, MAX_SUBJECT_DEPTH, MAX_SUBJECT_LEN};
 use shmbus_proto::subject::validate_subject;
@@ -233,7 +233,7 @@ impl Bus {
         self.broker_seq += 1;
         let seq = self.broker_seq;
         let sender = self.cfg.broker;
-        self.fan_out(&topic, sender, seq, PayloadRef::Inline, &bytes, None, now);
+        self.fan_out(&topic, sender, seq, None, PayloadRef::Inline, &bytes, None, now);
         if !self.monitors.is_empty() {
             let detail = format!("owner {:?} -> {:?}", c.old, c.new);
             let seen = Seen {
@@ -336,6 +336,10 @@ impl Bus {
             let msg = format!("invalid name {:?}: {e}", r.name);
             return refuse(self, Outcome::Invalid { message: &msg });
         }
+        if let Some(Err(e)) = r.origin.map(validate_origin) {
+            let msg = format!("invalid origin for a call to {:?}: {e}", r.name);
+            return refuse(self, Outcome::Invalid { message: &msg });
+        }
         let payload = match check_payload(r.payload, bytes, fds) {
             Ok(p) => p,
             Err((_, msg)) => return refuse(self, Outcome::Invalid { message: &msg }),
@@ -374,6 +378,7 @@ impl Bus {
             sender,
             timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
             no_reply: r.no_reply,
+            origin: r.origin,
             payload: payload.payload_ref,
         };
         let Ok(head) = encode_head(&serve) else { return };

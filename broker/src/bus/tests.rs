@@ -46,12 +46,14 @@ impl World {
     }
 
     fn publish(&mut self, id: PeerId, topic: &str, payload: &[u8]) {
-        let bytes = encode_frame(&Publish { topic, payload: PayloadRef::Inline }, payload).unwrap();
+        let bytes =
+            encode_frame(&Publish { topic, origin: None, payload: PayloadRef::Inline }, payload).unwrap();
         self.bus.receive(id, &bytes, Vec::new(), self.now);
     }
 
     fn publish_fd(&mut self, id: PeerId, topic: &str, fd: OwnedFd, len: u64) {
-        let bytes = encode_head(&Publish { topic, payload: PayloadRef::Memfd { len } }).unwrap();
+        let bytes =
+            encode_head(&Publish { topic, origin: None, payload: PayloadRef::Memfd { len } }).unwrap();
         self.bus.receive(id, &bytes, vec![fd], self.now);
     }
 
@@ -489,7 +491,8 @@ mod services {
     }
 
     fn call(w: &mut World, id: PeerId, call_id: u64, name: &str, timeout_ms: u32, payload: &[u8]) {
-        let r = Request { call_id, name, timeout_ms, no_reply: false, payload: PayloadRef::Inline };
+        let r =
+            Request { call_id, name, timeout_ms, no_reply: false, origin: None, payload: PayloadRef::Inline };
         let bytes = encode_frame(&r, payload).unwrap();
         w.bus.receive(id, &bytes, Vec::new(), w.now);
     }
@@ -702,6 +705,7 @@ fn a_reload_drops_what_was_queued_for_what_it_revokes() {
             name: "svc.s",
             timeout_ms: 10_000,
             no_reply: false,
+            origin: None,
             payload: PayloadRef::Inline,
         };
         w.bus.receive(caller, &encode_frame(&r, b"q").unwrap(), Vec::new(), w.now);

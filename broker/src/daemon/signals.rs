@@ -1,8 +1,8 @@
 //! Signals as events in the poll loop: a handler writes a byte into a
 //! socketpair (the self-pipe trick, via signal-hook) whose read end is
 //! registered with mio. TERM and INT share one pipe (shut down), HUP has
-//! its own (there is nothing to reload yet; it is logged and ignored rather
-//! than killing the broker).
+//! its own: the event loop reloads the policy file on it (and only logs
+//! it when there is none), rather than the default of killing the broker.
 
 use std::io::{self, Read};
 use std::os::unix::net::UnixStream;

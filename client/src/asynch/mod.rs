@@ -101,7 +101,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use shmbus_proto::frame::{encode_head, ErrorCode, Limits, Overflow, PayloadRef, Ping, Publish, Subscribe};
+use shmbus_proto::frame::{
+    encode_head, validate_origin, ErrorCode, Limits, Overflow, PayloadRef, Ping, Publish, Subscribe,
+};
 use shmbus_proto::subject::{validate_pattern, validate_subject};
 use shmbus_proto::sys::memfd;
 use shmbus_proto::sys::socket::{OutPacket, MAX_BATCH};
@@ -206,17 +208,37 @@ impl AsyncClient {
     /// Returns once the frame is handed to the kernel (waiting, without
     /// blocking, while the socket is full); a refusal by the broker comes
     /// back from [`AsyncClient::flush`].
-    pub async fn publish(&self, topic: &str, payload: &[u8]) -> Result<(), PublishError> {
+    pub async fn publish(&self, topic: &str, payload: impl AsRef<[u8]>) -> Result<(), PublishError> {
+        self.publish_from(topic, payload.as_ref(), None).await
+    }
+
+    /// Publishes with an origin, as [`Client::publish_with_origin`].
+    pub async fn publish_with_origin(
+        &self,
+        topic: &str,
+        payload: impl AsRef<[u8]>,
+        origin: &str,
+    ) -> Result<(), PublishError> {
+        validate_origin(origin)?;
+        self.publish_from(topic, payload.as_ref(), Some(origin)).await
+    }
+
+    async fn publish_from(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        origin: Option<&str>,
+    ) -> Result<(), PublishError> {
         validate_subject(topic)?;
         if payload.len() > self.client().memfd_threshold() {
             let fd = memfd::from_bytes("shmbus-payload", payload).map_err(PublishError::Memfd)?;
-            return self.send_memfd(topic, fd.as_fd(), payload.len() as u64).await;
+            return self.send_memfd(topic, fd.as_fd(), payload.len() as u64, origin).await;
         }
         let max = self.limits().max_inline_payload as usize;
         if payload.len() > max {
             return Err(PublishError::PayloadTooLarge { len: payload.len(), max });
         }
-        let body = Publish { topic, payload: PayloadRef::Inline };
+        let body = Publish { topic, origin, payload: PayloadRef::Inline };
         driver::send_frame(&self.shared, &body, payload, &[], true).await?;
         Ok(())
     }
@@ -231,18 +253,24 @@ impl AsyncClient {
     pub async fn publish_loan(&self, topic: &str, loan: Loan) -> Result<(), PublishError> {
         validate_subject(topic)?;
         let (fd, len) = loan.seal().map_err(PublishError::Memfd)?;
-        self.send_memfd(topic, fd.as_fd(), len).await
+        self.send_memfd(topic, fd.as_fd(), len, None).await
     }
 
     /// Publishes a sealed memfd the caller holds, as [`Client::publish_fd`].
     pub async fn publish_fd(&self, topic: &str, fd: impl AsFd) -> Result<(), PublishError> {
         validate_subject(topic)?;
         let len = memfd::sealed_len(fd.as_fd())?;
-        self.send_memfd(topic, fd.as_fd(), len).await
+        self.send_memfd(topic, fd.as_fd(), len, None).await
     }
 
-    async fn send_memfd(&self, topic: &str, fd: BorrowedFd<'_>, len: u64) -> Result<(), PublishError> {
-        let body = Publish { topic, payload: PayloadRef::Memfd { len } };
+    async fn send_memfd(
+        &self,
+        topic: &str,
+        fd: BorrowedFd<'_>,
+        len: u64,
+        origin: Option<&str>,
+    ) -> Result<(), PublishError> {
+        let body = Publish { topic, origin, payload: PayloadRef::Memfd { len } };
         driver::send_frame(&self.shared, &body, &[], &[fd], true).await?;
         Ok(())
     }
@@ -251,15 +279,15 @@ impl AsyncClient {
     /// [`Client::publish_many`]: same semantics as calling
     /// [`AsyncClient::publish`] for each, in order (inline payloads only);
     /// on an error, the messages before the failing one have been sent.
-    pub async fn publish_many<'a>(
+    pub async fn publish_many<'a, P: AsRef<[u8]> + ?Sized + 'a>(
         &self,
-        messages: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+        messages: impl IntoIterator<Item = (&'a str, &'a P)>,
     ) -> Result<(), PublishError> {
         let max = self.limits().max_inline_payload as usize;
         let mut heads: Vec<Vec<u8>> = Vec::new();
         let mut payloads: Vec<&[u8]> = Vec::with_capacity(MAX_BATCH);
         let mut result = Ok(());
-        let mut iter = messages.into_iter().peekable();
+        let mut iter = messages.into_iter().map(|(topic, payload)| (topic, payload.as_ref())).peekable();
         while iter.peek().is_some() && result.is_ok() {
             result = crate::client::fill_publish_batch(&mut iter, max, &mut heads, &mut payloads);
             let packets: Vec<OutPacket<'_>> = heads

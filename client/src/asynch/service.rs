@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use shmbus_proto::frame::{NameFlags, NameResult, PayloadRef, ReplyStatus};
+use shmbus_proto::frame::{validate_origin, NameFlags, NameResult, PayloadRef, ReplyStatus};
 use shmbus_proto::frame::{Reply as ReplyFrame, Request as RequestFrame};
 use shmbus_proto::subject::validate_subject;
 use shmbus_proto::sys::memfd;
@@ -42,7 +42,35 @@ impl AsyncClient {
     /// Calls `name` with `payload` and waits for the one answer, as
     /// [`Client::request`](crate::Client::request). Dropping the future
     /// gives up the call (its answer is dropped when it comes).
-    pub async fn request(&self, name: &str, payload: &[u8], timeout: Duration) -> Result<Reply, CallError> {
+    pub async fn request(
+        &self,
+        name: &str,
+        payload: impl AsRef<[u8]>,
+        timeout: Duration,
+    ) -> Result<Reply, CallError> {
+        self.call(name, payload.as_ref(), timeout, None).await
+    }
+
+    /// Calls with an origin, as
+    /// [`Client::request_with_origin`](crate::Client::request_with_origin).
+    pub async fn request_with_origin(
+        &self,
+        name: &str,
+        payload: impl AsRef<[u8]>,
+        timeout: Duration,
+        origin: &str,
+    ) -> Result<Reply, CallError> {
+        validate_origin(origin)?;
+        self.call(name, payload.as_ref(), timeout, Some(origin)).await
+    }
+
+    async fn call(
+        &self,
+        name: &str,
+        payload: &[u8],
+        timeout: Duration,
+        origin: Option<&str>,
+    ) -> Result<Reply, CallError> {
         validate_subject(name)?;
         let inner = self.shared.inner();
         let call_id = {
@@ -57,7 +85,7 @@ impl AsyncClient {
             inner.state.lock().calls.remove(&call_id);
         });
         let sent = Instant::now();
-        self.send_request(call_id, name, payload, timeout_ms(timeout), false).await?;
+        self.send_request(call_id, name, payload, timeout_ms(timeout), false, origin).await?;
         // The broker answers `Timeout` by then; the grace period covers a
         // broker that never answers.
         let deadline = sent.checked_add(timeout).and_then(|t| t.checked_add(self.client().timeout()));
@@ -76,7 +104,8 @@ impl AsyncClient {
     /// Sends `payload` to `name` with no answer expected, as
     /// [`Client::send`](crate::Client::send): the send's number on this
     /// connection.
-    pub async fn send(&self, name: &str, payload: &[u8]) -> Result<u64, CallError> {
+    pub async fn send(&self, name: &str, payload: impl AsRef<[u8]>) -> Result<u64, CallError> {
+        let payload = payload.as_ref();
         validate_subject(name)?;
         let (seq, call_id) = {
             let mut st = self.shared.inner().state.lock();
@@ -85,7 +114,7 @@ impl AsyncClient {
             }
             st.new_send()
         };
-        self.send_request(call_id, name, payload, 0, true).await?;
+        self.send_request(call_id, name, payload, 0, true, None).await?;
         Ok(seq)
     }
 
@@ -96,8 +125,10 @@ impl AsyncClient {
         payload: &[u8],
         timeout_ms: u32,
         no_reply: bool,
+        origin: Option<&str>,
     ) -> Result<(), CallError> {
-        let mut frame = RequestFrame { call_id, name, timeout_ms, no_reply, payload: PayloadRef::Inline };
+        let mut frame =
+            RequestFrame { call_id, name, timeout_ms, no_reply, origin, payload: PayloadRef::Inline };
         if payload.len() > self.client().memfd_threshold() {
             let fd = memfd::from_bytes("shmbus-request", payload).map_err(CallError::Memfd)?;
             frame.payload = PayloadRef::Memfd { len: payload.len() as u64 };
@@ -150,6 +181,7 @@ impl AsyncService {
         self.service.as_ref().expect("taken only in drop")
     }
 
+    /// The name served.
     pub fn name(&self) -> &str {
         self.service().name()
     }

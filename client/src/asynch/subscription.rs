@@ -48,6 +48,7 @@ impl AsyncSubscription {
         self.id
     }
 
+    /// The pattern subscribed to, as given.
     pub fn pattern(&self) -> &str {
         &self.pattern
     }

@@ -52,7 +52,7 @@ fn broker_sends<B: Body>(broker: &OwnedFd, body: &B, payload: &[u8], fds: &[std:
 }
 
 fn deliver(broker: &OwnedFd, sub_id: u32, seq: u64, payload: &[u8]) {
-    let d = Deliver { sub_id, topic: "t.x", sender: SENDER, seq, payload: PayloadRef::Inline };
+    let d = Deliver { sub_id, topic: "t.x", sender: SENDER, seq, origin: None, payload: PayloadRef::Inline };
     broker_sends(broker, &d, payload, &[]);
 }
 
@@ -171,6 +171,7 @@ async fn every_fd_taken_is_acknowledged_before_a_task_waits() {
             topic: "t.x",
             sender: SENDER,
             seq,
+            origin: None,
             payload: PayloadRef::Memfd { len: 3 },
         };
         broker_sends(&broker, &d, &[], &[fd.as_fd()]);

@@ -1,0 +1,388 @@
+//! Subject mapping, the bridge's NATS headers, origin text and the error
+//! mapping of calls: the pure rules of what crosses and how it is named.
+//!
+//! Prefix (symmetric): a local subject or name `S` is `prefix + S` on NATS,
+//! in both directions, for messages and services alike. A NATS subject that
+//! does not start with the prefix, or whose rest is not a valid shmbus
+//! subject (NATS allows what shmbus does not: longer subjects, more tokens),
+//! or whose rest lies under `$SYS`, does not map: [`Prefix::to_local`]
+//! refuses it, and the caller counts and drops the message.
+//!
+//! Headers on everything the bridge puts on NATS (messages, requests and
+//! replies):
+//! - `Shmbus-Bridge: <name>`: the bridge that put it there; a bridge drops
+//!   what carries its own name (loop prevention, beside NATS's `no_echo`);
+//! - `Shmbus-Host: <hostname>` and `Shmbus-Sender: uid=U,pid=P,client=C`:
+//!   the original local sender as its broker stamped it;
+//! - on requests, `Shmbus-Timeout-Ms: N`: what is left of the caller's
+//!   timeout, so the far side does not wait longer than the caller;
+//! - on error replies, `Shmbus-Error: <kind>[ <code>][ <message>]` (see
+//!   [`RemoteError`]).
+//!
+//! Origin (what a local receiver reads with `origin()`): `nats:<bridge>@<host>
+//! uid=U pid=P client=C` for a message that another shmbus host's bridge
+//! put on NATS, `nats:<subject>` for one from a plain NATS publisher.
+//! Always printable ASCII (anything else becomes `?`), at most
+//! [`MAX_ORIGIN`] bytes. Header values the bridge writes are cleaned the
+//! same way, so no peer input can make a header that async-nats refuses.
+
+use shmbus::{CallError, Sender};
+use shmbus_proto::subject::validate_subject;
+
+pub const H_BRIDGE: &str = "Shmbus-Bridge";
+pub const H_HOST: &str = "Shmbus-Host";
+pub const H_SENDER: &str = "Shmbus-Sender";
+pub const H_TIMEOUT: &str = "Shmbus-Timeout-Ms";
+pub const H_ERROR: &str = "Shmbus-Error";
+
+/// Longest origin text the bridge sets.
+pub const MAX_ORIGIN: usize = 200;
+/// Longest header value the bridge writes (error messages are cut).
+pub const MAX_HEADER_VALUE: usize = 1024;
+
+/// Application error codes a bridge answers local callers with, on behalf
+/// of the far side (below the client library's reserved `0xFFFF_0000`). A
+/// caller sees `CallError::App { code, .. }` with one of these; an
+/// application error of the remote service keeps its own code.
+pub mod code {
+    /// Nobody serves the name on the far side (NATS no-responders, or the
+    /// far bridge found no local owner).
+    pub const NO_RESPONDER: u32 = 0xFFFE_0001;
+    /// No answer within the timeout.
+    pub const TIMEOUT: u32 = 0xFFFE_0002;
+    /// The far service went away without answering.
+    pub const RESPONDER_GONE: u32 = 0xFFFE_0003;
+    /// The request or its reply is larger than NATS's `max_payload`.
+    pub const TOO_LARGE: u32 = 0xFFFE_0004;
+    /// NATS is not connected, or the bridge is overloaded.
+    pub const UNAVAILABLE: u32 = 0xFFFE_0005;
+    /// The far broker's policy denied the call.
+    pub const DENIED: u32 = 0xFFFE_0006;
+    /// A limit refused the call on the far side.
+    pub const LIMIT: u32 = 0xFFFE_0007;
+    /// The far side found the request invalid (a bad name, a bad payload).
+    pub const INVALID: u32 = 0xFFFE_0008;
+    /// Anything else (I/O, a broken reply).
+    pub const OTHER: u32 = 0xFFFE_00FF;
+}
+
+/// Why a NATS subject has no local counterpart.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MapError {
+    #[error("{0:?} does not start with the prefix")]
+    NoPrefix(String),
+    #[error("{subject:?} is not a valid shmbus subject: {reason}")]
+    Invalid { subject: String, reason: String },
+    #[error("{0:?} lies under $SYS")]
+    Reserved(String),
+}
+
+/// The symmetric subject prefix (`""` or `"a.b."`; checked by the config).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prefix(String);
+
+impl Prefix {
+    pub fn new(p: &str) -> Prefix {
+        Prefix(p.to_owned())
+    }
+
+    /// The NATS subject (or pattern) for a local subject (or pattern).
+    pub fn to_nats(&self, local: &str) -> String {
+        format!("{}{local}", self.0)
+    }
+
+    /// The local subject for a NATS subject, if it has one.
+    pub fn to_local<'a>(&self, nats: &'a str) -> Result<&'a str, MapError> {
+        let rest =
+            nats.strip_prefix(self.0.as_str()).ok_or_else(|| MapError::NoPrefix(printable(nats, 200)))?;
+        validate_subject(rest)
+            .map_err(|e| MapError::Invalid { subject: printable(rest, 200), reason: e.to_string() })?;
+        if rest.split('.').next() == Some("$SYS") {
+            return Err(MapError::Reserved(rest.to_owned()));
+        }
+        Ok(rest)
+    }
+}
+
+/// `s` with anything but printable ASCII made `?`, cut to `max` bytes.
+pub fn printable(s: &str, max: usize) -> String {
+    s.chars().take(max).map(|c| if (' '..='~').contains(&c) { c } else { '?' }).collect()
+}
+
+/// The `Shmbus-Sender` value for a broker-stamped sender.
+pub fn sender_value(s: &Sender) -> String {
+    format!("uid={},pid={},client={}", s.uid, s.pid, s.client_id)
+}
+
+/// The origin text for a NATS message, from its headers (as found, any
+/// bytes) and subject.
+pub fn origin(bridge: Option<&str>, host: Option<&str>, sender: Option<&str>, subject: &str) -> String {
+    let text = match bridge {
+        Some(b) => {
+            let mut t = format!("nats:{b}");
+            if let Some(h) = host {
+                t.push('@');
+                t.push_str(h);
+            }
+            if let Some(s) = sender {
+                t.push(' ');
+                t.push_str(&s.replace(',', " "));
+            }
+            t
+        }
+        None => format!("nats:{subject}"),
+    };
+    printable(&text, MAX_ORIGIN)
+}
+
+/// Whether a NATS message was put there by the bridge named `me`.
+pub fn is_own(bridge_header: Option<&str>, me: &str) -> bool {
+    bridge_header == Some(me)
+}
+
+/// An error crossing NATS as a reply's `Shmbus-Error` header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemoteError {
+    NoResponder,
+    Timeout,
+    ResponderGone,
+    TooLarge(String),
+    Unavailable(String),
+    Denied(String),
+    Limit(String),
+    Invalid(String),
+    App { code: u32, message: String },
+    Other(String),
+}
+
+impl RemoteError {
+    /// The header value: `<kind>[ <code>][ <message>]`, printable ASCII.
+    pub fn header(&self) -> String {
+        let v = match self {
+            RemoteError::NoResponder => "no-responder".to_owned(),
+            RemoteError::Timeout => "timeout".to_owned(),
+            RemoteError::ResponderGone => "responder-gone".to_owned(),
+            RemoteError::TooLarge(m) => format!("too-large {m}"),
+            RemoteError::Unavailable(m) => format!("unavailable {m}"),
+            RemoteError::Denied(m) => format!("denied {m}"),
+            RemoteError::Limit(m) => format!("limit {m}"),
+            RemoteError::Invalid(m) => format!("invalid {m}"),
+            RemoteError::App { code, message } => format!("app {code} {message}"),
+            RemoteError::Other(m) => format!("other {m}"),
+        };
+        printable(v.trim_end(), MAX_HEADER_VALUE)
+    }
+
+    /// Reads a header value; anything unknown is `Other`, never a panic.
+    pub fn parse(v: &str) -> RemoteError {
+        let (kind, rest) = v.split_once(' ').unwrap_or((v, ""));
+        let m = rest.to_owned();
+        match kind {
+            "no-responder" => RemoteError::NoResponder,
+            "timeout" => RemoteError::Timeout,
+            "responder-gone" => RemoteError::ResponderGone,
+            "too-large" => RemoteError::TooLarge(m),
+            "unavailable" => RemoteError::Unavailable(m),
+            "denied" => RemoteError::Denied(m),
+            "limit" => RemoteError::Limit(m),
+            "invalid" => RemoteError::Invalid(m),
+            "other" => RemoteError::Other(m),
+            "app" => {
+                let (c, msg) = rest.split_once(' ').unwrap_or((rest, ""));
+                match c.parse() {
+                    Ok(code) => RemoteError::App { code, message: msg.to_owned() },
+                    Err(_) => RemoteError::Other(format!("malformed app error {:?}", printable(v, 200))),
+                }
+            }
+            _ => RemoteError::Other(printable(v, MAX_HEADER_VALUE)),
+        }
+    }
+
+    /// What a local caller is answered: `(code, message)` for
+    /// `reply_error`. `name` is the called name, for the message.
+    pub fn local_answer(&self, name: &str) -> (u32, String) {
+        match self {
+            RemoteError::NoResponder => {
+                (code::NO_RESPONDER, format!("no responder for {name} across the bridge"))
+            }
+            RemoteError::Timeout => {
+                (code::TIMEOUT, format!("no answer from {name} across the bridge in time"))
+            }
+            RemoteError::ResponderGone => {
+                (code::RESPONDER_GONE, format!("{name} went away without answering across the bridge"))
+            }
+            RemoteError::TooLarge(m) => (code::TOO_LARGE, format!("too large for NATS: {m}")),
+            RemoteError::Unavailable(m) => (code::UNAVAILABLE, format!("bridge unavailable: {m}")),
+            RemoteError::Denied(m) => (code::DENIED, format!("denied across the bridge: {m}")),
+            RemoteError::Limit(m) => (code::LIMIT, format!("limit across the bridge: {m}")),
+            RemoteError::Invalid(m) => (code::INVALID, format!("invalid across the bridge: {m}")),
+            RemoteError::App { code, message } => (*code, message.clone()),
+            RemoteError::Other(m) => (code::OTHER, format!("bridge error: {m}")),
+        }
+    }
+
+    /// A local call's failure, as it crosses to a NATS caller.
+    pub fn from_call(e: &CallError) -> RemoteError {
+        match e {
+            CallError::NoResponder { .. } => RemoteError::NoResponder,
+            CallError::ResponderGone { .. } => RemoteError::ResponderGone,
+            CallError::Timeout { .. } => RemoteError::Timeout,
+            CallError::Denied { message, .. } => RemoteError::Denied(message.clone()),
+            CallError::LimitExceeded { message, .. } => RemoteError::Limit(message.clone()),
+            CallError::App { code, message, .. } => {
+                RemoteError::App { code: *code, message: message.clone() }
+            }
+            CallError::InvalidName(e) => RemoteError::Invalid(e.to_string()),
+            CallError::Invalid { message, .. } => RemoteError::Invalid(message.clone()),
+            other => RemoteError::Other(other.to_string()),
+        }
+    }
+
+    /// The counter label of this error.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RemoteError::NoResponder => "no-responder",
+            RemoteError::Timeout => "timeout",
+            RemoteError::ResponderGone => "responder-gone",
+            RemoteError::TooLarge(_) => "too-large",
+            RemoteError::Unavailable(_) => "unavailable",
+            RemoteError::Denied(_) => "denied",
+            RemoteError::Limit(_) => "limit",
+            RemoteError::Invalid(_) => "invalid",
+            RemoteError::App { .. } => "app",
+            RemoteError::Other(_) => "other",
+        }
+    }
+}
+
+/// The timeout for a call crossing: the far caller's (`Shmbus-Timeout-Ms`,
+/// if present and sane) bounded by the bridge's own.
+pub fn call_timeout(header: Option<&str>, own: std::time::Duration) -> std::time::Duration {
+    match header.and_then(|h| h.trim().parse::<u64>().ok()) {
+        Some(ms) if ms > 0 => own.min(std::time::Duration::from_millis(ms)),
+        _ => own,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn the_prefix_is_symmetric() {
+        let p = Prefix::new("host1.");
+        assert_eq!(p.to_nats("sensors.t"), "host1.sensors.t");
+        assert_eq!(p.to_nats("sensors.>"), "host1.sensors.>");
+        assert_eq!(p.to_local("host1.sensors.t"), Ok("sensors.t"));
+        assert_eq!(p.to_local(&p.to_nats("a.b.c")), Ok("a.b.c"));
+        assert!(matches!(p.to_local("host2.sensors.t"), Err(MapError::NoPrefix(_))));
+        let none = Prefix::new("");
+        assert_eq!(none.to_local("a.b"), Ok("a.b"));
+    }
+
+    #[test]
+    fn subjects_shmbus_cannot_carry_do_not_map() {
+        let p = Prefix::new("");
+        let deep = vec!["t"; 40].join(".");
+        assert!(matches!(p.to_local(&deep), Err(MapError::Invalid { .. })));
+        assert!(matches!(p.to_local("a..b"), Err(MapError::Invalid { .. })));
+        assert!(matches!(p.to_local("a.\u{7}"), Err(MapError::Invalid { .. })));
+        assert!(matches!(p.to_local("$SYS.x"), Err(MapError::Reserved(_))));
+        assert!(matches!(p.to_local(&"x".repeat(5000)), Err(MapError::Invalid { .. })));
+        // The error text is printable and bounded whatever came in.
+        let e = p.to_local(&format!("a.{}\u{0}", "é".repeat(3000))).unwrap_err().to_string();
+        assert!(e.len() < 400 && e.chars().all(|c| (' '..='~').contains(&c)), "{e}");
+    }
+
+    #[test]
+    fn origin_names_the_far_bridge_and_sender_or_the_subject() {
+        let o = origin(Some("hostA"), Some("a.example"), Some("uid=1000,pid=42,client=7"), "s.x");
+        assert_eq!(o, "nats:hostA@a.example uid=1000 pid=42 client=7");
+        assert_eq!(origin(None, None, None, "sensors.t"), "nats:sensors.t");
+        let hostile = origin(Some(&"\n\u{1}é".repeat(500)), None, None, "s");
+        assert!(hostile.len() <= MAX_ORIGIN);
+        assert!(hostile.chars().all(|c| (' '..='~').contains(&c)));
+    }
+
+    #[test]
+    fn sender_value_is_what_origin_reads() {
+        let s = Sender { client_id: 7, uid: 1000, gid: 1000, pid: 42 };
+        assert_eq!(sender_value(&s), "uid=1000,pid=42,client=7");
+    }
+
+    #[test]
+    fn own_messages_are_recognised_by_exact_name() {
+        assert!(is_own(Some("a"), "a"));
+        assert!(!is_own(Some("ab"), "a"));
+        assert!(!is_own(None, "a"));
+    }
+
+    #[test]
+    fn error_headers_round_trip() {
+        let all = [
+            RemoteError::NoResponder,
+            RemoteError::Timeout,
+            RemoteError::ResponderGone,
+            RemoteError::TooLarge("600000 > 1048576".into()),
+            RemoteError::Unavailable("nats down".into()),
+            RemoteError::Denied("policy".into()),
+            RemoteError::Limit("queue".into()),
+            RemoteError::Invalid("bad".into()),
+            RemoteError::App { code: 42, message: "out of paper".into() },
+            RemoteError::App { code: 7, message: String::new() },
+            RemoteError::Other("x".into()),
+        ];
+        for e in all {
+            assert_eq!(RemoteError::parse(&e.header()), e, "{}", e.header());
+        }
+    }
+
+    #[test]
+    fn hostile_error_headers_parse_to_other() {
+        assert!(matches!(RemoteError::parse(""), RemoteError::Other(_)));
+        assert!(matches!(RemoteError::parse("app notanumber x"), RemoteError::Other(_)));
+        assert!(matches!(RemoteError::parse("app 99999999999999 x"), RemoteError::Other(_)));
+        let long = RemoteError::parse(&"z".repeat(100_000));
+        assert!(matches!(long, RemoteError::Other(ref m) if m.len() <= MAX_HEADER_VALUE));
+        // A message with newlines becomes a clean header value.
+        let h = RemoteError::App { code: 1, message: "a\r\nb".into() }.header();
+        assert_eq!(h, "app 1 a??b");
+    }
+
+    #[test]
+    fn local_answers_use_the_bridge_codes_or_keep_the_app_code() {
+        assert_eq!(RemoteError::NoResponder.local_answer("b.x").0, code::NO_RESPONDER);
+        assert_eq!(RemoteError::Timeout.local_answer("b.x").0, code::TIMEOUT);
+        assert_eq!(RemoteError::App { code: 3, message: "m".into() }.local_answer("b.x"), (3, "m".into()));
+        const { assert!(code::OTHER < shmbus::reply_code::RESERVED) };
+    }
+
+    #[test]
+    fn call_errors_map_to_remote_errors() {
+        let n = || "x".to_owned();
+        assert_eq!(RemoteError::from_call(&CallError::NoResponder { name: n() }), RemoteError::NoResponder);
+        assert_eq!(
+            RemoteError::from_call(&CallError::Timeout { name: n(), timeout: Duration::from_secs(1) }),
+            RemoteError::Timeout
+        );
+        assert_eq!(
+            RemoteError::from_call(&CallError::App { name: n(), code: 9, message: "m".into() }),
+            RemoteError::App { code: 9, message: "m".into() }
+        );
+        assert_eq!(
+            RemoteError::from_call(&CallError::ResponderGone { name: n() }),
+            RemoteError::ResponderGone
+        );
+    }
+
+    #[test]
+    fn the_far_callers_timeout_bounds_the_call() {
+        let own = Duration::from_secs(5);
+        assert_eq!(call_timeout(Some("250"), own), Duration::from_millis(250));
+        assert_eq!(call_timeout(Some("999999"), own), own);
+        assert_eq!(call_timeout(Some("0"), own), own);
+        assert_eq!(call_timeout(Some("junk"), own), own);
+        assert_eq!(call_timeout(None, own), own);
+    }
+}
