@@ -12,6 +12,8 @@ Builds shmbus in release mode and installs it:
 
   PREFIX/bin/shmbusd, PREFIX/bin/shmbusctl     (and shmbus-bridge, if built)
   UNITDIR/shmbus.socket, shmbus.service        the system bus (@shmbus)
+  UNITDIR/shmbus-bridge.service                with the bridge (its config,
+                                               /etc/shmbus/bridge.toml, is yours)
   USERUNITDIR/shmbus.socket, shmbus.service    a user's bus (@shmbus.<uid>)
   /etc/shmbus/policy.toml                      the example policy, if none is there
   PREFIX/share/doc/shmbus/                     README.md and docs/
@@ -146,8 +148,13 @@ echo "== README and docs -> $doc"
 run install -d -m 755 "$doc"
 run install -m 644 README.md "$doc/README.md"
 for f in docs/*; do
-    [ -f "$f" ] && run install -m 644 "$f" "$doc/$(basename "$f")"
+    if [ -f "$f" ]; then
+        run install -m 644 "$f" "$doc/$(basename "$f")"
+    fi
 done
+if [ "$bridge" = 1 ] && [ -f bridge/README.md ]; then
+    run install -m 644 bridge/README.md "$doc/bridge-README.md"
+fi
 
 echo "== man pages -> $man1"
 run install -d -m 755 "$man1"
@@ -177,6 +184,9 @@ if [ "$units" = 1 ]; then
     run install -d -m 755 "$DESTDIR$USERUNITDIR"
     unit systemd/user/shmbus.socket "$DESTDIR$USERUNITDIR/shmbus.socket"
     unit systemd/user/shmbus.service "$DESTDIR$USERUNITDIR/shmbus.service"
+    if [[ " ${binaries[*]} " == *" shmbus-bridge "* ]] && [ -f systemd/shmbus-bridge.service ]; then
+        unit systemd/shmbus-bridge.service "$DESTDIR$UNITDIR/shmbus-bridge.service"
+    fi
     # The system service reads this policy; an edited one is kept.
     if [ -e "$DESTDIR/etc/shmbus/policy.toml" ]; then
         echo "== $DESTDIR/etc/shmbus/policy.toml exists: kept"
