@@ -9,6 +9,8 @@
 
 #![forbid(unsafe_code)]
 
+use std::process::ExitCode;
+
 use serde::Deserialize;
 use shmbus::{AsyncClient, Event};
 
@@ -19,7 +21,18 @@ struct Reading {
 }
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> ExitCode {
+    // Errors for people: their Display, not their Debug.
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("async_subscriber: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let client = AsyncClient::connect().await?;
     let sub = client.subscribe("sensors.*.temp").await?;
     println!("listening on sensors.*.temp");

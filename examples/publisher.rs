@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+use std::process::ExitCode;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -20,10 +21,25 @@ struct Reading<'a> {
     celsius: f32,
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> ExitCode {
+    // Errors for people: their Display, not their Debug.
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("publisher: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let room = args.next().unwrap_or_else(|| "kitchen".to_owned());
-    let count: u32 = args.next().map(|n| n.parse()).transpose()?.unwrap_or(10);
+    let count: u32 = args
+        .next()
+        .map(|n| n.parse().map_err(|_| format!("COUNT must be a number, not {n:?}")))
+        .transpose()?
+        .unwrap_or(10);
 
     let client = Client::connect()?;
     let topic = format!("sensors.{room}.temp");

@@ -10,16 +10,28 @@
 #![forbid(unsafe_code)]
 
 use std::io::Read;
+use std::process::ExitCode;
 
 use shmbus::Client;
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> ExitCode {
+    // Errors for people: their Display, not their Debug.
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("send_file: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let (Some(topic), Some(path)) = (args.next(), args.next()) else {
         eprintln!("usage: send_file TOPIC PATH");
         std::process::exit(2);
     };
-    let mut file = std::fs::File::open(&path)?;
+    let mut file = std::fs::File::open(&path).map_err(|e| format!("cannot open {path}: {e}"))?;
     let len = file.metadata()?.len() as usize;
 
     let client = Client::connect()?;

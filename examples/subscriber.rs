@@ -3,6 +3,8 @@
 
 #![forbid(unsafe_code)]
 
+use std::process::ExitCode;
+
 use serde::Deserialize;
 use shmbus::{Client, Event};
 
@@ -12,7 +14,18 @@ struct Reading {
     celsius: f32,
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> ExitCode {
+    // Errors for people: their Display, not their Debug.
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("subscriber: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let client = Client::connect()?;
     let sub = client.subscribe("sensors.*.temp")?;
     println!("listening on sensors.*.temp");

@@ -1,15 +1,12 @@
 //! shmbus benchmarks: each path beside its physical floor, in one run.
 //!
 //! ```text
-//! cargo run --release -p shmbus-benches -- latency [--json]
-//! cargo run --release -p shmbus-benches -- throughput [--json]
-//! cargo run --release -p shmbus-benches -- link [--json]
-//! cargo run --release -p shmbus-benches -- router [--json]
-//! cargo run --release -p shmbus-benches -- request [--json]
-//! cargo run --release -p shmbus-benches -- policy [--json]
-//! cargo run --release -p shmbus-benches -- all [--json]
+//! cargo run --release -p shmbus-benches -- --help
+//! cargo run --release -p shmbus-benches -- [--json] [SCENARIO...]   (default: all)
+//! cargo run --release -p shmbus-benches -- latency throughput --json
 //! ```
 //!
+//! The scenarios are the table [`SCENARIOS`] (`--help` lists them).
 //! Diagnostics (not part of `all`): `diag-raw-peers` runs the broker between
 //! hand-written raw peers, to separate the library's cost from the
 //! broker's; `diag-publish-cost` times `publish()` against a raw send.
@@ -33,7 +30,9 @@ mod router;
 
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitCode, Stdio};
+
+use clap::Parser;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -44,22 +43,156 @@ use shmbus_proto::Address;
 const LAT_WARMUP: usize = 2_000;
 const LAT_ITERS: usize = 20_000;
 
-fn main() {
+fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let json = args.iter().any(|a| a == "--json");
-    let what = args.iter().find(|a| !a.starts_with("--")).map(String::as_str).unwrap_or("all");
-    match what {
-        "__broker" => return helper_broker(&args[1]),
-        "__echo-seqpacket" => return helper_echo_seqpacket(&args[1]),
-        "__echo-pipe" => return helper_echo_pipe(),
-        "__relay" => return helper_relay(&args[1], &args[2]),
-        "__echo-bus" => return helper_echo_bus(&args[1]),
+    // Helper roles (`__name ARGS...`) are this binary's own re-executions,
+    // not for people: they take positional arguments and no flags.
+    if args.first().is_some_and(|a| a.starts_with("__")) {
+        helper(&args);
+        return ExitCode::SUCCESS;
+    }
+    let cli = Cli::parse();
+    quiet_broken_pipe();
+    match std::panic::catch_unwind(|| run(&cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(p) if is_broken_pipe(p.as_ref()) => ExitCode::SUCCESS,
+        Err(p) => std::panic::resume_unwind(p),
+    }
+}
+
+fn run(cli: &Cli) {
+    let mut report = Report { json: cli.json, rows: Vec::new() };
+    let names: Vec<&str> = if cli.scenarios.is_empty() {
+        vec!["all"]
+    } else {
+        cli.scenarios.iter().map(String::as_str).collect()
+    };
+    for name in names {
+        if name == "all" {
+            for s in SCENARIOS.iter().filter(|s| s.in_all) {
+                (s.run)(&mut report, cli);
+            }
+        } else if let Some(s) = SCENARIOS.iter().find(|s| s.name == name) {
+            (s.run)(&mut report, cli);
+        }
+    }
+    report.finish();
+}
+
+/// A scenario: its name on the command line, what it measures, whether
+/// `all` runs it, and how. Adding one is one line in [`SCENARIOS`].
+struct Scenario {
+    name: &'static str,
+    about: &'static str,
+    in_all: bool,
+    run: fn(&mut Report, &Cli),
+}
+
+/// Every scenario, in the order `all` runs them.
+#[rustfmt::skip]
+const SCENARIOS: &[Scenario] = &[
+    Scenario { name: "latency", about: "round trips: broker vs seqpacket and pipe floors", in_all: true, run: |r, _| latency(r) },
+    Scenario { name: "throughput", about: "one-way messages per second through the broker", in_all: true, run: |r, _| throughput(r) },
+    Scenario { name: "payload", about: "large payloads by sealed memfd, against a pipe and a memcpy", in_all: true, run: |r, _| payload::payload(r) },
+    Scenario { name: "fanout", about: "one large memfd payload to many subscribers", in_all: true, run: |r, _| payload::fanout(r) },
+    Scenario { name: "ring", about: "ring channels against shared-memory and futex floors", in_all: true, run: |r, _| ring::ring(r) },
+    Scenario { name: "link", about: "the shared-memory transport beside the socket", in_all: true, run: |r, _| link::link(r) },
+    Scenario { name: "router", about: "the router in-process, with 1 and 100k subscriptions", in_all: true, run: |r, _| router::router(r) },
+    Scenario { name: "request", about: "calls through the broker beside pub/sub's four hops", in_all: true, run: |r, _| request::request(r) },
+    Scenario { name: "policy", about: "a publish with 1,000 policy rules against none", in_all: true, run: |r, _| policy::policy(r) },
+    Scenario { name: "async_ring", about: "waiting from async code against the blocking path", in_all: false, run: |r, _| async_ring::async_ring(r) },
+    Scenario { name: "bridge", about: "calls and messages between two brokers through shmbus-bridge and NATS, beside raw NATS", in_all: false, run: |r, _| bridge::bridge(r) },
+    Scenario { name: "diag-publish-cost", about: "diagnostic: publish() against a raw send", in_all: false, run: |_, _| diag_publish_cost() },
+    Scenario { name: "diag-raw-peers", about: "diagnostic: the broker between hand-written raw peers", in_all: false, run: |_, _| diag_raw_peers() },
+    Scenario { name: "diag-link-rtt", about: "diagnostic: link round trips (--idle, --transport)", in_all: false, run: |_, c| link::diag_rtt(c.idle, c.transport.as_str()) },
+    Scenario { name: "diag-link-trickle", about: "diagnostic: broker CPU under a trickle of messages", in_all: false, run: |_, _| diag_link_trickle() },
+    Scenario { name: "diag-link-tp", about: "diagnostic: link throughput (--size, --transport)", in_all: false, run: |_, c| link::diag_tp(c.size, c.transport.as_str()) },
+];
+
+/// The scenario list for `--help`.
+fn scenario_help() -> String {
+    let mut s = String::from("Scenarios (none given: all):\n");
+    s.push_str("  all                 every scenario below not marked (not in all)\n");
+    for sc in SCENARIOS {
+        let extra = if sc.in_all { "" } else { " (not in all)" };
+        s.push_str(&format!("  {:<19} {}{extra}\n", sc.name, sc.about));
+    }
+    s.push_str(
+        "\nExamples:\n  cargo run --release -p shmbus-benches -- latency throughput\n  \
+         cargo run --release -p shmbus-benches -- --json link | jq .\n  \
+         cargo run --release -p shmbus-benches -- diag-link-tp --size 4096 --transport socket",
+    );
+    s
+}
+
+fn scenario_name(s: &str) -> Result<String, String> {
+    if s == "all" || SCENARIOS.iter().any(|sc| sc.name == s) {
+        return Ok(s.to_owned());
+    }
+    let names: Vec<&str> = SCENARIOS.iter().map(|sc| sc.name).collect();
+    Err(format!("no such scenario; one of: all, {}", names.join(", ")))
+}
+
+/// shmbus benchmarks: each path beside its physical floor, in one run.
+///
+/// Every peer is a separate process; read the ratios of one run, not
+/// absolute times across runs. Set SHMBUS_TRANSPORT=socket to measure the
+/// socket transport alone.
+#[derive(Parser, Debug)]
+#[command(name = "shmbus-benches", after_help = scenario_help())]
+struct Cli {
+    /// Scenarios to run, in order (see the list below).
+    #[arg(value_name = "SCENARIO", value_parser = scenario_name)]
+    scenarios: Vec<String>,
+    /// One JSON object per result row, as it is measured, instead of a
+    /// table at the end.
+    #[arg(long)]
+    json: bool,
+    /// diag-link-rtt: time round trips on an idle bus (the broker asleep).
+    #[arg(long)]
+    idle: bool,
+    /// diag-link-rtt, diag-link-tp: shm or socket.
+    #[arg(long, value_name = "TRANSPORT", default_value = "shm", value_parser = ["shm", "socket"])]
+    transport: String,
+    /// diag-link-tp: payload size in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = 16)]
+    size: usize,
+}
+
+/// `shmbus-benches ... | head`: end quietly when the reader goes away, not
+/// with a panic message and a backtrace. println! panics on EPIPE; the
+/// panic still unwinds (helper processes are killed by their drops) and
+/// `main` turns it into a plain exit.
+fn quiet_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !is_broken_pipe(info.payload()) {
+            default(info)
+        }
+    }));
+}
+
+fn is_broken_pipe(payload: &(dyn std::any::Any + Send)) -> bool {
+    let msg = payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("");
+    msg.contains("failed printing to stdout") && msg.contains("Broken pipe")
+}
+
+/// The helper roles.
+fn helper(args: &[String]) {
+    match args[0].as_str() {
+        "__broker" => helper_broker(&args[1]),
+        "__echo-seqpacket" => helper_echo_seqpacket(&args[1]),
+        "__echo-pipe" => helper_echo_pipe(),
+        "__relay" => helper_relay(&args[1], &args[2]),
+        "__echo-bus" => helper_echo_bus(&args[1]),
         "__pub-seqpacket" => {
-            return helper_pub_seqpacket(&args[1], args[2].parse().unwrap(), args[3].parse().unwrap())
+            helper_pub_seqpacket(&args[1], args[2].parse().unwrap(), args[3].parse().unwrap())
         }
-        "__pub-bus" => {
-            return helper_pub_bus(&args[1], args[2].parse().unwrap(), args[3].parse().unwrap(), 1)
-        }
+        "__pub-bus" => helper_pub_bus(&args[1], args[2].parse().unwrap(), args[3].parse().unwrap(), 1),
         "__pub-raw" => {
             use shmbus_proto::frame::{
                 encode_frame, encode_head, Hello, PayloadRef, Publish, PROTOCOL_VERSION,
@@ -80,140 +213,94 @@ fn main() {
                 send(&frame);
             }
             std::thread::sleep(Duration::from_millis(500));
-            return;
         }
         "__pub-bus-batched" => {
-            return helper_pub_bus(&args[1], args[2].parse().unwrap(), args[3].parse().unwrap(), 64)
+            helper_pub_bus(&args[1], args[2].parse().unwrap(), args[3].parse().unwrap(), 64)
         }
-        "__payload-sink" => return payload::helper_payload_sink(&args[1], &args[2]),
-        "__pipe-sink" => return payload::helper_pipe_sink(args[1].parse().unwrap(), &args[2]),
-        "__ring-floor" => return ring::helper_floor(&args[1], &args[2], &args[3], &args[4]),
-        "__ring-echo" => return ring::helper_echo(&args[1], args[2].parse().unwrap(), &args[3]),
-        "__ring-sink" => return ring::helper_sink(&args[1], args[2].parse().unwrap()),
-        "__ring-pub" => return ring::helper_pub(&args[1], args[2].parse().unwrap()),
-        "__router-mem" => return router::helper_mem(&args[1]),
-        "__service" => return request::helper_service(&args[1]),
-        "__link-pub" => {
-            return link::helper_pub_go(&args[1], args[2].parse().unwrap(), args[3].parse().unwrap())
-        }
-        "__link-echo" => return link::helper_echo(&args[1]),
-        "__bridge" => return bridge::helper_bridge(&args[1]),
-        _ => {}
+        "__payload-sink" => payload::helper_payload_sink(&args[1], &args[2]),
+        "__pipe-sink" => payload::helper_pipe_sink(args[1].parse().unwrap(), &args[2]),
+        "__ring-floor" => ring::helper_floor(&args[1], &args[2], &args[3], &args[4]),
+        "__ring-echo" => ring::helper_echo(&args[1], args[2].parse().unwrap(), &args[3]),
+        "__ring-sink" => ring::helper_sink(&args[1], args[2].parse().unwrap()),
+        "__ring-pub" => ring::helper_pub(&args[1], args[2].parse().unwrap()),
+        "__router-mem" => router::helper_mem(&args[1]),
+        "__service" => request::helper_service(&args[1]),
+        "__link-pub" => link::helper_pub_go(&args[1], args[2].parse().unwrap(), args[3].parse().unwrap()),
+        "__link-echo" => link::helper_echo(&args[1]),
+        "__bridge" => bridge::helper_bridge(&args[1]),
+        other => panic!("unknown helper role {other}"),
     }
-    let mut report = Report { json, rows: Vec::new() };
-    match what {
-        "latency" => latency(&mut report),
-        "throughput" => throughput(&mut report),
-        "diag-publish-cost" => {
-            use shmbus_proto::frame::{encode_frame, PayloadRef, Publish};
-            let (_broker, addr) = start_broker("pubcost");
-            let c = connect_retry(&addr);
-            let n = 1_000_000;
-            let payload = [0xa5u8; 16];
-            let t = Instant::now();
-            for _ in 0..n {
-                c.publish("bench.tp", payload).unwrap();
-            }
-            c.flush().unwrap();
-            println!("publish(): {:.0} ns each", t.elapsed().as_nanos() as f64 / n as f64);
-            let fd = connect_raw_retry(&addr);
-            let send = |b: &[u8]| {
-                socket::send_packet(fd.as_fd(), OutPacket { head: b, payload: &[], fds: &[] }, false).unwrap()
-            };
-            send(
-                &shmbus_proto::frame::encode_head(&shmbus_proto::frame::Hello {
-                    version: shmbus_proto::frame::PROTOCOL_VERSION.into(),
-                    name: "r",
-                })
-                .unwrap(),
-            );
-            let frame = encode_frame(
-                &Publish { topic: "bench.tp", origin: None, payload: PayloadRef::Inline },
-                &payload,
-            )
+}
+
+/// diag-publish-cost: `publish()` against a raw send of the same frame.
+fn diag_publish_cost() {
+    use shmbus_proto::frame::{encode_frame, PayloadRef, Publish};
+    let (_broker, addr) = start_broker("pubcost");
+    let c = connect_retry(&addr);
+    let n = 1_000_000;
+    let payload = [0xa5u8; 16];
+    let t = Instant::now();
+    for _ in 0..n {
+        c.publish("bench.tp", payload).unwrap();
+    }
+    c.flush().unwrap();
+    println!("publish(): {:.0} ns each", t.elapsed().as_nanos() as f64 / n as f64);
+    let fd = connect_raw_retry(&addr);
+    let send = |b: &[u8]| {
+        socket::send_packet(fd.as_fd(), OutPacket { head: b, payload: &[], fds: &[] }, false).unwrap()
+    };
+    send(
+        &shmbus_proto::frame::encode_head(&shmbus_proto::frame::Hello {
+            version: shmbus_proto::frame::PROTOCOL_VERSION.into(),
+            name: "r",
+        })
+        .unwrap(),
+    );
+    let frame =
+        encode_frame(&Publish { topic: "bench.tp", origin: None, payload: PayloadRef::Inline }, &payload)
             .unwrap();
-            let t = Instant::now();
-            for _ in 0..n {
-                send(&frame);
-            }
-            println!("raw send: {:.0} ns each", t.elapsed().as_nanos() as f64 / n as f64);
-            let t = Instant::now();
-            for _ in 0..n {
-                std::hint::black_box(
-                    shmbus_proto::subject::validate_subject(std::hint::black_box("bench.tp")).is_ok(),
-                );
-            }
-            println!("validate_subject: {:.1} ns each", t.elapsed().as_nanos() as f64 / n as f64);
-            let mut buf = Vec::new();
-            let t = Instant::now();
-            for _ in 0..n {
-                shmbus_proto::frame::encode_head_into(
-                    &mut buf,
-                    &Publish { topic: "bench.tp", origin: None, payload: PayloadRef::Inline },
-                )
-                .unwrap();
-                std::hint::black_box(&buf);
-            }
-            println!("encode_head_into: {:.1} ns each", t.elapsed().as_nanos() as f64 / n as f64);
-            return;
-        }
-        "diag-raw-peers" => {
-            for raw_pub in [false, true] {
-                for _ in 0..3 {
-                    let who = if raw_pub { "raw publisher" } else { "shmbus publisher" };
-                    println!(
-                        "{who} → broker → raw subscriber, 16 B: {:.0} msgs/s",
-                        tp_broker_raw_sub(16, raw_pub)
-                    );
-                }
-            }
-            return;
-        }
-        "payload" => payload::payload(&mut report),
-        "fanout" => payload::fanout(&mut report),
-        "ring" => ring::ring(&mut report),
-        "link" => link::link(&mut report),
-        "diag-link-rtt" => {
-            let idle = args.get(1).is_some_and(|a| a == "idle");
-            let transport = args.get(2).map_or("shm", String::as_str);
-            return link::diag_rtt(idle, transport);
-        }
-        "diag-link-trickle" => {
-            for us in [20u64, 100, 300, 1000] {
-                let (share, n) = link::trickle_cpu(Duration::from_micros(us));
-                println!("a message every {us} µs ({n} sent): broker CPU {:.1}%", share * 100.0);
-            }
-            return;
-        }
-        "diag-link-tp" => {
-            let size = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(16);
-            let transport = args.get(2).map_or("shm", String::as_str);
-            return link::diag_tp(size, transport);
-        }
-        "async_ring" => async_ring::async_ring(&mut report),
-        "router" => router::router(&mut report),
-        "request" => request::request(&mut report),
-        "policy" => policy::policy(&mut report),
-        "bridge" => bridge::bridge(&mut report),
-        "all" => {
-            latency(&mut report);
-            throughput(&mut report);
-            payload::payload(&mut report);
-            payload::fanout(&mut report);
-            ring::ring(&mut report);
-            link::link(&mut report);
-            router::router(&mut report);
-            request::request(&mut report);
-            policy::policy(&mut report);
-        }
-        other => {
-            eprintln!(
-                "unknown scenario {other:?}; try latency, throughput, payload, fanout, ring, link, router, request, policy or all"
-            );
-            std::process::exit(2);
+    let t = Instant::now();
+    for _ in 0..n {
+        send(&frame);
+    }
+    println!("raw send: {:.0} ns each", t.elapsed().as_nanos() as f64 / n as f64);
+    let t = Instant::now();
+    for _ in 0..n {
+        std::hint::black_box(
+            shmbus_proto::subject::validate_subject(std::hint::black_box("bench.tp")).is_ok(),
+        );
+    }
+    println!("validate_subject: {:.1} ns each", t.elapsed().as_nanos() as f64 / n as f64);
+    let mut buf = Vec::new();
+    let t = Instant::now();
+    for _ in 0..n {
+        shmbus_proto::frame::encode_head_into(
+            &mut buf,
+            &Publish { topic: "bench.tp", origin: None, payload: PayloadRef::Inline },
+        )
+        .unwrap();
+        std::hint::black_box(&buf);
+    }
+    println!("encode_head_into: {:.1} ns each", t.elapsed().as_nanos() as f64 / n as f64);
+}
+
+/// diag-raw-peers: the broker between hand-written raw peers, to separate
+/// the library's cost from the broker's.
+fn diag_raw_peers() {
+    for raw_pub in [false, true] {
+        for _ in 0..3 {
+            let who = if raw_pub { "raw publisher" } else { "shmbus publisher" };
+            println!("{who} → broker → raw subscriber, 16 B: {:.0} msgs/s", tp_broker_raw_sub(16, raw_pub));
         }
     }
-    report.finish();
+}
+
+/// diag-link-trickle: the broker's CPU share under a trickle of messages.
+fn diag_link_trickle() {
+    for us in [20u64, 100, 300, 1000] {
+        let (share, n) = link::trickle_cpu(Duration::from_micros(us));
+        println!("a message every {us} µs ({n} sent): broker CPU {:.1}%", share * 100.0);
+    }
 }
 
 // ------------------------------------------------------------- report --

@@ -663,3 +663,255 @@ deny = ["publish a.secret"]
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// ------------------------------------------------------ a newcomer's path --
+
+fn ctl_at(address: &str, args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new(SHMBUSCTL);
+    cmd.arg("--address").arg(address).args(args);
+    run_bounded(cmd)
+}
+
+#[test]
+fn ctl_no_broker_says_which_address_and_how_to_start_one() {
+    let address = unique_address("nobroker");
+    let out = ctl_at(&address, &["ping"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains(&format!("cannot reach the bus at {address}: no broker listens there")), "{err}");
+    assert!(err.contains(&format!("`shmbusd --address {address}`")), "{err}");
+
+    // A path with no socket file (a forgotten `@`, say).
+    let missing = format!("shmbus-no-such-socket-{}", std::process::id());
+    let out = ctl_at(&missing, &["ping"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains(&format!("cannot reach the bus at {missing}: no socket file there")), "{err}");
+    assert!(err.contains("starts with `@`") && err.contains(&format!("--address @{missing}")), "{err}");
+    assert!(!err.contains("os error"), "{err}");
+}
+
+#[test]
+fn ctl_pub_without_data_on_a_terminal_is_refused() {
+    // `script` (util-linux) runs the command on a pseudo-terminal.
+    let b = Broker::start("tty");
+    let line = format!("{SHMBUSCTL} --address {} pub tty.topic", b.address);
+    let mut cmd = Command::new("script");
+    cmd.args(["-qec", &line, "/dev/null"]);
+    let out = run_bounded(cmd);
+    let text = stdout(&out) + &stderr(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("no DATA given and stdin is a terminal"), "{text}");
+}
+
+#[test]
+fn ctl_sub_escapes_binary_payloads_and_hex_shows_every_byte() {
+    let b = Broker::start("hex");
+    let probe = b.client();
+    for (topic, hex) in [("bin.x", false), ("bin.hex", true)] {
+        let mut cmd = Command::new(SHMBUSCTL);
+        cmd.args(["--address", &b.address, "sub", topic, "--count", "2"]);
+        if hex {
+            cmd.arg("--hex");
+        }
+        let sub = spawn_guarded(cmd);
+        wait_subscribers(&probe, topic, 1);
+        probe.publish(topic, b"a\x00b\x1b[31m\nz").unwrap();
+        probe.publish(topic, [0xff, 0xfe, b'\n', 0x07]).unwrap();
+        probe.flush().unwrap();
+        let out = sub.wait_output();
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = stdout(&out);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "one line per message: {text:?}");
+        assert!(!text.contains('\x1b') && !text.contains('\0') && !text.contains('\x07'), "{text:?}");
+        if hex {
+            assert_eq!(lines, ["bin.hex 6100621b5b33316d0a7a", "bin.hex fffe0a07"]);
+        } else {
+            assert_eq!(lines[1], "bin.x \\xff\\xfe\\n\\x07");
+        }
+    }
+}
+
+#[test]
+fn ctl_sub_channel_waits_for_its_publisher_and_pub_channel_feeds_it() {
+    let b = Broker::start("chanwait");
+    let probe = b.client();
+    let mut cmd = Command::new(SHMBUSCTL);
+    cmd.args(["--address", &b.address, "sub", "--channel", "chan.wait", "--count", "3"]);
+    let sub = spawn_guarded(cmd);
+    // Its first attempt is refused (no publisher), and it keeps trying;
+    // the refusals do not end it.
+    let start = std::time::Instant::now();
+    while probe.stats().unwrap().connections_accepted < 2 {
+        assert!(start.elapsed() < PATIENCE, "the reader never connected");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // Lines of standard input are messages; --wait-readers holds them
+    // until the reader is in.
+    let mut cmd = Command::new(SHMBUSCTL);
+    cmd.args(["--address", &b.address, "pub", "--channel", "chan.wait", "--wait-readers", "1"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"one\ntwo\nthree\n").unwrap();
+    }
+    let publisher = ChildGuard(Some(child)).wait_output();
+    assert!(publisher.status.success(), "{}", stderr(&publisher));
+    let out = sub.wait_output();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "chan.wait one\nchan.wait two\nchan.wait three\n");
+    let err = stderr(&out);
+    assert_eq!(err.matches("waiting for a publisher on chan.wait").count(), 1, "{err}");
+}
+
+#[test]
+fn ctl_sub_channel_gives_up_after_its_timeout() {
+    let b = Broker::start("chantimeout");
+    let out = b.ctl(&["sub", "--channel", "chan.none", "--timeout", "0.2"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("waiting for a publisher on chan.none"), "{err}");
+    assert!(err.contains("no publisher opened the channel chan.none within 0.2 s"), "{err}");
+}
+
+#[test]
+fn ctl_status_json_is_one_typed_object_with_its_channels() {
+    let b = Broker::start("statusjson");
+    let c = b.client();
+    let _publisher = c.channel_publisher("chan.status", shmbus::ChannelConfig::default()).unwrap();
+    c.publish("x", b"abc").unwrap();
+    c.flush().unwrap();
+    let out = b.ctl(&["status", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert_eq!(text.lines().count(), 1, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(v["msgs_in"].is_u64() && v["uptime_ms"].is_u64() && v["clients"].is_u64(), "{v}");
+    assert_eq!(v["address"], b.address.as_str());
+    let channels = v["channels"].as_array().unwrap();
+    assert_eq!(channels.len(), 1, "{v}");
+    assert_eq!(channels[0]["topic"], "chan.status");
+    assert_eq!(channels[0]["slot_size"], 1024);
+    assert!(channels[0]["readers"].is_u64(), "{v}");
+}
+
+#[test]
+fn ctl_pub_file_of_megabytes_arrives_byte_exact_by_memfd() {
+    let b = Broker::start("bigfile");
+    let dir = std::env::temp_dir().join(format!("shmbus-cli-big-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("blob");
+    let blob: Vec<u8> = (0..(3u32 << 20) + 12345).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    std::fs::write(&file, &blob).unwrap();
+
+    let probe = b.client();
+    let mut cmd = Command::new(SHMBUSCTL);
+    cmd.args(["--address", &b.address, "--json", "sub", "big", "--count", "2"]);
+    let meta = spawn_guarded(cmd);
+    let mut cmd = Command::new(SHMBUSCTL);
+    cmd.args(["--address", &b.address, "sub", "big", "--raw", "--count", "2"]);
+    let raw = spawn_guarded(cmd);
+    wait_subscribers(&probe, "big", 2);
+    let out = b.ctl(&["pub", "big", "--file", file.to_str().unwrap(), "--count", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = raw.wait_output();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(out.stdout.len(), 2 * blob.len());
+    assert!(out.stdout == [blob.clone(), blob.clone()].concat());
+    // It went as a memfd, the one sealed memfd both times.
+    let out = meta.wait_output();
+    for line in stdout(&out).lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["size"], blob.len());
+    }
+    let stats = probe.stats().unwrap();
+    assert_eq!(stats.msgs_in, 2);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn ctl_completions_and_man_pages_need_no_broker() {
+    let nowhere = unique_address("nowhere");
+    let out = ctl_at(&nowhere, &["completions", "bash"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("_shmbusctl"));
+    for shell in ["zsh", "fish"] {
+        let out = ctl_at(&nowhere, &["completions", shell]);
+        assert!(out.status.success() && stdout(&out).contains("shmbusctl"), "{shell}");
+    }
+    let out = ctl_at(&nowhere, &["man"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains(".TH shmbusctl 1"), "{}", stdout(&out));
+
+    let dir = std::env::temp_dir().join(format!("shmbus-cli-man-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = ctl_at(&nowhere, &["man", "--out", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for page in ["shmbusctl.1", "shmbusctl-pub.1", "shmbusctl-sub.1", "shmbusctl-policy-check.1"] {
+        let text = std::fs::read_to_string(dir.join(page)).unwrap_or_else(|e| panic!("{page}: {e}"));
+        assert!(text.contains(".TH"), "{page}");
+    }
+    let sub = std::fs::read_to_string(dir.join("shmbusctl-sub.1")).unwrap();
+    assert!(sub.contains("sensors.>"), "{sub}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn ctl_help_has_examples_for_every_command_and_the_pattern_syntax() {
+    let out = run_bounded({
+        let mut c = Command::new(SHMBUSCTL);
+        c.arg("--help");
+        c
+    });
+    let text = stdout(&out);
+    assert!(text.contains("Examples:") && text.contains("`*` for exactly one token"), "{text}");
+    let commands = [
+        "ping",
+        "status",
+        "clients",
+        "topics",
+        "pub",
+        "sub",
+        "call",
+        "serve",
+        "names",
+        "monitor",
+        "completions",
+        "man",
+    ];
+    for command in commands {
+        let out = run_bounded({
+            let mut c = Command::new(SHMBUSCTL);
+            c.args([command, "--help"]);
+            c
+        });
+        assert!(out.status.success(), "{command}");
+        let text = stdout(&out);
+        assert!(text.contains("Examples:\n  shmbusctl"), "{command} --help lacks examples:\n{text}");
+    }
+    let out = run_bounded({
+        let mut c = Command::new(SHMBUSCTL);
+        c.args(["sub", "--help"]);
+        c
+    });
+    let text = stdout(&out);
+    assert!(text.contains("`*` (exactly one token)") && text.contains("`>` (one or more tokens)"), "{text}");
+    assert!(text.contains("Example: --count 1"), "{text}");
+}
+
+#[test]
+fn ctl_policy_check_takes_user_and_group_names() {
+    let b = Broker::start("policynames");
+    let out = b.ctl(&["--json", "policy", "check", "--uid", "root", "--gid", "root", "publish", "x.y"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!((v["uid"].as_u64(), v["gids"][0].as_u64()), (Some(0), Some(0)), "{v}");
+    let out = b.ctl(&["policy", "check", "--uid", "no-such-user-here", "publish", "x.y"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("no user named"), "{}", stderr(&out));
+}

@@ -20,7 +20,7 @@
 
 #![forbid(unsafe_code)]
 
-use std::io::{Read, Write};
+use std::io::{BufRead, IsTerminal, Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
@@ -40,11 +40,16 @@ use shmbus::{
 use shmbus_proto::text::escape;
 
 /// Command-line tool for the shmbus message bus.
+///
+/// Subjects (topics, names) are dot-separated tokens: `sensors.kitchen.temp`.
+/// Subscription patterns may use `*` for exactly one token and `>` for
+/// all the rest: `sensors.*.temp`, `sensors.>`.
 #[derive(Parser, Debug)]
-#[command(name = "shmbusctl", version)]
+#[command(name = "shmbusctl", version, after_help = MAIN_EXAMPLES)]
 struct Args {
-    /// Bus address: `@name` (abstract socket) or a path. Default:
-    /// $SHMBUS_ADDRESS, else the user bus `@shmbus.<uid>`.
+    /// Bus address: `@name` (abstract socket, no file) or a socket file's
+    /// path. Default: $SHMBUS_ADDRESS, else the user bus `@shmbus.<uid>`.
+    /// Example: --address @shmbus.1000
     #[arg(long, global = true, value_name = "ADDR")]
     address: Option<Address>,
     /// Use the system bus, `@shmbus`.
@@ -64,41 +69,110 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Round trip to the broker.
+    /// Round trip to the broker: its pid and uid, and the time it took.
+    #[command(after_help = "Examples:\n  shmbusctl ping\n  shmbusctl ping --count 5 --json")]
     Ping {
+        /// Round trips to make. Example: --count 5
         #[arg(long, short = 'c', default_value_t = 1)]
         count: u32,
     },
-    /// Broker counters.
+    /// Broker counters, and its ring channels.
+    ///
+    /// --json: one object, the counters as numbers and `channels` a list
+    /// of objects (id, topic, publisher, readers, slot_size, slot_count,
+    /// overflow, published, overruns).
+    #[command(after_help = "Examples:\n  shmbusctl status\n  shmbusctl status --json | jq .msgs_in")]
     Status,
     /// Connected clients.
+    #[command(after_help = "Examples:\n  shmbusctl clients\n  shmbusctl clients --json")]
     Clients,
     /// Subscribed patterns and their subscriber counts.
+    #[command(after_help = "Examples:\n  shmbusctl topics")]
     Topics,
     /// Publish DATA (or --file, or standard input) to TOPIC.
+    ///
+    /// With neither DATA nor --file, the payload is standard input, read
+    /// to its end (refused if standard input is a terminal, unless
+    /// --channel). --file sends
+    /// the file by sealed memfd, copied from the file a piece at a time, so
+    /// even a huge file costs little memory; subscribers map the same pages.
+    ///
+    /// --channel publishes into the ring channel TOPIC instead (opening it,
+    /// as its one publisher): DATA is one message (--count times); without
+    /// DATA each line of standard input is one message (without its
+    /// newline) as it arrives, until end of input; --file is one message.
+    /// A message must fit a slot (--slot-size). The channel closes when
+    /// shmbusctl exits; readers that joined after a message was written do
+    /// not see it, so --wait-readers N waits for N readers first.
+    #[command(after_help = PUB_EXAMPLES)]
     Pub {
+        /// The topic: a subject without wildcards. Example: sensors.kitchen.temp
         topic: String,
+        /// The payload, as given (UTF-8 text). Example: 21.5
         data: Option<String>,
-        #[arg(long, short = 'f', conflicts_with = "data")]
+        /// Send this file's bytes. Example: --file ./report.pdf
+        #[arg(long, short = 'f', value_name = "PATH", conflicts_with = "data")]
         file: Option<std::path::PathBuf>,
-        /// Publish it this many times.
+        /// Publish it this many times. Example: --count 1000
         #[arg(long, short = 'c', default_value_t = 1)]
         count: u64,
+        /// Publish into the ring channel TOPIC (see above).
+        #[arg(long)]
+        channel: bool,
+        /// --channel: largest message, in bytes (the channel's slot size).
+        #[arg(long, value_name = "BYTES", default_value_t = 1024, requires = "channel")]
+        slot_size: u32,
+        /// --channel: messages the ring holds before the oldest is overwritten.
+        #[arg(long, value_name = "N", default_value_t = 1024, requires = "channel")]
+        slots: u32,
+        /// --channel: wait until this many readers have opened the channel
+        /// before publishing (bounded by --timeout).
+        #[arg(long, value_name = "N", default_value_t = 0, requires = "channel")]
+        wait_readers: usize,
+        /// --channel: seconds to wait for --wait-readers.
+        #[arg(long, short = 't', value_name = "SECS", default_value = "30", value_parser = parse_secs,
+              requires = "channel")]
+        timeout: Duration,
     },
     /// Print messages matching PATTERN(s): `TOPIC PAYLOAD` per line.
+    ///
+    /// A pattern is a subject whose tokens may be `*` (exactly one token)
+    /// or, last, `>` (one or more tokens): `sensors.*.temp` matches
+    /// `sensors.kitchen.temp`; `sensors.>` matches everything under
+    /// `sensors`.
+    ///
+    /// A payload is printed as text if it is UTF-8, with control
+    /// characters escaped (`\n`, `\e`, `\u{0}`), else byte by byte with
+    /// `\xNN` escapes, so each message is one line and nothing drives the
+    /// terminal. --hex prints every payload in hex; --raw writes the bytes
+    /// exactly as received (no topic, no newline); --json prints one object
+    /// per message (topic, seq, size, sender, and payload if it is UTF-8,
+    /// else payload_hex).
+    ///
+    /// --channel reads the ring channel TOPIC (one plain subject) instead;
+    /// if it has no publisher yet, it waits for one (up to --timeout).
+    #[command(after_help = SUB_EXAMPLES)]
     Sub {
-        #[arg(required = true)]
+        /// Subject patterns (`*` one token, `>` the rest). Example: 'sensors.>'
+        #[arg(required = true, value_name = "PATTERN")]
         patterns: Vec<String>,
-        /// Exit after this many messages.
+        /// Exit after this many messages. Example: --count 1
         #[arg(long, short = 'c')]
         count: Option<u64>,
         /// Write payload bytes only, exactly as received.
-        #[arg(long, conflicts_with = "json")]
+        #[arg(long, conflicts_with_all = ["json", "hex"])]
         raw: bool,
+        /// Print payloads in hex.
+        #[arg(long, conflicts_with = "json")]
+        hex: bool,
         /// Read the ring channel named by the one PATTERN (a plain subject)
         /// instead of subscribing.
         #[arg(long)]
         channel: bool,
+        /// --channel: seconds to wait for the channel's publisher to appear
+        /// (default: for ever).
+        #[arg(long, short = 't', value_name = "SECS", value_parser = parse_secs, requires = "channel")]
+        timeout: Option<Duration>,
     },
     /// Call the service NAME with DATA and print its reply.
     ///
@@ -112,13 +186,14 @@ enum Cmd {
     /// Exit status: 0 the reply came; 3 the service answered an
     /// application error; 4 no responder, or the service went away without
     /// answering; 5 timed out; 1 anything else (refused, invalid, no bus).
+    #[command(after_help = CALL_EXAMPLES)]
     Call {
-        /// The name called (a subject without wildcards).
+        /// The name called (a subject without wildcards). Example: svc.echo
         name: String,
-        /// The request's payload, as given.
+        /// The request's payload, as given. Example: hello
         data: Option<String>,
-        /// Send this file's bytes (`-`: standard input).
-        #[arg(long, short = 'f', conflicts_with = "data")]
+        /// Send this file's bytes (`-`: standard input). Example: --file req.json
+        #[arg(long, short = 'f', value_name = "PATH", conflicts_with = "data")]
         file: Option<PathBuf>,
         /// Seconds to wait for the answer (the broker enforces it, capped at
         /// its --max-request-timeout-ms, 60 s by default).
@@ -144,8 +219,9 @@ enum Cmd {
     /// than --max-output is killed too (code 125); if `sh` cannot be
     /// started, 127.
     #[command(group(clap::ArgGroup::new("answer").required(true).args(["echo", "exec"])))]
+    #[command(after_help = SERVE_EXAMPLES)]
     Serve {
-        /// The name to own (a subject without wildcards).
+        /// The name to own (a subject without wildcards). Example: svc.echo
         name: String,
         /// Reply with the request's own payload.
         #[arg(long)]
@@ -158,7 +234,7 @@ enum Cmd {
         /// owned exclusively, and serving fails if someone else owns it.
         #[arg(long)]
         shared: bool,
-        /// Exit after this many requests.
+        /// Exit after this many requests. Example: --count 1
         #[arg(long, short = 'c')]
         count: Option<u64>,
         /// Answer up to N requests at once (each in turn otherwise).
@@ -170,6 +246,7 @@ enum Cmd {
         max_output: u64,
     },
     /// Names, their owners (client ids, see `clients`), queue and flags.
+    #[command(after_help = "Examples:\n  shmbusctl names")]
     Names,
     /// Print every event the broker sees, one line each, until interrupted.
     ///
@@ -196,14 +273,18 @@ enum Cmd {
     /// epoch); lost events as {"gap": N}.
     ///
     /// Needs the broker's `monitor` right: refused, it exits with status 1.
+    #[command(after_help = "Examples:\n  shmbusctl monitor\n  shmbusctl monitor 'sensors.>' --full\n  \
+                            shmbusctl monitor --json --count 10")]
     Monitor {
         /// Subject patterns (`*` one token, `>` the rest); none: everything.
+        /// Example: 'sensors.>'
+        #[arg(value_name = "PATTERN")]
         patterns: Vec<String>,
         /// Whole inline payloads, rather than their first 256 bytes (as
         /// the broker sends them) cut again to 64 characters.
         #[arg(long)]
         full: bool,
-        /// Exit after this many events.
+        /// Exit after this many events. Example: --count 10
         #[arg(long, short = 'c')]
         count: Option<u64>,
     },
@@ -212,7 +293,60 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PolicyCmd,
     },
+    /// Print a shell completion script (needs no broker).
+    #[command(after_help = "Examples:\n  shmbusctl completions bash > /etc/bash_completion.d/shmbusctl\n  \
+                            shmbusctl completions zsh > \"${fpath[1]}/_shmbusctl\"\n  \
+                            shmbusctl completions fish > ~/.config/fish/completions/shmbusctl.fish")]
+    Completions {
+        /// The shell. Example: bash
+        shell: clap_complete::Shell,
+    },
+    /// Write manual pages (roff; needs no broker): shmbusctl.1 on standard
+    /// output, or with --out, shmbusctl.1 and shmbusctl-SUBCOMMAND.1 for
+    /// every subcommand in DIR.
+    #[command(
+        after_help = "Examples:\n  shmbusctl man | man -l -\n  shmbusctl man --out /usr/local/share/man/man1"
+    )]
+    Man {
+        /// Write the pages into this directory (made if missing). Example: --out ./man
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
 }
+
+const MAIN_EXAMPLES: &str = "Examples:
+  shmbusd &                                  start a broker on the user bus
+  shmbusctl ping
+  shmbusctl sub 'sensors.>' &                print what is published under sensors
+  shmbusctl pub sensors.kitchen.temp 21.5
+  shmbusctl status
+
+`shmbusctl COMMAND --help` shows each command's arguments and examples.";
+
+const PUB_EXAMPLES: &str = "Examples:
+  shmbusctl pub sensors.kitchen.temp 21.5
+  shmbusctl pub files.report --file ./report.pdf
+  echo hello | shmbusctl pub greetings
+  shmbusctl pub bench.x payload --count 1000
+  tail -f app.log | shmbusctl pub --channel logs.app
+  shmbusctl pub --channel ticks --wait-readers 1 tick";
+
+const SUB_EXAMPLES: &str = "Examples:
+  shmbusctl sub 'sensors.>'
+  shmbusctl sub 'sensors.*.temp' --count 1
+  shmbusctl sub files.report --raw --count 1 > report.pdf
+  shmbusctl sub 'bin.>' --hex
+  shmbusctl sub --channel logs.app --timeout 10";
+
+const CALL_EXAMPLES: &str = "Examples:
+  shmbusctl call svc.echo hello
+  shmbusctl call svc.render --file request.json --timeout 30
+  echo '{\"x\":1}' | shmbusctl call svc.compute --file -";
+
+const SERVE_EXAMPLES: &str = "Examples:
+  shmbusctl serve svc.echo --echo
+  shmbusctl serve svc.upper --exec 'tr a-z A-Z'
+  shmbusctl serve svc.work --shared --jobs 4 --exec ./handle.sh";
 
 #[derive(Subcommand, Debug)]
 enum PolicyCmd {
@@ -228,17 +362,24 @@ enum PolicyCmd {
     /// Exit status: 0 allowed; 1 denied; 2 the question could not be
     /// answered (no bus, an unknown action, a bad subject, or no
     /// `introspect` right to ask).
+    #[command(
+        after_help = "Examples:\n  shmbusctl policy check --uid alice publish sensors.kitchen.temp\n  \
+                            shmbusctl policy check --uid 1000 --gid 1000 --gid adm subscribe 'logs.>'\n  \
+                            shmbusctl policy check --uid 0 connect"
+    )]
     Check {
-        /// The peer's uid.
-        #[arg(long, value_name = "UID")]
+        /// The peer's uid, or a user name (/etc/passwd). Example: --uid 1000
+        #[arg(long, value_name = "USER|UID", value_parser = shmbus_broker::daemon::config::parse_uid)]
         uid: u32,
-        /// Its groups, the primary one first (repeat for each; none: the
-        /// group numbered like the uid).
-        #[arg(long = "gid", value_name = "GID")]
+        /// Its groups, the primary one first, by gid or name (/etc/group;
+        /// repeat for each; none: the group numbered like the uid).
+        /// Example: --gid 1000 --gid adm
+        #[arg(long = "gid", value_name = "GROUP|GID", value_parser = shmbus_broker::daemon::config::parse_gid)]
         gids: Vec<u32>,
-        /// What it would do.
+        /// What it would do: connect, publish, subscribe, own, call,
+        /// channel-publish, channel-read, monitor or introspect. Example: publish
         action: String,
-        /// What it would do it on.
+        /// What it would do it on (a subject, pattern or name). Example: sensors.kitchen.temp
         subject: Option<String>,
     },
 }
@@ -292,12 +433,71 @@ fn connect(args: &Args) -> Fallible<Client> {
     } else if args.system {
         opts = opts.system();
     }
-    Ok(opts.connect()?)
+    opts.connect().map_err(|e| connect_advice(&e, args).unwrap_or_else(|| e.to_string()).into())
+}
+
+/// What to do about a bus that cannot be reached, as words for people:
+/// `None` for errors that say enough as they are.
+fn connect_advice(e: &shmbus::ConnectError, args: &Args) -> Option<String> {
+    let shmbus::ConnectError::Unreachable { address, source } = e else { return None };
+    let whence = if args.address.is_some() {
+        String::new()
+    } else if args.system {
+        " (the system bus, --system)".to_owned()
+    } else if std::env::var_os("SHMBUS_ADDRESS").is_some() {
+        " (from $SHMBUS_ADDRESS)".to_owned()
+    } else {
+        " (the user bus, the default; --address or $SHMBUS_ADDRESS name another)".to_owned()
+    };
+    let start = if args.system {
+        "shmbusd --system (or systemctl start shmbus.socket)".to_owned()
+    } else {
+        format!("shmbusd --address {address}")
+    };
+    use std::io::ErrorKind as K;
+    Some(match source.kind() {
+        K::ConnectionRefused => format!(
+            "cannot reach the bus at {address}{whence}: no broker listens there (connection refused). Start \
+             one with `{start}`"
+        ),
+        K::NotFound if !address.starts_with('@') => format!(
+            "cannot reach the bus at {address}{whence}: no socket file there, so no broker was started on \
+             that path. Start one with `{start}`; an abstract address (no file) starts with `@`, as in \
+             --address @{}",
+            address.trim_start_matches("./")
+        ),
+        K::PermissionDenied => format!(
+            "cannot reach the bus at {address}{whence}: permission denied, the socket file's mode or group \
+             keeps uid {} out (shmbusd --socket-mode and --socket-group set them)",
+            rustix::process::getuid().as_raw()
+        ),
+        _ => return None,
+    })
 }
 
 fn run(args: Args) -> Fallible<ExitCode> {
+    // What needs no broker.
+    match &args.cmd {
+        Cmd::Completions { shell } => {
+            let mut cmd = <Args as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut cmd, "shmbusctl", &mut std::io::stdout().lock());
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Man { out } => {
+            write_man_pages(out.as_deref())?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        // (With --channel, lines typed are messages: that is fine.)
+        Cmd::Pub { data: None, file: None, channel: false, .. } if std::io::stdin().is_terminal() => {
+            return Err(
+                "no DATA given and stdin is a terminal: give DATA, --file, or pipe the payload in".into()
+            );
+        }
+        _ => {}
+    }
     let client = connect(&args)?;
     match &args.cmd {
+        Cmd::Completions { .. } | Cmd::Man { .. } => unreachable!("answered above"),
         Cmd::Ping { count } => {
             for _ in 0..*count {
                 let rtt = client.ping()?;
@@ -314,36 +514,82 @@ fn run(args: Args) -> Fallible<ExitCode> {
         }
         Cmd::Status => {
             let mut out = std::io::stdout().lock();
-            print_stats(&mut out, &client.stats()?, args.json)?;
-            print_channels(&mut out, &client, args.json)?;
+            let stats = client.stats()?;
+            if args.json {
+                // One object: the counters, and the channels as a list.
+                let mut channels = Vec::new();
+                for_each_page(
+                    |after| client.channels_page(after),
+                    |cs: Vec<ChannelInfo>| {
+                        channels.extend(cs);
+                        Ok(())
+                    },
+                )?;
+                let mut v = serde_json::to_value(&stats)?;
+                v["channels"] = serde_json::to_value(&channels)?;
+                writeln!(out, "{v}")?;
+                out.flush()?;
+            } else {
+                print_stats(&mut out, &stats, false)?;
+                print_channels(&mut out, &client, false)?;
+            }
         }
         Cmd::Clients => print_clients(&mut std::io::stdout().lock(), &client, args.json)?,
         Cmd::Topics => print_topics(&mut std::io::stdout().lock(), &client, args.json)?,
-        Cmd::Pub { topic, data, file, count } => {
-            let payload = match (data, file) {
-                (Some(d), _) => d.clone().into_bytes(),
-                (None, Some(f)) => {
-                    std::fs::read(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?
+        Cmd::Pub { topic, data, file, count, channel: true, slot_size, slots, wait_readers, timeout } => {
+            let config = shmbus::ChannelConfig {
+                slot_size: *slot_size,
+                slot_count: *slots,
+                ..shmbus::ChannelConfig::default()
+            };
+            let mut publisher = client.channel_publisher(topic, config)?;
+            wait_for_readers(&mut publisher, topic, *wait_readers, *timeout)?;
+            match (data, file) {
+                (Some(d), _) => {
+                    for _ in 0..*count {
+                        publisher.publish(d.as_bytes())?;
+                    }
                 }
+                (None, Some(f)) => {
+                    let bytes = std::fs::read(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
+                    for _ in 0..*count {
+                        publisher.publish(&bytes)?;
+                    }
+                }
+                (None, None) => {
+                    for line in std::io::stdin().lock().split(b'\n') {
+                        publisher.publish(&line?)?;
+                    }
+                }
+            }
+        }
+        Cmd::Pub { topic, data, file, count, .. } => {
+            match (data, file) {
+                (Some(d), _) => {
+                    for _ in 0..*count {
+                        client.publish(topic, d.as_bytes())?;
+                    }
+                }
+                (None, Some(f)) => publish_file(&client, topic, f, *count)?,
                 (None, None) => {
                     let mut v = Vec::new();
                     std::io::stdin().read_to_end(&mut v)?;
-                    v
+                    for _ in 0..*count {
+                        client.publish(topic, &v)?;
+                    }
                 }
-            };
-            for _ in 0..*count {
-                client.publish(topic, &payload)?;
             }
             client.flush()?;
         }
-        Cmd::Sub { patterns, count, raw, channel: true } => {
+        Cmd::Sub { patterns, count, raw, hex, channel: true, timeout } => {
             let [topic] = patterns.as_slice() else {
                 return Err("--channel reads exactly one channel".into());
             };
-            return read_channel(&client, topic, *count, *raw, args.json);
+            let shown = Shown::new(*raw, *hex, args.json);
+            return read_channel(&client, topic, *count, shown, *timeout);
         }
-        Cmd::Sub { patterns, count, raw, channel: false } => {
-            return subscribe(&client, patterns, *count, *raw, args.json)
+        Cmd::Sub { patterns, count, raw, hex, channel: false, .. } => {
+            return subscribe(&client, patterns, *count, Shown::new(*raw, *hex, args.json))
         }
         Cmd::Call { name, data, file, timeout, raw } => {
             let payload = match (data, file) {
@@ -384,13 +630,30 @@ fn run(args: Args) -> Fallible<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn subscribe(
-    client: &Client,
-    patterns: &[String],
-    count: Option<u64>,
-    raw: bool,
-    json: bool,
-) -> Fallible<ExitCode> {
+/// How `sub` shows a payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shown {
+    /// Text if UTF-8 (control characters escaped), else `\xNN` escapes.
+    Text,
+    Hex,
+    /// The bytes exactly.
+    Raw,
+    Json,
+}
+
+impl Shown {
+    fn new(raw: bool, hex: bool, json: bool) -> Shown {
+        match (raw, hex, json) {
+            (true, _, _) => Shown::Raw,
+            (_, true, _) => Shown::Hex,
+            (_, _, true) => Shown::Json,
+            _ => Shown::Text,
+        }
+    }
+}
+
+fn subscribe(client: &Client, patterns: &[String], count: Option<u64>, shown: Shown) -> Fallible<ExitCode> {
+    let json = shown == Shown::Json;
     let mut subs = Vec::new();
     for p in patterns {
         subs.push(client.subscribe(p)?);
@@ -417,7 +680,7 @@ fn subscribe(
         match ev {
             Event::Message(m) => {
                 seen += 1;
-                write_message(&mut out, &m, raw, json)?;
+                write_message(&mut out, &m, shown)?;
                 out.flush()?;
             }
             Event::Gap { missed } => {
@@ -442,14 +705,85 @@ fn subscribe(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Opens the ring channel `topic` for reading, waiting (up to `timeout`,
+/// if given) for a publisher to open it.
+fn open_channel(
+    client: &Client,
+    topic: &str,
+    timeout: Option<Duration>,
+) -> Fallible<shmbus::ChannelSubscriber> {
+    let start = Instant::now();
+    let mut delay = Duration::from_millis(5);
+    let mut told = false;
+    loop {
+        match client.channel_subscriber(topic) {
+            Err(shmbus::ChannelError::Refused { code: ErrorCode::NoSuchChannel, .. }) => {
+                if !told {
+                    eprintln!("shmbusctl: waiting for a publisher on {}", escape(topic));
+                    told = true;
+                }
+                let left = match timeout {
+                    Some(t) => match t.checked_sub(start.elapsed()) {
+                        Some(left) if !left.is_zero() => left,
+                        _ => {
+                            return Err(format!(
+                                "no publisher opened the channel {} within {} s",
+                                escape(topic),
+                                secs(t)
+                            )
+                            .into())
+                        }
+                    },
+                    None => delay,
+                };
+                std::thread::sleep(delay.min(left));
+                delay = (delay * 2).min(Duration::from_millis(250));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
+/// Waits (up to `timeout`) until `want` readers have opened the channel.
+fn wait_for_readers(
+    publisher: &mut shmbus::ChannelPublisher,
+    topic: &str,
+    want: usize,
+    timeout: Duration,
+) -> Fallible<()> {
+    let start = Instant::now();
+    let mut told = false;
+    loop {
+        publisher.update_readers()?;
+        if publisher.readers() >= want {
+            return Ok(());
+        }
+        if !told {
+            let readers = if want == 1 { "a reader" } else { "readers" };
+            eprintln!("shmbusctl: waiting for {readers} on channel {} ({want} wanted)", escape(topic));
+            told = true;
+        }
+        if start.elapsed() >= timeout {
+            return Err(format!(
+                "{} of {want} readers opened the channel {} within {} s",
+                publisher.readers(),
+                escape(topic),
+                secs(timeout)
+            )
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn read_channel(
     client: &Client,
     topic: &str,
     count: Option<u64>,
-    raw: bool,
-    json: bool,
+    how: Shown,
+    timeout: Option<Duration>,
 ) -> Fallible<ExitCode> {
-    let mut sub = client.channel_subscriber(topic)?;
+    let mut sub = open_channel(client, topic, timeout)?;
     let shown = escape(topic);
     let mut out = std::io::stdout().lock();
     let mut seen = 0u64;
@@ -457,17 +791,20 @@ fn read_channel(
         match sub.recv(<[u8]>::to_vec) {
             Ok(ChannelEvent::Message { seq, value }) => {
                 seen += 1;
-                if raw {
-                    out.write_all(&value)?;
-                } else if json {
-                    let text = std::str::from_utf8(&value).ok();
-                    writeln!(
-                        out,
-                        "{}",
-                        json!({"topic": topic, "seq": seq, "size": value.len(), "payload": text})
-                    )?;
-                } else {
-                    writeln!(out, "{shown} {}", printable(&value))?;
+                match how {
+                    Shown::Raw => out.write_all(&value)?,
+                    Shown::Json => {
+                        let text = std::str::from_utf8(&value).ok();
+                        let hex = text.is_none().then(|| hex(&value));
+                        writeln!(
+                            out,
+                            "{}",
+                            json!({"topic": topic, "seq": seq, "size": value.len(), "payload": text,
+                                   "payload_hex": hex})
+                        )?;
+                    }
+                    Shown::Hex => writeln!(out, "{shown} {}", hex(&value))?,
+                    Shown::Text => writeln!(out, "{shown} {}", printable(&value))?,
                 }
                 out.flush()?;
             }
@@ -489,6 +826,93 @@ fn read_channel(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Files up to this size are read whole and published as any payload;
+/// larger ones go by memfd, filled a piece at a time.
+const WHOLE_FILE: u64 = shmbus_proto::limits::MAX_INLINE_PAYLOAD as u64;
+/// Files from this size show their progress (on a terminal).
+const SHOW_PROGRESS: u64 = 64 << 20;
+
+/// Publishes the file at `path` `count` times. A large file is copied into
+/// a memfd a MiB at a time (never whole into this process's memory),
+/// sealed, and that one memfd is sent each time.
+fn publish_file(client: &Client, topic: &str, path: &std::path::Path, count: u64) -> Fallible<()> {
+    let cannot = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+    let mut file = std::fs::File::open(path).map_err(cannot)?;
+    let meta = file.metadata().map_err(cannot)?;
+    if !meta.is_file() || meta.len() <= WHOLE_FILE {
+        let mut v = Vec::new();
+        file.read_to_end(&mut v).map_err(cannot)?;
+        for _ in 0..count {
+            client.publish(topic, &v)?;
+        }
+        return Ok(());
+    }
+    let len = meta.len();
+    let memfd = shmbus_proto::sys::memfd::create("shmbusctl-pub", len)
+        .map_err(|e| format!("cannot make a memfd of {len} bytes: {e}"))?;
+    let mut dst = std::fs::File::from(memfd);
+    let progress = len >= SHOW_PROGRESS && std::io::stderr().is_terminal();
+    let mut buf = vec![0u8; 1 << 20];
+    let (mut done, mut shown) = (0u64, u64::MAX);
+    while done < len {
+        let want = (len - done).min(buf.len() as u64) as usize;
+        let n = file.read(&mut buf[..want]).map_err(cannot)?;
+        if n == 0 {
+            return Err(format!("{} shrank while it was read ({done} of {len} bytes)", path.display()).into());
+        }
+        dst.write_all(&buf[..n])?;
+        done += n as u64;
+        if progress && done * 100 / len != shown {
+            shown = done * 100 / len;
+            eprint!("\rshmbusctl: {}: {shown}% of {} MiB", path.display(), len >> 20);
+        }
+    }
+    if progress {
+        eprintln!();
+    }
+    let fd = std::os::fd::OwnedFd::from(dst);
+    shmbus_proto::sys::memfd::seal(std::os::fd::AsFd::as_fd(&fd))?;
+    for _ in 0..count {
+        client.publish_fd(topic, &fd)?;
+    }
+    Ok(())
+}
+
+/// shmbusctl.1 on standard output, or every page into `dir`.
+fn write_man_pages(dir: Option<&std::path::Path>) -> Fallible<()> {
+    let mut cmd = <Args as clap::CommandFactory>::command();
+    // Built, global flags (--address, --json...) are in every subcommand.
+    cmd.build();
+    let Some(dir) = dir else {
+        let mut out = std::io::stdout().lock();
+        clap_mangen::Man::new(cmd).render(&mut out)?;
+        return Ok(out.flush()?);
+    };
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot make {}: {e}", dir.display()))?;
+    let mut pages = vec![("shmbusctl".to_owned(), cmd.clone())];
+    let mut i = 0;
+    while i < pages.len() {
+        let (name, c) = pages[i].clone();
+        for sub in c.get_subcommands().filter(|sub| sub.get_name() != "help") {
+            let sub_name = format!("{name}-{}", sub.get_name());
+            // clap names are &'static str (without its `string` feature);
+            // a few bytes per page, once per run.
+            let leaked: &'static str = Box::leak(sub_name.clone().into_boxed_str());
+            pages.push((sub_name, sub.clone().name(leaked).version(env!("CARGO_PKG_VERSION"))));
+        }
+        i += 1;
+    }
+    let mut out = std::io::stdout().lock();
+    for (name, c) in pages {
+        let path = dir.join(format!("{name}.1"));
+        let mut f =
+            std::fs::File::create(&path).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        clap_mangen::Man::new(c).render(&mut f)?;
+        writeln!(out, "{}", path.display())?;
+    }
+    Ok(out.flush()?)
 }
 
 /// Calls `page` for each page of an introspection answer in turn, and
@@ -565,15 +989,21 @@ fn print_channels(out: &mut impl Write, client: &Client, json: bool) -> Fallible
     )
 }
 
-fn write_message(out: &mut impl Write, m: &Message, raw: bool, json: bool) -> std::io::Result<()> {
-    if raw {
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn write_message(out: &mut impl Write, m: &Message, shown: Shown) -> std::io::Result<()> {
+    if shown == Shown::Raw {
         return out.write_all(m.payload());
     }
-    if json {
+    if shown == Shown::Hex {
+        return writeln!(out, "{} {}", escape(m.topic()), hex(m.payload()));
+    }
+    if shown == Shown::Json {
         let s = m.sender();
         let text = std::str::from_utf8(m.payload()).ok();
-        let hex: Option<String> =
-            text.is_none().then(|| m.payload().iter().map(|b| format!("{b:02x}")).collect());
+        let hex: Option<String> = text.is_none().then(|| hex(m.payload()));
         return writeln!(
             out,
             "{}",

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use shmbus_broker::bus::quota::Resource;
+use shmbus_broker::daemon::config::SocketAccess;
 use shmbus_broker::daemon::{self, systemd, Config};
 use shmbus_proto::limits as l;
 use shmbus_proto::Address;
@@ -23,12 +24,25 @@ struct Args {
     /// Serve the system bus, `@shmbus`.
     #[arg(long, conflicts_with = "address")]
     system: bool,
-    /// Also admit this uid (root and the broker's own uid always are).
-    #[arg(long = "allow-uid", value_name = "UID", conflicts_with = "policy")]
+    /// Also admit this user, by name or uid (root and the broker's own uid
+    /// always are). Repeat for more.
+    #[arg(long = "allow-uid", value_name = "USER|UID", conflicts_with = "policy",
+          value_parser = daemon::config::parse_uid)]
     allow_uid: Vec<u32>,
     /// Admit every uid that can reach the socket.
     #[arg(long, conflicts_with = "policy")]
     allow_all_uids: bool,
+    /// Permission bits of a path socket's file, in octal. Connecting needs
+    /// write permission: the default 0666 lets every local user reach the
+    /// socket, and the uid policy (or policy file) decides whom to admit;
+    /// 0660 with --socket-group narrows who may even try. Not for an
+    /// abstract address (`@name`), which has no file.
+    #[arg(long, value_name = "OCTAL", value_parser = parse_mode)]
+    socket_mode: Option<u32>,
+    /// Group of a path socket's file, by name or gid (default: the
+    /// broker's group).
+    #[arg(long, value_name = "GROUP|GID", value_parser = daemon::config::parse_gid)]
+    socket_group: Option<u32>,
     /// The policy file (TOML): who may connect, publish, subscribe, own,
     /// call, open channels, monitor and introspect. Read again on SIGHUP.
     /// Without one, admission by uid is the only gate.
@@ -113,18 +127,33 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = l::DEFAULT_MEMFD_QUOTA_FDS)]
     memfd_quota_fds: u32,
     /// Log level: error, warn (default), info, debug or trace. $SHMBUS_LOG
-    /// sets it too.
+    /// sets it too. The start line is logged at every level but error. Under
+    /// systemd the log goes to the journal, with fields; elsewhere to
+    /// stderr, coloured only on a terminal.
     #[arg(long, value_name = "LEVEL")]
     log_level: Option<tracing::Level>,
+    /// Print this manual page (roff) on standard output and exit.
+    #[arg(long, hide = true)]
+    man: bool,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.man {
+        let man = clap_mangen::Man::new(<Args as clap::CommandFactory>::command());
+        return match man.render(&mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("shmbusd: cannot write the manual page: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let level = args
         .log_level
         .or_else(|| std::env::var("SHMBUS_LOG").ok().and_then(|s| s.parse().ok()))
         .unwrap_or(tracing::Level::WARN);
-    tracing_subscriber::fmt().with_max_level(level).with_writer(std::io::stderr).with_target(false).init();
+    daemon::init_logging(level);
 
     let address = match (args.address, args.system) {
         (Some(a), _) => a,
@@ -146,6 +175,33 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    let access = SocketAccess {
+        mode: args.socket_mode.unwrap_or(daemon::config::DEFAULT_SOCKET_MODE),
+        group: args.socket_group,
+    };
+    if !matches!(address, Address::Path(_)) && (args.socket_mode.is_some() || args.socket_group.is_some()) {
+        eprintln!(
+            "shmbusd: --socket-mode and --socket-group are for a path socket; {address} is abstract (it has \
+             no file: who may connect is the uid policy's to say)"
+        );
+        return ExitCode::from(2);
+    }
+    let activated = cfg.listen_fd.is_some();
+    if !activated {
+        match daemon::config::listen(&address, access) {
+            Ok(fd) => cfg.listen_fd = Some(fd),
+            Err(e) => {
+                eprintln!("shmbusd: cannot serve {address}: {}", bind_hint(&address, &e));
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let listening = cfg
+        .listen_fd
+        .as_ref()
+        .and_then(|fd| shmbus_proto::sys::socket::local_address(std::os::fd::AsFd::as_fd(fd)).ok().flatten())
+        .unwrap_or_else(|| address.clone());
+    let who = clients_line(&args.allow_uid, args.allow_all_uids, args.policy.is_some());
     for uid in args.allow_uid {
         cfg.bus.policy.allow_uid(uid);
     }
@@ -190,6 +246,21 @@ fn main() -> ExitCode {
     limits.set(Resource::PendingRequests, args.uid_pending_requests);
     bus.max_request_timeout = Duration::from_millis(args.max_request_timeout_ms.max(1));
     bus.close_grace = Duration::from_secs(2);
+    let policy = cfg.policy_path.as_ref().map_or("none".to_owned(), |p| p.display().to_string());
+    let socket = match (&listening, activated) {
+        (_, true) => "; socket from the service manager".to_owned(),
+        (Address::Path(_), false) => match access.group {
+            Some(g) => format!("; socket mode {:04o}, group {g}", access.mode),
+            None => format!("; socket mode {:04o}", access.mode),
+        },
+        (Address::Abstract(_), false) => String::new(),
+    };
+    tracing::info!(
+        target: daemon::START_TARGET,
+        "shmbusd {} listening on {listening} (pid {}; clients: {who}; policy: {policy}{socket})",
+        env!("CARGO_PKG_VERSION"),
+        std::process::id()
+    );
     match daemon::run(cfg) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -209,6 +280,51 @@ fn raise_nofile_limit() {
         if let Err(e) = setrlimit(Resource::Nofile, lim) {
             tracing::warn!("cannot raise the fd limit: {e}");
         }
+    }
+}
+
+/// Who may connect, in words, for the start line.
+fn clients_line(allowed: &[u32], all: bool, policy_file: bool) -> String {
+    if policy_file {
+        return "as the policy file says".to_owned();
+    }
+    if all {
+        return "every uid that can reach the socket".to_owned();
+    }
+    let me = rustix::process::getuid().as_raw();
+    let mut s =
+        if me == 0 { "uid 0 (the broker's)".to_owned() } else { format!("uid 0 and the broker's uid {me}") };
+    let more: Vec<String> = allowed.iter().filter(|&&u| u != 0 && u != me).map(u32::to_string).collect();
+    if !more.is_empty() {
+        s.push_str(&format!(", and uid {}", more.join(", ")));
+    }
+    s
+}
+
+/// A bind error, with what to do about the usual ones.
+fn bind_hint(address: &Address, e: &std::io::Error) -> String {
+    use std::io::ErrorKind as K;
+    match (address, e.kind()) {
+        (_, K::AddrInUse) => {
+            format!("{e} (another broker listens there: stop it, or give another --address)")
+        }
+        (Address::Path(p), K::NotFound) => format!(
+            "{e} (the directory {} does not exist; an abstract address starts with `@`)",
+            p.parent().map_or_else(|| "?".into(), |d| d.display().to_string())
+        ),
+        (Address::Path(_), K::PermissionDenied) => {
+            format!("{e} (the broker may not create a file there; an abstract address starts with `@`)")
+        }
+        _ => e.to_string(),
+    }
+}
+
+/// A file mode in octal: 0666, 660, 0o600.
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o777 => Ok(m),
+        _ => Err(format!("{s:?} is not a file mode: octal, 0000 to 0777 (such as 0660)")),
     }
 }
 

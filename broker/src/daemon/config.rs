@@ -26,3 +26,132 @@ impl Config {
         Config { address, listen_fd: None, bus, policy_path: None }
     }
 }
+
+/// Who may use a path socket, beyond the uid policy: its file mode and
+/// group. (An abstract socket has no file; these do not apply.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketAccess {
+    /// Permission bits of the socket file. Connecting needs write
+    /// permission, so 0666 lets every local user reach the broker, whose
+    /// uid policy (or policy file) then decides who is admitted: the
+    /// default, as for the D-Bus system socket.
+    pub mode: u32,
+    /// Group of the socket file (with a mode such as 0660, who may reach
+    /// it); `None` leaves the broker's own.
+    pub group: Option<u32>,
+}
+
+impl Default for SocketAccess {
+    fn default() -> SocketAccess {
+        SocketAccess { mode: DEFAULT_SOCKET_MODE, group: None }
+    }
+}
+
+/// Default mode of a path socket (see [`SocketAccess::mode`]).
+pub const DEFAULT_SOCKET_MODE: u32 = 0o666;
+
+/// Binds and listens on `address` as the broker does. A path socket is
+/// created with no permissions for anyone but its owner, then given
+/// `access`'s group and mode, so it is never reachable by more users than
+/// asked for, not even for a moment.
+pub fn listen(address: &Address, access: SocketAccess) -> std::io::Result<OwnedFd> {
+    let Address::Path(path) = address else {
+        return shmbus_proto::sys::socket::listen(address, 1024);
+    };
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+    let fd = shmbus_proto::sys::socket::listen(address, 1024);
+    rustix::process::umask(old);
+    let fd = fd?;
+    let fail = |what: String, e: std::io::Error| {
+        let _ = std::fs::remove_file(path.as_path());
+        std::io::Error::new(e.kind(), format!("{what} of {}: {e}", path.display()))
+    };
+    if let Some(gid) = access.group {
+        let gid = rustix::process::Gid::from_raw(gid);
+        rustix::fs::chown(path.as_path(), None, Some(gid))
+            .map_err(|e| fail(format!("cannot set the group {}", gid.as_raw()), e.into()))?;
+    }
+    rustix::fs::chmod(path.as_path(), rustix::fs::Mode::from_raw_mode(access.mode))
+        .map_err(|e| fail(format!("cannot set the mode {:04o}", access.mode), e.into()))?;
+    Ok(fd)
+}
+
+/// A uid given as a number or a user name (looked up in /etc/passwd).
+pub fn parse_uid(s: &str) -> Result<u32, String> {
+    parse_id(s, "/etc/passwd", "user")
+}
+
+/// A gid given as a number or a group name (looked up in /etc/group).
+pub fn parse_gid(s: &str) -> Result<u32, String> {
+    parse_id(s, "/etc/group", "group")
+}
+
+fn parse_id(s: &str, db: &str, what: &str) -> Result<u32, String> {
+    if let Ok(n) = s.parse::<u32>() {
+        return Ok(n);
+    }
+    if s.is_empty() || s.starts_with(|c: char| c.is_ascii_digit() || c == '-' || c == '+') {
+        return Err(format!("{s:?} is neither a number nor a {what} name"));
+    }
+    let text = std::fs::read_to_string(db).map_err(|e| format!("cannot read {db} to look up {s:?}: {e}"))?;
+    lookup_id(&text, s).ok_or_else(|| format!("no {what} named {s:?} in {db}"))
+}
+
+/// The id of the entry named `name` in the text of /etc/passwd or
+/// /etc/group (`name:password:id:...` lines; comments and blank lines
+/// skipped). Names served by NSS alone (LDAP, systemd's dynamic users) are
+/// not found: give their number.
+pub fn lookup_id(db: &str, name: &str) -> Option<u32> {
+    db.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
+        let mut fields = line.split(':');
+        let entry = fields.next()?;
+        let id = fields.nth(1)?;
+        (entry == name).then(|| id.trim().parse().ok()).flatten()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PASSWD: &str = "\
+root:x:0:0:root:/root:/bin/bash
+# a comment:x:7:7
+daemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin
+
+nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin
+broken:x:notanumber:1::/:
+";
+    const GROUP: &str = "root:x:0:\nadm:x:4:syslog,alice\nnogroup:x:65534:\n";
+
+    #[test]
+    fn names_are_looked_up_in_passwd_and_group_text() {
+        assert_eq!(lookup_id(PASSWD, "nobody"), Some(65534));
+        assert_eq!(lookup_id(PASSWD, "root"), Some(0));
+        assert_eq!(lookup_id(PASSWD, "daemon"), Some(1));
+        assert_eq!(lookup_id(GROUP, "adm"), Some(4));
+        assert_eq!(lookup_id(GROUP, "nogroup"), Some(65534));
+    }
+
+    #[test]
+    fn unknown_commented_partial_and_broken_entries_are_not_found() {
+        assert_eq!(lookup_id(PASSWD, "alice"), None);
+        assert_eq!(lookup_id(PASSWD, "# a comment"), None);
+        assert_eq!(lookup_id(PASSWD, "broken"), None);
+        assert_eq!(lookup_id(PASSWD, ""), None);
+        assert_eq!(lookup_id(PASSWD, "nob"), None);
+        assert_eq!(lookup_id("lonely", "lonely"), None);
+    }
+
+    #[test]
+    fn numbers_pass_as_they_are_and_names_need_the_database() {
+        assert_eq!(parse_uid("1000"), Ok(1000));
+        assert_eq!(parse_gid("0"), Ok(0));
+        assert!(parse_uid("-1").unwrap_err().contains("neither a number nor a user name"));
+        // Every system has root in /etc/passwd and /etc/group.
+        assert_eq!(parse_uid("root"), Ok(0));
+        assert_eq!(parse_gid("root"), Ok(0));
+        let e = parse_uid("no-such-user-here").unwrap_err();
+        assert!(e.contains("no user named") && e.contains("/etc/passwd"), "{e}");
+    }
+}
