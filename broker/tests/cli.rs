@@ -691,6 +691,51 @@ fn ctl_no_broker_says_which_address_and_how_to_start_one() {
     assert!(!err.contains("os error"), "{err}");
 }
 
+/// `ping --wait`, `pub --wait-subscribers` and `call --wait-owner` wait
+/// for the other side a script has just started, and give up with a
+/// reason after their bound.
+#[test]
+fn ctl_waits_for_the_other_side_and_gives_up_with_a_reason() {
+    let address = unique_address("waits");
+    let out = ctl_at(&address, &["ping", "--wait", "0.3"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("no broker listens there"), "{}", stderr(&out));
+
+    // A broker that comes up while ping waits is found.
+    let mut cmd = Command::new(SHMBUSCTL);
+    cmd.args(["--address", &address, "ping", "--wait", "20"]);
+    let ping = spawn_guarded(cmd);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let b = Broker::launch_at(address.clone(), Launch::new());
+    let out = ping.wait_output();
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let out = ctl_at(&b.address, &["pub", "--wait-subscribers", "1", "--timeout", "0.3", "w.x", "hi"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("0 of 1 subscriptions matched w.x within"), "{}", stderr(&out));
+    let out = ctl_at(&b.address, &["call", "--wait-owner", "--timeout", "0.3", "w.svc"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("nobody owned w.svc within"), "{}", stderr(&out));
+
+    // With the other side there (started after the waiting began).
+    let mut cmd = Command::new(SHMBUSCTL);
+    cmd.args(["--address", &b.address, "pub", "--wait-subscribers", "1", "w.x", "hi"]);
+    let publisher = spawn_guarded(cmd);
+    let probe = b.client();
+    let sub = probe.subscribe("w.*").unwrap();
+    assert_eq!(next_message(&sub).payload(), b"hi");
+    assert!(publisher.wait_output().status.success());
+    let mut cmd = Command::new(SHMBUSCTL);
+    cmd.args(["--address", &b.address, "call", "--wait-owner", "w.svc", "ping"]);
+    let caller = spawn_guarded(cmd);
+    let service = probe.serve("w.svc").unwrap();
+    let request = service.recv_timeout(PATIENCE).unwrap().expect("the call waited for the owner");
+    request.reply("pong").unwrap();
+    let out = caller.wait_output();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "pong\n");
+}
+
 #[test]
 fn ctl_pub_without_data_on_a_terminal_is_refused() {
     // `script` (util-linux) runs the command on a pseudo-terminal.

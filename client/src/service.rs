@@ -854,7 +854,8 @@ impl Request {
 
     /// Replies with `payload`: inline up to the connection's memfd
     /// threshold, above it copied once into a sealed memfd.
-    pub fn reply(mut self, payload: &[u8]) -> Result<(), ReplyError> {
+    pub fn reply(mut self, payload: impl AsRef<[u8]>) -> Result<(), ReplyError> {
+        let payload = payload.as_ref();
         if self.q.no_reply {
             self.answered = true;
             return Ok(());

@@ -70,11 +70,19 @@ struct Args {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Round trip to the broker: its pid and uid, and the time it took.
-    #[command(after_help = "Examples:\n  shmbusctl ping\n  shmbusctl ping --count 5 --json")]
+    ///
+    /// --wait SECS keeps trying to reach the broker for up to SECS seconds
+    /// first (for scripts that have just started one).
+    #[command(
+        after_help = "Examples:\n  shmbusctl ping\n  shmbusctl ping --count 5 --json\n  shmbusd & shmbusctl ping --wait 10"
+    )]
     Ping {
         /// Round trips to make. Example: --count 5
         #[arg(long, short = 'c', default_value_t = 1)]
         count: u32,
+        /// Seconds to keep trying while no broker listens yet. Example: --wait 10
+        #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+        wait: Option<Duration>,
     },
     /// Broker counters, and its ring channels.
     ///
@@ -104,6 +112,10 @@ enum Cmd {
     /// A message must fit a slot (--slot-size). The channel closes when
     /// shmbusctl exits; readers that joined after a message was written do
     /// not see it, so --wait-readers N waits for N readers first.
+    ///
+    /// Nothing is kept for subscribers that come later (as in NATS):
+    /// --wait-subscribers N waits until N subscriptions match TOPIC before
+    /// publishing, for scripts that have just started a subscriber.
     #[command(after_help = PUB_EXAMPLES)]
     Pub {
         /// The topic: a subject without wildcards. Example: sensors.kitchen.temp
@@ -129,9 +141,12 @@ enum Cmd {
         /// before publishing (bounded by --timeout).
         #[arg(long, value_name = "N", default_value_t = 0, requires = "channel")]
         wait_readers: usize,
-        /// --channel: seconds to wait for --wait-readers.
-        #[arg(long, short = 't', value_name = "SECS", default_value = "30", value_parser = parse_secs,
-              requires = "channel")]
+        /// Wait until this many subscriptions match TOPIC before publishing
+        /// (bounded by --timeout). Example: --wait-subscribers 1
+        #[arg(long, value_name = "N", default_value_t = 0, conflicts_with = "channel")]
+        wait_subscribers: u64,
+        /// Seconds to wait for --wait-readers or --wait-subscribers.
+        #[arg(long, short = 't', value_name = "SECS", default_value = "30", value_parser = parse_secs)]
         timeout: Duration,
     },
     /// Print messages matching PATTERN(s): `TOPIC PAYLOAD` per line.
@@ -202,6 +217,10 @@ enum Cmd {
         /// Write the reply's bytes only, exactly as received.
         #[arg(long, conflicts_with = "json")]
         raw: bool,
+        /// Wait (up to --timeout) until someone owns NAME before calling,
+        /// for scripts that have just started the service.
+        #[arg(long)]
+        wait_owner: bool,
     },
     /// Own the name NAME and answer every request to it.
     ///
@@ -328,6 +347,7 @@ const PUB_EXAMPLES: &str = "Examples:
   shmbusctl pub files.report --file ./report.pdf
   echo hello | shmbusctl pub greetings
   shmbusctl pub bench.x payload --count 1000
+  shmbusctl pub --wait-subscribers 1 jobs.start now
   tail -f app.log | shmbusctl pub --channel logs.app
   shmbusctl pub --channel ticks --wait-readers 1 tick";
 
@@ -341,7 +361,8 @@ const SUB_EXAMPLES: &str = "Examples:
 const CALL_EXAMPLES: &str = "Examples:
   shmbusctl call svc.echo hello
   shmbusctl call svc.render --file request.json --timeout 30
-  echo '{\"x\":1}' | shmbusctl call svc.compute --file -";
+  echo '{\"x\":1}' | shmbusctl call svc.compute --file -
+  shmbusctl call --wait-owner thermo.read";
 
 const SERVE_EXAMPLES: &str = "Examples:
   shmbusctl serve svc.echo --echo
@@ -495,10 +516,13 @@ fn run(args: Args) -> Fallible<ExitCode> {
         }
         _ => {}
     }
-    let client = connect(&args)?;
+    let client = match &args.cmd {
+        Cmd::Ping { wait: Some(wait), .. } => connect_within(&args, *wait)?,
+        _ => connect(&args)?,
+    };
     match &args.cmd {
         Cmd::Completions { .. } | Cmd::Man { .. } => unreachable!("answered above"),
-        Cmd::Ping { count } => {
+        Cmd::Ping { count, .. } => {
             for _ in 0..*count {
                 let rtt = client.ping()?;
                 let b = client.broker_cred();
@@ -536,7 +560,9 @@ fn run(args: Args) -> Fallible<ExitCode> {
         }
         Cmd::Clients => print_clients(&mut std::io::stdout().lock(), &client, args.json)?,
         Cmd::Topics => print_topics(&mut std::io::stdout().lock(), &client, args.json)?,
-        Cmd::Pub { topic, data, file, count, channel: true, slot_size, slots, wait_readers, timeout } => {
+        Cmd::Pub {
+            topic, data, file, count, channel: true, slot_size, slots, wait_readers, timeout, ..
+        } => {
             let config = shmbus::ChannelConfig {
                 slot_size: *slot_size,
                 slot_count: *slots,
@@ -563,7 +589,8 @@ fn run(args: Args) -> Fallible<ExitCode> {
                 }
             }
         }
-        Cmd::Pub { topic, data, file, count, .. } => {
+        Cmd::Pub { topic, data, file, count, wait_subscribers, timeout, .. } => {
+            wait_for_subscribers(&client, topic, *wait_subscribers, *timeout)?;
             match (data, file) {
                 (Some(d), _) => {
                     for _ in 0..*count {
@@ -591,7 +618,10 @@ fn run(args: Args) -> Fallible<ExitCode> {
         Cmd::Sub { patterns, count, raw, hex, channel: false, .. } => {
             return subscribe(&client, patterns, *count, Shown::new(*raw, *hex, args.json))
         }
-        Cmd::Call { name, data, file, timeout, raw } => {
+        Cmd::Call { name, data, file, timeout, raw, wait_owner } => {
+            if *wait_owner {
+                wait_for_owner(&client, name, *timeout)?;
+            }
             let payload = match (data, file) {
                 (Some(d), _) => d.clone().into_bytes(),
                 (None, Some(f)) if f.as_os_str() == "-" => {
@@ -745,6 +775,61 @@ fn open_channel(
 }
 
 /// Waits (up to `timeout`) until `want` readers have opened the channel.
+/// Connects, trying again while no broker listens at the address yet, for
+/// up to `wait`.
+fn connect_within(args: &Args, wait: Duration) -> Fallible<Client> {
+    let start = Instant::now();
+    loop {
+        match connect(args) {
+            Err(_) if start.elapsed() < wait => std::thread::sleep(Duration::from_millis(20)),
+            other => return other,
+        }
+    }
+}
+
+/// Waits until someone owns the name `name`, for up to `timeout`.
+fn wait_for_owner(client: &Client, name: &str, timeout: Duration) -> Fallible<()> {
+    let start = Instant::now();
+    while client.name_owner(name)?.is_none() {
+        if start.elapsed() >= timeout {
+            return Err(format!("nobody owned {} within {} s", escape(name), secs(timeout)).into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// Waits until `want` subscriptions match `topic` (as the broker's topic
+/// list says), for up to `timeout`.
+fn wait_for_subscribers(client: &Client, topic: &str, want: u64, timeout: Duration) -> Fallible<()> {
+    let start = Instant::now();
+    let mut told = false;
+    loop {
+        let have: u64 = client
+            .topics()?
+            .iter()
+            .filter(|t| shmbus_proto::subject::pattern_matches(&t.pattern, topic))
+            .map(|t| u64::from(t.subscribers))
+            .sum();
+        if have >= want {
+            return Ok(());
+        }
+        if !told {
+            eprintln!("shmbusctl: waiting for {want} subscriber(s) on {} ({have} now)", escape(topic));
+            told = true;
+        }
+        if start.elapsed() >= timeout {
+            return Err(format!(
+                "{have} of {want} subscriptions matched {} within {} s",
+                escape(topic),
+                secs(timeout)
+            )
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn wait_for_readers(
     publisher: &mut shmbus::ChannelPublisher,
     topic: &str,

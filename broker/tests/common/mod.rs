@@ -115,7 +115,7 @@ impl Broker {
         *self = again;
     }
 
-    fn launch_at(address: String, launch: Launch) -> Broker {
+    pub fn launch_at(address: String, launch: Launch) -> Broker {
         let shmbusd = match launch.uid {
             Some(_) => world_readable_copy(SHMBUSD),
             None => std::path::PathBuf::from(SHMBUSD),

@@ -277,7 +277,8 @@ impl Drop for AsyncService {
 /// [`reply_code::UNANSWERED`](crate::reply_code::UNANSWERED).
 impl Request {
     /// [`Request::reply`] for async code.
-    pub async fn reply_async(mut self, payload: &[u8]) -> Result<(), ReplyError> {
+    pub async fn reply_async(mut self, payload: impl AsRef<[u8]>) -> Result<(), ReplyError> {
+        let payload = payload.as_ref();
         if self.q.no_reply {
             self.answered = true;
             return Ok(());
