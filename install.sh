@@ -152,9 +152,6 @@ for f in docs/*; do
         run install -m 644 "$f" "$doc/$(basename "$f")"
     fi
 done
-if [ "$bridge" = 1 ] && [ -f bridge/README.md ]; then
-    run install -m 644 bridge/README.md "$doc/bridge-README.md"
-fi
 
 echo "== man pages -> $man1"
 run install -d -m 755 "$man1"
