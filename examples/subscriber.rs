@@ -31,12 +31,23 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     println!("listening on sensors.*.temp");
     for event in &sub {
         match event? {
-            Event::Message(m) => {
-                let r: Reading = m.decode()?;
-                let s = m.sender();
-                println!("{}: {:.1} °C (from pid {} uid {}, #{})", r.room, r.celsius, s.pid, s.uid, m.seq());
-            }
-            Event::Reconnected => panic!("unexpected reconnection"),
+            Event::Message(m) => match m.decode::<Reading>() {
+                Ok(r) => {
+                    let s = m.sender();
+                    println!(
+                        "{}: {:.1} °C (from pid {} uid {}, #{})",
+                        r.room,
+                        r.celsius,
+                        s.pid,
+                        s.uid,
+                        m.seq()
+                    );
+                }
+                // Someone else's bytes on our subject (`shmbusctl pub
+                // sensors.kitchen.temp 21.5`, say): not a reason to stop.
+                Err(e) => println!("{}: not a reading ({e})", m.topic()),
+            },
+            Event::Reconnected => println!("the broker restarted; readings in between may be missed"),
             Event::Gap { missed } => println!("fell behind: {missed} readings missed"),
         }
     }

@@ -37,11 +37,11 @@
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
+use crate::error::check_subject;
 use shmbus_proto::frame::{ChannelClose, ChannelOpen, ChannelOverflow, ChannelRole, ErrorCode};
 use shmbus_proto::ring::protocol::{self, RingView};
 use shmbus_proto::ring::shm::{CursorMap, RingMap, RingMapError};
 use shmbus_proto::ring::{Geometry, ReadOutcome, ReaderState, WriterState};
-use shmbus_proto::subject::{validate_subject, SubjectError};
 use shmbus_proto::sync::Ordering;
 use shmbus_proto::sys::futex;
 
@@ -74,7 +74,7 @@ impl Default for ChannelConfig {
 pub enum ChannelError {
     /// The topic is not a valid subject. Nothing was sent.
     #[error("invalid channel subject: {0}")]
-    InvalidSubject(#[from] SubjectError),
+    InvalidSubject(#[from] crate::error::BadSubject),
     /// The broker would not open the channel: e.g. [`ErrorCode::ChannelBusy`]
     /// (it already has a publisher), [`ErrorCode::NoSuchChannel`] (no
     /// publisher to read from yet; retry once there is one), its policy,
@@ -199,7 +199,7 @@ enum Follow {
 }
 
 fn open(client: &Client, topic: &str, role: ChannelRole) -> Result<Grant, ChannelError> {
-    validate_subject(topic)?;
+    check_subject(topic)?;
     let inner = &client.inner;
     let req_id = {
         let mut st = inner.state.lock();

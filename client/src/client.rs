@@ -7,13 +7,13 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::error::{check_pattern, check_subject};
 use shmbus_proto::frame::{
     decode_broker, encode_head, Attach, BrokerFrame, ClientInfo, Hello, Limits, Monitor as MonitorFrame, Op,
     Overflow, PayloadRef, Ping, PolicyCheck, PolicyVerdict, Publish, Query, QueryItemBody, QueryKind, Stats,
     Subscribe, TopicInfo, PROTOCOL_VERSION,
 };
 use shmbus_proto::frame::{encode_head_into, validate_origin};
-use shmbus_proto::subject::{validate_pattern, validate_subject};
 use shmbus_proto::sys::socket::{self, OutPacket, PeerCred, RecvBatch, MAX_BATCH};
 use shmbus_proto::Address;
 
@@ -402,7 +402,7 @@ pub(crate) fn fill_publish_batch<'a>(
 ) -> Result<(), PublishError> {
     payloads.clear();
     for (topic, payload) in iter {
-        validate_subject(topic)?;
+        check_subject(topic)?;
         if payload.len() > max {
             return Err(PublishError::PayloadTooLarge { len: payload.len(), max });
         }
@@ -660,7 +660,7 @@ impl Client {
     }
 
     fn publish_from(&self, topic: &str, payload: &[u8], origin: Option<&str>) -> Result<(), PublishError> {
-        validate_subject(topic)?;
+        check_subject(topic)?;
         if payload.len() > self.memfd_threshold {
             let fd = memfd::from_bytes("shmbus-payload", payload).map_err(PublishError::Memfd)?;
             return self.send_memfd(topic, fd.as_fd(), payload.len() as u64, origin);
@@ -684,7 +684,7 @@ impl Client {
 
     /// Seals the loan and publishes it: subscribers map these very pages.
     pub fn publish_loan(&self, topic: &str, loan: Loan) -> Result<(), PublishError> {
-        validate_subject(topic)?;
+        check_subject(topic)?;
         let (fd, len) = loan.seal().map_err(PublishError::Memfd)?;
         self.send_memfd(topic, fd.as_fd(), len, None)
     }
@@ -695,7 +695,7 @@ impl Client {
     ///
     /// [`Message::into_fd`]: crate::Message::into_fd
     pub fn publish_fd(&self, topic: &str, fd: impl AsFd) -> Result<(), PublishError> {
-        validate_subject(topic)?;
+        check_subject(topic)?;
         let len = memfd::sealed_len(fd.as_fd())?;
         self.send_memfd(topic, fd.as_fd(), len, None)
     }
@@ -775,7 +775,7 @@ impl Client {
 
     /// Subscribes with an explicit overflow policy.
     pub fn subscribe_with(&self, pattern: &str, overflow: Overflow) -> Result<Subscription, SubscribeError> {
-        validate_pattern(pattern)?;
+        check_pattern(pattern)?;
         self.open_subscription(pattern.to_owned(), |sub_id| {
             encode_head(&Subscribe { sub_id, pattern, overflow })
         })
@@ -796,7 +796,7 @@ impl Client {
     /// for it. Dropping it stops it.
     pub fn monitor(&self, patterns: &[&str], full: bool) -> Result<Monitor, SubscribeError> {
         for p in patterns {
-            validate_pattern(p)?;
+            check_pattern(p)?;
         }
         let sub = self.open_subscription(patterns.join(" "), |sub_id| {
             encode_head(&MonitorFrame { sub_id, patterns: patterns.to_vec(), full })

@@ -6,8 +6,29 @@ use std::io;
 
 use shmbus_proto::address::AddressError;
 use shmbus_proto::frame::{ErrorCode, GoodbyeCode, OriginError};
-use shmbus_proto::subject::SubjectError;
+use shmbus_proto::subject::{validate_pattern, validate_subject, SubjectError};
 use shmbus_proto::sys::memfd::MemfdError;
+
+/// A subject, pattern or name that is not valid, and why: the text as
+/// given, so an error message repeats it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{subject:?}: {reason}")]
+pub struct BadSubject {
+    /// The subject, pattern or name as the caller gave it.
+    pub subject: String,
+    /// What is wrong with it.
+    pub reason: SubjectError,
+}
+
+/// [`validate_subject`], with the subject in the error.
+pub(crate) fn check_subject(subject: &str) -> Result<(), BadSubject> {
+    validate_subject(subject).map_err(|reason| BadSubject { subject: subject.to_owned(), reason })
+}
+
+/// [`validate_pattern`], with the pattern in the error.
+pub(crate) fn check_pattern(pattern: &str) -> Result<(), BadSubject> {
+    validate_pattern(pattern).map_err(|reason| BadSubject { subject: pattern.to_owned(), reason })
+}
 
 /// The class of an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -264,7 +285,7 @@ impl ConnectError {
 pub enum PublishError {
     /// The topic is not a valid subject. Nothing was sent.
     #[error("invalid subject: {0}")]
-    InvalidSubject(#[from] SubjectError),
+    InvalidSubject(#[from] BadSubject),
     /// The origin is not 1 to 256 bytes without control characters.
     /// Nothing was sent.
     #[error("invalid origin: {0}")]
@@ -326,7 +347,7 @@ impl PublishError {
 pub enum SubscribeError {
     /// The pattern is not a valid subject pattern. Nothing was sent.
     #[error("invalid pattern: {0}")]
-    InvalidPattern(#[from] SubjectError),
+    InvalidPattern(#[from] BadSubject),
     /// The broker refused the subscription (its policy, a quota; or every
     /// subscription id of this connection is in use). Retrying helps only
     /// for a passing shortage (`code` [`ErrorCode::BrokerResource`], or a
@@ -607,7 +628,7 @@ impl LoanError {
 pub enum NameError {
     /// The name is not a valid subject. Nothing was sent.
     #[error("invalid name: {0}")]
-    InvalidName(#[from] SubjectError),
+    InvalidName(#[from] BadSubject),
     /// The broker refused the operation: its policy, a reserved name, a
     /// quota. Retrying helps only for a passing shortage.
     #[error("the broker refused: {}", Refusal(*code, message))]
@@ -661,7 +682,7 @@ impl From<RecvError> for NameError {
 pub enum ServeError {
     /// The name is not a valid subject. Nothing was sent.
     #[error("invalid name: {0}")]
-    InvalidName(#[from] SubjectError),
+    InvalidName(#[from] BadSubject),
     /// The broker refused the name: its policy, a reserved name, a quota.
     /// Retrying helps only for a passing shortage.
     #[error("the broker refused: {}", Refusal(*code, message))]
@@ -749,7 +770,7 @@ name_phrase!(For => "for", Of => "of", From_ => "from", To => "to");
 pub enum CallError {
     /// The service name is not a valid subject. Nothing was sent.
     #[error("invalid name: {0}")]
-    InvalidName(#[from] SubjectError),
+    InvalidName(#[from] BadSubject),
     /// The origin is not 1 to 256 bytes without control characters.
     /// Nothing was sent.
     #[error("invalid origin: {0}")]
@@ -958,6 +979,18 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Unavailable);
         let e = SubscribeError::Refused { code: ErrorCode::Denied, message: String::new() };
         assert_eq!(e.to_string(), "the broker refused the subscription: denied by the broker's policy");
+    }
+
+    #[test]
+    fn subject_errors_repeat_the_subject() {
+        let e = PublishError::from(check_subject("a..b").unwrap_err());
+        assert_eq!(
+            e.to_string(),
+            "invalid subject: \"a..b\": subject has an empty token (leading, trailing or doubled '.')"
+        );
+        let e = SubscribeError::from(check_pattern("a.>.b").unwrap_err());
+        assert!(e.to_string().contains("\"a.>.b\""), "{e}");
+        assert_eq!(e.kind(), ErrorKind::InvalidInput);
     }
 
     #[test]

@@ -75,8 +75,8 @@ pub use client::{
     TRANSPORT_ENV,
 };
 pub use error::{
-    CallError, ConnectError, Disconnect, ErrorKind, FlushError, LoanError, MonitorError, NameError,
-    PublishError, PublishRefused, RecvError, ReplyError, RequestError, SendRefused, ServeError,
+    BadSubject, CallError, ConnectError, Disconnect, ErrorKind, FlushError, LoanError, MonitorError,
+    NameError, PublishError, PublishRefused, RecvError, ReplyError, RequestError, SendRefused, ServeError,
     SubscribeError,
 };
 pub use link::Transport;

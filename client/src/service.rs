@@ -59,12 +59,12 @@ use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 
+use crate::error::check_subject;
 use shmbus_proto::frame::{
     validate_origin, Answer, ErrorCode, GetNameOwner, NameFlags, NameInfo, NameRelease, NameRequest,
     NameResult, Outcome, PayloadRef, QueryItemBody, QueryKind, Reply as ReplyFrame, ReplyStatus,
     Request as RequestFrame, Sender, Serve,
 };
-use shmbus_proto::subject::validate_subject;
 use shmbus_proto::sys::memfd::{self, MemfdError};
 use shmbus_proto::sys::mmap::MappedRo;
 
@@ -1143,7 +1143,7 @@ impl Client {
     /// If the broker does not answer in time, the request is taken back
     /// (a release is sent) and `Timeout` returned.
     pub fn request_name(&self, name: &str, flags: NameFlags) -> Result<NameResult, NameError> {
-        validate_subject(name)?;
+        check_subject(name)?;
         let answer = self.name_op(|req_id| {
             // Named, so that a grant clears the name's revocation as it
             // arrives, in order with a revocation after it.
@@ -1171,7 +1171,7 @@ impl Client {
     /// [`NameResult::NotOwner`] or [`NameResult::NonExistent`]. A
     /// [`Service`] on the name stays, and gets no more requests.
     pub fn release_name(&self, name: &str) -> Result<NameResult, NameError> {
-        validate_subject(name)?;
+        check_subject(name)?;
         self.inner.state.lock().held_names.remove(name);
         let answer = self.name_op(|req_id| self.inner.send(&NameRelease { req_id, name }, &[]))?;
         match answer {
@@ -1189,7 +1189,7 @@ impl Client {
 
     /// Who owns `name`, and how many share it.
     pub fn name_status(&self, name: &str) -> Result<NameStatus, RequestError> {
-        validate_subject(name)
+        check_subject(name)
             .map_err(|e| RequestError::Refused { code: ErrorCode::InvalidSubject, message: e.to_string() })?;
         let answer = self.name_op(|req_id| self.inner.send(&GetNameOwner { req_id, name }, &[]))?;
         match answer {
@@ -1227,7 +1227,7 @@ impl Client {
     /// once the name is handed over), allowing replacement... One
     /// [`Service`] per name per connection.
     pub fn serve_with(&self, name: &str, flags: NameFlags) -> Result<Service, ServeError> {
-        validate_subject(name)?;
+        check_subject(name)?;
         {
             let mut st = self.inner.state.lock();
             if let Some(d) = &st.closed {
@@ -1314,7 +1314,7 @@ impl Client {
         timeout: Duration,
         origin: Option<&str>,
     ) -> Result<PendingCall, CallError> {
-        validate_subject(name)?;
+        check_subject(name)?;
         let call_id = {
             let mut st = self.inner.state.lock();
             if let Some(d) = &st.closed {
@@ -1348,7 +1348,7 @@ impl Client {
     /// from [`Client::flush`] as a [`SendRefused`] with that number.
     pub fn send(&self, name: &str, payload: impl AsRef<[u8]>) -> Result<u64, CallError> {
         let payload = payload.as_ref();
-        validate_subject(name)?;
+        check_subject(name)?;
         let (seq, call_id) = {
             let mut st = self.inner.state.lock();
             if let Some(d) = &st.closed {

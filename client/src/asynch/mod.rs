@@ -101,10 +101,10 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::error::{check_pattern, check_subject};
 use shmbus_proto::frame::{
     encode_head, validate_origin, ErrorCode, Limits, Overflow, PayloadRef, Ping, Publish, Subscribe,
 };
-use shmbus_proto::subject::{validate_pattern, validate_subject};
 use shmbus_proto::sys::memfd;
 use shmbus_proto::sys::socket::{OutPacket, MAX_BATCH};
 
@@ -229,7 +229,7 @@ impl AsyncClient {
         payload: &[u8],
         origin: Option<&str>,
     ) -> Result<(), PublishError> {
-        validate_subject(topic)?;
+        check_subject(topic)?;
         if payload.len() > self.client().memfd_threshold() {
             let fd = memfd::from_bytes("shmbus-payload", payload).map_err(PublishError::Memfd)?;
             return self.send_memfd(topic, fd.as_fd(), payload.len() as u64, origin).await;
@@ -251,14 +251,14 @@ impl AsyncClient {
 
     /// Seals the loan and publishes it: subscribers map these very pages.
     pub async fn publish_loan(&self, topic: &str, loan: Loan) -> Result<(), PublishError> {
-        validate_subject(topic)?;
+        check_subject(topic)?;
         let (fd, len) = loan.seal().map_err(PublishError::Memfd)?;
         self.send_memfd(topic, fd.as_fd(), len, None).await
     }
 
     /// Publishes a sealed memfd the caller holds, as [`Client::publish_fd`].
     pub async fn publish_fd(&self, topic: &str, fd: impl AsFd) -> Result<(), PublishError> {
-        validate_subject(topic)?;
+        check_subject(topic)?;
         let len = memfd::sealed_len(fd.as_fd())?;
         self.send_memfd(topic, fd.as_fd(), len, None).await
     }
@@ -373,7 +373,7 @@ impl AsyncClient {
         pattern: &str,
         overflow: Overflow,
     ) -> Result<AsyncSubscription, SubscribeError> {
-        validate_pattern(pattern)?;
+        check_pattern(pattern)?;
         let inner = self.shared.inner();
         let (sub_id, head) = {
             let mut st = inner.state.lock();

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use crate::error::check_subject;
 use shmbus_proto::frame::{validate_origin, NameFlags, NameResult, PayloadRef, ReplyStatus};
 use shmbus_proto::frame::{Reply as ReplyFrame, Request as RequestFrame};
-use shmbus_proto::subject::validate_subject;
 use shmbus_proto::sys::memfd;
 
 use super::driver::{self, Shared, Waiter};
@@ -71,7 +71,7 @@ impl AsyncClient {
         timeout: Duration,
         origin: Option<&str>,
     ) -> Result<Reply, CallError> {
-        validate_subject(name)?;
+        check_subject(name)?;
         let inner = self.shared.inner();
         let call_id = {
             let mut st = inner.state.lock();
@@ -106,7 +106,7 @@ impl AsyncClient {
     /// connection.
     pub async fn send(&self, name: &str, payload: impl AsRef<[u8]>) -> Result<u64, CallError> {
         let payload = payload.as_ref();
-        validate_subject(name)?;
+        check_subject(name)?;
         let (seq, call_id) = {
             let mut st = self.shared.inner().state.lock();
             if let Some(d) = &st.closed {
