@@ -368,6 +368,21 @@ pub(crate) fn link(report: &mut Report) {
             report.push(row);
         }
     }
+    // The busy round trip's physical floor on this machine: three
+    // processes handing a cache line on, with and without giving the CPU
+    // away between polls.
+    for kind in ["yield", "spin"] {
+        let r = crate::ring::floor3(kind);
+        let mut row =
+            Row::timed("link", &format!("rtt_busy_floor_{kind}"), 8, None, r, ("rtt_busy_socket", 0));
+        row.ratio_to_floor = 0.0;
+        row.note = format!(
+            "A → relay → B → relay → A through one shared cache line, three processes, {}; {} CPUs",
+            if kind == "yield" { "sched_yield between polls" } else { "pure spinning" },
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        report.push(row);
+    }
     let self_socket = rtt_self("socket");
     let self_shm = rtt_self("shm");
     for (transport, r) in [("socket", self_socket), ("shm", self_shm)] {

@@ -105,6 +105,7 @@ const SCENARIOS: &[Scenario] = &[
     Scenario { name: "diag-publish-cost", about: "diagnostic: publish() against a raw send", in_all: false, run: |_, _| diag_publish_cost() },
     Scenario { name: "diag-raw-peers", about: "diagnostic: the broker between hand-written raw peers", in_all: false, run: |_, _| diag_raw_peers() },
     Scenario { name: "diag-link-rtt", about: "diagnostic: link round trips (--idle, --transport)", in_all: false, run: |_, c| link::diag_rtt(c.idle, c.transport.as_str()) },
+    Scenario { name: "diag-busy-floor", about: "diagnostic: the busy round trip's floor, 3 processes on one cache line", in_all: false, run: |_, _| ring::diag_floor3() },
     Scenario { name: "diag-link-trickle", about: "diagnostic: broker CPU under a trickle of messages", in_all: false, run: |_, _| diag_link_trickle() },
     Scenario { name: "diag-link-tp", about: "diagnostic: link throughput (--size, --transport)", in_all: false, run: |_, c| link::diag_tp(c.size, c.transport.as_str()) },
 ];
@@ -220,6 +221,7 @@ fn helper(args: &[String]) {
         "__payload-sink" => payload::helper_payload_sink(&args[1], &args[2]),
         "__pipe-sink" => payload::helper_pipe_sink(args[1].parse().unwrap(), &args[2]),
         "__ring-floor" => ring::helper_floor(&args[1], &args[2], &args[3], &args[4]),
+        "__ring-floor3" => ring::helper_floor3(&args[1], &args[2], &args[3], &args[4], &args[5]),
         "__ring-echo" => ring::helper_echo(&args[1], args[2].parse().unwrap(), &args[3]),
         "__ring-sink" => ring::helper_sink(&args[1], args[2].parse().unwrap()),
         "__ring-pub" => ring::helper_pub(&args[1], args[2].parse().unwrap()),

@@ -77,6 +77,69 @@ pub(crate) fn helper_floor(kind: &str, ppid: &str, ring: &str, signal: &str) {
     }
 }
 
+/// The three-process floor's partners, on the signal page's `wake` word:
+/// the parent (A) writes 4k+1; the `relay` (the broker's place) answers
+/// 4k+1 with 4k+2 and 4k+3 with 4k+4; the `echo` (B) answers 4k+2 with
+/// 4k+3. `kind`: `spin` polls with a CPU pause only, `yield` gives the CPU
+/// away between polls (`sched_yield`), as a spinner must when three
+/// processes share two CPUs.
+pub(crate) fn helper_floor3(kind: &str, role: &str, ppid: &str, ring: &str, signal: &str) {
+    let (ring, signal) = (open_parent_fd(ppid, ring), open_parent_fd(ppid, signal));
+    let map = RingMap::map(ring.as_fd(), signal.as_fd(), FLOOR_GEOMETRY, true).unwrap();
+    // Every store here is Release and every load Acquire: each side's store
+    // pairs with the next side's load of the same word.
+    let word = &map.signal().wake;
+    let mine = |v: u32| if role == "relay" { v % 4 == 1 || v % 4 == 3 } else { v % 4 == 2 };
+    loop {
+        let v = word.load(Ordering::Acquire);
+        if v == u32::MAX {
+            return;
+        }
+        if mine(v) {
+            word.store(v + 1, Ordering::Release);
+        } else if kind == "yield" {
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+/// The physical floor of a busy brokered round trip A → broker → B →
+/// broker → A: three processes handing one cache line on, four hops, no
+/// system call but `sched_yield` (with `kind` = `yield`). On fewer than
+/// three CPUs one of them always waits for a CPU.
+pub(crate) fn floor3(kind: &str) -> (u64, u64) {
+    let (ring, signal, map) = create_ring(FLOOR_GEOMETRY, false).unwrap();
+    let me = std::process::id().to_string();
+    let (r, s) = (ring.as_raw_fd().to_string(), signal.as_raw_fd().to_string());
+    let _relay = Helper::spawn(&["__ring-floor3", kind, "relay", &me, &r, &s]);
+    let _echo = Helper::spawn(&["__ring-floor3", kind, "echo", &me, &r, &s]);
+    // Release stores pair with the relay's Acquire loads, and back.
+    let word = &map.signal().wake;
+    let mut next = 1u32;
+    let result = crate::timed(200, 5_000, || {
+        word.store(next, Ordering::Release);
+        while word.load(Ordering::Acquire) != next + 3 {
+            if kind == "yield" {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        next += 4;
+    });
+    word.store(u32::MAX, Ordering::Release);
+    result
+}
+
+pub(crate) fn diag_floor3() {
+    for kind in ["yield", "spin"] {
+        let (p50, p99) = floor3(kind);
+        println!("3-process floor, {kind}: p50 {:.2} µs, p99 {:.2} µs", p50 as f64 / 1e3, p99 as f64 / 1e3);
+    }
+}
+
 fn floor(kind: &str) -> (u64, u64) {
     let (ring, signal, map) = create_ring(FLOOR_GEOMETRY, false).unwrap();
     let me = std::process::id().to_string();
