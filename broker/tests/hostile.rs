@@ -90,12 +90,7 @@ use shmbus_proto::frame::{
 use shmbus_proto::limits::MAX_SUBJECT_DEPTH;
 use shmbus_proto::sys::{memfd, socket};
 
-const NOBODY: u32 = 65534;
 const MIB: u64 = 1024 * 1024;
-
-fn is_root() -> bool {
-    rustix::process::getuid().is_root()
-}
 
 /// Tests that act as another uid need root; elsewhere they say so and pass.
 fn needs_root() -> bool {

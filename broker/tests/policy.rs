@@ -20,10 +20,6 @@ use shmbus::{ChannelConfig, Client, ErrorKind, Event};
 const ADDR: &str = "SHMBUS_AGENT_ADDR";
 const SAY: &str = "AGENT:";
 
-fn is_root() -> bool {
-    rustix::process::getuid().is_root()
-}
-
 /// What an operation's result looks like on the agent's stdout.
 fn answer<T>(r: Result<T, impl std::fmt::Display>, kind: impl Fn() -> ErrorKind) -> String {
     match r {

@@ -14,33 +14,6 @@ use shmbus_proto::frame::{
 use shmbus_proto::limits::{MAX_FDS_PER_PACKET, MAX_PACKET};
 use shmbus_proto::sys::socket;
 
-const NOBODY: u32 = 65534;
-
-fn is_root() -> bool {
-    rustix::process::getuid().is_root()
-}
-
-/// Whether a test that acts as another uid can run: it needs root. As
-/// another user it says loudly that it was skipped (straight to stderr, past
-/// the test harness's capture, so the line shows even when the test reports
-/// "ok"); under CI (the `CI` variable set) it fails instead, so a CI run can
-/// never pass these tests by skipping them.
-fn needs_root(test: &str) -> bool {
-    if is_root() {
-        return true;
-    }
-    let why = format!(
-        "{test} needs root to run a process as another uid; this test process runs as uid {}",
-        rustix::process::getuid().as_raw()
-    );
-    if std::env::var_os("CI").is_some() {
-        panic!("{why}. CI is set: run the suite as root, these tests may not be skipped there");
-    }
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "SKIPPED {why}");
-    false
-}
-
 /// `binary` run as `uid` with primary group `gid` (supplementary groups
 /// are dropped when a root parent changes uid).
 fn command_as_ids(binary: &str, uid: u32, gid: u32) -> std::process::Command {

@@ -9,23 +9,6 @@ use std::time::Instant;
 
 use common::*;
 
-const NOBODY: u32 = 65534;
-
-fn is_root() -> bool {
-    rustix::process::getuid().is_root()
-}
-
-/// Tests that act as another uid need root; CI runs as root and may not
-/// skip them.
-fn needs_root(test: &str) -> bool {
-    if is_root() {
-        return true;
-    }
-    assert!(std::env::var_os("CI").is_none(), "{test} needs root, and CI may not skip it");
-    eprintln!("SKIPPED {test}: needs root");
-    false
-}
-
 #[test]
 fn the_start_line_names_address_pid_and_policy_without_colour_on_a_pipe() {
     let b = Broker::launch("startline", Launch::new().capture_log());
