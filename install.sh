@@ -122,7 +122,9 @@ if [ "$build" = 1 ]; then
 fi
 
 binaries=(shmbusd shmbusctl)
-if [ "$bridge" = 1 ] && [ -x "$bindir/shmbus-bridge" ]; then
+# The bridge when it was built, or (--dry-run, before any build) when the
+# build above would have built it.
+if [ "$bridge" = 1 ] && { [ -x "$bindir/shmbus-bridge" ] || { [ "$dry" = 1 ] && [ "$build" = 1 ]; }; }; then
     binaries+=(shmbus-bridge)
 fi
 if [ "$dry" = 0 ]; then

@@ -39,11 +39,21 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     // `sub` is also a `futures_core::Stream` of the same events.
     loop {
         match sub.recv().await? {
-            Event::Message(m) => {
-                let r: Reading = m.decode()?;
-                let s = m.sender();
-                println!("{}: {:.1} °C (from pid {} uid {}, #{})", r.room, r.celsius, s.pid, s.uid, m.seq());
-            }
+            Event::Message(m) => match m.decode::<Reading>() {
+                Ok(r) => {
+                    let s = m.sender();
+                    println!(
+                        "{}: {:.1} °C (from pid {} uid {}, #{})",
+                        r.room,
+                        r.celsius,
+                        s.pid,
+                        s.uid,
+                        m.seq()
+                    );
+                }
+                // Someone else's bytes on our subject: not a reason to stop.
+                Err(e) => println!("{}: not a reading ({e})", m.topic()),
+            },
             Event::Gap { missed } => println!("fell behind: {missed} readings missed"),
             Event::Reconnected => println!("the broker restarted: readings in between are missed"),
         }

@@ -1,7 +1,7 @@
 //! Sends a file of any size as one message, by sealed memfd: the file is
 //! read straight into a loan (shared memory), sealed, and every subscriber
 //! maps those same pages. Receive it with
-//! `shmbusctl sub files.> --raw --count 1 > copy`.
+//! `shmbusctl sub 'files.>' --raw --count 1 > copy`.
 //!
 //! ```text
 //! cargo run -p shmbus-examples --bin send_file -- files.report ./report.pdf

@@ -64,7 +64,14 @@ enum StatusError {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let level = if cli.verbose { tracing::Level::DEBUG } else { tracing::Level::INFO };
-    tracing_subscriber::fmt().with_max_level(level).with_writer(std::io::stderr).with_target(false).init();
+    // Colours only on a terminal: a log file or the journal gets plain text.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(colour)
+        .init();
     match cli.command {
         Some(Command::Status { name, address, json }) => match status(cli.config, name, address, json) {
             Ok(()) => ExitCode::SUCCESS,

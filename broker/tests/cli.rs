@@ -97,7 +97,7 @@ fn ctl_sub_many_patterns_json_and_binary_text() {
     wait_subscribers(&probe, "a.*", 1);
     wait_subscribers(&probe, "b.>", 1);
     probe.publish("a.1", b"text").unwrap();
-    probe.publish("b.2.3", [0xff, 0x00]).unwrap();
+    probe.publish_with_origin("b.2.3", [0xff, 0x00], "nats:hostA uid=7").unwrap();
     let out = sub.wait_output();
     assert!(out.status.success(), "{}", stderr(&out));
     let rows: Vec<serde_json::Value> =
@@ -106,6 +106,8 @@ fn ctl_sub_many_patterns_json_and_binary_text() {
     assert_eq!(rows[0]["payload"], "text");
     assert_eq!(rows[0]["sender"]["client_id"], probe.id());
     assert_eq!(rows[1]["payload_hex"], "ff00");
+    assert_eq!(rows[0]["origin"], serde_json::Value::Null);
+    assert_eq!(rows[1]["origin"], "nats:hostA uid=7");
 
     // Plain text mode escapes what a terminal should not get raw.
     let mut cmd = Command::new(SHMBUSCTL);
@@ -163,8 +165,14 @@ fn path_addresses_env_default_and_sigint() {
         .unwrap();
     let status = wait_timeout(first.0.as_mut().unwrap(), PATIENCE).expect("exit after SIGINT");
     assert!(status.success(), "{status:?}");
-    // The stale socket file left behind is replaced on the next start.
-    assert!(path.exists());
+    // A clean exit removes the socket file it made; a stale one (a broker
+    // killed) is replaced on the next start.
+    assert!(!path.exists());
+    let mut killed = spawn();
+    wait_up();
+    killed.0.as_mut().unwrap().kill().unwrap();
+    let _ = killed.0.as_mut().unwrap().wait();
+    assert!(path.exists(), "SIGKILL leaves the socket file behind");
     let _second = spawn();
     wait_up();
     let _ = std::fs::remove_dir_all(&dir);

@@ -175,3 +175,32 @@ fn socket_mode_is_refused_for_an_abstract_address() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("for a path socket"), "{}", stderr(&out));
 }
+
+/// Stops a broker with SIGTERM and waits (bounded) for its clean exit.
+fn terminate(mut guard: ChildGuard) {
+    let child = guard.0.as_mut().unwrap();
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let status = wait_timeout(child, PATIENCE).expect("shmbusd stops on SIGTERM");
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn a_clean_exit_removes_the_socket_file_it_made_and_no_other() {
+    let dir = socket_dir("unlink");
+    let path = dir.join("bus.sock");
+    terminate(broker_on_path(&path, &[]));
+    assert!(!path.exists(), "the socket file outlived its broker");
+
+    // A second broker on the same path puts its own socket there; the
+    // first one's exit leaves that one alone.
+    let first = broker_on_path(&path, &[]);
+    let second = broker_on_path(&path, &[]);
+    terminate(first);
+    assert!(path.exists(), "the first broker removed the second one's socket");
+    let out = ctl_at(&path, None, &["ping"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    terminate(second);
+    assert!(!path.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}

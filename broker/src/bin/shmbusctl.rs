@@ -161,8 +161,9 @@ enum Cmd {
     /// `\xNN` escapes, so each message is one line and nothing drives the
     /// terminal. --hex prints every payload in hex; --raw writes the bytes
     /// exactly as received (no topic, no newline); --json prints one object
-    /// per message (topic, seq, size, sender, and payload if it is UTF-8,
-    /// else payload_hex).
+    /// per message (topic, seq, size, sender, origin (null unless the
+    /// publisher gave one, as shmbus-bridge does), and payload if it is
+    /// UTF-8, else payload_hex).
     ///
     /// --channel reads the ring channel TOPIC (one plain subject) instead;
     /// if it has no publisher yet, it waits for one (up to --timeout).
@@ -201,6 +202,8 @@ enum Cmd {
     /// Exit status: 0 the reply came; 3 the service answered an
     /// application error; 4 no responder, or the service went away without
     /// answering; 5 timed out; 1 anything else (refused, invalid, no bus).
+    /// A call to a name imported by shmbus-bridge that fails on the far
+    /// side exits the same way (4, 5, or 3).
     #[command(after_help = CALL_EXAMPLES)]
     Call {
         /// The name called (a subject without wildcards). Example: svc.echo
@@ -481,11 +484,14 @@ fn connect_advice(e: &shmbus::ConnectError, args: &Args) -> Option<String> {
             "cannot reach the bus at {address}{whence}: no broker listens there (connection refused). Start \
              one with `{start}`"
         ),
-        K::NotFound if !address.starts_with('@') => format!(
+        K::NotFound if !address.starts_with('@') && !address.contains('/') => format!(
             "cannot reach the bus at {address}{whence}: no socket file there, so no broker was started on \
              that path. Start one with `{start}`; an abstract address (no file) starts with `@`, as in \
-             --address @{}",
-            address.trim_start_matches("./")
+             --address @{address}"
+        ),
+        K::NotFound if !address.starts_with('@') => format!(
+            "cannot reach the bus at {address}{whence}: no socket file there, so no broker was started on \
+             that path. Start one with `{start}`"
         ),
         K::PermissionDenied => format!(
             "cannot reach the bus at {address}{whence}: permission denied, the socket file's mode or group \
@@ -509,6 +515,11 @@ fn run(args: Args) -> Fallible<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         // (With --channel, lines typed are messages: that is fine.)
+        // A bad topic is said as such, bus or no bus.
+        Cmd::Pub { topic, .. } if shmbus_proto::subject::validate_subject(topic).is_err() => {
+            let e = shmbus_proto::subject::validate_subject(topic).unwrap_err();
+            return Err(format!("invalid subject {:?}: {e}", escape(topic)).into());
+        }
         Cmd::Pub { data: None, file: None, channel: false, .. } if std::io::stdin().is_terminal() => {
             return Err(
                 "no DATA given and stdin is a terminal: give DATA, --file, or pipe the payload in".into()
@@ -1095,7 +1106,7 @@ fn write_message(out: &mut impl Write, m: &Message, shown: Shown) -> std::io::Re
             json!({
                 "topic": m.topic(), "seq": m.seq(), "size": m.payload().len(),
                 "sender": {"client_id": s.client_id, "uid": s.uid, "gid": s.gid, "pid": s.pid},
-                "payload": text, "payload_hex": hex,
+                "origin": m.origin(), "payload": text, "payload_hex": hex,
             })
         );
     }
@@ -1282,6 +1293,23 @@ fn call_failure(name: &str, e: &CallError, timeout: Duration, waited: Duration) 
         ),
         CallError::Timeout { .. } => {
             (EXIT_TIMEOUT, format!("timed out after {} s waiting for {name}", secs(timeout)))
+        }
+        // The codes shmbus-bridge answers with for what went wrong on the
+        // far side (`shmbus_bridge::code`, README "Calls across hosts"):
+        // the same exit statuses as here.
+        CallError::App { code: c @ 0xFFFE_0000..=0xFFFE_FFFF, message, .. } => {
+            let (status, what) = match *c {
+                0xFFFE_0001 => (EXIT_NO_RESPONDER, "no responder"),
+                0xFFFE_0002 => (EXIT_TIMEOUT, "timed out"),
+                0xFFFE_0003 => (EXIT_NO_RESPONDER, "responder gone"),
+                0xFFFE_0004 => (EXIT_APP_ERROR, "too large for NATS"),
+                0xFFFE_0005 => (EXIT_APP_ERROR, "bridge unavailable"),
+                0xFFFE_0006 => (EXIT_APP_ERROR, "denied"),
+                0xFFFE_0007 => (EXIT_APP_ERROR, "limit reached"),
+                0xFFFE_0008 => (EXIT_APP_ERROR, "invalid"),
+                _ => (EXIT_APP_ERROR, "failed"),
+            };
+            (status, format!("{name} across the NATS bridge: {what} (code {c:#x}): {message}"))
         }
         CallError::App { code, message, .. } => {
             let library = match *code {

@@ -187,9 +187,17 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let activated = cfg.listen_fd.is_some();
+    // The socket file this broker made, if it made one: removed again at a
+    // clean exit, unless another broker has since put its own there.
+    let mut made: Option<(std::path::PathBuf, u64, u64)> = None;
     if !activated {
         match daemon::config::listen(&address, access) {
-            Ok(fd) => cfg.listen_fd = Some(fd),
+            Ok(fd) => {
+                cfg.listen_fd = Some(fd);
+                if let Address::Path(path) = &address {
+                    made = file_id(path).map(|(dev, ino)| (path.clone(), dev, ino));
+                }
+            }
             Err(e) => {
                 eprintln!("shmbusd: cannot serve {address}: {}", bind_hint(&address, &e));
                 return ExitCode::FAILURE;
@@ -261,13 +269,24 @@ fn main() -> ExitCode {
         env!("CARGO_PKG_VERSION"),
         std::process::id()
     );
-    match daemon::run(cfg) {
+    let result = daemon::run(cfg);
+    if let Some((path, dev, ino)) = made {
+        if file_id(&path) == Some((dev, ino)) {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("shmbusd: cannot serve {address}: {e}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// A file's device and inode, which tell it from a file put in its place.
+fn file_id(path: &std::path::Path) -> Option<(u64, u64)> {
+    rustix::fs::stat(path).ok().map(|st| (st.st_dev, st.st_ino))
 }
 
 /// A broker holds one fd per client: raise the soft fd limit to the hard
