@@ -331,7 +331,13 @@ impl Bus {
             None => self.cfg.policy.admit(&cred),
             Some(_) => access
                 .check(Action::Connect, "")
-                .map_err(|e| format!("access denied: uid {} may not connect to this bus ({e})", cred.uid)),
+                .map_err(|e| {
+                    format!(
+                        "access denied: uid {} may not connect to this bus ({e}); the broker's policy file needs \
+                         a rule that allows `connect` for it",
+                        cred.uid
+                    )
+                }),
         };
         let admitted = admission.map_err(|r| (GoodbyeCode::Denied, r)).and_then(|()| {
             self.accounts

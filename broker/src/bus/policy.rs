@@ -38,9 +38,10 @@ impl Policy {
         }
         let allowed: Vec<String> = self.allowed.iter().map(u32::to_string).collect();
         Err(format!(
-            "access denied: uid {} may not connect to this bus (allowed uids: {})",
-            cred.uid,
-            allowed.join(", ")
+            "access denied: uid {uid} may not connect to this bus (allowed uids: {}); start the broker with \
+             --allow-uid {uid} (or --allow-all-uids), or give it a policy file (--policy) that allows `connect`",
+            allowed.join(", "),
+            uid = cred.uid,
         ))
     }
 }
@@ -60,6 +61,7 @@ mod tests {
         assert!(p.admit(&cred(1000)).is_ok());
         let why = p.admit(&cred(65534)).unwrap_err();
         assert!(why.contains("denied") && why.contains("65534"), "{why}");
+        assert!(why.contains("--allow-uid 65534"), "a refusal says what would allow it: {why}");
     }
 
     #[test]
