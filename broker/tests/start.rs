@@ -192,9 +192,15 @@ fn a_clean_exit_removes_the_socket_file_it_made_and_no_other() {
     terminate(broker_on_path(&path, &[]));
     assert!(!path.exists(), "the socket file outlived its broker");
 
-    // A second broker on the same path puts its own socket there; the
-    // first one's exit leaves that one alone.
+    // A live broker's path is not taken over (a second one is refused);
+    // but if its file is removed and another broker binds the path anew,
+    // the first one's exit leaves the new file alone.
     let first = broker_on_path(&path, &[]);
+    let mut refused = Command::new(SHMBUSD);
+    refused.arg("--address").arg(&path);
+    let out = run_bounded(refused);
+    assert!(!out.status.success(), "a second broker took a live broker's path");
+    std::fs::remove_file(&path).unwrap();
     let second = broker_on_path(&path, &[]);
     terminate(first);
     assert!(path.exists(), "the first broker removed the second one's socket");
