@@ -216,6 +216,11 @@ pub(crate) struct Inner {
     /// Tasks of an async driver waiting for the state to change: woken
     /// (and forgotten) wherever blocked waiters are notified.
     wakers: Mutex<Vec<std::task::Waker>>,
+    /// A task found the socket readable and the reader taken: whoever
+    /// reads must wake everyone as it lets go, even a quiet read that
+    /// found nothing (see [`Inner::read_nonblocking_or_defer`]).
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    reader_wanted: AtomicBool,
 }
 
 /// The `send` lock. Letting go of it sends an `FdAck` that came due while
@@ -291,6 +296,7 @@ impl Inner {
             #[cfg(test)]
             fake_fd_table_full: AtomicBool::new(false),
             wakers: Mutex::new(Vec::new()),
+            reader_wanted: AtomicBool::new(false),
         }
     }
 
@@ -1106,6 +1112,10 @@ impl Inner {
     /// What [`Inner::wait_for`] does after a read: a loss settled, every
     /// waiter woken, due acks sent.
     fn after_nonblocking_read(&self) {
+        // Everyone is woken below: a task that deferred to this read is
+        // among them.
+        // Relaxed: the wake-up below goes to every registered task.
+        self.reader_wanted.store(false, Ordering::Relaxed);
         let mut st = self.state.lock();
         self.settle_loss(&mut st);
         self.notify_all();
@@ -1122,13 +1132,44 @@ impl Inner {
         let mut reader = self.reader.try_lock()?;
         let got = self.read_once(&mut reader, Some(Duration::ZERO));
         drop(reader);
+        Some(self.after_quiet_read(got))
+    }
+
+    /// The end of [`Inner::read_nonblocking_quietly`], `reader` let go.
+    pub(crate) fn after_quiet_read(&self, got: io::Result<bool>) -> io::Result<bool> {
         if matches!(got, Ok(false)) {
-            // Every fd taken is acknowledged already (`read_link` does it
-            // before it says it sleeps).
-            return Some(got);
+            // SeqCst: pairs with the fence in `read_nonblocking_or_defer`
+            // (we let go of `reader`, then look at the flag; it raises the
+            // flag, then tries `reader`): either it gets `reader`, or we
+            // see that it waits for us.
+            fence(Ordering::SeqCst);
+            // Relaxed: ordered by the fence.
+            if !self.reader_wanted.load(Ordering::Relaxed) {
+                // Every fd taken is acknowledged already (`read_link` does
+                // it before it says it sleeps).
+                return got;
+            }
         }
         self.after_nonblocking_read();
-        Some(got)
+        got
+    }
+
+    /// [`Inner::read_nonblocking`] for a task that found the socket
+    /// readable. If another task or thread is reading, the caller waits for
+    /// it to wake everyone as it lets go; a quiet read that finds nothing
+    /// wakes no one, so the caller first asks it to (it took the
+    /// reactor's readiness, and nothing else would wake it: the reactor
+    /// wakes only a task that found the socket not ready). `None`: the
+    /// reader is busy and will wake the caller.
+    pub(crate) fn read_nonblocking_or_defer(&self) -> Option<io::Result<bool>> {
+        if let Some(got) = self.read_nonblocking() {
+            return Some(got);
+        }
+        // Relaxed: ordered by the fence.
+        self.reader_wanted.store(true, Ordering::Relaxed);
+        // SeqCst: pairs with the fence in `read_nonblocking_quietly`.
+        fence(Ordering::SeqCst);
+        self.read_nonblocking()
     }
 
     /// Before a task waits for another reader: every fd taken is made due

@@ -215,9 +215,12 @@ impl Waiter {
                 Poll::Ready(Ok(guard)) => guard,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(self.fail(RecvError::Io(e)))),
             };
-            match inner.read_nonblocking() {
+            match inner.read_nonblocking_or_defer() {
                 None => {
-                    // Another task or thread reads: it wakes us when done.
+                    // Another task or thread reads: it wakes us when done
+                    // (asked to, should it be a quiet read that finds
+                    // nothing: we hold the readiness, and the reactor wakes
+                    // no one for it).
                     inner.ack_before_waiting();
                     return Poll::Pending;
                 }

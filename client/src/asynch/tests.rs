@@ -256,6 +256,63 @@ async fn a_task_waiting_on_a_linked_connection_is_woken_by_the_doorbell() {
     assert_eq!(client_sent(&broker.fd), Vec::<String>::new());
 }
 
+/// A waker that notes it was woken.
+struct Noted(std::sync::atomic::AtomicBool);
+
+impl std::task::Wake for Noted {
+    fn wake(self: Arc<Self>) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Noted {
+    fn woken(&self) -> bool {
+        self.0.swap(false, std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// The hang of a flooded bridge: a task that takes the socket's readiness
+/// (the reactor woke it) while another task's quiet look at the ring is
+/// under way waits for that reader to wake it; the quiet read, having
+/// looked before the frame came, finds nothing, and must wake it all the
+/// same, or no one reads again (the reactor wakes only a task that found
+/// the socket not ready, and the broker rings once per sleep).
+#[tokio::test]
+// The reader lock stands for another task's read in progress while the
+// reactor turns (one thread: nothing else takes it).
+#[allow(clippy::await_holding_lock)]
+async fn a_task_deferring_to_a_quiet_read_that_finds_nothing_is_woken() {
+    use crate::link::tests::deliver;
+    let (c, mut broker) = linked(8);
+    let sub = live_subscription(&c, "a");
+    let inner = c.shared.inner().clone();
+    let noted = Arc::new(Noted(std::sync::atomic::AtomicBool::new(false)));
+    let waker = std::task::Waker::from(noted.clone());
+    let mut cx = std::task::Context::from_waker(&waker);
+    // The task waits: the ring is empty, its flag up, the reactor has it.
+    let mut fut = Box::pin(sub.recv());
+    assert!(fut.as_mut().poll(&mut cx).is_pending());
+    // Another task's quiet read is under way (it found the ring empty)
+    // when the broker writes and rings.
+    let quiet = inner.reader.lock();
+    broker.write(&deliver(sub.id(), 1), b"");
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !noted.woken() {
+        assert!(std::time::Instant::now() < deadline, "the reactor never saw the doorbell");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // The task takes the readiness and finds the reader busy.
+    assert!(fut.as_mut().poll(&mut cx).is_pending());
+    // The quiet read ends with nothing.
+    drop(quiet);
+    assert!(!inner.after_quiet_read(Ok(false)).unwrap());
+    assert!(noted.woken(), "the task that deferred to the reader was not woken");
+    match fut.as_mut().poll(&mut cx) {
+        Poll::Ready(Ok(ev)) => assert_eq!(ev.message().map(|m| m.seq()), Some(1)),
+        other => panic!("{other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn a_publish_waits_for_room_in_the_ring_without_blocking() {
     let (c, mut broker) = linked(8);
