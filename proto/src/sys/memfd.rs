@@ -71,9 +71,27 @@ pub fn from_bytes(name: &str, bytes: &[u8]) -> io::Result<OwnedFd> {
 
 /// Adds [`REQUIRED_SEALS`]. Fails with `EBUSY` while a writable shared
 /// mapping of the memfd exists.
+///
+/// The kernel also answers `EBUSY` when a page just written still has a
+/// passing extra reference: it waits a little for such pins, but (most
+/// likely) a page sitting in another CPU's LRU batch, the writer having
+/// migrated between the write and the seal, can outlast that on a loaded
+/// machine, with no mapping anywhere. Seen once in a few dozen runs under
+/// load, for a 512 KiB payload written with `pwrite` and never mapped. So
+/// `EBUSY` is tried again, a few times over about 100 ms, before it is
+/// returned: a real writable mapping still fails, only later.
 pub fn seal(fd: BorrowedFd<'_>) -> io::Result<()> {
-    rustix::fs::fcntl_add_seals(fd, REQUIRED_SEALS)?;
-    Ok(())
+    let mut pause = std::time::Duration::from_millis(1);
+    for _ in 0..6 {
+        match rustix::fs::fcntl_add_seals(fd, REQUIRED_SEALS) {
+            Err(rustix::io::Errno::BUSY) => {
+                std::thread::sleep(pause);
+                pause *= 2;
+            }
+            other => return Ok(other?),
+        }
+    }
+    Ok(rustix::fs::fcntl_add_seals(fd, REQUIRED_SEALS)?)
 }
 
 /// A new, read-only file description of the same memfd: whoever holds it
