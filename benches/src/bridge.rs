@@ -224,10 +224,13 @@ pub(crate) fn bridge(report: &mut Report) {
         rig.a.publish("bench.probe", b"p").unwrap();
         matches!(probe.recv_timeout(Duration::from_millis(100)), Ok(Some(Event::Message(_)))).then_some(())
     });
+    let sum = |v: &serde_json::Value| {
+        v.as_object().map_or(0, |d| d.values().filter_map(|v| v.as_u64()).sum::<u64>())
+    };
     let before = status(&rig.a, "benchA").expect("bridge A's status");
-    let dropped_before = before["local_to_nats"]["dropped"]
-        .as_object()
-        .map_or(0, |d| d.values().filter_map(|v| v.as_u64()).sum::<u64>());
+    let dropped_before = sum(&before["local_to_nats"]["dropped"]);
+    let before_b = status(&rig.b, "benchB").expect("bridge B's status");
+    let dropped_before_b = sum(&before_b["nats_to_local"]["dropped"]);
     let payload = [0xa5u8; 16];
     let start = Instant::now();
     for _ in 0..TP_MESSAGES {
@@ -249,10 +252,9 @@ pub(crate) fn bridge(report: &mut Report) {
         }
     }
     let after = status(&rig.a, "benchA").expect("bridge A's status");
-    let drops = after["local_to_nats"]["dropped"]
-        .as_object()
-        .map_or(0, |d| d.values().filter_map(|v| v.as_u64()).sum::<u64>())
-        - dropped_before;
+    let drops = sum(&after["local_to_nats"]["dropped"]) - dropped_before;
+    let after_b = status(&rig.b, "benchB").expect("bridge B's status");
+    let drops_b = sum(&after_b["nats_to_local"]["dropped"]) - dropped_before_b;
     let rate = got as f64 / last.duration_since(start).as_secs_f64();
     report.push(Row {
         scenario: "bridge",
@@ -278,8 +280,11 @@ pub(crate) fn bridge(report: &mut Report) {
         // As in `throughput`: floor/path, so bigger is slower.
         ratio_to_floor: raw_rate.0 / rate,
         note: format!(
-            "{got} of {TP_MESSAGES} arrived; bridge A dropped {drops} (by reason: {}); B's subscriber gaps {gaps}",
-            after["local_to_nats"]["dropped"]
+            "{got} of {TP_MESSAGES} arrived; bridge A dropped {drops} (by reason: {}); bridge B dropped \
+             {drops_b} (by reason: {}); B's subscriber gaps {gaps}; not accounted for: {}",
+            after["local_to_nats"]["dropped"],
+            after_b["nats_to_local"]["dropped"],
+            TP_MESSAGES.saturating_sub(got + drops + drops_b + gaps)
         ),
     });
     responder.abort();
