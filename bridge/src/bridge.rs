@@ -62,7 +62,9 @@ use tokio::sync::{mpsc, Semaphore};
 use tracing::{debug, error, info, warn};
 
 use crate::config::{Auth, Config};
-use crate::mapping::{self, code, Prefix, RemoteError, H_BRIDGE, H_ERROR, H_HOST, H_SENDER, H_TIMEOUT};
+use crate::mapping::{
+    self, code, Prefix, RemoteError, SeqIn, SeqOut, H_BRIDGE, H_ERROR, H_HOST, H_SENDER, H_SEQ, H_TIMEOUT,
+};
 use crate::stats::{self, Counters, Dir, DropReason, Outbound, SideInfo};
 
 /// The local name that answers the status of the bridge `name`.
@@ -285,7 +287,7 @@ async fn connect_nats(
                     warn!("nats: disconnected; reconnecting");
                 }
                 async_nats::Event::SlowConsumer(sid) => {
-                    counters.dropped(Dir::NatsToLocal, DropReason::Gap, 1);
+                    counters.nats_slow_consumer.fetch_add(1, Ordering::Relaxed);
                     warn!("nats: the bridge was too slow for subscription {sid}; NATS dropped messages");
                 }
                 async_nats::Event::LameDuckMode => warn!("nats: the server is in lame duck mode"),
@@ -550,16 +552,23 @@ async fn export(
 
 async fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Outgoing>) {
     let c = &shared.counters;
+    // This one task numbers everything it hands to NATS, per subject, so
+    // the importing bridge can count what NATS lost on the way.
+    let mut seq = SeqOut::default();
     while let Some(out) = rx.recv().await {
         shared.queued.fetch_sub(out.payload.len(), Ordering::AcqRel);
         if !shared.nats_up() {
             c.dropped(Dir::LocalToNats, DropReason::NatsDown, 1);
             continue;
         }
-        let h = shared.headers(Some(&out.sender));
+        let mut h = shared.headers(Some(&out.sender));
+        let subject = out.subject.to_string();
+        h.insert(H_SEQ, value(&seq.take(&subject).to_string()));
         match shared.nats.publish_with_headers(out.subject, h, out.payload).await {
             Ok(()) => c.forwarded(Dir::LocalToNats),
             Err(e) => {
+                // Counted here: the far side must not count it again.
+                seq.give_back(&subject);
                 let why = match e.kind() {
                     async_nats::client::PublishErrorKind::MaxPayloadExceeded => DropReason::TooLarge,
                     _ => DropReason::PublishError,
@@ -587,6 +596,9 @@ async fn import(
     tx: mpsc::Sender<Incoming>,
 ) {
     let c = &shared.counters;
+    // A subject is this task's alone (first_match), so its sequence table
+    // is too.
+    let mut seq = SeqIn::default();
     while let Some(m) = sub.next().await {
         if !mapping::first_match(&shared.cfg.import, index, shared.prefix.strip(m.subject.as_str())) {
             continue; // an earlier, overlapping pattern's task takes it
@@ -596,6 +608,13 @@ async fn import(
         if mapping::is_own(bridge, &shared.cfg.name) {
             c.looped(Dir::NatsToLocal);
             continue;
+        }
+        // Before anything else may drop it: what NATS lost before this one.
+        if let (Some(b), Some(n)) = (bridge, header(h, H_SEQ).and_then(|v| v.parse::<u64>().ok())) {
+            let lost = seq.missed(b, m.subject.as_str(), n);
+            if lost > 0 {
+                c.dropped(Dir::NatsToLocal, DropReason::NatsLost, lost);
+            }
         }
         let local = match shared.prefix.to_local(m.subject.as_str()) {
             Ok(s) => s,

@@ -17,7 +17,13 @@
 //! - on requests, `Shmbus-Timeout-Ms: N`: what is left of the caller's
 //!   timeout, so the far side does not wait longer than the caller;
 //! - on error replies, `Shmbus-Error: <kind>[ <code>][ <message>]` (see
-//!   [`RemoteError`]).
+//!   [`RemoteError`]);
+//! - on messages, `Shmbus-Seq: N`: the exporting bridge's count of what it
+//!   handed to NATS on that subject (1, 2, ...; [`SeqOut`]). NATS core is at
+//!   most once: it drops a slow consumer's messages, and says so only
+//!   through a notice that is itself lossy. The importing bridge checks the
+//!   sequence per (bridge, subject) ([`SeqIn`]) and counts every number it
+//!   did not see as lost (`nats-lost`), when the next one comes.
 //!
 //! Origin (what a local receiver reads with `origin()`): `nats:<bridge>@<host>
 //! uid=U pid=P client=C` for a message that another shmbus host's bridge
@@ -34,6 +40,63 @@ pub const H_HOST: &str = "Shmbus-Host";
 pub const H_SENDER: &str = "Shmbus-Sender";
 pub const H_TIMEOUT: &str = "Shmbus-Timeout-Ms";
 pub const H_ERROR: &str = "Shmbus-Error";
+pub const H_SEQ: &str = "Shmbus-Seq";
+
+/// How many subjects (or (bridge, subject) pairs) a sequence table holds;
+/// past that it starts again empty, so a peer's subjects cannot grow it.
+/// A subject it forgot starts again at 1 on the sending side, and is
+/// taken as new on the receiving side: no loss is counted across a reset.
+pub const SEQ_SUBJECTS: usize = 4096;
+
+/// The exporting side's per-subject sequence numbers.
+#[derive(Debug, Default)]
+pub struct SeqOut {
+    next: std::collections::HashMap<String, u64>,
+}
+
+impl SeqOut {
+    /// The number for the next message on `subject`.
+    pub fn take(&mut self, subject: &str) -> u64 {
+        if self.next.len() >= SEQ_SUBJECTS && !self.next.contains_key(subject) {
+            self.next.clear();
+        }
+        let n = self.next.entry(subject.to_owned()).or_insert(0);
+        *n += 1;
+        *n
+    }
+
+    /// Gives back the number just taken for `subject` (its publish failed,
+    /// and was counted as such: the far side must not count it again).
+    pub fn give_back(&mut self, subject: &str) {
+        if let Some(n) = self.next.get_mut(subject) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+/// The importing side's last sequence number seen per (bridge, subject).
+#[derive(Debug, Default)]
+pub struct SeqIn {
+    last: std::collections::HashMap<(String, String), u64>,
+}
+
+impl SeqIn {
+    /// Notes `seq` from `bridge` on `subject`; returns how many numbers
+    /// were skipped since the last one (lost on the way). A number at or
+    /// below the last one means the sender started again (a restart, or a
+    /// reset of its table): nothing is counted.
+    pub fn missed(&mut self, bridge: &str, subject: &str, seq: u64) -> u64 {
+        let key = (bridge.to_owned(), subject.to_owned());
+        if self.last.len() >= SEQ_SUBJECTS && !self.last.contains_key(&key) {
+            self.last.clear();
+        }
+        let last = self.last.insert(key, seq);
+        match last {
+            Some(l) if seq > l => seq - l - 1,
+            _ => 0,
+        }
+    }
+}
 
 /// Longest origin text the bridge sets.
 pub const MAX_ORIGIN: usize = 200;
@@ -281,6 +344,27 @@ pub fn call_timeout(header: Option<&str>, own: std::time::Duration) -> std::time
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sequences_count_what_was_skipped_and_forget_nothing_unbounded() {
+        let mut out = SeqOut::default();
+        assert_eq!((out.take("a"), out.take("a"), out.take("b")), (1, 2, 1));
+        out.give_back("a");
+        assert_eq!(out.take("a"), 2, "a failed publish's number is used again");
+        let mut seen = SeqIn::default();
+        assert_eq!(seen.missed("A", "a", 1), 0);
+        assert_eq!(seen.missed("A", "a", 2), 0);
+        assert_eq!(seen.missed("A", "a", 6), 3, "3, 4 and 5 were lost");
+        assert_eq!(seen.missed("B", "a", 4), 0, "another bridge's numbers are its own");
+        assert_eq!(seen.missed("A", "a", 1), 0, "a restarted sender");
+        assert_eq!(seen.missed("A", "a", 2), 0);
+        // Bounded: past SEQ_SUBJECTS, the tables start again.
+        for i in 0..SEQ_SUBJECTS + 10 {
+            out.take(&i.to_string());
+            seen.missed("A", &i.to_string(), 1);
+        }
+        assert!(out.next.len() <= SEQ_SUBJECTS && seen.last.len() <= SEQ_SUBJECTS);
+    }
+
     use super::*;
     use std::time::Duration;
 

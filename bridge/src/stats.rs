@@ -49,11 +49,15 @@ pub enum DropReason {
     /// The NATS subject has no local counterpart (see `mapping`).
     InvalidSubject,
     /// The broker dropped messages for the bridge's subscription (its
-    /// `Gap` notice), or NATS reported the bridge a slow consumer.
+    /// `Gap` notice).
     Gap,
+    /// Lost on the way through NATS (NATS core is at most once: a slow
+    /// consumer's messages are dropped): the importing bridge found a gap
+    /// in the exporting bridge's sequence for the subject (`mapping::SeqIn`).
+    NatsLost,
 }
 
-pub const REASONS: [DropReason; 7] = [
+pub const REASONS: [DropReason; 8] = [
     DropReason::NatsDown,
     DropReason::ShmbusDown,
     DropReason::TooLarge,
@@ -61,6 +65,7 @@ pub const REASONS: [DropReason; 7] = [
     DropReason::QueueFull,
     DropReason::InvalidSubject,
     DropReason::Gap,
+    DropReason::NatsLost,
 ];
 
 impl DropReason {
@@ -73,6 +78,7 @@ impl DropReason {
             DropReason::QueueFull => "queue-full",
             DropReason::InvalidSubject => "invalid-subject",
             DropReason::Gap => "gap",
+            DropReason::NatsLost => "nats-lost",
         }
     }
 
@@ -85,7 +91,7 @@ impl DropReason {
 struct DirCounters {
     forwarded: AtomicU64,
     loops: AtomicU64,
-    dropped: [AtomicU64; 7],
+    dropped: [AtomicU64; 8],
     calls_ok: AtomicU64,
     /// Failed calls, by `RemoteError::kind` label.
     calls_failed: parking_map::Map,
@@ -122,6 +128,11 @@ pub struct Counters {
     n2l: DirCounters,
     pub shmbus_reconnects: AtomicU64,
     pub nats_reconnects: AtomicU64,
+    /// async-nats's slow-consumer events: NATS dropped messages for one of
+    /// the bridge's subscriptions. Told, not counted as drops: the events
+    /// are themselves dropped when async-nats's event queue is full, and
+    /// what the exporting bridge sent is counted exactly as `nats-lost`.
+    pub nats_slow_consumer: AtomicU64,
     pub nats_connected: std::sync::atomic::AtomicBool,
 }
 
@@ -189,6 +200,7 @@ impl Counters {
                 servers: side.nats_servers,
                 max_payload: side.max_payload,
                 reconnects: self.nats_reconnects.load(Ordering::Relaxed),
+                slow_consumer_notices: self.nats_slow_consumer.load(Ordering::Relaxed),
             },
             local_to_nats: self.dir_status(Dir::LocalToNats),
             nats_to_local: self.dir_status(Dir::NatsToLocal),
@@ -240,6 +252,8 @@ pub struct NatsStatus {
     pub servers: Vec<String>,
     pub max_payload: usize,
     pub reconnects: u64,
+    /// NATS's slow-consumer notices (see `Counters::nats_slow_consumer`).
+    pub slow_consumer_notices: u64,
 }
 
 /// The status name's answer (JSON).
@@ -267,11 +281,12 @@ impl Status {
         );
         let _ = writeln!(
             o,
-            "  nats    {}  {}, max_payload {} B, {} reconnection(s)",
+            "  nats    {}  {}, max_payload {} B, {} reconnection(s), {} slow-consumer notice(s)",
             self.nats.servers.join(","),
             self.nats.state,
             self.nats.max_payload,
-            self.nats.reconnects
+            self.nats.reconnects,
+            self.nats.slow_consumer_notices
         );
         for (label, d) in [("local -> nats", &self.local_to_nats), ("nats -> local", &self.nats_to_local)] {
             let _ = writeln!(

@@ -269,6 +269,58 @@ fn plain_nats_publishers_and_hostile_subjects() {
     assert_eq!(v["bridge"], "hostB");
 }
 
+/// NATS core is at most once: what it drops on the way (a slow
+/// consumer's messages) the importing bridge counts, exactly, from the
+/// gaps in the exporting bridge's per-subject sequence.
+#[test]
+fn messages_lost_inside_nats_are_counted_from_the_senders_sequence() {
+    let h = two_hosts("seq", None);
+    let ca = h.broker_a.client();
+    let cb = h.broker_b.client();
+    let sb = cb.subscribe("t.>").unwrap();
+    await_path(&ca, &sb, "t.probe");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let url = h.nats.url();
+    // Bridge A numbers what it sends, per subject.
+    let seqs: Vec<String> = rt.block_on(async {
+        use futures_util::StreamExt;
+        let nc = async_nats::connect(url.clone()).await.unwrap();
+        let mut raw = nc.subscribe("t.s").await.unwrap();
+        nc.flush().await.unwrap();
+        for i in 0..3 {
+            ca.publish("t.s", format!("{i}")).unwrap();
+        }
+        let mut v = Vec::new();
+        while v.len() < 3 {
+            let m = tokio::time::timeout(PATIENCE, raw.next()).await.expect("A's message on NATS").unwrap();
+            v.push(
+                m.headers.as_ref().and_then(|h| h.get("Shmbus-Seq")).map_or("none".into(), |s| s.to_string()),
+            );
+        }
+        v
+    });
+    assert_eq!(seqs, ["1", "2", "3"]);
+    for _ in 0..3 {
+        next_message(&sb, "A's numbered messages at B");
+    }
+    // A sender whose numbers skip 3, 4 and 5 (as if NATS dropped them).
+    rt.block_on(async {
+        let nc = async_nats::connect(url).await.unwrap();
+        for n in [1, 2, 6] {
+            let mut hdr = async_nats::HeaderMap::new();
+            hdr.insert("Shmbus-Bridge", "hostX");
+            hdr.insert("Shmbus-Seq", n.to_string().as_str());
+            nc.publish_with_headers("t.gappy", hdr, "g".into()).await.unwrap();
+        }
+        nc.flush().await.unwrap();
+    });
+    for _ in 0..3 {
+        assert_eq!(next_message(&sb, "hostX's messages").topic(), "t.gappy");
+    }
+    let s = h.b.wait_status("the loss inside NATS counted", |s| s.nats_to_local.dropped["nats-lost"] == 3);
+    assert_eq!(s.nats_to_local.dropped["nats-lost"], 3, "{s:?}");
+}
+
 #[test]
 fn nats_restart_mid_stream_is_recovered_and_the_loss_counted() {
     let mut h = two_hosts("natsrestart", None);
