@@ -9,12 +9,16 @@
 //!   a slow or absent NATS never stalls the bridge's reader, and the broker
 //!   never has to gap or cut off the bridge for it.
 //! - **writer** (one): takes the queue and publishes on NATS with the
-//!   bridge's headers; what it cannot publish is counted.
+//!   bridge's headers, numbering each message per subject (`Shmbus-Seq`,
+//!   [`SeqOut`]); what it cannot publish is counted, and its number given
+//!   back.
 //! - **import** (one per `import` pattern): reads the NATS subscription and
 //!   never waits on the broker: each message goes with `try_send` into a
 //!   second bounded queue (a full one is a counted `queue-full` drop), so
-//!   NATS never buffers for the bridge (its slow-consumer drops are counted
-//!   only as far as async-nats reports them). Its own messages never come
+//!   NATS never buffers much for the bridge. What NATS drops on the way (a
+//!   slow consumer's messages) shows as a gap in the sender's `Shmbus-Seq`,
+//!   counted as `nats-lost` ([`SeqIn`]) before anything else may drop the
+//!   message that shows it. Its own messages never come
 //!   back (NATS `no_echo`), and one carrying its own `Shmbus-Bridge` name is
 //!   dropped as a loop all the same.
 //! - **local writer** (one): takes that queue and publishes locally with the
