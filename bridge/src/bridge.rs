@@ -566,9 +566,10 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Outgoing>) {
             continue;
         }
         let mut h = shared.headers(Some(&out.sender));
-        let subject = out.subject.to_string();
-        h.insert(H_SEQ, value(&seq.take(&subject).to_string()));
-        match shared.nats.publish_with_headers(out.subject, h, out.payload).await {
+        h.insert(H_SEQ, value(&seq.take(&out.subject).to_string()));
+        // Bytes underneath: the copy kept for `give_back` is a reference count.
+        let subject = async_nats::Subject::from(out.subject);
+        match shared.nats.publish_with_headers(subject.clone(), h, out.payload).await {
             Ok(()) => c.forwarded(Dir::LocalToNats),
             Err(e) => {
                 // Counted here: the far side must not count it again.

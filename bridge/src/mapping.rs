@@ -57,12 +57,16 @@ pub struct SeqOut {
 impl SeqOut {
     /// The number for the next message on `subject`.
     pub fn take(&mut self, subject: &str) -> u64 {
-        if self.next.len() >= SEQ_SUBJECTS && !self.next.contains_key(subject) {
+        // The common case, a subject seen before, allocates nothing.
+        if let Some(n) = self.next.get_mut(subject) {
+            *n += 1;
+            return *n;
+        }
+        if self.next.len() >= SEQ_SUBJECTS {
             self.next.clear();
         }
-        let n = self.next.entry(subject.to_owned()).or_insert(0);
-        *n += 1;
-        *n
+        self.next.insert(subject.to_owned(), 1);
+        1
     }
 
     /// Gives back the number just taken for `subject` (its publish failed,
@@ -77,7 +81,11 @@ impl SeqOut {
 /// The importing side's last sequence number seen per (bridge, subject).
 #[derive(Debug, Default)]
 pub struct SeqIn {
-    last: std::collections::HashMap<(String, String), u64>,
+    /// Bridge name → subject → last number (nested, so that a pair seen
+    /// before is looked up without allocating).
+    last: std::collections::HashMap<String, std::collections::HashMap<String, u64>>,
+    /// Pairs held in all.
+    pairs: usize,
 }
 
 impl SeqIn {
@@ -86,15 +94,18 @@ impl SeqIn {
     /// below the last one means the sender started again (a restart, or a
     /// reset of its table): nothing is counted.
     pub fn missed(&mut self, bridge: &str, subject: &str, seq: u64) -> u64 {
-        let key = (bridge.to_owned(), subject.to_owned());
-        if self.last.len() >= SEQ_SUBJECTS && !self.last.contains_key(&key) {
+        if let Some(l) = self.last.get_mut(bridge).and_then(|m| m.get_mut(subject)) {
+            let missed = if seq > *l { seq - *l - 1 } else { 0 };
+            *l = seq;
+            return missed;
+        }
+        if self.pairs >= SEQ_SUBJECTS {
             self.last.clear();
+            self.pairs = 0;
         }
-        let last = self.last.insert(key, seq);
-        match last {
-            Some(l) if seq > l => seq - l - 1,
-            _ => 0,
-        }
+        self.last.entry(bridge.to_owned()).or_default().insert(subject.to_owned(), seq);
+        self.pairs += 1;
+        0
     }
 }
 
@@ -362,7 +373,8 @@ mod tests {
             out.take(&i.to_string());
             seen.missed("A", &i.to_string(), 1);
         }
-        assert!(out.next.len() <= SEQ_SUBJECTS && seen.last.len() <= SEQ_SUBJECTS);
+        assert!(out.next.len() <= SEQ_SUBJECTS && seen.pairs <= SEQ_SUBJECTS);
+        assert_eq!(seen.last.values().map(|m| m.len()).sum::<usize>(), seen.pairs);
     }
 
     use super::*;
