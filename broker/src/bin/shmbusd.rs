@@ -284,9 +284,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// A file's device and inode, which tell it from a file put in its place.
+/// A file's device and inode, which tell it from a file put in its place
+/// (the path itself: a symlink put there is not followed).
 fn file_id(path: &std::path::Path) -> Option<(u64, u64)> {
-    rustix::fs::stat(path).ok().map(|st| (st.st_dev, st.st_ino))
+    rustix::fs::lstat(path).ok().map(|st| (st.st_dev, st.st_ino))
 }
 
 /// A broker holds one fd per client: raise the soft fd limit to the hard
