@@ -383,22 +383,12 @@ pub async fn run(cfg: Config, host: String, shutdown: impl Future<Output = ()>) 
     drop(tx);
     let (tx, rx) = mpsc::channel::<Incoming>(shared.cfg.queue);
     tasks.spawn(local_writer(shared.clone(), rx));
-    for (i, p) in shared.cfg.import.clone().into_iter().enumerate() {
-        let subject = shared.prefix.to_nats(&p);
-        let sub = shared
-            .nats
-            .subscribe(subject.clone())
-            .await
-            .map_err(|e| StartError::NatsSubscribe { subject, message: e.to_string() })?;
+    for (i, p) in shared.cfg.import.iter().enumerate() {
+        let sub = nats_subscribe(&shared, p).await?;
         tasks.spawn(import(shared.clone(), sub, i, tx.clone()));
     }
-    for (i, p) in shared.cfg.services_export.clone().into_iter().enumerate() {
-        let subject = shared.prefix.to_nats(&p);
-        let sub = shared
-            .nats
-            .subscribe(subject.clone())
-            .await
-            .map_err(|e| StartError::NatsSubscribe { subject, message: e.to_string() })?;
+    for (i, p) in shared.cfg.services_export.iter().enumerate() {
+        let sub = nats_subscribe(&shared, p).await?;
         tasks.spawn(service_export(shared.clone(), sub, i));
     }
     for name in shared.cfg.services_import.clone() {
@@ -583,6 +573,16 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Outgoing>) {
             }
         }
     }
+}
+
+/// Subscribes on NATS to the local pattern `pattern`, prefixed.
+async fn nats_subscribe(shared: &Shared, pattern: &str) -> Result<async_nats::Subscriber, StartError> {
+    let subject = shared.prefix.to_nats(pattern);
+    shared
+        .nats
+        .subscribe(subject.clone())
+        .await
+        .map_err(|e| StartError::NatsSubscribe { subject, message: e.to_string() })
 }
 
 /// Takes `len` bytes of room under [`QUEUE_BYTES`] in `queued`, if there is.
