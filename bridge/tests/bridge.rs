@@ -300,9 +300,20 @@ fn messages_lost_inside_nats_are_counted_from_the_senders_sequence() {
         v
     });
     assert_eq!(seqs, ["1", "2", "3"]);
+    // (Late copies of await_path's probes may still come: skipped.)
+    let next_not_probe = |what: &str| loop {
+        let m = next_message(&sb, what);
+        if m.topic() != "t.probe" {
+            return m;
+        }
+    };
     for _ in 0..3 {
-        next_message(&sb, "A's numbered messages at B");
+        assert_eq!(next_not_probe("A's numbered messages at B").topic(), "t.s");
     }
+    // Nothing lost so far (said now, with the status, rather than as a
+    // timeout below).
+    let s = h.b.status();
+    assert_eq!(s.nats_to_local.dropped["nats-lost"], 0, "{s:?}\n{}", h.b.log());
     // A sender whose numbers skip 3, 4 and 5 (as if NATS dropped them).
     rt.block_on(async {
         let nc = async_nats::connect(url).await.unwrap();
@@ -315,9 +326,9 @@ fn messages_lost_inside_nats_are_counted_from_the_senders_sequence() {
         nc.flush().await.unwrap();
     });
     for _ in 0..3 {
-        assert_eq!(next_message(&sb, "hostX's messages").topic(), "t.gappy");
+        assert_eq!(next_not_probe("hostX's messages").topic(), "t.gappy");
     }
-    let s = h.b.wait_status("the loss inside NATS counted", |s| s.nats_to_local.dropped["nats-lost"] == 3);
+    let s = h.b.wait_status("the loss inside NATS counted", |s| s.nats_to_local.dropped["nats-lost"] >= 3);
     assert_eq!(s.nats_to_local.dropped["nats-lost"], 3, "{s:?}");
 }
 
