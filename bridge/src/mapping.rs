@@ -48,6 +48,15 @@ pub const H_SEQ: &str = "Shmbus-Seq";
 /// taken as new on the receiving side: no loss is counted across a reset.
 pub const SEQ_SUBJECTS: usize = 4096;
 
+/// The longest bridge name and subject a sequence table keeps (longer ones
+/// are not tracked), so that its 4,096 entries are bounded in bytes too.
+pub const SEQ_KEY_MAX: usize = 1024;
+
+/// The largest gap taken as a loss; a bigger jump in a sender's numbers is
+/// taken as a sender that started again (a forged number cannot add more
+/// than this per message).
+pub const SEQ_MAX_GAP: u64 = 1 << 20;
+
 /// The exporting side's per-subject sequence numbers.
 #[derive(Debug, Default)]
 pub struct SeqOut {
@@ -94,8 +103,14 @@ impl SeqIn {
     /// below the last one means the sender started again (a restart, or a
     /// reset of its table): nothing is counted.
     pub fn missed(&mut self, bridge: &str, subject: &str, seq: u64) -> u64 {
+        if bridge.len() > SEQ_KEY_MAX || subject.len() > SEQ_KEY_MAX {
+            return 0;
+        }
         if let Some(l) = self.last.get_mut(bridge).and_then(|m| m.get_mut(subject)) {
-            let missed = if seq > *l { seq - *l - 1 } else { 0 };
+            let missed = match seq.checked_sub(*l) {
+                Some(d) if d >= 1 && d - 1 <= SEQ_MAX_GAP => d - 1,
+                _ => 0,
+            };
             *l = seq;
             return missed;
         }
@@ -368,6 +383,15 @@ mod tests {
         assert_eq!(seen.missed("B", "a", 4), 0, "another bridge's numbers are its own");
         assert_eq!(seen.missed("A", "a", 1), 0, "a restarted sender");
         assert_eq!(seen.missed("A", "a", 2), 0);
+        // Forged numbers: an absurd jump is a restart, not 2^64 losses.
+        assert_eq!(seen.missed("A", "a", u64::MAX), 0);
+        assert_eq!(seen.missed("A", "a", 1), 0);
+        assert_eq!(seen.missed("A", "a", 2 + SEQ_MAX_GAP), SEQ_MAX_GAP);
+        // Keys too long to keep are not tracked.
+        let long = "x".repeat(SEQ_KEY_MAX + 1);
+        assert_eq!(seen.missed(&long, "a", 1), 0);
+        assert_eq!(seen.missed(&long, "a", 9), 0);
+        assert!(!seen.last.contains_key(&long));
         // Bounded: past SEQ_SUBJECTS, the tables start again.
         for i in 0..SEQ_SUBJECTS + 10 {
             out.take(&i.to_string());

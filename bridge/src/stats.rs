@@ -152,8 +152,12 @@ impl Counters {
         self.dir(d).loops.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Saturates rather than wraps: a count a peer can push (`nats-lost`,
+    /// from forged sequence numbers) must not make the totals go down.
     pub fn dropped(&self, d: Dir, why: DropReason, n: u64) {
-        self.dir(d).dropped[why.index()].fetch_add(n, Ordering::Relaxed);
+        // Relaxed: a statistic; pairs with nothing.
+        let _ = self.dir(d).dropped[why.index()]
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_add(n)));
     }
 
     pub fn call_ok(&self, d: Dir) {
@@ -166,7 +170,7 @@ impl Counters {
 
     /// Messages dropped in direction `d`, all reasons.
     pub fn total_dropped(&self, d: Dir) -> u64 {
-        self.dir(d).dropped.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+        self.dir(d).dropped.iter().fold(0u64, |t, c| t.saturating_add(c.load(Ordering::Relaxed)))
     }
 
     fn dir_status(&self, d: Dir) -> DirStatus {
@@ -232,7 +236,7 @@ pub struct DirStatus {
 
 impl DirStatus {
     pub fn total_dropped(&self) -> u64 {
-        self.dropped.values().sum()
+        self.dropped.values().fold(0u64, |t, n| t.saturating_add(*n))
     }
 }
 
