@@ -305,3 +305,111 @@ fn the_clis_waits_end_at_their_timeout() {
     assert!(!o.status.success());
     assert!(t.elapsed() < Duration::from_secs(10));
 }
+
+async fn bounded<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(PATIENCE, f).await.unwrap_or_else(|_| panic!("{what}: nothing within {PATIENCE:?}"))
+}
+
+fn own_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// Many tasks of one AsyncClient on a link (16 subscriptions, 16 callers)
+/// under a flood of memfd payloads to the same connection and two CPU
+/// hogs: every wait finishes within PATIENCE, and both the broker's and
+/// this process's fd counts return to their baselines.
+#[test]
+fn an_async_client_under_a_memfd_flood_and_cpu_load_never_hangs_nor_leaks_fds() {
+    let b = Broker::start("att-async-stress");
+    let hogs: Vec<ChildGuard> = (0..2)
+        .map(|_| {
+            let mut c = std::process::Command::new("yes");
+            c.stdout(std::process::Stdio::null());
+            spawn_guarded(c)
+        })
+        .collect();
+    let broker_base = b.baseline_fds();
+    let own_base = own_fds();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let c = b.options().name("att-async").connect_async().await.unwrap();
+        let owner = b.options().name("att-owner").connect_async().await.unwrap();
+        let svc = owner.serve("att.svc").await.unwrap();
+        let server = tokio::spawn(async move {
+            while let Ok(Some(r)) = tokio::time::timeout(Duration::from_secs(5), svc.recv()).await.map(|r| r.ok()) {
+                let p = r.payload().to_vec();
+                let _ = r.reply(&p);
+            }
+        });
+        const N: u32 = 60;
+        let mut tasks = Vec::new();
+        for t in 0..16u32 {
+            let sub = c.subscribe(&format!("att.s{t}")).await.unwrap();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..N {
+                    let ev = tokio::time::timeout(PATIENCE, sub.recv()).await.expect("a message in time").unwrap();
+                    let m = ev.message().expect("a message").clone();
+                    assert_eq!(&m.payload()[..4], &i.to_le_bytes(), "task {t}");
+                }
+            }));
+        }
+        for t in 0..16u32 {
+            let c = c.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..N {
+                    let body = format!("{t}:{i}");
+                    let r = tokio::time::timeout(PATIENCE, c.request("att.svc", body.as_bytes(), PATIENCE))
+                        .await
+                        .expect("an answer in time")
+                        .expect("answered");
+                    assert_eq!(r.payload(), body.as_bytes());
+                }
+            }));
+        }
+        // The flood: memfd payloads to a subscription of the same connection.
+        let flood_sub = c.subscribe("att.flood").await.unwrap();
+        let drain = tokio::spawn(async move {
+            let mut n = 0u32;
+            while let Ok(Ok(ev)) = tokio::time::timeout(Duration::from_secs(3), flood_sub.recv()).await {
+                if ev.message().is_some() {
+                    n += 1;
+                }
+            }
+            n
+        });
+        let address = b.address.clone();
+        let flooder = std::thread::spawn(move || {
+            let p = shmbus::Client::connect_to(&address).unwrap();
+            let big = vec![9u8; 256 * 1024];
+            for t in 0..N {
+                for _ in 0..8 {
+                    let _ = p.publish("att.flood", &big);
+                }
+                for s in 0..16u32 {
+                    let mut payload = t.to_le_bytes().to_vec();
+                    // Every other round above the memfd threshold.
+                    payload.resize(if t % 2 == 0 { 8 } else { 200 * 1024 }, 1);
+                    p.publish(&format!("att.s{s}"), &payload).unwrap();
+                }
+            }
+        });
+        for t in tasks {
+            bounded("a task", t).await.unwrap();
+        }
+        tokio::task::spawn_blocking(move || flooder.join().unwrap()).await.unwrap();
+        let flooded = bounded("the drain", drain).await.unwrap();
+        eprintln!("flood messages read: {flooded}");
+        bounded("ping", c.ping()).await.unwrap();
+        drop(c);
+        drop(owner);
+        let _ = bounded("the server", server).await;
+    });
+    drop(rt);
+    drop(hogs);
+    b.wait_fd_count(broker_base);
+    let t = std::time::Instant::now();
+    while own_fds() > own_base {
+        assert!(t.elapsed() < PATIENCE, "this process holds {} fds, {own_base} before", own_fds());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
