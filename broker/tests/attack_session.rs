@@ -413,3 +413,61 @@ fn an_async_client_under_a_memfd_flood_and_cpu_load_never_hangs_nor_leaks_fds() 
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The race between the clean exit's check and its removal: the broker
+/// checks the path's (dev, ino) with stat and then unlinks the path by
+/// name. A user who can write the socket's parent directory swaps the
+/// socket's directory with a symlink to another directory (atomically,
+/// renameat2 RENAME_EXCHANGE, in a loop) while the broker exits; if the
+/// swap lands between the check and the unlink, the broker (root)
+/// unlinks the same-named file in the other directory.
+#[test]
+#[ignore = "reproduces: shmbusd's clean exit stats the socket path then unlinks it by name (broker/src/bin/shmbusd.rs:273-275); swapping the socket's directory with a symlink (RENAME_EXCHANGE loop) makes the root broker unlink <other dir>/bus.sock: 29 of 300 attempts in 8 s"]
+fn the_clean_exit_check_and_unlink_cannot_be_raced_into_another_directory() {
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    let base = std::env::temp_dir().join(format!("shmbus-att-race-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let start = std::time::Instant::now();
+    let mut attempts = 0;
+    let mut lost = Vec::new();
+    let mut killed = 0;
+    while attempts < 300 && start.elapsed() < Duration::from_secs(60) {
+        attempts += 1;
+        let dir = base.join(format!("d{attempts}"));
+        let link = base.join(format!("l{attempts}"));
+        let victims = base.join(format!("v{attempts}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&victims).unwrap();
+        let victim = victims.join("bus.sock");
+        std::fs::write(&victim, "root's file").unwrap();
+        std::os::unix::fs::symlink(&victims, &link).unwrap();
+        let path = dir.join("bus.sock");
+        let mut b = Broker::launch_at(path.to_str().unwrap().to_owned(), Launch::new().capture_log());
+        let stop = Arc::new(AtomicBool::new(false));
+        let swapper = {
+            let (stop, dir, link) = (stop.clone(), dir.clone(), link.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    renameat_with(CWD, &dir, CWD, &link, RenameFlags::EXCHANGE).unwrap();
+                }
+            })
+        };
+        let st = b.terminate();
+        stop.store(true, Ordering::Relaxed);
+        swapper.join().unwrap();
+        if !st.success() {
+            // Killed by the signal itself (see the report: SIGTERM right
+            // after readiness can precede the handler): no clean exit.
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(st.signal(), Some(15), "attempt {attempts}: {st:?}; log:\n{}", b.log());
+            killed += 1;
+        }
+        if !victim.exists() {
+            lost.push(attempts);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&base);
+    eprintln!("{attempts} attempts ({killed} killed by SIGTERM before a clean exit), victim removed in {lost:?}");
+    assert!(lost.is_empty(), "the broker removed another directory's file in attempts {lost:?} of {attempts}");
+}
