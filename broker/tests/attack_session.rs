@@ -471,3 +471,60 @@ fn the_clean_exit_check_and_unlink_cannot_be_raced_into_another_directory() {
     eprintln!("{attempts} attempts ({killed} killed by SIGTERM before a clean exit), victim removed in {lost:?}");
     assert!(lost.is_empty(), "the broker removed another directory's file in attempts {lost:?} of {attempts}");
 }
+
+/// Requests with 256-byte origins flooded at a service whose owner never
+/// reads: its queue stays within --queue-bytes, the broker's memory
+/// within the quota plus slack, the caller is answered or refused (not
+/// cut off), and a bystander of another uid keeps its round trips.
+#[test]
+fn maximal_origin_requests_to_a_non_reading_service_stay_bounded() {
+    use shmbus_proto::frame::Request;
+    if !needs_root("maximal_origin_requests_to_a_non_reading_service_stay_bounded") {
+        return;
+    }
+    const PER_CONN: u64 = 1 << 20;
+    let b = bystander_broker("att-origin-calls", &["--queue-bytes", &PER_CONN.to_string()]);
+    let by = Bystander::start(&b);
+    let rss0 = b.rss_bytes();
+    let owner = b.client_named("sleepy-owner");
+    let _svc = owner.serve("att.sleepy").unwrap();
+    let mut caller = Raw::hello(&b);
+    let origin = "\u{202e}".repeat(85) + "z";
+    for i in 0..20_000u64 {
+        let call = Request {
+            call_id: i + 1,
+            name: "att.sleepy",
+            timeout_ms: 60_000,
+            no_reply: i % 2 == 0,
+            origin: Some(&origin),
+            payload: PayloadRef::Inline,
+        };
+        caller.send(&encode_frame(&call, &i.to_le_bytes()).unwrap(), &[]);
+        if i % 1000 == 0 {
+            // Read what came back so far, so the caller is not the non-reader.
+            while let Some(p) = caller.try_packet() {
+                if let Some(BrokerFrame::Goodbye(g)) = p.frame() {
+                    panic!("the caller was cut off: {:?} {}", g.code, g.reason);
+                }
+                assert!(!p.is_eof(), "the caller was disconnected");
+            }
+        }
+    }
+    caller.send_body(&Ping { token: 1 }, &[]);
+    loop {
+        match caller.recv() {
+            Some(BrokerFrame::Pong(p)) if p.token == 1 => break,
+            Some(BrokerFrame::Goodbye(g)) => panic!("the caller was cut off: {:?} {}", g.code, g.reason),
+            None => panic!("the caller was disconnected"),
+            Some(_) => {}
+        }
+    }
+    let probe = b.client();
+    let info = probe.clients().unwrap();
+    let o = info.iter().find(|c| c.name == "sleepy-owner").expect("the owner is still connected");
+    let grew = b.rss_bytes().saturating_sub(rss0);
+    eprintln!("owner queued {} B in {} frames; broker RSS +{grew} B", o.queued_bytes, o.queued_frames);
+    assert!(o.queued_bytes <= PER_CONN, "{} > {PER_CONN}", o.queued_bytes);
+    assert!(grew < 64 << 20, "the broker grew by {grew} bytes");
+    by.finish();
+}
