@@ -42,7 +42,8 @@ impl Bystander {
                 assert!(o.status.success(), "bystander ping: {}", stderr(&o));
                 let topic = format!("by.{n}");
                 let sub = spawn_guarded(ctl(&["sub", &topic, "--count", "1"]));
-                let o = run_bounded(ctl(&["pub", "--wait-subscribers", "1", "--timeout", "20", &topic, "hi"]));
+                let o =
+                    run_bounded(ctl(&["pub", "--wait-subscribers", "1", "--timeout", "20", &topic, "hi"]));
                 assert!(o.status.success(), "bystander pub: {}", stderr(&o));
                 let o = sub.wait_output();
                 assert!(o.status.success() && stdout(&o).contains("hi"), "bystander sub: {}", stderr(&o));
@@ -196,7 +197,10 @@ fn format_characters_in_origins_are_escaped_by_the_cli() {
             assert_eq!(v["origin"], origin, "--json keeps the origin exact");
             continue;
         }
-        assert!(!raw_chars.iter().any(|c| out.contains(*c)), "{args:?} printed a format character raw: {out:?}");
+        assert!(
+            !raw_chars.iter().any(|c| out.contains(*c)),
+            "{args:?} printed a format character raw: {out:?}"
+        );
     }
     let mut cmd = std::process::Command::new(SHMBUSCTL);
     cmd.arg("--address").arg(&b.address).args(["monitor", "--count", "1"]);
@@ -336,7 +340,9 @@ fn an_async_client_under_a_memfd_flood_and_cpu_load_never_hangs_nor_leaks_fds() 
         let owner = b.options().name("att-owner").connect_async().await.unwrap();
         let svc = owner.serve("att.svc").await.unwrap();
         let server = tokio::spawn(async move {
-            while let Ok(Some(r)) = tokio::time::timeout(Duration::from_secs(5), svc.recv()).await.map(|r| r.ok()) {
+            while let Ok(Some(r)) =
+                tokio::time::timeout(Duration::from_secs(5), svc.recv()).await.map(|r| r.ok())
+            {
                 let p = r.payload().to_vec();
                 let _ = r.reply(&p);
             }
@@ -347,7 +353,8 @@ fn an_async_client_under_a_memfd_flood_and_cpu_load_never_hangs_nor_leaks_fds() 
             let sub = c.subscribe(&format!("att.s{t}")).await.unwrap();
             tasks.push(tokio::spawn(async move {
                 for i in 0..N {
-                    let ev = tokio::time::timeout(PATIENCE, sub.recv()).await.expect("a message in time").unwrap();
+                    let ev =
+                        tokio::time::timeout(PATIENCE, sub.recv()).await.expect("a message in time").unwrap();
                     let m = ev.message().expect("a message").clone();
                     assert_eq!(&m.payload()[..4], &i.to_le_bytes(), "task {t}");
                 }
@@ -468,8 +475,13 @@ fn the_clean_exit_check_and_unlink_cannot_be_raced_into_another_directory() {
         }
     }
     let _ = std::fs::remove_dir_all(&base);
-    eprintln!("{attempts} attempts ({killed} killed by SIGTERM before a clean exit), victim removed in {lost:?}");
-    assert!(lost.is_empty(), "the broker removed another directory's file in attempts {lost:?} of {attempts}");
+    eprintln!(
+        "{attempts} attempts ({killed} killed by SIGTERM before a clean exit), victim removed in {lost:?}"
+    );
+    assert!(
+        lost.is_empty(),
+        "the broker removed another directory's file in attempts {lost:?} of {attempts}"
+    );
 }
 
 /// Requests with 256-byte origins flooded at a service whose owner never
