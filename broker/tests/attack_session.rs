@@ -429,7 +429,6 @@ fn an_async_client_under_a_memfd_flood_and_cpu_load_never_hangs_nor_leaks_fds() 
 /// swap lands between the check and the unlink, the broker (root)
 /// unlinks the same-named file in the other directory.
 #[test]
-#[ignore = "reproduces: shmbusd's clean exit stats the socket path then unlinks it by name (broker/src/bin/shmbusd.rs:273-275); swapping the socket's directory with a symlink (RENAME_EXCHANGE loop) makes the root broker unlink <other dir>/bus.sock: 29 of 300 attempts in 8 s"]
 fn the_clean_exit_check_and_unlink_cannot_be_raced_into_another_directory() {
     use rustix::fs::{renameat_with, RenameFlags, CWD};
     let base = std::env::temp_dir().join(format!("shmbus-att-race-{}", std::process::id()));

@@ -189,13 +189,13 @@ fn main() -> ExitCode {
     let activated = cfg.listen_fd.is_some();
     // The socket file this broker made, if it made one: removed again at a
     // clean exit, unless another broker has since put its own there.
-    let mut made: Option<(std::path::PathBuf, u64, u64)> = None;
+    let mut made: Option<MadeSocket> = None;
     if !activated {
         match daemon::config::listen(&address, access) {
             Ok(fd) => {
                 cfg.listen_fd = Some(fd);
                 if let Address::Path(path) = &address {
-                    made = file_id(path).map(|(dev, ino)| (path.clone(), dev, ino));
+                    made = MadeSocket::note(path);
                 }
             }
             Err(e) => {
@@ -270,10 +270,8 @@ fn main() -> ExitCode {
         std::process::id()
     );
     let result = daemon::run(cfg);
-    if let Some((path, dev, ino)) = made {
-        if file_id(&path) == Some((dev, ino)) {
-            let _ = std::fs::remove_file(&path);
-        }
+    if let Some(m) = made {
+        m.remove();
     }
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -284,10 +282,44 @@ fn main() -> ExitCode {
     }
 }
 
-/// A file's device and inode, which tell it from a file put in its place
-/// (the path itself: a symlink put there is not followed).
-fn file_id(path: &std::path::Path) -> Option<(u64, u64)> {
-    rustix::fs::lstat(path).ok().map(|st| (st.st_dev, st.st_ino))
+/// The socket file this broker made: its directory, held open from the
+/// start, and the file's name and identity in it. Removing it goes through
+/// the directory fd, so no rename or symlink of the path's directories
+/// since can point the removal at another directory; and only a file still
+/// the one it made (same device and inode, the name itself, not a symlink
+/// it may now be) is removed.
+struct MadeSocket {
+    dir: std::os::fd::OwnedFd,
+    name: std::ffi::OsString,
+    id: (u64, u64),
+}
+
+impl MadeSocket {
+    fn note(path: &std::path::Path) -> Option<MadeSocket> {
+        use rustix::fs::{AtFlags, OFlags};
+        let name = path.file_name()?.to_owned();
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => std::path::Path::new("."),
+        };
+        let dir = rustix::fs::open(
+            parent,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .ok()?;
+        let st = rustix::fs::statat(&dir, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW).ok()?;
+        Some(MadeSocket { dir, name, id: (st.st_dev, st.st_ino) })
+    }
+
+    fn remove(self) {
+        use rustix::fs::AtFlags;
+        let same = rustix::fs::statat(&self.dir, self.name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW)
+            .is_ok_and(|st| (st.st_dev, st.st_ino) == self.id);
+        if same {
+            let _ = rustix::fs::unlinkat(&self.dir, self.name.as_os_str(), AtFlags::empty());
+        }
+    }
 }
 
 /// A broker holds one fd per client: raise the soft fd limit to the hard
