@@ -24,7 +24,6 @@
 //! bus as such (the sender gets `BrokerResource`, not a disconnect), and
 //! `ETOOMANYREFS` on send is retried shortly.
 
-use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -47,7 +46,7 @@ use super::link::{self, ConnLink};
 use super::signals::SignalPipe;
 use super::systemd::Notifier;
 use crate::bus::driver::Damage;
-use crate::bus::peer::PeerId;
+use crate::bus::peer::{PeerId, PeerMap};
 use crate::bus::{Bus, Effect};
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -104,7 +103,7 @@ struct Reactor {
     poll: Poll,
     listener: Option<OwnedFd>,
     bus: Bus,
-    conns: HashMap<PeerId, Conn>,
+    conns: PeerMap<Conn>,
     batch: Option<RecvBatch>,
     read_again: Vec<PeerId>,
     accept_retry_at: Option<Instant>,
@@ -126,6 +125,9 @@ struct Reactor {
     idle_turn: bool,
     /// Consecutive turns over hot rings that found nothing.
     quiet_turns: u32,
+    /// The last yield ran another process: this CPU is shared with one
+    /// that waits, and the next quiet stretch yields at once.
+    shared_cpu: bool,
     doorbell: Vec<u8>,
     /// One packet at a time, for linked connections' sockets.
     link_batch: Option<RecvBatch>,
@@ -155,7 +157,7 @@ impl Reactor {
             poll,
             listener: Some(listener),
             bus: Bus::new(cfg.bus, Instant::now()),
-            conns: HashMap::new(),
+            conns: PeerMap::default(),
             batch: Some(RecvBatch::new(RECV_SLOTS)),
             read_again: Vec::new(),
             accept_retry_at: None,
@@ -173,6 +175,7 @@ impl Reactor {
             doorbell: encode_head(&Doorbell).expect("a doorbell encodes"),
             link_batch: Some(RecvBatch::new(link::SOCKET_SLOTS)),
             quiet_turns: 0,
+            shared_cpu: false,
         })
     }
 
@@ -809,19 +812,23 @@ impl Reactor {
     /// how many records there were.
     /// After a turn over the hot rings: a turn that found nothing, after
     /// [`link::PURE_SPIN_TURNS`] of them, gives the CPU to whoever else is
-    /// runnable here ([`link::YIELDS`] times at most per quiet stretch): on
-    /// a machine with fewer CPUs than busy processes, the client that will
-    /// write next may be waiting for this very CPU.
+    /// runnable here: on a machine with fewer CPUs than busy processes,
+    /// the client that will write next may be waiting for this very CPU.
+    /// (The rings' windows bound the spin, yields and all.) When the last
+    /// yield ran someone else (it took [`link::YIELD_ALONE`] or more), the
+    /// first quiet turn yields: the process that shares this CPU is most
+    /// likely the one that answers what we just delivered.
     fn spin_turn(&mut self, quiet: bool) {
         if !quiet {
             self.quiet_turns = 0;
             return;
         }
-        self.quiet_turns += 1;
-        if self.quiet_turns > link::PURE_SPIN_TURNS
-            && self.quiet_turns <= link::PURE_SPIN_TURNS + link::YIELDS
-        {
+        self.quiet_turns = self.quiet_turns.saturating_add(1);
+        let pure = if self.shared_cpu { 0 } else { link::PURE_SPIN_TURNS };
+        if self.quiet_turns > pure {
+            let before = Instant::now();
             std::thread::yield_now();
+            self.shared_cpu = before.elapsed() >= link::YIELD_ALONE;
         }
     }
 
@@ -1059,7 +1066,7 @@ fn want_writable(poll: &Poll, id: PeerId, conn: &mut Conn, on: bool) {
     let _ = poll.registry().reregister(&mut SourceFd(&conn.fd.as_raw_fd()), Token(id as usize), interest);
 }
 
-fn conn_fd(conns: &HashMap<PeerId, Conn>, id: PeerId) -> Option<BorrowedFd<'_>> {
+fn conn_fd(conns: &PeerMap<Conn>, id: PeerId) -> Option<BorrowedFd<'_>> {
     conns.get(&id).map(|c| c.fd.as_fd())
 }
 

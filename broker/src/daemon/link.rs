@@ -47,7 +47,7 @@ pub const POLL_WHILE_SPINNING: Duration = Duration::from_micros(1000);
 /// nothing to do, so a poll costs no one anything; without this, a client
 /// keeping its ring hot with a record every ~80 µs made every socket
 /// client's round trip wait up to `POLL_WHILE_SPINNING` (p50 40 µs → 680 µs).
-pub const POLL_WHILE_IDLE: Duration = Duration::from_micros(50);
+pub const POLL_WHILE_IDLE: Duration = Duration::from_micros(5);
 /// The same, right after a poll that found events: more may follow soon.
 pub const POLL_AFTER_EVENTS: Duration = Duration::from_micros(50);
 /// Bounds of a ring's spin window: how long it stays hot after its last
@@ -64,10 +64,16 @@ pub const MAX_SPIN: Duration = Duration::from_micros(400);
 /// on a whole CPU for it.
 pub const DENSE_GAP: Duration = Duration::from_micros(100);
 /// Quiet turns over the hot rings spun before the broker starts giving its
-/// CPU away (`sched_yield`), and how many times it does so per quiet
-/// stretch; then it spins on until the windows run out.
-pub const PURE_SPIN_TURNS: u32 = 256;
-pub const YIELDS: u32 = 16;
+/// CPU away (`sched_yield`) between turns, until the windows run out: on a
+/// machine with fewer CPUs than busy processes, the client that writes
+/// next may be waiting for this very CPU. (256 pure turns then 16 yields
+/// kept a busy exchange's clients waiting for the broker's spin to end:
+/// its round trip's p99 was 150 µs, now 15.) A quiet turn takes about
+/// 100 ns, and a busy stream's records come far closer than 8 of them.
+pub const PURE_SPIN_TURNS: u32 = 8;
+/// A `sched_yield` that came back sooner than this ran no one else (a
+/// system call alone takes 0.5 µs here, a switch and back 2–3 µs).
+pub const YIELD_ALONE: Duration = Duration::from_micros(1);
 /// Records read from one ring per turn before the next connection's turn.
 pub const RECORDS_PER_TURN: usize = 256;
 /// Socket packets read from a linked connection per event, at most:
@@ -136,8 +142,12 @@ impl ConnLink {
 
     /// A turn found records: the average gap moves toward the time since
     /// the last one.
+    /// One long gap (a preemption, a client that paused) counts as at most
+    /// twice [`DENSE_GAP`], so it does not make a dense stream look sparse
+    /// and its ring sleep between records, which makes the next gaps
+    /// longer still; a sparse stream is still seen as one after a few.
     pub fn records_at(&mut self, now: Instant) {
-        let gap = now.saturating_duration_since(self.last_record);
+        let gap = now.saturating_duration_since(self.last_record).min(DENSE_GAP * 2);
         self.gap = (self.gap * 7 + gap) / 8;
         self.last_record = now;
         self.active_at = now;
