@@ -95,6 +95,8 @@ pub(crate) fn helper_pub_go(addr: &str, size: usize, n: u64) {
 
 /// Echo helper: answers each `bench.ping` on `bench.pong`.
 pub(crate) fn helper_echo(addr: &str) {
+    crate::pin_env("SHMBUS_BENCH_PIN_CLIENTS");
+    crate::pin_env("SHMBUS_BENCH_PIN_ECHO");
     let c = crate::connect_retry(addr);
     check_transport(&c);
     let sub = c.subscribe("bench.ping").unwrap();
@@ -210,32 +212,60 @@ fn median3_tp(mut f: impl FnMut() -> Tp) -> Tp {
     mid
 }
 
-fn rtt(transport: &str, idle: bool) -> (u64, u64) {
-    let (_broker, addr) = start_broker("linkrtt");
-    let c = connect_on(&addr, transport);
-    let ready = c.subscribe("bench.ready").unwrap();
-    let pong = c.subscribe("bench.pong").unwrap();
-    let _echo = spawn_on(&["__link-echo", &addr], transport);
-    ready.recv_timeout(Duration::from_secs(10)).unwrap().expect("echo ready");
-    let msg = [1u8; 16];
-    let (warmup, iters) = if idle { (100, 2_000) } else { (2_000, 50_000) };
-    // The idle case times each round trip after a sleep that lets every
-    // side go to sleep.
-    if !idle {
-        return crate::timed(warmup, iters, || {
-            c.publish("bench.ping", msg).unwrap();
-            let _ = pong.recv().unwrap();
-        });
+/// A round-trip rig: its own broker, this client and an echo helper, all
+/// on `transport`.
+struct RttRig {
+    _broker: Helper,
+    c: Client,
+    pong: shmbus::Subscription,
+    _echo: Helper,
+}
+
+impl RttRig {
+    fn new(transport: &str) -> RttRig {
+        let (broker, addr) = start_broker("linkrtt");
+        let c = connect_on(&addr, transport);
+        let ready = c.subscribe("bench.ready").unwrap();
+        let pong = c.subscribe("bench.pong").unwrap();
+        let echo = spawn_on(&["__link-echo", &addr], transport);
+        ready.recv_timeout(Duration::from_secs(10)).unwrap().expect("echo ready");
+        RttRig { _broker: broker, c, pong, _echo: echo }
     }
-    let mut v = Vec::with_capacity(iters);
-    for _ in 0..iters {
-        std::thread::sleep(Duration::from_millis(2));
-        let t = Instant::now();
-        c.publish("bench.ping", msg).unwrap();
-        let _ = pong.recv().unwrap();
-        v.push(t.elapsed().as_nanos() as u64);
+
+    fn once(&self) {
+        self.c.publish("bench.ping", [1u8; 16]).unwrap();
+        let _ = self.pong.recv().unwrap();
     }
-    crate::percentiles(v)
+}
+
+/// The busy round trip on `transport`: back to back.
+fn rtt(transport: &str) -> (u64, u64) {
+    let rig = RttRig::new(transport);
+    crate::timed(2_000, 50_000, || rig.once())
+}
+
+/// The idle round trip (2 ms asleep before each, so every side has gone
+/// to sleep and is woken by a doorbell) on the socket and on the link:
+/// alternating blocks of 100 on two rigs set up side by side, so that the
+/// machine's drift over the seconds this takes falls on both alike (run
+/// one after the other, the socket's own p50 moved 66–86 µs between runs).
+fn rtt_idle_both() -> [(u64, u64); 2] {
+    let rigs = TRANSPORTS.map(RttRig::new);
+    let mut samples = [Vec::new(), Vec::new()];
+    for block in 0..20 {
+        for (rig, v) in rigs.iter().zip(samples.iter_mut()) {
+            for i in 0..100 {
+                std::thread::sleep(Duration::from_millis(2));
+                let t = Instant::now();
+                rig.once();
+                // The first block of each is a warm-up.
+                if block > 0 || i >= 10 {
+                    v.push(t.elapsed().as_nanos() as u64);
+                }
+            }
+        }
+    }
+    samples.map(crate::percentiles)
 }
 
 /// Round trip A → broker → A, back to back: two processes, so on two
@@ -301,13 +331,23 @@ pub(crate) fn trickle_cpu(every: Duration) -> (f64, u64) {
 
 /// Diagnostic: one round-trip run, printed.
 pub(crate) fn diag_rtt(idle: bool, transport: &str) {
-    let (p50, p99) = rtt(transport, idle);
-    println!(
-        "{transport} {}: p50 {:.2} µs, p99 {:.2} µs",
-        if idle { "idle" } else { "busy" },
-        p50 as f64 / 1e3,
-        p99 as f64 / 1e3
-    );
+    crate::pin_env("SHMBUS_BENCH_PIN_CLIENTS");
+    let us = |ns: u64| ns as f64 / 1e3;
+    if idle {
+        // Both transports, interleaved: the ratio is what means anything.
+        let [socket, shm] = rtt_idle_both();
+        println!(
+            "idle: socket p50 {:.2} µs, p99 {:.2} µs; shm p50 {:.2} µs, p99 {:.2} µs; shm/socket p50 {:.2}",
+            us(socket.0),
+            us(socket.1),
+            us(shm.0),
+            us(shm.1),
+            shm.0 as f64 / socket.0 as f64
+        );
+        return;
+    }
+    let (p50, p99) = rtt(transport);
+    println!("{transport} busy: p50 {:.2} µs, p99 {:.2} µs", us(p50), us(p99));
 }
 
 pub(crate) fn link(report: &mut Report) {
@@ -352,8 +392,7 @@ pub(crate) fn link(report: &mut Report) {
         }
     }
     for idle in [false, true] {
-        let socket = rtt("socket", idle);
-        let shm = rtt("shm", idle);
+        let [socket, shm] = if idle { rtt_idle_both() } else { [rtt("socket"), rtt("shm")] };
         let case = if idle { "idle" } else { "busy" };
         for (transport, r) in [("socket", socket), ("shm", shm)] {
             let mut row = Row::timed(
@@ -364,7 +403,11 @@ pub(crate) fn link(report: &mut Report) {
                 r,
                 (&format!("rtt_{case}_socket"), socket.0),
             );
-            row.note = if idle { "2 ms asleep before each round trip".into() } else { "back to back".into() };
+            row.note = if idle {
+                "2 ms asleep before each round trip; socket and shm in alternating blocks of 100".into()
+            } else {
+                "back to back".into()
+            };
             report.push(row);
         }
     }

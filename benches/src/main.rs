@@ -149,7 +149,7 @@ struct Cli {
     /// table at the end.
     #[arg(long)]
     json: bool,
-    /// diag-link-rtt: time round trips on an idle bus (the broker asleep).
+    /// diag-link-rtt: time round trips on an idle bus (every side asleep), on both transports interleaved.
     #[arg(long)]
     idle: bool,
     /// diag-link-rtt, diag-link-tp: shm or socket.
@@ -476,6 +476,7 @@ pub(crate) fn start_broker(tag: &str) -> (Helper, String) {
 }
 
 fn helper_broker(addr: &str) {
+    pin_env("SHMBUS_BENCH_PIN_BROKER");
     let mut cfg = shmbus_broker::daemon::Config::new(Address::parse(addr).unwrap());
     // A benchmark measures throughput, not the overflow policy: queues
     // deep enough that nothing is dropped, per connection and per uid.
@@ -860,6 +861,21 @@ fn throughput(report: &mut Report) {
                 ratio_to_floor: floor / rate,
                 note,
             });
+        }
+    }
+}
+
+/// Pins this process to the CPU named by `var`, if set: the busy round
+/// trips (`diag-link-rtt`, `diag-busy-floor`) depend on which processes
+/// share a CPU, and these fix it. `SHMBUS_BENCH_PIN_BROKER` is the broker
+/// (the floor's relay), `SHMBUS_BENCH_PIN_CLIENTS` this process and the
+/// echo, `SHMBUS_BENCH_PIN_ECHO` the echo alone.
+pub(crate) fn pin_env(var: &str) {
+    if let Some(cpu) = std::env::var(var).ok().and_then(|v| v.parse::<usize>().ok()) {
+        let mut set = rustix::thread::CpuSet::new();
+        set.set(cpu);
+        if let Err(e) = rustix::thread::sched_setaffinity(None, &set) {
+            eprintln!("{var}={cpu}: cannot pin: {e}");
         }
     }
 }

@@ -84,6 +84,10 @@ pub(crate) fn helper_floor(kind: &str, ppid: &str, ring: &str, signal: &str) {
 /// away between polls (`sched_yield`), as a spinner must when three
 /// processes share two CPUs.
 pub(crate) fn helper_floor3(kind: &str, role: &str, ppid: &str, ring: &str, signal: &str) {
+    crate::pin_env(if role == "relay" { "SHMBUS_BENCH_PIN_BROKER" } else { "SHMBUS_BENCH_PIN_CLIENTS" });
+    if role == "echo" {
+        crate::pin_env("SHMBUS_BENCH_PIN_ECHO");
+    }
     let (ring, signal) = (open_parent_fd(ppid, ring), open_parent_fd(ppid, signal));
     let map = RingMap::map(ring.as_fd(), signal.as_fd(), FLOOR_GEOMETRY, true).unwrap();
     // Every store here is Release and every load Acquire: each side's store
@@ -134,6 +138,7 @@ pub(crate) fn floor3(kind: &str) -> (u64, u64) {
 }
 
 pub(crate) fn diag_floor3() {
+    crate::pin_env("SHMBUS_BENCH_PIN_CLIENTS");
     for kind in ["yield", "spin"] {
         let (p50, p99) = floor3(kind);
         println!("3-process floor, {kind}: p50 {:.2} µs, p99 {:.2} µs", p50 as f64 / 1e3, p99 as f64 / 1e3);
