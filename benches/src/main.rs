@@ -452,7 +452,11 @@ impl Drop for Helper {
 }
 
 fn unique(tag: &str) -> String {
-    format!("@shmbus-bench-{tag}-{}", std::process::id())
+    // Several brokers of one tag may run at once (the idle round trip's
+    // two rigs).
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("@shmbus-bench-{tag}-{}-{n}", std::process::id())
 }
 
 pub(crate) fn connect_retry(addr: &str) -> Client {
