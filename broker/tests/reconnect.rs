@@ -287,6 +287,12 @@ fn a_socket_activated_restart_is_never_a_refusal() {
     // Connected, not refused; it then goes on with the new broker (a
     // ping racing the old broker's shutdown could have lost its answer).
     late.ping().unwrap();
+    // The holder stops its broker when its stdin ends; it is waited for
+    // (bounded) so that it does: killed at once by the guard, it left its
+    // broker running after the test.
+    drop(stdin);
+    let out = holder.child.wait_output();
+    assert!(out.status.success(), "the holder ended badly: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// Ring channels need no broker while it is away; once it is back, the
