@@ -182,3 +182,37 @@ impl ConnLink {
         self.active_at = now;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shmbus_proto::link::shm;
+
+    fn link(now: Instant) -> ConnLink {
+        ConnLink::new(shm::create(256 * 1024).expect("a link").map, now)
+    }
+
+    /// A dense stream keeps its ring hot across one long pause (a
+    /// preemption): only a run of long gaps makes it sparse. (Averaged
+    /// unclamped, one 800 µs gap slept a ring that got a record every
+    /// 10 µs, and the exchange collapsed into doorbells.)
+    #[test]
+    fn one_long_gap_does_not_make_a_dense_stream_sparse() {
+        let t0 = Instant::now();
+        let mut l = link(t0);
+        let mut t = t0;
+        for _ in 0..64 {
+            t += Duration::from_micros(10);
+            l.records_at(t);
+        }
+        assert_eq!(l.window(), START_SPIN, "dense: its adaptive window");
+        t += Duration::from_micros(800);
+        l.records_at(t);
+        assert_eq!(l.window(), START_SPIN, "one 800 µs gap: still dense");
+        for _ in 0..16 {
+            t += Duration::from_millis(1);
+            l.records_at(t);
+        }
+        assert_eq!(l.window(), MIN_SPIN, "a run of 1 ms gaps: sparse");
+    }
+}
