@@ -327,9 +327,11 @@ fn an_async_client_under_a_memfd_flood_and_cpu_load_never_hangs_nor_leaks_fds() 
     let b = Broker::start("att-async-stress");
     let hogs: Vec<ChildGuard> = (0..2)
         .map(|_| {
+            // Not `spawn_guarded`: it pipes stdout, and a `yes` blocked
+            // on a full pipe loads no CPU.
             let mut c = std::process::Command::new("yes");
-            c.stdout(std::process::Stdio::null());
-            spawn_guarded(c)
+            c.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null());
+            ChildGuard(Some(c.spawn().expect("spawn yes")))
         })
         .collect();
     let broker_base = b.baseline_fds();
