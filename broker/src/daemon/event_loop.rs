@@ -629,8 +629,8 @@ impl Reactor {
     /// deliveries: what a doorbell wakes us for is in the ring, and the
     /// receives (one for the doorbell, one to find the socket empty, as
     /// edge-triggered readiness needs) need not delay it (the idle round
-    /// trip 1.18× the socket's → about 1.0×). A marker in the ring reads its
-    /// packet from the socket itself.
+    /// trip went from 1.21× the socket's to 1.13×). A marker in the ring
+    /// reads its packet from the socket itself.
     fn link_socket_event(&mut self, id: PeerId, readable: bool) {
         let now = Instant::now();
         if readable {
