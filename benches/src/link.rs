@@ -244,6 +244,26 @@ fn rtt(transport: &str) -> (u64, u64) {
     crate::timed(2_000, 50_000, || rig.once())
 }
 
+/// Runs `f` with the busy round trip's processes pinned: the broker (and
+/// the floor's relay) on CPU `broker`, this process on CPU 0, the echo
+/// (and the floor's echo) on CPU `echo`; this process's CPUs are restored
+/// after. Through the environment its helpers inherit (`pin_env`).
+fn pinned<T>(broker: usize, echo: usize, f: impl FnOnce() -> T) -> T {
+    let before = rustix::thread::sched_getaffinity(None).ok();
+    std::env::set_var("SHMBUS_BENCH_PIN_BROKER", broker.to_string());
+    std::env::set_var("SHMBUS_BENCH_PIN_CLIENTS", "0");
+    std::env::set_var("SHMBUS_BENCH_PIN_ECHO", echo.to_string());
+    crate::pin_env("SHMBUS_BENCH_PIN_CLIENTS");
+    let r = f();
+    for var in ["SHMBUS_BENCH_PIN_BROKER", "SHMBUS_BENCH_PIN_CLIENTS", "SHMBUS_BENCH_PIN_ECHO"] {
+        std::env::remove_var(var);
+    }
+    if let Some(set) = before {
+        let _ = rustix::thread::sched_setaffinity(None, &set);
+    }
+    r
+}
+
 /// The idle round trip (2 ms asleep before each, so every side has gone
 /// to sleep and is woken by a doorbell) on the socket and on the link:
 /// alternating blocks of 100 on two rigs set up side by side, so that the
@@ -425,6 +445,24 @@ pub(crate) fn link(report: &mut Report) {
             std::thread::available_parallelism().map_or(0, |n| n.get())
         );
         report.push(row);
+    }
+    // The busy round trip depends on which two of its three processes
+    // share a CPU; pinned, each placement is measured beside its own floor.
+    if std::thread::available_parallelism().map_or(0, |n| n.get()) >= 2 {
+        for (place, echo, what) in [
+            ("apart", 0, "broker (relay) alone on CPU 1, A and B on CPU 0: two switches per round trip"),
+            ("shared", 1, "broker (relay) and A on CPU 0, B on CPU 1: four switches per round trip"),
+        ] {
+            let (shm, floor) = pinned(1 - echo, echo, || (rtt("shm"), crate::ring::floor3("yield")));
+            let floor_path = format!("rtt_busy_floor_yield_{place}");
+            let mut row =
+                Row::timed("link", &format!("rtt_busy_shm_{place}"), 16, None, shm, (&floor_path, floor.0));
+            row.note = format!("pinned: {what}");
+            report.push(row);
+            let mut row = Row::timed("link", &floor_path, 8, None, floor, (&floor_path, floor.0));
+            row.note = "pinned as the row above: one cache line handed on, sched_yield between polls".into();
+            report.push(row);
+        }
     }
     let self_socket = rtt_self("socket");
     let self_shm = rtt_self("shm");
