@@ -168,6 +168,14 @@ fn main() -> ExitCode {
     };
     raise_nofile_limit();
     let mut cfg = Config::new(address.clone());
+    // Before anything is bound: a TERM from here on is a clean stop.
+    match daemon::signals::Signals::install() {
+        Ok(s) => cfg.signals = Some(s),
+        Err(e) => {
+            eprintln!("shmbusd: cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     match systemd::listener_from_env() {
         Ok(fd) => cfg.listen_fd = fd,
         Err(e) => {

@@ -18,12 +18,15 @@ pub struct Config {
     /// The policy file, read again on `SIGHUP` (its rules, loaded at
     /// start, are in `bus.rules`).
     pub policy_path: Option<PathBuf>,
+    /// The signal pipes, if installed already (`shmbusd` does, before it
+    /// listens); else the reactor installs them.
+    pub signals: Option<crate::daemon::signals::Signals>,
 }
 
 impl Config {
     pub fn new(address: Address) -> Config {
         let bus = BusConfig::new(address.to_string(), rustix::process::getuid().as_raw());
-        Config { address, listen_fd: None, bus, policy_path: None }
+        Config { address, listen_fd: None, bus, policy_path: None, signals: None }
     }
 }
 

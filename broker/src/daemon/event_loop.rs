@@ -30,7 +30,6 @@ use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tracing::{debug, info, warn};
 
 use shmbus_proto::frame::{
@@ -43,7 +42,7 @@ use shmbus_proto::sys::socket::{self, OutPacket, RecvBatch, RecvStatus, MAX_BATC
 
 use super::config::Config;
 use super::link::{self, ConnLink};
-use super::signals::SignalPipe;
+use super::signals::{SignalPipe, Signals};
 use super::systemd::Notifier;
 use crate::bus::driver::Damage;
 use crate::bus::peer::{PeerId, PeerMap};
@@ -151,8 +150,10 @@ impl Reactor {
         cfg.bus.address = cfg.address.to_string();
         let poll = Poll::new()?;
         poll.registry().register(&mut SourceFd(&listener.as_raw_fd()), LISTENER, Interest::READABLE)?;
-        let stop = SignalPipe::new(&[SIGTERM, SIGINT])?;
-        let hup = SignalPipe::new(&[SIGHUP])?;
+        let Signals { stop, hup } = match cfg.signals.take() {
+            Some(s) => s,
+            None => Signals::install()?,
+        };
         poll.registry().register(&mut SourceFd(&stop.read.as_raw_fd()), SIG_STOP, Interest::READABLE)?;
         poll.registry().register(&mut SourceFd(&hup.read.as_raw_fd()), SIG_HUP, Interest::READABLE)?;
         info!("listening on {}", cfg.address);
