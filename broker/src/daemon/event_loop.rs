@@ -130,6 +130,9 @@ struct Reactor {
     /// The last yield ran another process: this CPU is shared with one
     /// that waits, and the next quiet stretch yields at once.
     shared_cpu: bool,
+    /// No yields before then: the last one lost the CPU for a whole time
+    /// slice ([`link::YIELD_LONG`]).
+    no_yield_until: Option<Instant>,
     doorbell: Vec<u8>,
     /// One packet at a time, for linked connections' sockets.
     link_batch: Option<RecvBatch>,
@@ -181,6 +184,7 @@ impl Reactor {
             quiet_turns: 0,
             drain_later: Vec::new(),
             shared_cpu: false,
+            no_yield_until: None,
         })
     }
 
@@ -874,8 +878,17 @@ impl Reactor {
         let pure = if self.shared_cpu { 0 } else { link::PURE_SPIN_TURNS };
         if self.quiet_turns > pure {
             let before = Instant::now();
+            if self.no_yield_until.is_some_and(|t| before < t) {
+                return;
+            }
             std::thread::yield_now();
-            self.shared_cpu = before.elapsed() >= link::YIELD_ALONE;
+            let took = before.elapsed();
+            self.shared_cpu = took >= link::YIELD_ALONE;
+            if took >= link::YIELD_LONG {
+                // A CPU-bound process shares this CPU, and each yield gives
+                // it a whole slice: spin for our own share instead.
+                self.no_yield_until = Some(before + took + link::YIELD_BAN);
+            }
         }
     }
 

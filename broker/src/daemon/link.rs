@@ -74,6 +74,13 @@ pub const PURE_SPIN_TURNS: u32 = 8;
 /// A `sched_yield` that came back sooner than this ran no one else (a
 /// system call alone takes 0.5 µs here, a switch and back 2–3 µs).
 pub const YIELD_ALONE: Duration = Duration::from_micros(1);
+/// A yield that took this long gave the CPU to a process that kept it for
+/// a time slice (a CPU-bound one: a client answers or sleeps in µs); the
+/// broker then yields no more for [`YIELD_BAN`]. Yielding to CPU hogs at
+/// every quiet turn made a socket client's round trip 2.7 ms (from 60 µs)
+/// while a linked client trickled.
+pub const YIELD_LONG: Duration = Duration::from_micros(100);
+pub const YIELD_BAN: Duration = Duration::from_millis(10);
 /// Records read from one ring per turn before the next connection's turn.
 pub const RECORDS_PER_TURN: usize = 256;
 /// Socket packets read from a linked connection per event, at most:
