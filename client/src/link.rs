@@ -123,8 +123,8 @@ const STREAM_BATCH: usize = 16;
 /// records, and yielding then would cost a system call per few messages;
 /// a conversation's reader waits for the broker and the other side to
 /// run, and on a machine with fewer CPUs than busy processes one of them
-/// may be waiting for this very CPU (the busy round trip: 10 µs with a
-/// 2 µs pure spin, 6.5 µs without, on 2 CPUs).
+/// may be waiting for this very CPU (with the broker's own yields, the
+/// busy round trip on 2 CPUs went from 10 µs to 5).
 const PURE_SPIN: Duration = Duration::from_micros(2);
 /// Polls between two looks at the clock while spinning: each poll waits a
 /// `spin_loop` hint (a `pause`, 25 ns here, up to 140 cycles on some
@@ -808,11 +808,14 @@ fn shrink(spin: Duration) -> Duration {
 ///
 /// Waiting for an answer (`answer`), it yields between all looks. Reading
 /// a stream, it spins [`PURE_SPIN`] without system calls first, then
-/// yields at most every [`YIELD_SPACING`] of its own running; and a yield
-/// that came back within [`YIELD_ALONE`] gave the CPU to no one, so the
-/// next waits [`YIELD_BACKOFF`] (yielding at every look, a stream's reader
-/// made 2–5 system calls per 1,000 messages). Never for the whole spin: a
-/// process woken on this CPU meanwhile would wait for the spin to end.
+/// yields at most every [`YIELD_SPACING`] of its own running (yielding at
+/// every look, a stream's reader made 2–5 system calls per 1,000
+/// messages), and a yield that came back within [`YIELD_ALONE`] gave the
+/// CPU to no one, so the next waits [`YIELD_BACKOFF`], polling meanwhile;
+/// never for the whole spin: a process woken on this CPU meanwhile would
+/// wait for the spin to end. (A reader waiting for an answer alone on its
+/// CPU so yields uselessly, one system call per look, for at most its
+/// spin window.)
 fn spin(
     consumer: &mut Consumer,
     peer: &shmbus_proto::link::layout::HalfHeader,

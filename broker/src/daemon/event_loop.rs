@@ -641,25 +641,31 @@ impl Reactor {
         if readable {
             self.wake_link(id, now);
             self.read_link_ring(id, now);
-            if !self.drain_later.contains(&id) {
-                self.drain_later.push(id);
+            if let Some(link) = self.conn_link(id) {
+                if !link.drain_queued {
+                    link.drain_queued = true;
+                    self.drain_later.push(id);
+                }
             }
         }
         self.flush(id);
     }
 
     /// Drains the sockets of the linked connections that were readable
-    /// this turn, and acts on what that found (a hang-up, a packet held
-    /// for its marker, a doorbell: see `read_link_socket`) as it would
-    /// have had the socket been read first. Until none is left: with
-    /// edge-triggered readiness, a socket left unread is not reported
-    /// again.
+    /// this turn, and, where that found something (a hang-up, a packet
+    /// held for its marker, a doorbell: see `read_link_socket`), acts on
+    /// it as it would have had the socket been read first. Until none is
+    /// left: with edge-triggered readiness, a socket left unread is not
+    /// reported again.
     fn drain_link_sockets(&mut self) {
         while !self.drain_later.is_empty() {
             for id in std::mem::take(&mut self.drain_later) {
-                self.read_link_socket(id);
-                self.read_link_ring(id, Instant::now());
-                self.flush(id);
+                let Some(link) = self.conn_link(id) else { continue };
+                link.drain_queued = false;
+                if self.read_link_socket(id) {
+                    self.read_link_ring(id, Instant::now());
+                    self.flush(id);
+                }
             }
             self.apply_effects();
         }
@@ -684,11 +690,12 @@ impl Reactor {
     /// [`link::SOCKET_SLOTS`] packets per receive: doorbells are dropped
     /// (and the ring woken, see below), the hang-up noted, and reading
     /// stops once a packet with fds is held, kept until its marker comes
-    /// up.
-    fn read_link_socket(&mut self, id: PeerId) {
+    /// up. Whether it received anything (a packet, the end, an error).
+    fn read_link_socket(&mut self, id: PeerId) -> bool {
         let mut batch = self.link_batch.take().unwrap_or_else(|| RecvBatch::new(link::SOCKET_SLOTS));
         let mut violation = None;
         let mut rung = false;
+        let mut got = false;
         'reads: for _ in 0..link::SOCKET_READS {
             let Some(conn) = self.conns.get_mut(&id) else { break };
             let Some(link) = conn.link.as_mut() else { break };
@@ -702,9 +709,11 @@ impl Reactor {
                 Err(e) => {
                     debug!("client {id}: receive failed: {e}");
                     link.eof = true;
+                    got = true;
                     break;
                 }
             };
+            got |= n > 0;
             for i in 0..n {
                 let (data, status, fds) = batch.packet(i);
                 if data.is_empty() && !status.truncated {
@@ -732,20 +741,22 @@ impl Reactor {
         }
         self.link_batch = Some(batch);
         if let Some(why) = violation {
-            return self.link_broken(id, why);
+            self.link_broken(id, why);
+            return true;
         }
         if rung {
             // A doorbell taken is a wake-up spent: the client rings once
             // per raise of our flag, so the raise it answered must be
             // lowered (and the ring read, hot, until it sleeps with a new
             // raise), or what the client writes after ringing waits for a
-            // doorbell that never comes. Right after `wake_link` (a socket
-            // event) this is a no-op; but the socket is also read later in
-            // the turn (`drain_link_sockets`) and for markers, when
-            // `service_links` may have put the ring to sleep again since,
-            // and the doorbell read then answers that new raise.
+            // doorbell that never comes. The socket is read at the end of
+            // the turn of its event (`drain_link_sockets`) and for
+            // markers, when `service_links` may have put the ring to sleep
+            // again since the event woke it, and the doorbell read then
+            // answers that new raise.
             self.wake_link(id, Instant::now());
         }
+        got
     }
 
     /// The client broke the link's rules: its ring is read no more, and
@@ -858,9 +869,6 @@ impl Reactor {
         records
     }
 
-    /// One turn over the hot rings: read each; put to sleep those quiet
-    /// for their spin window (flag raised, looked at once more). Returns
-    /// how many records there were.
     /// After a turn over the hot rings: a turn that found nothing, after
     /// [`link::PURE_SPIN_TURNS`] of them, gives the CPU to whoever else is
     /// runnable here: on a machine with fewer CPUs than busy processes,
@@ -892,6 +900,9 @@ impl Reactor {
         }
     }
 
+    /// One turn over the hot rings: read each; put to sleep those quiet
+    /// for their spin window (flag raised, looked at once more). Returns
+    /// how many records there were.
     fn service_links(&mut self) -> usize {
         let now = Instant::now();
         let mut total = 0;

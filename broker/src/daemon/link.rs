@@ -125,6 +125,8 @@ pub struct ConnLink {
     pub broken: bool,
     /// The client lied about our ring: it is never written again.
     pub mute: bool,
+    /// Its socket waits in the reactor's `drain_later` (at most once).
+    pub drain_queued: bool,
 }
 
 impl ConnLink {
@@ -144,6 +146,7 @@ impl ConnLink {
             buf: Vec::with_capacity(256),
             broken: false,
             mute: false,
+            drain_queued: false,
         }
     }
 
