@@ -1,0 +1,412 @@
+//! Attacks on the linked-socket handling of the reactor: doorbell floods
+//! (with and without records), a doorbell then a hang-up at once (the
+//! socket is drained at the end of the turn, after the ring), fd-carrying
+//! packets without markers under doorbells, and a churn of linked
+//! connections (the `PeerMap`) while others trickle. In each a socket
+//! bystander (and in some a linked one) pings: its p50 must stay within
+//! 3× its idle p50 + 1 ms, every round trip within 5 s; the broker must
+//! live and give back every fd.
+
+mod common;
+
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use shmbus_proto::frame::{encode_head, BrokerFrame, Doorbell, PayloadRef, Ping, Publish};
+use shmbus_proto::sys::socket::{self, OutPacket};
+
+/// Longest a single bystander round trip may take.
+const ONE_PING: Duration = Duration::from_secs(5);
+
+/// `n` pings on a socket client, sorted round trips; each bounded.
+fn socket_rtts(raw: &mut Raw, n: u64) -> Vec<Duration> {
+    let mut v = Vec::new();
+    for i in 0..n {
+        let t = Instant::now();
+        raw.send_body(&Ping { token: i }, &[]);
+        loop {
+            let left = ONE_PING.saturating_sub(t.elapsed());
+            let p = raw.recv_packet(left).unwrap_or_else(|| panic!("ping {i} unanswered in {ONE_PING:?}"));
+            assert!(!p.is_eof(), "the bystander was cut off");
+            if matches!(p.frame(), Some(BrokerFrame::Pong(p)) if p.token == i) {
+                break;
+            }
+        }
+        v.push(t.elapsed());
+        std::thread::sleep(Duration::from_micros(300));
+    }
+    v.sort();
+    v
+}
+
+/// The same for a linked client (the ping in its ring).
+fn link_rtts(l: &mut RawLink, n: u64) -> Vec<Duration> {
+    let mut v = Vec::new();
+    for i in 0..n {
+        let t = Instant::now();
+        l.send_body(&Ping { token: i }, &[]);
+        loop {
+            let left = ONE_PING.saturating_sub(t.elapsed());
+            let p =
+                l.recv_packet(left).unwrap_or_else(|| panic!("linked ping {i} unanswered in {ONE_PING:?}"));
+            assert!(!p.is_eof(), "the linked bystander was cut off");
+            if matches!(p.frame(), Some(BrokerFrame::Pong(p)) if p.token == i) {
+                break;
+            }
+        }
+        v.push(t.elapsed());
+        std::thread::sleep(Duration::from_micros(300));
+    }
+    v.sort();
+    v
+}
+
+fn pct(v: &[Duration], p: usize) -> Duration {
+    v[(v.len() * p / 100).min(v.len() - 1)]
+}
+
+fn check(what: &str, idle: &[Duration], busy: &[Duration]) {
+    eprintln!(
+        "{what}: idle p50 {:?} p99 {:?} max {:?}; attacked p50 {:?} p99 {:?} max {:?}",
+        pct(idle, 50),
+        pct(idle, 99),
+        idle[idle.len() - 1],
+        pct(busy, 50),
+        pct(busy, 99),
+        busy[busy.len() - 1]
+    );
+    assert!(
+        pct(busy, 50) < pct(idle, 50) * 3 + Duration::from_millis(1),
+        "{what}: the attack slows the bystander's round trips (p50 {:?}, idle {:?})",
+        pct(busy, 50),
+        pct(idle, 50)
+    );
+    assert!(busy[busy.len() - 1] < ONE_PING, "{what}: a round trip took {:?}", busy[busy.len() - 1]);
+}
+
+fn alive(b: &mut Broker) {
+    let status = b.child.as_mut().unwrap().try_wait().unwrap();
+    assert!(status.is_none(), "the broker died: {status:?}");
+}
+
+/// A doorbell packet sent without blocking (a full socket drops it).
+fn ring_nonblocking(raw: &Raw, head: &[u8]) -> bool {
+    socket::send_packet(raw.fd.as_fd(), OutPacket { head, payload: &[], fds: &[] }, true).is_ok()
+}
+
+/// Attackers on threads until `stop`; returns their join handles.
+fn attackers(
+    n: usize,
+    stop: &Arc<AtomicBool>,
+    count: &Arc<AtomicU64>,
+    address: &str,
+    body: impl Fn(&mut RawLink, u64) + Send + Sync + Clone + 'static,
+) -> Vec<std::thread::JoinHandle<()>> {
+    (0..n)
+        .map(|k| {
+            let (stop, count, address, body) =
+                (stop.clone(), count.clone(), address.to_owned(), body.clone());
+            std::thread::spawn(move || {
+                let mut l = RawLink::attach_at(&address, &format!("attacker{k}"));
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    body(&mut l, i);
+                    i += 1;
+                }
+                count.fetch_add(i, Ordering::Relaxed);
+            })
+        })
+        .collect()
+}
+
+fn join_bounded(handles: Vec<std::thread::JoinHandle<()>>) {
+    let deadline = Instant::now() + PATIENCE;
+    for h in handles {
+        while !h.is_finished() {
+            assert!(Instant::now() < deadline, "an attacker thread never stopped");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        h.join().unwrap();
+    }
+}
+
+/// Several linked clients flood doorbells on their sockets as fast as the
+/// kernel takes them, some also writing a record into their ring each
+/// time: the broker reads at most `SOCKET_READS` per event and defers the
+/// drain to the end of the turn; the bystanders must not notice.
+fn doorbell_flood(with_records: bool) {
+    let mut b = Broker::start("attack-doorbell-flood");
+    let base = b.baseline_fds();
+    let mut raw = Raw::hello(&b);
+    let mut linked = RawLink::attach(&b, "linked-bystander");
+    let idle = socket_rtts(&mut raw, 200);
+    let idle_link = link_rtts(&mut linked, 200);
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let bell = encode_head(&Doorbell).unwrap();
+    let hs = attackers(4, &stop, &count, &b.address, move |l, i| {
+        if with_records && i.is_multiple_of(4) {
+            // A record nobody answers (a doorbell frame in the ring);
+            // skipped when the ring is full.
+            let _ = l.producer.try_push(
+                l.map.peer(),
+                l.map.my_data(),
+                shmbus_proto::link::RecordKind::Frame,
+                &[&bell, &[]],
+            );
+            l.producer.publish(l.map.mine());
+        }
+        if !ring_nonblocking(&l.raw, &bell) {
+            std::thread::yield_now();
+        }
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let t0 = Instant::now();
+    let busy = socket_rtts(&mut raw, 300);
+    let busy_link = link_rtts(&mut linked, 300);
+    let el = t0.elapsed();
+    alive(&mut b);
+    stop.store(true, Ordering::Relaxed);
+    join_bounded(hs);
+    eprintln!("{} doorbells sent in ~{el:?} (records: {with_records})", count.load(Ordering::Relaxed));
+    check("socket bystander under a doorbell flood", &idle, &busy);
+    check("linked bystander under a doorbell flood", &idle_link, &busy_link);
+    drop(raw);
+    drop(linked);
+    b.wait_fd_count(base);
+    idle_costs_nothing(&b);
+    alive(&mut b);
+}
+
+/// Once the attackers are gone no ring is left hot: the broker sleeps.
+fn idle_costs_nothing(b: &Broker) {
+    std::thread::sleep(Duration::from_millis(100));
+    let c0 = b.cpu_ns();
+    std::thread::sleep(Duration::from_millis(300));
+    let spent = b.cpu_ns() - c0;
+    assert!(spent < 30_000_000, "an idle broker spent {spent} ns of CPU in 300 ms: a ring left hot");
+}
+
+#[test]
+fn attack_a_doorbell_flood_on_linked_sockets_starves_no_one() {
+    doorbell_flood(false);
+}
+
+#[test]
+fn attack_a_doorbell_flood_with_records_starves_no_one() {
+    doorbell_flood(true);
+}
+
+/// A linked client writes a record, rings, and hangs up (or half-closes)
+/// at once, over and over: the hang-up and the doorbell come in one
+/// event, the socket is drained after the ring. Nothing may be left
+/// behind (fds, mappings, hot rings spinning), and the bystander goes on.
+#[test]
+fn attack_doorbell_then_hang_up_at_once_leaves_nothing_behind() {
+    let mut b = Broker::start("attack-bell-eof");
+    let base = b.baseline_fds();
+    let mut raw = Raw::hello(&b);
+    let idle = socket_rtts(&mut raw, 200);
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(AtomicU64::new(0));
+    let hs: Vec<_> = (0..3)
+        .map(|k| {
+            let (stop, rounds, address) = (stop.clone(), rounds.clone(), b.address.clone());
+            std::thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let mut l = RawLink::attach_at(&address, "bell-eof");
+                    if i.is_multiple_of(2) {
+                        l.send_body(&Ping { token: i }, &[]);
+                    }
+                    l.raw.send_body(&Doorbell, &[]);
+                    match (i + k) % 3 {
+                        // Half-close: the broker sees EOF but may still write.
+                        0 => unsafe {
+                            libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(&l.raw.fd), libc::SHUT_WR);
+                        },
+                        // Several doorbells, then close.
+                        1 => {
+                            for _ in 0..8 {
+                                l.raw.send_body(&Doorbell, &[]);
+                            }
+                        }
+                        _ => {}
+                    }
+                    drop(l);
+                    i += 1;
+                }
+                rounds.fetch_add(i, Ordering::Relaxed);
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(50));
+    let busy = socket_rtts(&mut raw, 300);
+    alive(&mut b);
+    stop.store(true, Ordering::Relaxed);
+    join_bounded(hs);
+    eprintln!("{} doorbell-and-hang-up rounds", rounds.load(Ordering::Relaxed));
+    check("socket bystander while linked clients ring and hang up", &idle, &busy);
+    drop(raw);
+    b.wait_fd_count(base);
+    idle_costs_nothing(&b);
+    alive(&mut b);
+}
+
+/// Linked clients send packets with fds on their socket and never a
+/// marker, then flood doorbells: the broker holds at most one packet's
+/// fds per connection, the doorbells behind it wait in the kernel, and
+/// the bystander goes on.
+#[test]
+fn attack_fd_packets_without_markers_then_doorbells() {
+    let mut b = Broker::start("attack-fds-bells");
+    let base = b.baseline_fds();
+    let mut raw = Raw::hello(&b);
+    let idle = socket_rtts(&mut raw, 200);
+    let fds: Vec<_> = (0..4).map(|i| shmbus_proto::sys::memfd::from_bytes("p", &[i; 8]).unwrap()).collect();
+    let bell = encode_head(&Doorbell).unwrap();
+    let publish =
+        encode_head(&Publish { topic: "x", origin: None, payload: PayloadRef::Memfd { len: 8 } }).unwrap();
+    const CONNS: usize = 8;
+    let mut evil: Vec<RawLink> = (0..CONNS).map(|k| RawLink::attach(&b, &format!("evil{k}"))).collect();
+    for (k, l) in evil.iter().enumerate() {
+        let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+        // The first is not flooded (below it must still make progress: a
+        // socket filled with doorbells while its ring sleeps would leave
+        // it no way to ring, its own doing).
+        let (packets, bells) = if k == 0 { (4, 4) } else { (16, 32) };
+        for _ in 0..packets {
+            let _ = socket::send_packet(
+                l.raw.fd.as_fd(),
+                OutPacket { head: &publish, payload: &[], fds: &borrowed },
+                true,
+            );
+            for _ in 0..bells {
+                ring_nonblocking(&l.raw, &bell);
+            }
+        }
+    }
+    // Doorbells keep coming while the bystander pings.
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooders: Vec<_> = evil
+        .iter()
+        .skip(1)
+        .map(|l| {
+            let fd = l.raw.fd.try_clone().unwrap();
+            let (stop, bell) = (stop.clone(), bell.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if socket::send_packet(
+                        fd.as_fd(),
+                        OutPacket { head: &bell, payload: &[], fds: &[] },
+                        true,
+                    )
+                    .is_err()
+                    {
+                        std::thread::sleep(Duration::from_micros(50));
+                    }
+                }
+            })
+        })
+        .collect();
+    let busy = socket_rtts(&mut raw, 300);
+    alive(&mut b);
+    let held = b.fd_count();
+    stop.store(true, Ordering::Relaxed);
+    join_bounded(flooders);
+    check("socket bystander while fd packets wait for markers", &idle, &busy);
+    // The sockets, the bystander's, and one packet's fds per connection.
+    assert!(held <= base + 1 + CONNS * (1 + 4), "the broker holds {held} fds (baseline {base})");
+    // Markers for a few: the connection goes on, in order.
+    let l = &mut evil[0];
+    for _ in 0..4 {
+        assert!(l
+            .producer
+            .try_push(l.map.peer(), l.map.my_data(), shmbus_proto::link::RecordKind::Marker, &[])
+            .unwrap());
+    }
+    l.publish();
+    l.raw.send_body(&Doorbell, &[]);
+    l.send_body(&Ping { token: 7 }, &[]);
+    let deadline = Instant::now() + ONE_PING;
+    let mut refused = 0;
+    loop {
+        let p =
+            l.recv_packet(deadline.saturating_duration_since(Instant::now())).expect("no pong within 5 s");
+        match p.frame() {
+            Some(BrokerFrame::OpError(_)) => refused += 1,
+            Some(BrokerFrame::Pong(p)) => {
+                assert_eq!(p.token, 7);
+                assert_eq!(refused, 4, "each payload taken in its place (and refused: 4 fds for one memfd)");
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    drop(evil);
+    drop(fds);
+    drop(raw);
+    b.wait_fd_count(base);
+    alive(&mut b);
+}
+
+/// Hundreds of linked connections come and go (the peer map grows,
+/// shrinks, its slots reused) while a few others trickle records and a
+/// linked and a socket bystander ping.
+#[test]
+fn attack_linked_connection_churn_while_others_trickle() {
+    // Room for 200 links at once and those still closing.
+    let mut b = Broker::start_with(
+        "attack-link-churn",
+        &["--max-connections-per-uid", "2048", "--uid-ring-bytes", "2147483648"],
+    );
+    let base = b.baseline_fds();
+    let mut raw = Raw::hello(&b);
+    let mut linked = RawLink::attach(&b, "linked-bystander");
+    let idle = socket_rtts(&mut raw, 200);
+    let idle_link = link_rtts(&mut linked, 200);
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let trick = attackers(3, &stop, &count, &b.address, |l, _| {
+        l.send_body(&Doorbell, &[]);
+        std::thread::sleep(Duration::from_micros(30));
+    });
+    let churned = Arc::new(AtomicU64::new(0));
+    let churn: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, churned, address) = (stop.clone(), churned.clone(), b.address.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    // 100 at once per thread (200 in all), then all gone.
+                    let mut ls: Vec<RawLink> =
+                        (0..100).map(|_| RawLink::attach_at(&address, "churn")).collect();
+                    for (i, l) in ls.iter_mut().enumerate() {
+                        if i.is_multiple_of(3) {
+                            l.send_body(&Doorbell, &[]);
+                        }
+                    }
+                    churned.fetch_add(ls.len() as u64, Ordering::Relaxed);
+                    drop(ls);
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let busy = socket_rtts(&mut raw, 300);
+    let busy_link = link_rtts(&mut linked, 300);
+    alive(&mut b);
+    stop.store(true, Ordering::Relaxed);
+    join_bounded(churn);
+    join_bounded(trick);
+    eprintln!("{} linked connections churned", churned.load(Ordering::Relaxed));
+    check("socket bystander during link churn", &idle, &busy);
+    check("linked bystander during link churn", &idle_link, &busy_link);
+    drop(raw);
+    drop(linked);
+    b.wait_fd_count(base);
+    idle_costs_nothing(&b);
+    alive(&mut b);
+}
