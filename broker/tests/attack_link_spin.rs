@@ -79,7 +79,9 @@ fn check(what: &str, idle: &[Duration], busy: &[Duration]) {
         busy[busy.len() - 1]
     );
     assert!(
-        pct(busy, 50) < pct(idle, 50) * 3 + Duration::from_millis(1),
+        // 2 ms of slack: the hang-up attack measured up to 654 µs here,
+        // its own linking cost, and CI machines are busier.
+        pct(busy, 50) < pct(idle, 50) * 3 + Duration::from_millis(2),
         "{what}: the attack slows the bystander's round trips (p50 {:?}, idle {:?})",
         pct(busy, 50),
         pct(idle, 50)

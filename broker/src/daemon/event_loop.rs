@@ -654,9 +654,10 @@ impl Reactor {
     /// Drains the sockets of the linked connections that were readable
     /// this turn, and, where that found something (a hang-up, a packet
     /// held for its marker, a doorbell: see `read_link_socket`), acts on
-    /// it as it would have had the socket been read first. Until none is
-    /// left: with edge-triggered readiness, a socket left unread is not
-    /// reported again.
+    /// it as it would have had the socket been read first. Until no
+    /// connection is queued (acting may queue more); each socket is read
+    /// as `read_link_socket` reads it, up to [`link::SOCKET_READS`]
+    /// packets, the rest left for its next event or marker as before.
     fn drain_link_sockets(&mut self) {
         while !self.drain_later.is_empty() {
             for id in std::mem::take(&mut self.drain_later) {
