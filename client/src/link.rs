@@ -29,7 +29,10 @@
 //!   something since the last read, since then we wait for an answer that
 //!   others must run to make; past the first 2 µs otherwise), then raise
 //!   the flag and look again (`prepare_sleep`, the store-buffering pair of
-//!   the broker's `must_ring`), then wait for the socket. The flag is
+//!   the broker's `must_ring`), then wait for the socket. While a read
+//!   waits, our half's `presence` says so, with our CPU, and says we run
+//!   again once it returns: a broker spinning on our CPU then yields it
+//!   to us only when it has written something for us. The flag is
 //!   lowered (`wake`) whenever a doorbell may have been spent on it: the
 //!   socket was found readable, or a doorbell was read. Otherwise it stays
 //!   up across reads, so a busy reader costs the broker one doorbell per
@@ -63,9 +66,9 @@ use parking_lot::Mutex;
 
 use shmbus_proto::frame::{decode_broker, encode_head, BrokerFrame, Doorbell, GoodbyeCode};
 use shmbus_proto::link::shm::LinkMap;
-use shmbus_proto::link::{Consumer, LinkError, Producer, RecordKind};
-use shmbus_proto::sys::futex;
+use shmbus_proto::link::{Consumer, LinkError, Presence, Producer, RecordKind};
 use shmbus_proto::sys::socket::{self, OutPacket, RecvBatch, RecvStatus};
+use shmbus_proto::sys::{futex, sched};
 
 use crate::connection::Inner;
 use crate::error::Disconnect;
@@ -453,6 +456,9 @@ pub(crate) struct LinkRx {
     resets: u32,
     /// Shared with the sender: the broker is known to be gone.
     gone: Arc<AtomicBool>,
+    /// The CPU we said we wait on (our half's `presence`), while a read
+    /// waits.
+    waiting_on: Option<u32>,
 }
 
 impl LinkRx {
@@ -472,6 +478,7 @@ impl LinkRx {
             eof: false,
             resets: 0,
             gone,
+            waiting_on: None,
         }
     }
 }
@@ -495,6 +502,17 @@ impl Inner {
     /// all) for one. Whether anything was dispatched (or the connection
     /// closed). Returning `false`, the flag is up (see the essay).
     pub(crate) fn read_link(&self, rx: &mut LinkRx, timeout: Option<Duration>) -> io::Result<bool> {
+        let read = self.wait_link(rx, timeout);
+        if rx.waiting_on.take().is_some() {
+            // Back to the app's code: the broker yields its CPU for us
+            // again if it shares it with us. Where we run now: a sleep
+            // may have ended on another CPU.
+            Presence::Running { cpu: sched::current_cpu() }.announce(rx.map.mine());
+        }
+        read
+    }
+
+    fn wait_link(&self, rx: &mut LinkRx, timeout: Option<Duration>) -> io::Result<bool> {
         let start = Instant::now();
         let deadline = timeout.and_then(|t| start.checked_add(t));
         let nonblocking = timeout == Some(Duration::ZERO);
@@ -543,6 +561,13 @@ impl Inner {
                 continue;
             }
             let (mine, peer) = (rx.map.mine(), rx.map.peer());
+            if !nonblocking && rx.waiting_on.is_none() {
+                // A broker spinning on this CPU need not yield to us until
+                // it has written something for us.
+                let cpu = sched::current_cpu();
+                Presence::Waiting { cpu }.announce(mine);
+                rx.waiting_on = Some(cpu);
+            }
             if !nonblocking && !spun && !rx.spin.is_zero() {
                 spun = true;
                 let left = deadline.map_or(rx.spin, |d| d.saturating_duration_since(Instant::now()));
@@ -837,7 +862,7 @@ fn spin(
             return Ok(false);
         }
         if now >= next_yield {
-            std::thread::yield_now();
+            sched::yield_cpu();
             if !answer {
                 let after = Instant::now();
                 let alone = after - now < YIELD_ALONE;

@@ -35,13 +35,13 @@ use tracing::{debug, info, warn};
 use shmbus_proto::frame::{
     self, decode_client, encode_head, Attached, Batch, ClientFrame, Doorbell, Goodbye, GoodbyeCode, Kind,
 };
-use shmbus_proto::link::{shm as link_shm, LinkError, RecordKind};
+use shmbus_proto::link::{shm as link_shm, LinkError, Presence, RecordKind};
 use shmbus_proto::sync::Ordering;
-use shmbus_proto::sys::futex;
 use shmbus_proto::sys::socket::{self, OutPacket, RecvBatch, RecvStatus, MAX_BATCH};
+use shmbus_proto::sys::{futex, sched};
 
 use super::config::Config;
-use super::link::{self, ConnLink};
+use super::link::{self, ConnLink, CpuWanted};
 use super::signals::{SignalPipe, Signals};
 use super::systemd::Notifier;
 use crate::bus::driver::Damage;
@@ -133,6 +133,24 @@ struct Reactor {
     /// No yields before then: the last one lost the CPU for a whole time
     /// slice ([`link::YIELD_LONG`]).
     no_yield_until: Option<Instant>,
+    /// When the last yield ended.
+    last_yield: Instant,
+    /// Linked clients with frames from us in their ring they have not read
+    /// yet (at most [`link::UNREAD_TRACKED`]; [`ConnLink::unread_listed`]):
+    /// those on this CPU can read them only when we yield.
+    unread_by: Vec<PeerId>,
+    /// More had unread frames than `unread_by` holds: where they run is
+    /// unknown until the list empties.
+    unread_untracked: bool,
+    /// A socket send since the last yield that ran no one may have woken
+    /// a process on this CPU (a socket client, a sleeping linked one).
+    woke_unknown: bool,
+    /// The last [`Reactor::cpu_wanted`] verdict, when it was reached, and
+    /// whether something since calls for a new one (see
+    /// [`link::CPU_WANTED_FOR`]).
+    wanted: CpuWanted,
+    wanted_at: Instant,
+    wanted_stale: bool,
     doorbell: Vec<u8>,
     /// One packet at a time, for linked connections' sockets.
     link_batch: Option<RecvBatch>,
@@ -185,6 +203,13 @@ impl Reactor {
             drain_later: Vec::new(),
             shared_cpu: false,
             no_yield_until: None,
+            last_yield: Instant::now(),
+            unread_by: Vec::new(),
+            unread_untracked: false,
+            woke_unknown: false,
+            wanted: CpuWanted::Maybe,
+            wanted_at: Instant::now(),
+            wanted_stale: true,
         })
     }
 
@@ -563,7 +588,10 @@ impl Reactor {
             match result {
                 // Packets go whole or not at all: the frames of the first
                 // `n` went.
-                Ok(n) => self.bus.sent(id, plan[..n].iter().sum(), Instant::now()),
+                Ok(n) => {
+                    self.woke_unknown |= n > 0;
+                    self.bus.sent(id, plan[..n].iter().sum(), Instant::now())
+                }
                 Err(e) if e.raw_os_error() == Some(rustix::io::Errno::TOOMANYREFS.raw_os_error()) => {
                     // The kernel caps the fds this process has in flight in
                     // all its sockets. Not this connection's fault; retry
@@ -870,35 +898,116 @@ impl Reactor {
         records
     }
 
-    /// After a turn over the hot rings: a turn that found nothing, after
-    /// [`link::PURE_SPIN_TURNS`] of them, gives the CPU to whoever else is
-    /// runnable here: on a machine with fewer CPUs than busy processes,
-    /// the client that will write next may be waiting for this very CPU.
-    /// (The rings' windows bound the spin, yields and all.) When the last
-    /// yield ran someone else (it took [`link::YIELD_ALONE`] or more), the
-    /// first quiet turn yields: the process that shares this CPU is most
-    /// likely the one that answers what we just delivered.
+    /// After a turn over the hot rings: a turn that found nothing may give
+    /// the CPU to whoever else is runnable here (on a machine with fewer
+    /// CPUs than busy processes, the client that must run next may be
+    /// waiting for this very CPU), as [`CpuWanted`] says:
+    /// - `Known` (a linked client here has frames to read, or runs its
+    ///   own code): at once;
+    /// - `Maybe`: after [`link::PURE_SPIN_TURNS`] quiet turns, or at once
+    ///   when the last yield ran someone else (it took
+    ///   [`link::YIELD_ALONE`] or more): the process that shares this CPU
+    ///   is most likely the one that answers what we just delivered;
+    /// - `No`: only every [`link::YIELD_PROBE`].
+    ///
+    /// (The rings' windows bound the spin, yields and all.) The verdict
+    /// is kept for [`link::CPU_WANTED_FOR`], or until a turn writes into a
+    /// ring or we yield.
     fn spin_turn(&mut self, quiet: bool) {
         if !quiet {
             self.quiet_turns = 0;
             return;
         }
         self.quiet_turns = self.quiet_turns.saturating_add(1);
-        let pure = if self.shared_cpu { 0 } else { link::PURE_SPIN_TURNS };
-        if self.quiet_turns > pure {
-            let before = Instant::now();
-            if self.no_yield_until.is_some_and(|t| before < t) {
-                return;
-            }
-            std::thread::yield_now();
-            let took = before.elapsed();
-            self.shared_cpu = took >= link::YIELD_ALONE;
-            if took >= link::YIELD_LONG {
-                // A CPU-bound process shares this CPU, and each yield gives
-                // it a whole slice: spin for our own share instead.
-                self.no_yield_until = Some(before + took + link::YIELD_BAN);
+        let before = Instant::now();
+        if self.no_yield_until.is_some_and(|t| before < t) {
+            return;
+        }
+        if self.wanted_stale || before.saturating_duration_since(self.wanted_at) >= link::CPU_WANTED_FOR {
+            self.wanted = self.cpu_wanted();
+            self.wanted_at = before;
+            self.wanted_stale = false;
+        }
+        let give = match self.wanted {
+            CpuWanted::Known => true,
+            CpuWanted::Maybe => self.shared_cpu || self.quiet_turns > link::PURE_SPIN_TURNS,
+            CpuWanted::No => before.saturating_duration_since(self.last_yield) >= link::YIELD_PROBE,
+        };
+        if !give {
+            return;
+        }
+        sched::yield_cpu();
+        let after = Instant::now();
+        let took = after.saturating_duration_since(before);
+        self.last_yield = after;
+        self.wanted_stale = true;
+        self.shared_cpu = took >= link::YIELD_ALONE;
+        if !self.shared_cpu {
+            // No one was waiting for this CPU.
+            self.woke_unknown = false;
+        }
+        if took >= link::YIELD_LONG {
+            // A CPU-bound process shares this CPU, and each yield gives
+            // it a whole slice: spin for our own share instead.
+            self.no_yield_until = Some(before + took + link::YIELD_BAN);
+        }
+    }
+
+    /// Whether a process on this CPU waits for it ([`CpuWanted`]), as far
+    /// as the `presence` words of the clients we wrote to and of those
+    /// that write to us tell. A socket send since the last yield that ran
+    /// no one, or more unread rings than we follow, leave it open. (A lie
+    /// changes only when we yield, which the spin windows and the yield
+    /// ban bound.)
+    fn cpu_wanted(&mut self) -> CpuWanted {
+        let here = sched::current_cpu();
+        let mut wanted =
+            if self.woke_unknown || self.unread_untracked { CpuWanted::Maybe } else { CpuWanted::No };
+        let mut i = 0;
+        while i < self.unread_by.len() {
+            let id = self.unread_by[i];
+            let verdict = match self.conns.get_mut(&id).and_then(|c| c.link.as_mut()) {
+                Some(link) if !link.mute => {
+                    let said = Presence::of(link.map.peer());
+                    let (producer, peer) = (&link.producer, link.map.peer());
+                    let v = link::reader_wants(here, said, link.rang, || producer.unread(peer));
+                    if v.is_none() {
+                        link.unread_listed = false;
+                        link.rang = false;
+                    }
+                    v
+                }
+                _ => None,
+            };
+            match verdict {
+                None => {
+                    self.unread_by.swap_remove(i);
+                }
+                Some(v) => {
+                    wanted = wanted.max(v);
+                    i += 1;
+                }
             }
         }
+        if self.unread_by.is_empty() {
+            self.unread_untracked = false;
+        }
+        let mut dense = false;
+        for &id in &self.hot {
+            if let Some(link) = self.conns.get(&id).and_then(|c| c.link.as_ref()) {
+                wanted = wanted.max(link::writer_wants(here, Presence::of(link.map.peer())));
+                dense |= link.gap <= link::DENSE_GAP;
+            }
+        }
+        if !dense {
+            // Spinning without yields pays only within a dense exchange
+            // (records µs apart): after a lone wake-up our window is short,
+            // and the processes the doorbells woke may be here whatever
+            // they said before they slept (the idle round trip was 1.25×
+            // the socket's with `No` there, 1.1× without).
+            wanted = wanted.max(CpuWanted::Maybe);
+        }
+        wanted
     }
 
     /// One turn over the hot rings: read each; put to sleep those quiet
@@ -1062,6 +1171,17 @@ impl Reactor {
                 // doorbell that does not fit is not needed.
                 let packet = OutPacket { head: &self.doorbell, payload: &[], fds: &[] };
                 let _ = socket::send_packet(conn.fd.as_fd(), packet, true);
+                // It slept: the kernel wakes it on a CPU of its choosing.
+                link.rang = true;
+            }
+            self.wanted_stale = true;
+            if !link.unread_listed {
+                if self.unread_by.len() < link::UNREAD_TRACKED {
+                    link.unread_listed = true;
+                    self.unread_by.push(id);
+                } else {
+                    self.unread_untracked = true;
+                }
             }
         }
     }

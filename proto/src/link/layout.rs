@@ -66,6 +66,11 @@ pub struct HalfHeader {
     /// Bumped by the owner each time it rings the other side for room: the
     /// futex word a blocked client sender sleeps on (broker half only).
     pub room: Line<AtomicU32>,
+    /// Where the owner runs, as a scheduling hint for the other side and
+    /// nothing else (see [`crate::link::protocol::Presence`]): 0 not said;
+    /// else `(cpu + 1) << 1`, with bit 0 set while the owner waits for the
+    /// other half's ring with nothing else to do (client half only).
+    pub presence: Line<AtomicU32>,
 }
 
 /// Total bytes of one half for `capacity` bytes of data.
@@ -90,7 +95,7 @@ mod tests {
     #[test]
     fn header_fits_the_header_page_and_fields_sit_on_their_own_lines() {
         assert!(std::mem::size_of::<HalfHeader>() <= DATA_OFFSET);
-        assert_eq!(std::mem::size_of::<HalfHeader>(), 8 * 64);
+        assert_eq!(std::mem::size_of::<HalfHeader>(), 9 * 64);
         assert_eq!(std::mem::offset_of!(HalfHeader, tail), 3 * 64);
         assert_eq!(std::mem::offset_of!(HalfHeader, room), 7 * 64);
     }

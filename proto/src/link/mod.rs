@@ -27,6 +27,11 @@
 //! cannot turn into a blocking write), or, for a client sender waiting for
 //! room, a futex wake on the broker half's `room` word.
 //!
+//! Each client also says in its half where it runs (`presence`: its CPU,
+//! and whether it only waits for the broker's ring): a scheduling hint by
+//! which a broker spinning on the same CPU knows whether to yield, and
+//! nothing else ([`protocol::Presence`]).
+//!
 //! [`protocol`] is the algorithm on plain references to atomics, so
 //! [`model`] runs the same functions under loom (`RUSTFLAGS="--cfg loom"
 //! cargo test -p shmbus-proto --lib --release --target-dir target/loom
@@ -39,4 +44,4 @@ pub mod protocol;
 #[cfg(not(loom))]
 pub mod shm;
 
-pub use protocol::{Consumer, LinkError, Producer, RecordKind};
+pub use protocol::{Consumer, LinkError, Presence, Producer, RecordKind};

@@ -44,6 +44,55 @@
 use crate::link::layout::{HalfHeader, KIND_FRAME, KIND_MARKER, KIND_PAD, RECORD_HEADER};
 use crate::sync::{fence, AtomicU64, Ordering};
 
+/// Where a half's owner runs, as it last said: a hint by which the other
+/// side decides whether to give up its CPU while it spins (on a machine
+/// with fewer CPUs than busy processes, a peer that shares our CPU can run
+/// only when we yield; one on another CPU needs nothing from us). Never
+/// trusted for anything else: a peer that lies only changes when the
+/// other side yields, which it bounds on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    /// Not said (a peer that does not tell, or has not yet).
+    Unknown,
+    /// Waiting for the other half's ring, with nothing else to do: it
+    /// needs the CPU only once records come.
+    Waiting { cpu: u32 },
+    /// Running its own code, last seen on `cpu`.
+    Running { cpu: u32 },
+}
+
+impl Presence {
+    fn word(self) -> u32 {
+        match self {
+            Presence::Unknown => 0,
+            Presence::Waiting { cpu } => (cpu.wrapping_add(1) << 1) | 1,
+            Presence::Running { cpu } => cpu.wrapping_add(1) << 1,
+        }
+    }
+
+    fn from_word(w: u32) -> Presence {
+        let cpu = (w >> 1).wrapping_sub(1);
+        match (w >> 1, w & 1) {
+            (0, _) => Presence::Unknown,
+            (_, 1) => Presence::Waiting { cpu },
+            _ => Presence::Running { cpu },
+        }
+    }
+
+    /// Says where we run, in our own half.
+    pub fn announce(self, mine: &HalfHeader) {
+        // Relaxed: a hint, ordered with nothing; a stale value costs the
+        // other side one yield too many or too few.
+        mine.presence.v.store(self.word(), Ordering::Relaxed);
+    }
+
+    /// What the peer last said (any word reads as some presence).
+    pub fn of(peer: &HalfHeader) -> Presence {
+        // Relaxed: as in `announce`.
+        Presence::from_word(peer.presence.v.load(Ordering::Relaxed))
+    }
+}
+
 /// What a peer did that the protocol does not allow.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LinkError {
@@ -231,6 +280,14 @@ impl Producer {
     /// Whether records were written since the last [`Producer::publish`].
     pub fn unpublished(&self) -> bool {
         self.published != self.tail
+    }
+
+    /// Whether the consumer has yet to read something we published (a
+    /// hint: `head` is loaded Relaxed and not checked; a lie shows at the
+    /// next `has_room`).
+    pub fn unread(&self, peer: &HalfHeader) -> bool {
+        // Relaxed: only a hint for scheduling, see `Presence`.
+        peer.head.v.load(Ordering::Relaxed) != self.published
     }
 
     /// Makes every record written so far visible to the consumer.

@@ -8,4 +8,5 @@ pub mod activation;
 pub mod futex;
 pub mod memfd;
 pub mod mmap;
+pub mod sched;
 pub mod socket;
