@@ -385,6 +385,7 @@ impl Bus {
             calls_in: Default::default(),
             calls_out: Default::default(),
             unacked_fds: 0,
+            last_route: Default::default(),
             connected_at: now,
             usage,
             _connection: connection,
@@ -652,8 +653,20 @@ impl Bus {
     /// `max`, stopping before a frame whose fds the peer's window or its
     /// uid's unacknowledged-fd room cannot take.
     pub fn sendable(&mut self, id: PeerId, max: usize) -> Vec<&OutFrame> {
+        let n = self.sendable_count(id, max);
+        match self.peers.get(&id) {
+            Some(p) => p.queue.front(n).collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// How many frames at the front of `id`'s queue may go now (see
+    /// [`Bus::sendable`], which collects them; this lets a caller walk
+    /// them in place, `peer(id).queue.front(n)`, with no allocation per
+    /// flush).
+    pub fn sendable_count(&mut self, id: PeerId, max: usize) -> usize {
         let window = u64::from(self.cfg.fd_window);
-        let Some(p) = self.peers.get(&id) else { return Vec::new() };
+        let Some(p) = self.peers.get(&id) else { return 0 };
         let mut own = window.saturating_sub(p.unacked_fds);
         let mut uid = p.usage.room(Resource::UnackedFds);
         let mut n = 0;
@@ -677,8 +690,7 @@ impl Bus {
                 waiting.push(id);
             }
         }
-        let p = &self.peers[&id];
-        p.queue.front(n).collect()
+        n
     }
 
     /// The first `n` frames of the peer's queue went out.

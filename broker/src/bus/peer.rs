@@ -85,6 +85,43 @@ pub enum LinkPhase {
     Attached(Charge),
 }
 
+/// The subject a peer last published on and what it matched, so that a
+/// stream on one subject is checked and routed once, not per message (a
+/// third of a busy broker's time per message went to validating the
+/// subject, splitting it and walking the trie). Valid while the router's
+/// generation is the one it was made in; kept only for a match of at
+/// most [`LastRoute::MAX_MATCHES`] subscriptions, so a peer holds a
+/// bounded copy. Only what depends on the subject alone is skipped: the
+/// access check (with its own per-subject memory) runs every time.
+#[derive(Debug, Default)]
+pub struct LastRoute {
+    pub topic: String,
+    pub generation: Option<u64>,
+    pub matches: Vec<(PeerId, u32)>,
+}
+
+impl LastRoute {
+    pub const MAX_MATCHES: usize = 64;
+
+    /// Whether `topic` was routed last, with the router at `generation`.
+    pub fn holds(&self, topic: &str, generation: u64) -> bool {
+        self.generation == Some(generation) && self.topic == topic
+    }
+
+    /// Remembers a route (reusing the buffers); forgets when too big.
+    pub fn remember(&mut self, topic: &str, generation: u64, matches: &[(PeerId, u32)]) {
+        if matches.len() > Self::MAX_MATCHES {
+            self.generation = None;
+            return;
+        }
+        self.topic.clear();
+        self.topic.push_str(topic);
+        self.matches.clear();
+        self.matches.extend_from_slice(matches);
+        self.generation = Some(generation);
+    }
+}
+
 /// A subscription and what it costs its uid.
 #[derive(Debug)]
 pub struct Subscription {
@@ -130,6 +167,8 @@ pub struct Peer {
     pub news_queued: u32,
     /// Fds sent to this peer and not yet acknowledged with `FdAck`.
     pub unacked_fds: u64,
+    /// The subject this peer last published on, checked and routed.
+    pub last_route: LastRoute,
     pub connected_at: Instant,
     pub usage: Rc<Usage>,
     /// This connection's share of its uid's connection count.

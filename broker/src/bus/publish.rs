@@ -40,25 +40,30 @@ impl Bus {
         now: Instant,
     ) {
         let Publish { topic, origin, payload: payload_ref } = *publish;
+        let generation = self.router.generation();
         let Some(p) = self.peers.get_mut(&id) else { return };
         p.published += 1;
         let seq = p.published;
         let sender = Sender { client_id: p.id, uid: p.cred.uid, gid: p.cred.gid, pid: p.cred.pid };
         let op = Op::Publish { seq };
-        if let Err(e) = validate_subject(topic) {
-            let msg = format!("invalid subject {topic:?}: {e}");
-            return self.op_error(id, op, ErrorCode::InvalidSubject, &msg, now);
+        // The checks on the subject alone passed for the last one routed.
+        let checked = p.last_route.holds(topic, generation);
+        if !checked {
+            if let Err(e) = validate_subject(topic) {
+                let msg = format!("invalid subject {topic:?}: {e}");
+                return self.op_error(id, op, ErrorCode::InvalidSubject, &msg, now);
+            }
+            if topic.split('.').next() == Some(super::service::SYS_PREFIX) {
+                let msg = format!(
+                    "subjects under {} are the broker's: clients may not publish on them",
+                    super::service::SYS_PREFIX
+                );
+                return self.op_error(id, op, ErrorCode::Denied, &msg, now);
+            }
         }
         if let Some(Err(e)) = origin.map(validate_origin) {
             let msg = format!("invalid origin for a publish on {topic:?}: {e}");
             return self.op_error(id, op, ErrorCode::InvalidOrigin, &msg, now);
-        }
-        if topic.split('.').next() == Some(super::service::SYS_PREFIX) {
-            let msg = format!(
-                "subjects under {} are the broker's: clients may not publish on them",
-                super::service::SYS_PREFIX
-            );
-            return self.op_error(id, op, ErrorCode::Denied, &msg, now);
         }
         // Once per subject, not per message: the verdict is remembered.
         let denied = self.peers.get_mut(&id).and_then(|p| p.access.check_publish(topic).err());
@@ -104,7 +109,7 @@ impl Bus {
         };
         bump(&mut self.counters.msgs_in, 1);
         bump(&mut self.counters.bytes_in, bytes);
-        self.fan_out(topic, sender, seq, origin, payload_ref, payload, shared, now);
+        self.fan_out(Some(id), topic, sender, seq, origin, payload_ref, payload, shared, now);
         if !self.monitors.is_empty() {
             let mut receivers: Vec<u64> = self.matches.iter().map(|&(peer, _)| peer).collect();
             receivers.dedup();
@@ -121,10 +126,13 @@ impl Bus {
         }
     }
 
-    /// Routes one accepted message to every matching subscription.
+    /// Routes one accepted message to every matching subscription; a
+    /// `publisher`'s last route is used, or made, on the way (see
+    /// [`super::peer::LastRoute`]).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn fan_out(
         &mut self,
+        publisher: Option<PeerId>,
         topic: &str,
         sender: Sender,
         seq: u64,
@@ -136,7 +144,17 @@ impl Bus {
     ) {
         let mut matches = std::mem::take(&mut self.matches);
         matches.clear();
-        self.router.matches(topic, &mut matches);
+        let generation = self.router.generation();
+        match publisher.and_then(|id| self.peers.get_mut(&id)) {
+            Some(p) if p.last_route.holds(topic, generation) => {
+                matches.extend_from_slice(&p.last_route.matches)
+            }
+            Some(p) => {
+                self.router.matches(topic, &mut matches);
+                p.last_route.remember(topic, generation, &matches);
+            }
+            None => self.router.matches(topic, &mut matches),
+        }
         if !matches.is_empty() {
             let inline: Option<Arc<[u8]>> = (!payload.is_empty()).then(|| Arc::from(payload));
             // What each delivery will cost, before it is encoded: a head is

@@ -297,6 +297,9 @@ pub struct Router<K> {
     /// Each distinct pattern and its leaf.
     patterns: BTreeMap<Box<str>, u32>,
     subscriptions: usize,
+    /// Bumped by every insert and remove: a match remembered with the
+    /// generation it was made in holds while this has not moved.
+    generation: u64,
 }
 
 impl<K> std::fmt::Debug for Router<K> {
@@ -333,7 +336,13 @@ impl<K: Copy + Eq + Hash + Ord> Router<K> {
             next_token: 0,
             patterns: BTreeMap::new(),
             subscriptions: 0,
+            generation: 0,
         }
+    }
+
+    /// Moves on whenever what any subject matches may have changed.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Adds `key` under `pattern` (which `validate_pattern` accepted). A
@@ -342,6 +351,7 @@ impl<K: Copy + Eq + Hash + Ord> Router<K> {
     /// the caller refuses it (defence in depth; validation refuses it
     /// first).
     pub fn insert(&mut self, pattern: &str, key: K) -> bool {
+        self.generation += 1;
         if let Some(&leaf) = self.patterns.get(pattern) {
             if self.leaves[leaf as usize].insert(key) {
                 self.subscriptions += 1;
@@ -410,6 +420,7 @@ impl<K: Copy + Eq + Hash + Ord> Router<K> {
 
     /// Removes `key` from `pattern`. Returns whether it was there.
     pub fn remove(&mut self, pattern: &str, key: K) -> bool {
+        self.generation += 1;
         let Some(&leaf) = self.patterns.get(pattern) else { return false };
         if !self.leaves[leaf as usize].remove(&key) {
             return false;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use shmbus_proto::frame::{
     decode_broker, encode_frame, encode_head, BrokerFrame, ChannelClose, ChannelOpen, ChannelOverflow,
     ChannelRole, ErrorCode, FdAck, GoodbyeCode, Hello, Overflow, PayloadRef, Publish, Query, QueryKind,
-    Subscribe, PROTOCOL_VERSION,
+    Subscribe, Unsubscribe, PROTOCOL_VERSION,
 };
 use shmbus_proto::sys::socket::PeerCred;
 
@@ -132,6 +132,37 @@ fn a_publish_reaches_each_matching_subscription_in_order() {
     assert_eq!(sorted, want);
     // Per subscription, in publish order.
     assert!(got.iter().filter(|g| g.0 == 1).map(|g| g.1).eq([1, 2]));
+}
+
+/// A publisher's stream on one subject is routed once and the route
+/// remembered; any subscription made or ended since, by anyone, routes
+/// it again, and a subject that fails its checks is refused however often
+/// the last good one was sent.
+#[test]
+fn a_remembered_route_follows_every_change_of_subscriptions() {
+    let mut w = World::new(config());
+    let (a, b, c) = (w.join(1000), w.join(1001), w.join(1002));
+    w.subscribe(b, 1, "s.x");
+    w.take(b);
+    let delivered =
+        |w: &mut World, id| w.take(id).into_iter().filter(|f| matches!(f, BrokerFrame::Deliver(..))).count();
+    w.publish(a, "s.x", b"1");
+    w.publish(a, "s.x", b"2");
+    assert_eq!((delivered(&mut w, b), delivered(&mut w, c)), (2, 0));
+    w.subscribe(c, 7, "s.*");
+    w.take(c);
+    w.publish(a, "s.x", b"3");
+    assert_eq!((delivered(&mut w, b), delivered(&mut w, c)), (1, 1), "a new subscriber gets the stream");
+    w.send(b, &Unsubscribe { sub_id: 1 });
+    w.take(b);
+    w.publish(a, "s.x", b"4");
+    assert_eq!((delivered(&mut w, b), delivered(&mut w, c)), (0, 1), "an ended one does not");
+    w.publish(a, "s..x", b"5");
+    w.publish(a, "$SYS.x", b"6");
+    let refused = w.take(a).into_iter().filter(|f| matches!(f, BrokerFrame::OpError(..))).count();
+    assert_eq!(refused, 2, "bad subjects are refused after a good one");
+    w.publish(a, "s.x", b"7");
+    assert_eq!(delivered(&mut w, c), 1);
 }
 
 #[test]

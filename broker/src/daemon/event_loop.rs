@@ -1067,14 +1067,16 @@ impl Reactor {
                 return;
             }
             link.producer.end_wait(link.map.mine());
-            let frames = self.bus.sendable(id, MAX_BATCH * FRAMES_PER_PACKET);
-            if frames.is_empty() {
+            // Walked in place: a `Vec` of them per flush was an 8 KiB
+            // allocation whose frees made glibc trim and grow the heap,
+            // 300 `brk` calls a second at 2M messages a second.
+            let total = self.bus.sendable_count(id, MAX_BATCH * FRAMES_PER_PACKET);
+            let Some(peer) = self.bus.peer(id).filter(|_| total > 0) else {
                 want_writable(&self.poll, id, conn, false);
                 break;
-            }
-            let total = frames.len();
+            };
             let (mut sent, mut stop) = (0, None);
-            for f in &frames {
+            for f in peer.queue.front(total) {
                 let payload = f.payload.as_deref().unwrap_or(&[]);
                 if f.fd_count() > 0 {
                     // Room for the marker first: a packet sent must get it.
@@ -1125,7 +1127,6 @@ impl Reactor {
                 sent += 1;
             }
             link.producer.publish(link.map.mine());
-            drop(frames);
             if sent > 0 {
                 wrote = true;
                 self.bus.sent(id, sent, now);
