@@ -139,6 +139,8 @@ const POLLS_PER_CHECK: u32 = 4;
 const YIELD_ALONE: Duration = Duration::from_micros(1);
 const YIELD_BACKOFF: Duration = Duration::from_micros(8);
 const YIELD_SPACING: Duration = Duration::from_micros(4);
+/// Sends between two refreshes of the CPU a sender's `presence` gives.
+const PRESENCE_EVERY: u32 = 256;
 /// A sender's spin on a full ring before it sleeps on the futex.
 const ROOM_SPIN: Duration = Duration::from_micros(5);
 /// A sender waiting for room looks at the connection this often.
@@ -193,6 +195,8 @@ pub(crate) struct LinkTx {
     gone: Arc<AtomicBool>,
     /// When to ask the kernel again whether it is (see [`ALIVE_CHECK`]).
     next_check: Instant,
+    /// Sends since our `presence` was last said here.
+    unsaid: u32,
 }
 
 /// The transport as senders see it, under the connection's `swap` lock.
@@ -237,7 +241,7 @@ impl Port<'_> {
 impl LinkTx {
     fn new(map: Arc<LinkMap>, gone: Arc<AtomicBool>) -> LinkTx {
         let producer = Producer::new(map.capacity());
-        LinkTx { map, producer, gone, next_check: Instant::now() }
+        LinkTx { map, producer, gone, next_check: Instant::now(), unsaid: PRESENCE_EVERY }
     }
 
     /// Fails (`BrokenPipe`, as the socket would) once the broker is known
@@ -275,6 +279,7 @@ impl LinkTx {
         wait: bool,
     ) -> io::Result<Result<usize, Full>> {
         self.check_alive(fd)?;
+        self.say_running();
         let mut n = 0;
         for p in packets {
             // A frame with fds takes a marker (no bytes) in the ring.
@@ -310,6 +315,20 @@ impl LinkTx {
             n += 1;
         }
         Ok(Ok(n))
+    }
+
+    /// A sender runs its own code: our `presence` says so, with its CPU,
+    /// when it said nothing yet or that another thread waits in a read
+    /// (the broker would take us all for waiting), and every
+    /// [`PRESENCE_EVERY`] sends, in case we moved. One load of our own
+    /// word otherwise.
+    fn say_running(&mut self) {
+        self.unsaid = self.unsaid.saturating_add(1);
+        let mine = self.map.mine();
+        if self.unsaid >= PRESENCE_EVERY || matches!(Presence::of(mine), Presence::Waiting { .. }) {
+            self.unsaid = 0;
+            Presence::Running { cpu: sched::current_cpu() }.announce(mine);
+        }
     }
 
     fn has_room(&mut self, inner: &Inner, len: usize) -> io::Result<bool> {

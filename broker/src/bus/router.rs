@@ -759,7 +759,11 @@ impl<K: Copy + Eq + Hash + Ord> Router<K> {
     /// least as many removals as it moves entries).
     fn shrink(&mut self) {
         if self.patterns.is_empty() {
+            // A fresh router, but never a generation seen before: a
+            // route remembered at the old one would hold again.
+            let generation = self.generation;
             *self = Router::new();
+            self.generation = generation;
             return;
         }
         fn shrink_map<A: Eq + Hash, B>(m: &mut HashMap<A, B>) {

@@ -589,7 +589,9 @@ impl Reactor {
                 // Packets go whole or not at all: the frames of the first
                 // `n` went.
                 Ok(n) => {
-                    self.woke_unknown |= n > 0;
+                    if n > 0 {
+                        self.woke_someone();
+                    }
                     self.bus.sent(id, plan[..n].iter().sum(), Instant::now())
                 }
                 Err(e) if e.raw_os_error() == Some(rustix::io::Errno::TOOMANYREFS.raw_os_error()) => {
@@ -650,6 +652,7 @@ impl Reactor {
         }
         // Our copies of the client's fds close here; the mappings stay.
         conn.link = Some(ConnLink::new(made.map, now));
+        self.woke_someone();
         self.hot.push(id);
         debug!("client {id}: shared-memory transport attached, {capacity} bytes each way");
     }
@@ -877,14 +880,18 @@ impl Reactor {
                 }
             }
         }
-        let Some(link) = self.conn_link(id) else { return records };
+        let Some(link) = self.conns.get_mut(&id).and_then(|c| c.link.as_mut()) else { return records };
         link.consumer.commit(link.map.mine());
         if link.consumer.must_ring_room(link.map.peer()) {
             let room = &link.map.mine().room.v;
             // Release: pairs with the client's Acquire load of `room`
             // before it sleeps on the word.
             room.fetch_add(1, Ordering::Release);
-            let _ = futex::wake_all(room);
+            if futex::wake_all(room).is_ok_and(|n| n > 0) {
+                // `woke_someone`, with `link` (in `conns`) still borrowed.
+                self.woke_unknown = true;
+                self.wanted_stale = true;
+            }
         }
         if records > 0 {
             link.records_at(now);
@@ -951,6 +958,15 @@ impl Reactor {
             // it a whole slice: spin for our own share instead.
             self.no_yield_until = Some(before + took + link::YIELD_BAN);
         }
+    }
+
+    /// We may just have woken a process whose CPU we cannot know (a socket
+    /// send, a futex wake): the next quiet turn decides afresh, and
+    /// yields as if we did not know where the clients run until a yield
+    /// finds no one.
+    fn woke_someone(&mut self) {
+        self.woke_unknown = true;
+        self.wanted_stale = true;
     }
 
     /// Whether a process on this CPU waits for it ([`CpuWanted`]), as far
