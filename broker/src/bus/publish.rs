@@ -30,6 +30,18 @@ use super::queue::{offer, refuse, settle_gap, Offer, OutFrame, SharedFd, FRAME_O
 use super::quota::Resource;
 use super::{bump, Bus};
 
+/// How [`Bus::fan_out`] finds a message's subscriptions.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Route {
+    /// From `id`'s remembered route when `remembered` (the caller found
+    /// it holds for this topic, with nothing changed since), else a walk
+    /// whose result `id` remembers.
+    Publisher { id: PeerId, remembered: bool },
+    /// A walk of the router, remembered by no one (the broker's own
+    /// messages).
+    Walk,
+}
+
 impl Bus {
     pub(crate) fn publish(
         &mut self,
@@ -109,7 +121,8 @@ impl Bus {
         };
         bump(&mut self.counters.msgs_in, 1);
         bump(&mut self.counters.bytes_in, bytes);
-        self.fan_out(Some(id), topic, sender, seq, origin, payload_ref, payload, shared, now);
+        let route = Route::Publisher { id, remembered: checked };
+        self.fan_out(route, topic, sender, seq, origin, payload_ref, payload, shared, now);
         if !self.monitors.is_empty() {
             let mut receivers: Vec<u64> = self.matches.iter().map(|&(peer, _)| peer).collect();
             receivers.dedup();
@@ -127,12 +140,12 @@ impl Bus {
     }
 
     /// Routes one accepted message to every matching subscription; a
-    /// `publisher`'s last route is used, or made, on the way (see
+    /// publisher's last route is used, or made, on the way (see
     /// [`super::peer::LastRoute`]).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn fan_out(
         &mut self,
-        publisher: Option<PeerId>,
+        route: Route,
         topic: &str,
         sender: Sender,
         seq: u64,
@@ -144,16 +157,16 @@ impl Bus {
     ) {
         let mut matches = std::mem::take(&mut self.matches);
         matches.clear();
-        let generation = self.router.generation();
-        match publisher.and_then(|id| self.peers.get_mut(&id)) {
-            Some(p) if p.last_route.holds(topic, generation) => {
-                matches.extend_from_slice(&p.last_route.matches)
-            }
-            Some(p) => {
-                self.router.matches(topic, &mut matches);
-                p.last_route.remember(topic, generation, &matches);
-            }
-            None => self.router.matches(topic, &mut matches),
+        match route {
+            Route::Publisher { id, remembered } => match self.peers.get_mut(&id) {
+                Some(p) if remembered => matches.extend_from_slice(&p.last_route.matches),
+                Some(p) => {
+                    self.router.matches(topic, &mut matches);
+                    p.last_route.remember(topic, self.router.generation(), &matches);
+                }
+                None => self.router.matches(topic, &mut matches),
+            },
+            Route::Walk => self.router.matches(topic, &mut matches),
         }
         if !matches.is_empty() {
             let inline: Option<Arc<[u8]>> = (!payload.is_empty()).then(|| Arc::from(payload));

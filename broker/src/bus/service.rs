@@ -233,7 +233,17 @@ impl Bus {
         self.broker_seq += 1;
         let seq = self.broker_seq;
         let sender = self.cfg.broker;
-        self.fan_out(None, &topic, sender, seq, None, PayloadRef::Inline, &bytes, None, now);
+        self.fan_out(
+            super::publish::Route::Walk,
+            &topic,
+            sender,
+            seq,
+            None,
+            PayloadRef::Inline,
+            &bytes,
+            None,
+            now,
+        );
         if !self.monitors.is_empty() {
             let detail = format!("owner {:?} -> {:?}", c.old, c.new);
             let seen = Seen {
