@@ -136,32 +136,66 @@ fn join_bounded(handles: Vec<std::thread::JoinHandle<()>>) {
     }
 }
 
-/// The bystanders' round trips while an attack runs (after 100 ms of it),
-/// then the attack stopped and its threads joined: (socket, linked).
-fn during_attack(
-    b: &mut Broker,
-    raw: &mut Raw,
-    linked: &mut RawLink,
-    stop: &AtomicBool,
-    handles: Vec<std::thread::JoinHandle<()>>,
-) -> (Vec<Duration>, Vec<Duration>) {
-    std::thread::sleep(Duration::from_millis(100));
-    let busy = socket_rtts(raw, 300);
-    let busy_link = link_rtts(linked, 300);
-    alive(b);
-    stop.store(true, Ordering::Relaxed);
-    join_bounded(handles);
-    (busy, busy_link)
+/// A socket and a linked client that ping while an attack runs, with
+/// their round trips before it, and the broker's fd count then.
+struct Bystanders {
+    base: usize,
+    raw: Raw,
+    linked: RawLink,
+    idle: Vec<Duration>,
+    idle_link: Vec<Duration>,
 }
 
-/// After an attack: the bystanders leave; every fd comes back, the broker
-/// sleeps, and lives.
-fn after_attack(mut b: Broker, base: usize, raw: Raw, linked: RawLink) {
-    drop(raw);
-    drop(linked);
-    b.wait_fd_count(base);
-    idle_costs_nothing(&b);
-    alive(&mut b);
+impl Bystanders {
+    fn join(b: &Broker) -> Bystanders {
+        let base = b.baseline_fds();
+        let mut raw = Raw::hello(b);
+        let mut linked = RawLink::attach(b, "linked-bystander");
+        let idle = socket_rtts(&mut raw, 200);
+        let idle_link = link_rtts(&mut linked, 200);
+        Bystanders { base, raw, linked, idle, idle_link }
+    }
+
+    /// Their round trips while the attack runs (after 100 ms of it), each
+    /// checked against before (`what` names the attack); then the attack
+    /// stopped, its threads joined.
+    fn measure(
+        &mut self,
+        b: &mut Broker,
+        what: &str,
+        stop: &AtomicBool,
+        handles: Vec<std::thread::JoinHandle<()>>,
+    ) {
+        std::thread::sleep(Duration::from_millis(100));
+        let busy = socket_rtts(&mut self.raw, 300);
+        let busy_link = link_rtts(&mut self.linked, 300);
+        alive(b);
+        stop.store(true, Ordering::Relaxed);
+        join_bounded(handles);
+        check(&format!("socket bystander {what}"), &self.idle, &busy);
+        check(&format!("linked bystander {what}"), &self.idle_link, &busy_link);
+    }
+
+    /// They leave; every fd comes back, the broker sleeps, and lives.
+    fn leave(self, mut b: Broker) {
+        let base = self.base;
+        drop(self);
+        b.wait_fd_count(base);
+        idle_costs_nothing(&b);
+        alive(&mut b);
+    }
+}
+
+/// A record nobody answers (a doorbell frame) in the attacker's ring,
+/// published; skipped when the ring is full.
+fn push_unanswered(l: &mut RawLink, bell: &[u8]) {
+    let _ = l.producer.try_push(
+        l.map.peer(),
+        l.map.my_data(),
+        shmbus_proto::link::RecordKind::Frame,
+        &[bell, &[]],
+    );
+    l.producer.publish(l.map.mine());
 }
 
 /// Several linked clients flood doorbells on their sockets as fast as the
@@ -170,37 +204,23 @@ fn after_attack(mut b: Broker, base: usize, raw: Raw, linked: RawLink) {
 /// drain to the end of the turn; the bystanders must not notice.
 fn doorbell_flood(with_records: bool) {
     let mut b = Broker::start("attack-doorbell-flood");
-    let base = b.baseline_fds();
-    let mut raw = Raw::hello(&b);
-    let mut linked = RawLink::attach(&b, "linked-bystander");
-    let idle = socket_rtts(&mut raw, 200);
-    let idle_link = link_rtts(&mut linked, 200);
+    let mut by = Bystanders::join(&b);
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
     let bell = encode_head(&Doorbell).unwrap();
     let hs = attackers(4, &stop, &count, &b.address, move |l, i| {
         if with_records && i.is_multiple_of(4) {
-            // A record nobody answers (a doorbell frame in the ring);
-            // skipped when the ring is full.
-            let _ = l.producer.try_push(
-                l.map.peer(),
-                l.map.my_data(),
-                shmbus_proto::link::RecordKind::Frame,
-                &[&bell, &[]],
-            );
-            l.producer.publish(l.map.mine());
+            push_unanswered(l, &bell);
         }
         if !ring_nonblocking(&l.raw, &bell) {
             std::thread::yield_now();
         }
     });
     let t0 = Instant::now();
-    let (busy, busy_link) = during_attack(&mut b, &mut raw, &mut linked, &stop, hs);
+    by.measure(&mut b, "under a doorbell flood", &stop, hs);
     let el = t0.elapsed();
     eprintln!("{} doorbells sent in ~{el:?} (records: {with_records})", count.load(Ordering::Relaxed));
-    check("socket bystander under a doorbell flood", &idle, &busy);
-    check("linked bystander under a doorbell flood", &idle_link, &busy_link);
-    after_attack(b, base, raw, linked);
+    by.leave(b);
 }
 
 /// Once the attackers are gone no ring is left hot: the broker sleeps.
@@ -385,11 +405,7 @@ fn attack_linked_connection_churn_while_others_trickle() {
         "attack-link-churn",
         &["--max-connections-per-uid", "2048", "--uid-ring-bytes", "2147483648"],
     );
-    let base = b.baseline_fds();
-    let mut raw = Raw::hello(&b);
-    let mut linked = RawLink::attach(&b, "linked-bystander");
-    let idle = socket_rtts(&mut raw, 200);
-    let idle_link = link_rtts(&mut linked, 200);
+    let mut by = Bystanders::join(&b);
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
     let trick = attackers(3, &stop, &count, &b.address, |l, _| {
@@ -417,11 +433,9 @@ fn attack_linked_connection_churn_while_others_trickle() {
         })
         .collect();
     let handles = churn.into_iter().chain(trick).collect();
-    let (busy, busy_link) = during_attack(&mut b, &mut raw, &mut linked, &stop, handles);
+    by.measure(&mut b, "during link churn", &stop, handles);
     eprintln!("{} linked connections churned", churned.load(Ordering::Relaxed));
-    check("socket bystander during link churn", &idle, &busy);
-    check("linked bystander during link churn", &idle_link, &busy_link);
-    after_attack(b, base, raw, linked);
+    by.leave(b);
 }
 
 /// Linked clients keep their rings dense while writing every kind of lie
@@ -434,11 +448,7 @@ fn attack_linked_connection_churn_while_others_trickle() {
 #[test]
 fn attack_presence_lies_starve_no_one() {
     let mut b = Broker::start("attack-presence");
-    let base = b.baseline_fds();
-    let mut raw = Raw::hello(&b);
-    let mut linked = RawLink::attach(&b, "linked-bystander");
-    let idle = socket_rtts(&mut raw, 200);
-    let idle_link = link_rtts(&mut linked, 200);
+    let mut by = Bystanders::join(&b);
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
     let bell = encode_head(&Doorbell).unwrap();
@@ -452,15 +462,8 @@ fn attack_presence_lies_starve_no_one() {
         };
         // Relaxed: as a real client says it (a hint).
         l.map.mine().presence.v.store(word, Ordering::Relaxed);
-        // A record nobody answers, so the ring stays dense; skipped when
-        // the ring is full.
-        let _ = l.producer.try_push(
-            l.map.peer(),
-            l.map.my_data(),
-            shmbus_proto::link::RecordKind::Frame,
-            &[&bell, &[]],
-        );
-        l.producer.publish(l.map.mine());
+        // So that the ring stays dense.
+        push_unanswered(l, &bell);
         if l.producer.must_ring(l.map.peer()) && !ring_nonblocking(&l.raw, &bell) {
             std::thread::yield_now();
         }
@@ -473,9 +476,7 @@ fn attack_presence_lies_starve_no_one() {
             std::thread::sleep(Duration::from_micros(20));
         }
     });
-    let (busy, busy_link) = during_attack(&mut b, &mut raw, &mut linked, &stop, hs);
+    by.measure(&mut b, "under presence lies", &stop, hs);
     eprintln!("{} lies told", count.load(Ordering::Relaxed));
-    check("socket bystander under presence lies", &idle, &busy);
-    check("linked bystander under presence lies", &idle_link, &busy_link);
-    after_attack(b, base, raw, linked);
+    by.leave(b);
 }
