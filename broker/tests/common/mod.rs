@@ -50,7 +50,14 @@ pub struct Launch {
     pub nofile: Option<u64>,
     /// Keep its stderr for [`Broker::log`] instead of passing it through.
     pub capture_log: bool,
+    /// Run it under valgrind's memcheck, which exits with 99 if it found
+    /// an error ([`VALGRIND`]).
+    pub valgrind: bool,
 }
+
+/// How the tests run a program under valgrind: quiet, and exit status 99
+/// if memcheck found an error.
+pub const VALGRIND: [&str; 3] = ["-q", "--error-exitcode=99", "--"];
 
 impl Launch {
     pub fn new() -> Launch {
@@ -74,6 +81,11 @@ impl Launch {
 
     pub fn capture_log(mut self) -> Launch {
         self.capture_log = true;
+        self
+    }
+
+    pub fn valgrind(mut self) -> Launch {
+        self.valgrind = true;
         self
     }
 }
@@ -120,13 +132,18 @@ impl Broker {
             Some(_) => world_readable_copy(SHMBUSD),
             None => std::path::PathBuf::from(SHMBUSD),
         };
-        let mut cmd = match launch.nofile {
-            Some(n) => {
+        let mut cmd = match (launch.nofile, launch.valgrind) {
+            (Some(n), _) => {
                 let mut c = Command::new("prlimit");
                 c.arg(format!("--nofile={n}:{n}")).arg("--").arg(&shmbusd);
                 c
             }
-            None => Command::new(&shmbusd),
+            (None, true) => {
+                let mut c = Command::new("valgrind");
+                c.args(VALGRIND).arg(&shmbusd);
+                c
+            }
+            (None, false) => Command::new(&shmbusd),
         };
         if let Some(uid) = launch.uid {
             cmd.uid(uid).gid(uid).current_dir("/");
@@ -138,6 +155,7 @@ impl Broker {
         let mut child = match spawn_retrying(&mut cmd) {
             Ok(c) => c,
             Err(e) if launch.nofile.is_some() => panic!("cannot run prlimit (util-linux): {e}"),
+            Err(e) if launch.valgrind => panic!("cannot run valgrind (apt-get install valgrind): {e}"),
             Err(e) => panic!("spawn shmbusd: {e}"),
         };
         let log = child.stderr.take().map(|mut err| {
