@@ -660,16 +660,17 @@ impl Client {
     }
 
     fn publish_from(&self, topic: &str, payload: &[u8], origin: Option<&str>) -> Result<(), PublishError> {
-        check_subject(topic)?;
         if payload.len() > self.memfd_threshold {
+            check_subject(topic)?;
             let fd = memfd::from_bytes("shmbus-payload", payload).map_err(PublishError::Memfd)?;
             return self.send_memfd(topic, fd.as_fd(), payload.len() as u64, origin);
         }
+        let mut s = self.inner.lock_send();
+        s.check_topic(topic)?;
         let max = self.inner.limits.max_inline_payload as usize;
         if payload.len() > max {
             return Err(PublishError::PayloadTooLarge { len: payload.len(), max });
         }
-        let mut s = self.inner.lock_send();
         let body = Publish { topic, origin, payload: PayloadRef::Inline };
         self.inner.send_locked(&mut s, &body, payload)?;
         s.published += 1;

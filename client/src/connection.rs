@@ -147,6 +147,22 @@ pub(crate) struct SendState {
     pub heads: Vec<Vec<u8>>,
     /// Publishes sent so far; the broker numbers them the same way.
     pub published: u64,
+    /// The subject of the last inline publish, which was valid: a stream
+    /// on one subject is checked once, not per message.
+    pub checked_topic: String,
+}
+
+impl SendState {
+    /// [`check_subject`](crate::error::check_subject), remembering the
+    /// last subject that passed.
+    pub fn check_topic(&mut self, topic: &str) -> Result<(), crate::error::BadSubject> {
+        if self.checked_topic != topic {
+            crate::error::check_subject(topic)?;
+            self.checked_topic.clear();
+            self.checked_topic.push_str(topic);
+        }
+        Ok(())
+    }
 }
 
 /// A connection made by [`Redial::dial`]: the socket after a successful
@@ -288,7 +304,12 @@ impl Inner {
             swap: parking_lot::RwLock::new(Wire::default()),
             linked: AtomicBool::new(false),
             next_attempt: Mutex::new(None),
-            send: Mutex::new(SendState { head: Vec::with_capacity(256), heads: Vec::new(), published: 0 }),
+            send: Mutex::new(SendState {
+                head: Vec::with_capacity(256),
+                heads: Vec::new(),
+                published: 0,
+                checked_topic: String::new(),
+            }),
             state: Mutex::new(State { bounds, fd_acks: FdAcks::new(limits.fd_window), ..State::default() }),
             reader: Mutex::new(ReaderState::default()),
             cond: Condvar::new(),
@@ -1199,6 +1220,24 @@ mod tests {
         decode_client, encode_head, ChannelGranted, ChannelOverflow, ClientFrame, Deliver, Pong, Revoked,
         Sender,
     };
+
+    /// The remembered subject spares the check only for itself: a bad
+    /// subject after a good one, or the good one after a bad one, is
+    /// judged afresh.
+    #[test]
+    fn a_checked_subject_is_remembered_only_for_itself() {
+        let (inner, _broker) = connected(16);
+        let mut s = inner.lock_send();
+        assert!(s.check_topic("a.b").is_ok());
+        for bad in ["a.*", "a.>", "", "a..b", "a.b."] {
+            assert!(s.check_topic(bad).is_err(), "{bad:?} passed after a good subject");
+        }
+        assert!(s.check_topic("a.b").is_ok());
+        assert_eq!(s.checked_topic, "a.b");
+        assert!(s.check_topic("a.b.c").is_ok());
+        assert!(s.check_topic("a.b.*").is_err(), "a bad subject after another good one");
+        assert_eq!(s.checked_topic, "a.b.c", "a refused subject is not remembered");
+    }
 
     fn connected(window: u32) -> (Inner, OwnedFd) {
         let (ours, broker) = socket::pair().unwrap();

@@ -19,7 +19,9 @@
 //! taken is counted for the broker's window ([`FdAcks`]); ids are reused
 //! only once nothing can still arrive for them ([`IdSpace`]).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
+
+use crate::id_map::{IdMap, IdSet};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
@@ -150,7 +152,7 @@ const SHRINK_ABOVE: usize = 1024;
 pub(crate) struct IdSpace {
     next: u32,
     /// Answers owed by the broker, per id.
-    owed: HashMap<u32, u32>,
+    owed: IdMap<u32, u32>,
 }
 
 impl IdSpace {
@@ -302,21 +304,21 @@ impl FdAcks {
 
 #[derive(Debug, Default)]
 pub(crate) struct State {
-    pub subs: HashMap<u32, SubQueue>,
+    pub subs: IdMap<u32, SubQueue>,
     /// Subscribe/unsubscribe acknowledgements awaited, by sub id.
-    pub awaiting_ack: HashSet<u32>,
-    pub acks: HashMap<u32, Result<(), (ErrorCode, String)>>,
+    pub awaiting_ack: IdSet<u32>,
+    pub acks: IdMap<u32, Result<(), (ErrorCode, String)>>,
     /// Pings awaiting their pong, by token: whether it came.
-    pub pings: HashMap<u64, bool>,
+    pub pings: IdMap<u64, bool>,
     /// The last ping token handed out (u64: it never wraps).
     pub last_ping: u64,
-    pub queries: HashMap<u32, QuerySlot>,
+    pub queries: IdMap<u32, QuerySlot>,
     /// Channel opens awaiting the broker's answer, and the answers.
-    pub awaiting_grant: HashSet<u32>,
-    pub grants: HashMap<u32, Result<Grant, (ErrorCode, String)>>,
+    pub awaiting_grant: IdSet<u32>,
+    pub grants: IdMap<u32, Result<Grant, (ErrorCode, String)>>,
     /// Readers joining and leaving, per channel this client publishes
     /// (news for any other channel is dropped, closing its fds).
-    pub reader_events: HashMap<u64, VecDeque<ReaderEvent>>,
+    pub reader_events: IdMap<u64, VecDeque<ReaderEvent>>,
     pub refused_publishes: Vec<PublishRefused>,
     pub closed: Option<Disconnect>,
     /// The connection is lost and being made again (reconnection is on):
@@ -343,11 +345,11 @@ pub(crate) struct State {
     /// Name requests, releases and owner queries (one id space for the
     /// three), and their answers as they come.
     pub name_ids: IdSpace,
-    pub name_ops: HashMap<u32, Option<NameAnswer>>,
+    pub name_ops: IdMap<u32, Option<NameAnswer>>,
     /// The name of each name request awaiting its answer, by id.
-    pub name_requests: HashMap<u32, String>,
+    pub name_requests: IdMap<u32, String>,
     /// Calls waiting for their answer, by call id (see `service`).
-    pub calls: HashMap<u64, CallSlot>,
+    pub calls: IdMap<u64, CallSlot>,
     /// The last call id handed out (it never wraps).
     pub last_call: u64,
     /// Fire-and-forget sends so far, and those the broker refused.
@@ -366,10 +368,10 @@ pub(crate) struct State {
     /// Handles this client holds on each ring channel (a publisher and
     /// readers), counted from the broker's grant until the handle drops:
     /// only these channels' revocations are kept.
-    pub held_channels: HashMap<u64, u32>,
+    pub held_channels: IdMap<u64, u32>,
     /// Why the broker closed a held channel by policy, by channel id
     /// (forgotten with the channel's last handle).
-    pub revoked_channels: HashMap<u64, String>,
+    pub revoked_channels: IdMap<u64, String>,
 }
 
 impl State {

@@ -60,6 +60,7 @@ mod error;
 /// For the fuzz targets in `fuzz/`; not an API.
 #[doc(hidden)]
 pub mod fuzzing;
+mod id_map;
 mod link;
 mod loan;
 mod message;
