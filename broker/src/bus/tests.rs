@@ -791,6 +791,146 @@ fn a_reload_drops_what_was_queued_for_what_it_revokes() {
     assert!(answers.iter().all(|o| matches!(o, shmbus_proto::frame::Outcome::ResponderGone)), "{answers:?}");
 }
 
+/// Whether each of `ids` got a `Deliver` since last taken, in order.
+fn got_deliver(w: &mut World, ids: &[PeerId]) -> Vec<usize> {
+    ids.iter()
+        .map(|&id| w.take(id).into_iter().filter(|f| matches!(f, BrokerFrame::Deliver(..))).count())
+        .collect()
+}
+
+/// A publisher's remembered route does not outlive a reload that takes
+/// its right to publish away: the access check runs on the remembered
+/// subject too, with the new rules, and a reload that gives it back
+/// lets the stream go on.
+#[test]
+fn a_remembered_route_does_not_survive_a_reload_that_revokes_the_publisher() {
+    let allow = "[[rule]]\nmatch = {}\nallow = [\"connect\", \"subscribe s.>\", \"publish s.>\"]\n";
+    let mut cfg = config();
+    cfg.rules = Some(rules(allow));
+    let mut w = World::new(cfg);
+    let (a, b) = (w.join(1000), w.join(1001));
+    w.subscribe(b, 1, "s.x");
+    w.take(b);
+    for _ in 0..3 {
+        w.publish(a, "s.x", b"ok");
+    }
+    assert_eq!(got_deliver(&mut w, &[b]), [3]);
+    w.bus.reload_policy(
+        Some(rules("[[rule]]\nmatch = {}\nallow = [\"connect\", \"subscribe s.>\"]\n")),
+        w.now,
+    );
+    w.take(b);
+    w.publish(a, "s.x", b"revoked");
+    assert_eq!(got_deliver(&mut w, &[b]), [0], "a revoked publisher's remembered route must not deliver");
+    let refused = w.take(a);
+    assert!(
+        matches!(refused.as_slice(), [BrokerFrame::OpError(e)] if e.code == ErrorCode::Denied),
+        "{refused:?}"
+    );
+    w.bus.reload_policy(Some(rules(allow)), w.now);
+    w.publish(a, "s.x", b"again");
+    assert_eq!(got_deliver(&mut w, &[b]), [1]);
+}
+
+/// A reload that revokes one subscriber's right to subscribe ends its
+/// subscription, and the publisher's remembered route with it: the next
+/// message goes to the others only.
+#[test]
+fn a_remembered_route_does_not_survive_a_reload_that_revokes_a_subscriber() {
+    let mut cfg = config();
+    cfg.rules =
+        Some(rules("[[rule]]\nmatch = {}\nallow = [\"connect\", \"subscribe s.>\", \"publish s.>\"]\n"));
+    let mut w = World::new(cfg);
+    let (a, b, c) = (w.join(1000), w.join(1001), w.join(1002));
+    w.subscribe(b, 1, "s.>");
+    w.subscribe(c, 1, "s.x");
+    w.take(b);
+    w.take(c);
+    w.publish(a, "s.x", b"1");
+    w.publish(a, "s.x", b"2");
+    assert_eq!(got_deliver(&mut w, &[b, c]), [2, 2]);
+    let done = w.bus.reload_policy(
+        Some(rules("[[rule]]\nmatch = {}\nallow = [\"connect\", \"subscribe s.x\", \"publish s.>\"]\n")),
+        w.now,
+    );
+    assert_eq!(done.subscriptions, 1, "b's s.> is revoked, c's s.x stays");
+    w.take(b);
+    w.publish(a, "s.x", b"3");
+    assert_eq!(got_deliver(&mut w, &[b, c]), [0, 1]);
+}
+
+/// After a good subject is remembered, subjects that fail the checks on
+/// the subject alone (wildcards, empty tokens, `$SYS`, too long) are
+/// refused each time, and the good one still goes.
+#[test]
+fn a_remembered_route_lets_no_bad_subject_through() {
+    let mut w = World::new(config());
+    let (a, b) = (w.join(1000), w.join(1001));
+    w.subscribe(b, 1, ">");
+    w.take(b);
+    w.publish(a, "s.x", b"1");
+    w.publish(a, "s.x", b"2");
+    assert_eq!(got_deliver(&mut w, &[b]), [2]);
+    let long = "s.".repeat(600);
+    for bad in ["s.*", "s.>", ">", "*", "s.x.", ".s.x", "$SYS.x", "$SYS", long.as_str()] {
+        w.publish(a, bad, b"bad");
+        w.publish(a, "s.x", b"good");
+        let frames = w.take(a);
+        assert!(matches!(frames.as_slice(), [BrokerFrame::OpError(_)]), "{bad:?}: {frames:?}");
+        assert_eq!(got_deliver(&mut w, &[b]), [1], "{bad:?}");
+    }
+}
+
+/// A subscriber the remembered route names leaves; a new peer (a new id,
+/// never the old one) subscribes with the same subscription id: the
+/// stream goes to the new one only, and nothing is queued for the gone.
+#[test]
+fn a_remembered_route_naming_a_gone_peer_is_made_again() {
+    let mut w = World::new(config());
+    let (a, b) = (w.join(1000), w.join(1001));
+    w.subscribe(b, 1, "s.x");
+    w.take(b);
+    w.publish(a, "s.x", b"1");
+    assert_eq!(got_deliver(&mut w, &[b]), [1]);
+    w.bus.hangup(b);
+    w.bus.take_effects();
+    w.publish(a, "s.x", b"to nobody");
+    let c = w.join(1001);
+    assert!(c > b);
+    w.subscribe(c, 1, "s.x");
+    w.take(c);
+    w.publish(a, "s.x", b"2");
+    assert_eq!(got_deliver(&mut w, &[c]), [1]);
+    assert!(w.bus.peer(b).is_none());
+}
+
+/// Gap accounting is the same along a remembered route as along a walk:
+/// a subscriber that reads nothing is told exactly how many it missed,
+/// in order, however many of them came by the remembered route.
+#[test]
+fn a_remembered_route_counts_every_drop_in_the_gap() {
+    let mut cfg = config();
+    cfg.queue.frames = 4;
+    let mut w = World::new(cfg);
+    let (a, b) = (w.join(1000), w.join(1001));
+    w.subscribe(b, 1, "s.x");
+    w.take(b);
+    for i in 0..100u32 {
+        w.publish(a, "s.x", &i.to_le_bytes());
+    }
+    let frames = w.take(b);
+    let delivered = frames.iter().filter(|f| matches!(f, BrokerFrame::Deliver(..))).count() as u64;
+    let missed: u64 = frames
+        .iter()
+        .filter_map(|f| match f {
+            BrokerFrame::Gap(g) => Some(g.missed),
+            _ => None,
+        })
+        .sum();
+    assert!(delivered < 100, "the queue bound held: {delivered}");
+    assert_eq!(delivered + missed, 100, "{frames:?}");
+}
+
 /// Deciding a refused subscription against many rules is counted as work,
 /// so the reactor's budget caps one peer's share of a loop turn.
 #[test]
