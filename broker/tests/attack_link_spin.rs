@@ -480,3 +480,80 @@ fn attack_presence_lies_starve_no_one() {
     eprintln!("{} lies told", count.load(Ordering::Relaxed));
     by.leave(b);
 }
+
+/// The other side of the `presence` word: linked *readers* that lie. More
+/// linked subscribers than the broker follows (`UNREAD_TRACKED`, 64) take
+/// a hot stream and never read their rings (so frames stay unread there,
+/// their queues fill and they owe gaps), while one thread rewrites their
+/// words with every kind of lie and keeps raising their sleep flags (so
+/// the broker rings them, `rang`, until their sockets are full). Two
+/// linked publishers keep the stream dense. The bystanders must not
+/// notice; the broker lives, gives back every fd, and sleeps once they
+/// are gone.
+#[test]
+fn attack_presence_lies_of_readers_that_never_read_starve_no_one() {
+    use shmbus_proto::frame::{Overflow, Subscribe};
+    const READERS: usize = 70;
+    let mut b = Broker::start_with(
+        "attack-presence-readers",
+        &["--max-connections-per-uid", "2048", "--uid-ring-bytes", "2147483648"],
+    );
+    let mut by = Bystanders::join(&b);
+    let mut readers: Vec<RawLink> = (0..READERS)
+        .map(|k| {
+            let mut l = RawLink::attach(&b, &format!("liar-reader{k}"));
+            l.send_body(&Subscribe { sub_id: 1, pattern: "hot.>", overflow: Overflow::Gap }, &[]);
+            let p = l.recv_packet(ONE_PING).expect("Subscribed");
+            assert!(matches!(p.frame(), Some(BrokerFrame::Subscribed(_))), "{:?}", p.frame());
+            l
+        })
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let liar = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                for (k, l) in readers.iter_mut().enumerate() {
+                    let n = i.wrapping_add(k as u64);
+                    let word = match n % 6 {
+                        0 => (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32,
+                        1 => 1 << 1,
+                        2 => 2 << 1,
+                        3 => (1 << 1) | 1,
+                        4 => (2 << 1) | 1,
+                        _ => u32::MAX,
+                    };
+                    let mine = l.map.mine();
+                    mine.presence.v.store(word, Ordering::Relaxed);
+                    // Raised (odd) and lowered in turn: a fresh raise to
+                    // ring for, every other sweep.
+                    mine.consumer_sleep.v.fetch_add(1, Ordering::Relaxed);
+                }
+                i += 1;
+                std::thread::sleep(Duration::from_micros(20));
+            }
+            readers
+        })
+    };
+    let count = Arc::new(AtomicU64::new(0));
+    let publish =
+        encode_head(&Publish { topic: "hot.x", origin: None, payload: PayloadRef::Inline }).unwrap();
+    let hs = attackers(2, &stop, &count, &b.address, move |l, i| {
+        let _ = l.producer.try_push(
+            l.map.peer(),
+            l.map.my_data(),
+            shmbus_proto::link::RecordKind::Frame,
+            &[&publish, b"0123456789abcdef"],
+        );
+        l.publish();
+        if i % 8 == 7 {
+            std::thread::sleep(Duration::from_micros(20));
+        }
+    });
+    by.measure(&mut b, "under presence lies of readers that never read", &stop, hs);
+    let readers = liar.join().unwrap();
+    eprintln!("{} messages published to {} lying readers", count.load(Ordering::Relaxed), readers.len());
+    drop(readers);
+    by.leave(b);
+}
