@@ -671,7 +671,7 @@ impl Reactor {
         let now = Instant::now();
         if readable {
             self.wake_link(id, now);
-            self.read_link_ring(id, now);
+            self.read_link_ring(id, now, link::WORK_PER_TURN);
             if let Some(link) = self.conn_link(id) {
                 if !link.drain_queued {
                     link.drain_queued = true;
@@ -695,7 +695,7 @@ impl Reactor {
                 let Some(link) = self.conn_link(id) else { continue };
                 link.drain_queued = false;
                 if self.read_link_socket(id) {
-                    self.read_link_ring(id, Instant::now());
+                    self.read_link_ring(id, Instant::now(), link::WORK_PER_TURN);
                     self.flush(id);
                 }
             }
@@ -813,14 +813,14 @@ impl Reactor {
     /// Hands the records waiting in `id`'s ring to the bus, up to a turn's
     /// budget; gives the room back and rings a client waiting for it.
     /// Returns how many records there were.
-    fn read_link_ring(&mut self, id: PeerId, now: Instant) -> usize {
+    fn read_link_ring(&mut self, id: PeerId, now: Instant, budget: u64) -> usize {
         let work_start = self.bus.work();
         let mut records = 0;
         loop {
             if self.bus.peer(id).is_none() {
                 return records;
             }
-            if records >= link::RECORDS_PER_TURN || self.bus.work().wrapping_sub(work_start) >= WORK_BUDGET {
+            if records >= link::RECORDS_PER_TURN || self.bus.work().wrapping_sub(work_start) >= budget {
                 break;
             }
             let Some(link) = self.conn_link(id) else { return records };
@@ -1033,10 +1033,18 @@ impl Reactor {
         let now = Instant::now();
         let mut total = 0;
         let mut i = 0;
+        let mut budget = link::WORK_PER_TURN;
         while i < self.hot.len() {
             let id = self.hot[i];
-            let got = self.read_link_ring(id, now);
+            let got = self.read_link_ring(id, now, budget);
             total += got;
+            if got > 0 && budget == link::WORK_PER_TURN && now.elapsed() >= link::TURN_TIME {
+                // This turn has run long (fan-outs to many): the rings
+                // after this one get a small share each, enough for a
+                // conversation's record, and the loop gets back to the
+                // kernel's events and the sockets' frames.
+                budget = link::WORK_LATE;
+            }
             let mut broken = None;
             let keep = match self.conn_link(id) {
                 None => false,
@@ -1067,6 +1075,11 @@ impl Reactor {
                 // took its place.
                 _ => {}
             }
+        }
+        if budget != link::WORK_PER_TURN && self.hot.len() > 1 {
+            // Another ring goes first next turn, so the long ones take
+            // turns at the full share.
+            self.hot.rotate_left(1);
         }
         total
     }
