@@ -665,8 +665,7 @@ impl Client {
             let fd = memfd::from_bytes("shmbus-payload", payload).map_err(PublishError::Memfd)?;
             return self.send_memfd(topic, fd.as_fd(), payload.len() as u64, origin);
         }
-        let mut s = self.inner.lock_send();
-        s.check_topic(topic)?;
+        let mut s = self.inner.lock_send_for(topic)?;
         let max = self.inner.limits.max_inline_payload as usize;
         if payload.len() > max {
             return Err(PublishError::PayloadTooLarge { len: payload.len(), max });

@@ -156,7 +156,9 @@ impl SendState {
     /// [`check_subject`](crate::error::check_subject), remembering the
     /// last subject that passed.
     pub fn check_topic(&mut self, topic: &str) -> Result<(), crate::error::BadSubject> {
-        if self.checked_topic != topic {
+        // The empty subject is never one that passed, though it matches
+        // what is remembered before the first publish.
+        if topic.is_empty() || self.checked_topic != topic {
             crate::error::check_subject(topic)?;
             self.checked_topic.clear();
             self.checked_topic.push_str(topic);
@@ -345,6 +347,23 @@ impl Inner {
     /// Takes the `send` lock.
     pub fn lock_send(&self) -> SendGuard<'_> {
         SendGuard { inner: self, guard: Some(self.send.lock()) }
+    }
+
+    /// Takes the `send` lock, having checked `topic` first if the lock is
+    /// busy: a bad subject fails at once, not after another thread's send
+    /// (which may wait out a reconnection). Free, the lock is taken and
+    /// the subject checked against the last good one
+    /// ([`SendState::check_topic`]).
+    pub fn lock_send_for(&self, topic: &str) -> Result<SendGuard<'_>, crate::error::BadSubject> {
+        let mut s = match self.send.try_lock() {
+            Some(guard) => SendGuard { inner: self, guard: Some(guard) },
+            None => {
+                crate::error::check_subject(topic)?;
+                self.lock_send()
+            }
+        };
+        s.check_topic(topic)?;
+        Ok(s)
     }
 
     /// Sends one frame (blocking while the socket buffer is full): the
@@ -1228,6 +1247,7 @@ mod tests {
     fn a_checked_subject_is_remembered_only_for_itself() {
         let (inner, _broker) = connected(16);
         let mut s = inner.lock_send();
+        assert!(s.check_topic("").is_err(), "the empty subject, before any publish");
         assert!(s.check_topic("a.b").is_ok());
         for bad in ["a.*", "a.>", "", "a..b", "a.b."] {
             assert!(s.check_topic(bad).is_err(), "{bad:?} passed after a good subject");
@@ -1237,6 +1257,18 @@ mod tests {
         assert!(s.check_topic("a.b.c").is_ok());
         assert!(s.check_topic("a.b.*").is_err(), "a bad subject after another good one");
         assert_eq!(s.checked_topic, "a.b.c", "a refused subject is not remembered");
+    }
+
+    /// A bad subject fails at once even while another send holds the
+    /// lock (it may be waiting out a reconnection).
+    #[test]
+    fn a_bad_subject_does_not_wait_for_the_send_lock() {
+        let (inner, _broker) = connected(16);
+        let held = inner.lock_send();
+        assert!(inner.lock_send_for("a.*").is_err());
+        assert!(inner.lock_send_for("").is_err());
+        drop(held);
+        assert!(inner.lock_send_for("a.b").is_ok());
     }
 
     fn connected(window: u32) -> (Inner, OwnedFd) {

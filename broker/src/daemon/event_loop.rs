@@ -1034,6 +1034,8 @@ impl Reactor {
         let mut total = 0;
         let mut i = 0;
         let mut budget = link::WORK_PER_TURN;
+        // Where the full shares ended, if the turn ran long.
+        let mut ran_long_at = None;
         while i < self.hot.len() {
             let id = self.hot[i];
             let got = self.read_link_ring(id, now, budget);
@@ -1044,6 +1046,7 @@ impl Reactor {
                 // conversation's record, and the loop gets back to the
                 // kernel's events and the sockets' frames.
                 budget = link::WORK_LATE;
+                ran_long_at = Some(i);
             }
             let mut broken = None;
             let keep = match self.conn_link(id) {
@@ -1076,10 +1079,14 @@ impl Reactor {
                 _ => {}
             }
         }
-        if budget != link::WORK_PER_TURN && self.hot.len() > 1 {
-            // Another ring goes first next turn, so the long ones take
-            // turns at the full share.
-            self.hot.rotate_left(1);
+        if let Some(at) = ran_long_at.filter(|_| self.hot.len() > 1) {
+            // The next turn starts after the ring that ran it long, so the
+            // long ones take turns at the full share. (Rotating by one
+            // kept the same one ahead: two heavy publishers, the second got
+            // its full share one turn in ten.) An index shifted by a ring
+            // removed meanwhile only moves who goes first.
+            let len = self.hot.len();
+            self.hot.rotate_left((at + 1) % len);
         }
         total
     }

@@ -159,8 +159,8 @@ pub const WORK_PER_TURN: u64 = 512;
 /// How long one turn over the hot rings may run at full shares: past it,
 /// each ring left gets [`WORK_LATE`] (enough for a conversation's record,
 /// little for a fan-out), so the loop gets back to the kernel's events
-/// and the frames it owes sockets, and the first ring of the next turn is
-/// another one.
+/// and the frames it owes sockets; the next turn starts after the ring
+/// that ran this one long.
 pub const TURN_TIME: Duration = Duration::from_micros(200);
 pub const WORK_LATE: u64 = 64;
 /// Socket packets read from a linked connection per event, at most:
