@@ -3,6 +3,7 @@
 mod common;
 
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 
 use common::*;
 
@@ -789,15 +790,32 @@ fn ctl_sub_escapes_binary_payloads_and_hex_shows_every_byte() {
 #[test]
 fn ctl_sub_channel_waits_for_its_publisher_and_pub_channel_feeds_it() {
     let b = Broker::start("chanwait");
-    let probe = b.client();
     let mut cmd = Command::new(SHMBUSCTL);
     cmd.args(["--address", &b.address, "sub", "--channel", "chan.wait", "--count", "3"]);
-    let sub = spawn_guarded(cmd);
+    let mut sub = spawn_guarded(cmd);
     // Its first attempt is refused (no publisher), and it keeps trying;
-    // the refusals do not end it.
+    // the refusals do not end it. The publisher starts once the reader
+    // said it waits: started as soon as the reader had connected, it
+    // could open the channel before the reader's first attempt, and the
+    // reader never waited (seen once in CI).
+    let said = Arc::new(Mutex::new(String::new()));
+    let reading = {
+        let said = said.clone();
+        let mut err = sub.0.as_mut().unwrap().stderr.take().unwrap();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                said.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
     let start = std::time::Instant::now();
-    while probe.stats().unwrap().connections_accepted < 2 {
-        assert!(start.elapsed() < PATIENCE, "the reader never connected");
+    while !said.lock().unwrap().contains("waiting for a publisher on chan.wait") {
+        assert!(start.elapsed() < PATIENCE, "the reader never said it waits: {:?}", said.lock().unwrap());
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     // Lines of standard input are messages; --wait-readers holds them
@@ -816,9 +834,10 @@ fn ctl_sub_channel_waits_for_its_publisher_and_pub_channel_feeds_it() {
     let publisher = ChildGuard(Some(child)).wait_output();
     assert!(publisher.status.success(), "{}", stderr(&publisher));
     let out = sub.wait_output();
-    assert!(out.status.success(), "{}", stderr(&out));
+    reading.join().unwrap();
+    let err = said.lock().unwrap().clone();
+    assert!(out.status.success(), "{err}");
     assert_eq!(stdout(&out), "chan.wait one\nchan.wait two\nchan.wait three\n");
-    let err = stderr(&out);
     assert_eq!(err.matches("waiting for a publisher on chan.wait").count(), 1, "{err}");
 }
 
