@@ -1033,21 +1033,12 @@ impl Reactor {
         let now = Instant::now();
         let mut total = 0;
         let mut i = 0;
-        let mut budget = link::WORK_PER_TURN;
-        // Where the full shares ended, if the turn ran long.
-        let mut ran_long_at = None;
+        let mut shares = link::TurnShares::new(now);
         while i < self.hot.len() {
             let id = self.hot[i];
-            let got = self.read_link_ring(id, now, budget);
+            let got = self.read_link_ring(id, now, shares.budget());
             total += got;
-            if got > 0 && budget == link::WORK_PER_TURN && now.elapsed() >= link::TURN_TIME {
-                // This turn has run long (fan-outs to many): the rings
-                // after this one get a small share each, enough for a
-                // conversation's record, and the loop gets back to the
-                // kernel's events and the sockets' frames.
-                budget = link::WORK_LATE;
-                ran_long_at = Some(i);
-            }
+            shares.read(i, got, Instant::now);
             let mut broken = None;
             let keep = match self.conn_link(id) {
                 None => false,
@@ -1079,15 +1070,8 @@ impl Reactor {
                 _ => {}
             }
         }
-        if let Some(at) = ran_long_at.filter(|_| self.hot.len() > 1) {
-            // The next turn starts after the ring that ran it long, so the
-            // long ones take turns at the full share. (Rotating by one
-            // kept the same one ahead: two heavy publishers, the second got
-            // its full share one turn in ten.) An index shifted by a ring
-            // removed meanwhile only moves who goes first.
-            let len = self.hot.len();
-            self.hot.rotate_left((at + 1) % len);
-        }
+        let by = shares.rotation(self.hot.len());
+        self.hot.rotate_left(by);
         total
     }
 

@@ -163,6 +163,55 @@ pub const WORK_PER_TURN: u64 = 512;
 /// that ran this one long.
 pub const TURN_TIME: Duration = Duration::from_micros(200);
 pub const WORK_LATE: u64 = 64;
+
+/// One turn's shares over the hot rings, in their order: [`WORK_PER_TURN`]
+/// each until the turn has run [`TURN_TIME`], [`WORK_LATE`] each after;
+/// and where the next turn starts.
+pub struct TurnShares {
+    started: Instant,
+    /// The ring after which the shares were cut, if the turn ran long.
+    ran_long_at: Option<usize>,
+}
+
+impl TurnShares {
+    pub fn new(started: Instant) -> TurnShares {
+        TurnShares { started, ran_long_at: None }
+    }
+
+    /// The deliveries the next ring may cause.
+    pub fn budget(&self) -> u64 {
+        if self.ran_long_at.is_some() {
+            WORK_LATE
+        } else {
+            WORK_PER_TURN
+        }
+    }
+
+    /// The ring at `i` gave `got` records; `now` reads the clock (only
+    /// after a ring that had records, at full shares).
+    pub fn read(&mut self, i: usize, got: usize, now: impl FnOnce() -> Instant) {
+        if got > 0 && self.ran_long_at.is_none() && now().saturating_duration_since(self.started) >= TURN_TIME
+        {
+            // Fan-outs to many: the rings after this one get a small share
+            // each, enough for a conversation's record, and the loop gets
+            // back to the kernel's events and the sockets' frames.
+            self.ran_long_at = Some(i);
+        }
+    }
+
+    /// How far to rotate the `len` hot rings so that the next turn starts
+    /// after the ring that ran this one long: the long ones take turns at
+    /// the full share. (Rotating by one kept the same one ahead: of two
+    /// heavy publishers, the second got its full share one turn in ten.)
+    /// An index shifted by a ring removed meanwhile only moves who goes
+    /// first.
+    pub fn rotation(&self, len: usize) -> usize {
+        match self.ran_long_at {
+            Some(at) if len > 1 => (at + 1) % len,
+            _ => 0,
+        }
+    }
+}
 /// Socket packets read from a linked connection per event, at most:
 /// doorbells come at most once per time the broker's ring went to sleep,
 /// so more is a client ringing for nothing; the rest waits for the next
@@ -314,6 +363,54 @@ mod tests {
         assert_eq!(writer_wants(1, Presence::Running { cpu: 0 }), CpuWanted::No);
         assert_eq!(writer_wants(1, Presence::Waiting { cpu: 1 }), CpuWanted::No);
         assert_eq!(writer_wants(1, Presence::Unknown), CpuWanted::Maybe);
+    }
+
+    /// Two rings whose full share takes longer than a turn, among eight
+    /// light ones: over 20 turns each gets its full share half the time,
+    /// and every light ring is read every turn.
+    #[test]
+    fn heavy_rings_take_turns_at_the_full_share() {
+        let us = Duration::from_micros;
+        let mut hot: Vec<&str> = vec!["h1", "h2", "l1", "l2", "l3", "l4", "l5", "l6", "l7", "l8"];
+        let (mut full_h1, mut full_h2) = (0, 0);
+        let mut clock = Instant::now();
+        for _ in 0..20 {
+            let mut shares = TurnShares::new(clock);
+            let mut lights = 0;
+            for (i, ring) in hot.iter().enumerate() {
+                let budget = shares.budget();
+                let heavy = ring.starts_with('h');
+                clock += match (heavy, budget == WORK_PER_TURN) {
+                    (true, true) => us(250),
+                    (true, false) => us(30),
+                    (false, _) => us(1),
+                };
+                match *ring {
+                    "h1" if budget == WORK_PER_TURN => full_h1 += 1,
+                    "h2" if budget == WORK_PER_TURN => full_h2 += 1,
+                    _ if !heavy => lights += 1,
+                    _ => {}
+                }
+                shares.read(i, 1, || clock);
+            }
+            assert_eq!(lights, 8, "every light ring is read every turn");
+            let by = shares.rotation(hot.len());
+            hot.rotate_left(by);
+        }
+        assert_eq!((full_h1, full_h2), (10, 10), "the two heavy rings alternate at the full share");
+    }
+
+    /// A turn that stays short keeps full shares and its order.
+    #[test]
+    fn a_short_turn_keeps_full_shares_and_its_order() {
+        let t0 = Instant::now();
+        let mut shares = TurnShares::new(t0);
+        for i in 0..4 {
+            assert_eq!(shares.budget(), WORK_PER_TURN);
+            shares.read(i, 3, || t0 + Duration::from_micros(10 * i as u64));
+        }
+        shares.read(4, 0, || panic!("a ring without records does not read the clock"));
+        assert_eq!(shares.rotation(5), 0);
     }
 
     /// A dense stream keeps its ring hot across one long pause (a
