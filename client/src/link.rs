@@ -350,11 +350,16 @@ impl LinkTx {
         self.producer.publish(self.map.mine());
         if self.producer.must_ring(self.map.peer()) {
             let bell = OutPacket { head: doorbell(), payload: &[], fds: &[] };
-            if let Err(e) = socket::send_packet(fd, bell, true) {
-                if matches!(e.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset) {
+            match socket::send_packet(fd, bell, true) {
+                // The broker took it: it was alive, as the hang-up check
+                // in `check_alive` would have asked (a system call saved
+                // on each send of a sparse exchange, which rings each time).
+                Ok(_) => self.next_check = Instant::now() + ALIVE_CHECK,
+                Err(e) if matches!(e.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset) => {
                     // Relaxed: a hint, see `check_alive`.
                     self.gone.store(true, Ordering::Relaxed);
                 }
+                Err(_) => {}
             }
         }
     }
