@@ -1,0 +1,297 @@
+//! Attacks on what the broker does with the records a hostile client
+//! writes into its half of a link: what it copies out of the shared
+//! memory for them, and how it counts the rules they break. Each test
+//! drives the link by hand (positions, header words, doorbells) through
+//! the proto crate, against the real broker.
+
+mod common;
+
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use shmbus_proto::frame::{encode_head, Attach, BrokerFrame, Doorbell, PayloadRef, Ping, Publish};
+use shmbus_proto::link::layout::{MAX_CAPACITY, RECORD_HEADER};
+use shmbus_proto::link::shm::{self as link_shm, LinkMap};
+
+/// Longest a single bystander round trip may take.
+const ONE_PING: Duration = Duration::from_secs(5);
+
+/// A hostile client's link, its positions kept by hand: records are
+/// written as bare header words (no content stored), so the client pays
+/// a few stores per record whatever length it claims.
+struct HandLink {
+    raw: Raw,
+    map: LinkMap,
+    capacity: u64,
+    tail: u64,
+    rung: u32,
+    /// The broker's ring, read by the rules.
+    consumer: shmbus_proto::link::Consumer,
+}
+
+impl HandLink {
+    /// Hello, then `Attach { capacity }`: the broker must grant it.
+    fn attach(address: &str, name: &str, capacity: u32) -> HandLink {
+        let (mut raw, _) = Raw::hello_at(address, name);
+        raw.send_body(&Attach { capacity }, &[]);
+        let p = raw.next_packet();
+        let capacity = match p.frame() {
+            Some(BrokerFrame::Attached(a)) => a.capacity,
+            other => panic!("expected Attached, got {other:?}"),
+        };
+        let map = link_shm::attach(capacity, p.fds[0].as_fd(), p.fds[1].as_fd()).unwrap();
+        let consumer = shmbus_proto::link::Consumer::new(capacity);
+        HandLink { raw, map, capacity: u64::from(capacity), tail: 0, rung: 0, consumer }
+    }
+
+    /// Whether a record of `rec` bytes (header included) fits now.
+    fn room_for(&self, rec: u64) -> bool {
+        let head = self.map.peer().head.v.load(Ordering::Acquire);
+        self.tail + rec - head <= self.capacity
+    }
+
+    /// Writes a record header `(kind, len)` at the tail and publishes it,
+    /// its content whatever the ring holds there. `rec` must not cross
+    /// the end of the data area (the callers keep to aligned halves).
+    fn push_header(&mut self, kind: u32, len: u32) {
+        let rec = (RECORD_HEADER + (len as usize).next_multiple_of(8)) as u64;
+        let off = (self.tail % self.capacity) as usize;
+        assert!(off as u64 + rec <= self.capacity, "the record would cross the end");
+        let word = (u64::from(kind) << 32) | u64::from(len);
+        self.map.my_data()[off / 8].store(word, Ordering::Relaxed);
+        self.tail += rec;
+        self.map.mine().tail.v.store(self.tail, Ordering::Release);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let s = self.map.peer().consumer_sleep.v.load(Ordering::Relaxed);
+        if s & 1 == 1 && s != self.rung {
+            self.rung = s;
+            self.raw.send(&encode_head(&Doorbell).unwrap(), &[]);
+        }
+    }
+}
+
+impl HandLink {
+    /// The next frame in the broker's ring, looked for every millisecond
+    /// until `timeout` (no sleep flag: the broker need not ring).
+    fn ring_frame(&mut self, timeout: Duration) -> Option<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut out = Vec::new();
+            match self.consumer.next(self.map.peer(), self.map.peer_data(), &mut out).unwrap() {
+                Some(shmbus_proto::link::RecordKind::Frame) => {
+                    self.consumer.commit(self.map.mine());
+                    return Some(out);
+                }
+                Some(shmbus_proto::link::RecordKind::Marker) => panic!("a marker"),
+                None if Instant::now() >= deadline => return None,
+                None => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+    }
+}
+
+fn pct(v: &[Duration], p: usize) -> Duration {
+    v[(v.len() * p / 100).min(v.len() - 1)]
+}
+
+/// `n` pings on a socket client, sorted round trips; each bounded.
+fn socket_rtts(raw: &mut Raw, n: u64) -> Vec<Duration> {
+    let mut v = Vec::new();
+    for i in 0..n {
+        let t = Instant::now();
+        raw.send_body(&Ping { token: i }, &[]);
+        loop {
+            let left = ONE_PING.saturating_sub(t.elapsed());
+            let p = raw.recv_packet(left).unwrap_or_else(|| panic!("ping {i} unanswered in {ONE_PING:?}"));
+            assert!(!p.is_eof(), "the bystander was cut off");
+            if matches!(p.frame(), Some(BrokerFrame::Pong(p)) if p.token == i) {
+                break;
+            }
+        }
+        v.push(t.elapsed());
+        std::thread::sleep(Duration::from_micros(300));
+    }
+    v.sort();
+    v
+}
+
+/// A marker's content is ignored (PROTOCOL §15.3: "`len` 0; the broker
+/// ignores any content"), so a client may claim any length up to half its
+/// ring for it, and a link may be asked for at 16 MiB. The broker must not
+/// pay for what it ignores: a client that writes only a header word and a
+/// position, and sends one small fd packet per marker (a memfd publish
+/// nobody hears), must not be able to make the one broker thread copy
+/// 8 MiB out of shared memory per marker, while a socket client of
+/// another connection waits for its pongs.
+#[test]
+fn attack_long_markers_do_not_make_the_broker_copy_what_it_ignores() {
+    let b = Broker::start("attack-long-markers");
+    let mut bystander = Raw::hello(&b);
+    let idle = socket_rtts(&mut bystander, 60);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let markers = Arc::new(AtomicU64::new(0));
+    let attacker = {
+        let (stop, markers, address) = (stop.clone(), markers.clone(), b.address.clone());
+        std::thread::spawn(move || {
+            let mut l = HandLink::attach(&address, "long-markers", MAX_CAPACITY);
+            let half = l.capacity / 2;
+            let len = (half as usize - RECORD_HEADER) as u32;
+            let payload = shmbus_proto::sys::memfd::from_bytes("p", &[7; 8]).unwrap();
+            let publish = encode_head(&Publish {
+                topic: "nobody.listens",
+                origin: None,
+                payload: PayloadRef::Memfd { len: 8 },
+            })
+            .unwrap();
+            let deadline = Instant::now() + PATIENCE * 3;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                if !l.room_for(half) {
+                    std::thread::yield_now();
+                    continue;
+                }
+                // The packet first, then its marker, as the contract says.
+                l.raw.send(&publish, &[payload.as_fd()]);
+                l.push_header(shmbus_proto::link::layout::KIND_MARKER, len);
+                markers.fetch_add(1, Ordering::Relaxed);
+            }
+            l
+        })
+    };
+    // Let the attack get going.
+    let start = Instant::now();
+    while markers.load(Ordering::Relaxed) < 4 {
+        assert!(start.elapsed() < PATIENCE, "the attacker never got its markers read");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let busy = socket_rtts(&mut bystander, 60);
+    stop.store(true, Ordering::Relaxed);
+    let deadline = Instant::now() + PATIENCE;
+    while !attacker.is_finished() {
+        assert!(Instant::now() < deadline, "the attacker thread never stopped");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut l = attacker.join().unwrap();
+    eprintln!(
+        "{} markers of {} bytes; idle p50 {:?} p99 {:?}; attacked p50 {:?} p99 {:?} max {:?}",
+        markers.load(Ordering::Relaxed),
+        l.capacity / 2 - RECORD_HEADER as u64,
+        pct(&idle, 50),
+        pct(&idle, 99),
+        pct(&busy, 50),
+        pct(&busy, 99),
+        busy[busy.len() - 1]
+    );
+    // Markers are allowed, whatever their length: the attacker was never
+    // cut off.
+    assert!(l.raw.try_packet().is_none_or(|p| !p.is_eof()), "the attacker was cut off");
+    assert!(
+        pct(&busy, 50) < pct(&idle, 50) * 3 + Duration::from_millis(2),
+        "long markers slow another connection's round trips: p50 {:?} (idle {:?})",
+        pct(&busy, 50),
+        pct(&idle, 50)
+    );
+}
+
+/// A frame longer than a socket packet may be is refused as on the socket,
+/// but the broker must find that out from the record's header, not by
+/// copying the frame first: a client that asks for a 16 MiB link, writes
+/// one 8 MiB frame header (a single store) and hangs up, over and over,
+/// must not make the broker copy 8 MiB of shared memory per connection
+/// while another connection waits for its pongs.
+#[test]
+fn attack_oversized_ring_frames_are_refused_before_they_are_copied() {
+    let b = Broker::start("attack-oversized-frames");
+    let mut bystander = Raw::hello(&b);
+    let idle = socket_rtts(&mut bystander, 60);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let links = Arc::new(AtomicU64::new(0));
+    let attacker = {
+        let (stop, links, address) = (stop.clone(), links.clone(), b.address.clone());
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + PATIENCE * 3;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let mut l = HandLink::attach(&address, "oversized", MAX_CAPACITY);
+                let len = (l.capacity / 2) as u32 - RECORD_HEADER as u32;
+                l.push_header(shmbus_proto::link::layout::KIND_FRAME, len);
+                l.raw.send(&encode_head(&Doorbell).unwrap(), &[]);
+                // Refused as a packet too large would be.
+                match l.raw.recv_packet(PATIENCE) {
+                    Some(p) if p.is_eof() => {}
+                    Some(p) => match p.frame() {
+                        Some(BrokerFrame::Goodbye(_)) => {}
+                        other => panic!("expected a goodbye or the end, got {other:?}"),
+                    },
+                    None => panic!("the broker never answered an oversized frame"),
+                }
+                links.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let start = Instant::now();
+    while links.load(Ordering::Relaxed) < 4 {
+        assert!(start.elapsed() < PATIENCE, "the attacker never got going");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let busy = socket_rtts(&mut bystander, 60);
+    stop.store(true, Ordering::Relaxed);
+    let deadline = Instant::now() + PATIENCE;
+    while !attacker.is_finished() {
+        assert!(Instant::now() < deadline, "the attacker thread never stopped");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    attacker.join().unwrap();
+    eprintln!(
+        "{} oversized frames; idle p50 {:?} p99 {:?}; attacked p50 {:?} p99 {:?} max {:?}",
+        links.load(Ordering::Relaxed),
+        pct(&idle, 50),
+        pct(&idle, 99),
+        pct(&busy, 50),
+        pct(&busy, 99),
+        busy[busy.len() - 1]
+    );
+    assert!(
+        pct(&busy, 50) < pct(&idle, 50) * 3 + Duration::from_millis(2),
+        "oversized frames slow another connection's round trips: p50 {:?} (idle {:?})",
+        pct(&busy, 50),
+        pct(&idle, 50)
+    );
+}
+
+/// One broken rule, one protocol error. A marker comes up in the ring
+/// while the socket holds a frame without fds (which must go in the
+/// ring): the broker, looking for the marker's packet, finds the stray
+/// frame and ends the connection for it; it must not then also count the
+/// marker's missing packet as a second violation of the same connection.
+#[test]
+fn a_marker_that_finds_a_stray_frame_is_one_protocol_error() {
+    let b = Broker::start("attack-marker-stray");
+    let probe = b.client();
+    let before = probe.stats().unwrap().protocol_errors;
+    let mut l = HandLink::attach(&b.address, "stray", 0);
+    // Wait until the broker has put this ring to sleep, so that it looks
+    // at it only on the socket's event, after both are in place.
+    let start = Instant::now();
+    while l.map.peer().consumer_sleep.v.load(Ordering::Relaxed) & 1 == 0 {
+        assert!(start.elapsed() < PATIENCE, "the broker never put the ring to sleep");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    l.rung = l.map.peer().consumer_sleep.v.load(Ordering::Relaxed);
+    l.push_header(shmbus_proto::link::layout::KIND_MARKER, 0);
+    l.raw.send_body(&Ping { token: 1 }, &[]);
+    let goodbye = l.ring_frame(PATIENCE).expect("a goodbye in the ring");
+    match shmbus_proto::frame::decode_broker(&goodbye) {
+        Ok(BrokerFrame::Goodbye(g)) => {
+            assert!(g.reason.contains("without fds on the socket"), "{}", g.reason)
+        }
+        other => panic!("expected a goodbye, got {other:?}"),
+    }
+    // The connection ends.
+    assert!(l.raw.recv_packet(PATIENCE).is_some_and(|p| p.is_eof()), "the connection must end");
+    let after = probe.stats().unwrap().protocol_errors;
+    assert_eq!(after - before, 1, "one connection broke one rule");
+}
