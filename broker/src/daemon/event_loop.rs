@@ -844,7 +844,8 @@ impl Reactor {
                     if buf.len() > shmbus_proto::limits::MAX_PACKET {
                         // The ring carries up to half its capacity; a frame
                         // is held to what a socket packet may be, as on the
-                        // socket.
+                        // socket (copied up to one byte more: see
+                        // `ConnLink::new`).
                         self.bus.receive_damaged(id, Damage::Truncated, &buf, now);
                     } else {
                         self.bus.receive(id, &buf, Vec::new(), now);

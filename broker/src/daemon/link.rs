@@ -266,10 +266,15 @@ pub struct ConnLink {
 impl ConnLink {
     pub fn new(map: LinkMap, now: Instant) -> ConnLink {
         let capacity = map.capacity();
+        let mut consumer = Consumer::new(capacity);
+        // A frame is held to what a socket packet may be; one longer is
+        // seen as longer from one byte more, without copying the rest (up
+        // to half the ring, 8 MiB at 16 MiB) out of the client's half.
+        consumer.truncate_frames(shmbus_proto::limits::MAX_PACKET + 1);
         ConnLink {
             map,
             producer: Producer::new(capacity),
-            consumer: Consumer::new(capacity),
+            consumer,
             ahead: VecDeque::new(),
             eof: false,
             last_record: now,
