@@ -862,7 +862,14 @@ impl Reactor {
                         // Sent before the marker was written: it is in the
                         // socket, unless the client lies.
                         self.read_link_socket(id);
-                        packet = self.conn_link(id).and_then(|l| l.ahead.pop_front());
+                        let link = self.conn_link(id);
+                        if link.as_ref().is_none_or(|l| l.broken) {
+                            // What it found there broke the rules (a frame
+                            // without fds): that ended the connection, and
+                            // is the one violation counted.
+                            return records;
+                        }
+                        packet = link.and_then(|l| l.ahead.pop_front());
                     }
                     match packet {
                         Some((data, status, fds)) => self.hand_over(id, &data, status, fds),
