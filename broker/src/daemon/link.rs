@@ -248,8 +248,6 @@ pub struct ConnLink {
     /// Average time between the turns that found records (a moving
     /// average, 1/8 per turn).
     pub gap: Duration,
-    /// Reused for each record copied out.
-    pub buf: Vec<u8>,
     /// The client broke the link's rules: its ring is never read again.
     pub broken: bool,
     /// The client lied about our ring: it is never written again.
@@ -282,7 +280,6 @@ impl ConnLink {
             slept_at: None,
             spin: START_SPIN,
             gap: Duration::ZERO,
-            buf: Vec::with_capacity(256),
             broken: false,
             mute: false,
             drain_queued: false,
