@@ -352,3 +352,47 @@ fn large_frames_over_many_links_leave_no_buffer_per_connection() {
         "the broker kept about a frame's buffer per link: +{grew} bytes for {LINKS} links"
     );
 }
+
+/// A packet with fds read from a linked socket ahead of its marker is held
+/// by the broker until the marker comes, which a hostile client never
+/// writes. Its fds are bounded and counted (4 a connection, README
+/// "Limits"); its bytes must be bounded as tightly: a frame with fds
+/// carries its payload in the fd, so a held packet of a whole 72 KiB must
+/// not cost the broker 72 KiB of heap per connection for as long as the
+/// connection lives.
+#[test]
+fn packets_held_for_their_markers_do_not_hold_a_packet_of_heap_each() {
+    const LINKS: usize = 200;
+    let b = Broker::start("link-ahead-bytes");
+    let mut links: Vec<RawLink> = (0..LINKS).map(|i| RawLink::attach(&b, &format!("l{i}"))).collect();
+    for (i, l) in links.iter_mut().enumerate() {
+        l.send_body(&Ping { token: i as u64 }, &[]);
+        pong(l);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let before = rss_anon(&b);
+    let fd = shmbus_proto::sys::memfd::from_bytes("p", &[1; 8]).unwrap();
+    let head =
+        encode_head(&Publish { topic: "nobody.listens", origin: None, payload: PayloadRef::Inline }).unwrap();
+    let mut packet = head.clone();
+    packet.resize(70 * 1024, 3);
+    for l in links.iter_mut() {
+        // The packet, a doorbell so that the broker reads the socket, and
+        // never the marker.
+        l.raw.send(&packet, &[fd.as_fd()]);
+        l.raw.send_body(&Doorbell, &[]);
+    }
+    // Every connection is answered (its socket was read up to the packet).
+    for (i, l) in links.iter_mut().enumerate() {
+        l.send_body(&Ping { token: i as u64 }, &[]);
+        pong(l);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let after = rss_anon(&b);
+    let grew = after.saturating_sub(before);
+    eprintln!("broker RssAnon {before} -> {after} bytes (+{grew}) holding one 70 KiB packet for each of {LINKS} links");
+    assert!(
+        grew < (LINKS as u64) * 70 * 1024 / 4,
+        "the broker holds about a packet of heap per link: +{grew} bytes for {LINKS} links"
+    );
+}
