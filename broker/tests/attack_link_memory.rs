@@ -396,3 +396,63 @@ fn packets_held_for_their_markers_do_not_hold_a_packet_of_heap_each() {
         "the broker holds about a packet of heap per link: +{grew} bytes for {LINKS} links"
     );
 }
+
+/// `--uid-unacked-fds` bounds the fds the broker has sent a uid that are
+/// still in flight, unread in its sockets (README "Limits": "at most 1024
+/// fds in flight unread in its sockets"): the kernel charges those to the
+/// broker's own user (its `RLIMIT_NOFILE` caps them, for every uid at
+/// once). A linked client learns of every fd packet from its marker in the
+/// ring, without reading the socket: one that acknowledges each fd as its
+/// marker comes up, and never reads the socket, must still not be sent
+/// more than its uid's budget.
+#[test]
+fn attack_acknowledging_fds_by_their_markers_does_not_launder_fds_in_flight() {
+    use shmbus_proto::frame::{FdAck, Overflow, Subscribe};
+    use shmbus_proto::link::RecordKind;
+    const BUDGET: u64 = 16;
+    const PAYLOADS: u64 = 200;
+    let b = Broker::start_with("attack-ack-by-marker", &["--fd-window", "8", "--uid-unacked-fds", "16"]);
+    let mut evil = RawLink::attach(&b, "acks-unread");
+    evil.send_body(&Subscribe { sub_id: 1, pattern: "f", overflow: Overflow::Gap }, &[]);
+    match evil.next_packet().frame() {
+        Some(BrokerFrame::Subscribed(_)) => {}
+        other => panic!("expected Subscribed, got {other:?}"),
+    }
+    let publisher = b.client();
+    let payload = shmbus_proto::sys::memfd::from_bytes("p", &[1; 8]).unwrap();
+    let mut markers = 0u64;
+    let mut published = 0u64;
+    let mut quiet_since = Instant::now();
+    let start = Instant::now();
+    // Read the ring only: ack each marker's fd, leave the packets in the
+    // socket. Publish as the attacker takes them; stop once nothing more
+    // comes for a while.
+    while quiet_since.elapsed() < Duration::from_millis(500) {
+        assert!(start.elapsed() < PATIENCE, "the attack never settled");
+        if published < PAYLOADS {
+            publisher.publish_fd("f", payload.as_fd()).unwrap();
+            published += 1;
+        }
+        let mut buf = Vec::new();
+        match evil.consumer.next(evil.map.peer(), evil.map.peer_data(), &mut buf).unwrap() {
+            Some(RecordKind::Marker) => {
+                markers += 1;
+                quiet_since = Instant::now();
+                evil.consumer.commit(evil.map.mine());
+                evil.send_body(&FdAck { fds: 1 }, &[]);
+            }
+            Some(RecordKind::Frame) => {
+                evil.consumer.commit(evil.map.mine());
+                quiet_since = Instant::now();
+            }
+            None => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+    eprintln!(
+        "{published} memfds published; {markers} fd packets sent to a connection that read none of them"
+    );
+    assert!(
+        markers <= BUDGET,
+        "the broker sent {markers} fds into a socket that read none (the uid's budget is {BUDGET})"
+    );
+}
