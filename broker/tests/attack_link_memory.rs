@@ -456,3 +456,56 @@ fn attack_acknowledging_fds_by_their_markers_does_not_launder_fds_in_flight() {
         "the broker sent {markers} fds into a socket that read none (the uid's budget is {BUDGET})"
     );
 }
+
+/// Hostile states a client can leave its half in, then go quiet: a packet
+/// with fds on the socket whose marker never comes (and doorbells behind
+/// it), flags raised and lowered out of turn (`consumer_sleep`,
+/// `producer_wait` at odd values no protocol step made), a `presence` that
+/// says it runs on every CPU, a reader position that never moves while the
+/// broker's ring holds frames for it, a whole-ring `Pad`. None of them may
+/// keep the broker's one thread busy once the bus is quiet: an idle broker
+/// costs no CPU, and still answers at once.
+#[test]
+fn hostile_half_states_left_behind_cost_an_idle_broker_nothing() {
+    use shmbus_proto::link::layout::KIND_PAD;
+    let b = Broker::start("attack-idle-states");
+    let mut probe = RawLink::attach(&b, "probe");
+    let fd = shmbus_proto::sys::memfd::from_bytes("p", &[1; 8]).unwrap();
+    let publish =
+        encode_head(&Publish { topic: "t", origin: None, payload: PayloadRef::Memfd { len: 8 } }).unwrap();
+    // A packet without its marker, and doorbells behind it.
+    let held = RawLink::attach(&b, "held");
+    held.raw.send(&publish, &[fd.as_fd()]);
+    for _ in 0..3 {
+        held.raw.send_body(&Doorbell, &[]);
+    }
+    // Flags at odd values, presence everywhere, a reader that never reads
+    // (its ring filled with pongs).
+    let mut flags = RawLink::attach(&b, "flags");
+    for i in 0..2000 {
+        flags.send_body(&Ping { token: i }, &[]);
+    }
+    let mine = flags.map.mine();
+    mine.consumer_sleep.v.store(7, Ordering::Relaxed);
+    mine.producer_wait.v.store(u32::MAX, Ordering::Relaxed);
+    mine.presence.v.store(u32::MAX, Ordering::Relaxed);
+    flags.raw.send_body(&Doorbell, &[]);
+    // A whole-ring pad, and a ring position past it.
+    let mut pad = HandLink::attach(&b.address, "pad", 0);
+    let len = (pad.capacity as usize - RECORD_HEADER) as u32;
+    pad.push_header(KIND_PAD, len);
+    pad.raw.send_body(&Doorbell, &[]);
+    std::thread::sleep(Duration::from_millis(300));
+    let before = b.cpu_ns();
+    std::thread::sleep(Duration::from_secs(2));
+    let spent = Duration::from_nanos(b.cpu_ns() - before);
+    eprintln!("the broker ran {spent:?} in 2 s with the hostile halves quiet");
+    // A spinning broker runs ~2 s; an idle one, nothing.
+    assert!(spent < Duration::from_millis(100), "an idle broker ran {spent:?} of 2 s");
+    // It answers at once.
+    let t = Instant::now();
+    probe.send_body(&Ping { token: 1 }, &[]);
+    pong(&mut probe);
+    assert!(t.elapsed() < ONE_PING);
+    drop((held, flags, pad));
+}
