@@ -509,3 +509,41 @@ fn hostile_half_states_left_behind_cost_an_idle_broker_nothing() {
     assert!(t.elapsed() < ONE_PING);
     drop((held, flags, pad));
 }
+
+/// A linked client sends, on its socket, a packet carrying its own end of
+/// that very socket, writes no marker for it, and exits. The broker holds
+/// the packet for its marker, and with it the client's end: the kernel
+/// never sees that end close, so the broker never sees the hang-up. A
+/// client that is gone must be forgotten all the same, with its socket,
+/// its link, and the connection and ring bytes charged to its uid.
+#[test]
+fn attack_a_client_that_sends_its_own_socket_ahead_of_a_marker_is_still_forgotten() {
+    let b = Broker::start("attack-own-socket");
+    let probe = b.client();
+    let base = b.baseline_fds();
+    {
+        let l = HandLink::attach(&b.address, "own-socket", 0);
+        let own = l.raw.fd.try_clone().unwrap();
+        let publish =
+            encode_head(&Publish { topic: "t", origin: None, payload: PayloadRef::Memfd { len: 8 } })
+                .unwrap();
+        l.raw.send(&publish, &[own.as_fd()]);
+        l.raw.send_body(&Doorbell, &[]);
+        // It "exits": every fd it had is closed.
+        drop(own);
+        drop(l);
+    }
+    let start = Instant::now();
+    loop {
+        let clients = probe.stats().unwrap().clients;
+        if clients == 1 && b.fd_count() == base {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the broker still counts {clients} clients and holds {} fds (baseline {base}) 5 s after the client left",
+            b.fd_count()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
