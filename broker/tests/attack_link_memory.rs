@@ -547,3 +547,76 @@ fn attack_a_client_that_sends_its_own_socket_ahead_of_a_marker_is_still_forgotte
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// What the broker holds of an fd read ahead of its marker changes nothing
+/// in how the fd is judged: every kind of bad payload fd gets the same
+/// refusal over a link as over a bare socket (a pipe's either end, a
+/// socket, an unsealed memfd), and a good one still goes through.
+#[test]
+fn bad_payload_fds_are_refused_alike_over_a_link_and_a_socket() {
+    use shmbus_proto::frame::{ErrorCode, Op, Overflow, Subscribe};
+    use std::os::fd::OwnedFd;
+    let b = Broker::start("link-fd-verdicts");
+    let (pipe_r, pipe_w) = rustix::pipe::pipe().unwrap();
+    let (sock, _peer) = rustix::net::socketpair(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::SEQPACKET,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )
+    .unwrap();
+    let unsealed = shmbus_proto::sys::memfd::create("u", 8).unwrap();
+    let good = shmbus_proto::sys::memfd::from_bytes("g", &[7; 8]).unwrap();
+    let cases: [(&str, &OwnedFd); 5] = [
+        ("pipe read end", &pipe_r),
+        ("pipe write end", &pipe_w),
+        ("socket", &sock),
+        ("unsealed", &unsealed),
+        ("good", &good),
+    ];
+    let publish = Publish { topic: "v", origin: None, payload: PayloadRef::Memfd { len: 8 } };
+    let mut raw = Raw::hello(&b);
+    let mut linked = RawLink::attach(&b, "verdicts");
+    let mut watch = RawLink::attach(&b, "watch");
+    watch.send_body(&Subscribe { sub_id: 1, pattern: "v", overflow: Overflow::Gap }, &[]);
+    assert!(matches!(watch.next_packet().frame(), Some(BrokerFrame::Subscribed(_))));
+    for (i, (what, fd)) in cases.iter().enumerate() {
+        raw.send_body(&publish, &[fd.as_fd()]);
+        linked.send_with_fds(&publish, &[fd.as_fd()]);
+        raw.send_body(&Ping { token: i as u64 }, &[]);
+        linked.send_body(&Ping { token: i as u64 }, &[]);
+        let socket_says = match raw.recv() {
+            Some(BrokerFrame::OpError(e)) => Some((e.op, e.code)),
+            Some(BrokerFrame::Pong(_)) => None,
+            other => panic!("{what} on the socket: {other:?}"),
+        };
+        if socket_says.is_some() {
+            assert!(matches!(raw.recv(), Some(BrokerFrame::Pong(_))), "{what}");
+        }
+        let p = linked.next_packet();
+        let link_says = match p.frame() {
+            Some(BrokerFrame::OpError(e)) => Some((e.op, e.code)),
+            Some(BrokerFrame::Pong(_)) => None,
+            other => panic!("{what} over the link: {other:?}"),
+        };
+        if link_says.is_some() {
+            pong(&mut linked);
+        }
+        eprintln!("{what}: {link_says:?}");
+        assert_eq!(link_says, socket_says, "{what}");
+        let seq = i as u64 + 1;
+        match *what {
+            "good" => assert_eq!(link_says, None),
+            "pipe read end" | "socket" => {
+                assert_eq!(link_says, Some((Op::Publish { seq }, ErrorCode::NotMemfd)))
+            }
+            "unsealed" => assert_eq!(link_says, Some((Op::Publish { seq }, ErrorCode::NotSealed))),
+            _ => assert!(link_says.is_some(), "{what} is refused"),
+        }
+    }
+    // The good one reached the subscriber twice (socket, link).
+    for _ in 0..2 {
+        let p = watch.next_packet();
+        assert_eq!(p.fds.len(), 1, "a delivery with its memfd");
+    }
+}

@@ -770,7 +770,7 @@ impl Reactor {
                     );
                     break 'reads;
                 }
-                link.ahead.push_back((data.to_vec(), status, fds));
+                link.ahead.push_back((data.to_vec(), status, fds.into_iter().map(inert).collect()));
             }
             if n < link::SOCKET_SLOTS {
                 // The socket is empty.
@@ -1309,6 +1309,25 @@ fn fd_table_full(probe: Option<BorrowedFd<'_>>) -> bool {
         }
         Err(e) => e == rustix::io::Errno::MFILE || e == rustix::io::Errno::NFILE,
     }
+}
+
+/// What the broker holds of an fd read ahead of its marker (which a
+/// hostile client may never write): the fd itself if holding it keeps
+/// nothing else open (a memfd, any file of pages), else, when the bus
+/// could only refuse it as not a memfd, a stand-in that it refuses the
+/// same way (an eventfd). Held as it came, a client's own end of its
+/// connection (or an io_uring holding it) kept that end open inside the
+/// broker after the client was gone: the hang-up never came, and the
+/// connection, its link and their charges lived on. If no stand-in can be
+/// made (the broker is out of fds), the fd is kept.
+fn inert(fd: OwnedFd) -> OwnedFd {
+    use shmbus_proto::sys::memfd::{self, MemfdError};
+    if memfd::holds_only_pages(fd.as_fd())
+        || !matches!(memfd::sealed_len(fd.as_fd()), Err(MemfdError::NotMemfd))
+    {
+        return fd;
+    }
+    rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap_or(fd)
 }
 
 /// Tells a refused peer why, then closes it.
