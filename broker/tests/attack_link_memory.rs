@@ -280,6 +280,8 @@ fn a_marker_that_finds_a_stray_frame_is_one_protocol_error() {
         assert!(start.elapsed() < PATIENCE, "the broker never put the ring to sleep");
         std::thread::sleep(Duration::from_millis(1));
     }
+    // (Past its last look at the ring, which follows the flag by a fence.)
+    std::thread::sleep(Duration::from_millis(5));
     l.rung = l.map.peer().consumer_sleep.v.load(Ordering::Relaxed);
     l.push_header(shmbus_proto::link::layout::KIND_MARKER, 0);
     l.raw.send_body(&Ping { token: 1 }, &[]);
