@@ -669,6 +669,81 @@ fn fds_parked_in_non_readers_do_not_starve_another_uid() {
     );
 }
 
+/// The same parking, by linked connections that acknowledge each fd as
+/// its marker comes up in their ring and never read their socket: the
+/// acknowledgements must not let the broker send them more than the
+/// uid's budget (`--uid-unacked-fds`), or the fds pile up in flight in
+/// their sockets, charged by the kernel to the broker's own user, until
+/// every fd-carrying send fails and another uid's memfd payloads stall.
+#[test]
+fn fds_parked_by_linked_non_readers_that_ack_by_marker_do_not_starve_another_uid() {
+    use shmbus_proto::frame::FdAck;
+    use shmbus_proto::link::RecordKind;
+    if !needs_root() {
+        return;
+    }
+    const UID_UNACKED: u64 = 64;
+    const PARKERS: usize = 16;
+    const SENT: usize = 600;
+    let b = Broker::launch(
+        "fdpark-link",
+        Launch::new().uid(NOBODY).nofile(256).args(&[
+            "--fd-window",
+            "16",
+            "--uid-unacked-fds",
+            &UID_UNACKED.to_string(),
+            "--uid-queue-fds",
+            "32",
+        ]),
+    );
+    let mut parkers: Vec<RawLink> = (0..PARKERS).map(|_| RawLink::attach(&b, "parker")).collect();
+    for p in &mut parkers {
+        p.send_body(&Subscribe { sub_id: 1, pattern: "park", overflow: Overflow::Gap }, &[]);
+        assert!(matches!(p.next_packet().frame(), Some(BrokerFrame::Subscribed(_))));
+    }
+    let publisher = b.client();
+    let fd = memfd::from_bytes("park", &[7; 4096]).unwrap();
+    // Publish, and have each parker acknowledge every marker it sees
+    // without reading its socket, until nothing more comes.
+    let (mut markers, mut published) = (0u64, 0usize);
+    let mut quiet_since = Instant::now();
+    let start = Instant::now();
+    while quiet_since.elapsed() < Duration::from_millis(500) {
+        assert!(start.elapsed() < PATIENCE, "the parking never settled");
+        if published < SENT {
+            publisher.publish_fd("park", fd.as_fd()).unwrap();
+            published += 1;
+        }
+        let mut idle = true;
+        for p in &mut parkers {
+            let mut buf = Vec::new();
+            while let Some(kind) = p.consumer.next(p.map.peer(), p.map.peer_data(), &mut buf).unwrap() {
+                p.consumer.commit(p.map.mine());
+                idle = false;
+                quiet_since = Instant::now();
+                if kind == RecordKind::Marker {
+                    markers += 1;
+                    p.send_body(&FdAck { fds: 1 }, &[]);
+                }
+                buf.clear();
+            }
+        }
+        if idle {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    eprintln!("{published} published; {markers} fds sit unread in {PARKERS} linked sockets that acked them");
+
+    // Another uid's memfd payloads must flow meanwhile.
+    let mut honest = helper("memfd-echo", &b.address, 20, Some(NOBODY));
+    honest.expect("ok");
+    honest.finish();
+    assert!(
+        markers <= UID_UNACKED,
+        "{markers} fds sat unread in root's sockets, over --uid-unacked-fds {UID_UNACKED}"
+    );
+}
+
 /// Reads what an idle publisher was sent, up to a pong, acknowledging
 /// fds as an honest client would; tallies reader notices per reader id as
 /// (joins, leaves). A goodbye fails the test.

@@ -154,6 +154,11 @@ struct Reactor {
     doorbell: Vec<u8>,
     /// One packet at a time, for linked connections' sockets.
     link_batch: Option<RecvBatch>,
+    /// What a record of any linked connection is copied into, one at a
+    /// time: one buffer for all, so a connection that once sent a large
+    /// frame leaves nothing of that size behind (one each kept 72 KiB per
+    /// connection, 18 MiB for a uid's 256).
+    link_buf: Vec<u8>,
 }
 
 impl Reactor {
@@ -199,6 +204,7 @@ impl Reactor {
             idle_turn: false,
             doorbell: encode_head(&Doorbell).expect("a doorbell encodes"),
             link_batch: Some(RecvBatch::new(link::SOCKET_SLOTS)),
+            link_buf: Vec::with_capacity(256),
             quiet_turns: 0,
             drain_later: Vec::new(),
             shared_cpu: false,
@@ -777,7 +783,7 @@ impl Reactor {
                     );
                     break 'reads;
                 }
-                link.ahead.push_back((data.to_vec(), status, fds));
+                link.ahead.push_back((data.to_vec(), status, fds.into_iter().map(inert).collect()));
             }
             if n < link::SOCKET_SLOTS {
                 // The socket is empty.
@@ -836,7 +842,8 @@ impl Reactor {
             if records >= link::RECORDS_PER_TURN || self.bus.work().wrapping_sub(work_start) >= budget {
                 break;
             }
-            let Some(link) = self.conn_link(id) else { return records };
+            // Split borrows: the link in `conns`, the buffer beside it.
+            let Some(link) = self.conns.get_mut(&id).and_then(|c| c.link.as_mut()) else { return records };
             if link.broken {
                 // Its ring is not read any more, but its hang-up still
                 // ends it (a lingering peer waits for nothing else).
@@ -845,11 +852,11 @@ impl Reactor {
                 }
                 return records;
             }
-            let mut buf = std::mem::take(&mut link.buf);
+            let mut buf = std::mem::take(&mut self.link_buf);
             buf.clear();
             match link.consumer.next(link.map.peer(), link.map.peer_data(), &mut buf) {
                 Ok(None) => {
-                    link.buf = buf;
+                    self.link_buf = buf;
                     break;
                 }
                 Ok(Some(RecordKind::Frame)) => {
@@ -857,24 +864,30 @@ impl Reactor {
                     if buf.len() > shmbus_proto::limits::MAX_PACKET {
                         // The ring carries up to half its capacity; a frame
                         // is held to what a socket packet may be, as on the
-                        // socket.
+                        // socket (copied up to one byte more: see
+                        // `ConnLink::new`).
                         self.bus.receive_damaged(id, Damage::Truncated, &buf, now);
                     } else {
                         self.bus.receive(id, &buf, Vec::new(), now);
                     }
-                    if let Some(link) = self.conn_link(id) {
-                        link.buf = buf;
-                    }
+                    self.link_buf = buf;
                 }
                 Ok(Some(RecordKind::Marker)) => {
                     records += 1;
-                    link.buf = buf;
+                    self.link_buf = buf;
                     let mut packet = link.ahead.pop_front();
                     if packet.is_none() {
                         // Sent before the marker was written: it is in the
                         // socket, unless the client lies.
                         self.read_link_socket(id);
-                        packet = self.conn_link(id).and_then(|l| l.ahead.pop_front());
+                        let link = self.conn_link(id);
+                        if link.as_ref().is_none_or(|l| l.broken) {
+                            // What it found there broke the rules (a frame
+                            // without fds): that ended the connection, and
+                            // is the one violation counted.
+                            return records;
+                        }
+                        packet = link.and_then(|l| l.ahead.pop_front());
                     }
                     match packet {
                         Some((data, status, fds)) => self.hand_over(id, &data, status, fds),
@@ -888,6 +901,7 @@ impl Reactor {
                     }
                 }
                 Err(e) => {
+                    self.link_buf = buf;
                     self.link_broken(id, &e.to_string());
                     return records;
                 }
@@ -1309,6 +1323,25 @@ fn fd_table_full(probe: Option<BorrowedFd<'_>>) -> bool {
         }
         Err(e) => e == rustix::io::Errno::MFILE || e == rustix::io::Errno::NFILE,
     }
+}
+
+/// What the broker holds of an fd read ahead of its marker (which a
+/// hostile client may never write): the fd itself if holding it keeps
+/// nothing else open (a memfd, any file of pages), else, when the bus
+/// could only refuse it as not a memfd, a stand-in that it refuses the
+/// same way (an eventfd). Held as it came, a client's own end of its
+/// connection (or an io_uring holding it) kept that end open inside the
+/// broker after the client was gone: the hang-up never came, and the
+/// connection, its link and their charges lived on. If no stand-in can be
+/// made (the broker is out of fds), the fd is kept.
+fn inert(fd: OwnedFd) -> OwnedFd {
+    use shmbus_proto::sys::memfd::{self, MemfdError};
+    if memfd::holds_only_pages(fd.as_fd())
+        || !matches!(memfd::sealed_len(fd.as_fd()), Err(MemfdError::NotMemfd))
+    {
+        return fd;
+    }
+    rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap_or(fd)
 }
 
 /// Tells a refused peer why, then closes it.

@@ -248,8 +248,6 @@ pub struct ConnLink {
     /// Average time between the turns that found records (a moving
     /// average, 1/8 per turn).
     pub gap: Duration,
-    /// Reused for each record copied out.
-    pub buf: Vec<u8>,
     /// The client broke the link's rules: its ring is never read again.
     pub broken: bool,
     /// The client lied about our ring: it is never written again.
@@ -266,10 +264,15 @@ pub struct ConnLink {
 impl ConnLink {
     pub fn new(map: LinkMap, now: Instant) -> ConnLink {
         let capacity = map.capacity();
+        let mut consumer = Consumer::new(capacity);
+        // A frame is held to what a socket packet may be; one longer is
+        // seen as longer from one byte more, without copying the rest (up
+        // to half the ring, 8 MiB at 16 MiB) out of the client's half.
+        consumer.truncate_frames(shmbus_proto::limits::MAX_PACKET + 1);
         ConnLink {
             map,
             producer: Producer::new(capacity),
-            consumer: Consumer::new(capacity),
+            consumer,
             ahead: VecDeque::new(),
             eof: false,
             last_record: now,
@@ -277,7 +280,6 @@ impl ConnLink {
             slept_at: None,
             spin: START_SPIN,
             gap: Duration::ZERO,
-            buf: Vec::with_capacity(256),
             broken: false,
             mute: false,
             drain_queued: false,

@@ -30,7 +30,9 @@
 //!    [`LinkError::Corrupt`], never a read out of bounds;
 //! 3. the record's words copied out (Relaxed atomic loads: the producer is
 //!    another process, and a hostile one may be writing them right now, so
-//!    they are never borrowed as `&[u8]`);
+//!    they are never borrowed as `&[u8]`): a frame's up to the reader's
+//!    bound ([`Consumer::truncate_frames`]), a marker's never (it has no
+//!    content; a length it claims costs the reader nothing);
 //! 4. [`Consumer::commit`]: `head` (Release, pairs with step 1 above);
 //! 5. [`Consumer::must_ring_room`]: a SeqCst fence, then the producer's
 //!    `producer_wait`: pairs with the fence in [`Producer::prepare_wait`]
@@ -361,6 +363,8 @@ pub struct Consumer {
     rung: u32,
     /// `committed` at the last [`Consumer::must_ring_room`] that looked.
     room_seen: u64,
+    /// Most bytes of a frame copied out ([`Consumer::truncate_frames`]).
+    copy_max: usize,
 }
 
 impl Consumer {
@@ -373,7 +377,18 @@ impl Consumer {
             sleep: 0,
             rung: 0,
             room_seen: 0,
+            copy_max: usize::MAX,
         }
+    }
+
+    /// Copies at most `max` bytes of each frame out (its first ones) and
+    /// skips the rest, as a socket receive truncates a packet larger than
+    /// its buffer: a reader that refuses frames over some size finds out
+    /// from `out` holding more than it takes, without copying a hostile
+    /// producer's half a ring. (A marker's content is never copied: it
+    /// has none, and any there is ignored.)
+    pub fn truncate_frames(&mut self, max: usize) {
+        self.copy_max = max;
     }
 
     /// Loads the producer's `tail`, checked.
@@ -398,7 +413,8 @@ impl Consumer {
         Ok(self.head == self.tail_seen)
     }
 
-    /// The next record, its bytes appended to `out`. `Ok(None)`: the ring
+    /// The next record, its bytes appended to `out` (a frame's, up to
+    /// [`Consumer::truncate_frames`]; a marker's, none). `Ok(None)`: the ring
     /// is empty. Not given back to the producer until [`Consumer::commit`].
     pub fn next(
         &mut self,
@@ -431,7 +447,11 @@ impl Consumer {
             if len > max_frame(self.capacity) || rec as usize > end || self.head + rec > self.tail_seen {
                 return Err(LinkError::Corrupt("a record longer than the ring or than what was written"));
             }
-            read_words(&data[off / 8 + 1..off / 8 + rec as usize / 8], len, out);
+            let copy = match kind {
+                RecordKind::Frame => len.min(self.copy_max),
+                RecordKind::Marker => 0,
+            };
+            read_words(&data[off / 8 + 1..off / 8 + rec as usize / 8], copy, out);
             self.head += rec;
             return Ok(Some(kind));
         }
@@ -669,6 +689,30 @@ mod tests {
                 c.commit(&c_half);
             }
         }
+    }
+
+    /// A reader pays only for what it takes: a marker's claimed content is
+    /// skipped, a frame past the reader's bound is copied up to one byte
+    /// more than it takes (so it knows), and the records after both come
+    /// whole.
+    #[test]
+    fn marker_content_is_skipped_and_frames_are_copied_up_to_the_bound() {
+        let (p_half, c_half, data) = ring();
+        let (mut p, mut c) = (Producer::new(CAP), Consumer::new(CAP));
+        c.truncate_frames(17);
+        let mut out = Vec::new();
+        assert!(p.try_push(&c_half, &data, RecordKind::Marker, &[&[9u8; 40]]).unwrap());
+        assert!(p.try_push(&c_half, &data, RecordKind::Frame, &[&[1u8; 60]]).unwrap());
+        assert!(p.try_push(&c_half, &data, RecordKind::Frame, &[&[2u8; 16]]).unwrap());
+        p.publish(&p_half);
+        assert_eq!(c.next(&p_half, &data, &mut out).unwrap(), Some(RecordKind::Marker));
+        assert!(out.is_empty(), "a marker's content is not copied");
+        assert_eq!(c.next(&p_half, &data, &mut out).unwrap(), Some(RecordKind::Frame));
+        assert_eq!(out, [1u8; 17], "a long frame: its first bytes, up to the bound");
+        out.clear();
+        assert_eq!(c.next(&p_half, &data, &mut out).unwrap(), Some(RecordKind::Frame));
+        assert_eq!(out, [2u8; 16]);
+        assert_eq!(c.next(&p_half, &data, &mut out).unwrap(), None);
     }
 
     #[test]

@@ -124,6 +124,18 @@ pub enum MemfdError {
     Io(String),
 }
 
+/// Whether holding `fd` can keep no other file open: a file on tmpfs or
+/// hugetlbfs (a memfd or not) holds pages, never other files. Anything
+/// else may: a unix socket holds the fds queued in it (its peer's own end,
+/// say), an io_uring its registered files. (False if it cannot be told.)
+pub fn holds_only_pages(fd: BorrowedFd<'_>) -> bool {
+    rustix::fs::fstatfs(fd).is_ok_and(|fs| {
+        #[allow(clippy::unnecessary_cast)] // f_type's width differs between libcs
+        let magic = fs.f_type as i64;
+        magic == TMPFS_MAGIC || magic == HUGETLBFS_MAGIC
+    })
+}
+
 /// Checks that `fd` is a readable shmem memfd carrying [`REQUIRED_SEALS`]
 /// and exactly `declared` bytes long: what a receiver may map read-only.
 pub fn check_sealed(fd: BorrowedFd<'_>, declared: u64) -> Result<(), MemfdError> {
@@ -188,6 +200,20 @@ mod tests {
         assert!(rustix::io::pwrite(&fd, b"x", 0).is_err(), "write seal holds");
         assert!(rustix::fs::ftruncate(&fd, 1).is_err(), "shrink seal holds");
         assert!(rustix::fs::ftruncate(&fd, 100).is_err(), "grow seal holds");
+    }
+
+    #[test]
+    fn only_files_of_pages_hold_only_pages() {
+        let fd = from_bytes("t", b"hello").unwrap();
+        assert!(holds_only_pages(fd.as_fd()));
+        let (a, _b) = rustix::net::socketpair(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::SEQPACKET,
+            rustix::net::SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        assert!(!holds_only_pages(a.as_fd()), "a socket may hold the fds queued in it");
     }
 
     #[test]
