@@ -30,7 +30,7 @@ use super::peer::{LinkPhase, PeerId, PeerState, Subscription};
 use super::queue::SubState;
 use super::quota::{charge_usage, Resource};
 use super::rules::Action;
-use super::{bump, Bus};
+use super::{bump, Bus, Effect};
 
 /// How a packet arrived damaged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -304,7 +304,11 @@ impl Bus {
         }
     }
 
-    /// The peer took `a.fds` more of the fds sent to it.
+    /// The peer says it took `a.fds` more of the fds sent to it. Believed
+    /// only once its socket shows them read: until the daemon reports that
+    /// ([`Bus::fds_delivered`]), they still count against its window and
+    /// its uid's `UnackedFds` (a client can ack fds it never took, and
+    /// leave them in flight, charged by the kernel to the broker's user).
     fn fd_ack(&mut self, id: PeerId, a: FdAck, now: Instant) {
         let Some(p) = self.peers.get_mut(&id) else { return };
         let fds = u64::from(a.fds);
@@ -317,19 +321,12 @@ impl Bus {
                 format!("acknowledged {fds} fds, but only {} were sent and unacknowledged", p.unacked_fds);
             return self.violation(id, &msg, now);
         }
+        if fds == 0 {
+            return;
+        }
         p.unacked_fds -= fds;
-        p.usage.sub(Resource::UnackedFds, fds);
-        let uid = p.cred.uid;
-        if p.state == PeerState::Lingering && p.unacked_fds == 0 {
-            // It gave back everything: nothing keeps it any more.
-            self.remove(id);
-        } else if !p.queue.is_empty() {
-            self.mark_dirty(id);
-        }
-        // Room for this uid may unblock its other connections.
-        if fds > 0 {
-            self.wake_stalled(uid);
-        }
+        p.acked_fds += fds;
+        self.effects.push(Effect::Acked(id));
     }
 }
 

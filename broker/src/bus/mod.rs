@@ -85,6 +85,10 @@ pub enum Effect {
     /// The peer may have the shared-memory transport, with this capacity:
     /// make it and send `Attached` (or report [`Bus::attach_failed`]).
     Attach(PeerId, u32),
+    /// The peer acknowledged fds (`FdAck`): they count as given back only
+    /// once its socket shows every packet sent to it read; tell
+    /// [`Bus::fds_delivered`] when it does.
+    Acked(PeerId),
 }
 
 /// What the bus is told at start.
@@ -385,6 +389,7 @@ impl Bus {
             calls_in: Default::default(),
             calls_out: Default::default(),
             unacked_fds: 0,
+            acked_fds: 0,
             last_route: Default::default(),
             connected_at: now,
             usage,
@@ -408,7 +413,7 @@ impl Bus {
     fn remove(&mut self, id: PeerId) {
         self.detach(id);
         if let Some(p) = self.peers.remove(&id) {
-            let (uid, freed) = (p.cred.uid, p.unacked_fds);
+            let (uid, freed) = (p.cred.uid, p.unacked_fds + p.acked_fds);
             drop(p);
             self.effects.push(Effect::Close(id));
             if freed > 0 {
@@ -427,10 +432,11 @@ impl Bus {
     }
 
     /// A closing peer's queue is done (flushed, or its deadline passed):
-    /// end it, or let it linger while fds sent to it are unacknowledged.
+    /// end it, or let it linger while fds sent to it are unacknowledged or
+    /// not yet seen read.
     fn finish_close(&mut self, id: PeerId) {
         let Some(p) = self.peers.get_mut(&id) else { return };
-        if p.unacked_fds == 0 {
+        if p.unacked_fds == 0 && p.acked_fds == 0 {
             return self.remove(id);
         }
         // Whatever is still queued will not be sent.
@@ -438,7 +444,12 @@ impl Bus {
         p.queue.consume(1);
         if p.state != PeerState::Lingering {
             p.state = PeerState::Lingering;
-            debug!("{} lingers with {} fds unacknowledged", p.who(), p.unacked_fds);
+            debug!(
+                "{} lingers with {} fds unacknowledged, {} not yet seen read",
+                p.who(),
+                p.unacked_fds,
+                p.acked_fds
+            );
             self.effects.push(Effect::Shutdown(id));
         }
     }
@@ -667,7 +678,7 @@ impl Bus {
     pub fn sendable_count(&mut self, id: PeerId, max: usize) -> usize {
         let window = u64::from(self.cfg.fd_window);
         let Some(p) = self.peers.get(&id) else { return 0 };
-        let mut own = window.saturating_sub(p.unacked_fds);
+        let mut own = window.saturating_sub(p.unacked_fds + p.acked_fds);
         let mut uid = p.usage.room(Resource::UnackedFds);
         let mut n = 0;
         let mut stalled_on_uid = false;
@@ -737,6 +748,35 @@ impl Bus {
         if p.state == PeerState::Closing && p.queue.is_empty() {
             self.finish_close(id);
         }
+    }
+
+    /// Fds the peer acknowledged whose packets are not yet seen read: while
+    /// there are some, the daemon watches its socket for the peer's reads
+    /// and calls [`Bus::fds_delivered`] once every packet sent is read.
+    pub fn unconfirmed_fds(&self, id: PeerId) -> u64 {
+        self.peers.get(&id).map_or(0, |p| p.acked_fds)
+    }
+
+    /// The daemon saw the peer's socket hold nothing it was sent (every
+    /// packet read, its fds out of flight): the fds it acknowledged so far
+    /// are given back to its window and its uid. Ends a lingering peer
+    /// that has nothing else out.
+    pub fn fds_delivered(&mut self, id: PeerId) {
+        let Some(p) = self.peers.get_mut(&id) else { return };
+        let fds = std::mem::take(&mut p.acked_fds);
+        if fds == 0 {
+            return;
+        }
+        p.usage.sub(Resource::UnackedFds, fds);
+        let uid = p.cred.uid;
+        if p.state == PeerState::Lingering && p.unacked_fds == 0 {
+            // It gave back everything: nothing keeps it any more.
+            self.remove(id);
+        } else if !p.queue.is_empty() {
+            self.mark_dirty(id);
+        }
+        // Room for this uid may unblock its other connections.
+        self.wake_stalled(uid);
     }
 
     /// Whether the peer has frames queued (sendable or not).

@@ -8,12 +8,14 @@
 //! handles given back, its input is ignored, a `Goodbye` with the reason is
 //! the last frame in its queue, and it is dropped when that queue has been
 //! flushed or its deadline passes, whichever is first. If fds the broker
-//! sent it are still unacknowledged then, they may sit unread in its
-//! socket, where the kernel charges them to the broker's uid until the
-//! peer closes its end; so the peer `Lingers`: the broker shuts down its
-//! side for writing but keeps the socket, the connection and those fds
-//! charged to the peer's uid, until the peer acknowledges them or hangs
-//! up. A hostile peer can so pin no more than its uid's limits.
+//! sent it are still unacknowledged (or acknowledged but not yet seen
+//! read), they may sit unread in its socket, where the kernel charges them
+//! to the broker's uid until the peer closes its end; so the peer
+//! `Lingers`: the broker shuts down its side for writing but keeps the
+//! socket, the connection and those fds charged to the peer's uid, until
+//! the peer acknowledges them and the daemon sees them read
+//! (`Bus::fds_delivered`), or it hangs up. A hostile peer can so pin no
+//! more than its uid's limits.
 //!
 //! Identity: a peer's id is a `u64` handed out in increasing order and
 //! never reused, so every registry (router, channels, stalls) keys on it
@@ -167,6 +169,11 @@ pub struct Peer {
     pub news_queued: u32,
     /// Fds sent to this peer and not yet acknowledged with `FdAck`.
     pub unacked_fds: u64,
+    /// Fds acknowledged with `FdAck` whose packets the daemon has not yet
+    /// seen read from the socket ([`crate::bus::Bus::fds_delivered`]): a
+    /// client can acknowledge fds it never took, so they still count
+    /// against the window and the uid's `UnackedFds`.
+    pub acked_fds: u64,
     /// The subject this peer last published on, checked and routed.
     pub last_route: LastRoute,
     pub connected_at: Instant,
@@ -211,7 +218,8 @@ impl Peer {
 
 impl Drop for Peer {
     fn drop(&mut self) {
-        // The fds sent and never acknowledged leave with the socket.
-        self.usage.sub(Resource::UnackedFds, self.unacked_fds);
+        // The fds sent and never acknowledged (or never seen read) leave
+        // with the socket.
+        self.usage.sub(Resource::UnackedFds, self.unacked_fds + self.acked_fds);
     }
 }

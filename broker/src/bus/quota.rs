@@ -9,7 +9,7 @@
 //! |---|---|---|
 //! | connections | the peer | the connection is open |
 //! | queued bytes, queued fds | the receiver | a frame waits in its queue |
-//! | unacknowledged fds | the receiver | sent, not yet acknowledged (`FdAck`) |
+//! | unacknowledged fds | the receiver | sent, not yet acknowledged (`FdAck`) and seen read |
 //! | subscriptions, router bytes | the subscriber | the subscription exists |
 //! | channels, ring bytes | the publisher | the channel is open |
 //! | channel readers, ring bytes (cursor page) | the reader | it is joined |

@@ -81,6 +81,13 @@ impl World {
         out
     }
 
+    /// Acknowledges `fds`, and reports them read from the socket, as the
+    /// daemon does once the peer's socket holds nothing unread.
+    fn ack(&mut self, id: PeerId, fds: u32) {
+        self.send(id, &FdAck { fds });
+        self.bus.fds_delivered(id);
+    }
+
     /// Flushes and decodes into owned frames of the simple kinds.
     fn take(&mut self, id: PeerId) -> Vec<BrokerFrame<'static>> {
         let mut out = Vec::new();
@@ -281,13 +288,13 @@ fn fds_wait_for_acknowledgement_and_over_acking_is_a_violation() {
     assert_eq!(sent.iter().map(|f| f.1).sum::<usize>(), 4, "window of 4 fds");
     assert_eq!(w.bus.held(2, Resource::UnackedFds), 4);
     assert!(w.bus.has_output(s));
-    w.send(s, &FdAck { fds: 4 });
+    w.ack(s, 4);
     assert_eq!(w.flush(s).len(), 4);
     w.send(s, &FdAck { fds: 9 });
     // Closing still respects the window: nothing more goes until the peer
     // acknowledges, which a closing peer may still do.
     assert!(w.take(s).is_empty());
-    w.send(s, &FdAck { fds: 4 });
+    w.ack(s, 4);
     let last = w.take(s);
     match last.last() {
         Some(BrokerFrame::Goodbye(g)) => assert_eq!(g.code, GoodbyeCode::ProtocolViolation),
@@ -298,14 +305,115 @@ fn fds_wait_for_acknowledgement_and_over_acking_is_a_violation() {
     assert!(w.bus.take_effects().contains(&Effect::Shutdown(s)));
     assert_eq!(w.bus.held(2, Resource::UnackedFds), 2);
     assert_eq!(w.bus.held(2, Resource::Connections), 1);
-    // Junk from a lingering peer is ignored; giving the fds back ends it.
+    // Junk from a lingering peer is ignored; giving the fds back ends it,
+    // once they are seen read.
     w.publish(s, "f", b"ignored");
     assert!(w.bus.peer(s).is_some());
     w.send(s, &FdAck { fds: 2 });
+    assert!(w.bus.peer(s).is_some(), "acknowledged, not yet seen read");
+    assert_eq!(w.bus.held(2, Resource::UnackedFds), 2);
+    w.bus.fds_delivered(s);
     assert!(w.bus.peer(s).is_none());
     assert!(w.bus.take_effects().contains(&Effect::Close(s)));
     assert_eq!(w.bus.held(2, Resource::UnackedFds), 0, "released when the peer went");
     assert_eq!(w.bus.held(2, Resource::Connections), 0);
+}
+
+/// A client can acknowledge fds it never read (a linked one sees a marker
+/// for each): an `FdAck` gives nothing back by itself. The fds count
+/// against the window and the uid until the daemon sees them read
+/// (`fds_delivered`), which is what frees room and wakes the uid's other
+/// connections. Over-acking is still judged against what was sent and
+/// not yet acknowledged.
+#[test]
+fn an_acknowledgement_gives_fds_back_only_once_they_are_seen_read() {
+    let mut cfg = config();
+    cfg.fd_window = 4;
+    cfg.uid_limits.set(Resource::UnackedFds, 6);
+    let mut w = World::new(cfg);
+    let p = w.join(1);
+    let (acker, other) = (w.join(2), w.join(2));
+    w.subscribe(acker, 1, "f");
+    w.subscribe(other, 1, "g");
+    w.take(acker);
+    w.take(other);
+    for _ in 0..8 {
+        w.publish_fd(p, "f", memfd(4), 4);
+    }
+    assert_eq!(w.flush(acker).len(), 4, "a window of 4");
+    w.publish_fd(p, "g", memfd(4), 4);
+    w.publish_fd(p, "g", memfd(4), 4);
+    w.publish_fd(p, "g", memfd(4), 4);
+    assert_eq!(w.flush(other).len(), 2, "the uid's 6, less the acker's 4");
+    w.bus.take_effects();
+
+    // Acknowledged, unread: nothing more goes, to it or to its uid.
+    w.send(acker, &FdAck { fds: 4 });
+    assert_eq!(w.bus.take_effects(), vec![Effect::Acked(acker)]);
+    assert_eq!(w.bus.unconfirmed_fds(acker), 4);
+    assert_eq!(w.bus.held(2, Resource::UnackedFds), 6);
+    assert!(w.flush(acker).is_empty(), "the window still holds them");
+    assert!(w.flush(other).is_empty(), "the uid still holds them");
+    // They were acknowledged already: acking them again is acking more
+    // than was sent and unacknowledged.
+    let mut over = config();
+    over.fd_window = 4;
+    let mut v = World::new(over);
+    let (vp, vs) = (v.join(1), v.join(2));
+    v.subscribe(vs, 1, "f");
+    v.take(vs);
+    v.publish_fd(vp, "f", memfd(4), 4);
+    assert_eq!(v.flush(vs).len(), 1);
+    v.send(vs, &FdAck { fds: 1 });
+    v.send(vs, &FdAck { fds: 1 });
+    match v.take(vs).last() {
+        Some(BrokerFrame::Goodbye(g)) => assert_eq!(g.code, GoodbyeCode::ProtocolViolation),
+        other => panic!("{other:?}"),
+    }
+
+    // Seen read: the room comes back, and the uid's waiting connection is
+    // woken.
+    w.bus.fds_delivered(acker);
+    assert_eq!(w.bus.unconfirmed_fds(acker), 0);
+    assert_eq!(w.bus.held(2, Resource::UnackedFds), 2);
+    let woken = w.bus.take_effects();
+    assert!(woken.contains(&Effect::Flush(acker)) && woken.contains(&Effect::Flush(other)), "{woken:?}");
+    assert_eq!(w.flush(other).len(), 1);
+    assert_eq!(w.flush(acker).len(), 3, "the uid's room, 6 less the other's 3");
+    // Nothing acknowledged: nothing to give back.
+    w.bus.fds_delivered(acker);
+    assert_eq!(w.bus.held(2, Resource::UnackedFds), 6);
+    // A peer that goes takes its unconfirmed fds' charge with it.
+    w.send(acker, &FdAck { fds: 3 });
+    w.bus.hangup(acker);
+    assert_eq!(w.bus.held(2, Resource::UnackedFds), 3);
+}
+
+/// A closing peer with acknowledged fds not yet seen read lingers, as one
+/// with unacknowledged fds does: its acknowledgement alone does not end it.
+#[test]
+fn a_closing_peer_lingers_until_its_acknowledged_fds_are_seen_read() {
+    let mut cfg = config();
+    cfg.fd_window = 4;
+    let mut w = World::new(cfg);
+    let (p, s) = (w.join(1), w.join(2));
+    w.subscribe(s, 1, "f");
+    w.take(s);
+    w.publish_fd(p, "f", memfd(4), 4);
+    assert_eq!(w.flush(s).len(), 1);
+    w.send(s, &FdAck { fds: 1 });
+    w.bus.shutdown(w.now);
+    match w.take(s).last() {
+        Some(BrokerFrame::Goodbye(g)) => assert_eq!(g.code, GoodbyeCode::Shutdown),
+        other => panic!("{other:?}"),
+    }
+    assert!(w.bus.take_effects().contains(&Effect::Shutdown(s)));
+    assert!(w.bus.peer(s).is_some());
+    assert_eq!(w.bus.held(2, Resource::UnackedFds), 1);
+    w.bus.fds_delivered(s);
+    assert!(w.bus.peer(s).is_none());
+    assert!(w.bus.take_effects().contains(&Effect::Close(s)));
+    assert_eq!(w.bus.held(2, Resource::UnackedFds), 0);
 }
 
 #[test]
@@ -384,7 +492,7 @@ fn reader_churn_is_coalesced_for_the_publisher() {
             [BrokerFrame::ChannelGranted(g)] => g.reader_id,
             other => panic!("{other:?}"),
         };
-        w.send(r, &FdAck { fds: 3 });
+        w.ack(r, 3);
         w.send(r, &ChannelClose { channel_id, reader_id });
     }
     // At most NEWS_IN_FLIGHT frames were queued for the idle publisher;

@@ -16,7 +16,9 @@
 //!    with `sendmmsg` until its queue is empty, its fd credit is spent, or
 //!    its socket is full (then a writable event resumes it), small frames
 //!    queued together sharing packets (`Batch`, [`frame::pack`]); close
-//!    peers the bus has forgotten.
+//!    peers the bus has forgotten. Fd credit comes back from an `FdAck`
+//!    only once the peer's socket shows every packet read (`SIOCOUTQ`,
+//!    [`Reactor::confirm_reads`]).
 //!
 //! Resource failures are the broker's, not a peer's: `EMFILE` on accept is
 //! retried on a timer (never a spin), a packet whose fds the kernel could
@@ -533,6 +535,9 @@ impl Reactor {
                     Effect::Flush(id) => self.flush(id),
                     Effect::Close(id) => self.close(id),
                     Effect::Attach(id, capacity) => self.attach_link(id, capacity),
+                    // `flush` looks first at whether the acknowledged fds
+                    // were read.
+                    Effect::Acked(id) => self.flush(id),
                     Effect::Shutdown(id) => {
                         // Keep the socket (the fds the peer holds unread are
                         // charged to us until it closes); stop writing.
@@ -546,16 +551,19 @@ impl Reactor {
     }
 
     fn flush(&mut self, id: PeerId) {
+        self.confirm_reads(id);
         if self.linked(id) {
             return self.flush_link(id);
         }
         loop {
+            let confirming = self.bus.unconfirmed_fds(id) > 0;
             let Some(conn) = self.conns.get_mut(&id) else { return };
             let frames = self.bus.sendable(id, MAX_BATCH * FRAMES_PER_PACKET);
             if frames.is_empty() {
                 // Drained, or waiting for fd credit: stop asking for
-                // writability, or every read by the peer would wake us.
-                want_writable(&self.poll, id, conn, false);
+                // writability, or every read by the peer would wake us;
+                // unless that read is what we wait for (`confirm_reads`).
+                want_writable(&self.poll, id, conn, confirming);
                 return;
             }
             // Frames without fds that are queued together share packets
@@ -634,6 +642,31 @@ impl Reactor {
                     self.bus.hangup(id);
                     return;
                 }
+            }
+        }
+    }
+
+    /// If `id` acknowledged fds not yet seen read, looks whether its peer
+    /// has read every packet sent to it (`SIOCOUTQ`): then their fds are
+    /// out of flight, installed in the peer, and the bus gives them back
+    /// ([`Bus::fds_delivered`]). An acknowledgement alone is not believed:
+    /// a client can ack fds it never took (a linked one sees a marker for
+    /// each) and leave them in flight in its socket, charged by the kernel
+    /// to the broker's user. Until then writable events stay on: the
+    /// kernel signals write space each time the peer reads (once what it
+    /// holds unread is at most a quarter of the send buffer), so its last
+    /// read brings us back here; a peer that reads nothing wakes nothing.
+    fn confirm_reads(&mut self, id: PeerId) {
+        if self.bus.unconfirmed_fds(id) == 0 {
+            return;
+        }
+        let Some(conn) = self.conns.get_mut(&id) else { return };
+        match socket::unread_by_peer(conn.fd.as_fd()) {
+            Ok(0) => self.bus.fds_delivered(id),
+            Ok(_) => want_writable(&self.poll, id, conn, true),
+            Err(e) => {
+                debug!("client {id}: cannot see what it left unread: {e}");
+                want_writable(&self.poll, id, conn, true);
             }
         }
     }
@@ -1120,7 +1153,8 @@ impl Reactor {
             // 300 `brk` calls a second at 2M messages a second.
             let total = self.bus.sendable_count(id, MAX_BATCH * FRAMES_PER_PACKET);
             let Some(peer) = self.bus.peer(id).filter(|_| total > 0) else {
-                want_writable(&self.poll, id, conn, false);
+                let confirming = self.bus.unconfirmed_fds(id) > 0;
+                want_writable(&self.poll, id, conn, confirming);
                 break;
             };
             let (mut sent, mut stop) = (0, None);
@@ -1295,7 +1329,8 @@ impl Reactor {
     }
 }
 
-/// Asks for writable events on `conn`'s socket (its socket was full) or
+/// Asks for writable events on `conn`'s socket (its socket was full, or
+/// fds it acknowledged wait to be seen read: `Reactor::confirm_reads`) or
 /// stops asking (its queue drained, or waits for fd credit: every read by
 /// the peer would wake us otherwise); a change only.
 fn want_writable(poll: &Poll, id: PeerId, conn: &mut Conn, on: bool) {

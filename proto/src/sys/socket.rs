@@ -154,6 +154,29 @@ pub fn peer_groups(fd: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
     }
 }
 
+/// Bytes of the packets sent on `fd` that its peer has not received yet
+/// (`SIOCOUTQ`: on a unix socket, the buffers the kernel still charges to
+/// this end; a packet's is freed when the peer's `recvmsg` takes it, its
+/// fds then installed in the peer and no longer in flight). 0: the peer
+/// has read everything sent to it. A count below the least a packet is
+/// charged (its buffer, hundreds of bytes) is the reference the kernel
+/// holds on this end for a moment while it frees a packet just read
+/// (`sock_wfree` keeps one across the write-space wake-up), not a packet:
+/// it is reported as 0.
+pub fn unread_by_peer(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    /// Less than any packet's charge (`SKB_TRUESIZE(0)` alone is larger).
+    const NOT_A_PACKET: libc::c_int = 64;
+    let mut n: libc::c_int = 0;
+    // SAFETY: `fd` is open for the call; SIOCOUTQ (`TIOCOUTQ` by number)
+    // writes one int through the pointer, which points at `n`, live and
+    // aligned for it.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut n as *mut libc::c_int) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(if n < NOT_A_PACKET { 0 } else { n as usize })
+}
+
 /// Puts the socket `with` in place of `target`: the same fd number now
 /// refers to `with`'s socket (close-on-exec), and `target`'s old socket is
 /// closed unless something else holds it. So every holder of the number
@@ -499,6 +522,26 @@ mod tests {
         assert_eq!(batch.packet(0).0, b"new");
         let flags = rustix::io::fcntl_getfd(&a).unwrap();
         assert!(flags.contains(rustix::io::FdFlags::CLOEXEC));
+    }
+
+    #[test]
+    fn unread_by_peer_counts_packets_until_the_peer_reads_them() {
+        let (a, b) = pair().unwrap();
+        assert_eq!(unread_by_peer(a.as_fd()).unwrap(), 0);
+        let fds = [b.as_fd()];
+        send_packet(a.as_fd(), OutPacket { head: b"one", payload: &[], fds: &fds }, false).unwrap();
+        send_packet(a.as_fd(), OutPacket { head: b"two", payload: &[], fds: &[] }, false).unwrap();
+        let both = unread_by_peer(a.as_fd()).unwrap();
+        assert!(both > 0);
+        let mut batch = RecvBatch::new(1);
+        assert_eq!(batch.recv(b.as_fd(), true).unwrap(), 1);
+        let one = unread_by_peer(a.as_fd()).unwrap();
+        assert!(one > 0 && one < both, "{one} of {both}");
+        assert_eq!(batch.recv(b.as_fd(), true).unwrap(), 1);
+        assert_eq!(unread_by_peer(a.as_fd()).unwrap(), 0);
+        // Only what this end sent counts.
+        send_packet(b.as_fd(), OutPacket { head: b"back", payload: &[], fds: &[] }, false).unwrap();
+        assert_eq!(unread_by_peer(a.as_fd()).unwrap(), 0);
     }
 
     #[test]
