@@ -200,10 +200,10 @@ fn main() -> ExitCode {
     let mut made: Option<MadeSocket> = None;
     if !activated {
         match daemon::config::listen(&address, access) {
-            Ok(fd) => {
+            Ok((fd, dir)) => {
                 cfg.listen_fd = Some(fd);
-                if let Address::Path(path) = &address {
-                    made = MadeSocket::note(path);
+                if let (Address::Path(path), Some(dir)) = (&address, dir) {
+                    made = MadeSocket::note(dir, path);
                 }
             }
             Err(e) => {
@@ -290,8 +290,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// The socket file this broker made: its directory, held open from the
-/// start, and the file's name and identity in it. Removing it goes through
+/// The socket file this broker made: its directory, as opened for the
+/// bind (`daemon::config::listen`), and the file's name and identity in it. Removing it goes through
 /// the directory fd, so no rename or symlink of the path's directories
 /// since can point the removal at another directory; and only a file still
 /// the one it made (same device and inode, the name itself, not a symlink
@@ -303,19 +303,9 @@ struct MadeSocket {
 }
 
 impl MadeSocket {
-    fn note(path: &std::path::Path) -> Option<MadeSocket> {
-        use rustix::fs::{AtFlags, OFlags};
+    fn note(dir: std::os::fd::OwnedFd, path: &std::path::Path) -> Option<MadeSocket> {
+        use rustix::fs::AtFlags;
         let name = path.file_name()?.to_owned();
-        let parent = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => std::path::Path::new("."),
-        };
-        let dir = rustix::fs::open(
-            parent,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )
-        .ok()?;
         let st = rustix::fs::statat(&dir, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW).ok()?;
         Some(MadeSocket { dir, name, id: (st.st_dev, st.st_ino) })
     }

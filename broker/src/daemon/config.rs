@@ -57,24 +57,69 @@ pub const DEFAULT_SOCKET_MODE: u32 = 0o666;
 /// created with no permissions for anyone but its owner, then given
 /// `access`'s group and mode, so it is never reachable by more users than
 /// asked for, not even for a moment.
-pub fn listen(address: &Address, access: SocketAccess) -> std::io::Result<OwnedFd> {
+///
+/// A path socket is made in its directory as opened once, before the bind:
+/// every step (the bind, the stale-socket check, the group and mode) names
+/// the file relative to that directory (the broker's working directory for
+/// the moment, single-threaded at start), and the directory is returned
+/// for the removal at exit. So a user who can rename the path's
+/// directories (swap one for a symlink to another, in a loop) cannot point
+/// any step, nor the removal, at a file in another directory.
+pub fn listen(address: &Address, access: SocketAccess) -> std::io::Result<(OwnedFd, Option<OwnedFd>)> {
     let Address::Path(path) = address else {
-        return shmbus_proto::sys::socket::listen(address, 1024);
+        return Ok((shmbus_proto::sys::socket::listen(address, 1024)?, None));
     };
+    use rustix::fs::{Mode, OFlags};
+    let name = path.file_name().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{} names no file", path.display()))
+    })?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    let open_dir = |p: &std::path::Path| {
+        rustix::fs::open(p, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).map_err(|e| {
+            std::io::Error::new(std::io::Error::from(e).kind(), format!("cannot open {}: {e}", p.display()))
+        })
+    };
+    let dir = open_dir(parent)?;
+    let home = open_dir(std::path::Path::new("."))?;
+    rustix::process::fchdir(&dir)?;
+    let made =
+        in_dir(&Address::Path(std::path::PathBuf::from(name)), std::path::Path::new(name), access, path);
+    let back = rustix::process::fchdir(&home);
+    let fd = made?;
+    back.map_err(|e| {
+        std::io::Error::new(
+            std::io::Error::from(e).kind(),
+            format!("cannot return to the working directory: {e}"),
+        )
+    })?;
+    Ok((fd, Some(dir)))
+}
+
+/// [`listen`]'s steps in the socket's directory (the working directory):
+/// `local` is the file's name there, `shown` its path as given.
+fn in_dir(
+    address: &Address,
+    local: &std::path::Path,
+    access: SocketAccess,
+    shown: &std::path::Path,
+) -> std::io::Result<OwnedFd> {
     let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
     let fd = shmbus_proto::sys::socket::listen(address, 1024);
     rustix::process::umask(old);
     let fd = fd?;
     let fail = |what: String, e: std::io::Error| {
-        let _ = std::fs::remove_file(path.as_path());
-        std::io::Error::new(e.kind(), format!("{what} of {}: {e}", path.display()))
+        let _ = std::fs::remove_file(local);
+        std::io::Error::new(e.kind(), format!("{what} of {}: {e}", shown.display()))
     };
     if let Some(gid) = access.group {
         let gid = rustix::process::Gid::from_raw(gid);
-        rustix::fs::chown(path.as_path(), None, Some(gid))
+        rustix::fs::chownat(rustix::fs::CWD, local, None, Some(gid), rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
             .map_err(|e| fail(format!("cannot set the group {}", gid.as_raw()), e.into()))?;
     }
-    rustix::fs::chmod(path.as_path(), rustix::fs::Mode::from_raw_mode(access.mode))
+    rustix::fs::chmod(local, rustix::fs::Mode::from_raw_mode(access.mode))
         .map_err(|e| fail(format!("cannot set the mode {:04o}", access.mode), e.into()))?;
     Ok(fd)
 }
