@@ -16,9 +16,6 @@ use shmbus_proto::frame::{encode_head, Attach, BrokerFrame, Doorbell, PayloadRef
 use shmbus_proto::link::layout::{MAX_CAPACITY, RECORD_HEADER};
 use shmbus_proto::link::shm::{self as link_shm, LinkMap};
 
-/// Longest a single bystander round trip may take.
-const ONE_PING: Duration = Duration::from_secs(5);
-
 /// A hostile client's link, its positions kept by hand: records are
 /// written as bare header words (no content stored), so the client pays
 /// a few stores per record whatever length it claims.
@@ -91,31 +88,6 @@ impl HandLink {
             }
         }
     }
-}
-
-fn pct(v: &[Duration], p: usize) -> Duration {
-    v[(v.len() * p / 100).min(v.len() - 1)]
-}
-
-/// `n` pings on a socket client, sorted round trips; each bounded.
-fn socket_rtts(raw: &mut Raw, n: u64) -> Vec<Duration> {
-    let mut v = Vec::new();
-    for i in 0..n {
-        let t = Instant::now();
-        raw.send_body(&Ping { token: i }, &[]);
-        loop {
-            let left = ONE_PING.saturating_sub(t.elapsed());
-            let p = raw.recv_packet(left).unwrap_or_else(|| panic!("ping {i} unanswered in {ONE_PING:?}"));
-            assert!(!p.is_eof(), "the bystander was cut off");
-            if matches!(p.frame(), Some(BrokerFrame::Pong(p)) if p.token == i) {
-                break;
-            }
-        }
-        v.push(t.elapsed());
-        std::thread::sleep(Duration::from_micros(300));
-    }
-    v.sort();
-    v
 }
 
 /// A marker's content is ignored (PROTOCOL §15.3: "`len` 0; the broker

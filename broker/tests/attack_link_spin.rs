@@ -19,30 +19,6 @@ use common::*;
 use shmbus_proto::frame::{encode_head, BrokerFrame, Doorbell, PayloadRef, Ping, Publish};
 use shmbus_proto::sys::socket::{self, OutPacket};
 
-/// Longest a single bystander round trip may take.
-const ONE_PING: Duration = Duration::from_secs(5);
-
-/// `n` pings on a socket client, sorted round trips; each bounded.
-fn socket_rtts(raw: &mut Raw, n: u64) -> Vec<Duration> {
-    let mut v = Vec::new();
-    for i in 0..n {
-        let t = Instant::now();
-        raw.send_body(&Ping { token: i }, &[]);
-        loop {
-            let left = ONE_PING.saturating_sub(t.elapsed());
-            let p = raw.recv_packet(left).unwrap_or_else(|| panic!("ping {i} unanswered in {ONE_PING:?}"));
-            assert!(!p.is_eof(), "the bystander was cut off");
-            if matches!(p.frame(), Some(BrokerFrame::Pong(p)) if p.token == i) {
-                break;
-            }
-        }
-        v.push(t.elapsed());
-        std::thread::sleep(Duration::from_micros(300));
-    }
-    v.sort();
-    v
-}
-
 /// The same for a linked client (the ping in its ring).
 fn link_rtts(l: &mut RawLink, n: u64) -> Vec<Duration> {
     let mut v = Vec::new();
@@ -63,10 +39,6 @@ fn link_rtts(l: &mut RawLink, n: u64) -> Vec<Duration> {
     }
     v.sort();
     v
-}
-
-fn pct(v: &[Duration], p: usize) -> Duration {
-    v[(v.len() * p / 100).min(v.len() - 1)]
 }
 
 /// The slack [`check`] allows over three times the idle p50: 2 ms (the

@@ -957,3 +957,33 @@ pub fn needs_root(test: &str) -> bool {
     let _ = writeln!(std::io::stderr(), "SKIPPED {why}");
     false
 }
+
+/// Longest a single bystander round trip may take in an attack test.
+pub const ONE_PING: Duration = Duration::from_secs(5);
+
+/// `n` pings on a socket client (an attack's bystander), sorted round
+/// trips; each bounded by [`ONE_PING`].
+pub fn socket_rtts(raw: &mut Raw, n: u64) -> Vec<Duration> {
+    let mut v = Vec::new();
+    for i in 0..n {
+        let t = Instant::now();
+        raw.send_body(&shmbus_proto::frame::Ping { token: i }, &[]);
+        loop {
+            let left = ONE_PING.saturating_sub(t.elapsed());
+            let p = raw.recv_packet(left).unwrap_or_else(|| panic!("ping {i} unanswered in {ONE_PING:?}"));
+            assert!(!p.is_eof(), "the bystander was cut off");
+            if matches!(p.frame(), Some(BrokerFrame::Pong(p)) if p.token == i) {
+                break;
+            }
+        }
+        v.push(t.elapsed());
+        std::thread::sleep(Duration::from_micros(300));
+    }
+    v.sort();
+    v
+}
+
+/// The `p`th percentile of sorted durations.
+pub fn pct(v: &[Duration], p: usize) -> Duration {
+    v[(v.len() * p / 100).min(v.len() - 1)]
+}
