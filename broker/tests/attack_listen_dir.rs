@@ -90,3 +90,35 @@ fn an_absolute_path_socket_does_not_need_the_working_directory() {
     let mut guard = ChildGuard(Some(cmd.spawn().unwrap()));
     wait_listening(&path, &mut guard);
 }
+
+/// A path that ends in `/` (or `/.`) names a directory, not a socket file:
+/// the broker refuses it (as the kernel's bind did), or else clients can
+/// reach it by that path. It must not bind the file name without the
+/// slash and report a path nobody can connect to (`ENOTDIR`).
+#[test]
+fn a_path_with_a_trailing_slash_is_refused_or_reachable_as_given() {
+    for (tag, tail) in [("slash", "t.sock/"), ("dot", "t.sock/.")] {
+        let dir = Dir::new(tag, 0o755);
+        let given = format!("{}/{tail}", dir.0.display());
+        let made = dir.0.join("t.sock");
+        let mut cmd = Command::new(SHMBUSD);
+        cmd.arg("--address").arg(&given).stdin(Stdio::null()).stderr(Stdio::null());
+        let mut guard = ChildGuard(Some(cmd.spawn().unwrap()));
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(status) = guard.0.as_mut().unwrap().try_wait().unwrap() {
+                assert!(!status.success(), "{given}: {status}");
+                break;
+            }
+            if made.exists() {
+                let mut ctl = Command::new(SHMBUSCTL);
+                ctl.arg("--address").arg(&given).arg("ping");
+                let out = run_bounded(ctl);
+                assert!(out.status.success(), "{given}: the broker listens there, but: {}", stderr(&out));
+                break;
+            }
+            assert!(start.elapsed() < PATIENCE, "shmbusd neither exited nor listened at {given}");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+}
