@@ -70,9 +70,18 @@ pub fn listen(address: &Address, access: SocketAccess) -> std::io::Result<(Owned
         return Ok((shmbus_proto::sys::socket::listen(address, 1024)?, None));
     };
     use rustix::fs::{Mode, OFlags};
-    let name = path.file_name().ok_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{} names no file", path.display()))
-    })?;
+    // `file_name` and `parent` read "d/s/" and "d/s/." as "d/s": a path
+    // that does not end in its file name names a directory (the bind of
+    // the whole path failed on it), not a socket a client could reach.
+    let name = path
+        .file_name()
+        .filter(|n| {
+            use std::os::unix::ffi::OsStrExt;
+            path.as_os_str().as_bytes().ends_with(n.as_bytes())
+        })
+        .ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{} names no file", path.display()))
+        })?;
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => std::path::Path::new("."),
