@@ -212,9 +212,13 @@ fn main() -> ExitCode {
             }
         }
     }
+    // What the service manager passed is named by what it is; a socket
+    // made here by the address given (it is bound by its bare file name
+    // in its directory: `daemon::config::listen`).
     let listening = cfg
         .listen_fd
         .as_ref()
+        .filter(|_| activated)
         .and_then(|fd| shmbus_proto::sys::socket::local_address(std::os::fd::AsFd::as_fd(fd)).ok().flatten())
         .unwrap_or_else(|| address.clone());
     let who = clients_line(&args.allow_uid, args.allow_all_uids, args.policy.is_some());

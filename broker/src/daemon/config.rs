@@ -60,8 +60,8 @@ pub const DEFAULT_SOCKET_MODE: u32 = 0o666;
 ///
 /// A path socket is made in its directory as opened once, before the bind:
 /// every step (the bind, the stale-socket check, the group and mode) names
-/// the file relative to that directory (the broker's working directory for
-/// the moment, single-threaded at start), and the directory is returned
+/// the file relative to that directory (the working directory of a thread
+/// that has one of its own), and the directory is returned
 /// for the removal at exit. So a user who can rename the path's
 /// directories (swap one for a symlink to another, in a loop) cannot point
 /// any step, nor the removal, at a file in another directory.
@@ -70,9 +70,18 @@ pub fn listen(address: &Address, access: SocketAccess) -> std::io::Result<(Owned
         return Ok((shmbus_proto::sys::socket::listen(address, 1024)?, None));
     };
     use rustix::fs::{Mode, OFlags};
-    let name = path.file_name().ok_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{} names no file", path.display()))
-    })?;
+    // `file_name` and `parent` read "d/s/" and "d/s/." as "d/s": a path
+    // that does not end in its file name names a directory (the bind of
+    // the whole path failed on it), not a socket a client could reach.
+    let name = path
+        .file_name()
+        .filter(|n| {
+            use std::os::unix::ffi::OsStrExt;
+            path.as_os_str().as_bytes().ends_with(n.as_bytes())
+        })
+        .ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{} names no file", path.display()))
+        })?;
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => std::path::Path::new("."),
@@ -83,18 +92,19 @@ pub fn listen(address: &Address, access: SocketAccess) -> std::io::Result<(Owned
         })
     };
     let dir = open_dir(parent)?;
-    let home = open_dir(std::path::Path::new("."))?;
-    rustix::process::fchdir(&dir)?;
-    let made =
-        in_dir(&Address::Path(std::path::PathBuf::from(name)), std::path::Path::new(name), access, path);
-    let back = rustix::process::fchdir(&home);
+    // In a thread with a working directory of its own: the process's is
+    // never changed, so nothing has to go back to it (it may be one the
+    // broker's user cannot enter again, under `sudo -u`, say).
+    let made = std::thread::scope(|s| {
+        s.spawn(|| {
+            shmbus_proto::sys::sched::own_working_directory()?;
+            rustix::process::fchdir(&dir)?;
+            in_dir(&Address::Path(std::path::PathBuf::from(name)), std::path::Path::new(name), access, path)
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the thread making the socket panicked")))
+    });
     let fd = made?;
-    back.map_err(|e| {
-        std::io::Error::new(
-            std::io::Error::from(e).kind(),
-            format!("cannot return to the working directory: {e}"),
-        )
-    })?;
     Ok((fd, Some(dir)))
 }
 

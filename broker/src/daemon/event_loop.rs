@@ -168,8 +168,13 @@ impl Reactor {
         let listener = match cfg.listen_fd.take() {
             Some(fd) => {
                 // Passed in by a service manager: name it by what it is.
+                // But not by a bare file name: a path socket the broker
+                // made itself is bound by its name in its directory
+                // (`config::listen`), and the path given names it.
                 if let Ok(Some(a)) = socket::local_address(fd.as_fd()) {
-                    cfg.address = a;
+                    if !matches!(&a, shmbus_proto::Address::Path(p) if p.is_relative()) {
+                        cfg.address = a;
+                    }
                 }
                 fd
             }

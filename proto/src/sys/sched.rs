@@ -23,3 +23,14 @@ pub fn current_cpu() -> u32 {
 pub fn yield_cpu() {
     std::thread::yield_now();
 }
+
+/// Gives the calling thread a working directory, root and umask of its
+/// own (`unshare(CLONE_FS)`): a `chdir` or `umask` in it from then on
+/// leaves the rest of the process alone, and ends with the thread.
+pub fn own_working_directory() -> std::io::Result<()> {
+    // SAFETY: `FS` unshares only the working directory, root and umask;
+    // the fd table (the hazard `unshare_unsafe` warns of, with `FILES`)
+    // stays shared.
+    unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::FS) }?;
+    Ok(())
+}
