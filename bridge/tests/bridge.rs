@@ -386,16 +386,15 @@ fn a_broker_restart_is_recovered_names_and_subscriptions_renewed() {
 
 #[test]
 fn bad_configs_fail_naming_the_key() {
-    let dir = std::env::temp_dir();
+    let dir = TempDir::new("bridge-bad");
     for (body, key) in [
         ("nats = \"nats://127.0.0.1:1\"\nexprot = [\"a\"]\n", "exprot"),
         ("nats = \"nats://127.0.0.1:1\"\nservices_import = [\"billing.>\"]\n", "services_import[0]"),
         ("nats = \"nats://127.0.0.1:1\"\nprefix = \"host1\"\n", "prefix"),
     ] {
-        let path = dir.join(format!("shmbus-bridge-test-{}.toml", unique("bad")));
+        let path = dir.join(format!("{}.toml", unique("bad")));
         std::fs::write(&path, body).unwrap();
         let out = std::process::Command::new(BRIDGE).arg("--config").arg(&path).output().unwrap();
-        let _ = std::fs::remove_file(&path);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{err}");
         assert!(err.contains(key), "{key} not named in: {err}");
@@ -407,14 +406,14 @@ fn a_second_bridge_of_the_same_name_is_refused() {
     let nats = Nats::start(None);
     let broker = Broker::start("dupname");
     let _first = Bridge::start("dup", &broker, &nats, "");
-    let path = std::env::temp_dir().join(format!("shmbus-bridge-test-{}.toml", unique("dup")));
+    let dir = TempDir::new("bridge-dup");
+    let path = dir.join("dup.toml");
     std::fs::write(
         &path,
         format!("nats = \"{}\"\nshmbus = \"{}\"\nname = \"dup\"\n", nats.url(), broker.address),
     )
     .unwrap();
     let out = std::process::Command::new(BRIDGE).arg("--config").arg(&path).output().unwrap();
-    let _ = std::fs::remove_file(&path);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("another bridge named \"dup\""), "{err}");
@@ -429,8 +428,7 @@ fn the_systemd_unit_verifies() {
     {
         assert!(text.contains(key), "shmbus-bridge.service lacks {key}");
     }
-    let dir = std::env::temp_dir().join(format!("shmbus-bridge-unit-{}", unique("u")));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("bridge-unit");
     let staged = dir.join("shmbus-bridge.service");
     std::fs::write(&staged, text.replace("/usr/local/bin/shmbus-bridge", BRIDGE)).unwrap();
     let out = std::process::Command::new("systemd-analyze")
@@ -438,7 +436,6 @@ fn the_systemd_unit_verifies() {
         .arg(&staged)
         .output()
         .expect("systemd-analyze is missing: install Debian's systemd package (.ci/run does)");
-    let _ = std::fs::remove_dir_all(&dir);
     let err = String::from_utf8_lossy(&out.stderr);
     let ours: Vec<&str> = err.lines().filter(|l| l.contains("shmbus-bridge")).collect();
     assert!(out.status.success() && ours.is_empty(), "systemd-analyze verify: {err}");

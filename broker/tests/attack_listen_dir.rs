@@ -4,28 +4,14 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 
 use common::*;
 
-/// A directory for a path socket, other uids may enter it; removed on drop.
-struct Dir(std::path::PathBuf);
-
-impl Dir {
-    fn new(tag: &str, mode: u32) -> Dir {
-        let dir = std::env::temp_dir().join(format!("shmbus-att-listen-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).unwrap();
-        Dir(dir)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A directory (for a path socket, or a working directory) of permission
+/// bits `mode`; removed on drop.
+fn socket_dir(tag: &str, mode: u32) -> TempDir {
+    TempDir::with_mode(&format!("att-listen-{tag}"), mode)
 }
 
 /// Waits (bounded) until something listens at `path`, failing if `guard`'s
@@ -48,8 +34,8 @@ fn wait_listening(path: &std::path::Path, guard: &mut ChildGuard) {
 /// directory it changed into: `getsockname` gives back the name as bound.
 #[test]
 fn a_path_socket_is_reported_by_its_path_not_its_file_name() {
-    let dir = Dir::new("name", 0o755);
-    let path = dir.0.join("bus.sock");
+    let dir = socket_dir("name", 0o755);
+    let path = dir.join("bus.sock");
     let mut cmd = Command::new(SHMBUSD);
     cmd.arg("--address").arg(&path).args(["--log-level", "info"]).stdin(Stdio::null()).stderr(Stdio::null());
     let mut guard = ChildGuard(Some(cmd.spawn().unwrap()));
@@ -75,16 +61,16 @@ fn an_absolute_path_socket_does_not_need_the_working_directory() {
         eprintln!("SKIPPED: no setpriv");
         return;
     }
-    let sockets = Dir::new("abs", 0o777);
-    let path = sockets.0.join("bus.sock");
+    let sockets = socket_dir("abs", 0o777);
+    let path = sockets.join("bus.sock");
     // Root's, and closed to others: the broker's working directory.
-    let closed = Dir::new("cwd", 0o700);
+    let closed = socket_dir("cwd", 0o700);
     let mut cmd = Command::new("/usr/bin/setpriv");
     cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(world_readable_copy(SHMBUSD))
         .arg("--address")
         .arg(&path)
-        .current_dir(&closed.0)
+        .current_dir(&closed)
         .stdin(Stdio::null())
         .stderr(Stdio::piped());
     let mut guard = ChildGuard(Some(cmd.spawn().unwrap()));
@@ -98,9 +84,9 @@ fn an_absolute_path_socket_does_not_need_the_working_directory() {
 #[test]
 fn a_path_with_a_trailing_slash_is_refused_or_reachable_as_given() {
     for (tag, tail) in [("slash", "t.sock/"), ("dot", "t.sock/.")] {
-        let dir = Dir::new(tag, 0o755);
-        let given = format!("{}/{tail}", dir.0.display());
-        let made = dir.0.join("t.sock");
+        let dir = socket_dir(tag, 0o755);
+        let given = format!("{}/{tail}", dir.display());
+        let made = dir.join("t.sock");
         let mut cmd = Command::new(SHMBUSD);
         cmd.arg("--address").arg(&given).stdin(Stdio::null()).stderr(Stdio::null());
         let mut guard = ChildGuard(Some(cmd.spawn().unwrap()));

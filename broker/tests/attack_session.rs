@@ -231,9 +231,7 @@ fn format_characters_in_origins_are_escaped_by_the_cli() {
 #[test]
 fn the_clean_exit_removes_no_file_but_its_own_socket() {
     use std::os::unix::fs::symlink;
-    let base = std::env::temp_dir().join(format!("shmbus-att-sock-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
-    std::fs::create_dir_all(&base).unwrap();
+    let base = TempDir::new("att-sock");
     let victims = base.join("victims");
     std::fs::create_dir_all(&victims).unwrap();
     let victim = victims.join("precious");
@@ -281,7 +279,6 @@ fn the_clean_exit_removes_no_file_but_its_own_socket() {
             _ => {}
         }
     }
-    let _ = std::fs::remove_dir_all(&base);
 }
 
 /// `pub --wait-subscribers`, `call --wait-owner` and `ping --wait` end
@@ -433,9 +430,7 @@ fn an_async_client_under_a_memfd_flood_and_cpu_load_never_hangs_nor_leaks_fds() 
 #[test]
 fn the_clean_exit_check_and_unlink_cannot_be_raced_into_another_directory() {
     use rustix::fs::{renameat_with, RenameFlags, CWD};
-    let base = std::env::temp_dir().join(format!("shmbus-att-race-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
-    std::fs::create_dir_all(&base).unwrap();
+    let base = TempDir::new("att-race");
     let start = std::time::Instant::now();
     let mut attempts = 0;
     let mut lost = Vec::new();
@@ -475,7 +470,6 @@ fn the_clean_exit_check_and_unlink_cannot_be_raced_into_another_directory() {
             lost.push(attempts);
         }
     }
-    let _ = std::fs::remove_dir_all(&base);
     eprintln!(
         "{attempts} attempts ({killed} killed by SIGTERM before a clean exit), victim removed in {lost:?}"
     );

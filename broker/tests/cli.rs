@@ -68,8 +68,7 @@ fn introspection_lists_clients_topics_and_stats() {
 #[test]
 fn ctl_pub_file_and_sub_raw_are_byte_exact() {
     let b = Broker::start("raw");
-    let dir = std::env::temp_dir().join(format!("shmbus-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("cli");
     let file = dir.join("blob");
     let blob: Vec<u8> = (0..40_000u32).map(|i| (i * 7 % 251) as u8).collect();
     std::fs::write(&file, &blob).unwrap();
@@ -85,7 +84,6 @@ fn ctl_pub_file_and_sub_raw_are_byte_exact() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(out.stdout.len(), 2 * blob.len());
     assert!(out.stdout == [blob.clone(), blob].concat());
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -131,10 +129,8 @@ fn ctl_pub_reports_refusals_and_bad_input() {
 #[test]
 fn path_addresses_env_default_and_sigint() {
     // A filesystem path, given through $SHMBUS_ADDRESS to broker and tools.
-    let dir = std::env::temp_dir().join(format!("shmbus-path-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("path");
     let path = dir.join("bus.sock");
-    let _ = std::fs::remove_file(&path);
     let spawn = || {
         let mut cmd = std::process::Command::new(SHMBUSD);
         cmd.env("SHMBUS_ADDRESS", &path);
@@ -176,7 +172,6 @@ fn path_addresses_env_default_and_sigint() {
     assert!(path.exists(), "SIGKILL leaves the socket file behind");
     let _second = spawn();
     wait_up();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 // ------------------------------------------------------------ services --
@@ -211,15 +206,13 @@ fn ctl_serve_echo_and_call_round_trip() {
     assert_eq!(stdout(&out), "hello\\e[2J\n");
 
     // Raw: the exact bytes, here of a file large enough to travel as a memfd.
-    let dir = std::env::temp_dir().join(format!("shmbus-cli-call-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("cli-call");
     let file = dir.join("blob");
     let blob: Vec<u8> = (0..200_000u32).map(|i| (i * 13 % 251) as u8).collect();
     std::fs::write(&file, &blob).unwrap();
     let out = b.ctl(&["call", "echo.test", "--file", file.to_str().unwrap(), "--raw"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(out.stdout == blob, "{} bytes back", out.stdout.len());
-    std::fs::remove_dir_all(&dir).unwrap();
 
     // JSON: the responder as the broker stamped it; binary as hex.
     let out = b.ctl(&["--json", "call", "echo.test", "ok"]);
@@ -272,8 +265,7 @@ fn ctl_call_names_each_failure() {
 
     // A command that outlives the request is killed at its deadline: the
     // caller gets its timeout, and the command is gone soon after.
-    let dir = std::env::temp_dir().join(format!("shmbus-cli-slow-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("cli-slow");
     let pidfile = dir.join("pid");
     let script = format!("echo $$ > {}; exec sleep 60", pidfile.display());
     let (_slow, _) = ctl_serve(&b, &probe, "svc.slow", &["--exec", &script]);
@@ -288,7 +280,6 @@ fn ctl_call_names_each_failure() {
         assert!(start.elapsed() < PATIENCE, "the command outlived its request");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 
     // A command that will not stop writing is stopped at --max-output.
     let (_yes, _) = ctl_serve(&b, &probe, "svc.yes", &["--exec", "yes", "--max-output", "1000"]);
@@ -317,8 +308,7 @@ fn ctl_serve_exec_runs_a_command_per_request() {
         assert_eq!(stdout(&out), format!("{}\n", word.to_uppercase()));
     }
     // --jobs 2: two commands at once (each waits until both have started).
-    let dir = std::env::temp_dir().join(format!("shmbus-cli-jobs-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("cli-jobs");
     let script = format!(
         "touch {d}/$SHMBUS_SERIAL; while [ $(ls {d} | wc -l) -lt 2 ]; do sleep 0.02; done; cat",
         d = dir.display()
@@ -330,7 +320,6 @@ fn ctl_serve_exec_runs_a_command_per_request() {
         .collect();
     let got: Vec<Vec<u8>> = calls.into_iter().map(|c| c.wait().unwrap().payload().to_vec()).collect();
     assert_eq!(got, [b"one".to_vec(), b"two".to_vec()]);
-    std::fs::remove_dir_all(&dir).unwrap();
 
     // The command learns who called, as the broker stamped it.
     let (_who, _) = ctl_serve(&b, &probe, "who.am.i", &["--exec", "echo $SHMBUS_NAME $SHMBUS_SENDER_UID"]);
@@ -620,8 +609,7 @@ fn ctl_policy_check_without_a_policy_file_allows_and_says_why() {
 
 #[test]
 fn ctl_policy_check_follows_the_policy_file_and_exits_by_verdict() {
-    let dir = std::env::temp_dir().join(format!("shmbus-cli-policy-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("cli-policy");
     let path = dir.join("policy.toml");
     std::fs::write(
         &path,
@@ -670,7 +658,6 @@ deny = ["publish a.secret"]
     } else {
         eprintln!("skipped the refusals: needs root to run shmbusctl as another uid");
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 // ------------------------------------------------------ a newcomer's path --
@@ -875,8 +862,7 @@ fn ctl_status_json_is_one_typed_object_with_its_channels() {
 #[test]
 fn ctl_pub_file_of_megabytes_arrives_byte_exact_by_memfd() {
     let b = Broker::start("bigfile");
-    let dir = std::env::temp_dir().join(format!("shmbus-cli-big-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("cli-big");
     let file = dir.join("blob");
     let blob: Vec<u8> = (0..(3u32 << 20) + 12345).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
     std::fs::write(&file, &blob).unwrap();
@@ -903,7 +889,6 @@ fn ctl_pub_file_of_megabytes_arrives_byte_exact_by_memfd() {
     }
     let stats = probe.stats().unwrap();
     assert_eq!(stats.msgs_in, 2);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -920,8 +905,9 @@ fn ctl_completions_and_man_pages_need_no_broker() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains(".TH shmbusctl 1"), "{}", stdout(&out));
 
-    let dir = std::env::temp_dir().join(format!("shmbus-cli-man-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    // A directory of its own that --out makes.
+    let tmp = TempDir::new("cli-man");
+    let dir = tmp.join("man1");
     let out = ctl_at(&nowhere, &["man", "--out", dir.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     for page in ["shmbusctl.1", "shmbusctl-pub.1", "shmbusctl-sub.1", "shmbusctl-policy-check.1"] {
@@ -930,7 +916,6 @@ fn ctl_completions_and_man_pages_need_no_broker() {
     }
     let sub = std::fs::read_to_string(dir.join("shmbusctl-sub.1")).unwrap();
     assert!(sub.contains("sensors.>"), "{sub}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

@@ -17,11 +17,8 @@ fn bin_dir() -> PathBuf {
     Path::new(SHMBUSD).parent().unwrap().to_path_buf()
 }
 
-fn stage(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("shmbus-install-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn stage(tag: &str) -> TempDir {
+    TempDir::new(&format!("install-{tag}"))
 }
 
 #[test]
@@ -63,7 +60,6 @@ fn install_stages_binaries_units_docs_man_pages_and_completions() {
     assert!(service.contains("ExecStart=/opt/shmbus/bin/shmbusd --system"), "{service}");
     assert!(service.contains("Documentation=file:///opt/shmbus/share/doc/shmbus/README.md"), "{service}");
     assert!(!service.contains("/usr/local"), "{service}");
-    std::fs::remove_dir_all(&dest).unwrap();
 }
 
 #[test]
@@ -84,8 +80,6 @@ fn install_keeps_an_existing_policy_and_dry_run_writes_nothing() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("cargo build --release"), "{}", stdout(&out));
     assert_eq!(std::fs::read_dir(&dry).unwrap().count(), 0, "--dry-run wrote files");
-    std::fs::remove_dir_all(&dest).unwrap();
-    std::fs::remove_dir_all(&dry).unwrap();
 }
 
 #[test]
@@ -100,4 +94,26 @@ fn install_help_and_bad_options() {
     let out = run_bounded(cmd);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("unknown option --bogus"), "{}", stderr(&out));
+}
+
+/// The guard every test's files under the temp directory live in takes
+/// them all away when a test fails too: a socket, a tree, an unreadable
+/// file.
+#[test]
+fn a_temp_dir_is_removed_when_its_test_panics() {
+    use std::os::unix::fs::PermissionsExt;
+    let made = std::sync::Mutex::new(None);
+    let panicked = std::panic::catch_unwind(|| {
+        let dir = TempDir::new("guard");
+        *made.lock().unwrap() = Some(dir.to_path_buf());
+        std::fs::create_dir_all(dir.join("a/b")).unwrap();
+        std::fs::write(dir.join("a/b/file"), "x").unwrap();
+        std::fs::set_permissions(dir.join("a/b/file"), std::fs::Permissions::from_mode(0o000)).unwrap();
+        let _sock = std::os::unix::net::UnixListener::bind(dir.join("bus.sock")).unwrap();
+        panic!("a failing test");
+    });
+    assert!(panicked.is_err());
+    let made = made.into_inner().unwrap().expect("the directory was made");
+    assert!(made.starts_with(std::env::temp_dir()), "{}", made.display());
+    assert!(!made.exists(), "{} outlived its test", made.display());
 }

@@ -88,8 +88,7 @@ fn publish_switches_to_memfd_above_the_threshold_and_ctl_sends_files() {
     assert_eq!(m.payload(), &small[..1001]);
 
     // shmbusctl pub --file sends a large file by memfd.
-    let dir = std::env::temp_dir().join(format!("shmbus-memfd-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("memfd");
     let file = dir.join("f");
     std::fs::write(&file, &huge).unwrap();
     let out = b.ctl(&["pub", "t", "--file", file.to_str().unwrap()]);
@@ -97,7 +96,6 @@ fn publish_switches_to_memfd_above_the_threshold_and_ctl_sends_files() {
     let m = next_message(&s);
     assert!(m.is_memfd());
     assert_eq!(fnv1a(m.payload()), fnv1a(&huge));
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

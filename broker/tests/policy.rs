@@ -217,12 +217,6 @@ fn write_policy(dir: &std::path::Path, text: &str) -> std::path::PathBuf {
     path
 }
 
-fn temp_dir(tag: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("shmbus-policy-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// uids and groups of the agents; none of them needs to exist in
 /// /etc/passwd, since the rules name them by number.
 const READER: u32 = 4001;
@@ -259,7 +253,7 @@ fn each_action_is_allowed_or_denied_by_uid_and_supplementary_group() {
         eprintln!("skipped: needs root to run clients as other uids");
         return;
     }
-    let dir = temp_dir("actions");
+    let dir = TempDir::new("policy-actions");
     let path = write_policy(&dir, POLICY);
     let b = Broker::start_with("policy-actions", &["--policy", path.to_str().unwrap()]);
     let root = b.client();
@@ -324,7 +318,6 @@ fn each_action_is_allowed_or_denied_by_uid_and_supplementary_group() {
 
     // Every refusal was counted.
     assert!(root.stats().unwrap().policy_denials >= 14, "{:?}", root.stats().unwrap());
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -333,7 +326,7 @@ fn a_reload_revokes_what_it_no_longer_allows_and_a_broken_file_keeps_the_old_rul
         eprintln!("skipped: needs root to run clients as other uids");
         return;
     }
-    let dir = temp_dir("reload");
+    let dir = TempDir::new("policy-reload");
     let path = write_policy(
         &dir,
         r#"
@@ -417,7 +410,6 @@ allow = ["connect", "subscribe public.news.>", "channel-read public.>"]
     assert!(e.starts_with("error ") && e.contains("no channel"), "{e}");
     let owner = root.name_owner("svc.a").unwrap();
     assert_eq!(owner, None, "the revoked name was released");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `shmbusctl policy check` says what the broker then does.
@@ -427,7 +419,7 @@ fn policy_check_agrees_with_what_the_broker_enforces() {
         eprintln!("skipped: needs root to run clients as other uids");
         return;
     }
-    let dir = temp_dir("check");
+    let dir = TempDir::new("policy-check");
     let path = write_policy(&dir, POLICY);
     let b = Broker::start_with("policy-check", &["--policy", path.to_str().unwrap()]);
     let mut sensor = Agent::spawn(&b, SENSOR, SENSOR, &[SENSORS_GROUP]);
@@ -479,7 +471,6 @@ fn policy_check_agrees_with_what_the_broker_enforces() {
             "{who} {action} {subject}: policy check said {said:?}, the broker did {enforced:?}"
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A monitor with the right sees a call between two other clients; one
@@ -490,7 +481,7 @@ fn a_monitor_sees_a_call_between_others_and_needs_the_right() {
         eprintln!("skipped: needs root to run clients as other uids");
         return;
     }
-    let dir = temp_dir("monitor");
+    let dir = TempDir::new("policy-monitor");
     let path = write_policy(&dir, POLICY);
     let b = Broker::start_with("policy-monitor", &["--policy", path.to_str().unwrap()]);
 
@@ -543,12 +534,11 @@ fn a_monitor_sees_a_call_between_others_and_needs_the_right() {
     assert!(request["payload"].as_str().unwrap().contains("ping-42"), "{request}");
     let reply = reply.unwrap();
     assert_eq!(reply["sender"]["uid"], SENSOR, "{reply}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_bad_policy_file_stops_the_broker_at_start_with_its_line() {
-    let dir = temp_dir("bad");
+    let dir = TempDir::new("policy-bad");
     let path = write_policy(&dir, "[[rule]]\nmatch = {}\nallow = [\"connect\", \"fly away\"]\n");
     let out = run_bounded({
         let mut c = Command::new(SHMBUSD);
@@ -557,7 +547,6 @@ fn a_bad_policy_file_stops_the_broker_at_start_with_its_line() {
     });
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("line 3"), "{}", stderr(&out));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A monitor that does not read loses events, counted as gaps; the bus

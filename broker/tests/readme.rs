@@ -12,7 +12,7 @@
 mod common;
 
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -28,10 +28,9 @@ fn quick_start(readme: &str) -> String {
 }
 
 /// Kills the script's whole process group when the test ends, however it
-/// ends, and removes its directory.
+/// ends.
 struct Group {
     pgid: i32,
-    dir: PathBuf,
 }
 
 impl Drop for Group {
@@ -39,7 +38,6 @@ impl Drop for Group {
         if let Some(pid) = rustix::process::Pid::from_raw(self.pgid) {
             let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -50,8 +48,9 @@ fn the_readme_quick_start_runs_as_written() {
     assert!(script.contains("shmbusd"), "the quick start starts a broker:\n{script}");
 
     let address = unique_address("readme");
-    let dir = std::env::temp_dir().join(&address[1..]);
-    std::fs::create_dir_all(&dir).unwrap();
+    // The script's working directory, removed after its process group
+    // is killed (declared before `Group`, dropped after it).
+    let dir = TempDir::new("readme");
     let bin = Path::new(SHMBUSD).parent().unwrap();
     assert!(bin.join("shmbusctl").exists(), "shmbusctl is built beside shmbusd");
     let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
@@ -66,7 +65,7 @@ fn the_readme_quick_start_runs_as_written() {
         .stderr(Stdio::piped())
         .process_group(0);
     let child = cmd.spawn().expect("bash");
-    let _group = Group { pgid: child.id() as i32, dir: dir.clone() };
+    let _group = Group { pgid: child.id() as i32 };
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(child.wait_with_output());

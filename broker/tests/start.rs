@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
@@ -91,13 +91,10 @@ fn first_line(read: std::os::fd::OwnedFd, _child: &ChildGuard) -> String {
     })
 }
 
-/// A directory other uids may enter, for a path socket.
-fn socket_dir(tag: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("shmbus-sock-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    dir
+/// A directory other uids may enter, for a path socket; removed on drop
+/// (declared before the broker, it outlives it).
+fn socket_dir(tag: &str) -> TempDir {
+    TempDir::with_mode(&format!("sock-{tag}"), 0o755)
 }
 
 /// Starts shmbusd on `path` with `extra` flags; waits until it listens.
@@ -208,5 +205,4 @@ fn a_clean_exit_removes_the_socket_file_it_made_and_no_other() {
     assert!(out.status.success(), "{}", stderr(&out));
     terminate(second);
     assert!(!path.exists());
-    let _ = std::fs::remove_dir_all(&dir);
 }

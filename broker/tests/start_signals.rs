@@ -15,8 +15,7 @@ use common::*;
 #[test]
 fn a_sigterm_right_after_readiness_is_a_clean_exit() {
     use std::os::unix::process::ExitStatusExt;
-    let base = std::env::temp_dir().join(format!("shmbus-att-term-{}", std::process::id()));
-    std::fs::create_dir_all(&base).unwrap();
+    let base = TempDir::new("att-term");
     let mut killed = Vec::new();
     for i in 0..400 {
         let path = base.join(format!("s{i}.sock"));
@@ -26,6 +25,5 @@ fn a_sigterm_right_after_readiness_is_a_clean_exit() {
             killed.push((i, st.signal(), path.exists()));
         }
     }
-    let _ = std::fs::remove_dir_all(&base);
     assert!(killed.is_empty(), "not a clean exit (attempt, signal, socket left): {killed:?} of 400");
 }

@@ -16,17 +16,6 @@ fn units_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd")
 }
 
-fn tempdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "shmbus-{tag}-{}-{}",
-        std::process::id(),
-        unique_address("d").len()
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 /// Copies units into `dir`, pointing ExecStart at the freshly built
 /// binary (verify checks that the command exists).
 fn stage_units(from: &Path, dir: &Path) -> Vec<PathBuf> {
@@ -71,7 +60,7 @@ fn verify(user: bool, units: &[PathBuf], dir: &Path) -> Vec<String> {
 
 #[test]
 fn units_verify_without_complaints() {
-    let dir = tempdir("verify");
+    let dir = TempDir::new("verify");
     let sys = stage_units(&units_dir(), &dir);
     assert_eq!(verify(false, &sys, &dir), Vec::<String>::new());
     let udir = dir.join("user");
@@ -85,7 +74,6 @@ fn units_verify_without_complaints() {
     std::fs::write(&sys[1], text).unwrap();
     let complaints = verify(false, &sys, &dir);
     assert!(complaints.iter().any(|l| l.contains("ListenSequentialPackets")), "{complaints:?}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -113,7 +101,7 @@ fn units_are_what_the_issue_asks() {
 
 #[test]
 fn system_service_exposure_is_ok() {
-    let dir = tempdir("security");
+    let dir = TempDir::new("security");
     let units = stage_units(&units_dir(), &dir);
     let mut cmd = tool("systemd-analyze");
     cmd.args(["security", "--offline=true", "--no-pager"]).arg(&units[1]);
@@ -128,7 +116,6 @@ fn system_service_exposure_is_ok() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("cannot read a score from {line:?}"));
     assert!(score <= 2.0, "exposure {score} > 2.0: {line}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A test-owned NOTIFY_SOCKET.
@@ -217,7 +204,7 @@ fn connect_with_retry(addr: &str) -> shmbus::Client {
 
 #[test]
 fn socket_activation_serves_the_first_client_and_notifies() {
-    let dir = tempdir("activate");
+    let dir = TempDir::new("activate");
     let notify = Notify::new(&dir);
     let addr = unique_address("act");
     let mut guard = activate(&addr, &notify, &[], true);
@@ -242,7 +229,6 @@ fn socket_activation_serves_the_first_client_and_notifies() {
     notify.expect("STOPPING=1");
     let status = wait_timeout(guard.0.as_mut().unwrap(), PATIENCE).expect("broker exits");
     assert!(status.success(), "{status:?}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// How long the broker's event loop is held still, and how much of that
@@ -266,7 +252,7 @@ const WATCH: Duration = Duration::from_millis(1500);
 /// sent from any thread but the stuck one would arrive in the watch.
 #[test]
 fn watchdog_pings_arrive_from_the_loop() {
-    let dir = tempdir("watchdog");
+    let dir = TempDir::new("watchdog");
     let notify = Notify::new(&dir);
     let addr = unique_address("wd");
     let mut cmd = tool("strace");
@@ -340,7 +326,6 @@ fn watchdog_pings_arrive_from_the_loop() {
         notify.expect("WATCHDOG=1");
     }
     c.ping().unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Kills a process that is not our child (here, the broker under strace)
@@ -383,7 +368,7 @@ fn stopped_in(pid: u32, nr: libc::c_long) -> bool {
 
 #[test]
 fn a_passed_socket_of_the_wrong_type_is_refused() {
-    let dir = tempdir("wrongtype");
+    let dir = TempDir::new("wrongtype");
     let notify = Notify::new(&dir);
     let addr = unique_address("stream");
     let guard = activate(&addr, &notify, &[], false);
@@ -428,7 +413,7 @@ fn soft_fd_limit_is_raised_to_the_hard_one() {
 /// (which would otherwise kill or cripple it under systemd).
 #[test]
 fn the_unit_syscall_filter_allows_everything_the_broker_does() {
-    let dir = tempdir("seccomp");
+    let dir = TempDir::new("seccomp");
     let trace = dir.join("trace");
     let addr = unique_address("seccomp");
     let mut cmd = tool("strace");
@@ -496,7 +481,6 @@ fn the_unit_syscall_filter_allows_everything_the_broker_does() {
     }
     let blocked: Vec<&String> = used.iter().filter(|s| !allow.contains(*s) || deny.contains(*s)).collect();
     assert!(blocked.is_empty(), "the unit's filter blocks syscalls shmbusd makes: {blocked:?}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn expand_filter(item: &str) -> std::collections::BTreeSet<String> {
@@ -523,7 +507,7 @@ fn expand_filter(item: &str) -> std::collections::BTreeSet<String> {
 /// `READY=1`, whether the new file loads or not.
 #[test]
 fn a_policy_reload_is_announced_reloading_then_ready() {
-    let dir = tempdir("reload");
+    let dir = TempDir::new("reload");
     let notify = Notify::new(&dir);
     let policy = dir.join("policy.toml");
     std::fs::write(&policy, "[[rule]]\nmatch = {}\nallow = [\"connect\"]\n").unwrap();
@@ -547,5 +531,4 @@ fn a_policy_reload_is_announced_reloading_then_ready() {
         notify.expect("READY=1");
         c.ping().unwrap();
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -18,6 +18,13 @@ use std::time::{Duration, Instant};
 use shmbus::{Client, Event, Message, Subscription};
 use shmbus_bridge::Status;
 
+// The broker's tests' guard for files under the temp directory: the one
+// way these tests make them too.
+#[path = "../../../broker/tests/common/tempdir.rs"]
+mod tempdir;
+#[allow(unused_imports)] // (by the test binaries that make no files)
+pub use tempdir::TempDir;
+
 pub const BRIDGE: &str = env!("CARGO_BIN_EXE_shmbus-bridge");
 pub const BROKER_ENV: &str = "SHMBUS_BRIDGE_TEST_BROKER";
 
@@ -93,11 +100,14 @@ impl Nats {
         let mut cmd = Command::new(nats_server_bin());
         cmd.args(["-a", "127.0.0.1", "-p", &self.port.to_string()]);
         // nats-server 2.9 has no --max_payload flag: a config file says it.
-        let conf = self.max_payload.map(|m| {
-            let path = std::env::temp_dir().join(format!("shmbus-bridge-test-{}.conf", unique("nats")));
+        // Read at start: removed once the server listens (or the wait
+        // fails).
+        let _conf = self.max_payload.map(|m| {
+            let dir = TempDir::new("bridge-nats");
+            let path = dir.join("nats.conf");
             std::fs::write(&path, format!("max_payload: {m}\n")).unwrap();
             cmd.arg("-c").arg(&path);
-            path
+            dir
         });
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
         let mut child = cmd.spawn().expect("spawn nats-server");
@@ -108,9 +118,6 @@ impl Nats {
             }
             TcpStream::connect(&addr).ok()
         });
-        if let Some(p) = conf {
-            let _ = std::fs::remove_file(p);
-        }
         self.child = Some(child);
     }
 
@@ -195,6 +202,8 @@ pub struct Bridge {
     pub address: String,
     log: PathBuf,
     config: PathBuf,
+    /// Holds `log` and `config`; removed after the process is killed.
+    dir: TempDir,
 }
 
 impl Bridge {
@@ -202,16 +211,15 @@ impl Bridge {
     /// config in `body` (TOML lines), and waits until it answers its
     /// status with NATS connected.
     pub fn start(name: &str, broker: &Broker, nats: &Nats, body: &str) -> Bridge {
-        let dir = std::env::temp_dir();
-        let id = unique(name);
-        let config = dir.join(format!("shmbus-bridge-test-{id}.toml"));
+        let dir = TempDir::new("bridge-test");
+        let config = dir.join("bridge.toml");
         let text = format!(
             "nats = \"{}\"\nshmbus = \"{}\"\nname = \"{name}\"\n{body}\n",
             nats.url(),
             broker.address
         );
         std::fs::write(&config, text).unwrap();
-        let log = dir.join(format!("shmbus-bridge-test-{id}.log"));
+        let log = dir.join("bridge.log");
         let err = std::fs::File::create(&log).unwrap();
         let child = Command::new(BRIDGE)
             .arg("--config")
@@ -228,6 +236,7 @@ impl Bridge {
             address: broker.address.clone(),
             log,
             config,
+            dir,
         };
         b.wait_status("NATS connected", |s| s.nats.connected);
         b
@@ -298,8 +307,6 @@ impl Drop for Bridge {
         if std::thread::panicking() {
             let _ = writeln!(std::io::stderr(), "--- log of bridge {} ---\n{}", self.name, self.log());
         }
-        let _ = std::fs::remove_file(&self.log);
-        let _ = std::fs::remove_file(&self.config);
     }
 }
 

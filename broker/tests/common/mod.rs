@@ -12,6 +12,10 @@ use std::time::{Duration, Instant};
 
 use shmbus::Client;
 
+mod tempdir;
+#[allow(unused_imports)] // (by the test binaries that make no files)
+pub use tempdir::TempDir;
+
 pub const SHMBUSD: &str = env!("CARGO_BIN_EXE_shmbusd");
 pub const SHMBUSCTL: &str = env!("CARGO_BIN_EXE_shmbusctl");
 
@@ -400,16 +404,47 @@ pub fn command_as(binary: &str, uid: u32) -> Command {
 }
 
 /// A world-readable directory of this test process, for files other uids
-/// must reach (removed by a later test process once this one is gone).
+/// must reach, `<temp dir>/shmbus-test-bin-<pid>`: made at the first call
+/// and shared by the process's tests (a copy of a binary there may be
+/// running until the last test ends), it is removed when the process
+/// exits. A test process that never got to exit (killed, aborted) leaves
+/// it: the next test process to make its own removes those of processes
+/// that are gone.
 pub fn world_readable_dir() -> std::path::PathBuf {
     use std::os::unix::fs::PermissionsExt;
-    let dir = std::env::temp_dir().join(format!("shmbus-test-bin-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    dir
+    /// The directory, and the pid of the process that made it.
+    static DIR: std::sync::OnceLock<(std::path::PathBuf, u32)> = std::sync::OnceLock::new();
+    extern "C" fn remove_at_exit() {
+        // Only in the process that made it, not a forked child exiting.
+        if let Some((dir, pid)) = DIR.get() {
+            if *pid == std::process::id() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+    let (dir, _) = DIR.get_or_init(|| {
+        let tmp = std::env::temp_dir();
+        for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix("shmbus-test-bin-") {
+                if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let dir = tmp.join(format!("shmbus-test-bin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // SAFETY: registers a plain function, which does not unwind (it
+        // ignores every error) and touches nothing but a static.
+        unsafe { libc::atexit(remove_at_exit) };
+        (dir, std::process::id())
+    });
+    dir.clone()
 }
 
-/// A copy of `binary` that other uids may run (see [`command_as`]).
+/// A copy of `binary` that other uids may run (see [`command_as`]), in
+/// [`world_readable_dir`]; made once per process.
 pub fn world_readable_copy(binary: &str) -> std::path::PathBuf {
     use std::os::unix::fs::PermissionsExt;
     static COPIES: std::sync::Mutex<Vec<(String, std::path::PathBuf)>> = std::sync::Mutex::new(Vec::new());
@@ -417,18 +452,8 @@ pub fn world_readable_copy(binary: &str) -> std::path::PathBuf {
     match copies.iter().find(|(b, _)| b == binary) {
         Some((_, p)) => p.clone(),
         None => {
-            // Copies left by earlier test processes that are gone.
-            for e in std::fs::read_dir(std::env::temp_dir()).into_iter().flatten().flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if let Some(pid) = name.strip_prefix("shmbus-test-bin-") {
-                    if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-                        let _ = std::fs::remove_dir_all(e.path());
-                    }
-                }
-            }
-            let dir = world_readable_dir();
             let name = std::path::Path::new(binary).file_name().unwrap();
-            let dst = dir.join(name);
+            let dst = world_readable_dir().join(name);
             std::fs::copy(binary, &dst).unwrap();
             std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755)).unwrap();
             copies.push((binary.to_owned(), dst.clone()));

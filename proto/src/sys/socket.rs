@@ -647,8 +647,16 @@ mod tests {
     /// A regular file where the socket should go is an error, and stays.
     #[test]
     fn listen_never_deletes_what_is_not_a_socket() {
-        let dir = std::env::temp_dir().join(format!("shmbus-listen-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        /// Removes the directory however the test ends.
+        struct Dir(std::path::PathBuf);
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let guard = Dir(std::env::temp_dir().join(format!("shmbus-listen-{}", std::process::id())));
+        let dir = &guard.0;
+        std::fs::create_dir_all(dir).unwrap();
         let file = dir.join("not-a-socket");
         std::fs::write(&file, b"precious").unwrap();
         let addr = Address::Path(file.clone());
@@ -661,6 +669,5 @@ mod tests {
         let live = listen(&addr, 4).unwrap();
         assert_eq!(listen(&addr, 4).unwrap_err().kind(), io::ErrorKind::AddrInUse);
         drop(live);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
