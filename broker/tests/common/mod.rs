@@ -407,21 +407,12 @@ pub fn command_as(binary: &str, uid: u32) -> Command {
 /// must reach, `<temp dir>/shmbus-test-bin-<pid>`: made at the first call
 /// and shared by the process's tests (a copy of a binary there may be
 /// running until the last test ends), it is removed when the process
-/// exits. A test process that never got to exit (killed, aborted) leaves
-/// it: the next test process to make its own removes those of processes
-/// that are gone.
+/// ends, however it ends (killed too). Should that fail, the next test
+/// process to make its own removes those of processes that are gone.
 pub fn world_readable_dir() -> std::path::PathBuf {
     use std::os::unix::fs::PermissionsExt;
-    /// The directory, and the pid of the process that made it.
-    static DIR: std::sync::OnceLock<(std::path::PathBuf, u32)> = std::sync::OnceLock::new();
-    extern "C" fn remove_at_exit() {
-        // Only in the process that made it, not a forked child exiting.
-        if let Some((dir, pid)) = DIR.get() {
-            if *pid == std::process::id() {
-                let _ = std::fs::remove_dir_all(dir);
-            }
-        }
-    }
+    static DIR: std::sync::OnceLock<(std::path::PathBuf, std::process::ChildStdin)> =
+        std::sync::OnceLock::new();
     let (dir, _) = DIR.get_or_init(|| {
         let tmp = std::env::temp_dir();
         for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
@@ -435,10 +426,17 @@ pub fn world_readable_dir() -> std::path::PathBuf {
         let dir = tmp.join(format!("shmbus-test-bin-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        // SAFETY: registers a plain function, which does not unwind (it
-        // ignores every error) and touches nothing but a static.
-        unsafe { libc::atexit(remove_at_exit) };
-        (dir, std::process::id())
+        // Removed at our exit, however we exit, by a shell waiting for the
+        // end of a pipe only we hold (the write end is close-on-exec, so no
+        // child of a test holds it).
+        let remover = Command::new("sh")
+            .args(["-c", "read -r _; rm -rf -- \"$0\"", dir.to_str().unwrap()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        (dir, remover.stdin.unwrap())
     });
     dir.clone()
 }
