@@ -241,7 +241,9 @@ impl RttRig {
 /// The busy round trip on `transport`: back to back.
 fn rtt(transport: &str) -> (u64, u64) {
     let rig = RttRig::new(transport);
-    crate::timed(2_000, 50_000, || rig.once())
+    // SHMBUS_BENCH_RTT_ROUNDS: more round trips, for a profiler to attach.
+    let rounds = std::env::var("SHMBUS_BENCH_RTT_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(50_000);
+    crate::timed(2_000, rounds, || rig.once())
 }
 
 /// Runs `f` with the busy round trip's processes pinned: the broker (and
