@@ -429,6 +429,8 @@ pub fn world_readable_dir() -> std::path::PathBuf {
         // Removed at our exit, however we exit, by a shell waiting for the
         // end of a pipe only we hold (the write end is close-on-exec, so no
         // child of a test holds it).
+        // Never waited for: it outlives us by design (init reaps it).
+        #[allow(clippy::zombie_processes)]
         let remover = Command::new("sh")
             .args(["-c", "read -r _; rm -rf -- \"$0\"", dir.to_str().unwrap()])
             .stdin(Stdio::piped())
