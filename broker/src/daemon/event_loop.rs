@@ -751,7 +751,7 @@ impl Reactor {
             for id in std::mem::take(&mut self.drain_later) {
                 let Some(link) = self.conn_link(id) else { continue };
                 link.drain_queued = false;
-                if self.read_link_socket(id, true) {
+                if self.read_link_socket(id) {
                     self.read_link_ring(id, Instant::now(), link::WORK_PER_TURN);
                     self.flush(id);
                 }
@@ -780,15 +780,7 @@ impl Reactor {
     /// (and the ring woken, see below), the hang-up noted, and reading
     /// stops once a packet with fds is held, kept until its marker comes
     /// up. Whether it received anything (a packet, the end, an error).
-    ///
-    /// `for_event`: reading for a readable event, it stops at the first
-    /// doorbell, without the receive that would find the socket empty (one
-    /// system call in each hop of an idle round trip, after the doorbell
-    /// has woken the ring). What follows a doorbell needs no read now: each
-    /// packet's arrival is an event of its own (the edge fires per
-    /// arrival), a packet with fds is read for its marker, and a hang-up
-    /// comes as the event's flag.
-    fn read_link_socket(&mut self, id: PeerId, for_event: bool) -> bool {
+    fn read_link_socket(&mut self, id: PeerId) -> bool {
         let mut batch = self.link_batch.take().unwrap_or_else(|| RecvBatch::new(link::SOCKET_SLOTS));
         let mut violation = None;
         let mut rung = false;
@@ -831,8 +823,8 @@ impl Reactor {
                 }
                 link.ahead.push_back((data.to_vec(), status, fds.into_iter().map(inert).collect()));
             }
-            if n < link::SOCKET_SLOTS || (for_event && rung) {
-                // The socket is empty, or rang (see above).
+            if n < link::SOCKET_SLOTS {
+                // The socket is empty.
                 break;
             }
         }
@@ -925,7 +917,7 @@ impl Reactor {
                     if packet.is_none() {
                         // Sent before the marker was written: it is in the
                         // socket, unless the client lies.
-                        self.read_link_socket(id, false);
+                        self.read_link_socket(id);
                         let link = self.conn_link(id);
                         if link.as_ref().is_none_or(|l| l.broken) {
                             // What it found there broke the rules (a frame
