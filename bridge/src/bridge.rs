@@ -22,7 +22,7 @@
 //!   back (NATS `no_echo`), and one carrying its own `Shmbus-Bridge` name is
 //!   dropped as a loop all the same.
 //! - **local writer** (one): takes that queue and publishes locally with the
-//!   origin text; if the broker is away the publish waits for the
+//!   origin text (or makes the sends to exported names); if the broker is away the publish waits for the
 //!   reconnection, or fails and is counted (`shmbus-down`).
 //! - Both queues hold at most `queue` messages and [`QUEUE_BYTES`] of
 //!   payload.
@@ -32,7 +32,9 @@
 //! - **service export** (one per `services_export` pattern): each NATS
 //!   request becomes a local call, in a task of its own under a bound
 //!   (`max_inflight_requests`; past it the caller is answered
-//!   `unavailable`).
+//!   `unavailable`). A NATS publish (no reply subject) becomes a local
+//!   send, queued for the local writer like an imported message (a full
+//!   queue: counted `unavailable`), so the task never waits on the broker.
 //! - **service import** (one per `services_import` name): the bridge owns
 //!   the name locally; each call becomes a NATS request.
 //! - **status**: serves `shmbus-bridge.<name>` with the JSON status.
@@ -114,11 +116,13 @@ const NATS_SUBSCRIPTION_CAPACITY: usize = 1024;
 /// (async-nats's default, 2048, is 2 GiB of 1 MiB messages).
 const NATS_CLIENT_CAPACITY: usize = 64;
 
-/// A NATS message on its way to the local bus.
+/// A NATS message on its way to the local bus: a publish on `subject`,
+/// or (`send`) a fire-and-forget send to the exported name `subject`.
 struct Incoming {
     subject: String,
     payload: Bytes,
     origin: String,
+    send: bool,
 }
 
 /// A local message on its way to NATS.
@@ -389,7 +393,7 @@ pub async fn run(cfg: Config, host: String, shutdown: impl Future<Output = ()>) 
     }
     for (i, p) in shared.cfg.services_export.iter().enumerate() {
         let sub = nats_subscribe(&shared, p).await?;
-        tasks.spawn(service_export(shared.clone(), sub, i));
+        tasks.spawn(service_export(shared.clone(), sub, i, tx.clone()));
     }
     for name in shared.cfg.services_import.clone() {
         let svc = shared
@@ -637,7 +641,7 @@ async fn import(
             c.dropped(Dir::NatsToLocal, DropReason::QueueFull, 1);
             continue;
         }
-        let inc = Incoming { subject: local.to_owned(), payload: m.payload, origin };
+        let inc = Incoming { subject: local.to_owned(), payload: m.payload, origin, send: false };
         if tx.try_send(inc).is_err() {
             shared.queued_in.fetch_sub(len, Ordering::AcqRel);
             c.dropped(Dir::NatsToLocal, DropReason::QueueFull, 1);
@@ -646,11 +650,19 @@ async fn import(
     warn!("nats: an import subscription ended");
 }
 
-/// Publishes imported messages locally, in the order they came.
+/// Publishes imported messages locally, and makes the sends to exported
+/// names, in the order they came.
 async fn local_writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Incoming>) {
     let c = &shared.counters;
     while let Some(inc) = rx.recv().await {
         shared.queued_in.fetch_sub(inc.payload.len(), Ordering::AcqRel);
+        if inc.send {
+            match shared.local.send(&inc.subject, &inc.payload).await {
+                Ok(_) => c.call_ok(Dir::NatsToLocal),
+                Err(e) => c.call_failed(Dir::NatsToLocal, RemoteError::from_call(&e).kind()),
+            }
+            continue;
+        }
         match publish_local(&shared.local, &inc.subject, &inc.payload, &inc.origin).await {
             Ok(()) => c.forwarded(Dir::NatsToLocal),
             Err(e) => {
@@ -681,7 +693,12 @@ async fn nats_reply(shared: &Shared, to: async_nats::Subject, result: Result<Byt
     }
 }
 
-async fn service_export(shared: Arc<Shared>, mut sub: async_nats::Subscriber, index: usize) {
+async fn service_export(
+    shared: Arc<Shared>,
+    mut sub: async_nats::Subscriber,
+    index: usize,
+    tx: mpsc::Sender<Incoming>,
+) {
     while let Some(m) = sub.next().await {
         let c = &shared.counters;
         if !mapping::first_match(&shared.cfg.services_export, index, shared.prefix.strip(m.subject.as_str()))
@@ -703,10 +720,19 @@ async fn service_export(shared: Arc<Shared>, mut sub: async_nats::Subscriber, in
             }
         };
         let Some(reply_to) = m.reply.clone() else {
-            // A plain publish on a service subject: a fire-and-forget send.
-            match shared.local.send(&name, &m.payload).await {
-                Ok(_) => c.call_ok(Dir::NatsToLocal),
-                Err(e) => c.call_failed(Dir::NatsToLocal, RemoteError::from_call(&e).kind()),
+            // A plain publish on a service subject: a fire-and-forget send,
+            // made by the local writer (in order, with the imported
+            // messages). Never wait for the broker here: NATS would buffer
+            // for us, 1,024 messages of up to `max_payload` each.
+            let len = m.payload.len();
+            if tx.capacity() == 0 || !take_room(&shared.queued_in, len) {
+                c.call_failed(Dir::NatsToLocal, "unavailable");
+                continue;
+            }
+            let inc = Incoming { subject: name, payload: m.payload, origin: String::new(), send: true };
+            if tx.try_send(inc).is_err() {
+                shared.queued_in.fetch_sub(len, Ordering::AcqRel);
+                c.call_failed(Dir::NatsToLocal, "unavailable");
             }
             continue;
         };

@@ -1,0 +1,203 @@
+//! Attacks on the bridge, second pass: bytes on NATS that its client
+//! cannot parse, and calls that loop between hosts.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[test]
+#[ignore = "the harness's broker role, not a test"]
+fn broker_process() {
+    common::broker_process();
+}
+
+/// A raw NATS connection, speaking the text protocol itself: it can send
+/// what no client library would (header blocks and subjects that are not
+/// what a NATS client expects).
+struct Raw(TcpStream);
+
+impl Raw {
+    fn connect(nats: &Nats) -> Raw {
+        let s = TcpStream::connect(("127.0.0.1", nats.port)).expect("connect to nats-server");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut r = Raw(s);
+        r.read_until(b"INFO");
+        r.0.write_all(
+            b"CONNECT {\"verbose\":false,\"pedantic\":false,\"headers\":true,\"no_responders\":true,\"protocol\":1}\r\n",
+        )
+        .unwrap();
+        r.ping();
+        r
+    }
+
+    /// Reads until `what` was seen (bounded by the read timeout).
+    fn read_until(&mut self, what: &[u8]) {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.windows(what.len()).any(|w| w == what) {
+            let n = self.0.read(&mut buf).expect("read from nats-server");
+            assert!(n > 0, "nats-server closed the raw connection: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    /// PING, and waits for the PONG: what was sent before has been taken.
+    fn ping(&mut self) {
+        self.0.write_all(b"PING\r\n").unwrap();
+        self.read_until(b"PONG");
+    }
+
+    /// An HPUB with `header` as the header block, as is.
+    fn hpub(&mut self, subject: &[u8], header: &[u8], payload: &[u8]) {
+        let mut op = Vec::new();
+        op.extend_from_slice(b"HPUB ");
+        op.extend_from_slice(subject);
+        op.extend_from_slice(format!(" {} {}\r\n", header.len(), header.len() + payload.len()).as_bytes());
+        op.extend_from_slice(header);
+        op.extend_from_slice(payload);
+        op.extend_from_slice(b"\r\n");
+        self.0.write_all(&op).unwrap();
+        self.ping();
+    }
+
+    fn publish(&mut self, subject: &[u8], payload: &[u8]) {
+        let mut op = Vec::new();
+        op.extend_from_slice(b"PUB ");
+        op.extend_from_slice(subject);
+        op.extend_from_slice(format!(" {}\r\n", payload.len()).as_bytes());
+        op.extend_from_slice(payload);
+        op.extend_from_slice(b"\r\n");
+        self.0.write_all(&op).unwrap();
+        self.ping();
+    }
+}
+
+const IMPORT_CFG: &str = r#"
+import = ["t.>"]
+export = ["e.>"]
+"#;
+
+/// A plain NATS publisher's bytes that the server passes on but the
+/// bridge's NATS client cannot parse (a header line without a colon, a
+/// header name with a space, a header block that is not UTF-8, a status
+/// that is not a number, a subject that is not UTF-8). Each is dropped
+/// and counted where it can be; none may cut the bridge off NATS: a cut
+/// loses whatever was on the wire for every subscription and call, and
+/// any NATS publisher could repeat it forever.
+///
+/// Fails (each of the five cuts the connection: async-nats 0.50 returns a
+/// read error for a message it cannot parse, and reconnects): not fixable
+/// in the bridge's own code, which never sees the bytes. Run by hand with
+/// `--ignored`.
+#[test]
+#[ignore = "known defect in async-nats: a message it cannot parse cuts the connection"]
+fn unparsable_nats_messages_do_not_cut_the_bridge_off_nats() {
+    let nats = Nats::start(None);
+    let broker = Broker::start("rawhdr");
+    let b = Bridge::start("rawB", &broker, &nats, IMPORT_CFG);
+    let c = broker.client();
+    let sub = c.subscribe("t.>").unwrap();
+    let mut raw = Raw::connect(&nats);
+    raw.publish(b"t.ok", b"first");
+    assert_eq!(next_message(&sub, "a plain message").topic(), "t.ok");
+    let mut before = b.status().nats.reconnects;
+    let hostile: [(&[u8], &[u8]); 5] = [
+        (b"t.h1", b"NATS/1.0\r\nno colon here\r\n\r\n"),
+        (b"t.h2", b"NATS/1.0\r\nBad Name: x\r\n\r\n"),
+        (b"t.h3", b"NATS/1.0\r\nX-A: \xff\xfe\r\n\r\n"),
+        (b"t.h4", b"NATS/1.0 abc\r\n\r\n"),
+        (b"t.\xff", b"NATS/1.0\r\nX-A: b\r\n\r\n"),
+    ];
+    let mut cut = Vec::new();
+    for (i, (subject, header)) in hostile.iter().enumerate() {
+        raw.hpub(subject, header, b"evil");
+        // What a plain publisher sends next crosses (after the bridge
+        // came back, if it was cut off).
+        let start = Instant::now();
+        loop {
+            raw.publish(b"t.ok", format!("after {i}").as_bytes());
+            if let Ok(Some(shmbus::Event::Message(m))) = sub.recv_timeout(Duration::from_millis(200)) {
+                if m.topic() == "t.ok" {
+                    break;
+                }
+            }
+            assert!(start.elapsed() < PATIENCE, "nothing crossed after hostile message {i}:\n{}", b.log());
+        }
+        drain(&sub, Duration::from_millis(100));
+        let s = b.status();
+        if s.nats.reconnects != before {
+            cut.push(format!(
+                "{:?}: reconnects {before} -> {}",
+                String::from_utf8_lossy(header),
+                s.nats.reconnects
+            ));
+            before = s.nats.reconnects;
+        }
+    }
+    assert!(cut.is_empty(), "a NATS publisher's bytes cut the bridge off NATS: {cut:?}\n{}", b.log());
+}
+
+/// A stalled local broker (stopped) and a NATS flood of large
+/// fire-and-forget publishes on an exported service name: each becomes a
+/// local send, which waits for the broker. The bridge must keep its memory
+/// bounded as it does for imported messages (and count what it cannot
+/// pass on). Before the fix, the task that reads the exported names' NATS
+/// subscription made each send itself and waited for the broker, so NATS
+/// buffered 1,024 messages of up to `max_payload` for it: 706 MiB here.
+#[test]
+fn a_stalled_broker_and_a_flood_of_sends_to_an_exported_service_cost_bounded_memory() {
+    let nats = Nats::start(None);
+    let broker = Broker::start("stallsend");
+    let b = Bridge::start("sendB", &broker, &nats, "services_export = [\"svc.>\"]\nimport = [\"t.>\"]\n");
+    let c = broker.client();
+    let svc = c.serve("svc.fire").unwrap();
+    let before = b.status().nats_to_local;
+    let broker_pid = broker.pid();
+    signal(broker_pid, "STOP");
+    struct Cont(Option<u32>);
+    impl Drop for Cont {
+        fn drop(&mut self) {
+            if let Some(p) = self.0.take() {
+                let _ = std::process::Command::new("kill").args(["-CONT", &p.to_string()]).status();
+            }
+        }
+    }
+    let mut cont = Cont(Some(broker_pid));
+    const N: u64 = 1200;
+    let big = bytes::Bytes::from(vec![9u8; 512 * 1024]);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let url = nats.url();
+    rt.block_on(async {
+        let nc = async_nats::connect(url).await.unwrap();
+        for _ in 0..N {
+            nc.publish("svc.fire", big.clone()).await.unwrap();
+        }
+        nc.flush().await.unwrap();
+    });
+    let start = Instant::now();
+    let mut last = 0;
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let rss = b.rss();
+        if rss == last || start.elapsed() > PATIENCE {
+            break;
+        }
+        last = rss;
+    }
+    let rss = b.rss();
+    if let Some(p) = cont.0.take() {
+        signal(p, "CONT");
+    }
+    assert!(rss < 220 << 20, "the bridge holds {} MiB for a stalled broker", rss >> 20);
+    // Every send is passed on to the broker or counted as not.
+    let calls = |n: &shmbus_bridge::stats::DirStatus| n.calls_ok + n.calls_failed.values().sum::<u64>();
+    let s = b.wait_status("every send accounted for", |s| calls(&s.nats_to_local) - calls(&before) >= N);
+    assert_eq!(calls(&s.nats_to_local) - calls(&before), N, "{s:?}");
+    drop(svc);
+}
