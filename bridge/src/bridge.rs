@@ -36,7 +36,8 @@
 //!   send, queued for the local writer like an imported message (a full
 //!   queue: counted `unavailable`), so the task never waits on the broker.
 //! - **service import** (one per `services_import` name): the bridge owns
-//!   the name locally; each call becomes a NATS request.
+//!   the name locally; each call becomes a NATS request, each send a NATS
+//!   publish queued for the writer (a full queue: counted `unavailable`).
 //! - **status**: serves `shmbus-bridge.<name>` with the JSON status.
 //! - **gaps**: every half second, publishes what was lost since the last
 //!   notice, on the receiving side (`shmbus-bridge.<name>.gap`, with the
@@ -125,11 +126,13 @@ struct Incoming {
     send: bool,
 }
 
-/// A local message on its way to NATS.
+/// A local message on its way to NATS (`subject` with the prefix), or
+/// (`send`) a local fire-and-forget send to an imported name.
 struct Outgoing {
     subject: String,
     payload: Bytes,
     sender: Sender,
+    send: bool,
 }
 
 /// What every task shares.
@@ -375,6 +378,7 @@ pub async fn run(cfg: Config, host: String, shutdown: impl Future<Output = ()>) 
     tasks.spawn(watch_shmbus(shared.clone(), events));
 
     let (tx, rx) = mpsc::channel::<Outgoing>(shared.cfg.queue);
+    let out_tx = tx.clone();
     tasks.spawn(writer(shared.clone(), rx));
     for (i, p) in shared.cfg.export.clone().into_iter().enumerate() {
         let sub = shared
@@ -404,8 +408,9 @@ pub async fn run(cfg: Config, host: String, shutdown: impl Future<Output = ()>) 
         if svc.result() == shmbus::NameResult::InQueue {
             warn!("shmbus: {name} is owned by another client; the bridge waits in its queue");
         }
-        tasks.spawn(service_import(shared.clone(), svc));
+        tasks.spawn(service_import(shared.clone(), svc, out_tx.clone()));
     }
+    drop(out_tx);
     // After every subscription was asked for: its flush follows them.
     tasks.spawn(watch_nats(shared.clone(), linked));
     tasks.spawn(gaps(shared.clone()));
@@ -534,7 +539,12 @@ async fn export(
                         continue;
                     }
                 };
-                let out = Outgoing { subject: shared.prefix.to_nats(m.topic()), payload, sender: m.sender() };
+                let out = Outgoing {
+                    subject: shared.prefix.to_nats(m.topic()),
+                    payload,
+                    sender: m.sender(),
+                    send: false,
+                };
                 match tx.try_send(out) {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(_)) => {
@@ -555,6 +565,26 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Outgoing>) {
     let mut seq = SeqOut::default();
     while let Some(out) = rx.recv().await {
         shared.queued.fetch_sub(out.payload.len(), Ordering::AcqRel);
+        if out.send {
+            // A send: no number (it is a call, counted as one).
+            if !shared.nats_up() {
+                c.call_failed(Dir::LocalToNats, "unavailable");
+                continue;
+            }
+            let h = shared.headers(Some(&out.sender));
+            match shared.nats.publish_with_headers(out.subject, h, out.payload).await {
+                Ok(()) => c.call_ok(Dir::LocalToNats),
+                Err(e) => {
+                    let kind = match e.kind() {
+                        async_nats::client::PublishErrorKind::MaxPayloadExceeded => "too-large",
+                        _ => "unavailable",
+                    };
+                    c.call_failed(Dir::LocalToNats, kind);
+                    debug!("nats publish of a send: {e}");
+                }
+            }
+            continue;
+        }
         if !shared.nats_up() {
             c.dropped(Dir::LocalToNats, DropReason::NatsDown, 1);
             continue;
@@ -773,7 +803,7 @@ async fn service_export(
     warn!("nats: a service export subscription ended");
 }
 
-async fn service_import(shared: Arc<Shared>, svc: AsyncService) {
+async fn service_import(shared: Arc<Shared>, svc: AsyncService, tx: mpsc::Sender<Outgoing>) {
     let name = svc.name().to_owned();
     loop {
         let req = match svc.recv().await {
@@ -785,6 +815,15 @@ async fn service_import(shared: Arc<Shared>, svc: AsyncService) {
             }
         };
         let c = &shared.counters;
+        if !req.expects_reply() {
+            // A fire-and-forget send crosses as one, a NATS publish (which
+            // the far bridge makes a local send), through the writer's
+            // queue: no permit held waiting for an answer nobody reads.
+            if let Err(kind) = queue_send(&shared, &name, &req, &tx) {
+                c.call_failed(Dir::LocalToNats, kind);
+            }
+            continue;
+        }
         let Ok(permit) = shared.calls.clone().try_acquire_owned() else {
             c.call_failed(Dir::LocalToNats, "unavailable");
             let _ = req.reply_error_async(code::UNAVAILABLE, "bridge: too many calls in flight").await;
@@ -812,6 +851,38 @@ async fn service_import(shared: Arc<Shared>, svc: AsyncService) {
             }
         });
     }
+}
+
+/// Queues a local send to the imported `name` for the writer; the kind of
+/// failure if it cannot go.
+fn queue_send(
+    shared: &Shared,
+    name: &str,
+    req: &shmbus::Request,
+    tx: &mpsc::Sender<Outgoing>,
+) -> Result<(), &'static str> {
+    let payload = req.try_payload().map_err(|_| "other")?;
+    let limit = shared.nats_limit();
+    if limit > 0 && payload.len() > limit {
+        return Err("too-large");
+    }
+    if !shared.nats_up() {
+        return Err("unavailable");
+    }
+    let len = payload.len();
+    if tx.capacity() == 0 || !take_room(&shared.queued, len) {
+        return Err("unavailable");
+    }
+    let out = Outgoing {
+        subject: shared.prefix.to_nats(name),
+        payload: Bytes::copy_from_slice(payload),
+        sender: req.sender(),
+        send: true,
+    };
+    tx.try_send(out).map_err(|_| {
+        shared.queued.fetch_sub(len, Ordering::AcqRel);
+        "unavailable"
+    })
 }
 
 /// One local call to an imported name, made on NATS.

@@ -201,3 +201,136 @@ fn a_stalled_broker_and_a_flood_of_sends_to_an_exported_service_cost_bounded_mem
     assert_eq!(calls(&s.nats_to_local) - calls(&before), N, "{s:?}");
     drop(svc);
 }
+
+/// Resumes a stopped process on drop (a failed test must not leave it
+/// stopped for the others).
+struct Cont(Option<u32>);
+
+impl Drop for Cont {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::process::Command::new("kill").args(["-CONT", &p.to_string()]).status();
+        }
+    }
+}
+
+/// SIGTERM with the local broker stopped, while NATS floods the bridge
+/// with messages to import (its local writer waits on the broker): the
+/// bridge exits by itself, 0, in bounded time.
+#[test]
+fn sigterm_with_a_stalled_broker_exits_in_bounded_time() {
+    let nats = Nats::start(None);
+    let broker = Broker::start("termstall");
+    let mut b = Bridge::start("termB", &broker, &nats, IMPORT_CFG);
+    let _sub = broker.client().subscribe("t.>").unwrap();
+    let _cont = Cont(Some(broker.pid()));
+    signal(broker.pid(), "STOP");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let payload = bytes::Bytes::from(vec![1u8; 64 * 1024]);
+    rt.block_on(async {
+        let nc = async_nats::connect(nats.url()).await.unwrap();
+        for _ in 0..2000 {
+            nc.publish("t.flood", payload.clone()).await.unwrap();
+        }
+        nc.flush().await.unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    signal(b.pid(), "TERM");
+    let st = b.wait_exit(Duration::from_secs(15));
+    assert!(st.is_some(), "the bridge still runs 15 s after SIGTERM with its broker stopped");
+    assert_eq!(st.unwrap().code(), Some(0), "{st:?}");
+}
+
+/// SIGTERM with NATS stopped (its socket open: no disconnection seen)
+/// while a local publisher floods an exported subject: the bridge exits by
+/// itself, 0, in bounded time.
+#[test]
+fn sigterm_with_a_stalled_nats_exits_in_bounded_time() {
+    let nats = Nats::start(None);
+    let broker = Broker::start("termnats");
+    let mut b = Bridge::start("termN", &broker, &nats, IMPORT_CFG);
+    let _cont = Cont(Some(nats.pid()));
+    signal(nats.pid(), "STOP");
+    let c = broker.client();
+    let payload = vec![2u8; 64 * 1024];
+    for _ in 0..3000 {
+        c.publish("e.flood", &payload).unwrap();
+    }
+    signal(b.pid(), "TERM");
+    let st = b.wait_exit(Duration::from_secs(15));
+    assert!(st.is_some(), "the bridge still runs 15 s after SIGTERM with NATS stopped");
+    assert_eq!(st.unwrap().code(), Some(0), "{st:?}");
+}
+
+/// A local fire-and-forget send to an imported name crosses as one: the
+/// far service sees a request that expects no reply (as a NATS publish on
+/// an exported name is a local send), and the bridge does not hold one of
+/// its `max_inflight_requests` permits waiting for an answer nobody reads.
+/// Here B may have 2 calls in flight; 6 sends to a far service that
+/// answers nothing it need not answer must not make B refuse a real call.
+#[test]
+fn a_local_send_to_an_imported_name_crosses_as_a_send() {
+    let nats = Nats::start(None);
+    let broker_a = Broker::start("send-a");
+    let broker_b = Broker::start("send-b");
+    let a = Bridge::start(
+        "sendA",
+        &broker_a,
+        &nats,
+        "services_export = [\"svc.>\"]\nrequest_timeout_ms = 4000\n",
+    );
+    let b = Bridge::start(
+        "sendB",
+        &broker_b,
+        &nats,
+        "services_import = [\"svc.log\", \"svc.echo\"]\nmax_inflight_requests = 2\nrequest_timeout_ms = 4000\n",
+    );
+    let ca = broker_a.client();
+    let log = ca.serve("svc.log").unwrap();
+    let echo = ca.serve("svc.echo").unwrap();
+    let cb = broker_b.client();
+    // The path is up: a call crosses.
+    let echoer = std::thread::spawn(move || {
+        let start = Instant::now();
+        let mut n = 0;
+        while n < 2 && start.elapsed() < PATIENCE {
+            if let Ok(Some(r)) = echo.recv_timeout(Duration::from_millis(100)) {
+                r.reply(b"pong").unwrap();
+                n += 1;
+            }
+        }
+    });
+    assert_eq!(cb.request("svc.echo", b"ping", Duration::from_secs(10)).unwrap().payload(), b"pong");
+    const SENDS: usize = 6;
+    for i in 0..SENDS {
+        cb.send("svc.log", format!("line {i}")).unwrap();
+    }
+    // The far service gets each one, as a send; it answers none (a
+    // request it holds unanswered keeps the bridge's call in flight).
+    let mut held = Vec::new();
+    let mut expecting = 0;
+    let start = Instant::now();
+    while held.len() < SENDS && start.elapsed() < Duration::from_secs(10) {
+        if let Ok(Some(r)) = log.recv_timeout(Duration::from_millis(100)) {
+            if r.expects_reply() {
+                expecting += 1;
+            }
+            held.push(r);
+        }
+    }
+    let reached = held.len();
+    // Meanwhile a real call from B still crosses.
+    let call = cb.request("svc.echo", b"ping", Duration::from_secs(10));
+    drop(held);
+    echoer.join().unwrap();
+    let sb = b.status();
+    assert_eq!(reached, SENDS, "{reached} of {SENDS} sends reached the far service: {sb:?}");
+    assert_eq!(
+        expecting, 0,
+        "{expecting} of {SENDS} sends reached the far service as requests expecting a reply"
+    );
+    assert_eq!(call.expect("a call while sends are in flight").payload(), b"pong");
+    let sb = b.wait_status("the sends counted", |s| s.local_to_nats.calls_ok >= (SENDS + 2) as u64);
+    assert_eq!(sb.local_to_nats.calls_failed.values().sum::<u64>(), 0, "{sb:?}");
+    drop(a);
+}
