@@ -124,6 +124,8 @@ struct Incoming {
     payload: Bytes,
     origin: String,
     send: bool,
+    /// For a send: the valid `Shmbus-Bridge` name it carried, if any.
+    bridge: Option<String>,
 }
 
 /// A local message on its way to NATS (`subject` with the prefix), or
@@ -517,7 +519,15 @@ async fn export(
             continue; // an earlier, overlapping pattern forwards it
         }
         let own = [shared.local.id(), seen_id];
-        match stats::outbound(m.sender().client_id, &own, m.len(), shared.nats_limit(), shared.nats_up()) {
+        // What we exported, back through another bridge on this broker.
+        let back = mapping::origin_is_own(m.origin(), &shared.cfg.name);
+        let decision = match back {
+            true => Outbound::Loop,
+            false => {
+                stats::outbound(m.sender().client_id, &own, m.len(), shared.nats_limit(), shared.nats_up())
+            }
+        };
+        match decision {
             Outbound::Loop => c.looped(Dir::LocalToNats),
             Outbound::Drop(why) => {
                 c.dropped(Dir::LocalToNats, why, 1);
@@ -671,7 +681,8 @@ async fn import(
             c.dropped(Dir::NatsToLocal, DropReason::QueueFull, 1);
             continue;
         }
-        let inc = Incoming { subject: local.to_owned(), payload: m.payload, origin, send: false };
+        let inc =
+            Incoming { subject: local.to_owned(), payload: m.payload, origin, send: false, bridge: None };
         if tx.try_send(inc).is_err() {
             shared.queued_in.fetch_sub(len, Ordering::AcqRel);
             c.dropped(Dir::NatsToLocal, DropReason::QueueFull, 1);
@@ -687,6 +698,12 @@ async fn local_writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Incoming>) {
     while let Some(inc) = rx.recv().await {
         shared.queued_in.fetch_sub(inc.payload.len(), Ordering::AcqRel);
         if inc.send {
+            if let Some(b) = inc.bridge {
+                if sends_back(&shared, b, inc.subject.clone()).await {
+                    c.looped(Dir::NatsToLocal);
+                    continue;
+                }
+            }
             match shared.local.send(&inc.subject, &inc.payload).await {
                 Ok(_) => c.call_ok(Dir::NatsToLocal),
                 Err(e) => c.call_failed(Dir::NatsToLocal, RemoteError::from_call(&e).kind()),
@@ -705,6 +722,19 @@ async fn local_writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Incoming>) {
             }
         }
     }
+}
+
+/// Whether a send that the bridge `bridge` put on NATS would go straight
+/// back to it: it runs on this broker (owns its status name here) and
+/// owns `name` too, so it took the send from this bus, and would put it on
+/// NATS again (a send carries no origin to tell it by).
+async fn sends_back(shared: &Arc<Shared>, bridge: String, name: String) -> bool {
+    let shared = shared.clone();
+    let owners = tokio::task::spawn_blocking(move || {
+        let c = shared.local.blocking();
+        (c.name_owner(&status_name(&bridge)), c.name_owner(&name))
+    });
+    matches!(owners.await, Ok((Ok(Some(a)), Ok(Some(b)))) if a == b)
 }
 
 /// Publishes a NATS reply (a payload, or an error header); a failure only
@@ -759,7 +789,11 @@ async fn service_export(
                 c.call_failed(Dir::NatsToLocal, "unavailable");
                 continue;
             }
-            let inc = Incoming { subject: name, payload: m.payload, origin: String::new(), send: true };
+            let bridge = header(m.headers.as_ref(), H_BRIDGE)
+                .filter(|b| crate::config::check_name(b).is_ok())
+                .map(str::to_owned);
+            let inc =
+                Incoming { subject: name, payload: m.payload, origin: String::new(), send: true, bridge };
             if tx.try_send(inc).is_err() {
                 shared.queued_in.fetch_sub(len, Ordering::AcqRel);
                 c.call_failed(Dir::NatsToLocal, "unavailable");
@@ -815,6 +849,14 @@ async fn service_import(shared: Arc<Shared>, svc: AsyncService, tx: mpsc::Sender
             }
         };
         let c = &shared.counters;
+        if mapping::origin_is_own(req.origin(), &shared.cfg.name) {
+            // Our own call, back through another bridge on this broker
+            // that exports the name: the far side has no owner but us.
+            c.looped(Dir::LocalToNats);
+            let message = format!("no responder for {name}: the call came back to the bridge that sent it");
+            let _ = req.reply_error_async(code::NO_RESPONDER, &message).await;
+            continue;
+        }
         if !req.expects_reply() {
             // A fire-and-forget send crosses as one, a NATS publish (which
             // the far bridge makes a local send), through the writer's

@@ -5,8 +5,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -333,4 +331,85 @@ fn a_local_send_to_an_imported_name_crosses_as_a_send() {
     let sb = b.wait_status("the sends counted", |s| s.local_to_nats.calls_ok >= (SENDS + 2) as u64);
     assert_eq!(sb.local_to_nats.calls_failed.values().sum::<u64>(), 0, "{sb:?}");
     drop(a);
+}
+
+/// Two bridges of distinct names on one broker and one NATS (as allowed:
+/// only a second bridge of the same name is refused), X exporting `t.>`
+/// and Y importing it. A local publish goes out through X, comes back in
+/// through Y (its `Shmbus-Bridge` is X's, not Y's; Y's own NATS connection
+/// did not send it), is published locally by Y, whose client id is not
+/// X's, so X exports it again: forever. One publish must be seen once.
+#[test]
+fn two_bridges_on_one_broker_do_not_loop_a_message() {
+    let nats = Nats::start(None);
+    let broker = Broker::start("twobr");
+    let x = Bridge::start("brX", &broker, &nats, "export = [\"t.>\"]\n");
+    let y = Bridge::start("brY", &broker, &nats, "import = [\"t.>\"]\n");
+    let c = broker.client();
+    let sub = c.subscribe("t.>").unwrap();
+    c.publish("t.one", b"x").unwrap();
+    // For 2 s (a loop never goes quiet, so no drain until quiet).
+    let mut got = 0;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(2) {
+        if let Ok(Some(shmbus::Event::Message(_))) = sub.recv_timeout(Duration::from_millis(100)) {
+            got += 1;
+        }
+    }
+    let (sx, sy) = (x.status(), y.status());
+    // The original, and at most once more through X and Y (the copy Y
+    // imports).
+    assert!(got <= 2, "one publish was seen {got} times in 2 s: X {sx:?}\nY {sy:?}");
+    assert!(sx.local_to_nats.forwarded <= 1, "X exported it {} times", sx.local_to_nats.forwarded);
+}
+
+/// The same for a call: Y imports `svc.b`, X exports `svc.>`, on one
+/// broker and one NATS, and nobody serves `svc.b`. A call goes out through
+/// Y, X calls `svc.b` locally, whose owner is Y, which calls NATS again...
+/// until the caller's timeout runs out, each hop holding a permit on X and
+/// on Y. One call must cross once.
+#[test]
+fn two_bridges_on_one_broker_do_not_loop_a_call() {
+    let nats = Nats::start(None);
+    let broker = Broker::start("twocall");
+    let x =
+        Bridge::start("clX", &broker, &nats, "services_export = [\"svc.>\"]\nrequest_timeout_ms = 3000\n");
+    let y =
+        Bridge::start("clY", &broker, &nats, "services_import = [\"svc.b\"]\nrequest_timeout_ms = 3000\n");
+    let c = broker.client();
+    let r = c.request("svc.b", b"ping", Duration::from_secs(10));
+    assert!(matches!(r, Err(shmbus::CallError::App { .. })), "{r:?}");
+    // Let any bouncing run out.
+    std::thread::sleep(Duration::from_millis(3500));
+    let (sx, sy) = (x.status(), y.status());
+    let calls = |d: &shmbus_bridge::stats::DirStatus| d.calls_ok + d.calls_failed.values().sum::<u64>();
+    assert!(
+        calls(&sx.nats_to_local) <= 1 && calls(&sy.local_to_nats) <= 1,
+        "one call crossed {} times through X and {} times through Y: X {sx:?}\nY {sy:?}",
+        calls(&sx.nats_to_local),
+        calls(&sy.local_to_nats)
+    );
+}
+
+/// The same for a fire-and-forget send (which carries no origin): Y
+/// imports `svc.b`, X exports `svc.>`, on one broker and one NATS. One
+/// send must cross once.
+#[test]
+fn two_bridges_on_one_broker_do_not_loop_a_send() {
+    let nats = Nats::start(None);
+    let broker = Broker::start("twosend");
+    let x = Bridge::start("snX", &broker, &nats, "services_export = [\"svc.>\"]\n");
+    let y = Bridge::start("snY", &broker, &nats, "services_import = [\"svc.b\"]\n");
+    let c = broker.client();
+    c.send("svc.b", b"once").unwrap();
+    std::thread::sleep(Duration::from_millis(2000));
+    let (sx, sy) = (x.status(), y.status());
+    let calls = |d: &shmbus_bridge::stats::DirStatus| d.calls_ok + d.calls_failed.values().sum::<u64>();
+    assert!(
+        calls(&sx.nats_to_local) <= 1 && calls(&sy.local_to_nats) <= 1,
+        "one send crossed {} times through X and {} times through Y: X {sx:?}\nY {sy:?}",
+        calls(&sx.nats_to_local),
+        calls(&sy.local_to_nats)
+    );
+    assert_eq!(sx.nats_to_local.loops_suppressed, 1, "{sx:?}");
 }
