@@ -22,7 +22,7 @@
 //!   back (NATS `no_echo`), and one carrying its own `Shmbus-Bridge` name is
 //!   dropped as a loop all the same.
 //! - **local writer** (one): takes that queue and publishes locally with the
-//!   origin text; if the broker is away the publish waits for the
+//!   origin text (or makes the sends to exported names); if the broker is away the publish waits for the
 //!   reconnection, or fails and is counted (`shmbus-down`).
 //! - Both queues hold at most `queue` messages and [`QUEUE_BYTES`] of
 //!   payload.
@@ -32,9 +32,12 @@
 //! - **service export** (one per `services_export` pattern): each NATS
 //!   request becomes a local call, in a task of its own under a bound
 //!   (`max_inflight_requests`; past it the caller is answered
-//!   `unavailable`).
+//!   `unavailable`). A NATS publish (no reply subject) becomes a local
+//!   send, queued for the local writer like an imported message (a full
+//!   queue: counted `unavailable`), so the task never waits on the broker.
 //! - **service import** (one per `services_import` name): the bridge owns
-//!   the name locally; each call becomes a NATS request.
+//!   the name locally; each call becomes a NATS request, each send a NATS
+//!   publish queued for the writer (a full queue: counted `unavailable`).
 //! - **status**: serves `shmbus-bridge.<name>` with the JSON status.
 //! - **gaps**: every half second, publishes what was lost since the last
 //!   notice, on the receiving side (`shmbus-bridge.<name>.gap`, with the
@@ -114,18 +117,24 @@ const NATS_SUBSCRIPTION_CAPACITY: usize = 1024;
 /// (async-nats's default, 2048, is 2 GiB of 1 MiB messages).
 const NATS_CLIENT_CAPACITY: usize = 64;
 
-/// A NATS message on its way to the local bus.
+/// A NATS message on its way to the local bus: a publish on `subject`,
+/// or (`send`) a fire-and-forget send to the exported name `subject`.
 struct Incoming {
     subject: String,
     payload: Bytes,
     origin: String,
+    send: bool,
+    /// For a send: the valid `Shmbus-Bridge` name it carried, if any.
+    bridge: Option<String>,
 }
 
-/// A local message on its way to NATS.
+/// A local message on its way to NATS (`subject` with the prefix), or
+/// (`send`) a local fire-and-forget send to an imported name.
 struct Outgoing {
     subject: String,
     payload: Bytes,
     sender: Sender,
+    send: bool,
 }
 
 /// What every task shares.
@@ -371,6 +380,7 @@ pub async fn run(cfg: Config, host: String, shutdown: impl Future<Output = ()>) 
     tasks.spawn(watch_shmbus(shared.clone(), events));
 
     let (tx, rx) = mpsc::channel::<Outgoing>(shared.cfg.queue);
+    let out_tx = tx.clone();
     tasks.spawn(writer(shared.clone(), rx));
     for (i, p) in shared.cfg.export.clone().into_iter().enumerate() {
         let sub = shared
@@ -389,7 +399,7 @@ pub async fn run(cfg: Config, host: String, shutdown: impl Future<Output = ()>) 
     }
     for (i, p) in shared.cfg.services_export.iter().enumerate() {
         let sub = nats_subscribe(&shared, p).await?;
-        tasks.spawn(service_export(shared.clone(), sub, i));
+        tasks.spawn(service_export(shared.clone(), sub, i, tx.clone()));
     }
     for name in shared.cfg.services_import.clone() {
         let svc = shared
@@ -400,8 +410,9 @@ pub async fn run(cfg: Config, host: String, shutdown: impl Future<Output = ()>) 
         if svc.result() == shmbus::NameResult::InQueue {
             warn!("shmbus: {name} is owned by another client; the bridge waits in its queue");
         }
-        tasks.spawn(service_import(shared.clone(), svc));
+        tasks.spawn(service_import(shared.clone(), svc, out_tx.clone()));
     }
+    drop(out_tx);
     // After every subscription was asked for: its flush follows them.
     tasks.spawn(watch_nats(shared.clone(), linked));
     tasks.spawn(gaps(shared.clone()));
@@ -508,7 +519,15 @@ async fn export(
             continue; // an earlier, overlapping pattern forwards it
         }
         let own = [shared.local.id(), seen_id];
-        match stats::outbound(m.sender().client_id, &own, m.len(), shared.nats_limit(), shared.nats_up()) {
+        // What we exported, back through another bridge on this broker.
+        let back = mapping::origin_is_own(m.origin(), &shared.cfg.name);
+        let decision = match back {
+            true => Outbound::Loop,
+            false => {
+                stats::outbound(m.sender().client_id, &own, m.len(), shared.nats_limit(), shared.nats_up())
+            }
+        };
+        match decision {
             Outbound::Loop => c.looped(Dir::LocalToNats),
             Outbound::Drop(why) => {
                 c.dropped(Dir::LocalToNats, why, 1);
@@ -530,7 +549,12 @@ async fn export(
                         continue;
                     }
                 };
-                let out = Outgoing { subject: shared.prefix.to_nats(m.topic()), payload, sender: m.sender() };
+                let out = Outgoing {
+                    subject: shared.prefix.to_nats(m.topic()),
+                    payload,
+                    sender: m.sender(),
+                    send: false,
+                };
                 match tx.try_send(out) {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(_)) => {
@@ -551,6 +575,26 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Outgoing>) {
     let mut seq = SeqOut::default();
     while let Some(out) = rx.recv().await {
         shared.queued.fetch_sub(out.payload.len(), Ordering::AcqRel);
+        if out.send {
+            // A send: no number (it is a call, counted as one).
+            if !shared.nats_up() {
+                c.call_failed(Dir::LocalToNats, "unavailable");
+                continue;
+            }
+            let h = shared.headers(Some(&out.sender));
+            match shared.nats.publish_with_headers(out.subject, h, out.payload).await {
+                Ok(()) => c.call_ok(Dir::LocalToNats),
+                Err(e) => {
+                    let kind = match e.kind() {
+                        async_nats::client::PublishErrorKind::MaxPayloadExceeded => "too-large",
+                        _ => "unavailable",
+                    };
+                    c.call_failed(Dir::LocalToNats, kind);
+                    debug!("nats publish of a send: {e}");
+                }
+            }
+            continue;
+        }
         if !shared.nats_up() {
             c.dropped(Dir::LocalToNats, DropReason::NatsDown, 1);
             continue;
@@ -637,7 +681,8 @@ async fn import(
             c.dropped(Dir::NatsToLocal, DropReason::QueueFull, 1);
             continue;
         }
-        let inc = Incoming { subject: local.to_owned(), payload: m.payload, origin };
+        let inc =
+            Incoming { subject: local.to_owned(), payload: m.payload, origin, send: false, bridge: None };
         if tx.try_send(inc).is_err() {
             shared.queued_in.fetch_sub(len, Ordering::AcqRel);
             c.dropped(Dir::NatsToLocal, DropReason::QueueFull, 1);
@@ -646,11 +691,25 @@ async fn import(
     warn!("nats: an import subscription ended");
 }
 
-/// Publishes imported messages locally, in the order they came.
+/// Publishes imported messages locally, and makes the sends to exported
+/// names, in the order they came.
 async fn local_writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Incoming>) {
     let c = &shared.counters;
     while let Some(inc) = rx.recv().await {
         shared.queued_in.fetch_sub(inc.payload.len(), Ordering::AcqRel);
+        if inc.send {
+            if let Some(b) = inc.bridge {
+                if sends_back(&shared, b, inc.subject.clone()).await {
+                    c.looped(Dir::NatsToLocal);
+                    continue;
+                }
+            }
+            match shared.local.send(&inc.subject, &inc.payload).await {
+                Ok(_) => c.call_ok(Dir::NatsToLocal),
+                Err(e) => c.call_failed(Dir::NatsToLocal, RemoteError::from_call(&e).kind()),
+            }
+            continue;
+        }
         match publish_local(&shared.local, &inc.subject, &inc.payload, &inc.origin).await {
             Ok(()) => c.forwarded(Dir::NatsToLocal),
             Err(e) => {
@@ -663,6 +722,19 @@ async fn local_writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Incoming>) {
             }
         }
     }
+}
+
+/// Whether a send that the bridge `bridge` put on NATS would go straight
+/// back to it: it runs on this broker (owns its status name here) and
+/// owns `name` too, so it took the send from this bus, and would put it on
+/// NATS again (a send carries no origin to tell it by).
+async fn sends_back(shared: &Arc<Shared>, bridge: String, name: String) -> bool {
+    let shared = shared.clone();
+    let owners = tokio::task::spawn_blocking(move || {
+        let c = shared.local.blocking();
+        (c.name_owner(&status_name(&bridge)), c.name_owner(&name))
+    });
+    matches!(owners.await, Ok((Ok(Some(a)), Ok(Some(b)))) if a == b)
 }
 
 /// Publishes a NATS reply (a payload, or an error header); a failure only
@@ -681,7 +753,12 @@ async fn nats_reply(shared: &Shared, to: async_nats::Subject, result: Result<Byt
     }
 }
 
-async fn service_export(shared: Arc<Shared>, mut sub: async_nats::Subscriber, index: usize) {
+async fn service_export(
+    shared: Arc<Shared>,
+    mut sub: async_nats::Subscriber,
+    index: usize,
+    tx: mpsc::Sender<Incoming>,
+) {
     while let Some(m) = sub.next().await {
         let c = &shared.counters;
         if !mapping::first_match(&shared.cfg.services_export, index, shared.prefix.strip(m.subject.as_str()))
@@ -703,10 +780,23 @@ async fn service_export(shared: Arc<Shared>, mut sub: async_nats::Subscriber, in
             }
         };
         let Some(reply_to) = m.reply.clone() else {
-            // A plain publish on a service subject: a fire-and-forget send.
-            match shared.local.send(&name, &m.payload).await {
-                Ok(_) => c.call_ok(Dir::NatsToLocal),
-                Err(e) => c.call_failed(Dir::NatsToLocal, RemoteError::from_call(&e).kind()),
+            // A plain publish on a service subject: a fire-and-forget send,
+            // made by the local writer (in order, with the imported
+            // messages). Never wait for the broker here: NATS would buffer
+            // for us, 1,024 messages of up to `max_payload` each.
+            let len = m.payload.len();
+            if tx.capacity() == 0 || !take_room(&shared.queued_in, len) {
+                c.call_failed(Dir::NatsToLocal, "unavailable");
+                continue;
+            }
+            let bridge = header(m.headers.as_ref(), H_BRIDGE)
+                .filter(|b| crate::config::check_name(b).is_ok())
+                .map(str::to_owned);
+            let inc =
+                Incoming { subject: name, payload: m.payload, origin: String::new(), send: true, bridge };
+            if tx.try_send(inc).is_err() {
+                shared.queued_in.fetch_sub(len, Ordering::AcqRel);
+                c.call_failed(Dir::NatsToLocal, "unavailable");
             }
             continue;
         };
@@ -747,7 +837,7 @@ async fn service_export(shared: Arc<Shared>, mut sub: async_nats::Subscriber, in
     warn!("nats: a service export subscription ended");
 }
 
-async fn service_import(shared: Arc<Shared>, svc: AsyncService) {
+async fn service_import(shared: Arc<Shared>, svc: AsyncService, tx: mpsc::Sender<Outgoing>) {
     let name = svc.name().to_owned();
     loop {
         let req = match svc.recv().await {
@@ -759,6 +849,23 @@ async fn service_import(shared: Arc<Shared>, svc: AsyncService) {
             }
         };
         let c = &shared.counters;
+        if mapping::origin_is_own(req.origin(), &shared.cfg.name) {
+            // Our own call, back through another bridge on this broker
+            // that exports the name: the far side has no owner but us.
+            c.looped(Dir::LocalToNats);
+            let message = format!("no responder for {name}: the call came back to the bridge that sent it");
+            let _ = req.reply_error_async(code::NO_RESPONDER, &message).await;
+            continue;
+        }
+        if !req.expects_reply() {
+            // A fire-and-forget send crosses as one, a NATS publish (which
+            // the far bridge makes a local send), through the writer's
+            // queue: no permit held waiting for an answer nobody reads.
+            if let Err(kind) = queue_send(&shared, &name, &req, &tx) {
+                c.call_failed(Dir::LocalToNats, kind);
+            }
+            continue;
+        }
         let Ok(permit) = shared.calls.clone().try_acquire_owned() else {
             c.call_failed(Dir::LocalToNats, "unavailable");
             let _ = req.reply_error_async(code::UNAVAILABLE, "bridge: too many calls in flight").await;
@@ -786,6 +893,38 @@ async fn service_import(shared: Arc<Shared>, svc: AsyncService) {
             }
         });
     }
+}
+
+/// Queues a local send to the imported `name` for the writer; the kind of
+/// failure if it cannot go.
+fn queue_send(
+    shared: &Shared,
+    name: &str,
+    req: &shmbus::Request,
+    tx: &mpsc::Sender<Outgoing>,
+) -> Result<(), &'static str> {
+    let payload = req.try_payload().map_err(|_| "other")?;
+    let limit = shared.nats_limit();
+    if limit > 0 && payload.len() > limit {
+        return Err("too-large");
+    }
+    if !shared.nats_up() {
+        return Err("unavailable");
+    }
+    let len = payload.len();
+    if tx.capacity() == 0 || !take_room(&shared.queued, len) {
+        return Err("unavailable");
+    }
+    let out = Outgoing {
+        subject: shared.prefix.to_nats(name),
+        payload: Bytes::copy_from_slice(payload),
+        sender: req.sender(),
+        send: true,
+    };
+    tx.try_send(out).map_err(|_| {
+        shared.queued.fetch_sub(len, Ordering::AcqRel);
+        "unavailable"
+    })
 }
 
 /// One local call to an imported name, made on NATS.

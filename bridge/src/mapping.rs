@@ -239,6 +239,18 @@ pub fn origin(bridge: Option<&str>, host: Option<&str>, sender: Option<&str>, su
     printable(&text, MAX_ORIGIN)
 }
 
+/// Whether `origin` (a local message's or call's origin text) says that
+/// the bridge named `me` put it on NATS: it came back onto this bus
+/// through another bridge (two bridges on one broker and one NATS), and
+/// going out again would loop. A local client can write such an origin,
+/// but then only its own message or call stays on this bus.
+pub fn origin_is_own(origin: Option<&str>, me: &str) -> bool {
+    match origin.and_then(|o| o.strip_prefix("nats:")).and_then(|o| o.strip_prefix(me)) {
+        Some(rest) => rest.is_empty() || rest.starts_with('@') || rest.starts_with(' '),
+        None => false,
+    }
+}
+
 /// Whether a NATS message was put there by the bridge named `me`.
 pub fn is_own(bridge_header: Option<&str>, me: &str) -> bool {
     bridge_header == Some(me)
@@ -454,6 +466,18 @@ mod tests {
     fn sender_value_is_what_origin_reads() {
         let s = Sender { client_id: 7, uid: 1000, gid: 1000, pid: 42 };
         assert_eq!(sender_value(&s), "uid=1000,pid=42,client=7");
+    }
+
+    #[test]
+    fn an_origin_names_the_bridge_that_put_it_on_nats() {
+        let o = origin(Some("hostA"), Some("a.example"), Some("uid=1,pid=2,client=3"), "s.x");
+        assert!(origin_is_own(Some(&o), "hostA"));
+        assert!(origin_is_own(Some(&origin(Some("hostA"), None, None, "s")), "hostA"));
+        assert!(!origin_is_own(Some(&o), "host"), "a prefix of the name is another bridge");
+        assert!(!origin_is_own(Some(&o), "hostB"));
+        assert!(!origin_is_own(Some(&origin(None, None, None, "hostA.x")), "hostA"), "a plain publisher");
+        assert!(!origin_is_own(None, "hostA"));
+        assert!(!origin_is_own(Some("hostA"), "hostA"));
     }
 
     #[test]

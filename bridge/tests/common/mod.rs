@@ -294,6 +294,23 @@ impl Bridge {
         }
     }
 
+    /// Waits at most `within` for the process to exit; its status, or
+    /// `None` if it still runs (it is then killed on drop as usual).
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        let child = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                self.child = None;
+                return Some(st);
+            }
+            if start.elapsed() > within {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
     pub fn config_path(&self) -> &std::path::Path {
         &self.config
     }
