@@ -611,7 +611,10 @@ pub(crate) async fn send_packets(
     shared: &Arc<Shared>,
     packets: &[OutPacket<'_>],
 ) -> Result<usize, RecvError> {
-    send_with(shared, false, |inner, s| {
+    // Across a reconnection, as `publish` and the blocking `publish_many`:
+    // a send that fails sent none of `packets`, which go on the next
+    // connection once it is made.
+    send_with(shared, true, |inner, s| {
         let sent = try_packets_on(inner, None, packets)?;
         if let Ok(n) = sent {
             s.published += n as u64;
