@@ -430,17 +430,21 @@ impl State {
                 slot.answer = Some(Err(crate::error::CallError::Disconnected(d)));
             }
         }
-        // What came on the lost connection cannot be answered on another
-        // (a serial names a request of one broker only): requests queued
-        // for services go, and the answers the reader owed with them.
-        // Their callers were answered by the broker, or went with it.
+        self.forget_lost_requests();
+        self.lost = Some(why);
+        self.epoch += 1;
+    }
+
+    /// What came on the lost connection cannot be answered on another (a
+    /// serial names a request of one broker only): requests queued for
+    /// services go, and the answers the reader owed with them. Their
+    /// callers were answered by the broker, or went with it.
+    pub(crate) fn forget_lost_requests(&mut self) {
         for q in self.services.values_mut() {
             let dropped = q.drain_requests();
             self.queued.sub(dropped);
         }
         self.auto_replies.clear();
-        self.lost = Some(why);
-        self.epoch += 1;
     }
 
     /// A new connection is made: every live subscription is to be renewed
