@@ -756,3 +756,86 @@ fn publish_many_waits_for_the_broker_during_an_outage_blocking_and_async() {
     async_many.expect("the async publish_many waits for the broker as publish does");
     drop(sub);
 }
+
+// ------------------------------------------- one loss, one reconnection --
+
+/// A client whose reader and whose sender both notice a kill (the reader
+/// by the end of the stream, the sender, blocked on a full ring or
+/// socket, by its failed send) reconnects once per kill: each
+/// subscription gets one `Reconnected` per restart, never two (a second
+/// would mean the new connection was taken for lost and made again,
+/// failing what was sent on it).
+#[test]
+fn a_reader_and_a_blocked_sender_of_one_client_make_one_reconnection_per_kill() {
+    let mut b = Broker::start("recon-once");
+    let c = b.options().timeout(PATIENCE).connect().unwrap();
+    let sub = c.subscribe("once.in").unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let reconnections = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let (stop, n) = (stop.clone(), reconnections.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(Some(Event::Reconnected)) = sub.recv_timeout(Duration::from_millis(50)) {
+                    n.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        })
+    };
+    let sender = {
+        let (stop, c) = (stop.clone(), c.clone());
+        std::thread::spawn(move || {
+            let payload = vec![5u8; 1000];
+            while !stop.load(Ordering::Relaxed) {
+                let _ = c.publish("once.out", &payload);
+            }
+        })
+    };
+    const KILLS: u64 = 10;
+    for kill in 1..=KILLS {
+        // The broker stops: the sender blocks on a full ring (or socket).
+        signal(&b, Signal::STOP);
+        std::thread::sleep(Duration::from_millis(100));
+        b.restart(Signal::KILL);
+        let deadline = Instant::now() + PATIENCE;
+        while reconnections.load(Ordering::SeqCst) < kill {
+            assert!(Instant::now() < deadline, "kill {kill}: no Reconnected");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Time for a second, needless reconnection to show.
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(reconnections.load(Ordering::SeqCst), kill, "Reconnected events after {kill} kills");
+    }
+    stop.store(true, Ordering::Relaxed);
+    bounded("the reader", move || reader.join().unwrap());
+    bounded("the sender", move || sender.join().unwrap());
+}
+
+/// An async call in flight when the broker is killed fails with
+/// `Disconnected` once the loss is known, as a blocking one does; it does
+/// not wait out its own timeout to fail with `Timeout` (the async call
+/// never said which connection its request went on, so the loss did not
+/// fail it).
+#[test]
+fn an_async_call_in_flight_at_a_kill_fails_with_disconnected_not_timeout() {
+    let mut b = Broker::start("recon-async-call");
+    let server = b.client();
+    let service = server.serve("ac.hold").unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let caller = rt.block_on(b.options().connect_async()).unwrap();
+    // A long call: its own timeout is far past the test's patience.
+    let call = rt.spawn({
+        let c = caller.clone();
+        async move { c.request("ac.hold", b"held", Duration::from_secs(60)).await }
+    });
+    // The service has it (and never answers).
+    let held = service.recv_timeout(PATIENCE).unwrap().expect("the request");
+    b.restart(Signal::KILL);
+    let got = rt.block_on(async { tokio::time::timeout(PATIENCE, call).await });
+    let got = got.expect("the call ended within PATIENCE, not at its 60 s timeout").unwrap();
+    match got {
+        Err(CallError::Disconnected(_)) => {}
+        other => panic!("expected Disconnected, got {other:?}"),
+    }
+    drop(held);
+}
