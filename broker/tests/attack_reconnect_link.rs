@@ -839,3 +839,106 @@ fn an_async_call_in_flight_at_a_kill_fails_with_disconnected_not_timeout() {
     }
     drop(held);
 }
+
+/// An async publisher waiting for room in a full ring (or socket: the
+/// broker stopped) when the broker is killed goes on with the new broker;
+/// with none coming back, its publish fails with `Disconnected` in about
+/// the client's timeout. Never a hang.
+#[test]
+fn an_async_publisher_waiting_on_a_full_ring_wakes_when_the_broker_is_killed() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    for comes_back in [true, false] {
+        let mut b = Broker::start("recon-async-full");
+        let timeout = if comes_back { PATIENCE } else { Duration::from_millis(500) };
+        let c = rt.block_on(b.options().timeout(timeout).connect_async()).unwrap();
+        assert_eq!(c.transport(), transport());
+        signal(&b, Signal::STOP);
+        let count = Arc::new(AtomicU64::new(0));
+        let pump = rt.spawn({
+            let (c, count) = (c.clone(), count.clone());
+            async move {
+                let payload = vec![7u8; 1000];
+                for _ in 0..20_000 {
+                    let r = c.publish("af.x", &payload).await;
+                    count.fetch_add(1, Ordering::SeqCst);
+                    if let Err(e) = r {
+                        return Err(e.kind());
+                    }
+                }
+                Ok(())
+            }
+        });
+        // Blocked: the count stands still.
+        let start = Instant::now();
+        let mut last = count.load(Ordering::SeqCst);
+        loop {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = count.load(Ordering::SeqCst);
+            if now == last {
+                break;
+            }
+            assert!(start.elapsed() < PATIENCE, "never blocked");
+            last = now;
+        }
+        let killed = Instant::now();
+        if comes_back {
+            b.restart(Signal::KILL);
+        } else {
+            kill_for_good(&mut b);
+        }
+        let r = rt
+            .block_on(async { tokio::time::timeout(PATIENCE, pump).await })
+            .expect("the pump ended")
+            .unwrap();
+        if comes_back {
+            assert_eq!(r, Ok(()), "every publish went, to the new broker after the kill");
+        } else {
+            assert_eq!(r, Err(ErrorKind::Disconnected));
+            let took = killed.elapsed();
+            assert!(took < timeout + Duration::from_secs(5), "failed only after {took:?}");
+        }
+    }
+}
+
+/// Messages dropped by the subscriber's own full queue before the broker
+/// died are a `Gap` in their place, before `Reconnected`, not after it
+/// (where they would seem lost on the new connection).
+#[test]
+fn a_local_gap_from_before_a_kill_comes_before_reconnected() {
+    let mut b = Broker::start("recon-local-gap");
+    let subscriber = b.options().local_queue(10).connect().unwrap();
+    let sub = subscriber.subscribe("lg.x").unwrap();
+    let publisher = b.client();
+    for i in 0..100 {
+        publisher.publish("lg.x", numbered(i)).unwrap();
+    }
+    publisher.flush().unwrap();
+    // The subscriber's client reads everything (the pong comes after the
+    // messages): ten are queued, ninety dropped and counted.
+    subscriber.ping().unwrap();
+    b.restart(Signal::KILL);
+    // The client reconnects before the app reads its queue (another
+    // thread's call, here a ping).
+    let _ = subscriber.ping();
+    let mut events = Vec::new();
+    let deadline = Instant::now() + PATIENCE;
+    while !matches!(events.last(), Some(Event::Reconnected)) {
+        assert!(Instant::now() < deadline, "no Reconnected: {events:?}");
+        if let Some(e) = sub.recv_timeout(Duration::from_millis(200)).unwrap() {
+            events.push(e);
+        }
+    }
+    let shown: Vec<String> = events
+        .iter()
+        .map(|e| match e {
+            Event::Message(m) => u64::from_le_bytes(m.payload()[..8].try_into().unwrap()).to_string(),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    let mut want: Vec<String> = (0..10).map(|i: u64| i.to_string()).collect();
+    want.push("Gap { missed: 90 }".into());
+    want.push("Reconnected".into());
+    assert_eq!(shown, want);
+    // Nothing more: the gap was told once.
+    assert!(sub.try_recv().unwrap().is_none());
+}

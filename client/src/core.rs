@@ -463,6 +463,19 @@ impl State {
             if q.revoked.is_some() || q.renew.is_empty() || !q.live {
                 continue;
             }
+            // Drops counted here before the loss are a gap in their place,
+            // before the reconnection, not after it (as `push_gap`).
+            let missed = std::mem::take(&mut q.local_missed);
+            if missed > 0 {
+                match q.events.back_mut() {
+                    Some(Queued { event: Event::Gap { missed: m }, .. }) => *m = m.saturating_add(missed),
+                    _ => q.events.push_back(Queued {
+                        arrival,
+                        event: Event::Gap { missed },
+                        charge: Charge::default(),
+                    }),
+                }
+            }
             q.events.push_back(Queued { arrival, event: Event::Reconnected, charge: Charge::default() });
             renew.push((id, q.renew.clone()));
         }
