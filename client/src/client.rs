@@ -394,8 +394,8 @@ fn transport_env_allows_link(value: Option<&std::ffi::OsStr>) -> bool {
 /// `MAX_BATCH` inline publishes from `iter`, each head in `heads` and its
 /// payload in `payloads` (cleared first). On a bad message, the batch holds
 /// those before it and the error says why; nothing is sent here.
-pub(crate) fn fill_publish_batch<'a>(
-    iter: &mut impl Iterator<Item = (&'a str, &'a [u8])>,
+pub(crate) fn fill_publish_batch<'t, 'a>(
+    iter: &mut impl Iterator<Item = (&'t str, &'a [u8])>,
     max: usize,
     heads: &mut Vec<Vec<u8>>,
     payloads: &mut Vec<&'a [u8]>,

@@ -117,7 +117,25 @@ pub(crate) struct ReaderState {
     /// The reading side of the connection's shared-memory link, if it has
     /// one: then frames are read there (`link`), not in `batch`.
     pub link: Option<LinkRx>,
+    /// Socket only: the end of the stream was read (and dispatched).
+    eof: bool,
 }
+
+impl ReaderState {
+    /// Whether the connection's end was read: nothing more comes on it.
+    fn ended(&self) -> bool {
+        match &self.link {
+            Some(rx) => rx.ended(),
+            None => self.eof,
+        }
+    }
+}
+
+/// Batches a lost connection's reader takes at most, to read what the
+/// broker had sent before it went (it sends nothing more once gone: the
+/// bound is for one that goes on writing into the ring of a connection
+/// it closed).
+const DRAIN_READS: usize = 4096;
 
 /// A timed wait longer than this blocks in the receive itself, which wakes
 /// at least this often (`SO_RCVTIMEO`) to look at its deadline, instead of
@@ -618,9 +636,10 @@ impl Inner {
         {
             return false;
         }
-        // A goodbye may be waiting: it says whether to come back.
+        // What the broker sent before it went is ours: read to the end
+        // (a goodbye there says whether to come back).
         if let Some(mut reader) = self.reader.try_lock() {
-            let _ = self.read_once(&mut reader, Some(Duration::ZERO));
+            self.drain(&mut reader);
         }
         {
             let mut st = self.state.lock();
@@ -693,6 +712,21 @@ impl Inner {
     /// `deadline` passes (false; the next waiter goes on trying).
     fn reconnect(&self, reader: &mut ReaderState, deadline: Option<Instant>) -> bool {
         let Some(redial) = &self.redial else { return false };
+        // The loss may have been noticed by a send while the old
+        // connection still held frames for us (in its ring or socket):
+        // they are read before it is let go, not thrown away uncounted.
+        self.drain(reader);
+        {
+            let mut st = self.state.lock();
+            if st.closed.is_some() {
+                // Its end said not to come back.
+                st.lost = None;
+                self.notify_all();
+                return false;
+            }
+            // Requests read now came on the lost connection: gone with it.
+            st.forget_lost_requests();
+        }
         loop {
             if self.state.lock().lost.is_none() {
                 return true;
@@ -747,6 +781,22 @@ impl Inner {
             *self.next_attempt.lock() = Some(Instant::now() + redial.policy.delay(n));
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return false;
+            }
+        }
+    }
+
+    /// Reads what the connection holds, without waiting, to its end (or
+    /// until nothing is there): `reader` held.
+    fn drain(&self, reader: &mut ReaderState) {
+        for _ in 0..DRAIN_READS {
+            if reader.ended() {
+                return;
+            }
+            match self.read_once(reader, Some(Duration::ZERO)) {
+                // Closed for good (a loss is settled as it is read).
+                Ok(true) if self.state.lock().closed.is_some() => return,
+                Ok(true) => {}
+                Ok(false) | Err(_) => return,
             }
         }
     }
@@ -977,7 +1027,7 @@ impl Inner {
         // wait anyway, and when fds are unacknowledged: they are
         // acknowledged once the socket is found empty, not before.
         let mut try_first = reader.backlog || nonblocking || self.state.lock().fd_acks.pending();
-        let ReaderState { batch, backlog, held, rcv_tick, .. } = reader;
+        let ReaderState { batch, backlog, held, rcv_tick, eof, .. } = reader;
         let batch = batch.get_or_insert_with(|| RecvBatch::new(RECV_SLOTS));
         let mut resets = 0;
         loop {
@@ -1028,6 +1078,9 @@ impl Inner {
                 Ok(n) => {
                     self.dispatch(batch, held, n);
                     *backlog = n == RECV_SLOTS;
+                    // (The fds were taken by `dispatch`: this looks at
+                    // the bytes only.)
+                    *eof |= (0..n).any(|i| batch.packet(i).0.is_empty());
                     return Ok(true);
                 }
                 // Readable, and then nothing (a spurious wake-up): wait
@@ -1039,6 +1092,7 @@ impl Inner {
                 Err(e) if e.kind() == io::ErrorKind::ConnectionReset && resets < 2 => resets += 1,
                 Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
                     self.close(None, "connection reset by the broker".into());
+                    *eof = true;
                     return Ok(true);
                 }
                 Err(e) => return Err(e),

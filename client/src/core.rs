@@ -430,17 +430,21 @@ impl State {
                 slot.answer = Some(Err(crate::error::CallError::Disconnected(d)));
             }
         }
-        // What came on the lost connection cannot be answered on another
-        // (a serial names a request of one broker only): requests queued
-        // for services go, and the answers the reader owed with them.
-        // Their callers were answered by the broker, or went with it.
+        self.forget_lost_requests();
+        self.lost = Some(why);
+        self.epoch += 1;
+    }
+
+    /// What came on the lost connection cannot be answered on another (a
+    /// serial names a request of one broker only): requests queued for
+    /// services go, and the answers the reader owed with them. Their
+    /// callers were answered by the broker, or went with it.
+    pub(crate) fn forget_lost_requests(&mut self) {
         for q in self.services.values_mut() {
             let dropped = q.drain_requests();
             self.queued.sub(dropped);
         }
         self.auto_replies.clear();
-        self.lost = Some(why);
-        self.epoch += 1;
     }
 
     /// A new connection is made: every live subscription is to be renewed
@@ -458,6 +462,19 @@ impl State {
         for (&id, q) in self.subs.iter_mut() {
             if q.revoked.is_some() || q.renew.is_empty() || !q.live {
                 continue;
+            }
+            // Drops counted here before the loss are a gap in their place,
+            // before the reconnection, not after it (as `push_gap`).
+            let missed = std::mem::take(&mut q.local_missed);
+            if missed > 0 {
+                match q.events.back_mut() {
+                    Some(Queued { event: Event::Gap { missed: m }, .. }) => *m = m.saturating_add(missed),
+                    _ => q.events.push_back(Queued {
+                        arrival,
+                        event: Event::Gap { missed },
+                        charge: Charge::default(),
+                    }),
+                }
             }
             q.events.push_back(Queued { arrival, event: Event::Reconnected, charge: Charge::default() });
             renew.push((id, q.renew.clone()));

@@ -477,6 +477,9 @@ pub(crate) struct LinkRx {
     last_batch: usize,
     /// The socket said EOF (or was reset more than once).
     eof: bool,
+    /// The end was dispatched: the ring was read to its end and the
+    /// close followed. Nothing more comes on this link.
+    ended: bool,
     resets: u32,
     /// Shared with the sender: the broker is known to be gone.
     gone: Arc<AtomicBool>,
@@ -500,10 +503,19 @@ impl LinkRx {
             last_data: Instant::now(),
             last_batch: 0,
             eof: false,
+            ended: false,
             resets: 0,
             gone,
             waiting_on: None,
         }
+    }
+}
+
+impl LinkRx {
+    /// Whether this link's end was read: everything the broker wrote,
+    /// then its close.
+    pub(crate) fn ended(&self) -> bool {
+        self.ended
     }
 }
 
@@ -577,6 +589,7 @@ impl Inner {
                     "the broker closed the connection"
                 };
                 self.dispatch_link(rx, Some(Disconnect { code: None, reason: reason.into() }));
+                rx.ended = true;
                 return Ok(true);
             }
             if nonblocking && !drained {

@@ -586,21 +586,29 @@ fn encode_into<B: Body>(s: &mut SendState, body: &B) -> io::Result<()> {
 }
 
 /// Sends one frame (`published`: it is a publish, counted as the broker
-/// counts them).
+/// counts them): the connection generation it went on (an answer to it
+/// is lost with that connection, see `State::call_sent`).
 pub(crate) async fn send_frame<B: Body>(
     shared: &Arc<Shared>,
     body: &B,
     payload: &[u8],
     fds: &[BorrowedFd<'_>],
     published: bool,
-) -> Result<(), RecvError> {
+) -> Result<u64, RecvError> {
     send_with(shared, true, |inner, s| {
         encode_into(s, body)?;
-        let sent = try_packet(inner, OutPacket { head: &s.head, payload, fds })?;
+        let packet = OutPacket { head: &s.head, payload, fds };
+        let (sent, generation) = loop {
+            match inner.on_port(None, |port| port.send(&[packet], false)) {
+                Ok(r) => break r,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        };
         if sent.is_ok() && published {
             s.published += 1;
         }
-        Ok(sent)
+        Ok(sent.map(|_| generation))
     })
     .await
 }
@@ -611,7 +619,10 @@ pub(crate) async fn send_packets(
     shared: &Arc<Shared>,
     packets: &[OutPacket<'_>],
 ) -> Result<usize, RecvError> {
-    send_with(shared, false, |inner, s| {
+    // Across a reconnection, as `publish` and the blocking `publish_many`:
+    // a send that fails sent none of `packets`, which go on the next
+    // connection once it is made.
+    send_with(shared, true, |inner, s| {
         let sent = try_packets_on(inner, None, packets)?;
         if let Ok(n) = sent {
             s.published += n as u64;

@@ -287,7 +287,13 @@ impl AsyncClient {
         let mut heads: Vec<Vec<u8>> = Vec::new();
         let mut payloads: Vec<&[u8]> = Vec::with_capacity(MAX_BATCH);
         let mut result = Ok(());
-        let mut iter = messages.into_iter().map(|(topic, payload)| (topic, payload.as_ref())).peekable();
+        // A function, not a closure: a future holding a closure over
+        // borrowed arguments is not `Send` (rustc cannot prove it for
+        // every lifetime), so it could not be spawned.
+        fn bytes<'t, 'p, P: AsRef<[u8]> + ?Sized>((topic, payload): (&'t str, &'p P)) -> (&'t str, &'p [u8]) {
+            (topic, payload.as_ref())
+        }
+        let mut iter = messages.into_iter().map(bytes::<P>).peekable();
         while iter.peek().is_some() && result.is_ok() {
             result = crate::client::fill_publish_batch(&mut iter, max, &mut heads, &mut payloads);
             let packets: Vec<OutPacket<'_>> = heads

@@ -85,7 +85,11 @@ impl AsyncClient {
             inner.state.lock().calls.remove(&call_id);
         });
         let sent = Instant::now();
-        self.send_request(call_id, name, payload, timeout_ms(timeout), false, origin).await?;
+        let sent_on = self.send_request(call_id, name, payload, timeout_ms(timeout), false, origin).await?;
+        // If that connection is lost (or was already), so is the answer:
+        // the call fails then with `Disconnected`, as a blocking one does,
+        // rather than wait out its timeout.
+        inner.state.lock().call_sent(call_id, sent_on);
         // The broker answers `Timeout` by then; the grace period covers a
         // broker that never answers.
         let deadline = sent.checked_add(timeout).and_then(|t| t.checked_add(self.client().timeout()));
@@ -126,17 +130,15 @@ impl AsyncClient {
         timeout_ms: u32,
         no_reply: bool,
         origin: Option<&str>,
-    ) -> Result<(), CallError> {
+    ) -> Result<u64, CallError> {
         let mut frame =
             RequestFrame { call_id, name, timeout_ms, no_reply, origin, payload: PayloadRef::Inline };
         if payload.len() > self.client().memfd_threshold() {
             let fd = memfd::from_bytes("shmbus-request", payload).map_err(CallError::Memfd)?;
             frame.payload = PayloadRef::Memfd { len: payload.len() as u64 };
-            driver::send_frame(&self.shared, &frame, &[], &[fd.as_fd()], false).await?;
-            return Ok(());
+            return Ok(driver::send_frame(&self.shared, &frame, &[], &[fd.as_fd()], false).await?);
         }
-        driver::send_frame(&self.shared, &frame, payload, &[], false).await?;
-        Ok(())
+        Ok(driver::send_frame(&self.shared, &frame, payload, &[], false).await?)
     }
 }
 
