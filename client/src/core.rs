@@ -139,6 +139,27 @@ pub(crate) struct SubQueue {
     pub live: bool,
 }
 
+impl SubQueue {
+    /// Queues a gap of `missed` plus what was missed locally, if that
+    /// makes any. A gap is never dropped (it is what reports drops), but
+    /// one right after another adds to it, so gaps never outnumber
+    /// messages.
+    fn push_gap(&mut self, arrival: u64, missed: u64) {
+        let missed = missed.saturating_add(std::mem::take(&mut self.local_missed));
+        if missed == 0 {
+            return;
+        }
+        match self.events.back_mut() {
+            Some(Queued { event: Event::Gap { missed: m }, .. }) => *m = m.saturating_add(missed),
+            _ => self.events.push_back(Queued {
+                arrival,
+                event: Event::Gap { missed },
+                charge: Charge::default(),
+            }),
+        }
+    }
+}
+
 /// Past this capacity, a queue that empties gives its memory back.
 const SHRINK_ABOVE: usize = 1024;
 
@@ -464,18 +485,8 @@ impl State {
                 continue;
             }
             // Drops counted here before the loss are a gap in their place,
-            // before the reconnection, not after it (as `push_gap`).
-            let missed = std::mem::take(&mut q.local_missed);
-            if missed > 0 {
-                match q.events.back_mut() {
-                    Some(Queued { event: Event::Gap { missed: m }, .. }) => *m = m.saturating_add(missed),
-                    _ => q.events.push_back(Queued {
-                        arrival,
-                        event: Event::Gap { missed },
-                        charge: Charge::default(),
-                    }),
-                }
-            }
+            // before the reconnection, not after it.
+            q.push_gap(arrival, 0);
             q.events.push_back(Queued { arrival, event: Event::Reconnected, charge: Charge::default() });
             renew.push((id, q.renew.clone()));
         }
@@ -527,25 +538,12 @@ impl State {
         self.queued.add(charge);
     }
 
-    /// Queues a gap of `missed` plus what was missed locally, if that makes
-    /// any. A gap is never dropped (it is what reports drops), but one
-    /// right after another adds to it, so gaps never outnumber messages.
+    /// A gap of `missed` on `sub_id` ([`SubQueue::push_gap`]), unless it
+    /// was revoked.
     fn push_gap(&mut self, sub_id: u32, arrival: u64, missed: u64) {
         let Some(q) = self.subs.get_mut(&sub_id) else { return };
-        if q.revoked.is_some() {
-            return;
-        }
-        let missed = missed.saturating_add(std::mem::take(&mut q.local_missed));
-        if missed == 0 {
-            return;
-        }
-        match q.events.back_mut() {
-            Some(Queued { event: Event::Gap { missed: m }, .. }) => *m = m.saturating_add(missed),
-            _ => q.events.push_back(Queued {
-                arrival,
-                event: Event::Gap { missed },
-                charge: Charge::default(),
-            }),
+        if q.revoked.is_none() {
+            q.push_gap(arrival, missed);
         }
     }
 
