@@ -22,8 +22,9 @@
 //!   back (NATS `no_echo`), and one carrying its own `Shmbus-Bridge` name is
 //!   dropped as a loop all the same.
 //! - **local writer** (one): takes that queue and publishes locally with the
-//!   origin text (or makes the sends to exported names); if the broker is away the publish waits for the
-//!   reconnection, or fails and is counted (`shmbus-down`).
+//!   origin text (or makes the sends to exported names); if the broker is
+//!   away the publish waits for the reconnection, or fails and is counted
+//!   (`shmbus-down`).
 //! - Both queues hold at most `queue` messages and [`QUEUE_BYTES`] of
 //!   payload.
 //! - Overlapping patterns in one list: each side delivers a message once
