@@ -509,9 +509,7 @@ impl LinkRx {
             waiting_on: None,
         }
     }
-}
 
-impl LinkRx {
     /// Whether this link's end was read: everything the broker wrote,
     /// then its close.
     pub(crate) fn ended(&self) -> bool {

@@ -563,16 +563,21 @@ fn send_failure(shared: &Arc<Shared>, e: io::Error) -> RecvError {
 }
 
 /// Sends packets without waiting: how many went, or where there was no
-/// room. `only`: on that connection generation only (see
-/// `Inner::on_port`).
-fn try_packets_on(inner: &Inner, only: Option<u64>, packets: &[OutPacket<'_>]) -> Attempt<usize> {
+/// room, and the connection generation they went on. `only`: on that
+/// generation only (see `Inner::on_port`).
+fn try_packets_gen(inner: &Inner, only: Option<u64>, packets: &[OutPacket<'_>]) -> Attempt<(usize, u64)> {
     loop {
         match inner.on_port(only, |port| port.send(packets, false)) {
-            Ok((sent, _)) => return Ok(sent),
+            Ok((sent, generation)) => return Ok(sent.map(|n| (n, generation))),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
+}
+
+/// [`try_packets_gen`] without the generation.
+fn try_packets_on(inner: &Inner, only: Option<u64>, packets: &[OutPacket<'_>]) -> Attempt<usize> {
+    Ok(try_packets_gen(inner, only, packets)?.map(|(n, _)| n))
 }
 
 /// Sends one packet without waiting.
@@ -597,18 +602,11 @@ pub(crate) async fn send_frame<B: Body>(
 ) -> Result<u64, RecvError> {
     send_with(shared, true, |inner, s| {
         encode_into(s, body)?;
-        let packet = OutPacket { head: &s.head, payload, fds };
-        let (sent, generation) = loop {
-            match inner.on_port(None, |port| port.send(&[packet], false)) {
-                Ok(r) => break r,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        };
+        let sent = try_packets_gen(inner, None, &[OutPacket { head: &s.head, payload, fds }])?;
         if sent.is_ok() && published {
             s.published += 1;
         }
-        Ok(sent.map(|_| generation))
+        Ok(sent.map(|(_, generation)| generation))
     })
     .await
 }
