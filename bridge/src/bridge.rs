@@ -125,8 +125,6 @@ struct Incoming {
     payload: Bytes,
     origin: String,
     send: bool,
-    /// For a send: the valid `Shmbus-Bridge` name it carried, if any.
-    bridge: Option<String>,
 }
 
 /// A local message on its way to NATS (`subject` with the prefix), or
@@ -398,10 +396,13 @@ pub async fn run(cfg: Config, host: String, shutdown: impl Future<Output = ()>) 
         let sub = nats_subscribe(&shared, p).await?;
         tasks.spawn(import(shared.clone(), sub, i, tx.clone()));
     }
+    let (check_tx, check_rx) = mpsc::channel::<(String, Incoming)>(shared.cfg.queue);
+    tasks.spawn(check_sends(shared.clone(), check_rx, tx.clone()));
     for (i, p) in shared.cfg.services_export.iter().enumerate() {
         let sub = nats_subscribe(&shared, p).await?;
-        tasks.spawn(service_export(shared.clone(), sub, i, tx.clone()));
+        tasks.spawn(service_export(shared.clone(), sub, i, tx.clone(), check_tx.clone()));
     }
+    drop(check_tx);
     for name in shared.cfg.services_import.clone() {
         let svc = shared
             .local
@@ -682,8 +683,7 @@ async fn import(
             c.dropped(Dir::NatsToLocal, DropReason::QueueFull, 1);
             continue;
         }
-        let inc =
-            Incoming { subject: local.to_owned(), payload: m.payload, origin, send: false, bridge: None };
+        let inc = Incoming { subject: local.to_owned(), payload: m.payload, origin, send: false };
         if tx.try_send(inc).is_err() {
             shared.queued_in.fetch_sub(len, Ordering::AcqRel);
             c.dropped(Dir::NatsToLocal, DropReason::QueueFull, 1);
@@ -699,12 +699,6 @@ async fn local_writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Incoming>) {
     while let Some(inc) = rx.recv().await {
         shared.queued_in.fetch_sub(inc.payload.len(), Ordering::AcqRel);
         if inc.send {
-            if let Some(b) = inc.bridge {
-                if sends_back(&shared, b, inc.subject.clone()).await {
-                    c.looped(Dir::NatsToLocal);
-                    continue;
-                }
-            }
             match shared.local.send(&inc.subject, &inc.payload).await {
                 Ok(_) => c.call_ok(Dir::NatsToLocal),
                 Err(e) => c.call_failed(Dir::NatsToLocal, RemoteError::from_call(&e).kind()),
@@ -725,17 +719,44 @@ async fn local_writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Incoming>) {
     }
 }
 
+/// Passes on to the local writer the sends from NATS that name a bridge,
+/// unless they would go straight back to it (`sends_back`). Their look-ups
+/// are made here, not by the local writer: a NATS publisher's flood of
+/// sends with a forged `Shmbus-Bridge` would otherwise slow it to broker
+/// round trips per send, and every imported message behind them would be
+/// dropped. Such a send may so be made after messages that came after it.
+async fn check_sends(
+    shared: Arc<Shared>,
+    mut rx: mpsc::Receiver<(String, Incoming)>,
+    tx: mpsc::Sender<Incoming>,
+) {
+    while let Some((bridge, inc)) = rx.recv().await {
+        if sends_back(&shared, bridge, inc.subject.clone()).await {
+            shared.queued_in.fetch_sub(inc.payload.len(), Ordering::AcqRel);
+            shared.counters.looped(Dir::NatsToLocal);
+            continue;
+        }
+        // Its room in `queued_in` was taken when it was queued here.
+        if let Err(e) = tx.send(inc).await {
+            shared.queued_in.fetch_sub(e.0.payload.len(), Ordering::AcqRel);
+            return;
+        }
+    }
+}
+
 /// Whether a send that the bridge `bridge` put on NATS would go straight
 /// back to it: it runs on this broker (owns its status name here) and
 /// owns `name` too, so it took the send from this bus, and would put it on
 /// NATS again (a send carries no origin to tell it by).
 async fn sends_back(shared: &Arc<Shared>, bridge: String, name: String) -> bool {
     let shared = shared.clone();
-    let owners = tokio::task::spawn_blocking(move || {
+    let verdict = tokio::task::spawn_blocking(move || {
         let c = shared.local.blocking();
-        (c.name_owner(&status_name(&bridge)), c.name_owner(&name))
+        // No such bridge here (the usual forged name): one look-up.
+        let Ok(Some(a)) = c.name_owner(&status_name(&bridge)) else { return false };
+        matches!(c.name_owner(&name), Ok(Some(b)) if a == b)
     });
-    matches!(owners.await, Ok((Ok(Some(a)), Ok(Some(b)))) if a == b)
+    verdict.await.unwrap_or(false)
 }
 
 /// Publishes a NATS reply (a payload, or an error header); a failure only
@@ -759,6 +780,7 @@ async fn service_export(
     mut sub: async_nats::Subscriber,
     index: usize,
     tx: mpsc::Sender<Incoming>,
+    check_tx: mpsc::Sender<(String, Incoming)>,
 ) {
     while let Some(m) = sub.next().await {
         let c = &shared.counters;
@@ -783,19 +805,26 @@ async fn service_export(
         let Some(reply_to) = m.reply.clone() else {
             // A plain publish on a service subject: a fire-and-forget send,
             // made by the local writer (in order, with the imported
-            // messages). Never wait for the broker here: NATS would buffer
+            // messages; one that names a bridge once it was checked). Never wait for the broker here: NATS would buffer
             // for us, 1,024 messages of up to `max_payload` each.
+            // One that names a bridge goes through `check_sends` first.
+            let bridge =
+                header(m.headers.as_ref(), H_BRIDGE).filter(|b| crate::config::check_name(b).is_ok());
             let len = m.payload.len();
-            if tx.capacity() == 0 || !take_room(&shared.queued_in, len) {
+            let full = match bridge {
+                Some(_) => check_tx.capacity() == 0,
+                None => tx.capacity() == 0,
+            };
+            if full || !take_room(&shared.queued_in, len) {
                 c.call_failed(Dir::NatsToLocal, "unavailable");
                 continue;
             }
-            let bridge = header(m.headers.as_ref(), H_BRIDGE)
-                .filter(|b| crate::config::check_name(b).is_ok())
-                .map(str::to_owned);
-            let inc =
-                Incoming { subject: name, payload: m.payload, origin: String::new(), send: true, bridge };
-            if tx.try_send(inc).is_err() {
+            let inc = Incoming { subject: name, payload: m.payload, origin: String::new(), send: true };
+            let queued = match bridge {
+                Some(b) => check_tx.try_send((b.to_owned(), inc)).is_ok(),
+                None => tx.try_send(inc).is_ok(),
+            };
+            if !queued {
                 shared.queued_in.fetch_sub(len, Ordering::AcqRel);
                 c.call_failed(Dir::NatsToLocal, "unavailable");
             }
