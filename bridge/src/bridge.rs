@@ -804,10 +804,11 @@ async fn service_export(
         };
         let Some(reply_to) = m.reply.clone() else {
             // A plain publish on a service subject: a fire-and-forget send,
-            // made by the local writer (in order, with the imported
-            // messages; one that names a bridge once it was checked). Never wait for the broker here: NATS would buffer
-            // for us, 1,024 messages of up to `max_payload` each.
-            // One that names a bridge goes through `check_sends` first.
+            // made by the local writer (in order with the imported
+            // messages; one that names a bridge goes through `check_sends`
+            // first, so it may come after later ones). Never wait for the
+            // broker here: NATS would buffer for us, 1,024 messages of up
+            // to `max_payload` each.
             let bridge =
                 header(m.headers.as_ref(), H_BRIDGE).filter(|b| crate::config::check_name(b).is_ok());
             let len = m.payload.len();
