@@ -222,6 +222,12 @@ struct RttRig {
 }
 
 impl RttRig {
+    /// CPU time (ns) used so far by the rig's three processes: this one
+    /// (A), the echo (B), the broker.
+    fn cpu(&self) -> [u64; 3] {
+        [std::process::id(), self._echo.0.id(), self._broker.0.id()].map(cpu_ns)
+    }
+
     fn new(transport: &str) -> RttRig {
         let (broker, addr) = start_broker("linkrtt");
         let c = connect_on(&addr, transport);
@@ -266,17 +272,31 @@ fn pinned<T>(broker: usize, echo: usize, f: impl FnOnce() -> T) -> T {
     r
 }
 
+/// The idle round trips of one transport: p50 and p99, and the CPU each
+/// of A, B and the broker used per round trip (µs), sleeps included (a
+/// sleeping process uses none).
+struct IdleRtt {
+    p: (u64, u64),
+    cpu: [f64; 3],
+}
+
 /// The idle round trip (2 ms asleep before each, so every side has gone
 /// to sleep and is woken by a doorbell) on the socket and on the link:
 /// alternating blocks of 100 on two rigs set up side by side, so that the
 /// machine's drift over the seconds this takes falls on both alike (run
 /// one after the other, the socket's own p50 moved 66–86 µs between runs).
-fn rtt_idle_both() -> [(u64, u64); 2] {
+/// Each block's CPU is its rig's: the blocks run one at a time, and A is
+/// this process, which does nothing else meanwhile.
+fn rtt_idle_both() -> [IdleRtt; 2] {
+    const BLOCKS: usize = 20;
+    const PER_BLOCK: usize = 100;
     let rigs = TRANSPORTS.map(RttRig::new);
     let mut samples = [Vec::new(), Vec::new()];
-    for block in 0..20 {
-        for (rig, v) in rigs.iter().zip(samples.iter_mut()) {
-            for i in 0..100 {
+    let mut cpu = [[0u64; 3]; 2];
+    for block in 0..BLOCKS {
+        for ((rig, v), used) in rigs.iter().zip(samples.iter_mut()).zip(cpu.iter_mut()) {
+            let before = rig.cpu();
+            for i in 0..PER_BLOCK {
                 std::thread::sleep(Duration::from_millis(2));
                 let t = Instant::now();
                 rig.once();
@@ -285,9 +305,18 @@ fn rtt_idle_both() -> [(u64, u64); 2] {
                     v.push(t.elapsed().as_nanos() as u64);
                 }
             }
+            if block > 0 {
+                let after = rig.cpu();
+                for k in 0..3 {
+                    used[k] += after[k].saturating_sub(before[k]);
+                }
+            }
         }
     }
-    samples.map(crate::percentiles)
+    let rounds = ((BLOCKS - 1) * PER_BLOCK) as f64;
+    let [s, l] = samples.map(crate::percentiles);
+    let [cs, cl] = cpu.map(|c| c.map(|ns| ns as f64 / 1e3 / rounds));
+    [IdleRtt { p: s, cpu: cs }, IdleRtt { p: l, cpu: cl }]
 }
 
 /// Round trip A → broker → A, back to back: two processes, so on two
@@ -360,12 +389,18 @@ pub(crate) fn diag_rtt(idle: bool, transport: &str) {
         let [socket, shm] = rtt_idle_both();
         println!(
             "idle: socket p50 {:.2} µs, p99 {:.2} µs; shm p50 {:.2} µs, p99 {:.2} µs; shm/socket p50 {:.2}",
-            us(socket.0),
-            us(socket.1),
-            us(shm.0),
-            us(shm.1),
-            shm.0 as f64 / socket.0 as f64
+            us(socket.p.0),
+            us(socket.p.1),
+            us(shm.p.0),
+            us(shm.p.1),
+            shm.p.0 as f64 / socket.p.0 as f64
         );
+        for (t, r) in [("socket", &socket), ("shm", &shm)] {
+            println!(
+                "  {t} CPU per round trip: A {:.1} µs, B {:.1} µs, broker {:.1} µs",
+                r.cpu[0], r.cpu[1], r.cpu[2]
+            );
+        }
         return;
     }
     let (p50, p99) = rtt(transport);
@@ -414,9 +449,14 @@ pub(crate) fn link(report: &mut Report) {
         }
     }
     for idle in [false, true] {
-        let [socket, shm] = if idle { rtt_idle_both() } else { [rtt("socket"), rtt("shm")] };
+        let (socket, shm, cpu) = if idle {
+            let [socket, shm] = rtt_idle_both();
+            (socket.p, shm.p, Some([socket.cpu, shm.cpu]))
+        } else {
+            (rtt("socket"), rtt("shm"), None)
+        };
         let case = if idle { "idle" } else { "busy" };
-        for (transport, r) in [("socket", socket), ("shm", shm)] {
+        for (i, (transport, r)) in [("socket", socket), ("shm", shm)].into_iter().enumerate() {
             let mut row = Row::timed(
                 "link",
                 &format!("rtt_{case}_{transport}"),
@@ -425,8 +465,12 @@ pub(crate) fn link(report: &mut Report) {
                 r,
                 (&format!("rtt_{case}_socket"), socket.0),
             );
-            row.note = if idle {
-                "2 ms asleep before each round trip; socket and shm in alternating blocks of 100".into()
+            row.note = if let Some(cpu) = cpu {
+                let [a, b, broker] = cpu[i];
+                format!(
+                    "2 ms asleep before each round trip; socket and shm in alternating blocks of 100; \
+                     CPU per round trip: A {a:.1} µs, B {b:.1} µs, broker {broker:.1} µs"
+                )
             } else {
                 "back to back".into()
             };

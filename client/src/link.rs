@@ -27,7 +27,9 @@
 //!   `sched_yield`s, so that on a machine with fewer CPUs than busy
 //!   processes the one that writes next can run: at once when we sent
 //!   something since the last read, since then we wait for an answer that
-//!   others must run to make; past the first 2 µs otherwise), then raise
+//!   others must run to make; past the first 2 µs otherwise; a wait for
+//!   an answer keeps a window of its own, up to 200 µs, as long as answers
+//!   keep coming within it), then raise
 //!   the flag and look again (`prepare_sleep`, the store-buffering pair of
 //!   the broker's `must_ring`), then wait for the socket. While a read
 //!   waits, our half's `presence` says so, with our CPU, and says we run
@@ -111,6 +113,18 @@ const SOCKET_SLOTS: usize = 4;
 const SPIN_START: Duration = Duration::from_micros(20);
 const SPIN_MAX: Duration = Duration::from_micros(40);
 const SPIN_STEP: Duration = Duration::from_micros(2);
+/// The same for a reader waiting for an answer (see [`PURE_SPIN`]), which
+/// keeps a window of its own: an answer that takes longer than a stream's
+/// window but comes within this is caught spinning, where a sleep would
+/// cost a doorbell from the broker and a wake-up here (on a VM, often of
+/// a halted vCPU: an idle round trip went from 1.0× the socket's to 0.8×).
+/// The spin costs this process's CPU up to the answer, never more than
+/// this per wait, and only while answers keep coming within it.
+const ANSWER_SPIN_MAX: Duration = Duration::from_micros(200);
+/// Waiting for an answer, the reader yields at every look for this long
+/// (a busy exchange, where the side that answers may wait for this very
+/// CPU), then as a stream's reader does.
+const ANSWER_EAGER: Duration = Duration::from_micros(20);
 /// Within this of the last records, a reader that found the ring empty
 /// after its spin naps for [`NAP`] (one timed wait, its flag down, so the
 /// broker rings no doorbell) before it sleeps for real: under sustained
@@ -464,7 +478,10 @@ pub(crate) struct LinkRx {
     /// The bytes of this read's records, and the read's frames.
     buf: Vec<u8>,
     items: Vec<Item>,
+    /// The adaptive spin windows: a stream's reader's, and a reader's
+    /// waiting for an answer (see [`ANSWER_SPIN_MAX`]).
     spin: Duration,
+    answer_spin: Duration,
     /// Our own ring's published end at the last read: when it moved, we
     /// sent since, and the wait is for an answer (see [`PURE_SPIN`]).
     sent_seen: u64,
@@ -499,6 +516,7 @@ impl LinkRx {
             buf: Vec::new(),
             items: Vec::new(),
             spin: SPIN_START,
+            answer_spin: SPIN_START,
             sent_seen: 0,
             last_data: Instant::now(),
             last_batch: 0,
@@ -514,6 +532,16 @@ impl LinkRx {
     /// then its close.
     pub(crate) fn ended(&self) -> bool {
         self.ended
+    }
+
+    /// The spin window for a wait (for an answer or not, if known) and
+    /// its bound.
+    fn window(&mut self, answer: Option<bool>) -> (&mut Duration, Duration) {
+        if answer == Some(true) {
+            (&mut self.answer_spin, ANSWER_SPIN_MAX)
+        } else {
+            (&mut self.spin, SPIN_MAX)
+        }
     }
 }
 
@@ -552,6 +580,9 @@ impl Inner {
         let nonblocking = timeout == Some(Duration::ZERO);
         let mut slept: Option<Instant> = None;
         let (mut drained, mut spun, mut napped) = (false, false, false);
+        // Whether this wait is for an answer: decided at its first look
+        // that found nothing.
+        let mut answer: Option<bool> = None;
         loop {
             let broken = self.take_records(rx);
             if !rx.items.is_empty() || broken.is_some() {
@@ -567,11 +598,8 @@ impl Inner {
                     // them, if that is short enough to be worth it; if not,
                     // spin less next time.
                     let waited = start.elapsed();
-                    rx.spin = if waited < SPIN_MAX {
-                        (waited + waited / 2 + SPIN_STEP).clamp(rx.spin, SPIN_MAX)
-                    } else {
-                        shrink(rx.spin)
-                    };
+                    let (window, max) = rx.window(answer);
+                    *window = adapt(*window, waited, max);
                 }
                 return self.finish(rx, broken);
             }
@@ -607,17 +635,20 @@ impl Inner {
                 Presence::Waiting { cpu }.announce(mine);
                 rx.waiting_on = Some(cpu);
             }
-            if !nonblocking && !spun && !rx.spin.is_zero() {
-                spun = true;
-                let left = deadline.map_or(rx.spin, |d| d.saturating_duration_since(Instant::now()));
+            if !nonblocking && answer.is_none() {
                 // Relaxed: our own position, which only this process
                 // writes (under `swap`); a stale value only picks the
-                // other pure spin once. A reader that took a stream's
-                // batch last time reads a stream, whatever it sends.
+                // other spin once. A reader that took a stream's batch
+                // last time reads a stream, whatever it sends.
                 let sent = mine.tail.v.load(Ordering::Relaxed);
-                let answer = sent != rx.sent_seen && rx.last_batch < STREAM_BATCH;
+                answer = Some(sent != rx.sent_seen && rx.last_batch < STREAM_BATCH);
                 rx.sent_seen = sent;
-                match spin(&mut rx.consumer, peer, start, rx.spin.min(left), answer) {
+            }
+            let window = if answer == Some(true) { rx.answer_spin } else { rx.spin };
+            if !nonblocking && !spun && !window.is_zero() {
+                spun = true;
+                let left = deadline.map_or(window, |d| d.saturating_duration_since(Instant::now()));
+                match spin(&mut rx.consumer, peer, start, window.min(left), answer == Some(true)) {
                     Ok(true) => continue,
                     // How long the wait turns out to be decides (above).
                     Ok(false) => {}
@@ -665,7 +696,8 @@ impl Inner {
             }
             if !socket::wait_readable(self.fd.as_fd(), left)? {
                 // Nothing came at all: a long wait; spin less.
-                rx.spin = shrink(rx.spin);
+                let window = rx.window(answer).0;
+                *window = shrink(*window);
                 return Ok(false);
             }
             // A doorbell may be spent on this raise: the next sleep raises
@@ -855,6 +887,17 @@ fn give_up(fd: BorrowedFd<'_>) {
     let _ = rustix::net::shutdown(fd, rustix::net::Shutdown::Both);
 }
 
+/// A spin window (bounded by `max`) after a wait of `waited` that
+/// outlasted it: one and a half times the wait, if that is short enough to
+/// be worth it; halved if not.
+fn adapt(window: Duration, waited: Duration, max: Duration) -> Duration {
+    if waited < max {
+        (waited + waited / 2 + SPIN_STEP).clamp(window, max)
+    } else {
+        shrink(window)
+    }
+}
+
 /// A spin window halved (zero once it is too short to catch anything).
 fn shrink(spin: Duration) -> Duration {
     let half = spin / 2;
@@ -871,7 +914,8 @@ fn shrink(spin: Duration) -> Duration {
 /// the one that writes next may be waiting for this one): whether a
 /// record came.
 ///
-/// Waiting for an answer (`answer`), it yields between all looks. Reading
+/// Waiting for an answer (`answer`), it yields between all looks for
+/// [`ANSWER_EAGER`], then as a stream's reader. Reading
 /// a stream, it spins [`PURE_SPIN`] without system calls first, then
 /// yields at most every [`YIELD_SPACING`] of its own running (yielding at
 /// every look, a stream's reader made 2–5 system calls per 1,000
@@ -890,6 +934,7 @@ fn spin(
 ) -> Result<bool, LinkError> {
     let until = start + limit;
     let mut next_yield = if answer { start } else { start + PURE_SPIN };
+    let eager_until = if answer { start + ANSWER_EAGER } else { start };
     loop {
         for _ in 0..POLLS_PER_CHECK {
             if !consumer.is_empty(peer)? {
@@ -903,7 +948,7 @@ fn spin(
         }
         if now >= next_yield {
             sched::yield_cpu();
-            if !answer {
+            if now >= eager_until {
                 let after = Instant::now();
                 let alone = after - now < YIELD_ALONE;
                 next_yield = after + if alone { YIELD_BACKOFF } else { YIELD_SPACING };
@@ -919,6 +964,30 @@ pub(crate) mod tests {
     //! layer's producer and consumer.
 
     use super::*;
+
+    #[test]
+    fn an_answer_keeps_its_own_wider_spin_window() {
+        let us = Duration::from_micros;
+        // An answer that came 100 µs into the wait: the answer window
+        // grows to catch the next one spinning; a stream's would not.
+        assert_eq!(adapt(SPIN_START, us(100), ANSWER_SPIN_MAX), us(152));
+        assert_eq!(adapt(SPIN_START, us(100), SPIN_MAX), us(10));
+        // Never past its bound, and halved by a wait beyond it.
+        assert_eq!(adapt(us(150), us(190), ANSWER_SPIN_MAX), ANSWER_SPIN_MAX);
+        assert_eq!(adapt(us(150), us(250), ANSWER_SPIN_MAX), us(75));
+        // The two windows are kept apart: a stream's long waits shrink
+        // only its own.
+        let link = shm::create(DEFAULT_CAPACITY).unwrap();
+        let map =
+            shm::attach(DEFAULT_CAPACITY, link.client_half.as_fd(), link.broker_half_ro.as_fd()).unwrap();
+        let mut rx = LinkRx::new(Arc::new(map), Arc::new(AtomicBool::new(false)));
+        *rx.window(Some(true)).0 = us(150);
+        let (w, max) = rx.window(None);
+        assert_eq!(max, SPIN_MAX);
+        *w = shrink(*w);
+        assert_eq!((rx.spin, rx.answer_spin), (SPIN_START / 2, us(150)));
+        assert_eq!(rx.window(Some(false)).1, SPIN_MAX);
+    }
     use crate::connection::State;
     use crate::error::RecvError;
     use crate::message::Event;
