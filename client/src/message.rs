@@ -50,7 +50,7 @@ pub(crate) enum Body {
 /// One message, as routed by the broker.
 #[derive(Debug, Clone)]
 pub struct Message {
-    pub(crate) topic: String,
+    pub(crate) topic: Arc<str>,
     pub(crate) sender: Sender,
     pub(crate) seq: u64,
     pub(crate) origin: Option<String>,

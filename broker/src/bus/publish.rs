@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use shmbus_proto::frame::{
-    encode_head, validate_origin, Deliver, ErrorCode, GoodbyeCode, MonitorKind, Op, PayloadRef, Publish,
-    Sender,
+    encode_frame, encode_head, validate_origin, Deliver, ErrorCode, GoodbyeCode, MonitorKind, Op, PayloadRef,
+    Publish, Sender,
 };
 use shmbus_proto::limits::MAX_INLINE_PAYLOAD;
 use shmbus_proto::subject::validate_subject;
@@ -169,7 +169,10 @@ impl Bus {
             Route::Walk => self.router.matches(topic, &mut matches),
         }
         if !matches.is_empty() {
-            let inline: Option<Arc<[u8]>> = (!payload.is_empty()).then(|| Arc::from(payload));
+            // One receiver: its frame is one buffer, head and payload (one
+            // allocation, not two); more share one copy of the payload.
+            let alone = matches.len() == 1;
+            let inline: Option<Arc<[u8]>> = (!alone && !payload.is_empty()).then(|| Arc::from(payload));
             // What each delivery will cost, before it is encoded: a head is
             // the topic, a few varints and the header.
             let estimate = topic.len() + origin.map_or(0, str::len) + 64 + payload.len() + FRAME_OVERHEAD;
@@ -178,7 +181,7 @@ impl Bus {
                 self.work = self.work.wrapping_add(1);
                 let make = || {
                     let d = Deliver { sub_id, topic, sender, seq, origin, payload: payload_ref };
-                    let head = encode_head(&d).ok()?;
+                    let head = if alone { encode_frame(&d, payload) } else { encode_head(&d) }.ok()?;
                     Some(OutFrame {
                         head,
                         payload: inline.clone(),

@@ -2,6 +2,7 @@
 //! frames out. Each test names the promise it checks.
 
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shmbus_proto::frame::{
@@ -139,6 +140,34 @@ fn a_publish_reaches_each_matching_subscription_in_order() {
     assert_eq!(sorted, want);
     // Per subscription, in publish order.
     assert!(got.iter().filter(|g| g.0 == 1).map(|g| g.1).eq([1, 2]));
+}
+
+/// A delivery to its one receiver is one buffer, head and payload (one
+/// allocation); to several, each head shares one copy of the payload.
+#[test]
+fn a_lone_receivers_frame_is_one_buffer_and_several_share_the_payload() {
+    let mut w = World::new(config());
+    let (a, b, c) = (w.join(1000), w.join(1001), w.join(1002));
+    w.subscribe(b, 1, "x");
+    w.subscribe(c, 1, "y");
+    w.subscribe(c, 2, "y");
+    w.take(b);
+    w.take(c);
+    w.publish(a, "x", b"alone");
+    w.publish(a, "y", b"shared");
+    let frames = w.bus.sendable(b, 64);
+    assert_eq!(frames.len(), 1);
+    assert!(frames[0].payload.is_none());
+    match decode_broker(&frames[0].head).unwrap() {
+        BrokerFrame::Deliver(d, p) => assert_eq!((d.topic, p), ("x", &b"alone"[..])),
+        other => panic!("{other:?}"),
+    }
+    let frames = w.bus.sendable(c, 64);
+    assert_eq!(frames.len(), 2);
+    let (p0, p1) = (frames[0].payload.clone().unwrap(), frames[1].payload.clone().unwrap());
+    assert!(Arc::ptr_eq(&p0, &p1));
+    assert_eq!(&*p0, b"shared");
+    assert_eq!(w.take(c).len(), 2);
 }
 
 /// A publisher's stream on one subject is routed once and the route
