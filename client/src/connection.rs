@@ -920,6 +920,12 @@ impl Inner {
             .unwrap_or(Disconnect { code: None, reason: "the broker closed the connection".into() })
     }
 
+    /// What `check` finds in what has already been read, without reading
+    /// or waiting.
+    pub fn ready<T>(&self, mut check: impl FnMut(&mut State) -> Option<T>) -> Option<T> {
+        check(&mut self.state.lock())
+    }
+
     /// Waits until `check` yields a value, reading from the socket as
     /// needed, until `deadline` (`None`: forever). `Ok(None)` on timeout.
     /// Fails once the connection is closed and `check` has nothing left.

@@ -163,7 +163,9 @@ pub(crate) const ROOM_NAP: Duration = Duration::from_millis(50);
 /// (a record in a dead broker's ring fails nowhere, where a packet on its
 /// socket fails with `EPIPE`): so at most this long's worth of sends go
 /// into the ring of a broker that is gone without anyone knowing, as
-/// packets do into the socket buffer of one that is going.
+/// packets do into the socket buffer of one that is going. Timed by the
+/// coarse clock ([`sched::coarse_now`]), which lags by up to a tick: so
+/// the check comes within this and one tick.
 const ALIVE_CHECK: Duration = Duration::from_millis(10);
 
 /// The `Doorbell` packet, encoded once.
@@ -207,8 +209,9 @@ pub(crate) struct LinkTx {
     producer: Producer,
     /// Shared with the reader: the broker is known to be gone.
     gone: Arc<AtomicBool>,
-    /// When to ask the kernel again whether it is (see [`ALIVE_CHECK`]).
-    next_check: Instant,
+    /// When to ask the kernel again whether it is (see [`ALIVE_CHECK`]),
+    /// on the coarse clock.
+    next_check: Duration,
     /// Sends since our `presence` was last said here.
     unsaid: u32,
 }
@@ -255,7 +258,7 @@ impl Port<'_> {
 impl LinkTx {
     fn new(map: Arc<LinkMap>, gone: Arc<AtomicBool>) -> LinkTx {
         let producer = Producer::new(map.capacity());
-        LinkTx { map, producer, gone, next_check: Instant::now(), unsaid: PRESENCE_EVERY }
+        LinkTx { map, producer, gone, next_check: sched::coarse_now(), unsaid: PRESENCE_EVERY }
     }
 
     /// Fails (`BrokenPipe`, as the socket would) once the broker is known
@@ -271,7 +274,7 @@ impl LinkTx {
             self.gone.store(true, Ordering::Relaxed);
         }
         if !self.gone.load(Ordering::Relaxed) {
-            let now = Instant::now();
+            let now = sched::coarse_now();
             if now < self.next_check {
                 return Ok(());
             }
@@ -368,7 +371,7 @@ impl LinkTx {
                 // The broker took it: it was alive, as the hang-up check
                 // in `check_alive` would have asked (a system call saved
                 // on each send of a sparse exchange, which rings each time).
-                Ok(_) => self.next_check = Instant::now() + ALIVE_CHECK,
+                Ok(_) => self.next_check = sched::coarse_now() + ALIVE_CHECK,
                 Err(e) if matches!(e.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset) => {
                     // Relaxed: a hint, see `check_alive`.
                     self.gone.store(true, Ordering::Relaxed);
@@ -1439,7 +1442,9 @@ pub(crate) mod tests {
         let (inner, broker) = linked_inner(8);
         publish(&inner, "a", b"").unwrap();
         drop(broker);
-        std::thread::sleep(ALIVE_CHECK);
+        // The check comes within ALIVE_CHECK and a tick of the coarse
+        // clock (at most 10 ms).
+        std::thread::sleep(ALIVE_CHECK + Duration::from_millis(10));
         assert!(matches!(publish(&inner, "a", b""), Err(RecvError::Disconnected(_))));
     }
 
