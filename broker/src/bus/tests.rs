@@ -170,6 +170,27 @@ fn a_lone_receivers_frame_is_one_buffer_and_several_share_the_payload() {
     assert_eq!(w.take(c).len(), 2);
 }
 
+/// `bytes_out` counts every delivery's inline payload, whether the frame
+/// is one buffer (a lone receiver's: the payload follows the body in
+/// `head`) or a head sharing the payload with other receivers'. (With
+/// 2d50c04 a lone receiver's bytes were not counted at all.)
+#[test]
+fn bytes_out_counts_the_payload_of_a_lone_receivers_delivery() {
+    let mut w = World::new(config());
+    let (a, b, c) = (w.join(1000), w.join(1001), w.join(1002));
+    w.subscribe(b, 1, "x");
+    w.subscribe(b, 2, "y");
+    w.subscribe(c, 1, "y");
+    w.take(b);
+    w.take(c);
+    let before = w.bus.counters().bytes_out;
+    w.publish(a, "x", b"alone");
+    w.publish(a, "y", b"shared");
+    assert_eq!(w.take(b).len(), 2);
+    assert_eq!(w.take(c).len(), 1);
+    assert_eq!(w.bus.counters().bytes_out - before, 5 + 2 * 6);
+}
+
 /// A lone receiver's one-buffer delivery costs its queue what it holds,
 /// head and payload once, however long the subject: a queue with room
 /// for three such deliveries takes three, then counts a gap. (With
