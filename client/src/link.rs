@@ -119,15 +119,10 @@ const SPIN_STEP: Duration = Duration::from_micros(2);
 /// cost a doorbell from the broker and a wake-up here (on a VM, often of
 /// a halted vCPU: an idle round trip went from 1.0× the socket's to 0.8×).
 /// The spin costs this process's CPU up to the answer, never more than
-/// this per wait, and only while answers keep coming within it; and, on
-/// a machine with a CPU to spare, past [`SPIN_MAX`] never more than the
-/// process spent away from the link since its last read (see
-/// [`answer_bound`]).
+/// this per wait, and only while answers keep coming within it; and past
+/// [`SPIN_MAX`] never more than the process spent away from the link since
+/// its last read (see [`answer_bound`]).
 const ANSWER_SPIN_MAX: Duration = Duration::from_micros(200);
-/// Waiting for an answer, the reader yields at every look for this long
-/// (a busy exchange, where the side that answers may wait for this very
-/// CPU), then as a stream's reader does.
-const ANSWER_EAGER: Duration = Duration::from_micros(20);
 /// Within this of the last records, a reader that found the ring empty
 /// after its spin naps for [`NAP`] (one timed wait, its flag down, so the
 /// broker rings no doorbell) before it sleeps for real: under sustained
@@ -488,9 +483,6 @@ pub(crate) struct LinkRx {
     /// waiting for an answer (see [`ANSWER_SPIN_MAX`]).
     spin: Duration,
     answer_spin: Duration,
-    /// Whether the last wait for an answer that yielded handed its CPU to
-    /// someone (see [`answer_bound`]).
-    crowded: bool,
     /// Our own ring's published end at the last read: when it moved, we
     /// sent since, and the wait is for an answer (see [`PURE_SPIN`]).
     sent_seen: u64,
@@ -526,7 +518,6 @@ impl LinkRx {
             items: Vec::new(),
             spin: SPIN_START,
             answer_spin: SPIN_START,
-            crowded: false,
             sent_seen: 0,
             last_data: Instant::now(),
             last_batch: 0,
@@ -655,30 +646,14 @@ impl Inner {
                 answer = Some(sent != rx.sent_seen && rx.last_batch < STREAM_BATCH);
                 rx.sent_seen = sent;
                 if answer == Some(true) {
-                    bound = if rx.crowded {
-                        ANSWER_SPIN_MAX
-                    } else {
-                        answer_bound(start.saturating_duration_since(rx.last_data))
-                    };
+                    bound = answer_bound(start.saturating_duration_since(rx.last_data));
                 }
             }
             let window = if answer == Some(true) { rx.answer_spin.min(bound) } else { rx.spin };
             if !nonblocking && !spun && !window.is_zero() {
                 spun = true;
                 let left = deadline.map_or(window, |d| d.saturating_duration_since(Instant::now()));
-                let mut ran_others = None;
-                let found = spin(
-                    &mut rx.consumer,
-                    peer,
-                    start,
-                    window.min(left),
-                    answer == Some(true),
-                    &mut ran_others,
-                );
-                if let (Some(true), Some(r)) = (answer, ran_others) {
-                    rx.crowded = r;
-                }
-                match found {
+                match spin(&mut rx.consumer, peer, start, window.min(left), answer == Some(true)) {
                     Ok(true) => continue,
                     // How long the wait turns out to be decides (above).
                     Ok(false) => {}
@@ -939,15 +914,6 @@ fn adapt(window: Duration, waited: Duration, max: Duration) -> Duration {
 /// like one waiting for answers, and when the messages came every 40 to
 /// 200 µs it spun all the time between them: an echo at 6,700 messages a
 /// second used a whole CPU, where it used 8% with the stream's window.
-///
-/// Unless the machine is crowded: when the last such spin's yields ran
-/// someone else, the spin gives its CPU away, and the wide window stands
-/// (8 callers back to back on 2 CPUs made some 40% fewer calls a second
-/// with the narrow one: their spins ran out, and each sleep cost the
-/// broker a doorbell). The price: a relay beside a CPU hog still spins
-/// between its messages (an echo at 6,700 a second used 75–80% of a CPU,
-/// against 6–7% with the stream's window; the hog lost nothing
-/// measurable).
 fn answer_bound(away: Duration) -> Duration {
     away.clamp(SPIN_MAX, ANSWER_SPIN_MAX)
 }
@@ -968,8 +934,7 @@ fn shrink(spin: Duration) -> Duration {
 /// the one that writes next may be waiting for this one): whether a
 /// record came.
 ///
-/// Waiting for an answer (`answer`), it yields between all looks for
-/// [`ANSWER_EAGER`], then as a stream's reader. Reading
+/// Waiting for an answer (`answer`), it yields between all looks. Reading
 /// a stream, it spins [`PURE_SPIN`] without system calls first, then
 /// yields at most every [`YIELD_SPACING`] of its own running (yielding at
 /// every look, a stream's reader made 2–5 system calls per 1,000
@@ -985,11 +950,9 @@ fn spin(
     start: Instant,
     limit: Duration,
     answer: bool,
-    ran_others: &mut Option<bool>,
 ) -> Result<bool, LinkError> {
     let until = start + limit;
     let mut next_yield = if answer { start } else { start + PURE_SPIN };
-    let eager_until = if answer { start + ANSWER_EAGER } else { start };
     loop {
         for _ in 0..POLLS_PER_CHECK {
             if !consumer.is_empty(peer)? {
@@ -1003,10 +966,9 @@ fn spin(
         }
         if now >= next_yield {
             sched::yield_cpu();
-            let after = Instant::now();
-            let alone = after - now < YIELD_ALONE;
-            *ran_others = Some(ran_others.unwrap_or(false) || !alone);
-            if now >= eager_until {
+            if !answer {
+                let after = Instant::now();
+                let alone = after - now < YIELD_ALONE;
                 next_yield = after + if alone { YIELD_BACKOFF } else { YIELD_SPACING };
             }
         }
@@ -1284,9 +1246,8 @@ pub(crate) mod tests {
     /// waiting for answers, though it sent since its last read: with a
     /// message every 150 µs, within the answer's window, it must not spin
     /// all the time between them (with dc1e7b5 it did: an echo at 6,700
-    /// messages a second used a whole CPU). On a crowded machine it may
-    /// (see `answer_bound`): so a few tries, one of which must find a CPU
-    /// to spare.
+    /// messages a second used a whole CPU). A few tries, since a loaded
+    /// machine may stretch any one of them.
     #[test]
     fn a_relay_does_not_spin_away_the_time_between_its_messages() {
         let mut tries = Vec::new();
