@@ -119,12 +119,10 @@ const SPIN_STEP: Duration = Duration::from_micros(2);
 /// cost a doorbell from the broker and a wake-up here (on a VM, often of
 /// a halted vCPU: an idle round trip went from 1.0× the socket's to 0.8×).
 /// The spin costs this process's CPU up to the answer, never more than
-/// this per wait, and only while answers keep coming within it.
+/// this per wait, and only while answers keep coming within it; and past
+/// [`SPIN_MAX`] never more than the process spent away from the link since
+/// its last read (see [`answer_bound`]).
 const ANSWER_SPIN_MAX: Duration = Duration::from_micros(200);
-/// Waiting for an answer, the reader yields at every look for this long
-/// (a busy exchange, where the side that answers may wait for this very
-/// CPU), then as a stream's reader does.
-const ANSWER_EAGER: Duration = Duration::from_micros(20);
 /// Within this of the last records, a reader that found the ring empty
 /// after its spin naps for [`NAP`] (one timed wait, its flag down, so the
 /// broker rings no doorbell) before it sleeps for real: under sustained
@@ -584,8 +582,9 @@ impl Inner {
         let mut slept: Option<Instant> = None;
         let (mut drained, mut spun, mut napped) = (false, false, false);
         // Whether this wait is for an answer: decided at its first look
-        // that found nothing.
+        // that found nothing; and the bound of this wait's window.
         let mut answer: Option<bool> = None;
+        let mut bound = SPIN_MAX;
         loop {
             let broken = self.take_records(rx);
             if !rx.items.is_empty() || broken.is_some() {
@@ -602,7 +601,7 @@ impl Inner {
                     // spin less next time.
                     let waited = start.elapsed();
                     let (window, max) = rx.window(answer);
-                    *window = adapt(*window, waited, max);
+                    *window = adapt(*window, waited, max.min(bound));
                 }
                 return self.finish(rx, broken);
             }
@@ -646,8 +645,11 @@ impl Inner {
                 let sent = mine.tail.v.load(Ordering::Relaxed);
                 answer = Some(sent != rx.sent_seen && rx.last_batch < STREAM_BATCH);
                 rx.sent_seen = sent;
+                if answer == Some(true) {
+                    bound = answer_bound(start.saturating_duration_since(rx.last_data));
+                }
             }
-            let window = if answer == Some(true) { rx.answer_spin } else { rx.spin };
+            let window = if answer == Some(true) { rx.answer_spin.min(bound) } else { rx.spin };
             if !nonblocking && !spun && !window.is_zero() {
                 spun = true;
                 let left = deadline.map_or(window, |d| d.saturating_duration_since(Instant::now()));
@@ -895,10 +897,25 @@ fn give_up(fd: BorrowedFd<'_>) {
 /// be worth it; halved if not.
 fn adapt(window: Duration, waited: Duration, max: Duration) -> Duration {
     if waited < max {
-        (waited + waited / 2 + SPIN_STEP).clamp(window, max)
+        (waited + waited / 2 + SPIN_STEP).clamp(window.min(max), max)
     } else {
         shrink(window)
     }
+}
+
+/// The bound of a wait for an answer's spin window, given how long the
+/// process was away from the link since its last read (the end of that
+/// read, to the start of this wait): [`ANSWER_SPIN_MAX`] for a process
+/// that was away at least that long (an idle conversation's side, the
+/// case the wide window is for), down to a stream's [`SPIN_MAX`] for one
+/// that turns straight round. So past `SPIN_MAX` the spin takes at most
+/// half of the process's time. Without it, a process that publishes
+/// something for each message it takes (a relay, a bridge, an echo) looks
+/// like one waiting for answers, and when the messages came every 40 to
+/// 200 µs it spun all the time between them: an echo at 6,700 messages a
+/// second used a whole CPU, where it used 8% with the stream's window.
+fn answer_bound(away: Duration) -> Duration {
+    away.clamp(SPIN_MAX, ANSWER_SPIN_MAX)
 }
 
 /// A spin window halved (zero once it is too short to catch anything).
@@ -917,8 +934,7 @@ fn shrink(spin: Duration) -> Duration {
 /// the one that writes next may be waiting for this one): whether a
 /// record came.
 ///
-/// Waiting for an answer (`answer`), it yields between all looks for
-/// [`ANSWER_EAGER`], then as a stream's reader. Reading
+/// Waiting for an answer (`answer`), it yields between all looks. Reading
 /// a stream, it spins [`PURE_SPIN`] without system calls first, then
 /// yields at most every [`YIELD_SPACING`] of its own running (yielding at
 /// every look, a stream's reader made 2–5 system calls per 1,000
@@ -937,7 +953,6 @@ fn spin(
 ) -> Result<bool, LinkError> {
     let until = start + limit;
     let mut next_yield = if answer { start } else { start + PURE_SPIN };
-    let eager_until = if answer { start + ANSWER_EAGER } else { start };
     loop {
         for _ in 0..POLLS_PER_CHECK {
             if !consumer.is_empty(peer)? {
@@ -951,7 +966,7 @@ fn spin(
         }
         if now >= next_yield {
             sched::yield_cpu();
-            if now >= eager_until {
+            if !answer {
                 let after = Instant::now();
                 let alone = after - now < YIELD_ALONE;
                 next_yield = after + if alone { YIELD_BACKOFF } else { YIELD_SPACING };
@@ -1225,6 +1240,64 @@ pub(crate) mod tests {
         // Nothing went on the socket but doorbells.
         broker.doorbells();
         assert!(inner.state.lock().closed.is_none());
+    }
+
+    /// A relay (it publishes something for each message it takes) is not
+    /// waiting for answers, though it sent since its last read: with a
+    /// message every 150 µs, within the answer's window, it must not spin
+    /// all the time between them (with dc1e7b5 it did: an echo at 6,700
+    /// messages a second used a whole CPU). A few tries, since a loaded
+    /// machine may stretch any one of them.
+    #[test]
+    fn a_relay_does_not_spin_away_the_time_between_its_messages() {
+        let mut tries = Vec::new();
+        for _ in 0..3 {
+            let (used, wall) = relay_cpu();
+            if used < wall / 2 {
+                return;
+            }
+            tries.push((used, wall));
+        }
+        panic!("the relay used (CPU, wall): {tries:?}");
+    }
+
+    /// The CPU a relay's thread used, and the time it took, for messages
+    /// 150 µs apart.
+    fn relay_cpu() -> (Duration, Duration) {
+        const ROUNDS: u64 = 400;
+        const MEASURED_FROM: u64 = 50;
+        const EVERY: Duration = Duration::from_micros(150);
+        let (inner, mut broker) = linked_inner(8);
+        inner.state.lock().add_sub(1, Vec::new());
+        let writer = std::thread::spawn(move || {
+            // Paced by the clock, not by sleeps (which come late).
+            let mut next = Instant::now();
+            for s in 1..=ROUNDS {
+                next += EVERY;
+                while Instant::now() < next {
+                    std::hint::spin_loop();
+                }
+                broker.write(&deliver(1, s), b"m");
+                // What the relay published, taken as the broker would.
+                broker.records();
+            }
+            broker
+        });
+        let cpu = || {
+            let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+            Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+        };
+        let (mut wall, mut used) = (Instant::now(), cpu());
+        for s in 1..=ROUNDS {
+            if s == MEASURED_FROM {
+                (wall, used) = (Instant::now(), cpu());
+            }
+            assert_eq!(seq(take(&inner, 1)), s);
+            publish(&inner, "relayed", b"m").unwrap();
+        }
+        let (wall, used) = (wall.elapsed(), cpu() - used);
+        writer.join().unwrap();
+        (used, wall)
     }
 
     #[test]

@@ -1092,13 +1092,18 @@ pub fn encode_head<B: Body>(body: &B) -> Result<Vec<u8>, EncodeError> {
     Ok(out)
 }
 
-/// Encodes a whole frame, payload included, into one buffer.
+/// Encodes a whole frame, payload included, into one buffer, which holds
+/// no more than the frame: the broker queues such buffers and charges
+/// their capacity. (Sized for a head of 64 bytes; a longer one, a long
+/// subject say, costs one exact reallocation, where letting `Vec` grow
+/// doubled the buffer, twice the payload held for nothing.)
 pub fn encode_frame<B: Body>(body: &B, payload: &[u8]) -> Result<Vec<u8>, EncodeError> {
     let mut out = Vec::with_capacity(64 + payload.len());
     encode_head_into(&mut out, body)?;
     if out.len() + payload.len() > MAX_PACKET {
         return Err(EncodeError::TooLong(out.len() + payload.len()));
     }
+    out.reserve_exact(payload.len());
     out.extend_from_slice(payload);
     Ok(out)
 }
@@ -1330,6 +1335,26 @@ mod tests {
         };
         let bytes = encode_frame(&d, &[1, 2, 3]).unwrap();
         assert_eq!(decode_broker(&bytes).unwrap(), BrokerFrame::Deliver(d, &[1, 2, 3][..]));
+    }
+
+    /// The broker queues a lone receiver's delivery as one buffer and
+    /// charges its capacity: a long head must not double it.
+    #[test]
+    fn a_whole_frames_buffer_is_no_bigger_than_the_frame() {
+        let topic = "t".repeat(200);
+        let d = Deliver {
+            sub_id: 7,
+            topic: &topic,
+            sender: Sender { client_id: 1, uid: 2, gid: 3, pid: 4 },
+            seq: 99,
+            origin: None,
+            payload: PayloadRef::Inline,
+        };
+        for len in [4096, 60_000] {
+            let bytes = encode_frame(&d, &vec![1; len]).unwrap();
+            assert!(bytes.len() > 64 + len);
+            assert!(bytes.capacity() <= bytes.len() + 64, "{} for {}", bytes.capacity(), bytes.len());
+        }
     }
 
     #[test]

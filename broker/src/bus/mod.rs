@@ -713,7 +713,7 @@ impl Bus {
             news += u32::from(f.head.get(3) == Some(&(shmbus_proto::frame::Kind::ChannelReader as u8)));
             if f.head.get(3) == Some(&(shmbus_proto::frame::Kind::Deliver as u8)) {
                 delivered += 1;
-                bytes += f.payload.as_ref().map_or(0, |x| x.len()) as u64;
+                bytes += f.inline_len() as u64;
                 bytes += f.shared_fd.as_ref().map_or(0, |s| s.len);
             }
         }

@@ -33,7 +33,7 @@ use std::sync::Arc;
 
 use crate::bus::quota::{Resource, Usage};
 
-use shmbus_proto::frame::{encode_head, Gap, Overflow};
+use shmbus_proto::frame::{encode_head, Gap, Overflow, HEADER_LEN};
 
 /// A sealed memfd payload held by the broker: the very fd the publisher
 /// sent, forwarded to every subscriber. It is closed when the last queue
@@ -74,6 +74,18 @@ impl OutFrame {
     /// `MemfdBytes`.
     pub fn cost(&self) -> usize {
         self.head.capacity() + self.payload.as_ref().map_or(0, |p| p.len()) + FRAME_OVERHEAD
+    }
+
+    /// Bytes of inline payload this frame carries: the shared `payload`,
+    /// or what follows the body in `head` (a frame encoded whole, as a
+    /// lone receiver's delivery is), as the header's body length says.
+    pub fn inline_len(&self) -> usize {
+        let body = match self.head.get(4..HEADER_LEN) {
+            Some(&[a, b, c, d]) => u32::from_le_bytes([a, b, c, d]) as usize,
+            _ => 0,
+        };
+        let trailing = self.head.len().saturating_sub(HEADER_LEN.saturating_add(body));
+        trailing + self.payload.as_ref().map_or(0, |p| p.len())
     }
 
     /// The memfd payload's length, if this frame carries one.

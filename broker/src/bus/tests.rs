@@ -170,6 +170,54 @@ fn a_lone_receivers_frame_is_one_buffer_and_several_share_the_payload() {
     assert_eq!(w.take(c).len(), 2);
 }
 
+/// `bytes_out` counts every delivery's inline payload, whether the frame
+/// is one buffer (a lone receiver's: the payload follows the body in
+/// `head`) or a head sharing the payload with other receivers'. (With
+/// 2d50c04 a lone receiver's bytes were not counted at all.)
+#[test]
+fn bytes_out_counts_the_payload_of_a_lone_receivers_delivery() {
+    let mut w = World::new(config());
+    let (a, b, c) = (w.join(1000), w.join(1001), w.join(1002));
+    w.subscribe(b, 1, "x");
+    w.subscribe(b, 2, "y");
+    w.subscribe(c, 1, "y");
+    w.take(b);
+    w.take(c);
+    let before = w.bus.counters().bytes_out;
+    w.publish(a, "x", b"alone");
+    w.publish(a, "y", b"shared");
+    assert_eq!(w.take(b).len(), 2);
+    assert_eq!(w.take(c).len(), 1);
+    assert_eq!(w.bus.counters().bytes_out - before, 5 + 2 * 6);
+}
+
+/// A lone receiver's one-buffer delivery costs its queue what it holds,
+/// head and payload once, however long the subject: a queue with room
+/// for three such deliveries takes three, then counts a gap. (With
+/// 2d50c04 a head over 64 bytes grew the buffer to twice the payload, and
+/// the queue was charged that: one delivery fitted, three were dropped.)
+#[test]
+fn a_lone_receivers_delivery_with_a_long_subject_costs_its_bytes_once() {
+    let topic = "plant.building-north.floor-three.room-twelve.sensor-0042.temperature.celsius";
+    assert!(topic.len() > 64);
+    let payload = vec![7u8; 10_000];
+    let mut cfg = config();
+    // Three deliveries, each its payload, a head of some 120 bytes and the
+    // overhead, and less than half of a fourth.
+    cfg.queue.bytes = (3 * (payload.len() + 200 + super::queue::FRAME_OVERHEAD)) as u64;
+    let mut w = World::new(cfg);
+    let (a, b) = (w.join(1000), w.join(1001));
+    w.subscribe(b, 1, topic);
+    w.take(b);
+    for _ in 0..4 {
+        w.publish(a, topic, &payload);
+    }
+    let got = w.take(b);
+    let delivered = got.iter().filter(|f| matches!(f, BrokerFrame::Deliver(..))).count();
+    let missed: u64 = got.iter().map(|f| if let BrokerFrame::Gap(g) = f { g.missed } else { 0 }).sum();
+    assert_eq!((delivered, missed), (3, 1), "{} frames", got.len());
+}
+
 /// A publisher's stream on one subject is routed once and the route
 /// remembered; any subscription made or ended since, by anyone, routes
 /// it again, and a subject that fails its checks is refused however often

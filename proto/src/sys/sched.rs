@@ -24,8 +24,8 @@ pub fn current_cpu() -> u32 {
 /// The monotonic clock as of the last timer tick (it lags the precise
 /// clock by at most one tick, 1–10 ms, and never goes back): for
 /// intervals well above a tick, read often. A failure, which Linux
-/// (since 2.6.32) does not have, reads as zero: the caller then merely
-/// does its periodic work at every look.
+/// (since 2.6.32) does not have, reads as zero: a caller timing by it
+/// would then see no time pass.
 pub fn coarse_now() -> std::time::Duration {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `ts` is a valid, writable `timespec` for the whole call, the
