@@ -28,8 +28,9 @@
 //!   processes the one that writes next can run: at once when we sent
 //!   something since the last read, since then we wait for an answer that
 //!   others must run to make; past the first 2 µs otherwise; a wait for
-//!   an answer keeps a window of its own, up to 200 µs, as long as answers
-//!   keep coming within it), then raise
+//!   an answer keeps a window of its own, up to 200 µs but no longer than
+//!   we were away since the last read, as long as answers keep coming
+//!   within it), then raise
 //!   the flag and look again (`prepare_sleep`, the store-buffering pair of
 //!   the broker's `must_ring`), then wait for the socket. While a read
 //!   waits, our half's `presence` says so, with our CPU, and says we run
