@@ -99,8 +99,18 @@ fn unread_by_broker(raw: &Raw) -> i32 {
 /// Waits (bounded) until the broker has put the client's ring to sleep:
 /// a record written now must be rung for.
 fn wait_asleep(l: &RawLink) {
+    wait_asleep_but_for(l, None);
+}
+
+/// As [`wait_asleep`], but not counting the flag value `rung` (one a
+/// doorbell already went for: the broker may not have lowered it yet).
+fn wait_asleep_but_for(l: &RawLink, rung: Option<u32>) {
     let start = Instant::now();
-    while l.map.peer().consumer_sleep.v.load(Ordering::Acquire) & 1 == 0 {
+    loop {
+        let s = l.map.peer().consumer_sleep.v.load(Ordering::Acquire);
+        if s & 1 == 1 && Some(s) != rung {
+            return;
+        }
         assert!(start.elapsed() < PATIENCE, "the broker never put the ring to sleep");
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -411,24 +421,35 @@ fn doorbell_then_the_end(tag: &str, unread: bool) {
     sub.send_body(&Subscribe { sub_id: 1, pattern: "last", overflow: Overflow::Gap }, &[]);
     assert!(matches!(sub.next_packet().frame(), Some(BrokerFrame::Subscribed(_))));
     let mut l = RawLink::attach(&b, "leaver");
+    let mut rung = None;
     if unread {
         // Our flag up, a ping: the broker rings us for the pong; the
         // doorbell stays unread.
         assert!(l.consumer.prepare_sleep(l.map.mine(), l.map.peer()).unwrap());
-        write(&mut l, RecordKind::Frame, &ping(1));
+        wait_asleep(&l);
+        rung = Some(l.map.peer().consumer_sleep.v.load(Ordering::Acquire));
+        assert_eq!(write(&mut l, RecordKind::Frame, &ping(1)), Some(true), "the ping is rung for");
         assert!(
             socket::wait_readable(l.raw.fd.as_fd(), Some(WAIT)).unwrap(),
             "the broker never rang a sleeping client"
         );
     }
-    wait_asleep(&l);
-    {
-        let _stopped = Stopped::new(&b);
-        let publish =
-            encode_head(&Publish { topic: "last", origin: None, payload: PayloadRef::Inline }).unwrap();
-        assert_eq!(write(&mut l, RecordKind::Frame, &publish), Some(true), "the publish is rung for");
-        drop(l);
-    }
+    // Asleep again after the ping (its flag value is spent: the broker
+    // may not have lowered it yet when its doorbell for us came), and
+    // stopped there: a broker caught between a wake-up (any event wakes
+    // every ring) and its next sleep is let go and caught again.
+    let stopped = (0..1000)
+        .find_map(|_| {
+            wait_asleep_but_for(&l, rung);
+            let stopped = Stopped::new(&b);
+            let s = l.map.peer().consumer_sleep.v.load(Ordering::Acquire);
+            (s & 1 == 1 && Some(s) != rung).then_some(stopped)
+        })
+        .expect("the broker was never caught asleep");
+    let publish = encode_head(&Publish { topic: "last", origin: None, payload: PayloadRef::Inline }).unwrap();
+    assert_eq!(write(&mut l, RecordKind::Frame, &publish), Some(true), "the publish is rung for");
+    drop(l);
+    drop(stopped);
     let p = sub.recv_packet(WAIT).expect("the last publish of a client that left never came");
     assert!(matches!(p.frame(), Some(BrokerFrame::Deliver(..))), "{:?}", p.frame());
     drop(sub);
