@@ -100,6 +100,7 @@ impl HandLink {
 /// another connection waits for its pongs.
 #[test]
 fn attack_long_markers_do_not_make_the_broker_copy_what_it_ignores() {
+    let _alone = measuring_alone();
     let b = Broker::start("attack-long-markers");
     let mut bystander = Raw::hello(&b);
     let idle = socket_rtts(&mut bystander, 60);
@@ -176,6 +177,7 @@ fn attack_long_markers_do_not_make_the_broker_copy_what_it_ignores() {
 /// while another connection waits for its pongs.
 #[test]
 fn attack_oversized_ring_frames_are_refused_before_they_are_copied() {
+    let _alone = measuring_alone();
     let b = Broker::start("attack-oversized-frames");
     let mut bystander = Raw::hello(&b);
     let idle = socket_rtts(&mut bystander, 60);

@@ -215,11 +215,13 @@ fn idle_costs_nothing(b: &Broker) {
 
 #[test]
 fn attack_a_doorbell_flood_on_linked_sockets_starves_no_one() {
+    let _alone = measuring_alone();
     doorbell_flood(false);
 }
 
 #[test]
 fn attack_a_doorbell_flood_with_records_starves_no_one() {
+    let _alone = measuring_alone();
     doorbell_flood(true);
 }
 
@@ -229,6 +231,7 @@ fn attack_a_doorbell_flood_with_records_starves_no_one() {
 /// behind (fds, mappings, hot rings spinning), and the bystander goes on.
 #[test]
 fn attack_doorbell_then_hang_up_at_once_leaves_nothing_behind() {
+    let _alone = measuring_alone();
     let mut b = Broker::start("attack-bell-eof");
     let base = b.baseline_fds();
     let mut raw = Raw::hello(&b);
@@ -285,6 +288,7 @@ fn attack_doorbell_then_hang_up_at_once_leaves_nothing_behind() {
 /// the bystander goes on.
 #[test]
 fn attack_fd_packets_without_markers_then_doorbells() {
+    let _alone = measuring_alone();
     let mut b = Broker::start("attack-fds-bells");
     let base = b.baseline_fds();
     let mut raw = Raw::hello(&b);
@@ -381,6 +385,7 @@ fn attack_fd_packets_without_markers_then_doorbells() {
 /// linked and a socket bystander ping.
 #[test]
 fn attack_linked_connection_churn_while_others_trickle() {
+    let _alone = measuring_alone();
     // Room for 200 links at once and those still closing.
     let mut b = Broker::start_with(
         "attack-link-churn",
@@ -428,6 +433,7 @@ fn attack_linked_connection_churn_while_others_trickle() {
 /// are gone.
 #[test]
 fn attack_presence_lies_starve_no_one() {
+    let _alone = measuring_alone();
     let mut b = Broker::start("attack-presence");
     let mut by = Bystanders::join(&b);
     let stop = Arc::new(AtomicBool::new(false));
@@ -473,6 +479,7 @@ fn attack_presence_lies_starve_no_one() {
 /// are gone.
 #[test]
 fn attack_presence_lies_of_readers_that_never_read_starve_no_one() {
+    let _alone = measuring_alone();
     use shmbus_proto::frame::{Overflow, Subscribe};
     const READERS: usize = 70;
     let mut b = Broker::start_with(

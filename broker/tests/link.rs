@@ -413,6 +413,7 @@ fn a_broker_killed_at_random_moments_of_a_busy_linked_stream_hangs_no_client() {
 
 #[test]
 fn a_client_that_trickles_records_does_not_keep_the_broker_spinning() {
+    let _alone = measuring_alone();
     const GAP_US: u64 = 120;
     // A record, then 120 µs of sleep (about 200 µs apart, with the
     // sleep's slack): too far apart for spinning to pay. The broker used
@@ -477,6 +478,7 @@ fn attack_toggling_producer_wait_does_not_buy_a_wake_per_turn() {
 /// (the spinning broker asks the kernel for events only every 1 ms).
 #[test]
 fn attack_a_dense_trickle_does_not_slow_socket_clients() {
+    let _alone = measuring_alone();
     let b = Broker::start("attack-trickle-latency");
     let rtt = |raw: &mut Raw, n: u64| -> Vec<Duration> {
         let mut v = Vec::new();

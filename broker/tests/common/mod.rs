@@ -983,6 +983,17 @@ pub fn needs_root(test: &str) -> bool {
     false
 }
 
+/// Held for the whole of a test that measures a bystander's round trips
+/// against its idle ones. The tests of one binary run on parallel
+/// threads, and on two CPUs another attack's broker and threads are not
+/// the attack measured: with two attacks at once, CI saw a bystander's
+/// p50 at 2.4 ms where alone it was 0.05–0.9 ms. (A panic in one holder
+/// poisons the lock; the others go on.)
+pub fn measuring_alone() -> std::sync::MutexGuard<'static, ()> {
+    static MEASURING: Mutex<()> = Mutex::new(());
+    MEASURING.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Longest a single bystander round trip may take in an attack test.
 pub const ONE_PING: Duration = Duration::from_secs(5);
 
