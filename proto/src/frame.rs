@@ -1098,14 +1098,27 @@ pub fn encode_head<B: Body>(body: &B) -> Result<Vec<u8>, EncodeError> {
 /// subject say, costs one exact reallocation, where letting `Vec` grow
 /// doubled the buffer, twice the payload held for nothing.)
 pub fn encode_frame<B: Body>(body: &B, payload: &[u8]) -> Result<Vec<u8>, EncodeError> {
-    let mut out = Vec::with_capacity(64 + payload.len());
-    encode_head_into(&mut out, body)?;
+    let mut out = Vec::with_capacity(frame_capacity(payload.len()));
+    encode_frame_into(&mut out, body, payload)?;
+    Ok(out)
+}
+
+/// The capacity [`encode_frame`] gives a frame's buffer for `payload`
+/// bytes: room for a head of 64 bytes and the payload.
+pub fn frame_capacity(payload: usize) -> usize {
+    64 + payload
+}
+
+/// [`encode_frame`] into `out` (cleared first), which grows only if it
+/// has too little room: a buffer that held an earlier frame is reused.
+pub fn encode_frame_into<B: Body>(out: &mut Vec<u8>, body: &B, payload: &[u8]) -> Result<(), EncodeError> {
+    encode_head_into(out, body)?;
     if out.len() + payload.len() > MAX_PACKET {
         return Err(EncodeError::TooLong(out.len() + payload.len()));
     }
     out.reserve_exact(payload.len());
     out.extend_from_slice(payload);
-    Ok(out)
+    Ok(())
 }
 
 /// A packet split into its parts, checked but not yet decoded.

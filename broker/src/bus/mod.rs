@@ -202,6 +202,8 @@ pub struct Bus {
     started: Instant,
     log: RateLimit,
     matches: Vec<SubKey>,
+    /// Buffers of sent deliveries, for the next ones ([`FrameBuffers`]).
+    buffers: queue::FrameBuffers,
     /// Deliveries attempted so far (wrapping): the daemon's measure of
     /// work, to bound one peer's share of a loop turn.
     work: u64,
@@ -231,6 +233,7 @@ impl Bus {
             started: now,
             log: RateLimit::new(20, Duration::from_secs(10)),
             matches: Vec::new(),
+            buffers: queue::FrameBuffers::default(),
             work: 0,
             shutting_down: false,
         }
@@ -717,7 +720,7 @@ impl Bus {
                 bytes += f.shared_fd.as_ref().map_or(0, |s| s.len);
             }
         }
-        p.queue.consume(n);
+        p.queue.consume_into(n, &mut self.buffers);
         p.news_queued = p.news_queued.saturating_sub(news);
         p.unacked_fds += fds;
         p.usage.add(Resource::UnackedFds, fds);

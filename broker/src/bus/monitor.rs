@@ -212,7 +212,7 @@ impl Bus {
             let seq = self.monitors.seq;
             let (subject, sender) = (seen.subject, seen.sender);
             let cost = subject.len() + 64 + bytes.len() + FRAME_OVERHEAD;
-            let make = move || {
+            let make = move |_: &mut super::queue::FrameBuffers| {
                 let d = Deliver {
                     sub_id,
                     topic: subject,

@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use shmbus_proto::frame::{
-    encode_frame, encode_head, validate_origin, Deliver, ErrorCode, GoodbyeCode, MonitorKind, Op, PayloadRef,
-    Publish, Sender,
+    encode_frame_into, encode_head, frame_capacity, validate_origin, Deliver, ErrorCode, GoodbyeCode,
+    MonitorKind, Op, PayloadRef, Publish, Sender,
 };
 use shmbus_proto::limits::MAX_INLINE_PAYLOAD;
 use shmbus_proto::subject::validate_subject;
@@ -26,7 +26,7 @@ use shmbus_proto::sys::memfd::{self, MemfdError};
 
 use super::monitor::Seen;
 use super::peer::PeerId;
-use super::queue::{offer, refuse, settle_gap, Offer, OutFrame, SharedFd, FRAME_OVERHEAD};
+use super::queue::{offer, refuse, settle_gap, FrameBuffers, Offer, OutFrame, SharedFd, FRAME_OVERHEAD};
 use super::quota::Resource;
 use super::{bump, Bus};
 
@@ -179,9 +179,15 @@ impl Bus {
             let memfd = shared.as_ref().map(|s| s.len);
             for &(target, sub_id) in &matches {
                 self.work = self.work.wrapping_add(1);
-                let make = || {
+                let make = |buffers: &mut FrameBuffers| {
                     let d = Deliver { sub_id, topic, sender, seq, origin, payload: payload_ref };
-                    let head = if alone { encode_frame(&d, payload) } else { encode_head(&d) }.ok()?;
+                    let head = if alone {
+                        let mut head = buffers.take(frame_capacity(payload.len()));
+                        encode_frame_into(&mut head, &d, payload).ok()?;
+                        head
+                    } else {
+                        encode_head(&d).ok()?
+                    };
                     Some(OutFrame {
                         head,
                         payload: inline.clone(),
@@ -202,7 +208,7 @@ impl Bus {
         target: PeerId,
         sub_id: u32,
         (cost, fds, memfd): (usize, usize, Option<u64>),
-        make: impl FnOnce() -> Option<OutFrame>,
+        make: impl FnOnce(&mut FrameBuffers) -> Option<OutFrame>,
         now: Instant,
     ) {
         let Some(p) = self.peers.get_mut(&target) else { return };
@@ -211,7 +217,7 @@ impl Bus {
         }
         let Some(sub) = p.subs.get_mut(&sub_id) else { return };
         let result = if p.queue.delivery_room(cost, fds, memfd) {
-            let Some(frame) = make() else { return };
+            let Some(frame) = make(&mut self.buffers) else { return };
             offer(&mut p.queue, sub_id, &mut sub.state, frame)
         } else {
             refuse(&mut sub.state)

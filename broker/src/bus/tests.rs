@@ -170,6 +170,36 @@ fn a_lone_receivers_frame_is_one_buffer_and_several_share_the_payload() {
     assert_eq!(w.take(c).len(), 2);
 }
 
+/// A stream's deliveries to a lone receiver are encoded into the buffers
+/// of those already sent (no allocation each), and cost the queue what a
+/// new buffer would: the reused buffer is the sent one, and the bytes
+/// queued are the same for the first delivery and the next.
+#[test]
+fn a_sent_deliverys_buffer_carries_the_next_at_the_same_charge() {
+    let mut w = World::new(config());
+    let (a, b) = (w.join(1000), w.join(1001));
+    w.subscribe(b, 1, "x");
+    w.take(b);
+    w.publish(a, "x", b"first!");
+    let first = {
+        let frames = w.bus.sendable(b, 64);
+        assert_eq!(frames.len(), 1);
+        frames[0].head.as_ptr() as usize
+    };
+    let charged = w.bus.peer(b).unwrap().queue.bytes();
+    w.bus.sent(b, 1, Instant::now());
+    assert_eq!(w.bus.peer(b).unwrap().queue.bytes(), 0);
+    w.publish(a, "x", b"second");
+    assert_eq!(w.bus.peer(b).unwrap().queue.bytes(), charged);
+    let frames = w.bus.sendable(b, 64);
+    assert_eq!(frames.len(), 1);
+    assert_eq!(frames[0].head.as_ptr() as usize, first, "the sent frame's buffer is used again");
+    match decode_broker(&frames[0].head).unwrap() {
+        BrokerFrame::Deliver(d, p) => assert_eq!((d.topic, p), ("x", &b"second"[..])),
+        other => panic!("{other:?}"),
+    }
+}
+
 /// `bytes_out` counts every delivery's inline payload, whether the frame
 /// is one buffer (a lone receiver's: the payload follows the body in
 /// `head`) or a head sharing the payload with other receivers'. (With
