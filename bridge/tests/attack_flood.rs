@@ -129,20 +129,39 @@ fn run(forged: Option<&str>, second: bool) -> Outcome {
     out
 }
 
+/// Attempts at each forged flood before it counts as costing more.
+///
+/// On two CPUs the test's own flood, two bridges, the broker and
+/// nats-server starve the bridge's NATS reader now and then, whatever the
+/// header: NATS then drops imported messages as a slow consumer (counted
+/// and reported, `slow_consumer_notices`). Measured here: in 2 of 10 runs
+/// of this file a forged case lost 961 or 1,581 of 3,000 that way, and in
+/// 1 of 12 runs of the code before today's broker and client changes, 646; the
+/// control lost none. The defect this guards against (two broker look-ups
+/// per forged send) delivered only 194 and 261 of 3,000.
+const ATTEMPTS: usize = 3;
+
 /// The same flood, without the header (the control), with a header naming
 /// a bridge that is not on this broker, and with one naming a real second
-/// bridge on it: the honest publisher's messages fare about as well.
+/// bridge on it: the honest publisher's messages fare about as well (in
+/// one of [`ATTEMPTS`] runs).
 #[test]
 fn a_flood_of_sends_with_a_forged_bridge_header_costs_no_more_than_without() {
     let control = run(None, true);
-    let unknown = run(Some("nobody"), true);
-    let second = run(Some("fB"), true);
-    for (what, o) in [("unknown", &unknown), ("second bridge", &second)] {
-        let lost = BY - o.delivered.min(BY);
-        let lost_control = BY - control.delivered.min(BY);
+    let lost_control = BY - control.delivered.min(BY);
+    for (what, forged) in [("unknown", "nobody"), ("second bridge", "fB")] {
+        let mut losses = Vec::new();
+        for _ in 0..ATTEMPTS {
+            let o = run(Some(forged), true);
+            let lost = BY - o.delivered.min(BY);
+            losses.push(lost);
+            if lost <= 2 * lost_control + BY / 10 {
+                break;
+            }
+        }
         assert!(
-            lost <= 2 * lost_control + BY / 10,
-            "{what}: the honest publisher lost {lost} of {BY} with the forged header, {lost_control} without"
+            losses.iter().any(|&l| l <= 2 * lost_control + BY / 10),
+            "{what}: the honest publisher lost {losses:?} of {BY} in {ATTEMPTS} runs with the forged header, {lost_control} without"
         );
     }
 }
