@@ -58,10 +58,11 @@ pub const FRAME_OVERHEAD: usize = std::mem::size_of::<OutFrame>() + 48;
 /// slow path: a turn encodes up to hundreds of frames before the first is
 /// sent, more than its per-thread cache holds).
 ///
-/// A buffer is taken only for a frame it fits without being much larger
-/// than a new one would be ([`FrameBuffers::take`]): a queue charges what
-/// its frames' buffers hold, so a reused buffer must not charge a small
-/// frame for a large one. At most [`FrameBuffers::KEEP`] buffers of at
+/// A buffer is taken only for a frame a new buffer would be given just as
+/// much for ([`FrameBuffers::take`]): a queue charges what its frames'
+/// buffers hold, so a reused one charges exactly what a new one would,
+/// and one peer's traffic cannot make another's deliveries cost it more.
+/// At most [`FrameBuffers::KEEP`] buffers of at
 /// most [`FrameBuffers::LARGEST`] bytes are kept (the broker's own, 1.1
 /// MiB at most, charged to no one; a stream of 16-byte messages keeps
 /// about 100 KiB). With 256 kept, a busy broker still allocated: a turn
@@ -77,12 +78,12 @@ impl FrameBuffers {
     pub const LARGEST: usize = 1024 + 64;
 
     /// An empty buffer for a frame a new buffer would be given `capacity`
-    /// bytes for: a kept one of at least that and at most a quarter more,
-    /// or a new one. (The last one kept is looked at, and dropped if it
-    /// does not fit: a stream's frames are alike.)
+    /// bytes for: a kept one of exactly that capacity, or a new one. (The
+    /// last one kept is looked at, and dropped if it differs: a stream's
+    /// frames are alike.)
     pub fn take(&mut self, capacity: usize) -> Vec<u8> {
         match self.free.pop() {
-            Some(mut b) if (capacity..=capacity + capacity / 4).contains(&b.capacity()) => {
+            Some(mut b) if b.capacity() == capacity => {
                 b.clear();
                 b
             }
@@ -413,6 +414,8 @@ pub fn settle_gap(queue: &mut OutQueue, sub_id: u32, sub: &mut SubState) -> bool
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::quota::{Accounts, UidLimits};
+    use shmbus_proto::frame::{decode_broker, BrokerFrame};
 
     #[test]
     fn frame_buffers_give_back_only_what_a_new_frame_would_hold() {
@@ -426,8 +429,8 @@ mod tests {
         assert_eq!((again.as_ptr(), again.len()), (at, 0));
         again.extend_from_slice(b"dirty");
         pool.give(again);
-        // Not for a frame a quarter smaller: it would charge 80 for 60.
-        assert_eq!(pool.take(60).capacity(), 60);
+        // Not for a smaller frame: it would charge 80 for 76.
+        assert_eq!(pool.take(76).capacity(), 76);
         assert_eq!(pool.kept(), 0, "the unfit buffer was dropped");
         // Not for a larger one (it would grow).
         pool.give(Vec::with_capacity(80));
@@ -441,8 +444,6 @@ mod tests {
         }
         assert_eq!(pool.kept(), FrameBuffers::KEEP);
     }
-    use crate::bus::quota::{Accounts, UidLimits};
-    use shmbus_proto::frame::{decode_broker, BrokerFrame};
 
     fn queue(limits: QueueLimits) -> OutQueue {
         OutQueue::new(limits, Accounts::new(UidLimits::default()).usage(0))
