@@ -356,9 +356,6 @@ pub(crate) struct State {
     /// The connection is lost and being made again (reconnection is on):
     /// why it was lost. `closed` stays `None` meanwhile, so waiters wait.
     pub lost: Option<Disconnect>,
-    /// Connections lost so far: an answer awaited across a loss never
-    /// comes, so its waiter fails when this moves.
-    pub epoch: u64,
     /// Connections made again so far.
     pub generation: u64,
     /// Names owned or queued for, with their flags: asked for again after
@@ -444,7 +441,8 @@ impl State {
     }
 
     /// The connection is lost: remember why, and fail what awaits an
-    /// answer on it (see `epoch`). Once per loss.
+    /// answer on it (a waiter for one fails once `lost` is set or the
+    /// generation moves on). Once per loss.
     pub(crate) fn connection_lost(&mut self, why: Disconnect) {
         if self.lost.is_some() {
             return;
@@ -464,7 +462,6 @@ impl State {
         }
         self.forget_lost_requests();
         self.lost = Some(why);
-        self.epoch += 1;
     }
 
     /// What came on the lost connection cannot be answered on another (a

@@ -294,20 +294,23 @@ pub(crate) async fn wait_for<T>(
     .await
 }
 
-/// [`wait_for`] for an answer to something sent while the connection's
-/// epoch was `since` (as `Inner::wait_answer`): if the connection is lost
-/// first, the answer never comes, and this fails with `Disconnected`.
+/// [`wait_for`] for an answer to something sent on connection generation
+/// `sent_on` (what the send returned; as `Inner::wait_answer`): if that
+/// connection is lost first, the answer never comes, and this fails with
+/// `Disconnected`. (Taken from the send itself: the epoch read after it,
+/// as this was, missed a loss between the two, and the caller waited out
+/// its timeout for an answer that could not come.)
 pub(crate) async fn wait_answer<T>(
     shared: &Arc<Shared>,
     deadline: Option<Instant>,
-    since: u64,
+    sent_on: u64,
     mut check: impl FnMut(&mut State) -> Option<T>,
 ) -> Result<Option<T>, RecvError> {
     let got = wait_for(shared, deadline, |st| {
         if let Some(v) = check(st) {
             return Some(Ok(v));
         }
-        (st.epoch != since).then(|| {
+        (st.generation != sent_on || st.lost.is_some()).then(|| {
             Err(st.lost.clone().unwrap_or(Disconnect {
                 code: None,
                 reason: "the connection to the broker was lost before the answer came".into(),
@@ -650,11 +653,6 @@ pub(crate) fn send_now<B: Body>(
     matches!(try_packet_on(inner, only, OutPacket { head: &s.head, payload, fds }), Ok(Ok(())))
 }
 
-/// Sends one packet without waiting, on whatever connection is current.
-fn try_packet(inner: &Inner, packet: OutPacket<'_>) -> Attempt<()> {
-    try_packet_on(inner, None, packet)
-}
-
 /// Runs `f`, which may block, where it cannot block an executor: on
 /// tokio's blocking pool inside a runtime; outside one, here.
 pub(crate) fn off_executor(f: impl FnOnce() + Send + 'static) {
@@ -675,7 +673,12 @@ pub(crate) async fn blocking<R: Send + 'static>(f: impl FnOnce() -> R + Send + '
     }
 }
 
-/// Sends one frame encoded already.
-pub(crate) async fn send_encoded(shared: &Arc<Shared>, head: &[u8]) -> Result<(), RecvError> {
-    send_with(shared, true, |inner, _| try_packet(inner, OutPacket { head, payload: &[], fds: &[] })).await
+/// Sends one frame encoded already: the connection generation it went on
+/// (as [`send_frame`]).
+pub(crate) async fn send_encoded(shared: &Arc<Shared>, head: &[u8]) -> Result<u64, RecvError> {
+    send_with(shared, true, |inner, _| {
+        let sent = try_packets_gen(inner, None, &[OutPacket { head, payload: &[], fds: &[] }])?;
+        Ok(sent.map(|(_, generation)| generation))
+    })
+    .await
 }

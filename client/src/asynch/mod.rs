@@ -332,8 +332,7 @@ impl AsyncClient {
             inner.state.lock().pings.remove(&token);
         });
         let start = Instant::now();
-        driver::send_frame(&self.shared, &Ping { token }, &[], &[], false).await?;
-        let epoch = inner.state.lock().epoch;
+        let sent_on = driver::send_frame(&self.shared, &Ping { token }, &[], &[], false).await?;
         let timeout = self.client().timeout();
         let came = |st: &mut State| {
             if st.pings.get(&token) == Some(&true) {
@@ -343,7 +342,7 @@ impl AsyncClient {
                 None
             }
         };
-        match driver::wait_answer(&self.shared, Some(start + timeout), epoch, came).await? {
+        match driver::wait_answer(&self.shared, Some(start + timeout), sent_on, came).await? {
             Some(()) => Ok(start.elapsed()),
             None => Err(RequestError::Timeout(timeout)),
         }
@@ -410,12 +409,11 @@ impl AsyncClient {
         // Whatever ends this future before the broker's answer is taken
         // takes the subscription back.
         let mut opening = subscription::Opening::new(self.shared.clone(), sub_id);
-        driver::send_encoded(&self.shared, &head).await?;
+        let sent_on = driver::send_encoded(&self.shared, &head).await?;
         opening.sent();
-        let epoch = inner.state.lock().epoch;
         let timeout = self.client().timeout();
         let deadline = Instant::now() + timeout;
-        match driver::wait_answer(&self.shared, Some(deadline), epoch, |st| st.acks.remove(&sub_id)).await {
+        match driver::wait_answer(&self.shared, Some(deadline), sent_on, |st| st.acks.remove(&sub_id)).await {
             Ok(Some(Ok(()))) => {
                 opening.done();
                 Ok(AsyncSubscription::new(self.shared.clone(), sub_id, pattern.to_owned()))

@@ -218,6 +218,34 @@ async fn a_cancelled_subscribe_is_taken_back_and_its_id_kept_until_answered() {
     }
 }
 
+/// A connection lost right after a ping went out (before its waiter
+/// looks): the waiter fails with `Disconnected` at once, instead of
+/// waiting out its timeout for a pong that cannot come. (The waiter used
+/// to read the loss count after the send, so a loss in between was
+/// already counted, and it waited out the deadline: `Ok(None)`.)
+#[tokio::test]
+async fn an_answer_lost_between_its_send_and_its_wait_fails_as_disconnected() {
+    let (c, broker) = connected(8);
+    let inner = c.shared.inner();
+    let token = inner.state.lock().new_ping();
+    let sent_on = super::driver::send_frame(&c.shared, &shmbus_proto::frame::Ping { token }, &[], &[], false)
+        .await
+        .unwrap();
+    assert_eq!(
+        client_sent(&broker),
+        [format!("{:?}", ClientFrame::Ping(shmbus_proto::frame::Ping { token }))]
+    );
+    inner.state.lock().connection_lost(crate::error::Disconnect { code: None, reason: "reset".into() });
+    let started = std::time::Instant::now();
+    let came = |st: &mut crate::core::State| (st.pings.get(&token) == Some(&true)).then_some(());
+    let waited = super::driver::wait_answer(&c.shared, Some(started + PATIENCE), sent_on, came).await;
+    assert!(
+        matches!(&waited, Err(crate::error::RecvError::Disconnected(d)) if d.reason.contains("reset")),
+        "{waited:?} after {:?}",
+        started.elapsed()
+    );
+}
+
 // ------------------------------------------------- shared-memory link --
 
 /// An async client whose connection has a shared-memory link, and its
