@@ -54,18 +54,17 @@ pub const FRAME_OVERHEAD: usize = std::mem::size_of::<OutFrame>() + 48;
 
 /// Buffers of frames that were sent, kept for the next frames to be
 /// encoded into: a stream's deliveries then cost no allocation and no
-/// free each (they were 8% of a busy broker's time, most of it in glibc's
-/// slow path: a turn encodes up to hundreds of frames before the first is
-/// sent, more than its per-thread cache holds).
+/// free each (glibc's allocator was about 8% of a busy broker's samples,
+/// most of it its slow path: a turn encodes up to hundreds of frames
+/// before the first is sent, more than its per-thread cache holds).
 ///
 /// A buffer is taken only for a frame a new buffer would be given just as
 /// much for ([`FrameBuffers::take`]): a queue charges what its frames'
 /// buffers hold, so a reused one charges exactly what a new one would,
 /// and one peer's traffic cannot make another's deliveries cost it more.
-/// At most [`FrameBuffers::KEEP`] buffers of at
-/// most [`FrameBuffers::LARGEST`] bytes are kept (the broker's own, 1.1
-/// MiB at most, charged to no one; a stream of 16-byte messages keeps
-/// about 100 KiB). With 256 kept, a busy broker still allocated: a turn
+/// At most [`FrameBuffers::KEEP`] buffers of at most
+/// [`FrameBuffers::LARGEST`] bytes are kept (the broker's own, 1.1 MiB at
+/// most, charged to no one). With 256 kept, a busy broker still allocated: a turn
 /// encodes up to 256 records' deliveries per ring before any is sent, and
 /// more wait while a subscriber's ring is full.
 #[derive(Debug, Default)]

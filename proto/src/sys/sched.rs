@@ -5,11 +5,12 @@
 //! send (the vDSO's `CLOCK_MONOTONIC_COARSE`: a few loads, where the
 //! precise clock's reads took 13% of a streaming publisher's time).
 //!
-//! Why glibc's `sched_getcpu` and `clock_gettime`, and not rustix's: rustix finds the vDSO by
-//! parsing the ELF image the auxiliary vector points to, and under
-//! valgrind that image is not mapped, so every program linking shmbus
-//! crashed at its first send when run under valgrind (rustix issue 1559).
-//! glibc asks its own dynamic linker, which valgrind serves.
+//! Why glibc's `sched_getcpu` and `clock_gettime`, and not rustix's:
+//! rustix finds the vDSO by parsing the ELF image the auxiliary vector
+//! points to, and under valgrind that image is not mapped, so every
+//! program linking shmbus crashed at its first send when run under
+//! valgrind (rustix issue 1559). glibc asks its own dynamic linker, which
+//! valgrind serves.
 
 /// The CPU this thread runs on now (it may move right after). A failure
 /// (which only a bad pointer could cause, and there is none) reads as
