@@ -38,6 +38,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::limits::{MAX_ORIGIN_LEN, MAX_PACKET};
 
+mod hand;
+
 /// First two bytes of every frame (little-endian "SB" as in shmbus).
 pub const MAGIC: u16 = 0x4253;
 /// Wire protocol version, in every header and in `Hello`.
@@ -150,6 +152,31 @@ impl Kind {
 /// A frame body, tied to its kind.
 pub trait Body: Serialize {
     const KIND: Kind;
+
+    /// Appends the body's postcard bytes to `out` without serde, for the
+    /// bodies [`hand`] writes; `false`: serde must.
+    fn encode_by_hand(&self, _out: &mut Vec<u8>) -> bool {
+        false
+    }
+}
+
+// The two bodies of every message: see `hand`.
+impl Body for Publish<'_> {
+    const KIND: Kind = Kind::Publish;
+
+    fn encode_by_hand(&self, out: &mut Vec<u8>) -> bool {
+        hand::encode_publish(out, self);
+        true
+    }
+}
+
+impl Body for Deliver<'_> {
+    const KIND: Kind = Kind::Deliver;
+
+    fn encode_by_hand(&self, out: &mut Vec<u8>) -> bool {
+        hand::encode_deliver(out, self);
+        true
+    }
 }
 
 macro_rules! body {
@@ -1024,8 +1051,8 @@ body! {
 
 body! {
     Hello<'a> => Hello, Subscribe<'a> => Subscribe, Unsubscribe => Unsubscribe,
-    Publish<'a> => Publish, Ping => Ping, Query<'a> => Query, FdAck => FdAck,
-    Welcome => Welcome, Goodbye<'a> => Goodbye, Deliver<'a> => Deliver, Gap => Gap,
+    Ping => Ping, Query<'a> => Query, FdAck => FdAck,
+    Welcome => Welcome, Goodbye<'a> => Goodbye, Gap => Gap,
     Subscribed => Subscribed, Pong => Pong, QueryItem => QueryItem, QueryEnd => QueryEnd,
     OpError<'a> => OpError,
 }
@@ -1074,8 +1101,10 @@ pub fn encode_head_into<B: Body>(out: &mut Vec<u8>, body: &B) -> Result<(), Enco
     out.push(PROTOCOL_VERSION);
     out.push(B::KIND as u8);
     out.extend_from_slice(&[0; 4]);
-    let taken = std::mem::take(out);
-    let mut buf = postcard::to_extend(body, taken).map_err(|e| EncodeError::Body(e.to_string()))?;
+    let mut buf = std::mem::take(out);
+    if !body.encode_by_hand(&mut buf) {
+        buf = postcard::to_extend(body, buf).map_err(|e| EncodeError::Body(e.to_string()))?;
+    }
     let body_len = buf.len() - HEADER_LEN;
     if buf.len() > MAX_PACKET {
         return Err(EncodeError::TooLong(buf.len()));
@@ -1191,7 +1220,9 @@ pub fn decode_client(packet: &[u8]) -> Result<ClientFrame<'_>, DecodeError> {
         Kind::Hello => ClientFrame::Hello(body(kind, b)?),
         Kind::Subscribe => ClientFrame::Subscribe(body(kind, b)?),
         Kind::Unsubscribe => ClientFrame::Unsubscribe(body(kind, b)?),
-        Kind::Publish => ClientFrame::Publish(body(kind, b)?, payload),
+        Kind::Publish => {
+            ClientFrame::Publish(hand::decode_publish(b).map_or_else(|| body(kind, b), Ok)?, payload)
+        }
         Kind::Ping => ClientFrame::Ping(body(kind, b)?),
         Kind::Query => ClientFrame::Query(body(kind, b)?),
         Kind::ChannelOpen => ClientFrame::ChannelOpen(body(kind, b)?),
@@ -1243,7 +1274,9 @@ pub fn decode_broker(packet: &[u8]) -> Result<BrokerFrame<'_>, DecodeError> {
     Ok(match kind {
         Kind::Welcome => BrokerFrame::Welcome(body(kind, b)?),
         Kind::Goodbye => BrokerFrame::Goodbye(body(kind, b)?),
-        Kind::Deliver => BrokerFrame::Deliver(body(kind, b)?, payload),
+        Kind::Deliver => {
+            BrokerFrame::Deliver(hand::decode_deliver(b).map_or_else(|| body(kind, b), Ok)?, payload)
+        }
         Kind::Gap => BrokerFrame::Gap(body(kind, b)?),
         Kind::Subscribed => BrokerFrame::Subscribed(body(kind, b)?),
         Kind::Pong => BrokerFrame::Pong(body(kind, b)?),
