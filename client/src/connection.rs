@@ -223,13 +223,19 @@ pub(crate) struct Inner {
     /// `State::generation`, readable without `state` (one load on a
     /// channel publisher's hot path). Written with `swap` held.
     pub generation: std::sync::atomic::AtomicU64,
-    /// Held shared by every send for its system call (or its push into the
-    /// link), and exclusively by a reconnection while it puts the new
-    /// socket and link in place and renews what lived on the old one: so a
-    /// send goes whole to one connection, knows which (`generation`), and
-    /// comes after the renewals. Lock order: `send` and `reader` before
-    /// `swap` (then its link's mutex) before `state`.
-    swap: parking_lot::RwLock<Wire>,
+    /// Held by every send for its system call (or its push into the
+    /// link), and by a reconnection while it puts the new socket and link
+    /// in place and renews what lived on the old one: so a send goes whole
+    /// to one connection, knows which (`generation`), and comes after the
+    /// renewals. Senders hold `send` already, so they never contend for it
+    /// among themselves; a mutex, not a read-write lock, so that a send
+    /// costs two atomic operations here, not four (a read lock, then the
+    /// link's own mutex). Lock order: `send` and `reader` before `swap`
+    /// before `state`.
+    swap: parking_lot::Mutex<Wire>,
+    /// Why the connection has no link, if it has none (set with `swap`,
+    /// kept apart so that asking never waits for a send).
+    no_link: Mutex<Option<String>>,
     /// Whether the connection has a link (`swap`'s), readable without a
     /// lock: the async driver's hint that news may wait in the ring while
     /// the socket is quiet.
@@ -321,7 +327,8 @@ impl Inner {
             timeout,
             attempts: std::sync::atomic::AtomicU32::new(0),
             generation: std::sync::atomic::AtomicU64::new(0),
-            swap: parking_lot::RwLock::new(Wire::default()),
+            swap: parking_lot::Mutex::new(Wire::default()),
+            no_link: Mutex::new(None),
             linked: AtomicBool::new(false),
             next_attempt: Mutex::new(None),
             send: Mutex::new(SendState {
@@ -547,8 +554,8 @@ impl Inner {
         only: Option<u64>,
         f: impl FnOnce(&mut Port<'_>) -> io::Result<T>,
     ) -> io::Result<(T, u64)> {
-        let wire = self.swap.read();
-        // Relaxed: written only with `swap` held exclusively.
+        let mut wire = self.swap.lock();
+        // Relaxed: written only with `swap` held.
         let generation = self.generation.load(Ordering::Relaxed);
         if only.is_some_and(|g| g != generation) {
             return Err(io::Error::new(
@@ -556,17 +563,17 @@ impl Inner {
                 "the connection it belonged to was lost (the client reconnected since)",
             ));
         }
-        let mut tx = wire.link.as_ref().map(|m| m.lock());
-        let mut port = Port { fd: self.fd.as_fd(), link: tx.as_deref_mut(), inner: self };
+        let mut port = Port { fd: self.fd.as_fd(), link: wire.link.as_mut(), inner: self };
         Ok((f(&mut port)?, generation))
     }
 
     /// Puts the transport the handshake made in place (a new connection,
     /// `reader` and `swap` held).
     fn set_transport(&self, reader: &mut ReaderState, wire: &mut Wire, a: Attachment) {
-        let (w, rx) = crate::link::split(a);
+        let (w, rx, why) = crate::link::split(a);
         *wire = w;
         reader.link = rx;
+        *self.no_link.lock() = why;
         // Relaxed: a hint (see the field); written with `swap` held
         // exclusively, before the new generation is published under
         // `state`, whose lock orders it for whoever read that.
@@ -576,21 +583,22 @@ impl Inner {
     /// Gives the first connection its transport (before it is shared).
     pub(crate) fn attach(&self, a: Attachment) {
         let mut reader = self.reader.lock();
-        let mut wire = self.swap.write();
+        let mut wire = self.swap.lock();
         self.set_transport(&mut reader, &mut wire, a);
     }
 
     /// Which transport the connection uses now.
     pub(crate) fn transport(&self) -> Transport {
-        match self.swap.read().link {
-            Some(_) => Transport::SharedMemory,
-            None => Transport::Socket,
+        // Never waits for a send (one waiting for room holds `swap`).
+        match self.linked() {
+            true => Transport::SharedMemory,
+            false => Transport::Socket,
         }
     }
 
     /// Why the connection has no shared-memory link, if it has none.
     pub(crate) fn transport_note(&self) -> Option<String> {
-        self.swap.read().note.clone()
+        self.no_link.lock().clone()
     }
 
     /// Whether the connection has a link: a hint, see the field.
@@ -810,7 +818,7 @@ impl Inner {
         // Exclusive: no send is in a system call, and none starts until
         // the renewals are out (an unsubscribe made meanwhile then comes
         // after the subscribe it undoes, never before).
-        let mut swapping = self.swap.write();
+        let mut swapping = self.swap.lock();
         socket::replace_fd(self.fd.as_fd(), d.fd)?;
         *reader = ReaderState::default();
         self.set_transport(reader, &mut swapping, d.link);
@@ -836,7 +844,7 @@ impl Inner {
             (renew, names)
         };
         // The connection is ours alone here (`swap`): straight to it.
-        let mut tx = swapping.link.as_mut().map(|m| m.get_mut());
+        let mut tx = swapping.link.as_mut();
         let mut raw = |head: &[u8]| {
             let mut port = Port { fd: self.fd.as_fd(), link: tx.as_deref_mut(), inner: self };
             port.send(&[OutPacket { head, payload: &[], fds: &[] }], true).map(drop)

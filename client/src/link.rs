@@ -65,8 +65,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
-
 use shmbus_proto::frame::{decode_broker, encode_head, BrokerFrame, Doorbell, GoodbyeCode};
 use shmbus_proto::link::shm::LinkMap;
 use shmbus_proto::link::{Consumer, LinkError, Presence, Producer, RecordKind};
@@ -201,7 +199,7 @@ pub(crate) enum Full {
 }
 
 /// The sending side of a link: the client half's ring. Used only with
-/// `swap` held (shared, then under its own mutex; or exclusively).
+/// `swap` held.
 #[derive(Debug)]
 pub(crate) struct LinkTx {
     map: Arc<LinkMap>,
@@ -218,12 +216,8 @@ pub(crate) struct LinkTx {
 /// The transport as senders see it, under the connection's `swap` lock.
 #[derive(Debug, Default)]
 pub(crate) struct Wire {
-    /// `None`: socket only. The mutex is never contended for long:
-    /// senders are serialised by `send` already; it lets a shared `swap`
-    /// hand out the producer.
-    pub link: Option<Mutex<LinkTx>>,
-    /// Why this connection has no link.
-    pub note: Option<String>,
+    /// `None`: socket only.
+    pub link: Option<LinkTx>,
 }
 
 /// One connection's way out, for one send: its socket, and its link if it
@@ -547,16 +541,16 @@ impl LinkRx {
     }
 }
 
-/// Both sides of a new connection's link, or none.
-pub(crate) fn split(a: Attachment) -> (Wire, Option<LinkRx>) {
+/// Both sides of a new connection's link, or none and why not.
+pub(crate) fn split(a: Attachment) -> (Wire, Option<LinkRx>, Option<String>) {
     match a {
         Attachment::Linked(map) => {
             let map = Arc::new(map);
             let gone = Arc::new(AtomicBool::new(false));
-            let wire = Wire { link: Some(Mutex::new(LinkTx::new(map.clone(), gone.clone()))), note: None };
-            (wire, Some(LinkRx::new(map, gone)))
+            let wire = Wire { link: Some(LinkTx::new(map.clone(), gone.clone())) };
+            (wire, Some(LinkRx::new(map, gone)), None)
         }
-        Attachment::SocketOnly(why) => (Wire { link: None, note: Some(why) }, None),
+        Attachment::SocketOnly(why) => (Wire { link: None }, None, Some(why)),
     }
 }
 
