@@ -794,7 +794,7 @@ pub(crate) fn apply(
                 Charge::of(d.topic.len() + d.origin.map_or(0, str::len), memfd.is_some(), payload.len());
             st.admit_message(d.sub_id, charge, arrival, |q| {
                 let body = match memfd {
-                    None => Payload::Inline(payload.to_vec()),
+                    None => Payload::inline(payload),
                     Some(m) => Payload::Memfd(m),
                 };
                 let origin = d.origin.map(str::to_owned);
