@@ -129,26 +129,31 @@ fn header_word(kind: u32, len: u32) -> u64 {
 }
 
 /// Writes the concatenation of `parts` into `words` (Relaxed stores, one
-/// per 8 bytes, the last padded with zeros).
+/// per 8 bytes, the last padded with zeros). A word that straddles two
+/// parts is gathered a byte at a time (at most 7), not through `memcpy`
+/// and `memset` calls, which for a few bytes cost more than the copy.
 fn write_words(words: &[AtomicU64], parts: &[&[u8]]) {
     let mut at = 0;
-    let mut acc = [0u8; 8];
+    // Bytes gathered for the next word, low byte first, and how many.
+    let mut acc = 0u64;
     let mut fill = 0;
     for part in parts {
         let mut bytes: &[u8] = part;
         if fill > 0 {
-            let take = (8 - fill).min(bytes.len());
-            acc[fill..fill + take].copy_from_slice(&bytes[..take]);
-            fill += take;
-            bytes = &bytes[take..];
-            if fill == 8 {
-                // Relaxed: published by the Release store of `tail`.
-                words[at].store(u64::from_le_bytes(acc), Ordering::Relaxed);
-                at += 1;
-            } else {
+            while fill < 8 {
+                let Some((&b, rest)) = bytes.split_first() else { break };
+                acc |= u64::from(b) << (8 * fill);
+                fill += 1;
+                bytes = rest;
+            }
+            if fill < 8 {
                 // The part ended inside the word.
                 continue;
             }
+            // Relaxed: published by the Release store of `tail`.
+            words[at].store(acc, Ordering::Relaxed);
+            at += 1;
+            (acc, fill) = (0, 0);
         }
         let mut chunks = bytes.chunks_exact(8);
         for c in &mut chunks {
@@ -156,14 +161,14 @@ fn write_words(words: &[AtomicU64], parts: &[&[u8]]) {
             words[at].store(u64::from_le_bytes(c.try_into().expect("8 bytes")), Ordering::Relaxed);
             at += 1;
         }
-        let rest = chunks.remainder();
-        acc[..rest.len()].copy_from_slice(rest);
-        fill = rest.len();
+        for &b in chunks.remainder() {
+            acc |= u64::from(b) << (8 * fill);
+            fill += 1;
+        }
     }
     if fill > 0 {
-        acc[fill..].fill(0);
         // Relaxed: as above.
-        words[at].store(u64::from_le_bytes(acc), Ordering::Relaxed);
+        words[at].store(acc, Ordering::Relaxed);
     }
 }
 
@@ -186,6 +191,9 @@ fn read_words(words: &[AtomicU64], len: usize, out: &mut Vec<u8>) {
 #[derive(Debug)]
 pub struct Producer {
     capacity: u64,
+    /// `capacity - 1`: an offset is `position & mask` (a division by a
+    /// capacity not known at compile time was a tenth of `try_push`).
+    mask: u64,
     tail: u64,
     published: u64,
     head_seen: u64,
@@ -196,8 +204,12 @@ pub struct Producer {
 }
 
 impl Producer {
+    /// A producer for a ring of `capacity` bytes, a power of two (as every
+    /// mapping checks with `valid_capacity`).
     pub fn new(capacity: u32) -> Producer {
-        Producer { capacity: u64::from(capacity), tail: 0, published: 0, head_seen: 0, rung: 0, wait: 0 }
+        assert!(capacity.is_power_of_two(), "a link ring's capacity is a power of two");
+        let capacity = u64::from(capacity);
+        Producer { capacity, mask: capacity - 1, tail: 0, published: 0, head_seen: 0, rung: 0, wait: 0 }
     }
 
     pub fn capacity(&self) -> u64 {
@@ -212,7 +224,7 @@ impl Producer {
     /// Bytes a record of `len` takes, with the `Pad` it may need first.
     fn need(&self, len: usize) -> u64 {
         let rec = record_len(len);
-        let off = self.tail % self.capacity;
+        let off = self.tail & self.mask;
         if off + rec > self.capacity {
             self.capacity - off + rec
         } else {
@@ -258,7 +270,7 @@ impl Producer {
         if !self.has_room(peer, len)? {
             return Ok(false);
         }
-        let mut off = (self.tail % self.capacity) as usize;
+        let mut off = (self.tail & self.mask) as usize;
         let rec = record_len(len);
         if off as u64 + rec > self.capacity {
             let pad = self.capacity as usize - off;
@@ -354,6 +366,8 @@ impl Producer {
 #[derive(Debug)]
 pub struct Consumer {
     capacity: u64,
+    /// `capacity - 1`, as the producer's.
+    mask: u64,
     head: u64,
     committed: u64,
     tail_seen: u64,
@@ -368,9 +382,12 @@ pub struct Consumer {
 }
 
 impl Consumer {
+    /// A consumer for a ring of `capacity` bytes, a power of two.
     pub fn new(capacity: u32) -> Consumer {
+        assert!(capacity.is_power_of_two(), "a link ring's capacity is a power of two");
         Consumer {
             capacity: u64::from(capacity),
+            mask: u64::from(capacity) - 1,
             head: 0,
             committed: 0,
             tail_seen: 0,
@@ -426,7 +443,7 @@ impl Consumer {
             if self.is_empty(peer)? {
                 return Ok(None);
             }
-            let off = (self.head % self.capacity) as usize;
+            let off = (self.head & self.mask) as usize;
             // Relaxed: ordered by the Acquire load of `tail`.
             let w = data[off / 8].load(Ordering::Relaxed);
             let (kind, len) = ((w >> 32) as u32, w as u32 as usize);
@@ -542,6 +559,27 @@ mod tests {
 
     fn ring() -> (HalfHeader, HalfHeader, Vec<AtomicU64>) {
         (HalfHeader::default(), HalfHeader::default(), (0..CAP / 8).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    proptest::proptest! {
+        /// However a record's bytes are cut into parts, the words hold
+        /// their concatenation, padded with zeros to the word.
+        #[test]
+        fn words_hold_the_parts_concatenated_and_zero_padded(
+            parts in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..20), 0..5),
+        ) {
+            let all: Vec<u8> = parts.concat();
+            let words: Vec<AtomicU64> = (0..13).map(|_| AtomicU64::new(u64::MAX)).collect();
+            let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+            write_words(&words, &refs);
+            let mut out = Vec::new();
+            read_words(&words, all.len().next_multiple_of(8), &mut out);
+            proptest::prop_assert_eq!(&out[..all.len()], &all[..]);
+            proptest::prop_assert!(out[all.len()..].iter().all(|&b| b == 0));
+            // Nothing written past the record.
+            let used = all.len().div_ceil(8);
+            proptest::prop_assert!(words[used..].iter().all(|w| w.load(Ordering::Relaxed) == u64::MAX));
+        }
     }
 
     #[test]
