@@ -58,7 +58,7 @@ use shmbus_proto::frame::{encode_head, Body, ErrorCode, Goodbye, GoodbyeCode, Op
 use shmbus_proto::sys::socket::PeerCred;
 
 use channel::Channels;
-use peer::{Peer, PeerId, PeerState};
+use peer::{Peer, PeerId, PeerState, SubMap};
 use policy::Policy;
 use queue::{OutFrame, QueueLimits};
 use quota::{Accounts, Resource, UidLimits};
@@ -379,7 +379,7 @@ impl Bus {
             name: String::new(),
             state: PeerState::AwaitHello,
             link: peer::LinkPhase::Closed,
-            subs: HashMap::new(),
+            subs: SubMap::default(),
             queue: queue::OutQueue::new(self.cfg.queue, usage.clone()),
             channels: Vec::new(),
             owes_gaps: false,
