@@ -23,7 +23,7 @@
 //! holds is charged to its uid's [`Usage`] through [`Charge`]s and the
 //! queue, and released when the peer is dropped.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::rc::Rc;
 use std::time::Instant;
 
