@@ -602,7 +602,6 @@ impl Inner {
     }
 
     /// Whether the connection has a link: a hint, see the field.
-    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     pub(crate) fn linked(&self) -> bool {
         // Relaxed: see the field.
         self.linked.load(Ordering::Relaxed)
