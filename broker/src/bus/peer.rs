@@ -72,7 +72,9 @@ impl std::hash::Hasher for PeerIdHasher {
 /// delivery: SipHash was 5% of a streaming broker's samples). The ids are
 /// the peer's choice, so the key is secret: a peer cannot aim ids at one
 /// bucket, and at worst slows its own lookups, bounded by its
-/// subscription limit.
+/// subscription limit. (The map's order shows in introspection, which
+/// lists a peer's patterns; the key is not practically recoverable from
+/// bucket order, and it is drawn anew for every connection.)
 pub type SubMap<V> = std::collections::HashMap<u32, V, SubIdHashing>;
 
 /// See [`SubMap`]: the random key of one map.
