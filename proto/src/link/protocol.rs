@@ -191,8 +191,9 @@ fn read_words(words: &[AtomicU64], len: usize, out: &mut Vec<u8>) {
 #[derive(Debug)]
 pub struct Producer {
     capacity: u64,
-    /// `capacity - 1`: an offset is `position & mask` (a division by a
-    /// capacity not known at compile time was a tenth of `try_push`).
+    /// `capacity - 1`: an offset is `position & mask` (the division by a
+    /// capacity not known at compile time, and the instructions waiting on
+    /// it, were about 7% of `try_push`'s samples).
     mask: u64,
     tail: u64,
     published: u64,
