@@ -327,7 +327,8 @@ fn rtt_self(transport: &str) -> (u64, u64) {
     let c = connect_on(&addr, transport);
     let s = c.subscribe("bench.self").unwrap();
     let msg = [1u8; 16];
-    crate::timed(2_000, 50_000, || {
+    let rounds = std::env::var("SHMBUS_BENCH_RTT_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(50_000);
+    crate::timed(2_000, rounds, || {
         c.publish("bench.self", msg).unwrap();
         let _ = s.recv().unwrap();
     })
@@ -401,6 +402,12 @@ pub(crate) fn diag_rtt(idle: bool, transport: &str) {
                 r.cpu[0], r.cpu[1], r.cpu[2]
             );
         }
+        return;
+    }
+    if std::env::var_os("SHMBUS_BENCH_RTT_SELF").is_some() {
+        // A → broker → A only: two processes, each on its own CPU.
+        let (p50, p99) = rtt_self(transport);
+        println!("{transport} self: p50 {:.2} µs, p99 {:.2} µs", us(p50), us(p99));
         return;
     }
     let (p50, p99) = rtt(transport);
