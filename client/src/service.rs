@@ -94,8 +94,9 @@ pub mod reply_code {
 }
 
 /// Longest application error message sent; longer ones are cut (at a
-/// character boundary), so a reply always fits a frame.
-pub const MAX_ERROR_MESSAGE: usize = 4096;
+/// character boundary), so a reply always fits a frame (the broker
+/// refuses a longer one).
+pub const MAX_ERROR_MESSAGE: usize = shmbus_proto::limits::MAX_ERROR_MESSAGE;
 
 /// Bit 63 of a call id: a fire-and-forget send (bits 0..63: its number).
 pub(crate) const SEND_BIT: u64 = 1 << 63;
@@ -619,14 +620,7 @@ fn answer_unserved(inner: &Inner, queued: VecDeque<QueuedRequest>, message: &str
 
 /// `message`, cut to [`MAX_ERROR_MESSAGE`] bytes at a character boundary.
 pub(crate) fn cut(message: &str) -> &str {
-    if message.len() <= MAX_ERROR_MESSAGE {
-        return message;
-    }
-    let mut end = MAX_ERROR_MESSAGE;
-    while !message.is_char_boundary(end) {
-        end -= 1;
-    }
-    &message[..end]
+    shmbus_proto::text::clip(message, MAX_ERROR_MESSAGE)
 }
 
 /// A timeout as the wire carries it: whole milliseconds, rounded up, at

@@ -959,6 +959,21 @@ pub enum Outcome<'a> {
     Invalid { message: &'a str },
 }
 
+impl<'a> Outcome<'a> {
+    /// The same outcome, its message (if it has one) cut to `max` bytes
+    /// at a character boundary.
+    pub fn clipped(self, max: usize) -> Outcome<'a> {
+        use crate::text::clip;
+        match self {
+            Outcome::AppError { code, message } => Outcome::AppError { code, message: clip(message, max) },
+            Outcome::Denied { message } => Outcome::Denied { message: clip(message, max) },
+            Outcome::LimitExceeded { message } => Outcome::LimitExceeded { message: clip(message, max) },
+            Outcome::Invalid { message } => Outcome::Invalid { message: clip(message, max) },
+            other => other,
+        }
+    }
+}
+
 /// The one answer to a `Request { call_id }`. `responder` is the service,
 /// as the broker saw it, when it replied.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -28,6 +28,20 @@ pub const MAX_CLIENT_NAME: usize = 256;
 /// The longest `origin` a publish or request may carry (bytes of UTF-8).
 pub const MAX_ORIGIN_LEN: usize = 256;
 
+/// Longest text a frame carries for people to read: an application's
+/// error message in a `Reply` (the broker refuses a longer one, and the
+/// client library cuts its own to this), and any reason or message the
+/// broker writes (`OpError`, `Goodbye`, `Revoked`, an `Answer`'s
+/// outcome, a monitor event's detail), which it cuts to this at a
+/// character boundary. With the other limits, every frame the broker
+/// builds around what a peer sent still fits [`MAX_PACKET`].
+pub const MAX_ERROR_MESSAGE: usize = 4096;
+
+/// Most characters of a peer's string quoted in a message about it
+/// ([`crate::text::quote`]): a refusal quotes enough to recognise it,
+/// never the whole of a string that may fill a packet.
+pub const MAX_QUOTED_CHARS: usize = 64;
+
 /// Most fds that may ride on one packet. The receive side sizes its
 /// control buffer for exactly this many; more is `MSG_CTRUNC`.
 pub const MAX_FDS_PER_PACKET: usize = 4;

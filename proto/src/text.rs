@@ -31,6 +31,34 @@
 use std::borrow::Cow;
 use std::fmt::Write as _;
 
+use crate::limits::MAX_QUOTED_CHARS;
+
+/// `s`, cut to at most `max` bytes at a character boundary.
+pub fn clip(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// A peer's string quoted for a message about it: in double quotes,
+/// escaped as `{:?}` escapes it, and past [`MAX_QUOTED_CHARS`] characters
+/// cut, with the length it had: `"abc…" (70000 bytes)`. So a refusal of
+/// a string that fills a packet is short, and still says what it was.
+pub fn quote(s: &str) -> String {
+    match s.char_indices().nth(MAX_QUOTED_CHARS) {
+        None => format!("{s:?}"),
+        Some((end, _)) => {
+            let shown = format!("{:?}", &s[..end]);
+            format!("{}…\" ({} bytes)", &shown[..shown.len() - 1], s.len())
+        }
+    }
+}
+
 /// `s`, safe to print on one line: unchanged when printable, else with
 /// control characters, format (bidi) characters and backslashes escaped
 /// as described in the [module documentation](self).
@@ -103,6 +131,36 @@ fn is_format(c: char) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clip_cuts_at_a_character_boundary() {
+        assert_eq!(clip("short", 10), "short");
+        assert_eq!(clip("abcdef", 3), "abc");
+        // "é" is two bytes: a cut inside it goes back before it.
+        assert_eq!(clip("aé", 2), "a");
+        assert_eq!(clip("aé", 3), "aé");
+        let long = "é".repeat(5000);
+        let c = clip(&long, 4096);
+        assert_eq!(c.len(), 4096);
+        assert!(clip(&long, 4095).len() == 4094);
+    }
+
+    #[test]
+    fn quote_is_debug_quoting_cut_with_the_length() {
+        assert_eq!(quote("a.b"), "\"a.b\"");
+        assert_eq!(quote("a\nb"), "\"a\\nb\"");
+        let exact = "x".repeat(MAX_QUOTED_CHARS);
+        assert_eq!(quote(&exact), format!("{exact:?}"));
+        let long = "\u{1}".repeat(15_000);
+        let q = quote(&long);
+        assert!(q.ends_with("…\" (15000 bytes)"), "{q}");
+        assert_eq!(q.matches("\\u{1}").count(), MAX_QUOTED_CHARS, "{q}");
+        assert!(q.len() < 500);
+        // Multi-byte characters are counted as characters, cut whole.
+        let wide = "é".repeat(100);
+        let q = quote(&wide);
+        assert!(q.starts_with(&format!("\"{}…\"", "é".repeat(MAX_QUOTED_CHARS))), "{q}");
+    }
 
     /// The inverse of `escape`, to show that no two inputs print alike.
     fn unescape(s: &str) -> String {

@@ -49,6 +49,7 @@ use shmbus_proto::ring::Geometry;
 use shmbus_proto::subject::validate_subject;
 use shmbus_proto::sync::Ordering;
 use shmbus_proto::sys::memfd;
+use shmbus_proto::text::quote;
 
 use super::peer::PeerId;
 use super::quota::{charge_usage, Charge, Resource};
@@ -159,7 +160,7 @@ impl Bus {
     ) {
         let op = Op::ChannelOpen { req_id };
         if let Err(e) = validate_subject(topic) {
-            let msg = format!("invalid channel subject {topic:?}: {e}");
+            let msg = format!("invalid channel subject {}: {e}", quote(topic));
             return self.op_error(id, op, ErrorCode::InvalidSubject, &msg, now);
         }
         if topic.split('.').next() == Some(super::service::SYS_PREFIX) {

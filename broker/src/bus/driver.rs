@@ -24,6 +24,7 @@ use shmbus_proto::frame::{
 };
 use shmbus_proto::limits::{MAX_CLIENT_NAME, MAX_INLINE_PAYLOAD, MAX_PACKET, MAX_SUBJECT_DEPTH};
 use shmbus_proto::subject::validate_pattern;
+use shmbus_proto::text::quote;
 
 use super::monitor::Seen;
 use super::peer::{LinkPhase, PeerId, PeerState, Subscription};
@@ -212,7 +213,7 @@ impl Bus {
         let cost = p.access.pattern_cost(Action::Subscribe);
         self.work = self.work.wrapping_add(cost);
         let refusal = if let Err(e) = validate_pattern(s.pattern) {
-            Some((ErrorCode::InvalidSubject, format!("invalid pattern {:?}: {e}", s.pattern)))
+            Some((ErrorCode::InvalidSubject, format!("invalid pattern {}: {e}", quote(s.pattern))))
         } else if let Err(e) = p.access.check_pattern(Action::Subscribe, s.pattern) {
             Some((ErrorCode::Denied, e))
         } else {
@@ -228,7 +229,7 @@ impl Bus {
                 Err(e) => return self.quota_refusal(id, op, &e, now),
             };
         if !self.router.insert(s.pattern, (id, s.sub_id)) {
-            let msg = format!("pattern {:?} is deeper than the router holds", s.pattern);
+            let msg = format!("pattern {} is deeper than the router holds", quote(s.pattern));
             return self.op_error(id, op, ErrorCode::InvalidSubject, &msg, now);
         }
         let state = SubState { pattern: s.pattern.into(), overflow: s.overflow, missed: 0 };

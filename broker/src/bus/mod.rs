@@ -55,6 +55,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
 use shmbus_proto::frame::{encode_head, Body, ErrorCode, Goodbye, GoodbyeCode, Op, OpError, Sender, Stats};
+use shmbus_proto::limits::MAX_ERROR_MESSAGE;
 use shmbus_proto::sys::socket::PeerCred;
 
 use channel::Channels;
@@ -495,6 +496,7 @@ impl Bus {
         self.detach(id);
         let Some(p) = self.peers.get_mut(&id) else { return };
         p.state = PeerState::Closing;
+        let reason = shmbus_proto::text::clip(reason, MAX_ERROR_MESSAGE);
         if let Ok(head) = encode_head(&Goodbye { code, reason }) {
             p.queue.push_final(OutFrame::control(head));
         }
@@ -590,7 +592,15 @@ impl Bus {
         fds: Vec<Rc<std::os::fd::OwnedFd>>,
         now: Instant,
     ) -> bool {
-        let Ok(head) = encode_head(body) else { return false };
+        let head = match encode_head(body) {
+            Ok(head) => head,
+            Err(e) => {
+                // Every message the broker writes is cut to fit (see
+                // `op_error`): this is a bug, and it is said so.
+                self.warn_limited(|| format!("client {id}: a control frame was not sent: {e}"));
+                return false;
+            }
+        };
         let Some(p) = self.peers.get_mut(&id) else { return false };
         if p.is_closing() {
             return false;
@@ -635,6 +645,9 @@ impl Bus {
     }
 
     pub(crate) fn op_error(&mut self, id: PeerId, op: Op, code: ErrorCode, message: &str, now: Instant) {
+        // Refusals quote what was refused (`text::quote` bounds that);
+        // cut all the same, so no refusal outgrows its packet.
+        let message = shmbus_proto::text::clip(message, MAX_ERROR_MESSAGE);
         if let Some(p) = self.peers.get(&id) {
             debug!("{}: {op:?} refused: {}", p.who(), shmbus_proto::text::escape(message));
         }

@@ -26,6 +26,7 @@ use shmbus_proto::frame::{
     encode_head, Deliver, ErrorCode, Monitor, MonitorEvent, MonitorKind, Op, Overflow, PayloadRef, Sender,
     Subscribed, MONITOR_EXCERPT,
 };
+use shmbus_proto::limits::{MAX_ERROR_MESSAGE, MAX_PACKET};
 use shmbus_proto::subject::validate_pattern;
 
 use super::peer::{PeerId, Subscription};
@@ -35,6 +36,15 @@ use super::router::Router;
 use super::rules::Action;
 use super::Bus;
 use super::SubKey;
+
+/// Most receivers a monitor event lists (its detail says how many more):
+/// 10 bytes each at most, so an event with its excerpt, its detail and
+/// the longest subject fits a packet.
+pub const MAX_MONITOR_RECEIVERS: usize = 4096;
+
+/// The most a monitor's `Deliver` head takes beside its subject (the
+/// header, a sub id, a sender, a seq: varints of at most 10 bytes).
+const DELIVER_HEAD_MAX: usize = 128;
 
 /// Most patterns one monitor may filter on.
 pub const MAX_MONITOR_PATTERNS: usize = 64;
@@ -145,10 +155,7 @@ impl Bus {
                 format!("at most {MAX_MONITORS_PER_CONNECTION} monitors per connection"),
             ))
         } else if let Some(bad) = m.patterns.iter().find(|pat| validate_pattern(pat).is_err()) {
-            Some((
-                ErrorCode::InvalidSubject,
-                format!("invalid pattern {:?}", shmbus_proto::text::escape(bad)),
-            ))
+            Some((ErrorCode::InvalidSubject, format!("invalid pattern {}", shmbus_proto::text::quote(bad))))
         } else {
             p.sub_id_refusal(m.sub_id, max)
         };
@@ -187,25 +194,42 @@ impl Bus {
             PayloadRef::Memfd { len } => len,
             PayloadRef::Inline => seen.payload.len() as u64,
         };
-        let mut event = MonitorEvent {
-            kind: seen.kind,
-            receivers: seen.receivers,
-            detail: seen.detail,
-            payload_len,
-            memfd,
-            payload: Vec::new(),
-        };
-        // At most two encodings: the excerpt and the whole.
+        // Bounded so that an event with its excerpt always fits a packet
+        // (the detail quotes peers' strings; a publish may reach any
+        // number of connections): what is left out is said.
+        let mut receivers = seen.receivers;
+        let mut detail = seen.detail;
+        if detail.len() > MAX_ERROR_MESSAGE {
+            let cut = shmbus_proto::text::clip(&detail, MAX_ERROR_MESSAGE).len();
+            detail.truncate(cut);
+        }
+        if receivers.len() > MAX_MONITOR_RECEIVERS {
+            let more = receivers.len() - MAX_MONITOR_RECEIVERS;
+            receivers.truncate(MAX_MONITOR_RECEIVERS);
+            detail.push_str(&format!(" ({more} more receivers not listed)"));
+        }
+        let mut event =
+            MonitorEvent { kind: seen.kind, receivers, detail, payload_len, memfd, payload: Vec::new() };
+        // At most two encodings: the excerpt and the whole. The whole
+        // payload beside a long subject and a long list of receivers may
+        // not fit a packet: such a monitor gets the excerpt.
+        let room = MAX_PACKET.saturating_sub(seen.subject.len() + DELIVER_HEAD_MAX);
         let mut encoded: [Option<Arc<[u8]>>; 2] = [None, None];
         for ((peer, sub_id), full) in wanted {
-            let bytes = encoded[usize::from(full)]
-                .get_or_insert_with(|| {
-                    let take =
-                        if full { seen.payload.len() } else { seen.payload.len().min(MONITOR_EXCERPT) };
-                    event.payload = seen.payload[..take].to_vec();
-                    Arc::from(event.to_bytes())
-                })
-                .clone();
+            let mut encode = |full: bool| {
+                encoded[usize::from(full)]
+                    .get_or_insert_with(|| {
+                        let take =
+                            if full { seen.payload.len() } else { seen.payload.len().min(MONITOR_EXCERPT) };
+                        event.payload = seen.payload[..take].to_vec();
+                        Arc::from(event.to_bytes())
+                    })
+                    .clone()
+            };
+            let mut bytes = encode(full);
+            if bytes.len() > room {
+                bytes = encode(false);
+            }
             self.monitors.seq += 1;
             // Counted as a delivery: a busy monitor is work like any other.
             self.work = self.work.wrapping_add(1);
@@ -222,9 +246,9 @@ impl Bus {
                     payload: PayloadRef::Inline,
                 };
                 let head = encode_head(&d).ok()?;
-                // A whole 64 KiB payload, its event and the longest topic
-                // still fit one packet; if not, the excerpt would have.
-                if head.len() + bytes.len() > shmbus_proto::limits::MAX_PACKET {
+                // Sized above to fit; were it not, `deliver` counts it
+                // as a gap on the monitor's subscription.
+                if head.len() + bytes.len() > MAX_PACKET {
                     return None;
                 }
                 Some(OutFrame { head, payload: Some(bytes), shared_fd: None, control_fds: Vec::new() })

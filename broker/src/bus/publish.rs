@@ -23,6 +23,7 @@ use shmbus_proto::frame::{
 use shmbus_proto::limits::MAX_INLINE_PAYLOAD;
 use shmbus_proto::subject::validate_subject;
 use shmbus_proto::sys::memfd::{self, MemfdError};
+use shmbus_proto::text::quote;
 
 use super::monitor::Seen;
 use super::peer::PeerId;
@@ -62,7 +63,7 @@ impl Bus {
         let checked = p.last_route.holds(topic, generation);
         if !checked {
             if let Err(e) = validate_subject(topic) {
-                let msg = format!("invalid subject {topic:?}: {e}");
+                let msg = format!("invalid subject {}: {e}", quote(topic));
                 return self.op_error(id, op, ErrorCode::InvalidSubject, &msg, now);
             }
             if topic.split('.').next() == Some(super::service::SYS_PREFIX) {
@@ -74,7 +75,7 @@ impl Bus {
             }
         }
         if let Some(Err(e)) = origin.map(validate_origin) {
-            let msg = format!("invalid origin for a publish on {topic:?}: {e}");
+            let msg = format!("invalid origin for a publish on {}: {e}", quote(topic));
             return self.op_error(id, op, ErrorCode::InvalidOrigin, &msg, now);
         }
         // Once per subject, not per message: the verdict is remembered.
@@ -216,11 +217,13 @@ impl Bus {
             return;
         }
         let Some(sub) = p.subs.get_mut(&sub_id) else { return };
-        let result = if p.queue.delivery_room(cost, fds, memfd) {
-            let Some(frame) = make(&mut self.buffers) else { return };
-            offer(&mut p.queue, sub_id, &mut sub.state, frame)
-        } else {
-            refuse(&mut sub.state)
+        // A frame that cannot be made (larger than a packet: the callers
+        // size theirs to fit) is a loss like any other, counted and told
+        // as a gap, never skipped.
+        let frame = if p.queue.delivery_room(cost, fds, memfd) { make(&mut self.buffers) } else { None };
+        let result = match frame {
+            Some(frame) => offer(&mut p.queue, sub_id, &mut sub.state, frame),
+            None => refuse(&mut sub.state),
         };
         match result {
             Offer::Queued { gap_sent } => {

@@ -31,9 +31,12 @@ use shmbus_proto::frame::{
     encode_head, validate_origin, Answer, ErrorCode, MonitorKind, NameFlags, NameOwner, NameOwnerChanged,
     NameReply, NameResult, Op, Outcome, PayloadRef, Reply, ReplyStatus, Request, Sender, Serve,
 };
-use shmbus_proto::limits::{MAX_INLINE_PAYLOAD, MAX_SUBJECT_DEPTH, MAX_SUBJECT_LEN};
+use shmbus_proto::limits::{
+    MAX_ERROR_MESSAGE, MAX_INLINE_PAYLOAD, MAX_PACKET, MAX_SUBJECT_DEPTH, MAX_SUBJECT_LEN,
+};
 use shmbus_proto::subject::validate_subject;
 use shmbus_proto::sys::memfd::{self, MemfdError};
+use shmbus_proto::text::quote;
 
 use super::monitor::Seen;
 use super::name::OwnerChange;
@@ -93,11 +96,11 @@ impl Replies {
 /// Why a name may not be owned by this peer, if it may not.
 fn name_refusal(name: &str, uid: u32, privileged: bool) -> Option<(ErrorCode, String)> {
     if let Err(e) = validate_subject(name) {
-        return Some((ErrorCode::InvalidSubject, format!("invalid name {name:?}: {e}")));
+        return Some((ErrorCode::InvalidSubject, format!("invalid name {}: {e}", quote(name))));
     }
     // `$SYS.name.<name>` must itself be a valid subject.
     if name.split('.').count() > MAX_SUBJECT_DEPTH - 2 || name.len() > MAX_SUBJECT_LEN - 10 {
-        let msg = format!("name {name:?} is too long: at most {} tokens", MAX_SUBJECT_DEPTH - 2);
+        let msg = format!("name {} is too long: at most {} tokens", quote(name), MAX_SUBJECT_DEPTH - 2);
         return Some((ErrorCode::InvalidSubject, msg));
     }
     let first = name.split('.').next().unwrap_or("");
@@ -306,6 +309,10 @@ impl Bus {
         now: Instant,
     ) {
         let Some(caller) = caller else { return };
+        // The broker's own messages quote what peers sent (bounded by
+        // `quote`), and a service's is refused past the bound (`reply`):
+        // cut all the same, so no answer outgrows its packet for it.
+        let outcome = outcome.clipped(MAX_ERROR_MESSAGE);
         let payload_ref = payload.as_ref().map_or(PayloadRef::Inline, |p| p.payload_ref);
         if !self.monitors.is_empty() {
             let bytes = payload.as_ref().and_then(|p| p.inline.clone());
@@ -321,9 +328,28 @@ impl Bus {
             self.monitor_event(seen, now);
         }
         let answer = Answer { call_id, outcome, responder, payload: payload_ref };
-        let Ok(head) = encode_head(&answer) else { return };
         let (inline, shared) = payload.map_or((None, None), |p| (p.inline, p.shared));
-        let frame = OutFrame { head, payload: inline, shared_fd: shared, control_fds: Vec::new() };
+        let inline_len = inline.as_ref().map_or(0, |b| b.len());
+        let frame = match encode_head(&answer) {
+            Ok(head) if head.len() + inline_len <= MAX_PACKET => {
+                OutFrame { head, payload: inline, shared_fd: shared, control_fds: Vec::new() }
+            }
+            // The limits above keep every answer within a packet; were one
+            // not, the caller still gets its one answer, without the
+            // payload (never a packet it could not receive).
+            too_big => {
+                let size = too_big.map_or(MAX_PACKET + 1, |h| h.len()) + inline_len;
+                let message = format!("the answer ({size} bytes) does not fit in a packet");
+                self.warn_limited(|| format!("call {call_id} of client {caller}: {message}"));
+                let answer = Answer {
+                    call_id,
+                    outcome: Outcome::Invalid { message: &message },
+                    responder,
+                    payload: PayloadRef::Inline,
+                };
+                OutFrame::control(encode_head(&answer).expect("a short answer encodes"))
+            }
+        };
         self.push_answer(caller, frame, now);
     }
 
@@ -343,11 +369,11 @@ impl Bus {
             bus.answer(Some(r.name), Some(id), call_id, outcome, None, None, now)
         };
         if let Err(e) = validate_subject(r.name) {
-            let msg = format!("invalid name {:?}: {e}", r.name);
+            let msg = format!("invalid name {}: {e}", quote(r.name));
             return refuse(self, Outcome::Invalid { message: &msg });
         }
         if let Some(Err(e)) = r.origin.map(validate_origin) {
-            let msg = format!("invalid origin for a call to {:?}: {e}", r.name);
+            let msg = format!("invalid origin for a call to {}: {e}", quote(r.name));
             return refuse(self, Outcome::Invalid { message: &msg });
         }
         let payload = match check_payload(r.payload, bytes, fds) {
@@ -391,10 +417,21 @@ impl Bus {
             origin: r.origin,
             payload: payload.payload_ref,
         };
-        let Ok(head) = encode_head(&serve) else { return };
+        let inline_len = payload.inline.as_ref().map_or(0, |b| b.len());
+        // The request's own limits keep this within a packet (a `Serve` is
+        // its `Request` and a stamp); were it not, the caller is told.
+        let head = match encode_head(&serve) {
+            Ok(head) if head.len() + inline_len <= MAX_PACKET => head,
+            _ => {
+                return refuse(
+                    self,
+                    Outcome::Invalid { message: "the request does not fit in a packet with its stamp" },
+                )
+            }
+        };
         let memfd = payload.shared.as_ref().map(|s| s.len);
-        let cost = head.capacity() + payload.inline.as_ref().map_or(0, |b| b.len()) + FRAME_OVERHEAD;
-        let Some(rp) = self.peers.get_mut(&responder) else { return };
+        let cost = head.capacity() + inline_len + FRAME_OVERHEAD;
+        let Some(rp) = self.peers.get_mut(&responder) else { return refuse(self, Outcome::NoResponder) };
         if rp.is_closing() || !rp.queue.delivery_room(cost, usize::from(memfd.is_some()), memfd) {
             let msg = format!(
                 "the service (client {responder}) has {} frames ({} bytes) queued and takes no more",
@@ -464,6 +501,24 @@ impl Bus {
         }
         let Some(p) = self.peers.get(&id) else { return };
         let responder = Sender { client_id: id, uid: p.cred.uid, gid: p.cred.gid, pid: p.cred.pid };
+        if let ReplyStatus::Error { message, .. } = r.status {
+            if message.len() > MAX_ERROR_MESSAGE {
+                // Refused as a bad payload is (its fds close here): the
+                // caller still gets its one answer.
+                let msg = format!("an error message of {} bytes; at most {MAX_ERROR_MESSAGE}", message.len());
+                let told = format!("the service's reply was refused: {msg}");
+                self.answer(
+                    slot.name.as_deref(),
+                    slot.caller,
+                    slot.call_id,
+                    Outcome::Invalid { message: &told },
+                    Some(responder),
+                    None,
+                    now,
+                );
+                return self.op_error(id, op, ErrorCode::LimitExceeded, &msg, now);
+            }
+        }
         let payload = match check_payload(r.payload, bytes, fds) {
             Ok(p) => p,
             Err((code, msg)) => {

@@ -1281,3 +1281,71 @@ fn a_link_past_the_uid_ring_quota_or_of_a_bad_size_is_refused_and_the_socket_goe
     let fd = w.take(d);
     assert!(format!("{fd:?}").contains("--no-shared-memory"), "{fd:?}");
 }
+
+#[test]
+fn a_monitor_event_always_fits_a_packet_and_says_what_it_left_out() {
+    use shmbus_proto::frame::{Monitor, MonitorEvent, MonitorKind};
+    use shmbus_proto::limits::MAX_PACKET;
+    let mut cfg = config();
+    cfg.uid_limits.set(Resource::Connections, 10_000);
+    let mut w = World::new(cfg);
+    let mon = w.join(0);
+    w.send(mon, &Monitor { sub_id: 1, patterns: Vec::new(), full: true });
+    assert!(matches!(w.take(mon).as_slice(), [BrokerFrame::Subscribed(_)]));
+    // More receivers than an event lists, beside a whole 64 KiB payload
+    // the monitor asked for: together more than a packet.
+    let receivers = super::monitor::MAX_MONITOR_RECEIVERS + 5;
+    for _ in 0..receivers {
+        let s = w.join(1);
+        w.subscribe(s, 1, "big.x");
+        w.take(s);
+        // The monitor sees each join and subscription: kept read.
+        w.take(mon);
+    }
+    let payload = vec![7u8; 64 * 1024];
+    let publisher = w.join(2);
+    w.publish(publisher, "big.x", &payload);
+    let mut event = None;
+    loop {
+        let frames = w.bus.sendable(mon, 64);
+        if frames.is_empty() {
+            break;
+        }
+        let n = frames.len();
+        for f in &frames {
+            let len = f.head.len() + f.payload.as_ref().map_or(0, |p| p.len());
+            assert!(len <= MAX_PACKET, "a frame of {len} bytes");
+            let mut bytes = f.head.clone();
+            bytes.extend_from_slice(f.payload.as_deref().unwrap_or(&[]));
+            if let BrokerFrame::Deliver(_, p) = decode_broker(&bytes).unwrap() {
+                let e = MonitorEvent::from_bytes(p).unwrap();
+                if e.kind == MonitorKind::Publish {
+                    event = Some(e);
+                }
+            }
+        }
+        w.bus.sent(mon, n, w.now);
+    }
+    let e = event.expect("the publish was seen, not dropped");
+    assert_eq!(e.receivers.len(), super::monitor::MAX_MONITOR_RECEIVERS);
+    assert!(e.detail.contains("(5 more receivers not listed)"), "{}", e.detail);
+    // The whole payload did not fit beside them: the excerpt came, and
+    // the length says what the payload was.
+    assert_eq!(e.payload.len(), shmbus_proto::frame::MONITOR_EXCERPT);
+    assert_eq!(e.payload_len, 64 * 1024);
+}
+
+#[test]
+fn a_delivery_whose_frame_cannot_be_made_is_a_counted_gap() {
+    let mut w = World::new(config());
+    let sub = w.join(1);
+    w.subscribe(sub, 3, "gap.x");
+    w.take(sub);
+    // A maker that fails (a frame larger than a packet would): the loss
+    // is told as a gap, where a delivery would have been.
+    w.bus.deliver(sub, 3, (64, 0, None), |_| None, w.now);
+    w.publish(sub, "gap.x", b"after");
+    let got = w.take(sub);
+    assert!(matches!(got.first(), Some(BrokerFrame::Gap(g)) if g.sub_id == 3 && g.missed == 1), "{got:?}");
+    assert!(matches!(got.get(1), Some(BrokerFrame::Deliver(d, b"after")) if d.sub_id == 3), "{got:?}");
+}
