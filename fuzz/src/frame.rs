@@ -102,7 +102,7 @@ fn check_broker(packet: &[u8], frame: &BrokerFrame<'_>) {
         BrokerFrame::Gap(b) => reencode(packet, b, &[]),
         BrokerFrame::Subscribed(b) => reencode(packet, b, &[]),
         BrokerFrame::Pong(b) => reencode(packet, b, &[]),
-        BrokerFrame::QueryItem(b) => reencode(packet, b, &[]),
+        BrokerFrame::QueryItem(b) => reencode(packet, &**b, &[]),
         BrokerFrame::QueryEnd(b) => reencode(packet, b, &[]),
         BrokerFrame::OpError(b) => reencode(packet, b, &[]),
         BrokerFrame::ChannelGranted(b) => reencode(packet, b, &[]),

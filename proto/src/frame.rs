@@ -1268,7 +1268,9 @@ pub enum BrokerFrame<'a> {
     Gap(Gap),
     Subscribed(Subscribed),
     Pong(Pong),
-    QueryItem(QueryItem),
+    /// Boxed: an item is 240 bytes, and every frame (a `Deliver` is 104)
+    /// would be moved at that size.
+    QueryItem(Box<QueryItem>),
     QueryEnd(QueryEnd),
     OpError(OpError<'a>),
     ChannelGranted(ChannelGranted),
@@ -1295,7 +1297,7 @@ pub fn decode_broker(packet: &[u8]) -> Result<BrokerFrame<'_>, DecodeError> {
         Kind::Gap => BrokerFrame::Gap(body(kind, b)?),
         Kind::Subscribed => BrokerFrame::Subscribed(body(kind, b)?),
         Kind::Pong => BrokerFrame::Pong(body(kind, b)?),
-        Kind::QueryItem => BrokerFrame::QueryItem(body(kind, b)?),
+        Kind::QueryItem => BrokerFrame::QueryItem(Box::new(body(kind, b)?)),
         Kind::QueryEnd => BrokerFrame::QueryEnd(body(kind, b)?),
         Kind::OpError => BrokerFrame::OpError(body(kind, b)?),
         Kind::ChannelGranted => BrokerFrame::ChannelGranted(body(kind, b)?),
