@@ -501,28 +501,19 @@ impl Bus {
         }
         let Some(p) = self.peers.get(&id) else { return };
         let responder = Sender { client_id: id, uid: p.cred.uid, gid: p.cred.gid, pid: p.cred.pid };
-        if let ReplyStatus::Error { message, .. } = r.status {
-            if message.len() > MAX_ERROR_MESSAGE {
-                // Refused as a bad payload is (its fds close here): the
-                // caller still gets its one answer.
+        // A reply refused (an error message past the bound, a payload that
+        // fails its checks; its fds close here): the caller still gets its
+        // one answer, and the service is told why.
+        let checked = match r.status {
+            ReplyStatus::Error { message, .. } if message.len() > MAX_ERROR_MESSAGE => {
                 let msg = format!("an error message of {} bytes; at most {MAX_ERROR_MESSAGE}", message.len());
-                let told = format!("the service's reply was refused: {msg}");
-                self.answer(
-                    slot.name.as_deref(),
-                    slot.caller,
-                    slot.call_id,
-                    Outcome::Invalid { message: &told },
-                    Some(responder),
-                    None,
-                    now,
-                );
-                return self.op_error(id, op, ErrorCode::LimitExceeded, &msg, now);
+                Err((ErrorCode::LimitExceeded, msg))
             }
-        }
-        let payload = match check_payload(r.payload, bytes, fds) {
+            _ => check_payload(r.payload, bytes, fds),
+        };
+        let payload = match checked {
             Ok(p) => p,
             Err((code, msg)) => {
-                // The caller still gets its one answer.
                 let told = format!("the service's reply was refused: {msg}");
                 self.answer(
                     slot.name.as_deref(),
