@@ -165,6 +165,9 @@ mod tests {
         // the fd the client got cannot be mapped writable.
         let rw = Region::map(link.broker_half_ro.as_fd(), half_len(DEFAULT_CAPACITY), true);
         assert!(rw.is_err());
+        // Nor reopened writable by another uid (`memfd::reopen_read_only`):
+        // the half is mode 0400, the broker's.
+        assert_eq!(rustix::fs::fstat(&link.broker_half_ro).unwrap().st_mode & 0o7777, 0o400);
     }
 
     #[test]

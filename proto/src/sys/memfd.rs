@@ -97,7 +97,17 @@ pub fn seal(fd: BorrowedFd<'_>) -> io::Result<()> {
 /// A new, read-only file description of the same memfd: whoever holds it
 /// can map it only `PROT_READ`, and cannot write it. (Reopened through
 /// `/proc/self/fd`, the one way to downgrade a memfd's access mode.)
+///
+/// The memfd's mode becomes 0400 first (`fchmod`; the caller must own
+/// it). A memfd is born 0777, and the same reopening works the other way:
+/// a holder of the read-only fd could open `/proc/self/fd/<it>` `O_RDWR`
+/// and write what it was only to read. With 0400 that reopening is
+/// refused (`EACCES`) to every uid but the owner's, who may `fchmod` it
+/// back, and root: a process of the creator's own uid, or root, could
+/// ptrace the creator anyway. Descriptions already open keep their
+/// access: the creator's read-write fd stays read-write.
 pub fn reopen_read_only(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    rustix::fs::fchmod(fd, rustix::fs::Mode::RUSR)?;
     let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
     Ok(rustix::fs::open(
         path,
@@ -246,6 +256,12 @@ mod tests {
         assert!(flags.contains(rustix::io::FdFlags::CLOEXEC), "a reopened memfd without FD_CLOEXEC");
         let mode = rustix::fs::fcntl_getfl(&ro).unwrap() & rustix::fs::OFlags::RWMODE;
         assert_eq!(mode, rustix::fs::OFlags::RDONLY);
+        // Mode 0400: no other uid may reopen it writable (the test across
+        // uids is broker/tests/attack_review2.rs); the creator's own fd
+        // stays writable.
+        assert_eq!(rustix::fs::fstat(&ro).unwrap().st_mode & 0o7777, 0o400);
+        let rw = rustix::fs::fcntl_getfl(&fd).unwrap() & rustix::fs::OFlags::RWMODE;
+        assert_eq!(rw, rustix::fs::OFlags::RDWR);
     }
 
     /// Small memfds get their pages up front (`fallocate`); from
