@@ -21,7 +21,7 @@ fn ring() -> RingMap {
 
 /// A reader's cursor page, mapped writable (as the reader maps it).
 fn cursor(map: &RingMap) -> CursorMap {
-    let (_generation, fd, _ro) = join_reader(map).unwrap();
+    let (_generation, fd, _ro, _broker_cursor) = join_reader(map).unwrap();
     CursorMap::map(fd.as_fd(), true).unwrap()
 }
 

@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::check_subject;
 use shmbus_proto::frame::{ChannelClose, ChannelOpen, ChannelOverflow, ChannelRole, ErrorCode};
+use shmbus_proto::ring::layout::ENDED_CLOSED;
 use shmbus_proto::ring::protocol::{self, RingView};
 use shmbus_proto::ring::shm::{CursorMap, RingMap, RingMapError};
 use shmbus_proto::ring::{Geometry, ReadOutcome, ReaderState, WriterState};
@@ -605,6 +606,9 @@ pub struct ChannelSubscriber {
     closure: Option<Option<String>>,
     /// Replaced after a reconnection (as a publisher's `stale`).
     stale: bool,
+    /// Once the broker ended the channel as closed (`ENDED_CLOSED` in our
+    /// cursor page): how many more reads (messages, missed runs) we take.
+    reads_left: Option<u64>,
 }
 
 impl std::fmt::Debug for ChannelSubscriber {
@@ -663,6 +667,7 @@ impl ChannelSubscriber {
             buf: vec![0; g.slot_size as usize],
             closure: None,
             stale: false,
+            reads_left: None,
         })
     }
 
@@ -704,9 +709,19 @@ impl ChannelSubscriber {
         read: impl FnMut(&[u8]) -> R,
     ) -> Result<Option<ChannelEvent<R>>, ChannelError> {
         let mut read = read;
+        if self.ended_here() {
+            // The broker ended the channel and what it lets us read is
+            // read: the end, whatever the ring (its publisher's to write)
+            // says.
+            return match self.follow()? {
+                Follow::Moved => Ok(Some(ChannelEvent::Reconnected)),
+                Follow::Waiting => Ok(None),
+                Follow::Stay => Err(closed_error(&self.client, self.channel_id, &mut self.closure)),
+            };
+        }
         match protocol::try_read(&self.map, &mut self.state, &mut self.buf, &mut read) {
             ReadOutcome::Empty => {
-                if self.map.is_closed() {
+                if self.map.is_closed() || self.cursor.ended().0 != 0 {
                     // One more look: the last messages before the close.
                     return match protocol::try_read(&self.map, &mut self.state, &mut self.buf, &mut read) {
                         ReadOutcome::Empty => match self.follow()? {
@@ -725,8 +740,31 @@ impl ChannelSubscriber {
         }
     }
 
+    /// Whether the broker ended the channel (in our cursor page, which its
+    /// publisher cannot write) and we may read no more: at once if it was
+    /// revoked; if it was closed, once every message before the head at
+    /// the close is read, or `slot_count + 1` reads after we first saw it
+    /// (all an honest publisher can have left in the ring; a publisher
+    /// that left but still writes its ring, or lied about its head, adds
+    /// no more than that).
+    fn ended_here(&mut self) -> bool {
+        match self.cursor.ended() {
+            (0, _) => false,
+            (ENDED_CLOSED, end_at) => {
+                let reads = u64::from(self.map.geometry().slot_count) + 1;
+                self.state.next >= end_at || *self.reads_left.get_or_insert(reads) == 0
+            }
+            // Revoked, or a value no broker writes (our own page: only we
+            // could have put it there).
+            _ => true,
+        }
+    }
+
     fn outcome<R>(&mut self, o: ReadOutcome<R>) -> Result<Option<ChannelEvent<R>>, ChannelError> {
         self.advance();
+        if let Some(left) = &mut self.reads_left {
+            *left = left.saturating_sub(1);
+        }
         match o {
             ReadOutcome::Empty => Ok(None),
             ReadOutcome::Message { seq, value } => Ok(Some(ChannelEvent::Message { seq, value })),
@@ -797,6 +835,12 @@ impl ChannelSubscriber {
     /// Sleeps until the publisher may have published (or `max` passes).
     fn sleep(&self, max: Duration) -> Result<(), ChannelError> {
         let slept = match protocol::prepare_sleep(&self.map, &self.state) {
+            // The broker ends a channel in our cursor page before it bumps
+            // `wake`: a bump `seen` holds comes with the end (the Acquire
+            // in `prepare_sleep` pairs with its Release), and one it does
+            // not hold fails the wait. (`closed` in the ring, which
+            // `prepare_sleep` looks at, the publisher may have put back.)
+            Some(_) if self.cursor.ended().0 != 0 => Ok(()),
             Some(seen) => futex::wait(&self.map.signal().wake, seen, Some(max)),
             None => Ok(()),
         };
@@ -916,13 +960,16 @@ impl ChannelSubscriber {
     fn ready(&self) -> bool {
         use shmbus_proto::ring::protocol::RingView;
         // Acquire: pairs with the publisher's Release store of `head`.
-        self.map.header().head.load(Ordering::Acquire) > self.state.next || self.map.is_closed()
+        self.map.header().head.load(Ordering::Acquire) > self.state.next
+            || self.map.is_closed()
+            || self.cursor.ended().0 != 0
     }
 
-    /// Whether a read may wait for the broker: the ring is closed (a read
-    /// then asks why, or follows a reconnection).
+    /// Whether a read may wait for the broker: the ring is closed, or the
+    /// broker ended the channel (a read then asks why, or follows a
+    /// reconnection).
     pub(crate) fn read_may_block(&self) -> bool {
-        self.map.is_closed()
+        self.map.is_closed() || self.cursor.ended().0 != 0
     }
 
     /// Waits (spinning as [`ChannelSubscriber::set_spin`] says, then on
@@ -1049,7 +1096,7 @@ mod tests {
                                 ChannelRole::Subscribe => {
                                     let at = rings.iter().position(|r| r.0 == o.topic).unwrap();
                                     let (_, ring, signal, map) = &rings[at];
-                                    let (_, cursor, _) = join_reader(map).unwrap();
+                                    let (_, cursor, _, _) = join_reader(map).unwrap();
                                     let ro = memfd::reopen_read_only(ring.as_fd()).unwrap();
                                     let fds = [ro.as_fd(), signal.as_fd(), cursor.as_fd()];
                                     send(&|| head(&grant(at as u64 + 1, 1)), &fds);

@@ -148,7 +148,7 @@ pub fn run(data: &[u8]) {
     // the reader at the head.
     let ws = WriterState { next: start };
     writer.header().head.store(start, Ordering::Release);
-    let Ok((_generation, cursor_fd, _cursor_ro)) = shm::join_reader(&writer) else { return };
+    let Ok((_generation, cursor_fd, _cursor_ro, _broker_cursor)) = shm::join_reader(&writer) else { return };
     let Ok(cursor) = CursorMap::map(cursor_fd.as_fd(), true) else { return };
     let next = cursor.cursor().next.load(Ordering::Acquire);
     assert_eq!(next, start, "the broker starts a reader at the head");

@@ -315,7 +315,7 @@ impl Bus {
         if let Some(p) = self.peers.get_mut(&publisher) {
             p.channels.retain(|h| *h != (channel_id, 0));
         }
-        self.close_channel(channel_id);
+        self.close_channel(channel_id, super::channel::Ending::Revoked);
         let reason = format!("policy reloaded: channel closed for every member: {why}");
         for member in members {
             self.control(member, &Revoked { what: Revocation::Channel { channel_id }, reason: &reason }, now);

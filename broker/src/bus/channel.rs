@@ -42,9 +42,10 @@ use shmbus_proto::frame::{
     ErrorCode, Op,
 };
 use shmbus_proto::ring::layout::Signal;
+use shmbus_proto::ring::layout::{ENDED_CLOSED, ENDED_REVOKED};
 use shmbus_proto::ring::protocol;
 use shmbus_proto::ring::protocol::RingView;
-use shmbus_proto::ring::shm::{create_ring, join_reader, RingMap};
+use shmbus_proto::ring::shm::{create_ring, join_reader, CursorMap, RingMap};
 use shmbus_proto::ring::Geometry;
 use shmbus_proto::subject::validate_subject;
 use shmbus_proto::sync::Ordering;
@@ -55,6 +56,16 @@ use super::peer::PeerId;
 use super::quota::{charge_usage, Charge, Resource};
 use super::rules::Action;
 use super::Bus;
+
+/// Why the broker ends a channel ([`Bus::close_channel`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ending {
+    /// Its publisher gave it back or left: readers take what was published
+    /// before (at most one ring's worth of reads), then end.
+    PublisherLeft,
+    /// A reloaded policy took it away: readers end at once.
+    Revoked,
+}
 
 /// Bytes of one cursor page, and of the signal page beside a ring.
 const PAGE: u64 = 4096;
@@ -67,6 +78,10 @@ pub struct ChannelReader {
     pub peer: PeerId,
     /// The reader handle and its cursor page, charged to the reader's uid.
     pub charge: Charge,
+    /// The broker's read-write mapping of the reader's cursor page: where
+    /// it ends the channel for the reader ([`CursorMap::end`]), out of the
+    /// publisher's reach.
+    pub cursor: CursorMap,
 }
 
 /// A membership change the publisher has not been told of yet.
@@ -310,7 +325,7 @@ impl Bus {
         let fds = memfd::reopen_read_only(ch.ring_fd.as_fd())
             .map_err(|e| e.to_string())
             .and_then(|r| join_reader(&ch.map).map(|c| (c, r)).map_err(|e| e.to_string()));
-        let ((generation, cursor_rw, cursor_ro), ring_ro) = match fds {
+        let ((generation, cursor_rw, cursor_ro, cursor), ring_ro) = match fds {
             Ok(f) => f,
             Err(e) => {
                 let msg = format!("the broker cannot set up the reader: {e}");
@@ -338,7 +353,7 @@ impl Bus {
         };
         let signal = ch.signal_fd.clone();
         // The join is announced already: record it whatever happens next.
-        ch.readers.insert(reader_id, ChannelReader { peer: id, charge });
+        ch.readers.insert(reader_id, ChannelReader { peer: id, charge, cursor });
         ch.record(reader_id, Untold::Joined(cursor_ro), generation);
         let publisher = ch.publisher;
         if let Some(p) = self.peers.get_mut(&id) {
@@ -374,7 +389,7 @@ impl Bus {
         let Some(ch) = self.channels.by_id.get_mut(&channel_id) else { return };
         if reader_id == 0 {
             if ch.publisher == id {
-                self.close_channel(channel_id);
+                self.close_channel(channel_id, Ending::PublisherLeft);
             }
             return;
         }
@@ -398,10 +413,23 @@ impl Bus {
         self.tell_channel_news(publisher, self.now_hint());
     }
 
-    /// The publisher left: mark the ring closed and wake every reader.
-    pub(crate) fn close_channel(&mut self, channel_id: u64) {
+    /// The publisher left, or the channel was revoked: end it in every
+    /// reader's cursor page (which the publisher cannot write, unlike the
+    /// ring's `closed` word), mark the ring closed and wake every reader.
+    pub(crate) fn close_channel(&mut self, channel_id: u64, why: Ending) {
         let Some(ch) = self.channels.by_id.remove(&channel_id) else { return };
         self.channels.by_topic.remove(&ch.topic);
+        let how = match why {
+            Ending::PublisherLeft => ENDED_CLOSED,
+            Ending::Revoked => ENDED_REVOKED,
+        };
+        // The head a publisher wrote: readers read up to it, and take at
+        // most a ring's worth more reads whatever it says (`ENDED_CLOSED`).
+        let end_at = ch.head();
+        for r in ch.readers.values() {
+            r.cursor.end(how, end_at);
+        }
+        // After the cursors: its wake-up orders them for woken readers.
         ch.map.close();
         for (reader_id, r) in &ch.readers {
             if let Some(p) = self.peers.get_mut(&r.peer) {

@@ -480,7 +480,9 @@ pub fn spawn_retrying(cmd: &mut Command) -> std::io::Result<Child> {
 
 pub fn spawn_guarded(mut cmd: Command) -> ChildGuard {
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    ChildGuard(Some(cmd.spawn().expect("spawn")))
+    // Retried on `ETXTBSY`: the command may be a copy made a moment ago
+    // (`command_as`).
+    ChildGuard(Some(spawn_retrying(&mut cmd).expect("spawn")))
 }
 
 pub fn run_bounded(cmd: Command) -> Output {

@@ -81,15 +81,41 @@ pub struct Signal {
     _pad1: [u8; 56],
 }
 
-/// One reader's cursor page: written by that reader only (the publisher
-/// and broker map it read-only).
+/// One reader's cursor page: `next` written by that reader (the publisher
+/// maps the page read-only), `ended` by the broker.
 #[repr(C, align(64))]
 pub struct Cursor {
     pub magic: AtomicU64,
     /// The sequence number the reader will read next.
     pub next: AtomicU64,
-    _pad: [u8; 48],
+    _pad0: [u8; 48],
+    /// 0 while the channel is open; set once by the broker when it ends
+    /// the channel, and looked at by the reader on every read:
+    /// [`ENDED_CLOSED`] or [`ENDED_REVOKED`]. Here, not in the ring
+    /// header, because the publisher writes the header and could put a
+    /// `closed` word back to 0 and go on reaching readers after the broker
+    /// ended it; the publisher cannot write this page. (The reader can:
+    /// it would only fool itself.) On its own cache line: the reader's
+    /// look costs nothing while it is 0.
+    pub ended: AtomicU32,
+    _pad1: u32,
+    /// With [`ENDED_CLOSED`]: the ring's `head` when the broker closed it
+    /// (stored before `ended`, which orders it).
+    pub end_at: AtomicU64,
+    _pad2: [u8; 48],
 }
+
+/// [`Cursor::ended`]: the broker closed the channel because its publisher
+/// left or died. The reader reads the messages before [`Cursor::end_at`],
+/// then ends; and takes at most `slot_count + 1` more reads (messages or
+/// missed runs) from when it first saw this, since `end_at` is the head a
+/// publisher wrote: all an honest publisher can have left in the ring,
+/// and all one that left but still holds its mapping can add.
+pub const ENDED_CLOSED: u32 = 1;
+/// [`Cursor::ended`]: the broker revoked the channel (a reloaded policy
+/// took away the publisher's or the reader's right): the reader ends at
+/// once, and its client's `Revoked` notice says why.
+pub const ENDED_REVOKED: u32 = 2;
 
 impl RingHeader {
     #[cfg(loom)]
@@ -135,7 +161,15 @@ impl Signal {
 impl Cursor {
     #[cfg(loom)]
     pub fn new_for_model() -> Cursor {
-        Cursor { magic: AtomicU64::new(CURSOR_MAGIC), next: AtomicU64::new(0), _pad: [0; 48] }
+        Cursor {
+            magic: AtomicU64::new(CURSOR_MAGIC),
+            next: AtomicU64::new(0),
+            _pad0: [0; 48],
+            ended: AtomicU32::new(0),
+            _pad1: 0,
+            end_at: AtomicU64::new(0),
+            _pad2: [0; 48],
+        }
     }
 }
 
@@ -151,7 +185,9 @@ mod tests {
         assert_eq!(std::mem::size_of::<SlotHeader>(), SLOT_HEADER_LEN);
         assert_eq!(std::mem::size_of::<Signal>(), 128);
         assert_eq!(std::mem::offset_of!(Signal, progress), 64);
-        assert_eq!(std::mem::size_of::<Cursor>(), 64);
+        assert_eq!(std::mem::size_of::<Cursor>(), 128);
+        assert_eq!(std::mem::offset_of!(Cursor, ended), 64);
+        assert_eq!(std::mem::offset_of!(Cursor, end_at), 72);
         assert!(std::mem::size_of::<RingHeader>() <= HEADER_LEN);
     }
 }

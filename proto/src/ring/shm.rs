@@ -317,6 +317,30 @@ impl CursorMap {
         // SAFETY: Cursor is all atomics and fits in the page at offset 0.
         unsafe { self.region.at(0) }
     }
+
+    /// Broker side: ends the channel for this reader, `how` being
+    /// [`ENDED_CLOSED`] (readers read up to `end_at`, the ring's head now)
+    /// or [`ENDED_REVOKED`]. Wake the reader after (`RingMap::close`).
+    pub fn end(&self, how: u32, end_at: u64) {
+        // Relaxed: published by the Release store of `ended` below.
+        self.cursor().end_at.store(end_at, Ordering::Relaxed);
+        // Release: pairs with the reader's Acquire load in `ended`; and
+        // the wake-up that follows (`RingMap::close`, a Release RMW on
+        // `wake`) comes after it, so a reader woken sees it.
+        self.cursor().ended.store(how, Ordering::Release);
+    }
+
+    /// Reader side: how the broker ended the channel (0 while it is open),
+    /// and where it ended it (with [`ENDED_CLOSED`]).
+    pub fn ended(&self) -> (u32, u64) {
+        // Acquire: pairs with the Release in `end`.
+        let how = self.cursor().ended.load(Ordering::Acquire);
+        if how == 0 {
+            return (0, 0);
+        }
+        // Relaxed: ordered by the Acquire load above.
+        (how, self.cursor().end_at.load(Ordering::Relaxed))
+    }
 }
 
 pub(crate) fn sealed_memfd(name: &str, len: usize) -> io::Result<OwnedFd> {
@@ -347,10 +371,11 @@ pub fn create_ring(g: Geometry, block: bool) -> Result<(OwnedFd, OwnedFd, RingMa
 /// A reader joins the ring `ring` (the broker's mapping): its cursor page,
 /// set where it starts, and a read-only fd to that page for the publisher.
 /// Returns the membership generation to send the publisher with the
-/// cursor fd. Everything that can fail is done before the publisher is
-/// told (`protocol::join`), so it is never told of a reader that never
-/// comes.
-pub fn join_reader(ring: &RingMap) -> Result<(u32, OwnedFd, OwnedFd), RingMapError> {
+/// cursor fd, the reader's fd, the publisher's, and the broker's own
+/// mapping (to end the channel for the reader: [`CursorMap::end`]).
+/// Everything that can fail is done before the publisher is told
+/// (`protocol::join`), so it is never told of a reader that never comes.
+pub fn join_reader(ring: &RingMap) -> Result<(u32, OwnedFd, OwnedFd, CursorMap), RingMapError> {
     let fd = sealed_memfd("shmbus-ring-cursor", PAGE_LEN)?;
     let map = CursorMap::map(fd.as_fd(), true)?;
     let ro = memfd::reopen_read_only(fd.as_fd())?;
@@ -359,7 +384,7 @@ pub fn join_reader(ring: &RingMap) -> Result<(u32, OwnedFd, OwnedFd), RingMapErr
     // handover orders it anyway).
     map.cursor().next.store(next, Ordering::Release);
     map.cursor().magic.store(CURSOR_MAGIC, Ordering::Release);
-    Ok((generation, fd, ro))
+    Ok((generation, fd, ro, map))
 }
 
 #[cfg(test)]
