@@ -42,6 +42,13 @@ pub const MAX_ERROR_MESSAGE: usize = 4096;
 /// never the whole of a string that may fill a packet.
 pub const MAX_QUOTED_CHARS: usize = 64;
 
+/// Largest memfd payload, in bytes (1 TiB). A sealed memfd may be sparse:
+/// one of 2^63 bytes costs its maker nothing, and sums of such lengths
+/// would overflow the counters that charge payloads to a uid's quota.
+/// Larger ones are refused (`PayloadTooLarge`; a client counts one it
+/// receives as missed).
+pub const MAX_MEMFD_PAYLOAD: u64 = 1 << 40;
+
 /// Most fds that may ride on one packet. The receive side sizes its
 /// control buffer for exactly this many; more is `MSG_CTRUNC`.
 pub const MAX_FDS_PER_PACKET: usize = 4;

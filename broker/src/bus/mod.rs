@@ -729,8 +729,8 @@ impl Bus {
             news += u32::from(f.head.get(3) == Some(&(shmbus_proto::frame::Kind::ChannelReader as u8)));
             if f.head.get(3) == Some(&(shmbus_proto::frame::Kind::Deliver as u8)) {
                 delivered += 1;
-                bytes += f.inline_len() as u64;
-                bytes += f.shared_fd.as_ref().map_or(0, |s| s.len);
+                bytes = bytes.saturating_add(f.inline_len() as u64);
+                bytes = bytes.saturating_add(f.shared_fd.as_ref().map_or(0, |s| s.len));
             }
         }
         p.queue.consume_into(n, &mut self.buffers);

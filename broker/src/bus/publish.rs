@@ -113,6 +113,7 @@ impl Bus {
                         MemfdError::NotMemfd => ErrorCode::NotMemfd,
                         MemfdError::NotSealed => ErrorCode::NotSealed,
                         MemfdError::SizeMismatch { .. } => ErrorCode::SizeMismatch,
+                        MemfdError::TooLarge { .. } => ErrorCode::PayloadTooLarge,
                         MemfdError::Io(_) | MemfdError::Unmappable(_) => ErrorCode::FdRefused,
                     };
                     return self.op_error(id, op, code, &format!("fd refused: {e}"), now);

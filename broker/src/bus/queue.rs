@@ -212,12 +212,16 @@ impl OutQueue {
     /// `memfd` bytes under the queue's and the uid's payload bounds. Cheap
     /// enough to ask before a delivery is even encoded.
     pub fn delivery_room(&self, cost: usize, fds: usize, memfd: Option<u64>) -> bool {
-        self.data_room(cost, fds)
-            && memfd.is_none_or(|len| {
-                self.memfds < self.limits.fds
-                    && self.usage.fits(Resource::MemfdBytes, len)
-                    && self.usage.fits(Resource::MemfdFds, 1)
-            })
+        self.data_room(cost, fds) && memfd.is_none_or(|len| self.memfd_room(len))
+    }
+
+    /// Whether one more memfd of `len` bytes fits this queue's and its
+    /// uid's memfd bounds (an answer's too: a control frame, but its memfd
+    /// holds memory like a delivery's).
+    pub fn memfd_room(&self, len: u64) -> bool {
+        self.memfds < self.limits.fds
+            && self.usage.fits(Resource::MemfdBytes, len)
+            && self.usage.fits(Resource::MemfdFds, 1)
     }
 
     fn frame_room(&self, f: &OutFrame) -> bool {
@@ -252,17 +256,19 @@ impl OutQueue {
             (Resource::MemfdBytes, memfd.unwrap_or(0)),
             (Resource::MemfdFds, u64::from(memfd.is_some())),
         ];
+        // Saturating: a memfd's length is a peer's (bounded by
+        // `MAX_MEMFD_PAYLOAD`, and sums of such must not wrap all the same).
         if add {
-            self.bytes += cost;
+            self.bytes = self.bytes.saturating_add(cost);
             self.memfds += u32::from(memfd.is_some());
             self.fds += fds;
-            self.memfd_bytes += memfd.unwrap_or(0);
+            self.memfd_bytes = self.memfd_bytes.saturating_add(memfd.unwrap_or(0));
             charges.iter().for_each(|&(r, a)| self.usage.add(r, a));
         } else {
-            self.bytes -= cost;
+            self.bytes = self.bytes.saturating_sub(cost);
             self.memfds -= u32::from(memfd.is_some());
             self.fds -= fds;
-            self.memfd_bytes -= memfd.unwrap_or(0);
+            self.memfd_bytes = self.memfd_bytes.saturating_sub(memfd.unwrap_or(0));
             charges.iter().for_each(|&(r, a)| self.usage.sub(r, a));
         }
     }

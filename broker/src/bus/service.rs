@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use shmbus_proto::frame::{
     encode_head, validate_origin, Answer, ErrorCode, MonitorKind, NameFlags, NameOwner, NameOwnerChanged,
-    NameReply, NameResult, Op, Outcome, PayloadRef, Reply, ReplyStatus, Request, Sender, Serve,
+    NameReply, Op, Outcome, PayloadRef, Reply, ReplyStatus, Request, Sender, Serve,
 };
 use shmbus_proto::limits::{
     MAX_ERROR_MESSAGE, MAX_INLINE_PAYLOAD, MAX_PACKET, MAX_SUBJECT_DEPTH, MAX_SUBJECT_LEN,
@@ -149,6 +149,7 @@ fn check_payload(
                     MemfdError::NotMemfd => ErrorCode::NotMemfd,
                     MemfdError::NotSealed => ErrorCode::NotSealed,
                     MemfdError::SizeMismatch { .. } => ErrorCode::SizeMismatch,
+                    MemfdError::TooLarge { .. } => ErrorCode::PayloadTooLarge,
                     MemfdError::Io(_) | MemfdError::Unmappable(_) => ErrorCode::FdRefused,
                 };
                 (code, format!("fd refused: {e}"))
@@ -192,11 +193,17 @@ impl Bus {
             Err(e) => return self.quota_refusal(id, op, &e, now),
         };
         let (result, change) = self.names.request(name, id, flags, charge);
-        if matches!(result, NameResult::PrimaryOwner | NameResult::InQueue) {
-            if let Some(p) = self.peers.get_mut(&id) {
-                if !p.names.iter().any(|n| n == name) {
-                    p.names.push(name.to_owned());
+        // The peer's list follows what it holds: a request may also take
+        // it out of a queue (asked again with `do_not_queue`: `Exists`).
+        let holds = self.names.holds(name, id);
+        if let Some(p) = self.peers.get_mut(&id) {
+            let listed = p.names.iter().position(|n| n == name);
+            match (holds, listed) {
+                (true, None) => p.names.push(name.to_owned()),
+                (false, Some(i)) => {
+                    p.names.swap_remove(i);
                 }
+                _ => {}
             }
         }
         self.control(id, &NameReply { req_id, result }, now);
@@ -511,6 +518,20 @@ impl Bus {
             }
             _ => check_payload(r.payload, bytes, fds),
         };
+        // An answer is a control frame (never dropped), but its memfd holds
+        // memory as a delivery's does: held to the caller's memfd bounds.
+        let caller_queue = slot.caller.and_then(|c| self.peers.get(&c)).map(|c| &c.queue);
+        let checked = checked.and_then(|p| match (&p.shared, caller_queue) {
+            (Some(m), Some(q)) if !q.memfd_room(m.len) => Err((
+                ErrorCode::LimitExceeded,
+                format!(
+                    "its memfd of {} bytes does not fit the caller's memfd quota (--queue-fds, \
+                     --memfd-quota-bytes, --memfd-quota-fds)",
+                    m.len
+                ),
+            )),
+            _ => Ok(p),
+        });
         let payload = match checked {
             Ok(p) => p,
             Err((code, msg)) => {

@@ -696,6 +696,14 @@ impl Reactor {
         if self.bus.peer(id).is_none_or(|p| !p.queue.is_empty()) {
             return self.bus.attach_failed(id, "frames were still waiting to go on the socket", now);
         }
+        if self.conns.get(&id).is_some_and(|c| !c.pending.is_empty()) {
+            // Packets the client sent after `Attach` without waiting for
+            // its answer (§15.1), read already, and left by the work budget
+            // for a later turn: they are the socket's, and a link would
+            // never read them (their fds would stay here for good). The
+            // connection goes on without a link; they are read next turn.
+            return self.bus.attach_failed(id, "frames came after Attach before its answer", now);
+        }
         let Some(conn) = self.conns.get_mut(&id) else { return };
         let made = match link_shm::create(capacity) {
             Ok(m) => m,

@@ -20,6 +20,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use rustix::fs::{FallocateFlags, MemfdFlags, SealFlags};
 
+use crate::limits::MAX_MEMFD_PAYLOAD;
+
 /// The seals every shared payload carries: no shrinking, no growing, no
 /// writing, and no changing the seals.
 pub const REQUIRED_SEALS: SealFlags =
@@ -125,6 +127,8 @@ pub enum MemfdError {
     NotSealed,
     #[error("memfd holds {actual} bytes, {declared} were declared")]
     SizeMismatch { declared: u64, actual: u64 },
+    #[error("a memfd payload of {declared} bytes; at most {MAX_MEMFD_PAYLOAD}")]
+    TooLarge { declared: u64 },
     /// A sealed memfd that cannot be mapped read-only: a write-only (or
     /// `O_PATH`) file description, or one on hugetlbfs, whose pages may not
     /// exist (no huge pages reserved) and would fail every mapping.
@@ -149,6 +153,9 @@ pub fn holds_only_pages(fd: BorrowedFd<'_>) -> bool {
 /// Checks that `fd` is a readable shmem memfd carrying [`REQUIRED_SEALS`]
 /// and exactly `declared` bytes long: what a receiver may map read-only.
 pub fn check_sealed(fd: BorrowedFd<'_>, declared: u64) -> Result<(), MemfdError> {
+    if declared > MAX_MEMFD_PAYLOAD {
+        return Err(MemfdError::TooLarge { declared });
+    }
     let actual = sealed_len(fd)?;
     if actual != declared {
         return Err(MemfdError::SizeMismatch { declared, actual });
@@ -238,6 +245,10 @@ mod tests {
         assert_eq!(check_sealed(f.as_fd(), 0), Err(MemfdError::NotMemfd));
         let empty = from_bytes("t", b"").unwrap();
         check_sealed(empty.as_fd(), 0).unwrap();
+        // A declared length past the bound is refused before anything
+        // else (a sparse memfd of 2^63 bytes costs its maker nothing).
+        let huge = MAX_MEMFD_PAYLOAD + 1;
+        assert_eq!(check_sealed(empty.as_fd(), huge), Err(MemfdError::TooLarge { declared: huge }));
     }
 
     /// `create` makes a memfd that is close-on-exec (an exec'd child
