@@ -49,6 +49,7 @@ use super::systemd::Notifier;
 use crate::bus::driver::Damage;
 use crate::bus::peer::{PeerId, PeerMap};
 use crate::bus::{Bus, Effect};
+use crate::daemon::read_turns::{ReadMark, ReadTurns};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const SIG_STOP: Token = Token(usize::MAX - 2);
@@ -90,6 +91,9 @@ struct Conn {
     pending: std::collections::VecDeque<(Vec<u8>, RecvStatus, Vec<OwnedFd>)>,
     /// The shared-memory transport, once attached (`daemon/link.rs`).
     link: Option<ConnLink>,
+    /// Its place in the read-again list: one read budget a turn
+    /// (`daemon/read_turns.rs`).
+    read_mark: ReadMark,
 }
 
 /// Why a flush into a link stopped early.
@@ -106,7 +110,9 @@ struct Reactor {
     bus: Bus,
     conns: PeerMap<Conn>,
     batch: Option<RecvBatch>,
-    read_again: Vec<PeerId>,
+    /// Connections to read again, and the loop's turns
+    /// (`daemon/read_turns.rs`).
+    read_again: ReadTurns,
     accept_retry_at: Option<Instant>,
     flush_retry: Vec<PeerId>,
     flush_retry_at: Option<Instant>,
@@ -196,7 +202,7 @@ impl Reactor {
             bus: Bus::new(cfg.bus, Instant::now()),
             conns: PeerMap::default(),
             batch: Some(RecvBatch::new(RECV_SLOTS)),
-            read_again: Vec::new(),
+            read_again: ReadTurns::default(),
             accept_retry_at: None,
             flush_retry: Vec::new(),
             flush_retry_at: None,
@@ -231,6 +237,7 @@ impl Reactor {
         let status = self.bus.status_line();
         self.notifier.ready(status);
         loop {
+            self.read_again.next_turn();
             // While rings are hot the kernel is asked for events only now
             // and then, so a busy link costs no system call per message.
             let spinning = !self.hot.is_empty();
@@ -307,7 +314,10 @@ impl Reactor {
                 self.accept_retry_at = None;
                 self.accept_all();
             }
-            for id in std::mem::take(&mut self.read_again) {
+            for id in self.read_again.take() {
+                if let Some(c) = self.conns.get_mut(&id) {
+                    ReadTurns::taken(&mut c.read_mark);
+                }
                 self.read_conn(id);
             }
             if self.flush_retry_at.is_some_and(|t| now >= t) {
@@ -412,16 +422,45 @@ impl Reactor {
             self.bus.take_effects();
             return;
         }
-        self.conns.insert(id, Conn { fd, wants_write: false, pending: Default::default(), link: None });
+        self.conns.insert(
+            id,
+            Conn {
+                fd,
+                wants_write: false,
+                pending: Default::default(),
+                link: None,
+                read_mark: ReadMark::default(),
+            },
+        );
         // Data may already be waiting; the edge for it may have been missed.
-        self.read_again.push(id);
+        self.read_later(id);
     }
 
     // -------------------------------------------------------------- read --
 
+    /// Queues `id` to be read again at the end of this turn or, if it
+    /// spent its budget this turn, in the next; once.
+    fn read_later(&mut self, id: PeerId) {
+        if let Some(c) = self.conns.get_mut(&id) {
+            self.read_again.later(id, &mut c.read_mark);
+        }
+    }
+
+    /// `id` spent its read budget in this turn: read again in a later one.
+    fn spent(&mut self, id: PeerId) {
+        if let Some(c) = self.conns.get_mut(&id) {
+            self.read_again.spent(id, &mut c.read_mark);
+        }
+    }
+
     fn read_conn(&mut self, id: PeerId) {
         if self.linked(id) {
             return self.link_socket_event(id, true);
+        }
+        if self.conns.get(&id).is_some_and(|c| !self.read_again.may_read(&c.read_mark)) {
+            // Its budget for this turn is spent (a readable event after
+            // it): its next read comes in the next turn.
+            return self.read_later(id);
         }
         let work_start = self.bus.work();
         // What the budget left over last time goes first, in order.
@@ -436,7 +475,7 @@ impl Reactor {
             self.hand_over(id, &data, status, fds);
             if self.bus.work().wrapping_sub(work_start) >= WORK_BUDGET {
                 if self.bus.peer(id).is_some() {
-                    self.read_again.push(id);
+                    self.spent(id);
                 }
                 return;
             }
@@ -505,7 +544,7 @@ impl Reactor {
         }
         self.batch = Some(batch);
         if !drained {
-            self.read_again.push(id);
+            self.spent(id);
         }
     }
 

@@ -9,6 +9,7 @@ pub mod config;
 pub mod event_loop;
 pub mod link;
 pub mod policy_file;
+pub mod read_turns;
 pub mod signals;
 pub mod systemd;
 
