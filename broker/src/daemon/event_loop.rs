@@ -462,7 +462,22 @@ impl Reactor {
             // it): its next read comes in the next turn.
             return self.read_later(id);
         }
+        // One budget a turn for all of a uid's connections, not one each:
+        // a uid's many connections must not take many turns' worth.
+        let uid = self.bus.peer(id).map(|p| p.cred.uid);
+        let budget = uid.map_or(WORK_BUDGET, |u| self.read_again.uid_left(u, WORK_BUDGET));
+        if budget == 0 {
+            return self.spent(id);
+        }
         let work_start = self.bus.work();
+        self.read_conn_with(id, budget, work_start);
+        if let Some(u) = uid {
+            self.read_again.uid_did(u, self.bus.work().wrapping_sub(work_start));
+        }
+    }
+
+    /// `read_conn`'s reading, with `budget` of work left for it.
+    fn read_conn_with(&mut self, id: PeerId, budget: u64, work_start: u64) {
         // What the budget left over last time goes first, in order.
         while let Some((data, status, fds)) = self.conns.get_mut(&id).and_then(|c| c.pending.pop_front()) {
             if self.bus.peer(id).is_none() {
@@ -473,7 +488,7 @@ impl Reactor {
                 return self.bus.hangup(id);
             }
             self.hand_over(id, &data, status, fds);
-            if self.bus.work().wrapping_sub(work_start) >= WORK_BUDGET {
+            if self.bus.work().wrapping_sub(work_start) >= budget {
                 if self.bus.peer(id).is_some() {
                     self.spent(id);
                 }
@@ -493,7 +508,7 @@ impl Reactor {
                 drained = true;
                 break;
             }
-            if self.bus.work().wrapping_sub(work_start) >= WORK_BUDGET {
+            if self.bus.work().wrapping_sub(work_start) >= budget {
                 break;
             }
             let n = match batch.recv(conn.fd.as_fd(), true) {
@@ -514,7 +529,7 @@ impl Reactor {
                     drained = true;
                     break 'budget;
                 }
-                if self.bus.work().wrapping_sub(work_start) >= WORK_BUDGET {
+                if self.bus.work().wrapping_sub(work_start) >= budget {
                     // Spent: the rest of this batch waits for the next turn,
                     // so costly packets cannot take a whole batch's time.
                     let rest: Vec<_> = (i..n)
