@@ -159,7 +159,8 @@ impl Bus {
         bump(&mut self.counters.policy_denials, 1);
         if let Some(p) = self.peers.get(&id) {
             let who = p.who();
-            self.warn_limited(|| format!("{who}: {message}"));
+            let uid = p.cred.uid;
+            self.warn_limited(Some(uid), || format!("{who}: {message}"));
         }
     }
 

@@ -137,7 +137,8 @@ impl Bus {
                         p.published += 1;
                         let seq = p.published;
                         let who = p.who();
-                        self.warn_limited(|| {
+                        let uid = p.cred.uid;
+                        self.warn_limited(Some(uid), || {
                             format!("{who}: publish refused: broker out of file descriptors")
                         });
                         self.op_error(id, Op::Publish { seq }, ErrorCode::BrokerResource, msg, now);

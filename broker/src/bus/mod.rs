@@ -178,6 +178,11 @@ pub struct Counters {
 }
 
 /// Adds saturating: a counter sticks at its maximum rather than wrap.
+/// Uids with a log rate of their own at once (past it, limiters whose
+/// window is over are forgotten; a uid that finds no room then shares
+/// only the wide rate).
+const UID_LOG_LIMITERS: usize = 4096;
+
 pub fn bump(c: &mut u64, by: u64) {
     *c = c.saturating_add(by);
 }
@@ -201,7 +206,11 @@ pub struct Bus {
     /// Peers whose sending waits for their uid's unacknowledged-fd room.
     stalled: HashMap<u32, Vec<PeerId>>,
     started: Instant,
+    /// All log lines a peer can cause, together (see `warn_limited`).
     log: RateLimit,
+    /// Each uid's own rate of them, and the lines those left out.
+    uid_log: HashMap<u32, RateLimit>,
+    uid_log_suppressed: u64,
     matches: Vec<SubKey>,
     /// Buffers of sent deliveries, for the next ones ([`FrameBuffers`]).
     buffers: queue::FrameBuffers,
@@ -232,7 +241,9 @@ impl Bus {
             close_deadlines: VecDeque::new(),
             stalled: HashMap::new(),
             started: now,
-            log: RateLimit::new(20, Duration::from_secs(10)),
+            log: RateLimit::new(200, Duration::from_secs(10)),
+            uid_log: HashMap::new(),
+            uid_log_suppressed: 0,
             matches: Vec::new(),
             buffers: queue::FrameBuffers::default(),
             work: 0,
@@ -278,9 +289,37 @@ impl Bus {
         )
     }
 
-    /// Logs a refusal or a disconnect at a bounded rate.
-    fn warn_limited(&mut self, line: impl FnOnce() -> String) {
-        if let Some(suppressed) = self.log.allow(self.now_hint()) {
+    /// Logs a refusal or a disconnect at a bounded rate: each uid's lines
+    /// at their own (`uid`: whose peer caused it), all of them together at
+    /// a wider one. So one uid's flood of refusals cannot keep another's
+    /// out of the log (a hostile review hid a policy denial of one uid
+    /// behind 50 of another's), nor fill the disk.
+    fn warn_limited(&mut self, uid: Option<u32>, line: impl FnOnce() -> String) {
+        let now = self.now_hint();
+        let own = match uid {
+            Some(u) => {
+                if self.uid_log.len() >= UID_LOG_LIMITERS && !self.uid_log.contains_key(&u) {
+                    // Bounded: forget the limiters whose window is over.
+                    self.uid_log.retain(|_, l| !l.idle_since(now));
+                }
+                if self.uid_log.len() >= UID_LOG_LIMITERS && !self.uid_log.contains_key(&u) {
+                    // Still full: this uid shares the wide rate alone.
+                    Some(0)
+                } else {
+                    self.uid_log
+                        .entry(u)
+                        .or_insert_with(|| RateLimit::new(20, Duration::from_secs(10)))
+                        .allow(now)
+                }
+            }
+            None => Some(0),
+        };
+        let Some(own_suppressed) = own else {
+            // Said with this uid's next line that passes.
+            bump(&mut self.uid_log_suppressed, 1);
+            return;
+        };
+        if let Some(suppressed) = self.log.allow(now).map(|s| s + own_suppressed) {
             let line = line();
             if suppressed > 0 {
                 warn!("{line} ({suppressed} similar lines suppressed)");
@@ -357,7 +396,7 @@ impl Bus {
             Err((code, reason)) => {
                 bump(&mut self.counters.refused, 1);
                 let comm = shmbus_proto::text::escape(&command).into_owned();
-                self.warn_limited(|| {
+                self.warn_limited(Some(cred.uid), || {
                     format!(
                         "refused connection from uid {} (pid {}, comm {comm}): {reason}",
                         cred.uid, cred.pid
@@ -509,7 +548,8 @@ impl Bus {
         bump(&mut self.counters.protocol_errors, 1);
         if let Some(p) = self.peers.get(&id) {
             let who = p.who();
-            self.warn_limited(|| format!("disconnecting {who}: protocol violation: {reason}"));
+            let uid = p.cred.uid;
+            self.warn_limited(Some(uid), || format!("disconnecting {who}: protocol violation: {reason}"));
         }
         self.begin_close(id, GoodbyeCode::ProtocolViolation, &format!("protocol violation: {reason}"), now);
     }
@@ -559,7 +599,8 @@ impl Bus {
                 let ms = self.cfg.hello_timeout.as_millis();
                 if let Some(p) = self.peers.get(&id) {
                     let who = p.who();
-                    self.warn_limited(|| format!("disconnecting {who}: no Hello within {ms} ms"));
+                    let uid = p.cred.uid;
+                    self.warn_limited(Some(uid), || format!("disconnecting {who}: no Hello within {ms} ms"));
                 }
                 let reason = format!("no Hello within {ms} ms (the broker's --hello-timeout-ms)");
                 self.begin_close(id, GoodbyeCode::HelloTimeout, &reason, now);
@@ -597,7 +638,9 @@ impl Bus {
             Err(e) => {
                 // Every message the broker writes is cut to fit (see
                 // `op_error`): this is a bug, and it is said so.
-                self.warn_limited(|| format!("client {id}: a control frame was not sent: {e}"));
+                self.warn_limited(self.peers.get(&id).map(|p| p.cred.uid), || {
+                    format!("client {id}: a control frame was not sent: {e}")
+                });
                 return false;
             }
         };
@@ -614,7 +657,8 @@ impl Bus {
                 p.usage.held(Resource::QueuedBytes)
             );
             let who = p.who();
-            self.warn_limited(|| format!("disconnecting {who}: {reason}"));
+            let uid = p.cred.uid;
+            self.warn_limited(Some(uid), || format!("disconnecting {who}: {reason}"));
             self.begin_close(id, GoodbyeCode::LimitExceeded, &reason, now);
             return false;
         }
@@ -637,7 +681,8 @@ impl Bus {
                 p.queue.bytes()
             );
             let who = p.who();
-            self.warn_limited(|| format!("disconnecting {who}: {reason}"));
+            let uid = p.cred.uid;
+            self.warn_limited(Some(uid), || format!("disconnecting {who}: {reason}"));
             self.begin_close(id, GoodbyeCode::LimitExceeded, &reason, now);
             return;
         }
@@ -671,7 +716,8 @@ impl Bus {
         bump(&mut self.counters.quota_refusals, 1);
         if let Some(p) = self.peers.get(&id) {
             let who = p.who();
-            self.warn_limited(|| format!("{who}: {op:?} refused: {e}"));
+            let uid = p.cred.uid;
+            self.warn_limited(Some(uid), || format!("{who}: {op:?} refused: {e}"));
         }
         self.op_error(id, op, ErrorCode::LimitExceeded, &e.to_string(), now);
     }
@@ -826,7 +872,7 @@ impl Bus {
             protocol_errors: c.protocol_errors,
             slow_disconnects: c.slow_disconnects,
             quota_refusals: c.quota_refusals,
-            log_suppressed: self.log.suppressed_total(),
+            log_suppressed: self.log.suppressed_total().saturating_add(self.uid_log_suppressed),
             broker_resource_errors: c.broker_resource_errors,
             hello_timeouts: c.hello_timeouts,
             names: self.names.len() as u32,

@@ -256,8 +256,9 @@ impl Bus {
                     p.usage.held(Resource::QueuedBytes)
                 );
                 let who = p.who();
+                let uid = p.cred.uid;
                 bump(&mut self.counters.slow_disconnects, 1);
-                self.warn_limited(|| format!("disconnecting {who}: {reason}"));
+                self.warn_limited(Some(uid), || format!("disconnecting {who}: {reason}"));
                 self.begin_close(target, GoodbyeCode::SlowConsumer, &reason, now);
             }
         }

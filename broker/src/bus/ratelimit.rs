@@ -56,6 +56,13 @@ impl RateLimit {
     pub fn suppressed_total(&self) -> u64 {
         self.total
     }
+
+    /// Whether its window is over at `now`, with nothing left to say: it
+    /// may be forgotten (a new one would behave the same).
+    pub fn idle_since(&self, now: Instant) -> bool {
+        self.pending == 0
+            && self.window_start.is_none_or(|start| now.saturating_duration_since(start) >= self.window)
+    }
 }
 
 #[cfg(test)]

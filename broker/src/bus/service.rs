@@ -347,7 +347,9 @@ impl Bus {
             too_big => {
                 let size = too_big.map_or(MAX_PACKET + 1, |h| h.len()) + inline_len;
                 let message = format!("the answer ({size} bytes) does not fit in a packet");
-                self.warn_limited(|| format!("call {call_id} of client {caller}: {message}"));
+                self.warn_limited(self.peers.get(&caller).map(|p| p.cred.uid), || {
+                    format!("call {call_id} of client {caller}: {message}")
+                });
                 let answer = Answer {
                     call_id,
                     outcome: Outcome::Invalid { message: &message },
