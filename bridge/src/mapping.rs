@@ -42,10 +42,12 @@ pub const H_TIMEOUT: &str = "Shmbus-Timeout-Ms";
 pub const H_ERROR: &str = "Shmbus-Error";
 pub const H_SEQ: &str = "Shmbus-Seq";
 
-/// How many subjects (or (bridge, subject) pairs) a sequence table holds;
-/// past that it starts again empty, so a peer's subjects cannot grow it.
-/// A subject it forgot starts again at 1 on the sending side, and is
-/// taken as new on the receiving side: no loss is counted across a reset.
+/// How many subjects a sequence table holds (on the receiving side, per
+/// bridge name); past that it starts again empty, so a peer's subjects
+/// cannot grow it, and a peer's own subjects reset only its own name's
+/// table (see [`SEQ_PAIRS`]). A subject it forgot starts again at 1 on
+/// the sending side, and is taken as new on the receiving side: no loss
+/// is counted across a reset.
 pub const SEQ_SUBJECTS: usize = 4096;
 
 /// The longest bridge name and subject a sequence table keeps (longer ones
@@ -90,12 +92,30 @@ impl SeqOut {
 /// The importing side's last sequence number seen per (bridge, subject).
 #[derive(Debug, Default)]
 pub struct SeqIn {
-    /// Bridge name → subject → last number (nested, so that a pair seen
-    /// before is looked up without allocating).
-    last: std::collections::HashMap<String, std::collections::HashMap<String, u64>>,
+    /// Bridge name → its subjects' last numbers (nested, so that a pair
+    /// seen before is looked up without allocating).
+    last: std::collections::HashMap<String, BridgeSeqs>,
     /// Pairs held in all.
     pairs: usize,
+    /// Calls so far: when each bridge's table was last used.
+    clock: u64,
 }
+
+#[derive(Debug, Default)]
+struct BridgeSeqs {
+    subjects: std::collections::HashMap<String, u64>,
+    touched: u64,
+}
+
+/// Pairs a sequence table holds in all, over every bridge name: past it,
+/// the table of the bridge name used least recently is forgotten (not
+/// the one in use: a peer that writes many names or subjects of its own
+/// resets its own, or the idlest, never an active stream's).
+pub const SEQ_PAIRS: usize = 4 * SEQ_SUBJECTS;
+
+/// Bridge names a sequence table holds at once (likewise: past it, the
+/// one used least recently goes; and finding it is a walk over these).
+pub const SEQ_BRIDGES: usize = 256;
 
 impl SeqIn {
     /// Notes `seq` from `bridge` on `subject`; returns how many numbers
@@ -106,19 +126,38 @@ impl SeqIn {
         if bridge.len() > SEQ_KEY_MAX || subject.len() > SEQ_KEY_MAX {
             return 0;
         }
-        if let Some(l) = self.last.get_mut(bridge).and_then(|m| m.get_mut(subject)) {
-            let missed = match seq.checked_sub(*l) {
-                Some(d) if d >= 1 && d - 1 <= SEQ_MAX_GAP => d - 1,
-                _ => 0,
-            };
-            *l = seq;
-            return missed;
+        self.clock += 1;
+        if let Some(b) = self.last.get_mut(bridge) {
+            b.touched = self.clock;
+            if let Some(l) = b.subjects.get_mut(subject) {
+                let missed = match seq.checked_sub(*l) {
+                    Some(d) if d >= 1 && d - 1 <= SEQ_MAX_GAP => d - 1,
+                    _ => 0,
+                };
+                *l = seq;
+                return missed;
+            }
+            if b.subjects.len() >= SEQ_SUBJECTS {
+                // Its own subjects past the bound: only its own table
+                // starts again.
+                self.pairs -= b.subjects.len();
+                b.subjects.clear();
+            }
         }
-        if self.pairs >= SEQ_SUBJECTS {
-            self.last.clear();
-            self.pairs = 0;
+        let new_name = !self.last.contains_key(bridge);
+        if self.pairs >= SEQ_PAIRS || (new_name && self.last.len() >= SEQ_BRIDGES) {
+            // Forget the table used least recently (never this one: it was
+            // just touched, or is new).
+            let idlest = self.last.iter().filter(|(name, _)| *name != bridge).min_by_key(|(_, b)| b.touched);
+            if let Some(name) = idlest.map(|(name, _)| name.clone()) {
+                if let Some(b) = self.last.remove(&name) {
+                    self.pairs -= b.subjects.len();
+                }
+            }
         }
-        self.last.entry(bridge.to_owned()).or_default().insert(subject.to_owned(), seq);
+        let b = self.last.entry(bridge.to_owned()).or_default();
+        b.touched = self.clock;
+        b.subjects.insert(subject.to_owned(), seq);
         self.pairs += 1;
         0
     }
@@ -409,8 +448,31 @@ mod tests {
             out.take(&i.to_string());
             seen.missed("A", &i.to_string(), 1);
         }
-        assert!(out.next.len() <= SEQ_SUBJECTS && seen.pairs <= SEQ_SUBJECTS);
-        assert_eq!(seen.last.values().map(|m| m.len()).sum::<usize>(), seen.pairs);
+        assert!(out.next.len() <= SEQ_SUBJECTS && seen.pairs <= SEQ_PAIRS);
+        assert!(seen.last["A"].subjects.len() <= SEQ_SUBJECTS);
+        assert_eq!(seen.last.values().map(|m| m.subjects.len()).sum::<usize>(), seen.pairs);
+    }
+
+    #[test]
+    fn a_peers_own_names_and_subjects_never_reset_an_active_stream() {
+        let mut seen = SeqIn::default();
+        assert_eq!(seen.missed("hostA", "t.v", 1), 0);
+        // One peer's many subjects under its own name: only its own table.
+        for i in 0..3 * SEQ_SUBJECTS {
+            seen.missed("peer", &format!("t.s{i}"), 1);
+        }
+        assert_eq!(seen.missed("hostA", "t.v", 5), 3, "hostA's stream kept its place");
+        // Many names: the idlest tables go, never the one in use, and the
+        // whole stays bounded.
+        for i in 0..4 * SEQ_BRIDGES {
+            seen.missed(&format!("forged{i}"), "t.x", 1);
+            if i % 100 == 0 {
+                let n = seen.missed("hostA", "t.v", 6 + (i / 100) as u64);
+                assert_eq!(n, 0, "hostA's stream, in use, is never forgotten");
+            }
+        }
+        assert!(seen.pairs <= SEQ_PAIRS && seen.last.len() <= SEQ_BRIDGES);
+        assert_eq!(seen.last.values().map(|m| m.subjects.len()).sum::<usize>(), seen.pairs);
     }
 
     use super::*;
