@@ -150,6 +150,31 @@ struct Shared {
     queued: std::sync::atomic::AtomicUsize,
     /// Payload bytes in the NATS-to-local queue (at most [`QUEUE_BYTES`]).
     queued_in: std::sync::atomic::AtomicUsize,
+    /// Request payload bytes held by calls in flight, both ways (at most
+    /// [`QUEUE_BYTES`]): `calls` bounds their number, this their bytes,
+    /// which a peer's requests near NATS's `max_payload` would otherwise
+    /// grow to hundreds of MiB (a review: 271 MiB for 256 requests of
+    /// 1,000 KiB to a stalled broker).
+    calls_bytes: std::sync::atomic::AtomicUsize,
+}
+
+/// Bytes held by one call in flight, given back when it ends.
+struct CallBytes {
+    shared: Arc<Shared>,
+    len: usize,
+}
+
+impl CallBytes {
+    /// Takes `len` bytes of room for a call, if there is.
+    fn take(shared: &Arc<Shared>, len: usize) -> Option<CallBytes> {
+        take_room(&shared.calls_bytes, len).then(|| CallBytes { shared: shared.clone(), len })
+    }
+}
+
+impl Drop for CallBytes {
+    fn drop(&mut self) {
+        self.shared.calls_bytes.fetch_sub(self.len, Ordering::AcqRel);
+    }
 }
 
 impl Shared {
@@ -351,6 +376,7 @@ pub async fn run(cfg: Config, host: String, shutdown: impl Future<Output = ()>) 
         calls: Arc::new(Semaphore::new(cfg.max_inflight_requests)),
         queued: Default::default(),
         queued_in: Default::default(),
+        calls_bytes: Default::default(),
         cfg,
         host,
         counters,
@@ -521,8 +547,9 @@ async fn export(
             continue; // an earlier, overlapping pattern forwards it
         }
         let own = [shared.local.id(), seen_id];
-        // What we exported, back through another bridge on this broker.
-        let back = mapping::origin_is_own(m.origin(), &shared.cfg.name);
+        // What a bridge (this one or another) brought from NATS: never
+        // back to NATS (split horizon, `mapping::from_nats`).
+        let back = mapping::from_nats(m.origin());
         let decision = match back {
             true => Outbound::Loop,
             false => {
@@ -699,7 +726,7 @@ async fn local_writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Incoming>) {
     while let Some(inc) = rx.recv().await {
         shared.queued_in.fetch_sub(inc.payload.len(), Ordering::AcqRel);
         if inc.send {
-            match shared.local.send(&inc.subject, &inc.payload).await {
+            match shared.local.send_with_origin(&inc.subject, &inc.payload, &inc.origin).await {
                 Ok(_) => c.call_ok(Dir::NatsToLocal),
                 Err(e) => c.call_failed(Dir::NatsToLocal, RemoteError::from_call(&e).kind()),
             }
@@ -820,7 +847,10 @@ async fn service_export(
                 c.call_failed(Dir::NatsToLocal, "unavailable");
                 continue;
             }
-            let inc = Incoming { subject: name, payload: m.payload, origin: String::new(), send: true };
+            // Marked as from NATS, as a call is: no bridge sends it back.
+            let h = m.headers.as_ref();
+            let origin = mapping::origin(header(h, H_BRIDGE), header(h, H_HOST), header(h, H_SENDER), &name);
+            let inc = Incoming { subject: name, payload: m.payload, origin, send: true };
             let queued = match bridge {
                 Some(b) => check_tx.try_send((b.to_owned(), inc)).is_ok(),
                 None => tx.try_send(inc).is_ok(),
@@ -837,9 +867,16 @@ async fn service_export(
                 .await;
             continue;
         };
+        let Some(held) = CallBytes::take(&shared, m.payload.len()) else {
+            c.call_failed(Dir::NatsToLocal, "unavailable");
+            let why = "too many bytes in calls in flight";
+            nats_reply(&shared, reply_to, Err(RemoteError::Unavailable(why.into()))).await;
+            continue;
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let _held = held;
             let h = m.headers.as_ref();
             let timeout = mapping::call_timeout(header(h, H_TIMEOUT), shared.cfg.request_timeout);
             let origin = mapping::origin(header(h, H_BRIDGE), header(h, H_HOST), header(h, H_SENDER), &name);
@@ -880,12 +917,16 @@ async fn service_import(shared: Arc<Shared>, svc: AsyncService, tx: mpsc::Sender
             }
         };
         let c = &shared.counters;
-        if mapping::origin_is_own(req.origin(), &shared.cfg.name) {
-            // Our own call, back through another bridge on this broker
-            // that exports the name: the far side has no owner but us.
+        if mapping::from_nats(req.origin()) {
+            // A call or send a bridge brought from NATS: never back to
+            // NATS (split horizon), where it would loop; its far side has
+            // no owner here.
             c.looped(Dir::LocalToNats);
-            let message = format!("no responder for {name}: the call came back to the bridge that sent it");
-            let _ = req.reply_error_async(code::NO_RESPONDER, &message).await;
+            if req.expects_reply() {
+                let message =
+                    format!("no responder for {name}: the call came from NATS, and goes back to no bridge");
+                let _ = req.reply_error_async(code::NO_RESPONDER, &message).await;
+            }
             continue;
         }
         if !req.expects_reply() {
@@ -902,10 +943,17 @@ async fn service_import(shared: Arc<Shared>, svc: AsyncService, tx: mpsc::Sender
             let _ = req.reply_error_async(code::UNAVAILABLE, "bridge: too many calls in flight").await;
             continue;
         };
+        let Some(held) = CallBytes::take(&shared, req.len()) else {
+            c.call_failed(Dir::LocalToNats, "unavailable");
+            let _ =
+                req.reply_error_async(code::UNAVAILABLE, "bridge: too many bytes in calls in flight").await;
+            continue;
+        };
         let shared = shared.clone();
         let name = name.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let _held = held;
             let c = &shared.counters;
             let result = call_nats(&shared, &name, &req).await;
             let sent = match result {

@@ -109,7 +109,22 @@ impl AsyncClient {
     /// [`Client::send`](crate::Client::send): the send's number on this
     /// connection.
     pub async fn send(&self, name: &str, payload: impl AsRef<[u8]>) -> Result<u64, CallError> {
-        let payload = payload.as_ref();
+        self.send_from(name, payload.as_ref(), None).await
+    }
+
+    /// Sends with an origin (the service reads it with `origin()`), as
+    /// [`AsyncClient::request_with_origin`] calls with one.
+    pub async fn send_with_origin(
+        &self,
+        name: &str,
+        payload: impl AsRef<[u8]>,
+        origin: &str,
+    ) -> Result<u64, CallError> {
+        validate_origin(origin)?;
+        self.send_from(name, payload.as_ref(), Some(origin)).await
+    }
+
+    async fn send_from(&self, name: &str, payload: &[u8], origin: Option<&str>) -> Result<u64, CallError> {
         check_subject(name)?;
         let (seq, call_id) = {
             let mut st = self.shared.inner().state.lock();
@@ -118,7 +133,7 @@ impl AsyncClient {
             }
             st.new_send()
         };
-        self.send_request(call_id, name, payload, 0, true, None).await?;
+        self.send_request(call_id, name, payload, 0, true, origin).await?;
         Ok(seq)
     }
 
