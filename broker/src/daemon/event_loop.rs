@@ -262,6 +262,16 @@ impl Reactor {
             } else {
                 events.clear();
             }
+            // Those left to read again first: a connection whose uid's
+            // budget another of its connections spent last turn goes ahead
+            // of that one's events this turn (else a uid's quiet
+            // connection could wait for ever behind its busy one).
+            for id in self.read_again.take() {
+                if let Some(c) = self.conns.get_mut(&id) {
+                    ReadTurns::taken(&mut c.read_mark);
+                }
+                self.read_conn(id);
+            }
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept_all(),
@@ -313,12 +323,6 @@ impl Reactor {
             if self.accept_retry_at.is_some_and(|t| now >= t) {
                 self.accept_retry_at = None;
                 self.accept_all();
-            }
-            for id in self.read_again.take() {
-                if let Some(c) = self.conns.get_mut(&id) {
-                    ReadTurns::taken(&mut c.read_mark);
-                }
-                self.read_conn(id);
             }
             if self.flush_retry_at.is_some_and(|t| now >= t) {
                 self.flush_retry_at = None;
@@ -467,7 +471,11 @@ impl Reactor {
         let uid = self.bus.peer(id).map(|p| p.cred.uid);
         let budget = uid.map_or(WORK_BUDGET, |u| self.read_again.uid_left(u, WORK_BUDGET));
         if budget == 0 {
-            return self.spent(id);
+            // Not read at all: first in line next turn.
+            if let Some(c) = self.conns.get_mut(&id) {
+                self.read_again.deferred(id, &mut c.read_mark);
+            }
+            return;
         }
         let work_start = self.bus.work();
         self.read_conn_with(id, budget, work_start);

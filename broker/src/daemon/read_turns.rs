@@ -25,7 +25,7 @@
 //! No I/O: the reactor holds one [`ReadMark`] per connection and calls
 //! these as it reads.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use crate::bus::peer::PeerId;
 
@@ -43,13 +43,13 @@ pub struct ReadMark {
 #[derive(Debug)]
 pub struct ReadTurns {
     turn: u64,
-    list: Vec<PeerId>,
+    list: VecDeque<PeerId>,
     uid_work: HashMap<u32, u64>,
 }
 
 impl Default for ReadTurns {
     fn default() -> Self {
-        ReadTurns { turn: 1, list: Vec::new(), uid_work: HashMap::new() }
+        ReadTurns { turn: 1, list: VecDeque::new(), uid_work: HashMap::new() }
     }
 }
 
@@ -73,11 +73,23 @@ impl ReadTurns {
         }
     }
 
-    /// Queues `id` to be read again (once).
+    /// Queues `id` to be read again (once), behind those queued before.
     pub fn later(&mut self, id: PeerId, mark: &mut ReadMark) {
         if !mark.queued {
             mark.queued = true;
-            self.list.push(id);
+            self.list.push_back(id);
+        }
+    }
+
+    /// `id` was not read at all in this turn, its uid's budget spent by
+    /// another of its connections: queued ahead of those that read, so
+    /// that next turn it goes first (else a uid's quiet connection could
+    /// wait for ever behind its busy one).
+    pub fn deferred(&mut self, id: PeerId, mark: &mut ReadMark) {
+        mark.spent_in = self.turn;
+        if !mark.queued {
+            mark.queued = true;
+            self.list.push_front(id);
         }
     }
 
@@ -96,7 +108,7 @@ impl ReadTurns {
     /// The list, to read each of them; each must be [`ReadTurns::taken`]
     /// as it is read.
     pub fn take(&mut self) -> Vec<PeerId> {
-        std::mem::take(&mut self.list)
+        self.list.drain(..).collect()
     }
 
     /// `mark`'s connection came off the list.
@@ -113,9 +125,9 @@ impl ReadTurns {
 mod tests {
     use super::*;
 
-    /// A reactor's turn as the event loop runs it: `events` readable
-    /// connections read first, then the list. `read(id)` says whether that
-    /// read spent its budget. Returns how many budgets each connection got.
+    /// A reactor's turn as the event loop runs it: the list first, then
+    /// `events` readable connections. `spends` says whether a read spent
+    /// its budget. Returns how many budgets each connection got.
     fn turn(t: &mut ReadTurns, marks: &mut [ReadMark], events: &[PeerId], spends: bool) -> Vec<u32> {
         t.next_turn();
         let mut reads = vec![0; marks.len()];
@@ -129,11 +141,11 @@ mod tests {
                 t.spent(id, m);
             }
         };
-        for &id in events {
-            read(t, id, marks);
-        }
         for id in t.take() {
             ReadTurns::taken(&mut marks[id as usize]);
+            read(t, id, marks);
+        }
+        for &id in events {
             read(t, id, marks);
         }
         reads
@@ -153,12 +165,58 @@ mod tests {
         }
     }
 
+    /// With a uid's budget: one read per turn for the uid (the first
+    /// spends it all). Its busy connection 0 is readable every turn, and
+    /// listed first; its quiet connection 1 has one packet: it is read
+    /// within two turns, not starved behind 0.
+    #[test]
+    fn a_uids_quiet_connection_is_not_starved_by_its_busy_one() {
+        let mut t = ReadTurns::default();
+        let mut marks = [ReadMark::default(); 2];
+        let mut quiet_read = false;
+        let mut pending_quiet = true;
+        for round in 0..4 {
+            t.next_turn();
+            let mut order: Vec<PeerId> = t.take();
+            for &id in &order {
+                ReadTurns::taken(&mut marks[id as usize]);
+            }
+            // Then this turn's events: 0 always, 1 while it has its packet.
+            order.push(0);
+            if pending_quiet && round == 0 {
+                order.push(1);
+            }
+            for id in order {
+                let m = &mut marks[id as usize];
+                if !t.may_read(m) {
+                    t.later(id, m);
+                    continue;
+                }
+                if t.uid_left(7, 1) == 0 {
+                    t.deferred(id, m);
+                    continue;
+                }
+                t.uid_did(7, 1);
+                t.spent(id, m);
+                if id == 1 {
+                    quiet_read = true;
+                    pending_quiet = false;
+                }
+            }
+            if quiet_read {
+                assert!(round <= 1, "read in round {round}");
+                return;
+            }
+        }
+        panic!("the quiet connection was never read");
+    }
+
     #[test]
     fn a_connection_that_did_not_spend_is_read_again_in_the_same_turn() {
         let mut t = ReadTurns::default();
         let mut marks = [ReadMark::default(); 3];
-        // A new connection queued (its first edge may be missed): read in
-        // this very turn's list.
+        // A new connection queued (its first edge may be missed): read at
+        // the next turn's start.
         t.later(2, &mut marks[2]);
         t.later(2, &mut marks[2]);
         assert_eq!(t.list, [2], "queued once");
