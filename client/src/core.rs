@@ -351,7 +351,10 @@ pub(crate) struct State {
     /// Readers joining and leaving, per channel this client publishes
     /// (news for any other channel is dropped, closing its fds).
     pub reader_events: IdMap<u64, VecDeque<ReaderEvent>>,
+    /// Publishes refused since the last flush: the first `MAX_REFUSALS`,
+    /// and how many more.
     pub refused_publishes: Vec<PublishRefused>,
+    pub refused_publishes_more: u64,
     pub closed: Option<Disconnect>,
     /// The connection is lost and being made again (reconnection is on):
     /// why it was lost. `closed` stays `None` meanwhile, so waiters wait.
@@ -384,6 +387,7 @@ pub(crate) struct State {
     /// Fire-and-forget sends so far, and those the broker refused.
     pub sends: u64,
     pub refused_sends: Vec<SendRefused>,
+    pub refused_sends_more: u64,
     /// Replies the broker refused (no such request).
     pub refused_replies: u64,
     /// The queue of each name this client serves.
@@ -838,11 +842,15 @@ pub(crate) fn apply(
                 }
             }
             Op::Publish { seq } => {
-                st.refused_publishes.push(PublishRefused {
-                    seq,
-                    code: e.code,
-                    message: e.message.to_owned(),
-                });
+                if st.refused_publishes.len() < crate::error::MAX_REFUSALS {
+                    st.refused_publishes.push(PublishRefused {
+                        seq,
+                        code: e.code,
+                        message: e.message.to_owned(),
+                    });
+                } else {
+                    st.refused_publishes_more = st.refused_publishes_more.saturating_add(1);
+                }
             }
             Op::Name { req_id } => {
                 st.on_name_answer(req_id, NameAnswer::Refused(e.code, e.message.to_owned()))

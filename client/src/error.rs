@@ -539,6 +539,36 @@ pub struct PublishRefused {
     pub message: String,
 }
 
+/// Refusals a flush reports: the first [`MAX_REFUSALS`] since the last
+/// flush, in the order sent (as a slice: `r[0]`, `r.len()`, `r.iter()`),
+/// and how many more there were. The client keeps no more than that for
+/// a flush that may never come (an app that only sends); the rest are
+/// counted, not kept, and not lost silently.
+#[derive(Debug, Clone)]
+pub struct Refusals<T> {
+    /// The first [`MAX_REFUSALS`], in the order sent.
+    pub kept: Vec<T>,
+    /// Refusals past the first [`MAX_REFUSALS`], counted only.
+    pub more: u64,
+}
+
+/// The most refusals of each kind the client keeps between two flushes.
+pub const MAX_REFUSALS: usize = 4096;
+
+impl<T> Refusals<T> {
+    /// All refusals, kept and counted.
+    pub fn total(&self) -> u64 {
+        self.kept.len() as u64 + self.more
+    }
+}
+
+impl<T> std::ops::Deref for Refusals<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        &self.kept
+    }
+}
+
 /// What [`Client::flush`](crate::Client::flush) reports: refusals of
 /// what was sent without waiting, or why the flush itself failed.
 #[derive(Debug, thiserror::Error)]
@@ -546,13 +576,13 @@ pub enum FlushError {
     /// Publishes the broker refused since the last flush, in the order
     /// sent (never empty). They are not retried: publish them again if
     /// the cause is gone.
-    #[error("{} publish(es) refused; first: {}", .0.len(), .0[0])]
-    Refused(Vec<PublishRefused>),
+    #[error("{} publish(es) refused; first: {}", .0.total(), .0[0])]
+    Refused(Refusals<PublishRefused>),
     /// Fire-and-forget sends the broker could not deliver, in the order
     /// sent. When publishes were refused too, one flush reports those and
     /// the next one these.
-    #[error("{} send(s) refused; first: {}", .0.len(), .0[0])]
-    SendsRefused(Vec<SendRefused>),
+    #[error("{} send(s) refused; first: {}", .0.total(), .0[0])]
+    SendsRefused(Refusals<SendRefused>),
     /// The flush's own round trip to the broker failed; refusals, if any,
     /// stay for the next flush.
     #[error(transparent)]

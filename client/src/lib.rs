@@ -77,8 +77,8 @@ pub use client::{
 };
 pub use error::{
     BadSubject, CallError, ConnectError, Disconnect, ErrorKind, FlushError, LoanError, MonitorError,
-    NameError, PublishError, PublishRefused, RecvError, ReplyError, RequestError, SendRefused, ServeError,
-    SubscribeError,
+    NameError, PublishError, PublishRefused, RecvError, Refusals, ReplyError, RequestError, SendRefused,
+    ServeError, SubscribeError, MAX_REFUSALS,
 };
 pub use link::Transport;
 pub use loan::Loan;

@@ -486,9 +486,16 @@ impl State {
             Some(Err(())) => Err(()),
         };
         if a.call_id & SEND_BIT != 0 {
-            if !matches!(a.outcome, Outcome::Reply) {
+            let seq = a.call_id & !SEND_BIT;
+            // Only a send this client made (numbered 1 up to `sends`): a
+            // broker that answers others is not heard.
+            if !matches!(a.outcome, Outcome::Reply) && (1..=self.sends).contains(&seq) {
                 if let Err(error) = outcome_result(&a.outcome, None, Err(()), Duration::ZERO) {
-                    self.refused_sends.push(SendRefused { seq: a.call_id & !SEND_BIT, error });
+                    if self.refused_sends.len() < crate::error::MAX_REFUSALS {
+                        self.refused_sends.push(SendRefused { seq, error });
+                    } else {
+                        self.refused_sends_more = self.refused_sends_more.saturating_add(1);
+                    }
                 }
             }
             return;

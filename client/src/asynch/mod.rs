@@ -101,7 +101,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::error::{check_pattern, check_subject};
+use crate::error::{check_pattern, check_subject, Refusals};
 use shmbus_proto::frame::{
     encode_head, validate_origin, ErrorCode, Limits, Overflow, PayloadRef, Ping, Publish, Subscribe,
 };
@@ -356,11 +356,13 @@ impl AsyncClient {
         let mut st = self.shared.inner().state.lock();
         let refused = std::mem::take(&mut st.refused_publishes);
         if !refused.is_empty() {
-            return Err(FlushError::Refused(refused));
+            let more = std::mem::take(&mut st.refused_publishes_more);
+            return Err(FlushError::Refused(Refusals { kept: refused, more }));
         }
         let sends = std::mem::take(&mut st.refused_sends);
         if !sends.is_empty() {
-            return Err(FlushError::SendsRefused(sends));
+            let more = std::mem::take(&mut st.refused_sends_more);
+            return Err(FlushError::SendsRefused(Refusals { kept: sends, more }));
         }
         Ok(())
     }
