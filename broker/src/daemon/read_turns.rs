@@ -44,12 +44,15 @@ pub struct ReadMark {
 pub struct ReadTurns {
     turn: u64,
     list: VecDeque<PeerId>,
+    /// Those turned away for their uid's spent budget, in the order they
+    /// were: read before `list`.
+    deferred: VecDeque<PeerId>,
     uid_work: HashMap<u32, u64>,
 }
 
 impl Default for ReadTurns {
     fn default() -> Self {
-        ReadTurns { turn: 1, list: VecDeque::new(), uid_work: HashMap::new() }
+        ReadTurns { turn: 1, list: VecDeque::new(), deferred: VecDeque::new(), uid_work: HashMap::new() }
     }
 }
 
@@ -82,14 +85,17 @@ impl ReadTurns {
     }
 
     /// `id` was not read at all in this turn, its uid's budget spent by
-    /// another of its connections: queued ahead of those that read, so
-    /// that next turn it goes first (else a uid's quiet connection could
-    /// wait for ever behind its busy one).
+    /// another of its connections: queued ahead of those that read, in the
+    /// order they were turned away, so that next turn it goes first (else
+    /// a uid's quiet connection could wait for ever behind its busy one;
+    /// and queued at the front one by one, the middle one of three busy
+    /// connections was, as a review found: each of a uid's connections is
+    /// read within as many turns as the uid has busy connections).
     pub fn deferred(&mut self, id: PeerId, mark: &mut ReadMark) {
         mark.spent_in = self.turn;
         if !mark.queued {
             mark.queued = true;
-            self.list.push_front(id);
+            self.deferred.push_back(id);
         }
     }
 
@@ -108,7 +114,7 @@ impl ReadTurns {
     /// The list, to read each of them; each must be [`ReadTurns::taken`]
     /// as it is read.
     pub fn take(&mut self) -> Vec<PeerId> {
-        self.list.drain(..).collect()
+        self.deferred.drain(..).chain(self.list.drain(..)).collect()
     }
 
     /// `mark`'s connection came off the list.
@@ -117,7 +123,7 @@ impl ReadTurns {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.list.is_empty()
+        self.list.is_empty() && self.deferred.is_empty()
     }
 }
 
@@ -209,6 +215,37 @@ mod tests {
             }
         }
         panic!("the quiet connection was never read");
+    }
+
+    /// Three busy connections of one uid, a budget a turn for the uid:
+    /// each is read once every three turns, none starves.
+    #[test]
+    fn a_uids_busy_connections_take_turns() {
+        let mut t = ReadTurns::default();
+        let mut marks = [ReadMark::default(); 3];
+        let mut reads = [0u32; 3];
+        for _ in 0..30 {
+            t.next_turn();
+            let mut order: Vec<PeerId> = t.take();
+            for &id in &order {
+                ReadTurns::taken(&mut marks[id as usize]);
+            }
+            // All three readable every turn, in the same order.
+            order.extend([0, 1, 2]);
+            for id in order {
+                let m = &mut marks[id as usize];
+                if !t.may_read(m) {
+                    t.later(id, m);
+                } else if t.uid_left(7, 1) == 0 {
+                    t.deferred(id, m);
+                } else {
+                    t.uid_did(7, 1);
+                    reads[id as usize] += 1;
+                    t.spent(id, m);
+                }
+            }
+        }
+        assert_eq!(reads, [10, 10, 10], "each in its turn");
     }
 
     #[test]
