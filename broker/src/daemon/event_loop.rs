@@ -449,8 +449,7 @@ impl Reactor {
 
     // -------------------------------------------------------------- read --
 
-    /// Queues `id` to be read again at the end of this turn or, if it
-    /// spent its budget this turn, in the next; once.
+    /// Queues `id` to be read again at the start of the next turn; once.
     fn read_later(&mut self, id: PeerId) {
         if let Some(c) = self.conns.get_mut(&id) {
             self.read_again.later(id, &mut c.read_mark);
@@ -966,10 +965,9 @@ impl Reactor {
         // more of the loop than one (a review's 200 links held another
         // uid's ping 171-288 ms, where one held it 1.4 ms).
         let uid = self.bus.peer(id).map(|p| p.cred.uid);
+        // With nothing left (0) no record is read, but the rest is done: a
+        // broken or finished link is still ended, room still given back.
         let uid_left = uid.map_or(u64::MAX, |u| self.read_again.uid_left(u, WORK_BUDGET));
-        if uid_left == 0 {
-            return 0;
-        }
         let work_start = self.bus.work();
         let records = self.read_link_ring_with(id, now, (budget, uid_left), work_start);
         if let Some(u) = uid {
@@ -995,11 +993,6 @@ impl Reactor {
             if self.bus.peer(id).is_none() {
                 return records;
             }
-            let work = self.bus.work().wrapping_sub(work_start);
-            let uid_cost = work.saturating_add(records as u64 * PACKET_WORK);
-            if records >= link::RECORDS_PER_TURN || work >= budget || uid_cost >= uid_left {
-                break;
-            }
             // Split borrows: the link in `conns`, the buffer beside it.
             let Some(link) = self.conns.get_mut(&id).and_then(|c| c.link.as_mut()) else { return records };
             if link.broken {
@@ -1009,6 +1002,11 @@ impl Reactor {
                     self.bus.hangup(id);
                 }
                 return records;
+            }
+            let work = self.bus.work().wrapping_sub(work_start);
+            let uid_cost = work.saturating_add(records as u64 * PACKET_WORK);
+            if records >= link::RECORDS_PER_TURN || work >= budget || uid_cost >= uid_left {
+                break;
             }
             let mut buf = std::mem::take(&mut self.link_buf);
             buf.clear();

@@ -6,7 +6,8 @@
 //! read that spends its budget leaves the rest in the socket (or in the
 //! connection's `pending` packets) and asks to be read again; so does a
 //! new connection, whose first edge may have been missed. The list of
-//! those is read at the end of each turn.
+//! those is read at the start of the next turn, before its events; a
+//! link's ring reads draw on the same per-uid budget.
 //!
 //! Invariants, each once a defect (a hostile review measured a bystander's
 //! ping at 85 ms behind another uid's fan-out, 15 µs idle):
@@ -15,12 +16,13 @@
 //!   entry was a fresh budget in one turn;
 //! - a connection that spent its budget in this turn is not read again in
 //!   this turn ([`ReadTurns::may_read`]), however its events and retries
-//!   fall: a readable event after it only queues it, and the list read at
-//!   the end of the turn defers it to the next;
+//!   fall: a readable event after it only queues it for the next;
 //! - the budget is a uid's, not a connection's ([`ReadTurns::uid_left`]):
 //!   a uid's connections share one budget a turn, so opening more
 //!   connections buys no more of the loop (a review measured another
-//!   uid's ping at 0.8 s behind four connections' floods of queries).
+//!   uid's ping at 0.8 s behind four connections' floods of queries);
+//! - a connection turned away for its uid's spent budget goes first next
+//!   turn, in the order it was turned away ([`ReadTurns::deferred`]).
 //!
 //! No I/O: the reactor holds one [`ReadMark`] per connection and calls
 //! these as it reads.
