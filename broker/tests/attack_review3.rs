@@ -12,23 +12,6 @@ use std::time::Duration;
 use common::*;
 use shmbus_proto::frame::{BrokerFrame, GetNameOwner, NameFlags, NameRequest, NameResult, Ping};
 
-/// A raw connection whose `SO_PEERCRED` says `uid` (and gid `uid`): the
-/// socket is made on a thread of its own whose credentials alone are
-/// changed (Linux keeps them per thread; `connect` stamps the caller's).
-fn raw_as(b: &Broker, uid: u32, name: &str) -> Raw {
-    let address = b.address.clone();
-    let name = name.to_owned();
-    std::thread::spawn(move || {
-        let gid = rustix::process::Gid::from_raw(uid);
-        let u = rustix::process::Uid::from_raw(uid);
-        rustix::thread::set_thread_res_gid(gid, gid, gid).expect("setresgid on this thread (needs root)");
-        rustix::thread::set_thread_res_uid(u, u, u).expect("setresuid on this thread (needs root)");
-        Raw::hello_at(&address, &name).0
-    })
-    .join()
-    .expect("the connecting thread")
-}
-
 /// Asks for `name` with `flags`; returns the result.
 fn ask(r: &mut Raw, req_id: u32, name: &str, flags: NameFlags) -> NameResult {
     r.send_body(&NameRequest { req_id, name, flags }, &[]);

@@ -12,23 +12,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use shmbus_proto::frame::{BrokerFrame, Ping, Query, QueryKind};
 
-/// A raw connection whose `SO_PEERCRED` says `uid` (and gid `uid`): the
-/// socket is made on a thread of its own whose credentials alone are
-/// changed (Linux keeps them per thread; `connect` stamps the caller's).
-fn raw_as(b: &Broker, uid: u32, name: &str) -> Raw {
-    let address = b.address.clone();
-    let name = name.to_owned();
-    std::thread::spawn(move || {
-        let gid = rustix::process::Gid::from_raw(uid);
-        let u = rustix::process::Uid::from_raw(uid);
-        rustix::thread::set_thread_res_gid(gid, gid, gid).expect("setresgid on this thread (needs root)");
-        rustix::thread::set_thread_res_uid(u, u, u).expect("setresuid on this thread (needs root)");
-        Raw::hello_at(&address, &name).0
-    })
-    .join()
-    .expect("the connecting thread")
-}
-
 /// Reads frames until the `Pong` for `token` (asked for now), so every
 /// frame the broker made before it has been made (and logged).
 fn sync(r: &mut Raw, token: u64) {
@@ -120,22 +103,6 @@ fn one_uids_log_flood_suppresses_another_uids_denial() {
         "uid 4511's {attacker_lines} logged denials (of 50) took the log budget: the policy denial of uid \
          4512 was never written"
     );
-}
-
-/// `raw_as`, with the client id the broker gave.
-fn raw_id_as(b: &Broker, uid: u32, name: &str) -> (Raw, u64) {
-    let address = b.address.clone();
-    let name = name.to_owned();
-    std::thread::spawn(move || {
-        let gid = rustix::process::Gid::from_raw(uid);
-        let u = rustix::process::Uid::from_raw(uid);
-        rustix::thread::set_thread_res_gid(gid, gid, gid).expect("setresgid on this thread (needs root)");
-        rustix::thread::set_thread_res_uid(u, u, u).expect("setresuid on this thread (needs root)");
-        let (r, w) = Raw::hello_at(&address, &name);
-        (r, w.client_id)
-    })
-    .join()
-    .expect("the connecting thread")
 }
 
 const FLOODER: u32 = 4521;

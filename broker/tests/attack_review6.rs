@@ -20,26 +20,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use shmbus_proto::frame::{encode_head, BrokerFrame, Overflow, PayloadRef, Ping, Publish, Subscribe};
 
-/// Runs `f` on a thread of its own whose credentials alone are `uid`
-/// (and gid `uid`): Linux keeps them per thread, and `connect` stamps the
-/// caller's into `SO_PEERCRED`.
-fn as_uid<T: Send + 'static>(uid: u32, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
-    std::thread::spawn(move || {
-        let gid = rustix::process::Gid::from_raw(uid);
-        let u = rustix::process::Uid::from_raw(uid);
-        rustix::thread::set_thread_res_gid(gid, gid, gid).expect("setresgid on this thread (needs root)");
-        rustix::thread::set_thread_res_uid(u, u, u).expect("setresuid on this thread (needs root)");
-        f()
-    })
-}
-
-/// A raw connection of `uid`, past its Welcome.
-fn raw_as(b: &Broker, uid: u32, name: &str) -> Raw {
-    let address = b.address.clone();
-    let name = name.to_owned();
-    as_uid(uid, move || Raw::hello_at(&address, &name).0).join().expect("the connecting thread")
-}
-
 /// One ping's round trip on `r`, or `None` if no pong came within `limit`.
 fn ping_within(r: &mut Raw, token: u64, limit: Duration) -> Option<Duration> {
     let t = Instant::now();

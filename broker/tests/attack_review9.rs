@@ -19,22 +19,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use shmbus_proto::frame::{encode_head, BrokerFrame, Overflow, PayloadRef, Ping, Publish, Subscribe};
 
-fn as_uid<T: Send + 'static>(uid: u32, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
-    std::thread::spawn(move || {
-        let gid = rustix::process::Gid::from_raw(uid);
-        let u = rustix::process::Uid::from_raw(uid);
-        rustix::thread::set_thread_res_gid(gid, gid, gid).expect("setresgid on this thread (needs root)");
-        rustix::thread::set_thread_res_uid(u, u, u).expect("setresuid on this thread (needs root)");
-        f()
-    })
-}
-
-fn raw_as(b: &Broker, uid: u32, name: &str) -> Raw {
-    let address = b.address.clone();
-    let name = name.to_owned();
-    as_uid(uid, move || Raw::hello_at(&address, &name).0).join().expect("the connecting thread")
-}
-
 const MANY: u32 = 4691;
 const BYSTANDER: u32 = 4692;
 const FANOUT: u32 = 4693;

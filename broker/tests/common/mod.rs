@@ -1025,3 +1025,37 @@ pub fn socket_rtts(raw: &mut Raw, n: u64) -> Vec<Duration> {
 pub fn pct(v: &[Duration], p: usize) -> Duration {
     v[(v.len() * p / 100).min(v.len() - 1)]
 }
+
+/// Runs `f` on a thread of its own whose credentials alone are `uid` (and
+/// gid `uid`): Linux keeps them per thread, and `connect` stamps the
+/// caller's into `SO_PEERCRED`. Needs root.
+pub fn as_uid<T: Send + 'static>(
+    uid: u32,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    std::thread::spawn(move || {
+        let gid = rustix::process::Gid::from_raw(uid);
+        let u = rustix::process::Uid::from_raw(uid);
+        rustix::thread::set_thread_res_gid(gid, gid, gid).expect("setresgid on this thread (needs root)");
+        rustix::thread::set_thread_res_uid(u, u, u).expect("setresuid on this thread (needs root)");
+        f()
+    })
+}
+
+/// A raw connection whose `SO_PEERCRED` says `uid`, past its Welcome, and
+/// the client id the broker gave it (see [`as_uid`]).
+pub fn raw_id_as(b: &Broker, uid: u32, name: &str) -> (Raw, u64) {
+    let address = b.address.clone();
+    let name = name.to_owned();
+    as_uid(uid, move || {
+        let (r, w) = Raw::hello_at(&address, &name);
+        (r, w.client_id)
+    })
+    .join()
+    .expect("the connecting thread")
+}
+
+/// [`raw_id_as`], the connection alone.
+pub fn raw_as(b: &Broker, uid: u32, name: &str) -> Raw {
+    raw_id_as(b, uid, name).0
+}
