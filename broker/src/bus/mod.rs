@@ -319,7 +319,7 @@ impl Bus {
             bump(&mut self.uid_log_suppressed, 1);
             return;
         };
-        if let Some(suppressed) = self.log.allow(now).map(|s| s + own_suppressed) {
+        if let Some(suppressed) = self.log.allow(now).map(|s| s.saturating_add(own_suppressed)) {
             let line = line();
             if suppressed > 0 {
                 warn!("{line} ({suppressed} similar lines suppressed)");

@@ -356,7 +356,11 @@ impl Bus {
                     responder,
                     payload: PayloadRef::Inline,
                 };
-                OutFrame::control(encode_head(&answer).expect("a short answer encodes"))
+                match encode_head(&answer) {
+                    Ok(head) => OutFrame::control(head),
+                    // A call id, a short text and a stamp: never too long.
+                    Err(_) => return,
+                }
             }
         };
         self.push_answer(caller, frame, now);
