@@ -119,6 +119,9 @@ struct Reactor {
     read_again: ReadTurns,
     /// Socket packets handed to the bus so far (see `read_cost`).
     handed: u64,
+    /// The last `read_link_ring` found its uid's budget spent (see
+    /// `service_links`).
+    ring_turned_away: bool,
     accept_retry_at: Option<Instant>,
     flush_retry: Vec<PeerId>,
     flush_retry_at: Option<Instant>,
@@ -210,6 +213,7 @@ impl Reactor {
             batch: Some(RecvBatch::new(RECV_SLOTS)),
             read_again: ReadTurns::default(),
             handed: 0,
+            ring_turned_away: false,
             accept_retry_at: None,
             flush_retry: Vec::new(),
             flush_retry_at: None,
@@ -968,6 +972,7 @@ impl Reactor {
         // With nothing left (0) no record is read, but the rest is done: a
         // broken or finished link is still ended, room still given back.
         let uid_left = uid.map_or(u64::MAX, |u| self.read_again.uid_left(u, WORK_BUDGET));
+        self.ring_turned_away = uid_left == 0;
         let work_start = self.bus.work();
         let records = self.read_link_ring_with(id, now, (budget, uid_left), work_start);
         if let Some(u) = uid {
@@ -1218,9 +1223,18 @@ impl Reactor {
         let mut total = 0;
         let mut i = 0;
         let mut shares = link::TurnShares::new(now);
+        // The first ring turned away for its uid's spent budget: it goes
+        // first next turn (else, in a quick turn that does not rotate the
+        // list, the same first rings of a busy uid could take its budget
+        // every turn, and its rings behind them never be read).
+        let mut first_turned_away = None;
         while i < self.hot.len() {
             let id = self.hot[i];
+            self.ring_turned_away = false;
             let got = self.read_link_ring(id, now, shares.budget());
+            if self.ring_turned_away && first_turned_away.is_none() {
+                first_turned_away = Some(i);
+            }
             total += got;
             shares.read(i, got, Instant::now);
             let mut broken = None;
@@ -1254,7 +1268,10 @@ impl Reactor {
                 _ => {}
             }
         }
-        let by = shares.rotation(self.hot.len());
+        let by = match (shares.rotation(self.hot.len()), first_turned_away) {
+            (0, Some(i)) => i.min(self.hot.len()),
+            (by, _) => by,
+        };
         self.hot.rotate_left(by);
         total
     }
