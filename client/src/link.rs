@@ -120,8 +120,24 @@ const SPIN_STEP: Duration = Duration::from_micros(2);
 /// The spin costs this process's CPU up to the answer, never more than
 /// this per wait, and only while answers keep coming within it; and past
 /// [`SPIN_MAX`] never more than the process spent away from the link since
-/// its last read (see [`answer_bound`]).
+/// its last read (see [`answer_bound`]). Whether such a long spin pays at
+/// all is learnt by trying ([`LongSpinTrial`]): on two VMs of 2 vCPUs
+/// (AMD EPYC; Intel Xeon, kernel 6.18) the spinning side kept a CPU busy,
+/// so the scheduler woke the next process of the exchange on the other,
+/// halted, vCPU, and the idle round trip was 1.3-1.5× the socket's on the
+/// one and 2.2× on the other, against 0.8-0.9× and 0.6-0.75× sleeping at
+/// once. On a third (Intel, earlier) the long spin had won, 0.7× to 1.0×.
 const ANSWER_SPIN_MAX: Duration = Duration::from_micros(200);
+/// One long wait for an answer in this many tries the spin that is not
+/// the better one now (see [`LongSpinTrial`]), so a change is seen. Each
+/// such try costs more than its own round trip: on the Intel VM, where
+/// sleeping at once won, trying the long spin one wait in 8 (in both A
+/// and its echo) took the idle round trip from 0.6-0.75× the socket's to
+/// 0.9×; one in 32 kept it at 0.6-0.75×.
+const TRIAL_EVERY: u32 = 32;
+/// Waits of each spin timed before either is preferred, and kept.
+const TRIAL_FIRST: u32 = 4;
+const TRIAL_KEPT: usize = 8;
 /// Within this of the last records, a reader that found the ring empty
 /// after its spin naps for [`NAP`] (one timed wait, its flag down, so the
 /// broker rings no doorbell) before it sleeps for real: under sustained
@@ -478,6 +494,9 @@ pub(crate) struct LinkRx {
     /// waiting for an answer (see [`ANSWER_SPIN_MAX`]).
     spin: Duration,
     answer_spin: Duration,
+    /// Whether a long wait for an answer spins up to `answer_spin` or
+    /// sleeps at once.
+    long_spin: LongSpinTrial,
     /// Our own ring's published end at the last read: when it moved, we
     /// sent since, and the wait is for an answer (see [`PURE_SPIN`]).
     sent_seen: u64,
@@ -513,6 +532,7 @@ impl LinkRx {
             items: Vec::new(),
             spin: SPIN_START,
             answer_spin: SPIN_START,
+            long_spin: LongSpinTrial::default(),
             sent_seen: 0,
             last_data: Instant::now(),
             last_batch: 0,
@@ -580,6 +600,8 @@ impl Inner {
         // that found nothing; and the bound of this wait's window.
         let mut answer: Option<bool> = None;
         let mut bound = SPIN_MAX;
+        // A long wait for an answer: which spin it tries (and is timed).
+        let mut trial: Option<Spin> = None;
         loop {
             let broken = self.take_records(rx);
             if !rx.items.is_empty() || broken.is_some() {
@@ -589,11 +611,16 @@ impl Inner {
                 rx.last_data =
                     if spun || napped || drained || slept.is_some() { Instant::now() } else { start };
                 rx.last_batch = rx.items.len();
-                if !rx.items.is_empty() && slept.is_some() {
+                if let (Some(spin), false) = (trial, rx.items.is_empty()) {
+                    rx.long_spin.timed(spin, start.elapsed());
+                }
+                if !rx.items.is_empty() && slept.is_some() && trial != Some(Spin::Short) {
                     // The spin ran out before the records came: a spin as
                     // long as this wait (and a half) would have caught
                     // them, if that is short enough to be worth it; if not,
-                    // spin less next time.
+                    // spin less next time. (Not after a short spin tried
+                    // in place of the long one: it says nothing of the
+                    // long one's window.)
                     let waited = start.elapsed();
                     let (window, max) = rx.window(answer);
                     *window = adapt(*window, waited, max.min(bound));
@@ -642,6 +669,13 @@ impl Inner {
                 rx.sent_seen = sent;
                 if answer == Some(true) {
                     bound = answer_bound(start.saturating_duration_since(rx.last_data));
+                    if bound > SPIN_MAX {
+                        let spin = rx.long_spin.pick();
+                        trial = Some(spin);
+                        if spin == Spin::Short {
+                            bound = Duration::ZERO;
+                        }
+                    }
                 }
             }
             let window = if answer == Some(true) { rx.answer_spin.min(bound) } else { rx.spin };
@@ -913,6 +947,80 @@ fn answer_bound(away: Duration) -> Duration {
     away.clamp(SPIN_MAX, ANSWER_SPIN_MAX)
 }
 
+/// The two spins a long wait for an answer may take (see
+/// [`LongSpinTrial`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Spin {
+    /// Up to the answer window ([`ANSWER_SPIN_MAX`]), then sleep.
+    Long,
+    /// None: sleep at once (the doorbell wakes it).
+    Short,
+}
+
+/// Whether spinning long for an answer makes it come sooner, learnt by
+/// timing both. A side of an idle conversation that spins for the answer
+/// saves its own wake-up, but keeps a CPU busy meanwhile, and on a
+/// machine with fewer CPUs than the processes of the exchange that can
+/// delay the answer more than the wake-up would have: the scheduler
+/// sends the next process to another CPU, which may be a halted vCPU that
+/// takes tens of µs to wake, where one going to sleep would have been
+/// followed on its own CPU. Which one wins depends on the machine (see
+/// [`ANSWER_SPIN_MAX`]), so each wait's time to its answer is kept for the
+/// spin it took
+/// (the last [`TRIAL_KEPT`] of each): first each spin [`TRIAL_FIRST`]
+/// times in turn, then the one with the lower median, and one wait in
+/// [`TRIAL_EVERY`] the other, so a change is seen. Medians, so a rare late
+/// answer weighs no more than any other slow one. The long spin must be a
+/// tenth faster to be taken: it costs a CPU while it lasts. No I/O:
+/// unit-tested alone.
+#[derive(Debug, Default)]
+struct LongSpinTrial {
+    /// The last waits (µs) of each spin, long then short, in rings of
+    /// [`TRIAL_KEPT`]; where each ring's next goes; and how many each has
+    /// had (saturating: past a ring's length it only says "full").
+    waits: [[u32; TRIAL_KEPT]; 2],
+    next: [usize; 2],
+    timed: [u32; 2],
+    picks: u32,
+}
+
+impl LongSpinTrial {
+    fn pick(&mut self) -> Spin {
+        self.picks = self.picks.wrapping_add(1);
+        if self.timed.iter().any(|&n| n < TRIAL_FIRST) {
+            return if self.timed[0] <= self.timed[1] { Spin::Long } else { Spin::Short };
+        }
+        let best = if u64::from(self.median(Spin::Long)) * 10 < u64::from(self.median(Spin::Short)) * 9 {
+            Spin::Long
+        } else {
+            Spin::Short
+        };
+        match (self.picks.is_multiple_of(TRIAL_EVERY), best) {
+            (false, b) => b,
+            (true, Spin::Long) => Spin::Short,
+            (true, Spin::Short) => Spin::Long,
+        }
+    }
+
+    /// A wait that took `spin` found its answer after `waited`.
+    fn timed(&mut self, spin: Spin, waited: Duration) {
+        let i = spin as usize;
+        let us = u32::try_from(waited.as_micros()).unwrap_or(u32::MAX);
+        self.waits[i][self.next[i]] = us;
+        self.next[i] = (self.next[i] + 1) % TRIAL_KEPT;
+        self.timed[i] = self.timed[i].saturating_add(1);
+    }
+
+    fn median(&self, spin: Spin) -> u32 {
+        let i = spin as usize;
+        let n = (self.timed[i] as usize).min(TRIAL_KEPT);
+        let mut kept = self.waits[i];
+        let kept = &mut kept[..n];
+        kept.sort_unstable();
+        kept.get(n / 2).copied().unwrap_or(0)
+    }
+}
+
 /// A spin window halved (zero once it is too short to catch anything).
 fn shrink(spin: Duration) -> Duration {
     let half = spin / 2;
@@ -977,6 +1085,57 @@ pub(crate) mod tests {
     //! layer's producer and consumer.
 
     use super::*;
+
+    /// Picks `n` spins, each timed as `long` or `short` says; how many
+    /// were long.
+    fn trial_run(t: &mut LongSpinTrial, n: u32, long: u64, short: u64) -> u32 {
+        let mut longs = 0;
+        for _ in 0..n {
+            let spin = t.pick();
+            let us = if spin == Spin::Long { long } else { short };
+            longs += u32::from(spin == Spin::Long);
+            t.timed(spin, Duration::from_micros(us));
+        }
+        longs
+    }
+
+    #[test]
+    fn a_long_spin_for_an_answer_is_kept_only_while_it_makes_answers_come_sooner() {
+        // Any 4 × TRIAL_EVERY picks in a row hold 4 tries of the spin that
+        // is not the better one.
+        let run = 4 * TRIAL_EVERY;
+        // First each in turn.
+        let mut t = LongSpinTrial::default();
+        assert_eq!(trial_run(&mut t, 2 * TRIAL_FIRST, 70, 100), TRIAL_FIRST);
+        // Long clearly faster (the earlier Intel VM): long, but for a try
+        // of the short spin one wait in TRIAL_EVERY.
+        assert_eq!(trial_run(&mut t, run, 70, 100), run - 4);
+        // The machine changes (the later VMs): the long spin's own waits
+        // show it within a few of them, and the short one is kept.
+        let longs = trial_run(&mut t, run, 135, 90);
+        assert!((4..=4 + TRIAL_KEPT as u32).contains(&longs), "{longs} long spins");
+        assert_eq!(trial_run(&mut t, run, 135, 90), 4);
+        // And back again, once the tries of the long spin fill its record.
+        trial_run(&mut t, TRIAL_KEPT as u32 * TRIAL_EVERY, 70, 100);
+        assert_eq!(trial_run(&mut t, run, 70, 100), run - 4);
+        // A tie, or a long spin less than a tenth faster: the short one,
+        // which costs no CPU while it waits.
+        let mut t = LongSpinTrial::default();
+        trial_run(&mut t, 2 * TRIAL_FIRST, 95, 100);
+        assert_eq!(trial_run(&mut t, run, 95, 100), 4);
+        // A rare late answer does not outweigh many: medians.
+        let mut t = LongSpinTrial::default();
+        trial_run(&mut t, 2 * TRIAL_FIRST, 70, 100);
+        t.timed(Spin::Long, Duration::from_secs(1));
+        t.timed(Spin::Long, Duration::from_secs(1));
+        assert_eq!(trial_run(&mut t, run, 70, 100), run - 4);
+        // Past u32::MAX waits the count stays full, the ring still turns
+        // (the long spin turns slow and is dropped), and the picks wrap.
+        t.timed = [u32::MAX; 2];
+        t.picks = u32::MAX - 1;
+        trial_run(&mut t, run, 135, 90);
+        assert_eq!(trial_run(&mut t, run, 135, 90), 4);
+    }
 
     #[test]
     fn an_answer_keeps_its_own_wider_spin_window() {
