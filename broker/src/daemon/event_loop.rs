@@ -152,6 +152,10 @@ struct Reactor {
     no_yield_until: Option<Instant>,
     /// When the last yield ended.
     last_yield: Instant,
+    /// Yields in a row that ran no one, since the last that ran someone or
+    /// a wake-up we caused: a `Maybe` yield waits
+    /// [`link::alone_backoff`] of them after the last.
+    alone_yields: u32,
     /// Linked clients with frames from us in their ring they have not read
     /// yet (at most [`link::UNREAD_TRACKED`]; [`ConnLink::unread_listed`]):
     /// those on this CPU can read them only when we yield.
@@ -234,6 +238,7 @@ impl Reactor {
             shared_cpu: false,
             no_yield_until: None,
             last_yield: Instant::now(),
+            alone_yields: 0,
             unread_by: Vec::new(),
             unread_untracked: false,
             woke_unknown: false,
@@ -1124,7 +1129,11 @@ impl Reactor {
         }
         let give = match self.wanted {
             CpuWanted::Known => true,
-            CpuWanted::Maybe => self.shared_cpu || self.quiet_turns > link::PURE_SPIN_TURNS,
+            CpuWanted::Maybe => {
+                (self.shared_cpu || self.quiet_turns > link::PURE_SPIN_TURNS)
+                    && now.saturating_duration_since(self.last_yield)
+                        >= link::alone_backoff(self.alone_yields)
+            }
             CpuWanted::No => now.saturating_duration_since(self.last_yield) >= link::YIELD_PROBE,
         };
         if !give {
@@ -1138,9 +1147,12 @@ impl Reactor {
         self.last_yield = after;
         self.wanted_stale = true;
         self.shared_cpu = took >= link::YIELD_ALONE;
-        if !self.shared_cpu {
+        if self.shared_cpu {
+            self.alone_yields = 0;
+        } else {
             // No one was waiting for this CPU.
             self.woke_unknown = false;
+            self.alone_yields = self.alone_yields.saturating_add(1);
         }
         if took >= link::YIELD_LONG {
             // A CPU-bound process shares this CPU, and each yield gives
@@ -1157,6 +1169,7 @@ impl Reactor {
     fn woke_someone(&mut self) {
         self.woke_unknown = true;
         self.wanted_stale = true;
+        self.alone_yields = 0;
     }
 
     /// Whether a process on this CPU waits for it ([`CpuWanted`]), as far
@@ -1396,6 +1409,7 @@ impl Reactor {
                 let _ = socket::send_packet(conn.fd.as_fd(), packet, true);
                 // It slept: the kernel wakes it on a CPU of its choosing.
                 link.rang = true;
+                self.alone_yields = 0;
             }
             self.wanted_stale = true;
             if !link.unread_listed {

@@ -90,6 +90,29 @@ pub const YIELD_BAN: Duration = Duration::from_millis(10);
 /// says it runs elsewhere, or waits for us with nothing to read), the
 /// broker still yields this often, for the ones it cannot see.
 pub const YIELD_PROBE: Duration = Duration::from_micros(50);
+/// After a `Maybe` yield that ran no one, the next waits this long, and
+/// twice as long after each further one in a row, up to
+/// [`ALONE_BACKOFF_MAX`] (see [`alone_backoff`]).
+pub const ALONE_BACKOFF_START: Duration = Duration::from_micros(1);
+pub const ALONE_BACKOFF_MAX: Duration = Duration::from_micros(16);
+
+/// How long after the last yield a `Maybe` yield waits, when the last
+/// `alone` yields in a row ran no one: none after none, then
+/// [`ALONE_BACKOFF_START`] doubled each time, up to [`ALONE_BACKOFF_MAX`].
+/// A yield that runs no one says no process waits for this CPU now; the
+/// ones that may come (a client we rang, woken where the kernel likes) are
+/// looked for less and less often while none comes. Without it, a broker
+/// waiting out a publisher's wake-up with a subscriber's unread frames
+/// behind it yielded at every quiet turn: 2 to 4 `sched_yield`s per 1,000
+/// messages at 4.6M msgs/s, nearly all running no one. A yield that runs
+/// someone, and a wake-up we cause, start again from none.
+pub fn alone_backoff(alone: u32) -> Duration {
+    match alone {
+        0 => Duration::ZERO,
+        n => ALONE_BACKOFF_START.saturating_mul(1 << (n - 1).min(16)).min(ALONE_BACKOFF_MAX),
+    }
+}
+
 /// Linked clients whose unread frames the broker follows at most; past
 /// that it yields as if it did not know where they run.
 pub const UNREAD_TRACKED: usize = 64;
@@ -338,6 +361,14 @@ mod tests {
 
     fn link(now: Instant) -> ConnLink {
         ConnLink::new(shm::create(256 * 1024).expect("a link").map, now)
+    }
+
+    #[test]
+    fn yields_that_run_no_one_come_ever_further_apart_up_to_a_bound() {
+        let us = Duration::from_micros;
+        let waits: Vec<_> = (0..7).map(alone_backoff).collect();
+        assert_eq!(waits, [us(0), us(1), us(2), us(4), us(8), us(16), us(16)]);
+        assert_eq!(alone_backoff(u32::MAX), ALONE_BACKOFF_MAX);
     }
 
     /// Where a reader of ours runs decides: here, it must be given the
