@@ -614,7 +614,7 @@ impl Inner {
                 if let (Some(spin), false) = (trial, rx.items.is_empty()) {
                     rx.long_spin.timed(spin, start.elapsed());
                 }
-                if !rx.items.is_empty() && slept.is_some() && trial != Some(Spin::Short) {
+                if !rx.items.is_empty() && slept.is_some() && trial != Some(Spin::Sleep) {
                     // The spin ran out before the records came: a spin as
                     // long as this wait (and a half) would have caught
                     // them, if that is short enough to be worth it; if not,
@@ -672,7 +672,7 @@ impl Inner {
                     if bound > SPIN_MAX {
                         let spin = rx.long_spin.pick();
                         trial = Some(spin);
-                        if spin == Spin::Short {
+                        if spin == Spin::Sleep {
                             bound = Duration::ZERO;
                         }
                     }
@@ -954,7 +954,7 @@ enum Spin {
     /// Up to the answer window ([`ANSWER_SPIN_MAX`]), then sleep.
     Long,
     /// None: sleep at once (the doorbell wakes it).
-    Short,
+    Sleep,
 }
 
 /// Whether spinning long for an answer makes it come sooner, learnt by
@@ -966,16 +966,16 @@ enum Spin {
 /// takes tens of µs to wake, where one going to sleep would have been
 /// followed on its own CPU. Which one wins depends on the machine (see
 /// [`ANSWER_SPIN_MAX`]), so each wait's time to its answer is kept for the
-/// spin it took
-/// (the last [`TRIAL_KEPT`] of each): first each spin [`TRIAL_FIRST`]
+/// spin it took (the last [`TRIAL_KEPT`] of each): first each spin [`TRIAL_FIRST`]
 /// times in turn, then the one with the lower median, and one wait in
 /// [`TRIAL_EVERY`] the other, so a change is seen. Medians, so a rare late
 /// answer weighs no more than any other slow one. The long spin must be a
-/// tenth faster to be taken: it costs a CPU while it lasts. No I/O:
+/// tenth faster to be taken: it costs a CPU while it lasts. (A wait that
+/// ends without records, a timeout say, is not timed.) No I/O:
 /// unit-tested alone.
 #[derive(Debug, Default)]
 struct LongSpinTrial {
-    /// The last waits (µs) of each spin, long then short, in rings of
+    /// The last waits (µs) of each, long spin then sleep, in rings of
     /// [`TRIAL_KEPT`]; where each ring's next goes; and how many each has
     /// had (saturating: past a ring's length it only says "full").
     waits: [[u32; TRIAL_KEPT]; 2],
@@ -988,17 +988,17 @@ impl LongSpinTrial {
     fn pick(&mut self) -> Spin {
         self.picks = self.picks.wrapping_add(1);
         if self.timed.iter().any(|&n| n < TRIAL_FIRST) {
-            return if self.timed[0] <= self.timed[1] { Spin::Long } else { Spin::Short };
+            return if self.timed[0] <= self.timed[1] { Spin::Long } else { Spin::Sleep };
         }
-        let best = if u64::from(self.median(Spin::Long)) * 10 < u64::from(self.median(Spin::Short)) * 9 {
+        let best = if u64::from(self.median(Spin::Long)) * 10 < u64::from(self.median(Spin::Sleep)) * 9 {
             Spin::Long
         } else {
-            Spin::Short
+            Spin::Sleep
         };
         match (self.picks.is_multiple_of(TRIAL_EVERY), best) {
             (false, b) => b,
-            (true, Spin::Long) => Spin::Short,
-            (true, Spin::Short) => Spin::Long,
+            (true, Spin::Long) => Spin::Sleep,
+            (true, Spin::Sleep) => Spin::Long,
         }
     }
 

@@ -1108,6 +1108,8 @@ impl Reactor {
     ///   when the last yield ran someone else (it took
     ///   [`link::YIELD_ALONE`] or more): the process that shares this CPU
     ///   is most likely the one that answers what we just delivered;
+    ///   and after yields in a row that ran no one, not before
+    ///   [`link::alone_backoff`] has passed since the last;
     /// - `No`: only every [`link::YIELD_PROBE`].
     ///
     /// (The rings' windows bound the spin, yields and all.) The verdict
