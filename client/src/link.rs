@@ -618,7 +618,7 @@ impl Inner {
                     // The spin ran out before the records came: a spin as
                     // long as this wait (and a half) would have caught
                     // them, if that is short enough to be worth it; if not,
-                    // spin less next time. (Not after a short spin tried
+                    // spin less next time. (Not after a sleep tried
                     // in place of the long one: it says nothing of the
                     // long one's window.)
                     let waited = start.elapsed();
@@ -1108,17 +1108,17 @@ pub(crate) mod tests {
         let mut t = LongSpinTrial::default();
         assert_eq!(trial_run(&mut t, 2 * TRIAL_FIRST, 70, 100), TRIAL_FIRST);
         // Long clearly faster (the earlier Intel VM): long, but for a try
-        // of the short spin one wait in TRIAL_EVERY.
+        // of sleeping at once one wait in TRIAL_EVERY.
         assert_eq!(trial_run(&mut t, run, 70, 100), run - 4);
         // The machine changes (the later VMs): the long spin's own waits
-        // show it within a few of them, and the short one is kept.
+        // show it within a few of them, and sleeping at once is kept.
         let longs = trial_run(&mut t, run, 135, 90);
         assert!((4..=4 + TRIAL_KEPT as u32).contains(&longs), "{longs} long spins");
         assert_eq!(trial_run(&mut t, run, 135, 90), 4);
         // And back again, once the tries of the long spin fill its record.
         trial_run(&mut t, TRIAL_KEPT as u32 * TRIAL_EVERY, 70, 100);
         assert_eq!(trial_run(&mut t, run, 70, 100), run - 4);
-        // A tie, or a long spin less than a tenth faster: the short one,
+        // A tie, or a long spin less than a tenth faster: sleeping at once,
         // which costs no CPU while it waits.
         let mut t = LongSpinTrial::default();
         trial_run(&mut t, 2 * TRIAL_FIRST, 95, 100);
