@@ -226,6 +226,13 @@ impl IdSpace {
         }
     }
 
+    /// The connection these answers were owed on is gone: none of them
+    /// comes now. Without this, every id in flight at a loss stayed in
+    /// use for good (and in `owed`), a few more at each reconnection.
+    pub fn forget_owed(&mut self) {
+        self.owed.clear();
+    }
+
     #[cfg(test)]
     pub fn set_next(&mut self, next: u32) {
         self.next = next;
@@ -491,6 +498,11 @@ impl State {
         self.fd_acks = FdAcks::new(fd_window);
         self.arrivals += 1;
         let arrival = self.arrivals;
+        // Answers owed by the lost broker never come; the new one owes
+        // only what is sent to it from here (the renewals below first).
+        for ids in [&mut self.sub_ids, &mut self.query_ids, &mut self.channel_ids, &mut self.name_ids] {
+            ids.forget_owed();
+        }
         let mut renew = Vec::new();
         for (&id, q) in self.subs.iter_mut() {
             if q.revoked.is_some() || q.renew.is_empty() || !q.live {
@@ -501,6 +513,10 @@ impl State {
             q.push_gap(arrival, 0);
             q.events.push_back(Queued { arrival, event: Event::Reconnected, charge: Charge::default() });
             renew.push((id, q.renew.clone()));
+        }
+        for &(id, _) in &renew {
+            // Its subscribe is answered by the new broker.
+            self.sub_ids.owe(id);
         }
         renew.sort_unstable_by_key(|(id, _)| *id);
         renew
@@ -1281,6 +1297,41 @@ pub(crate) mod tests {
         let e = OpError { op, code: ErrorCode::UnknownSubscription, message: "" };
         apply(&mut st, BrokerFrame::OpError(e), None, Vec::new());
         assert!(!st.sub_ids.owes(other));
+    }
+
+    #[test]
+    fn ids_in_flight_when_the_connection_is_lost_are_free_after_reconnecting() {
+        let mut st = state_with(WIDE, &[]);
+        // A live subscription, renewed after the reconnection.
+        let live = st.new_sub_id().unwrap();
+        st.add_sub(live, b"renew".to_vec());
+        st.awaiting_ack.insert(live);
+        apply(&mut st, BrokerFrame::Subscribed(Subscribed { sub_id: live }), None, Vec::new());
+        st.acks.clear();
+        // An unsubscribe, a query, a channel open and a name request in
+        // flight when the broker went away.
+        let gone = st.new_sub_id().unwrap();
+        let query = st.new_query().unwrap();
+        st.queries.remove(&query);
+        let chan = st.next_channel_id().unwrap();
+        let name = st.name_ids.alloc(|_| false).unwrap();
+        assert!(st.sub_ids.owes(gone) && st.query_ids.owes(query));
+        assert!(st.channel_ids.owes(chan) && st.name_ids.owes(name));
+        st.connection_lost(Disconnect { code: None, reason: "test".into() });
+        let renew = st.reconnected(8);
+        assert_eq!(renew, [(live, b"renew".to_vec())]);
+        // The lost broker's answers never come: those ids are free.
+        assert!(!st.sub_ids.owes(gone) && !st.query_ids.owes(query));
+        assert!(!st.channel_ids.owes(chan) && !st.name_ids.owes(name));
+        st.sub_ids.set_next(gone);
+        assert_eq!(st.new_sub_id(), Some(gone));
+        // The renewal is owed its answer by the new broker, and its id
+        // stays the subscription's.
+        assert!(st.sub_ids.owes(live));
+        apply(&mut st, BrokerFrame::Subscribed(Subscribed { sub_id: live }), None, Vec::new());
+        assert!(!st.sub_ids.owes(live));
+        st.sub_ids.set_next(live);
+        assert_ne!(st.new_sub_id(), Some(live));
     }
 
     #[test]
