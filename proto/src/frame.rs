@@ -990,11 +990,17 @@ pub struct Answer<'a> {
 pub struct NameInfo {
     pub name: String,
     /// Client ids: the owner first (or every member of a shared name),
-    /// not the queue (that is `queued`).
+    /// not the queue (that is `queued`). The two lists hold at most
+    /// [`MAX_NAME_INFO_IDS`](crate::limits::MAX_NAME_INFO_IDS) ids
+    /// together, owners first; the counts say how many there are in all.
     pub owners: Vec<u64>,
     pub queued: Vec<u64>,
     pub shared: bool,
     pub allow_replacement: bool,
+    /// Owners (members of a shared name) in all, listed or not.
+    pub owner_count: u32,
+    /// Queued clients in all, listed or not.
+    pub queued_count: u32,
 }
 
 /// Several broker-to-client frames in one packet. The payload is

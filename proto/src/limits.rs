@@ -22,6 +22,12 @@ pub const MAX_SUBJECT_LEN: usize = 1024;
 /// bound; 32 is deeper than any subject scheme seen in practice.
 pub const MAX_SUBJECT_DEPTH: usize = 32;
 
+/// Most client ids one name's introspection (`NameInfo`) lists, owners
+/// and queue together; the counts say how many there are in all. 4,096
+/// ids of at most 10 bytes each, and a name of [`MAX_SUBJECT_LEN`], fit
+/// [`MAX_PACKET`] whatever the ids.
+pub const MAX_NAME_INFO_IDS: usize = 4096;
+
 /// Longest client name sent in `Hello`, in bytes.
 pub const MAX_CLIENT_NAME: usize = 256;
 

@@ -1657,9 +1657,18 @@ fn print_names(out: &mut impl Write, client: &Client, json: bool) -> Fallible<()
     if !json {
         writeln!(out, "{:<32} {:<9} {:<16} {:<16}  FLAGS", "NAME", "KIND", "OWNERS", "QUEUED")?;
     }
-    let ids = |v: &[u64]| match v {
-        [] => "-".to_owned(),
-        v => v.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
+    // The broker lists at most MAX_NAME_INFO_IDS ids of a name: the rest
+    // are counted.
+    let ids = |v: &[u64], count: u32| {
+        let mut s = match v {
+            [] => "-".to_owned(),
+            v => v.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
+        };
+        let unlisted = u64::from(count).saturating_sub(v.len() as u64);
+        if unlisted > 0 {
+            s.push_str(&format!(",+{unlisted} more"));
+        }
+        s
     };
     for_each_page(
         |after| client.names_page(after),
@@ -1673,8 +1682,8 @@ fn print_names(out: &mut impl Write, client: &Client, json: bool) -> Fallible<()
                     "{:<32} {:<9} {:<16} {:<16}  {}",
                     escape(&n.name),
                     if n.shared { "shared" } else { "exclusive" },
-                    ids(&n.owners),
-                    ids(&n.queued),
+                    ids(&n.owners, n.owner_count),
+                    ids(&n.queued, n.queued_count),
                     if n.allow_replacement { "allow_replacement" } else { "-" }
                 )?;
             }

@@ -19,6 +19,7 @@
 use std::collections::BTreeMap;
 
 use shmbus_proto::frame::{NameFlags, NameInfo, NameResult};
+use shmbus_proto::limits::MAX_NAME_INFO_IDS;
 
 use super::peer::PeerId;
 use super::quota::Charge;
@@ -193,19 +194,27 @@ impl Names {
             None => Bound::Unbounded,
         };
         self.by_name.range((start, Bound::Unbounded)).map(|(name, n)| {
-            let ids = n.entries.iter().map(|e| e.peer);
-            let (owners, queued) = if n.shared {
-                (ids.collect(), Vec::new())
+            // At most MAX_NAME_INFO_IDS listed (owners first), so the
+            // item fits a packet however many clients share the name (an
+            // item that did not fit was never sent, and its page never
+            // ended); the counts are whole.
+            let listed = n.entries.iter().map(|e| e.peer).take(MAX_NAME_INFO_IDS);
+            let owner_count = if n.shared { n.entries.len() } else { n.entries.len().min(1) };
+            let (owners, queued): (Vec<PeerId>, Vec<PeerId>) = if n.shared {
+                (listed.collect(), Vec::new())
             } else {
-                let all: Vec<PeerId> = ids.collect();
-                (all[..1].to_vec(), all[1..].to_vec())
+                let mut all = listed;
+                (all.next().into_iter().collect(), all.collect())
             };
+            let count = |c: usize| u32::try_from(c).unwrap_or(u32::MAX);
             NameInfo {
                 name: name.clone(),
                 owners,
                 queued,
                 shared: n.shared,
                 allow_replacement: n.entries.first().is_some_and(|e| e.flags.allow_replacement),
+                owner_count: count(owner_count),
+                queued_count: count(n.entries.len() - owner_count),
             }
         })
     }

@@ -933,6 +933,61 @@ mod services {
         w.bus.hangup(a);
         assert_eq!(w.bus.held(10, Resource::Names), 0);
     }
+
+    /// What `Query { Names }` answers, page after page.
+    fn all_names(w: &mut World, id: PeerId) -> Vec<shmbus_proto::frame::NameInfo> {
+        let mut infos = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            w.send(id, &Query { req_id: 9, what: QueryKind::Names, after: after.as_deref() });
+            let mut end = None;
+            for f in w.take(id) {
+                match f {
+                    BrokerFrame::QueryItem(i) => match i.item {
+                        shmbus_proto::frame::QueryItemBody::Name(n) => infos.push(n),
+                        other => panic!("{other:?}"),
+                    },
+                    BrokerFrame::QueryEnd(e) => end = Some(e.next),
+                    other => panic!("{other:?}"),
+                }
+            }
+            match end.expect("every page ends with its QueryEnd") {
+                Some(next) => after = Some(next.to_owned()),
+                None => return infos,
+            }
+        }
+    }
+
+    #[test]
+    fn a_name_shared_by_more_clients_than_a_packet_can_list_is_still_shown_and_counted() {
+        use shmbus_proto::limits::MAX_NAME_INFO_IDS;
+        let mut w = World::new(config());
+        // 34,000 ids, most of three varint bytes: more than MAX_PACKET.
+        let n = 34_000;
+        let shared = NameFlags { shared: true, ..NameFlags::default() };
+        let mut members = Vec::new();
+        for i in 0..n {
+            // 100 a uid: two names each stay within its names quota.
+            let id = w.join(2000 + i / 100);
+            assert_eq!(own(&mut w, id, "crowd", shared), NameResult::PrimaryOwner);
+            members.push(id);
+        }
+        // And an exclusive name with as long a queue behind its owner.
+        for &id in &members {
+            w.send(id, &NameRequest { req_id: 2, name: "queue", flags: NameFlags::default() });
+            w.take(id);
+        }
+        let infos = all_names(&mut w, members[0]);
+        assert_eq!(infos.len(), 2);
+        let crowd = &infos[0];
+        assert_eq!((crowd.name.as_str(), crowd.owner_count, crowd.queued_count), ("crowd", n, 0));
+        assert_eq!(crowd.owners.len(), MAX_NAME_INFO_IDS);
+        assert!(crowd.owners == members[..MAX_NAME_INFO_IDS], "the first members, in order");
+        let queue = &infos[1];
+        assert_eq!((queue.name.as_str(), queue.owner_count, queue.queued_count), ("queue", 1, n - 1));
+        assert_eq!(queue.owners, [members[0]]);
+        assert!(queue.queued == members[1..MAX_NAME_INFO_IDS]);
+    }
 }
 
 // ------------------------------------------------------------- policy --
