@@ -30,7 +30,7 @@ def s(text):
 
 
 def frame(kind, body, payload=b""):
-    return struct.pack("<HBBI", 0x4253, 5, kind, len(body)) + body + payload
+    return struct.pack("<HBBI", 0x4253, 6, kind, len(body)) + body + payload
 
 
 V = varint
@@ -38,7 +38,7 @@ LIMITS = V(73728) + V(65536) + V(1 << 22) + V(8192) + V(4096) + V(64) + V(32)
 SENDER = V(1) + V(1000) + V(1000) + V(42)
 CLIENT_INFO = (V(7) + s("app") + V(42) + V(1000) + V(1000) + s("app") + V(2) + s("a.b") + s("c.>")
                + V(2) + V(0) + V(0) + V(1) + V(2) + V(0) + V(5))
-STATS = s("0.1.0") + s("@shmbus") + b"".join(V(i) for i in range(24))
+STATS = s("0.1.0") + s("@shmbus") + b"".join(V(i) for i in range(25))
 CHANNEL_INFO = V(3) + s("cam.0") + V(7) + V(1) + V(4096) + V(8) + V(0) + V(10) + V(0)
 
 FRAMES = {
@@ -63,7 +63,7 @@ FRAMES = {
     "query_item_topic": frame(70, V(1) + V(1) + s("a.>") + V(2)),
     "query_item_stats": frame(70, V(1) + V(2) + STATS),
     "query_item_channel": frame(70, V(1) + V(3) + CHANNEL_INFO),
-    "query_item_name": frame(70, V(1) + V(4) + s("svc.a") + V(1) + V(7) + V(1) + V(8) + b"\x00\x01"),
+    "query_item_name": frame(70, V(1) + V(4) + s("svc.a") + V(1) + V(7) + V(1) + V(8) + b"\x00\x01" + V(1) + V(1)),
     "query_end": frame(71, V(1) + b"\x01" + s("a")),
     "op_error": frame(72, V(0) + V(1) + V(0) + s("no")),
     "channel_granted": frame(73, V(1) + V(2) + V(0) + V(64) + V(4) + V(1)),

@@ -43,7 +43,7 @@ mod hand;
 /// First two bytes of every frame (little-endian "SB" as in shmbus).
 pub const MAGIC: u16 = 0x4253;
 /// Wire protocol version, in every header and in `Hello`.
-pub const PROTOCOL_VERSION: u8 = 5;
+pub const PROTOCOL_VERSION: u8 = 6;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 8;
 
@@ -1548,11 +1548,11 @@ mod tests {
         let shown = |h: &str| assert!(doc.contains(h), "PROTOCOL.md does not show {h}");
         let publish = Publish { topic: "a.b", origin: None, payload: PayloadRef::Inline };
         let bytes = hex(encode_frame(&publish, b"hi").unwrap());
-        assert_eq!(bytes, "53 42 05 04 06 00 00 00 03 61 2e 62 00 00 68 69");
-        shown("53 42 05 04 06 00 00 00   kind 4 (Publish), body_len 6");
+        assert_eq!(bytes, "53 42 06 04 06 00 00 00 03 61 2e 62 00 00 68 69");
+        shown("53 42 06 04 06 00 00 00   kind 4 (Publish), body_len 6");
         let memfd = Publish { topic: "a.b", origin: None, payload: PayloadRef::Memfd { len: 1_000_000 } };
-        assert_eq!(hex(encode_head(&memfd).unwrap()), "53 42 05 04 09 00 00 00 03 61 2e 62 00 01 c0 84 3d");
-        shown("53 42 05 04 09 00 00 00   kind 4, body_len 9");
+        assert_eq!(hex(encode_head(&memfd).unwrap()), "53 42 06 04 09 00 00 00 03 61 2e 62 00 01 c0 84 3d");
+        shown("53 42 06 04 09 00 00 00   kind 4, body_len 9");
         let deliver = Deliver {
             sub_id: 1,
             topic: "a.b",
@@ -1563,9 +1563,9 @@ mod tests {
         };
         assert_eq!(
             hex(encode_frame(&deliver, b"hi").unwrap()),
-            "53 42 05 42 12 00 00 00 01 03 61 2e 62 03 e8 07 e8 07 92 21 01 01 02 68 31 00 68 69"
+            "53 42 06 42 12 00 00 00 01 03 61 2e 62 03 e8 07 e8 07 92 21 01 01 02 68 31 00 68 69"
         );
-        shown("53 42 05 42 12 00 00 00   kind 66 (Deliver), body_len 18");
+        shown("53 42 06 42 12 00 00 00   kind 66 (Deliver), body_len 18");
         shown("01 02 68 31               origin: Some(\"h1\")");
         let request = Request {
             call_id: 1,
@@ -1576,8 +1576,8 @@ mod tests {
             payload: PayloadRef::Inline,
         };
         let bytes = hex(encode_frame(&request, b"q").unwrap());
-        assert_eq!(bytes, "53 42 05 0d 0a 00 00 00 01 03 73 76 63 e8 07 00 00 00 71");
-        shown("`53 42 05 0d 0a 00 00 00  01 03 73 76 63 e8 07 00 00 00 71`");
+        assert_eq!(bytes, "53 42 06 0d 0a 00 00 00 01 03 73 76 63 e8 07 00 00 00 71");
+        shown("`53 42 06 0d 0a 00 00 00  01 03 73 76 63 e8 07 00 00 00 71`");
     }
 
     #[test]
@@ -1596,9 +1596,9 @@ mod tests {
         let packet = batch_of(&[pong(1), pong(2)], 2);
         #[rustfmt::skip]
         let documented = [
-            0x53, 0x42, 5, 0x4f, 1, 0, 0, 0, 2,
-            9, 0, 0, 0, 0x53, 0x42, 5, 0x45, 1, 0, 0, 0, 1,
-            9, 0, 0, 0, 0x53, 0x42, 5, 0x45, 1, 0, 0, 0, 2,
+            0x53, 0x42, 6, 0x4f, 1, 0, 0, 0, 2,
+            9, 0, 0, 0, 0x53, 0x42, 6, 0x45, 1, 0, 0, 0, 1,
+            9, 0, 0, 0, 0x53, 0x42, 6, 0x45, 1, 0, 0, 0, 2,
         ];
         assert_eq!(packet, documented);
     }
