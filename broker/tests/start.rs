@@ -56,6 +56,19 @@ fn an_unknown_user_name_is_refused_before_start() {
     assert!(stderr(&out).contains("no user named \"no-such-user-here\" in /etc/passwd"), "{}", stderr(&out));
 }
 
+#[test]
+fn an_unacked_fd_budget_smaller_than_one_packet_is_refused_before_start() {
+    // A channel grant is one packet with up to 4 fds: a budget below that
+    // could never let one through, and every channel open would stall.
+    let out = run_bounded({
+        let mut c = Command::new(SHMBUSD);
+        c.args(["--address", &unique_address("unacked"), "--uid-unacked-fds", "3"]);
+        c
+    });
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--uid-unacked-fds"), "{}", stderr(&out));
+}
+
 /// Under systemd, stderr is the journal stream ($JOURNAL_STREAM names its
 /// device and inode). With no journal socket to write to (as here, in a
 /// container), the log stays on stderr, but bare: no timestamps, no

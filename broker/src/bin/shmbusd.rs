@@ -91,8 +91,11 @@ struct Args {
     /// Per uid: fds queued in the broker for its connections.
     #[arg(long, value_name = "N", default_value_t = l::DEFAULT_UID_QUEUE_FDS)]
     uid_queue_fds: u64,
-    /// Per uid: fds sent to its connections and not yet acknowledged.
-    #[arg(long, value_name = "N", default_value_t = l::DEFAULT_UID_UNACKED_FDS)]
+    /// Per uid: fds sent to its connections and not yet acknowledged (at
+    /// least 4, the most one packet carries: with less, a channel grant's
+    /// fds could never be sent).
+    #[arg(long, value_name = "N", default_value_t = l::DEFAULT_UID_UNACKED_FDS,
+          value_parser = clap::value_parser!(u64).range(l::MAX_FDS_PER_PACKET as u64..))]
     uid_unacked_fds: u64,
     /// Per uid: subscriptions.
     #[arg(long, value_name = "N", default_value_t = l::DEFAULT_UID_SUBSCRIPTIONS)]
