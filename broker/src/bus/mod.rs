@@ -295,6 +295,22 @@ impl Bus {
     /// out of the log (a hostile review hid a policy denial of one uid
     /// behind 50 of another's), nor fill the disk.
     fn warn_limited(&mut self, uid: Option<u32>, line: impl FnOnce() -> String) {
+        if let Some(suppressed) = self.log_gate(uid) {
+            let line = line();
+            if suppressed > 0 {
+                warn!("{line} ({suppressed} similar lines suppressed)");
+            } else {
+                warn!("{line}");
+            }
+        }
+    }
+
+    /// Whether a line of `uid`'s may be written now (see `warn_limited`);
+    /// if so, how many lines left out before it no written line has
+    /// reported yet. A line its uid's limiter lets through but the wide
+    /// one does not passes on the count it carried to the wide one's next
+    /// line: every line left out is reported by a later one. No I/O.
+    fn log_gate(&mut self, uid: Option<u32>) -> Option<u64> {
         let now = self.now_hint();
         let own = match uid {
             Some(u) => {
@@ -317,14 +333,14 @@ impl Bus {
         let Some(own_suppressed) = own else {
             // Said with this uid's next line that passes.
             bump(&mut self.uid_log_suppressed, 1);
-            return;
+            return None;
         };
-        if let Some(suppressed) = self.log.allow(now).map(|s| s.saturating_add(own_suppressed)) {
-            let line = line();
-            if suppressed > 0 {
-                warn!("{line} ({suppressed} similar lines suppressed)");
-            } else {
-                warn!("{line}");
+        match self.log.allow(now) {
+            Some(suppressed) => Some(suppressed.saturating_add(own_suppressed)),
+            None => {
+                // Counted already (in `uid_log_suppressed`): only said later.
+                self.log.carry(own_suppressed);
+                None
             }
         }
     }

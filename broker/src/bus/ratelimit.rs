@@ -52,6 +52,12 @@ impl RateLimit {
         None
     }
 
+    /// Lines left out elsewhere (and counted there), to be reported with
+    /// the next line that passes here.
+    pub fn carry(&mut self, lines: u64) {
+        self.pending = self.pending.saturating_add(lines);
+    }
+
     /// Lines left out since start.
     pub fn suppressed_total(&self) -> u64 {
         self.total

@@ -1404,3 +1404,35 @@ fn a_delivery_whose_frame_cannot_be_made_is_a_counted_gap() {
     assert!(matches!(got.first(), Some(BrokerFrame::Gap(g)) if g.sub_id == 3 && g.missed == 1), "{got:?}");
     assert!(matches!(got.get(1), Some(BrokerFrame::Deliver(d, b"after")) if d.sub_id == 3), "{got:?}");
 }
+
+#[test]
+fn every_log_line_left_out_is_reported_by_a_later_one() {
+    let mut w = World::new(config());
+    let t0 = w.now;
+    let (mut left_out, mut reported) = (0u64, 0u64);
+    let mut line = |w: &mut World, uid: u32| match w.bus.log_gate(Some(uid)) {
+        Some(n) => reported += n,
+        None => left_out += 1,
+    };
+    // uid 1 floods: its own limiter (20 a window) leaves 5 out.
+    w.bus.log.see(t0);
+    for _ in 0..25 {
+        line(&mut w, 1);
+    }
+    // A new window: ten other uids use the whole wide allowance (200)
+    // first, then uid 1's next line passes its own limiter (carrying its
+    // 5) but not the wide one.
+    w.bus.log.see(t0 + Duration::from_secs(10));
+    for uid in 2..12 {
+        for _ in 0..20 {
+            line(&mut w, uid);
+        }
+    }
+    line(&mut w, 1);
+    // The next window's first line says all that was left out.
+    w.bus.log.see(t0 + Duration::from_secs(20));
+    line(&mut w, 12);
+    assert_eq!(left_out, 6);
+    assert_eq!(reported, left_out, "every line left out is reported once");
+    assert_eq!(w.bus.stats(t0).log_suppressed, left_out);
+}
