@@ -27,6 +27,9 @@ pub const MAX_SUBJECT_DEPTH: usize = 32;
 /// ids of at most 10 bytes each, and a name of [`MAX_SUBJECT_LEN`], fit
 /// [`MAX_PACKET`] whatever the ids.
 pub const MAX_NAME_INFO_IDS: usize = 4096;
+// A u64 is at most 10 varint bytes; 256 bytes for the header, the other
+// fields and the name's length prefix.
+const _: () = assert!(MAX_NAME_INFO_IDS * 10 + MAX_SUBJECT_LEN + 256 <= MAX_PACKET);
 
 /// Longest client name sent in `Hello`, in bytes.
 pub const MAX_CLIENT_NAME: usize = 256;

@@ -1653,23 +1653,25 @@ impl Drop for Unlist {
     }
 }
 
+/// A name's owners or queue as `names` prints them: the ids listed, then
+/// how many the broker counted but did not list (it lists at most
+/// `MAX_NAME_INFO_IDS` ids of a name).
+fn id_list(listed: &[u64], count: u32) -> String {
+    let mut s = match listed {
+        [] => "-".to_owned(),
+        v => v.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
+    };
+    let unlisted = u64::from(count).saturating_sub(listed.len() as u64);
+    if unlisted > 0 {
+        s.push_str(&format!(",+{unlisted} more"));
+    }
+    s
+}
+
 fn print_names(out: &mut impl Write, client: &Client, json: bool) -> Fallible<()> {
     if !json {
         writeln!(out, "{:<32} {:<9} {:<16} {:<16}  FLAGS", "NAME", "KIND", "OWNERS", "QUEUED")?;
     }
-    // The broker lists at most MAX_NAME_INFO_IDS ids of a name: the rest
-    // are counted.
-    let ids = |v: &[u64], count: u32| {
-        let mut s = match v {
-            [] => "-".to_owned(),
-            v => v.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
-        };
-        let unlisted = u64::from(count).saturating_sub(v.len() as u64);
-        if unlisted > 0 {
-            s.push_str(&format!(",+{unlisted} more"));
-        }
-        s
-    };
     for_each_page(
         |after| client.names_page(after),
         |ns: Vec<NameInfo>| {
@@ -1682,8 +1684,8 @@ fn print_names(out: &mut impl Write, client: &Client, json: bool) -> Fallible<()
                     "{:<32} {:<9} {:<16} {:<16}  {}",
                     escape(&n.name),
                     if n.shared { "shared" } else { "exclusive" },
-                    ids(&n.owners, n.owner_count),
-                    ids(&n.queued, n.queued_count),
+                    id_list(&n.owners, n.owner_count),
+                    id_list(&n.queued, n.queued_count),
                     if n.allow_replacement { "allow_replacement" } else { "-" }
                 )?;
             }
@@ -1887,4 +1889,16 @@ fn write_event(out: &mut impl Write, e: &BusEvent, full: bool, json: bool) -> st
         line.push_str(&format!(" ({})", escape(&e.detail)));
     }
     writeln!(out, "{line}")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_name_s_ids_say_how_many_were_not_listed() {
+        assert_eq!(super::id_list(&[], 0), "-");
+        assert_eq!(super::id_list(&[3, 4], 2), "3,4");
+        assert_eq!(super::id_list(&[3, 4], 5), "3,4,+3 more");
+        // A broker's count lower than its list is not a negative.
+        assert_eq!(super::id_list(&[3, 4], 1), "3,4");
+    }
 }
