@@ -1414,6 +1414,16 @@ impl Reactor {
                 self.alone_yields = 0;
             }
             self.wanted_stale = true;
+            // A client that answers quickly: its ring is hot until the
+            // answer comes or its window runs out. A ring put to sleep
+            // left `hot` then (`service_links`); woken here, not by the
+            // client, so its spin window does not adapt (`woke`).
+            if link.delivered(now) && link.slept_at.is_some() && !link.broken && !link.eof {
+                link.slept_at = None;
+                link.consumer.wake(link.map.mine());
+                self.hot.push(id);
+            }
+            let Some(link) = self.conns.get_mut(&id).and_then(|c| c.link.as_mut()) else { return };
             if !link.unread_listed {
                 if self.unread_by.len() < link::UNREAD_TRACKED {
                     link.unread_listed = true;
