@@ -435,66 +435,6 @@ fn a_client_that_trickles_records_does_not_keep_the_broker_spinning() {
     ping(&mut l, 1);
 }
 
-/// A client that answers each frame the broker writes it within a few
-/// tens of µs, but whose records come far apart (300 µs of sleep after
-/// each answer: a sparse stream), still finds the broker awake when it
-/// answers: its ring stays hot for the answer, so the answer needs no
-/// doorbell and the broker no wake-up. (Its ring used to get the least
-/// window, 10 µs, after each record: every answer rang a sleeping broker,
-/// and a busy request/answer exchange fell into sleeping at every hop,
-/// 210-240 µs a round trip instead of 5.)
-#[test]
-fn a_client_that_answers_quickly_finds_the_broker_awake_for_its_answer() {
-    let _alone = measuring_alone();
-    const ROUNDS: u64 = 200;
-    let b = Broker::start("link-answer");
-    let mut l = RawLink::attach(&b, "answerer");
-    let mut rang = 0;
-    for round in 0..ROUNDS {
-        std::thread::sleep(Duration::from_micros(300));
-        l.send_body(&Ping { token: round }, &[]);
-        // Spin for the Pong: a sleep here would put our own wake-up into
-        // the answer time.
-        let deadline = std::time::Instant::now() + PATIENCE;
-        let p = loop {
-            if let Some(p) = l.recv_packet(Duration::ZERO) {
-                break p;
-            }
-            assert!(std::time::Instant::now() < deadline, "round {round}: no Pong");
-        };
-        assert!(matches!(p.frame(), Some(BrokerFrame::Pong(p)) if p.token == round));
-        let t = std::time::Instant::now();
-        while t.elapsed() < Duration::from_micros(20) {
-            std::hint::spin_loop();
-        }
-        // The answer: a publish nobody receives, so no frame comes back.
-        l.producer
-            .try_push(
-                l.map.peer(),
-                l.map.my_data(),
-                shmbus_proto::link::RecordKind::Frame,
-                &[
-                    &shmbus_proto::frame::encode_head(&Publish {
-                        topic: "answers",
-                        origin: None,
-                        payload: PayloadRef::Inline,
-                    })
-                    .unwrap(),
-                    b"a",
-                ],
-            )
-            .unwrap();
-        l.producer.publish(l.map.mine());
-        if l.producer.must_ring(l.map.peer()) {
-            rang += 1;
-            l.raw.send_body(&shmbus_proto::frame::Doorbell, &[]);
-        }
-    }
-    eprintln!("{rang} of {ROUNDS} answers found the broker's ring asleep");
-    assert!(rang <= ROUNDS / 2, "{rang} of {ROUNDS} answers had to ring a sleeping broker");
-    ping(&mut l, u64::MAX);
-}
-
 // ------------------------------------------------------------ attacks --
 
 /// A client raising a fresh `producer_wait` value at every moment, while

@@ -1421,6 +1421,7 @@ impl Reactor {
             if link.delivered(now) && link.slept_at.is_some() && !link.broken && !link.eof {
                 link.slept_at = None;
                 link.consumer.wake(link.map.mine());
+                debug_assert!(!self.hot.contains(&id), "a ring put to sleep left `hot`");
                 self.hot.push(id);
             }
             let Some(link) = self.conns.get_mut(&id).and_then(|c| c.link.as_mut()) else { return };

@@ -300,6 +300,10 @@ pub struct ConnLink {
     /// When we first wrote into its ring since its last record: an
     /// answer may be on its way.
     pub delivered_at: Option<Instant>,
+    /// The ring went to sleep this long after that delivery, before an
+    /// answer came: the answer took at least this (the time it was read
+    /// at counts our own wake-up too).
+    pub slept_awaiting: Option<Duration>,
     /// Average time from our writing into its ring to its next record (a
     /// moving average, 1/8 per answer; an answer missing for
     /// `2 * ANSWER_GAP` counts as that long).
@@ -331,6 +335,7 @@ impl ConnLink {
             unread_listed: false,
             rang: false,
             delivered_at: None,
+            slept_awaiting: None,
             answer: Duration::ZERO,
         }
     }
@@ -347,7 +352,14 @@ impl ConnLink {
         self.last_record = now;
         self.active_at = now;
         if let Some(at) = self.delivered_at.take() {
-            self.answered(now.saturating_duration_since(at));
+            // A delivery made later in the turn that `now` began (another
+            // ring's records): the answer is timed by the clock.
+            let took = match self.slept_awaiting.take() {
+                Some(floor) => floor,
+                None if at > now => Instant::now().saturating_duration_since(at),
+                None => now.saturating_duration_since(at),
+            };
+            self.answered(took);
         }
     }
 
@@ -363,25 +375,30 @@ impl ConnLink {
     }
 
     /// We wrote frames into its ring: an answer may follow. Whether the
-    /// ring should stay hot for it (the client answers quickly); its
-    /// window then runs from now. An answer still missing from an
-    /// earlier delivery after `2 * ANSWER_GAP` counts as that slow, so a
-    /// client that only reads stops being waited for after a few.
+    /// ring should stay hot for it: the client answers quickly, and this
+    /// is the first delivery since its last record (so a client is waited
+    /// for at most one window per record it writes, however many frames
+    /// it is sent); its window then runs from now. An answer still
+    /// missing after `2 * ANSWER_GAP` counts as that slow, so a client
+    /// that only reads stops being waited for after a few.
     pub fn delivered(&mut self, now: Instant) -> bool {
         match self.delivered_at {
-            None => self.delivered_at = Some(now),
+            None => {
+                self.delivered_at = Some(now);
+                self.slept_awaiting = None;
+                if self.answers() {
+                    self.active_at = now;
+                    return true;
+                }
+            }
             Some(at) if now.saturating_duration_since(at) >= ANSWER_GAP * 2 => {
                 self.answered(ANSWER_GAP * 2);
                 self.delivered_at = Some(now);
+                self.slept_awaiting = None;
             }
             Some(_) => {}
         }
-        if self.answers() {
-            self.active_at = now;
-            true
-        } else {
-            false
-        }
+        false
     }
 
     /// How long an empty ring stays hot: its adaptive window for a dense
@@ -400,6 +417,9 @@ impl ConnLink {
     /// The ring goes to sleep: from now the client rings.
     pub fn slept(&mut self, now: Instant) {
         self.slept_at = Some(now);
+        if let Some(at) = self.delivered_at {
+            self.slept_awaiting.get_or_insert(now.saturating_duration_since(at));
+        }
     }
 
     /// The ring is hot again (a doorbell or other socket event): adapts
@@ -530,6 +550,17 @@ mod tests {
         let w = answerer.window();
         assert!(w >= us(39) && w <= us(41), "twice its answer time, 20 µs: {w:?}");
         assert_eq!(answerer.active_at, t + us(500), "the window runs from the delivery");
+        assert!(!answerer.delivered(t + us(550)), "more frames before an answer renew nothing");
+        assert_eq!(answerer.active_at, t + us(500));
+
+        // An answer read after the ring slept is timed to the sleep (a
+        // lower bound), not to our own wake-up.
+        let mut woken = link(t0);
+        assert!(woken.delivered(t0 + us(100)));
+        woken.slept(t0 + us(140));
+        woken.woke(t0 + us(400));
+        woken.records_at(t0 + us(400));
+        assert_eq!(woken.answer, us(40) / 8, "one answer of at least 40 µs, averaged in");
 
         let mut reader = link(t0);
         let mut t = t0;
@@ -538,7 +569,7 @@ mod tests {
             t += us(300);
             waited += usize::from(reader.delivered(t));
         }
-        assert!(waited < 16, "a client that never answers was waited for {waited} times in 32");
+        assert_eq!(waited, 1, "a client that never answers is waited for once, not at each delivery");
         assert!(!reader.delivered(t + us(300)));
         assert!(reader.active_at < t, "its window is no longer renewed by deliveries");
 
