@@ -10,33 +10,13 @@ use std::os::fd::AsFd;
 use std::time::Duration;
 
 use common::*;
-use shmbus_proto::frame::{
-    decode_broker, BrokerFrame, GoodbyeCode, Overflow, PayloadRef, Ping, Publish, Subscribe,
-};
-
-fn subscribe(l: &mut RawLink, sub_id: u32, pattern: &str, overflow: Overflow) {
-    l.send_body(&Subscribe { sub_id, pattern, overflow }, &[]);
-    let p = l.next_packet();
-    match p.frame() {
-        Some(BrokerFrame::Subscribed(s)) => assert_eq!(s.sub_id, sub_id),
-        other => panic!("expected Subscribed, got {other:?}"),
-    }
-}
-
-fn ping(l: &mut RawLink, token: u64) {
-    l.send_body(&Ping { token }, &[]);
-    let p = l.next_packet();
-    match p.frame() {
-        Some(BrokerFrame::Pong(p)) => assert_eq!(p.token, token),
-        other => panic!("expected Pong, got {other:?}"),
-    }
-}
+use shmbus_proto::frame::{decode_broker, BrokerFrame, GoodbyeCode, Overflow, PayloadRef, Ping, Publish};
 
 #[test]
 fn ring_frames_and_socket_frames_keep_one_order_both_ways() {
     let b = Broker::start("link-order");
     let mut sub = RawLink::attach(&b, "sub");
-    subscribe(&mut sub, 1, "t.>", Overflow::Gap);
+    sub.subscribe(1, "t.>", Overflow::Gap);
     let mut publ = RawLink::attach(&b, "pub");
     // Inline publishes through the ring, and every seventh a memfd payload
     // on the socket with a marker in the ring at its place.
@@ -76,7 +56,7 @@ fn ring_frames_and_socket_frames_keep_one_order_both_ways() {
             taken = 0;
         }
     }
-    ping(&mut publ, 9);
+    publ.ping(9);
 }
 
 #[test]
@@ -85,13 +65,13 @@ fn a_full_ring_then_a_full_queue_gives_exact_gaps() {
     // the broker; what does not fit is counted, and told in one gap.
     let b = Broker::start_with("link-gaps", &["--queue-frames", "100"]);
     let mut sub = RawLink::attach(&b, "sub");
-    subscribe(&mut sub, 1, "g", Overflow::Gap);
+    sub.subscribe(1, "g", Overflow::Gap);
     let mut publ = RawLink::attach(&b, "pub");
     let n = 20_000u64;
     for i in 0..n {
         publ.send_body(&Publish { topic: "g", origin: None, payload: PayloadRef::Inline }, &i.to_le_bytes());
     }
-    ping(&mut publ, 1);
+    publ.ping(1);
     // Everything the publisher sent has been routed.
     let (mut delivered, mut missed, mut last) = (0u64, 0u64, 0u64);
     while delivered + missed < n {
@@ -117,7 +97,7 @@ fn a_full_ring_then_a_full_queue_gives_exact_gaps() {
 fn a_client_that_scribbles_its_ring_is_cut_off_and_no_one_else_notices() {
     let b = Broker::start("link-scribble");
     let mut bystander = RawLink::attach(&b, "bystander");
-    subscribe(&mut bystander, 1, "calm", Overflow::Gap);
+    bystander.subscribe(1, "calm", Overflow::Gap);
     let words = [u64::MAX, 0x0000_0009_0000_0010, 0x0000_0001_ffff_fff0, 0x0000_0003_0000_0005];
     for (i, &w) in words.iter().enumerate() {
         let mut evil = RawLink::attach(&b, "evil");
@@ -128,7 +108,7 @@ fn a_client_that_scribbles_its_ring_is_cut_off_and_no_one_else_notices() {
         eprintln!("case {i}");
         // It hears why, in its ring, and is cut off.
         expect_goodbye(&mut evil, "corrupt");
-        ping(&mut bystander, i as u64);
+        bystander.ping(i as u64);
     }
     // Lies about positions: a tail far ahead, then a reader position
     // beyond what the broker wrote.
@@ -137,7 +117,7 @@ fn a_client_that_scribbles_its_ring_is_cut_off_and_no_one_else_notices() {
     evil.raw.send_body(&shmbus_proto::frame::Doorbell, &[]);
     expect_goodbye(&mut evil, "position");
     let mut liar = RawLink::attach(&b, "liar");
-    subscribe(&mut liar, 1, "flood", Overflow::Gap);
+    liar.subscribe(1, "flood", Overflow::Gap);
     liar.map.mine().head.v.store(1 << 40, std::sync::atomic::Ordering::Release);
     // The lie is harmless until the broker needs room in the liar's ring:
     // then it finds it, can no longer use that ring, and closes the socket.
@@ -154,7 +134,7 @@ fn a_client_that_scribbles_its_ring_is_cut_off_and_no_one_else_notices() {
             break;
         }
     }
-    ping(&mut bystander, 99);
+    bystander.ping(99);
 }
 
 fn expect_goodbye(l: &mut RawLink, needle: &str) {
@@ -174,8 +154,8 @@ fn an_idle_bus_with_links_puts_every_ring_to_sleep_and_costs_no_cpu() {
     let b = Broker::start("link-idle");
     let mut links: Vec<RawLink> = (0..4).map(|i| RawLink::attach(&b, &format!("idle{i}"))).collect();
     for (i, l) in links.iter_mut().enumerate() {
-        subscribe(l, 1, "x", Overflow::Gap);
-        ping(l, i as u64);
+        l.subscribe(1, "x", Overflow::Gap);
+        l.ping(i as u64);
     }
     // Each ring goes to sleep once quiet: the broker's flag for it is up
     // (odd), so the client knows to ring.
@@ -192,7 +172,7 @@ fn an_idle_bus_with_links_puts_every_ring_to_sleep_and_costs_no_cpu() {
     // A spinning broker would have used ~150 ticks.
     assert!(spent <= 3, "an idle broker used {spent} ticks of CPU in 1.5 s");
     // And it still wakes at once for a ring that has news.
-    ping(&mut links[0], 42);
+    links[0].ping(42);
 }
 
 const ROLE: &str = "SHMBUS_LINK_ROLE";
@@ -211,7 +191,7 @@ fn helper_process() {
         // busy as they can be, fds on the socket now and then, until killed.
         "busy" => {
             let mut sub = RawLink::attach_at(&addr, "busy-sub");
-            subscribe(&mut sub, 1, "busy", Overflow::Gap);
+            sub.subscribe(1, "busy", Overflow::Gap);
             let mut publ = RawLink::attach_at(&addr, "busy-pub");
             println!("{SAY}ready");
             for i in 0u64.. {
@@ -268,7 +248,7 @@ fn clients_killed_at_random_moments_leave_nothing_behind() {
         seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
         std::thread::sleep(Duration::from_millis(u64::from(seed % 40)));
         drop(h); // SIGKILL, and reaped
-        ping(&mut bystander, round);
+        bystander.ping(round);
     }
     b.wait_fd_count(base_fds);
     let deadline = std::time::Instant::now() + PATIENCE;
@@ -276,7 +256,7 @@ fn clients_killed_at_random_moments_leave_nothing_behind() {
         assert!(std::time::Instant::now() < deadline, "link mappings left behind");
         std::thread::sleep(Duration::from_millis(10));
     }
-    ping(&mut bystander, 100);
+    bystander.ping(100);
 }
 
 #[test]
@@ -296,7 +276,7 @@ fn packets_with_fds_but_no_markers_stay_in_the_kernel_not_in_the_broker() {
         evil.raw.send_body(&shmbus_proto::frame::Doorbell, &[]);
     }
     let mut bystander = RawLink::attach(&b, "bystander");
-    ping(&mut bystander, 1);
+    bystander.ping(1);
     // Two sockets (a link's memfds are closed once mapped) and one packet
     // read ahead: at most 4 fds more than that, never 256.
     let held = b.fd_count();
@@ -336,7 +316,7 @@ fn a_scribbler_holding_unacknowledged_fds_is_forgotten_when_it_hangs_up() {
     let b = Broker::start("link-linger");
     let base = b.baseline_fds();
     let mut evil = RawLink::attach(&b, "evil");
-    subscribe(&mut evil, 1, "f", Overflow::Gap);
+    evil.subscribe(1, "f", Overflow::Gap);
     let mut publ = RawLink::attach(&b, "pub");
     let fd = shmbus_proto::sys::memfd::from_bytes("p", &[1; 8]).unwrap();
     publ.send_with_fds(
@@ -421,7 +401,7 @@ fn a_client_that_trickles_records_does_not_keep_the_broker_spinning() {
     // records instead, woken by doorbells.
     let b = Broker::start("link-trickle");
     let mut l = RawLink::attach(&b, "trickle");
-    ping(&mut l, 0);
+    l.ping(0);
     let (t0, start) = (b.cpu_ns(), std::time::Instant::now());
     let mut sent = 0;
     while start.elapsed() < Duration::from_secs(1) {
@@ -432,7 +412,7 @@ fn a_client_that_trickles_records_does_not_keep_the_broker_spinning() {
     let share = (b.cpu_ns() - t0) as f64 / start.elapsed().as_nanos() as f64;
     eprintln!("{sent} records: broker CPU {:.1}%", share * 100.0);
     assert!(share < 0.5, "a trickle of {sent} records kept the broker {:.0}% busy", share * 100.0);
-    ping(&mut l, 1);
+    l.ping(1);
 }
 
 // ------------------------------------------------------------ attacks --
@@ -447,7 +427,7 @@ fn attack_toggling_producer_wait_does_not_buy_a_wake_per_turn() {
     use shmbus_proto::sync::Ordering;
     let b = Broker::start("attack-wait-toggle");
     let mut l = RawLink::attach(&b, "toggler");
-    ping(&mut l, 0);
+    l.ping(0);
     let room0 = l.map.peer().room.v.load(Ordering::Acquire);
     let (t0, start) = (b.cpu_ns(), std::time::Instant::now());
     let mut flag: u32 = 1;
@@ -470,7 +450,7 @@ fn attack_toggling_producer_wait_does_not_buy_a_wake_per_turn() {
         "{bumps} futex wakes for {records} records: one per turn of the broker's loop"
     );
     l.map.mine().producer_wait.v.store(flag.wrapping_add(1), Ordering::Relaxed);
-    ping(&mut l, 1);
+    l.ping(1);
 }
 
 /// A link client that writes one cheap record every ~50 µs keeps the
@@ -560,7 +540,7 @@ fn attack_odd_attaches_and_the_ring_bytes_quota() {
         Some(BrokerFrame::OpError(e)) => assert_eq!((e.op, e.code), (Op::Attach, ErrorCode::Unsupported)),
         other => panic!("{other:?}"),
     }
-    ping(&mut a, 1);
+    a.ping(1);
     let _b2 = RawLink::attach(&b, "b");
     let (mut raw, _) = Raw::hello_at(&b.address, "c");
     raw.send_body(&Attach { capacity: 0 }, &[]);

@@ -8,25 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use shmbus_proto::frame::{BrokerFrame, Overflow, PayloadRef, Ping, Publish, Subscribe};
-
-fn subscribe(l: &mut RawLink, sub_id: u32, pattern: &str, overflow: Overflow) {
-    l.send_body(&Subscribe { sub_id, pattern, overflow }, &[]);
-    let p = l.next_packet();
-    match p.frame() {
-        Some(BrokerFrame::Subscribed(s)) => assert_eq!(s.sub_id, sub_id),
-        other => panic!("expected Subscribed, got {other:?}"),
-    }
-}
-
-fn ping(l: &mut RawLink, token: u64) {
-    l.send_body(&Ping { token }, &[]);
-    let p = l.next_packet();
-    match p.frame() {
-        Some(BrokerFrame::Pong(p)) => assert_eq!(p.token, token),
-        other => panic!("expected Pong, got {other:?}"),
-    }
-}
+use shmbus_proto::frame::{BrokerFrame, Overflow, PayloadRef, Publish};
 
 /// A client that answers each frame another client sends it within a
 /// few tens of µs, but whose records come far apart (300 µs between
@@ -48,7 +30,7 @@ fn a_client_that_answers_quickly_finds_the_broker_awake_for_its_answer() {
     const PROMPT_ANSWER: Duration = Duration::from_micros(40);
     let b = Broker::start("link-answer");
     let mut answerer = RawLink::attach(&b, "answerer");
-    subscribe(&mut answerer, 1, "requests", Overflow::Gap);
+    answerer.subscribe(1, "requests", Overflow::Gap);
     let mut requester = RawLink::attach(&b, "requester");
     let publish = |topic| Publish { topic, origin: None, payload: PayloadRef::Inline };
     const SETTLED: u32 = 8;
@@ -97,6 +79,6 @@ fn a_client_that_answers_quickly_finds_the_broker_awake_for_its_answer() {
     eprintln!("{rang} of {prompt} prompt answers ({rounds} rounds) found the broker's ring asleep");
     assert_eq!(prompt, PROMPT_ROUNDS, "too few rounds ran on time to tell ({rounds} rounds)");
     assert!(rang <= prompt / 2, "{rang} of {prompt} prompt answers had to ring a sleeping broker");
-    ping(&mut answerer, u64::MAX);
-    ping(&mut requester, u64::MAX);
+    answerer.ping(u64::MAX);
+    requester.ping(u64::MAX);
 }

@@ -955,6 +955,26 @@ impl RawLink {
     pub fn next_packet(&mut self) -> Packet {
         self.recv_packet(PATIENCE).expect("broker went silent")
     }
+
+    /// Subscribes through the ring; the broker must confirm.
+    pub fn subscribe(&mut self, sub_id: u32, pattern: &str, overflow: shmbus_proto::frame::Overflow) {
+        self.send_body(&shmbus_proto::frame::Subscribe { sub_id, pattern, overflow }, &[]);
+        let p = self.next_packet();
+        match p.frame() {
+            Some(BrokerFrame::Subscribed(s)) => assert_eq!(s.sub_id, sub_id),
+            other => panic!("expected Subscribed, got {other:?}"),
+        }
+    }
+
+    /// A ping through the ring; the next frame must be its pong.
+    pub fn ping(&mut self, token: u64) {
+        self.send_body(&shmbus_proto::frame::Ping { token }, &[]);
+        let p = self.next_packet();
+        match p.frame() {
+            Some(BrokerFrame::Pong(p)) => assert_eq!(p.token, token),
+            other => panic!("expected Pong, got {other:?}"),
+        }
+    }
 }
 
 /// The uid tests run other processes as.
