@@ -357,7 +357,13 @@ pub struct ChildGuard(pub Option<Child>);
 impl ChildGuard {
     /// Waits (bounded) for the child, reading its output as it goes so a
     /// full pipe cannot stall it.
-    pub fn wait_output(mut self) -> Output {
+    pub fn wait_output(self) -> Output {
+        self.wait_output_within(PATIENCE)
+    }
+
+    /// As `wait_output`, for a child whose own waits add up to more than
+    /// one PATIENCE (a whole test run in a process of its own).
+    pub fn wait_output_within(mut self, limit: Duration) -> Output {
         use std::io::Read;
         let mut child = self.0.take().unwrap();
         let drain = |r: Option<Box<dyn Read + Send>>| {
@@ -371,12 +377,17 @@ impl ChildGuard {
         };
         let out = drain(child.stdout.take().map(|r| Box::new(r) as Box<dyn Read + Send>));
         let err = drain(child.stderr.take().map(|r| Box::new(r) as Box<dyn Read + Send>));
-        let status = wait_timeout(&mut child, PATIENCE);
+        let status = wait_timeout(&mut child, limit);
+        if status.is_none() {
+            // Killed here, not in Drop: the drains end only when its pipes close.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         let stdout = out.join().unwrap();
         let stderr = err.join().unwrap();
         let Some(status) = status else {
             panic!(
-                "child did not finish in {PATIENCE:?}; {} bytes of stdout, stderr {:?}",
+                "child did not finish in {limit:?}; {} bytes of stdout, stderr {:?}",
                 stdout.len(),
                 String::from_utf8_lossy(&stderr)
             );
