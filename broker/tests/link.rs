@@ -175,6 +175,31 @@ fn an_idle_bus_with_links_puts_every_ring_to_sleep_and_costs_no_cpu() {
     links[0].ping(42);
 }
 
+/// Connections that said Hello and left cost an idle broker no wake-up at
+/// their Hello deadlines: after a burst of short connections (a CLI's) it
+/// had woken once for each, a Hello timeout later (80 times a second for
+/// 5 s after a few hundred `shmbusctl` runs).
+#[test]
+fn an_idle_broker_sleeps_through_the_deadlines_of_connections_gone() {
+    let b = Broker::start_with("idle-deadlines", &["--hello-timeout-ms", "1000"]);
+    let start = std::time::Instant::now();
+    for _ in 0..40 {
+        let c = b.client();
+        c.ping().unwrap();
+    }
+    let probe = b.client();
+    b.wait_clients(&probe, 1);
+    drop(probe);
+    std::thread::sleep(Duration::from_millis(100));
+    let before = b.runs();
+    // Past every deadline of the burst (each 1 s after its connection).
+    let until = start + Duration::from_millis(1000) + start.elapsed() + Duration::from_millis(300);
+    std::thread::sleep(until.saturating_duration_since(std::time::Instant::now()));
+    let woken = b.runs() - before;
+    eprintln!("the idle broker woke {woken} times");
+    assert!(woken <= 5, "an idle broker woke {woken} times at the deadlines of 41 connections gone");
+}
+
 const ROLE: &str = "SHMBUS_LINK_ROLE";
 const ADDR: &str = "SHMBUS_LINK_ADDR";
 const SAY: &str = "LINK:";

@@ -592,11 +592,29 @@ impl Bus {
 
     // ------------------------------------------------------------ timers --
 
-    /// The earliest time `tick` has work.
-    pub fn next_deadline(&self) -> Option<Instant> {
+    /// The earliest time `tick` has work. The deadlines of peers that no
+    /// longer wait for one (a Hello came, a close finished, the peer left)
+    /// are dropped from the queues' fronts first, so such a deadline wakes
+    /// no one: after a burst of short connections (a CLI's, say) an idle
+    /// broker had woken once for each, a Hello timeout later.
+    pub fn next_deadline(&mut self) -> Option<Instant> {
+        self.forget_passed_deadlines();
         let h = self.hello_deadlines.front().map(|d| d.0);
         let c = self.close_deadlines.front().map(|d| d.0);
         [h, c, self.replies.next_deadline()].into_iter().flatten().min()
+    }
+
+    /// Drops the fronts of the deadline queues whose peers no longer wait
+    /// (O(1) amortised: each entry is dropped once, here or in `tick`).
+    fn forget_passed_deadlines(&mut self) {
+        let peers = &self.peers;
+        let waits = |id: &PeerId, state: PeerState| peers.get(id).is_some_and(|p| p.state == state);
+        while self.hello_deadlines.front().is_some_and(|(_, id)| !waits(id, PeerState::AwaitHello)) {
+            self.hello_deadlines.pop_front();
+        }
+        while self.close_deadlines.front().is_some_and(|(_, id)| !waits(id, PeerState::Closing)) {
+            self.close_deadlines.pop_front();
+        }
     }
 
     /// Ends peers whose Hello or closing deadline passed. Deadlines are

@@ -544,6 +544,28 @@ fn a_silent_connection_is_closed_at_the_hello_deadline() {
 }
 
 #[test]
+fn deadlines_of_peers_that_no_longer_wait_wake_no_one() {
+    let mut cfg = config();
+    cfg.hello_timeout = Duration::from_millis(100);
+    let mut w = World::new(cfg);
+    assert_eq!(w.bus.next_deadline(), None);
+    let talker = w.join(9);
+    assert_eq!(w.bus.next_deadline(), None, "a peer that said Hello has no Hello deadline left");
+    let cred = PeerCred { pid: 1, uid: 9, gid: 9 };
+    let silent = w.bus.connect(cred, Vec::new(), "silent".into(), w.now).unwrap();
+    assert_eq!(w.bus.next_deadline(), Some(w.now + Duration::from_millis(100)));
+    w.bus.hangup(silent);
+    assert!(w.bus.peer(silent).is_none());
+    assert_eq!(w.bus.next_deadline(), None, "a peer that left has no Hello deadline left");
+    // A close that finishes before its grace leaves no deadline either.
+    w.bus.violation(talker, "a test", w.now);
+    assert_eq!(w.bus.next_deadline(), Some(w.now + w.bus.cfg.close_grace));
+    w.flush(talker);
+    assert!(w.bus.peer(talker).is_none(), "its goodbye sent, the peer is gone");
+    assert_eq!(w.bus.next_deadline(), None, "a finished close has no deadline left");
+}
+
+#[test]
 fn introspection_comes_in_bounded_pages() {
     let mut w = World::new(config());
     let a = w.join(1);

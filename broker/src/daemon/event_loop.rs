@@ -370,7 +370,7 @@ impl Reactor {
         }
     }
 
-    fn next_timeout(&self) -> Option<Duration> {
+    fn next_timeout(&mut self) -> Option<Duration> {
         if !self.read_again.is_empty() || !self.drain_later.is_empty() {
             return Some(Duration::ZERO);
         }

@@ -229,6 +229,13 @@ impl Broker {
         s.split_whitespace().next().unwrap().parse().unwrap()
     }
 
+    /// How many times the broker's main thread has been put on a CPU
+    /// (`/proc/PID/schedstat`'s third field): its wake-ups.
+    pub fn runs(&self) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/schedstat", self.pid())).unwrap();
+        s.split_whitespace().nth(2).unwrap().parse().unwrap()
+    }
+
     fn wait_ready(&mut self) {
         let start = Instant::now();
         loop {
