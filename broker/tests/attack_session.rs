@@ -9,65 +9,12 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
 use shmbus_proto::frame::{encode_frame, BrokerFrame, PayloadRef, Ping, Publish, Subscribe};
-
-/// A client of another uid doing ping, sub and pub round trips until stopped.
-struct Bystander {
-    stop: Arc<AtomicBool>,
-    rounds: Arc<AtomicU64>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Bystander {
-    fn start(b: &Broker) -> Bystander {
-        let stop = Arc::new(AtomicBool::new(false));
-        let rounds = Arc::new(AtomicU64::new(0));
-        let address = b.address.clone();
-        let (s, r) = (stop.clone(), rounds.clone());
-        let thread = std::thread::spawn(move || {
-            let ctl = |args: &[&str]| {
-                let mut c = command_as(SHMBUSCTL, NOBODY);
-                c.arg("--address").arg(&address).args(args);
-                c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
-                c
-            };
-            let mut n = 0u64;
-            while !s.load(Ordering::Relaxed) || n == 0 {
-                let o = run_bounded(ctl(&["ping"]));
-                assert!(o.status.success(), "bystander ping: {}", stderr(&o));
-                let topic = format!("by.{n}");
-                let sub = spawn_guarded(ctl(&["sub", &topic, "--count", "1"]));
-                let o =
-                    run_bounded(ctl(&["pub", "--wait-subscribers", "1", "--timeout", "20", &topic, "hi"]));
-                assert!(o.status.success(), "bystander pub: {}", stderr(&o));
-                let o = sub.wait_output();
-                assert!(o.status.success() && stdout(&o).contains("hi"), "bystander sub: {}", stderr(&o));
-                n += 1;
-                r.store(n, Ordering::Relaxed);
-            }
-        });
-        Bystander { stop, rounds, thread: Some(thread) }
-    }
-
-    /// Waits for one more full round, then stops; panics if it failed.
-    fn finish(mut self) -> u64 {
-        let before = self.rounds.load(Ordering::Relaxed);
-        let t = std::time::Instant::now();
-        while self.rounds.load(Ordering::Relaxed) <= before {
-            assert!(!self.thread.as_ref().unwrap().is_finished(), "the bystander failed");
-            assert!(t.elapsed() < 3 * PATIENCE, "the bystander made no round");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.take().unwrap().join().expect("the bystander's round trips all completed");
-        self.rounds.load(Ordering::Relaxed)
-    }
-}
 
 fn bystander_broker(tag: &str, extra: &[&str]) -> Broker {
     let mut args = vec!["--allow-uid", "65534"];
