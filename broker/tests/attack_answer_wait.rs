@@ -420,7 +420,14 @@ fn attack_lies_while_an_answer_is_awaited_end_the_liar_or_are_ignored() {
         eprintln!(
             "round {round}: a tail moved back: liar ended {ended} ({why:?}; without a doorbell: {unrung})"
         );
-        assert!(!ended || why.is_some(), "a tail moved back ended its liar without a reason");
+        // The broker read all it wrote (its delivery came back), so the
+        // tail is now behind the broker's own position: a lie, seen at the
+        // broker's next look (the doorbell makes one).
+        assert!(ended, "a tail moved back behind what the broker read did not end its liar");
+        assert!(
+            why.as_deref().is_some_and(|w| w.contains("position")),
+            "a tail moved back: no reason given ({why:?})"
+        );
         drop(liar);
 
         // A read position in our ring past what we wrote, told while an
