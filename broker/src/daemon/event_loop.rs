@@ -57,10 +57,16 @@ const SIG_HUP: Token = Token(usize::MAX - 3);
 
 /// Receive batches per connection per turn before yielding to others.
 const READ_BUDGET: usize = 4;
-/// Deliveries one connection's packets may cause in one turn before it
-/// yields to others: a publish fanning out to thousands of subscriptions
-/// counts as thousands, so one peer's fan-out cannot hold up the loop.
+/// Deliveries one uid's connections' packets may cause in one turn before
+/// they yield to others: a publish fanning out to thousands of
+/// subscriptions counts as thousands, so one peer's fan-out cannot hold up
+/// the loop.
 const WORK_BUDGET: u64 = 32 * 1024;
+/// What one read of one connection may spend of its uid's `WORK_BUDGET`:
+/// a quarter, so that in a turn several of a uid's connections are read
+/// and a quiet one waits a turn at most behind its busy siblings, not a
+/// turn behind each (`ReadTurns::share`).
+const READ_QUANTUM: u64 = WORK_BUDGET / 4;
 /// What one packet read from a socket counts against that budget, beside
 /// the work it causes: a packet costs the broker some deliveries' worth
 /// (a receive, a decode, a route), whether or not anyone hears it.
@@ -484,7 +490,7 @@ impl Reactor {
         // One budget a turn for all of a uid's connections, not one each:
         // a uid's many connections must not take many turns' worth.
         let uid = self.bus.peer(id).map(|p| p.cred.uid);
-        let budget = uid.map_or(WORK_BUDGET, |u| self.read_again.uid_left(u, WORK_BUDGET));
+        let budget = uid.map_or(READ_QUANTUM, |u| self.read_again.share(u, WORK_BUDGET, READ_QUANTUM));
         if budget == 0 {
             // Not read at all: first in line next turn.
             if let Some(c) = self.conns.get_mut(&id) {
@@ -595,6 +601,8 @@ impl Reactor {
         self.batch = Some(batch);
         if !drained {
             self.spent(id);
+        } else if let Some(c) = self.conns.get_mut(&id) {
+            ReadTurns::drained(&mut c.read_mark);
         }
     }
 

@@ -21,8 +21,12 @@
 //!   a uid's connections share one budget a turn, so opening more
 //!   connections buys no more of the loop (a review measured another
 //!   uid's ping at 0.8 s behind four connections' floods of queries);
+//! - a read gets a share of the uid's budget, not all of it
+//!   ([`ReadTurns::share`]), so several of a uid's connections are read
+//!   each turn;
 //! - a connection turned away for its uid's spent budget goes first next
-//!   turn, in the order it was turned away ([`ReadTurns::deferred`]).
+//!   turn, in the order it was turned away ([`ReadTurns::deferred`]); one
+//!   whose last read emptied it goes ahead of those with a backlog.
 //!
 //! No I/O: the reactor holds one [`ReadMark`] per connection and calls
 //! these as it reads.
@@ -38,6 +42,9 @@ pub struct ReadMark {
     queued: bool,
     /// The turn in which it last spent its budget (0: never).
     spent_in: u64,
+    /// Its last read spent its budget (it has a backlog), rather than
+    /// reading it to the end.
+    backlogged: bool,
 }
 
 /// The read-again list, the loop's turn count, and the work each uid's
@@ -49,12 +56,22 @@ pub struct ReadTurns {
     /// Those turned away for their uid's spent budget, in the order they
     /// were: read before `list`.
     deferred: VecDeque<PeerId>,
+    /// Those of `deferred` whose last read reached the end of what they
+    /// had sent (a packet now and then, no backlog): read before
+    /// `deferred`, as fq_codel serves its new flows before its old ones.
+    sparse: VecDeque<PeerId>,
     uid_work: HashMap<u32, u64>,
 }
 
 impl Default for ReadTurns {
     fn default() -> Self {
-        ReadTurns { turn: 1, list: VecDeque::new(), deferred: VecDeque::new(), uid_work: HashMap::new() }
+        ReadTurns {
+            turn: 1,
+            list: VecDeque::new(),
+            deferred: VecDeque::new(),
+            sparse: VecDeque::new(),
+            uid_work: HashMap::new(),
+        }
     }
 }
 
@@ -68,6 +85,14 @@ impl ReadTurns {
     /// What is left of `budget` for `uid`'s connections in this turn.
     pub fn uid_left(&self, uid: u32, budget: u64) -> u64 {
         budget.saturating_sub(self.uid_work.get(&uid).copied().unwrap_or(0))
+    }
+
+    /// The budget of a read of one of `uid`'s connections: what is left of
+    /// `budget` for `uid` in this turn, at most `quantum` of it, so that
+    /// several of a uid's connections are read each turn (one given the
+    /// whole budget made each of its siblings wait a turn).
+    pub fn share(&self, uid: u32, budget: u64, quantum: u64) -> u64 {
+        self.uid_left(uid, budget).min(quantum)
     }
 
     /// `uid`'s connection did `work` in this turn.
@@ -93,18 +118,35 @@ impl ReadTurns {
     /// and queued at the front one by one, the middle one of three busy
     /// connections was, as a review found: each of a uid's connections is
     /// read within as many turns as the uid has busy connections).
+    ///
+    /// A connection whose last read emptied it (no backlog) goes ahead of
+    /// those with one: its siblings' floods cannot make it wait a turn for
+    /// each of them (a review measured a uid's quiet connection's ping at
+    /// 40 pages' worth of its four siblings' query flood, another uid's at
+    /// 14). Its own uid's budget still bounds what it reads, and once a
+    /// read of it spends the budget it queues with the backlogged.
     pub fn deferred(&mut self, id: PeerId, mark: &mut ReadMark) {
         mark.spent_in = self.turn;
         if !mark.queued {
             mark.queued = true;
-            self.deferred.push_back(id);
+            if mark.backlogged {
+                self.deferred.push_back(id);
+            } else {
+                self.sparse.push_back(id);
+            }
         }
     }
 
     /// `id` spent its budget in this turn: queued for a later one.
     pub fn spent(&mut self, id: PeerId, mark: &mut ReadMark) {
         mark.spent_in = self.turn;
+        mark.backlogged = true;
         self.later(id, mark);
+    }
+
+    /// `mark`'s connection was read to the end of what it had sent.
+    pub fn drained(mark: &mut ReadMark) {
+        mark.backlogged = false;
     }
 
     /// Whether `id` may be read now: not if it spent its budget in this
@@ -116,7 +158,7 @@ impl ReadTurns {
     /// The list, to read each of them; each must be [`ReadTurns::taken`]
     /// as it is read.
     pub fn take(&mut self) -> Vec<PeerId> {
-        self.deferred.drain(..).chain(self.list.drain(..)).collect()
+        self.sparse.drain(..).chain(self.deferred.drain(..)).chain(self.list.drain(..)).collect()
     }
 
     /// `mark`'s connection came off the list.
@@ -125,7 +167,7 @@ impl ReadTurns {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.list.is_empty() && self.deferred.is_empty()
+        self.list.is_empty() && self.deferred.is_empty() && self.sparse.is_empty()
     }
 }
 
@@ -248,6 +290,83 @@ mod tests {
             }
         }
         assert_eq!(reads, [10, 10, 10], "each in its turn");
+    }
+
+    /// A uid's `busy` connections, each with a backlog that spends any
+    /// read's budget, and a quiet one that sends one packet at turn
+    /// `first` and every `every` turns after it is read; the uid's
+    /// `budget` a turn, `quantum` of it at most a read, as the reactor
+    /// reads. Returns how many turns each of the quiet one's packets
+    /// waited before it was read.
+    fn quiet_waits(budget: u64, quantum: u64, busy: PeerId, first: u32, every: u32) -> Vec<u32> {
+        let quiet = busy;
+        let mut t = ReadTurns::default();
+        let mut marks = vec![ReadMark::default(); busy as usize + 1];
+        let mut waits = Vec::new();
+        let mut sent_at = None;
+        let mut next = first;
+        for round in 0..60u32 {
+            t.next_turn();
+            let mut order: Vec<PeerId> = t.take();
+            for &id in &order {
+                ReadTurns::taken(&mut marks[id as usize]);
+            }
+            // This turn's events: the busy ones, then the quiet one's.
+            order.extend(0..busy);
+            if round == next {
+                sent_at = Some(round);
+                order.push(quiet);
+            }
+            for id in order {
+                let m = &mut marks[id as usize];
+                let share = t.share(7, budget, quantum);
+                if !t.may_read(m) {
+                    t.later(id, m);
+                } else if share == 0 {
+                    t.deferred(id, m);
+                } else if id == quiet {
+                    // One packet: read to the end.
+                    t.uid_did(7, 1);
+                    ReadTurns::drained(m);
+                    if let Some(at) = sent_at.take() {
+                        waits.push(round - at);
+                        next = round + every;
+                    }
+                } else {
+                    t.uid_did(7, share);
+                    t.spent(id, m);
+                }
+            }
+        }
+        waits
+    }
+
+    /// Four busy connections of one uid and a quiet fifth that sends one
+    /// packet now and then, a budget a turn for the uid that one read
+    /// spends. The quiet one, turned away for the spent budget, goes
+    /// ahead of the busy ones turned away before it (it has a packet, not
+    /// a backlog): read in the next turn, not after each of its busy
+    /// siblings had its turn.
+    #[test]
+    fn a_uids_quiet_connection_goes_ahead_of_its_busy_ones() {
+        let waits = quiet_waits(4, 4, 4, 10, 7);
+        assert!(waits.len() >= 6, "the quiet connection was read {} times", waits.len());
+        assert!(waits.iter().all(|&w| w <= 1), "turns the quiet connection waited: {waits:?}");
+    }
+
+    /// The same five connections all start at once, so that none of the
+    /// busy ones is yet known to have a backlog. With a read's share of
+    /// the uid's budget a quarter of it, four of them are read a turn, and
+    /// the quiet one waits one turn at most; were a read given the whole
+    /// budget it waited four, one for each sibling (a review measured its
+    /// ping at 40 pages' worth of its siblings' query flood, where another
+    /// uid's waited 14).
+    #[test]
+    fn a_uids_quiet_connection_starting_with_its_busy_ones_waits_a_turn_at_most() {
+        let waits = quiet_waits(4, 1, 4, 0, 7);
+        assert!(waits.len() >= 6, "the quiet connection was read {} times", waits.len());
+        assert!(waits.iter().all(|&w| w <= 1), "turns the quiet connection waited: {waits:?}");
+        assert_eq!(quiet_waits(4, 4, 4, 0, 7)[0], 4, "the whole budget a read: a turn behind each sibling");
     }
 
     #[test]
