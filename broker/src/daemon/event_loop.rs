@@ -601,8 +601,11 @@ impl Reactor {
         self.batch = Some(batch);
         if !drained {
             self.spent(id);
-        } else if let Some(c) = self.conns.get_mut(&id) {
-            ReadTurns::drained(&mut c.read_mark);
+        } else {
+            let used_share = self.read_cost(start) >= budget;
+            if let Some(c) = self.conns.get_mut(&id) {
+                ReadTurns::drained(&mut c.read_mark, used_share);
+            }
         }
     }
 

@@ -144,9 +144,15 @@ impl ReadTurns {
         self.later(id, mark);
     }
 
-    /// `mark`'s connection was read to the end of what it had sent.
-    pub fn drained(mark: &mut ReadMark) {
-        mark.backlogged = false;
+    /// `mark`'s connection was read to the end of what it had sent;
+    /// `used_share`: what it sent cost the whole share of its read. Such a
+    /// connection counts as backlogged all the same, as fq_codel moves a
+    /// new flow that used its quantum to the old ones: else a uid's
+    /// connections that each keep one costly request (a `Clients` page)
+    /// waiting were "sparse" every time, went ahead every turn, and a
+    /// sibling with a real backlog was not read once in 30 s (a review).
+    pub fn drained(mark: &mut ReadMark, used_share: bool) {
+        mark.backlogged = used_share;
     }
 
     /// Whether `id` may be read now: not if it spent its budget in this
@@ -327,7 +333,7 @@ mod tests {
                 } else if id == quiet {
                     // One packet: read to the end.
                     t.uid_did(7, 1);
-                    ReadTurns::drained(m);
+                    ReadTurns::drained(m, false);
                     if let Some(at) = sent_at.take() {
                         waits.push(round - at);
                         next = round + every;
@@ -367,6 +373,47 @@ mod tests {
         assert!(waits.len() >= 6, "the quiet connection was read {} times", waits.len());
         assert!(waits.iter().all(|&w| w <= 1), "turns the quiet connection waited: {waits:?}");
         assert_eq!(quiet_waits(4, 4, 4, 0, 7)[0], 4, "the whole budget a read: a turn behind each sibling");
+    }
+
+    /// Many connections of a uid that each send one costly packet at a
+    /// time (a whole read's share), read to the end every time, and one
+    /// with a backlog: the backlogged one is read every few turns, not
+    /// starved behind ever "sparse" siblings.
+    #[test]
+    fn one_costly_packet_at_a_time_is_a_backlog_too() {
+        const BACKLOGGED: PeerId = 16;
+        let mut t = ReadTurns::default();
+        let mut marks = [ReadMark::default(); 17];
+        let mut reads = 0;
+        for _ in 0..40 {
+            t.next_turn();
+            let mut order: Vec<PeerId> = t.take();
+            for &id in &order {
+                ReadTurns::taken(&mut marks[id as usize]);
+            }
+            // Every one of them has something each turn.
+            order.extend(0..=BACKLOGGED);
+            for id in order {
+                let m = &mut marks[id as usize];
+                let share = t.share(7, 4, 1);
+                if !t.may_read(m) {
+                    t.later(id, m);
+                } else if share == 0 {
+                    t.deferred(id, m);
+                } else {
+                    t.uid_did(7, share);
+                    if id == BACKLOGGED {
+                        reads += 1;
+                        t.spent(id, m);
+                    } else {
+                        // Its one packet, read to the end, cost the share.
+                        ReadTurns::drained(m, true);
+                    }
+                }
+            }
+        }
+        // 17 connections, 4 reads a turn: about 40 * 4 / 17.
+        assert!(reads >= 8, "the backlogged connection was read {reads} times in 40 turns");
     }
 
     #[test]
